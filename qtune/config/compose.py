@@ -1,0 +1,192 @@
+"""Hydra glue: one place composes the config for every verb and for the tests.
+
+Single runs use Hydra's compose API. Multirun goes through Hydra's own sweeper and launcher
+(`hydra._internal.utils._run_hydra`, an internal API: hydra-core is pinned to 1.3.x and
+tests/test_config.py covers the route), so `a=1,2`, `range()`, `hydra/launcher=joblib` work as
+Hydra users expect. Composition errors, which Hydra prints over several lines, become one
+`ConfigError` line that names the key and what would be valid.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Callable, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from qtune.config import schema
+from qtune.errors import ConfigError
+
+
+def _find_conf_dir() -> Path:
+    packaged = Path(__file__).resolve().parents[1] / "conf"  # inside an installed wheel
+    if (packaged / "config.yaml").is_file():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "conf"      # a source checkout
+
+
+CONF_DIR = _find_conf_dir()
+GROUPS = ("model", "quant", "lora", "moe", "data", "train", "chat", "serve", "merge", "eval")
+
+
+def _repo(variant: str, instruct: str | None, base: str | None) -> str:
+    repo = base if str(variant) == "base" else instruct
+    if repo in (None, "None", ""):
+        raise ValueError(f"this model has no {variant} release; choose model.variant=instruct or set model.repo_id")
+    return repo
+
+
+def _register() -> None:
+    if not OmegaConf.has_resolver("qtune.repo"):
+        OmegaConf.register_new_resolver("qtune.repo", _repo)
+    schema.store()
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
+    """Compose conf/config.yaml with Hydra overrides; resolve and validate it completely."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    _register()
+    overrides = list(overrides)
+    _check_group_choices(overrides)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="qtune"):
+            cfg = hydra_compose("config", overrides=overrides, return_hydra_config=return_hydra_config)
+    except Exception as e:  # Hydra wraps OmegaConf's errors; reduce them to one line
+        raise ConfigError(_one_line(e, overrides)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    check(cfg)
+    return cfg
+
+
+def check(cfg: DictConfig) -> None:
+    """Resolve every interpolation and build the typed objects, so mistakes surface now."""
+    _check_unknown_keys(cfg)
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(_one_line(e, [])) from None
+
+
+def to_object(cfg: DictConfig) -> schema.Config:
+    """Typed objects for run(): convert at the boundary."""
+    node = cfg.copy()
+    with_hydra = "hydra" in node
+    if with_hydra:
+        from omegaconf import open_dict
+
+        with open_dict(node):
+            del node["hydra"]
+    try:
+        return OmegaConf.to_object(node)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(_one_line(e, [])) from None
+
+
+def multirun(overrides: Sequence[str], task: Callable[[DictConfig], object], sweep_dir: str | None = None) -> None:
+    """Run `task` once per job of a Hydra sweep, through Hydra's sweeper and launcher."""
+    from hydra._internal.utils import _run_hydra, get_args_parser
+
+    _register()
+    overrides = list(overrides)
+    compose([o for o in overrides if "," not in o.split("=", 1)[-1] and "(" not in o])  # fail fast, one line
+    hydra_overrides = [
+        "hydra.sweep.dir=" + (sweep_dir or "runs/sweep-${now:%Y%m%d-%H%M%S}"),
+        "hydra.sweep.subdir=${hydra.job.num}",
+        "hydra.job.chdir=false",
+        "hydra/job_logging=disabled",
+        "hydra/hydra_logging=disabled",
+    ]
+    parser = get_args_parser()
+    args = parser.parse_args([*hydra_overrides, *overrides, "--multirun"])
+    _run_hydra(args=args, args_parser=parser, task_function=task, config_path=str(CONF_DIR),
+               config_name="config")
+
+
+def _check_group_choices(overrides: Sequence[str]) -> None:
+    for o in overrides:
+        m = re.fullmatch(r"([a-z_]+)=([^,\s]+)", o)
+        if m and m.group(1) in GROUPS and "(" not in m.group(2):
+            group, choice = m.groups()
+            options = group_options(group)
+            if choice not in options:
+                raise ConfigError(f"{group}={choice}: no such option; valid: {', '.join(options)}")
+
+
+def _one_line(e: Exception, overrides: Sequence[str]) -> str:
+    chain, c = [], e
+    while c is not None and c not in chain:
+        chain.append(c)
+        c = c.__cause__ or c.__context__
+    keyed = next((c for c in chain if getattr(c, "full_key", None)), None)
+    text = str(keyed or e)
+    key = str(keyed.full_key) if keyed else None
+
+    if any(type(c).__name__ == "OverrideParseException" for c in chain):
+        bad = next((o for o in overrides if o in str(e)), "?")
+        return (f"cannot parse override {bad!r}: write key=value, +key=value or ~key, and quote values with "
+                "special characters, e.g. 'data.path=\"~/x.jsonl\"'")
+    m = re.search(r"Could not find '([^']+)/([^']+)'", str(e))
+    if m:
+        group, choice = m.groups()
+        return f"{group}={choice}: no such option; valid: {', '.join(group_options(group))}"
+    if key is None:
+        return " ".join(str(e).split("\n")[0].split())
+    if re.search(r"Key '[^']+' (not in|is not in struct)", text):
+        return _unknown_key(key)
+    m = re.search(r"Invalid value '([^']*)', expected one of \[([^\]]*)\]", text)
+    if m:
+        return f"{key}={m.group(1)}: invalid choice; valid: {m.group(2)}"
+    m = re.search(r"Value '([^']*)' of type '\w+' could not be converted to (\w+)", text)
+    if m:
+        kind = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false"}.get(m.group(2), m.group(2))
+        return f"{key}={m.group(1)}: expected {kind}"
+    if "Missing mandatory value" in text:
+        return f"{key}: missing value; set it with {key}=..."
+    first = re.sub(r"^\w+ raised while resolving interpolation: ", "", text.splitlines()[0])
+    return f"{key}: {first}"
+
+
+def _check_unknown_keys(node: DictConfig, prefix: str = "") -> None:
+    """Hydra's `+key=` appends even onto typed nodes; reject keys the schema does not know."""
+    import dataclasses
+
+    typ = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(typ):
+        return
+    known = {f.name for f in dataclasses.fields(typ)}
+    for k in node.keys():
+        full = f"{prefix}{k}"
+        if k not in known:
+            raise ConfigError(_unknown_key(full))
+        child = node._get_node(k)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            _check_unknown_keys(child, full + ".")
+
+
+def _unknown_key(key: str) -> str:
+    parent, _, leaf = key.rpartition(".")
+    node = schema.Config()
+    for part in parent.split(".") if parent else []:
+        node = getattr(node, part, None)
+        if node is None:
+            break
+    known = sorted(vars(node)) if node is not None and hasattr(node, "__dataclass_fields__") else []
+    close = difflib.get_close_matches(leaf, known, n=1)
+    hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+    where = f"'{parent}'" if parent else "the top level"
+    return f"{key}: unknown key in {where}{hint}"

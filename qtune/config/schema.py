@@ -1,0 +1,295 @@
+"""Typed schema of qtune's config tree.
+
+One dataclass per config group. `store()` registers the whole tree in Hydra's ConfigStore as
+`qtune_schema`; `conf/config.yaml` lists it first in its defaults, so every group file is merged
+onto its typed node: a wrong key, a wrong type or an invalid choice fails at compose time.
+Choices are Enums (OmegaConf 2.3 has no Literal support); their values are what users type.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+class _Choice(str, Enum):
+    def __str__(self) -> str:  # print "nf4", not "QuantMethod.nf4"
+        return self.value
+
+
+class ModelSource(_Choice):
+    hub = "hub"          # a Hugging Face Hub repo (or mirror via HF_ENDPOINT)
+    package = "package"  # a GGUF file shipped inside a Python package (the embedded SmolLM2)
+    random = "random"    # random weights built from `arch` + the Qwen3 tokenizer (tiny test models)
+    local = "local"      # an existing folder at model.local_dir
+
+
+class Variant(_Choice):
+    instruct = "instruct"
+    base = "base"
+
+
+class QuantMethod(_Choice):
+    nf4 = "nf4"
+    fp4 = "fp4"
+    int8 = "int8"
+    none = "none"
+
+
+class DType(_Choice):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class MoeScope(_Choice):
+    none = "none"
+    expert_only = "expert_only"
+    router_only = "router_only"
+    all = "all"
+
+
+class RouterMode(_Choice):
+    frozen = "frozen"
+    lora = "lora"
+    full = "full"
+
+
+class ExpertSelection(_Choice):
+    first = "first"  # experts 0..max_experts-1
+    load = "load"    # the most-routed experts, measured on a sample of the training data
+
+
+class TrainOn(_Choice):
+    assistant = "assistant"            # every assistant turn (default)
+    last_assistant = "last_assistant"  # only the final assistant turn
+    all = "all"                        # every token
+
+
+class OnError(_Choice):
+    raise_ = "raise"
+    skip = "skip"
+
+
+@dataclass
+class ArchConfig:
+    """Architecture facts, enough to build the model on the meta device without weights."""
+    model_type: str = MISSING  # transformers model_type: qwen3, qwen3_moe, llama
+    vocab_size: int = MISSING
+    hidden_size: int = MISSING
+    intermediate_size: int = MISSING
+    num_hidden_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    num_key_value_heads: int = MISSING
+    head_dim: int = MISSING
+    max_position_embeddings: int = 40960
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    # Mixture of experts (0 experts = dense)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: List[int] = field(default_factory=list)
+    norm_topk_prob: bool = True
+    router_aux_loss_coef: float = 0.001
+
+
+@dataclass
+class ModelConfig:
+    """Which weights, from where, and the architecture facts."""
+    name: str = MISSING
+    source: ModelSource = ModelSource.hub
+    repo_id: str = "${qtune.repo:${model.variant},${model.instruct_repo_id},${model.base_repo_id}}"
+    instruct_repo_id: Optional[str] = None
+    base_repo_id: Optional[str] = None
+    variant: Variant = Variant.instruct
+    revision: str = "main"
+    local_dir: str = "${paths.models}/${model.name}"
+    trust_remote_code: bool = False
+    package: Optional[str] = None        # source=package: the Python package holding the GGUF file
+    gguf_file: Optional[str] = None
+    chat_template: Optional[str] = None  # a template name (chatml, qwen3) or a .jinja path; null = the tokenizer's
+    arch: ArchConfig = field(default_factory=ArchConfig)
+
+
+@dataclass
+class QuantConfig:
+    """How the frozen base weights sit in memory (QLoRA is quant=nf4)."""
+    method: QuantMethod = QuantMethod.none
+    double_quant: bool = True
+    compute_dtype: DType = DType.bf16
+    skip_modules: List[str] = field(default_factory=lambda: ["lm_head"])
+
+
+@dataclass
+class LoraConfig:
+    """The adapter."""
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    target_regex: Optional[str] = None   # a full-name regex instead of target_modules
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: str = "default"                # PEFT init_lora_weights: default, gaussian, pissa, loftq, olora, ...
+    bias: str = "none"
+    modules_to_save: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, int) and self.r <= 0:
+            raise ValueError(f"lora.r must be a positive integer, got {self.r}")
+        if isinstance(self.dropout, float) and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class MoeConfig:
+    """Which expert and router parameters of an MoE model get adapters (unused on dense models)."""
+    scope: MoeScope = MoeScope.expert_only
+    expert_patterns: List[str] = field(default_factory=lambda: [r"mlp\.experts\.(gate_up_proj|down_proj)$"])
+    router_patterns: List[str] = field(default_factory=lambda: [r"mlp\.gate$"])
+    max_experts: Optional[int] = None    # adapters on at most this many experts per layer
+    expert_selection: ExpertSelection = ExpertSelection.first
+    router_mode: RouterMode = RouterMode.frozen
+    aux_loss_coef: Optional[float] = None  # null = the model's router_aux_loss_coef
+
+
+@dataclass
+class SourceConfig:
+    """One input of a data mix."""
+    path: str = MISSING
+    format: str = "auto"
+    weight: Optional[float] = None   # share of the mix (weights are normalized)
+    count: Optional[int] = None      # or an absolute number of examples
+    split: str = "train"             # for Hub datasets
+
+
+@dataclass
+class DataConfig:
+    """Inputs and how they become training examples."""
+    path: Optional[str] = None       # a file, glob, folder or hub dataset; or use data.sources
+    sources: List[SourceConfig] = field(default_factory=list)
+    format: str = "auto"
+    eval_path: Optional[str] = None
+    max_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    max_length: int = 2048
+    val_size: float = 0.05
+    train_on: TrainOn = TrainOn.assistant
+    packing: bool = True
+    enable_thinking: Optional[bool] = None  # null = as each record has it
+    system_prompt: Optional[str] = None     # added to records without a system turn
+    on_error: OnError = OnError.raise_
+    seed: int = 42
+    num_proc: int = 0                        # 0 = one worker per core, up to 8
+    cache_dir: str = "${paths.data}"
+
+
+@dataclass
+class TrainConfig:
+    """The optimization run."""
+    output_dir: str = "runs/${run_name}"
+    seed: int = 42
+    batch_size: int = 1
+    grad_accum: int = 16
+    lr: float = 2e-4
+    epochs: float = 3.0
+    max_steps: int = -1
+    warmup_ratio: float = 0.05
+    scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    eval_steps: Optional[int] = None   # null = at every save
+    save_steps: int = 100
+    save_total_limit: int = 2
+    gradient_checkpointing: bool = True
+    optim: str = "adamw_torch_fused"
+    resume: str = "auto"               # auto | never | a checkpoint path
+    overwrite: bool = False
+    merge_after: bool = False
+    device: str = "auto"               # auto | cpu | cuda
+    dtype: DType = DType.auto          # auto: bf16 where supported, fp32 on CPU
+    report_to: List[str] = field(default_factory=lambda: ["tensorboard"])
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_steps, int) and self.max_steps == 0:
+            raise ValueError("train.max_steps must be -1 (use train.epochs) or a positive number of steps")
+
+
+@dataclass
+class ChatConfig:
+    system_prompt: Optional[str] = None
+    max_new_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 20
+    repetition_penalty: float = 1.05
+    enable_thinking: bool = False
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None
+    engine: str = "builtin"           # builtin | vllm
+    adapters: Dict[str, str] = field(default_factory=dict)  # name -> adapter folder or run folder
+    max_tokens_limit: int = 4096
+    max_body_bytes: int = 1_048_576
+    max_batch: int = 8
+
+
+@dataclass
+class MergeConfig:
+    dtype: DType = DType.bf16
+    save_4bit: bool = False
+    gguf: List[str] = field(default_factory=list)  # f16, q8_0
+    tolerance: float = 0.05
+    output_dir: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    prompts: Optional[str] = None     # JSONL of prompts
+    repeats: int = 1
+    max_new_tokens: int = 256
+    judge_url: Optional[str] = None
+    judge_model: Optional[str] = None
+    models: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PathsConfig:
+    home: str = "${oc.env:QTUNE_HOME,${oc.env:HOME,.}/.cache/qtune}"
+    models: str = "${paths.home}/models"
+    data: str = "${paths.home}/data"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    moe: MoeConfig = field(default_factory=MoeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    run_name: str = "${model.name}-${quant.method}-r${lora.r}"
+    run: Optional[str] = None   # a run folder that merge/chat/serve/eval read from
+
+
+def store() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="qtune_schema", node=Config)

@@ -1,0 +1,27 @@
+"""Typed errors. Library code raises these; only the CLI edge turns them into one line and an exit code."""
+
+
+class QtuneError(Exception):
+    """A user-facing problem: bad input, missing file, a machine that cannot run the request."""
+
+    exit_code = 1
+
+
+class ConfigError(QtuneError):
+    """A wrong config key, type, choice or combination (caught at compose time)."""
+
+    exit_code = 2
+
+
+class DataError(QtuneError):
+    """Malformed or empty input data; the message names file:line and the field."""
+
+
+class DownloadError(QtuneError):
+    """A model could not be fetched or verified."""
+
+
+class NotYetAvailable(QtuneError):
+    """A verb whose capability has not been built yet."""
+
+    exit_code = 2

@@ -1,0 +1,70 @@
+"""Fixtures every test uses: the Qwen3 tokenizer, tiny random Qwen3 / Qwen3-MoE models and the embedded
+SmolLM2, all built locally (no network) into one cache that survives between local runs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# One cache for the session (and between local runs): conversions and builds happen once.
+HOME = Path(os.environ.get("QTUNE_TEST_HOME", REPO / ".cache" / "test-home"))
+os.environ["QTUNE_HOME"] = str(HOME)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+QTUNE = [sys.executable, "-m", "qtune"]
+
+
+def qtune(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600, check: bool = False):
+    """Run the real `qtune` command; return the CompletedProcess (text)."""
+    proc = subprocess.run([*QTUNE, *args], cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"qtune {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def model_cfg(name: str):
+    from qtune.config import compose, to_object
+
+    return to_object(compose([f"model={name}"])).model
+
+
+@pytest.fixture(scope="session")
+def qtune_home() -> Path:
+    HOME.mkdir(parents=True, exist_ok=True)
+    return HOME
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer(qtune_home):
+    from qtune.modeling.assets import qwen3_tokenizer
+
+    return qwen3_tokenizer(qtune_home)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(qtune_home) -> Path:
+    from qtune.modeling.assets import build_random_model
+
+    m = model_cfg("tiny_qwen3")
+    return build_random_model(m.arch, Path(m.local_dir), qtune_home)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_moe(qtune_home) -> Path:
+    from qtune.modeling.assets import build_random_model
+
+    m = model_cfg("tiny_qwen3_moe")
+    return build_random_model(m.arch, Path(m.local_dir), qtune_home)
+
+
+@pytest.fixture(scope="session")
+def smollm2(qtune_home) -> Path:
+    from qtune.modeling.assets import convert_gguf, package_file
+
+    m = model_cfg("smollm2_135m")
+    return convert_gguf(package_file(m.package, m.gguf_file), Path(m.local_dir))

@@ -1,0 +1,61 @@
+"""The command surface: verbs, help, light start-up, and a wheel that carries its config."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, qtune
+
+VERBS = ["download", "prepare", "inspect-moe", "train", "merge", "chat", "serve", "eval"]
+
+
+def test_help_lists_every_verb():
+    out = qtune("--help", check=True).stdout
+    for verb in VERBS:
+        assert verb in out
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_verb_help_has_examples(verb):
+    out = qtune(verb, "--help", check=True).stdout
+    assert "Examples" in out and "--cfg" in out
+
+
+def test_help_does_not_import_heavy_modules():
+    code = ("import sys; from typer.testing import CliRunner; from qtune.cli import app; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0; "
+            "heavy = [m for m in ('torch', 'transformers', 'hydra', 'peft', 'datasets') if m in sys.modules]; "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_wheel_ships_config_and_runs_outside_the_repo(tmp_path):
+    """Build the wheel, install it (without deps) into a fresh venv that borrows this env's
+    dependencies, and compose a config from a folder with no checkout."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(REPO)], check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("qtune-*.whl"))
+    env_dir = tmp_path / "fresh"
+    venv.create(env_dir, with_pip=False)
+    site = next(env_dir.glob("lib/python*/site-packages"))
+    deps = next(p for p in sys.path if p.endswith("site-packages") and Path(p, "omegaconf").is_dir())
+    (site / "borrowed_deps.pth").write_text(deps + "\n")  # a path line: the editable install there is not read
+    py = env_dir / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([str(py), "-m", "qtune", "train", "--cfg", "model=qwen3_8b", "quant=nf4"], cwd=outside,
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "repo_id: Qwen/Qwen3-8B" in p.stdout
+    where = subprocess.run([str(py), "-c", "import qtune.config as c; print(c.CONF_DIR)"], cwd=outside,
+                           capture_output=True, text=True, env=env).stdout.strip()
+    assert where.startswith(str(site)), where
