@@ -27,7 +27,7 @@ def _find_conf_dir() -> Path:
 
 
 CONF_DIR = _find_conf_dir()
-GROUPS = ("model", "quant", "lora", "moe", "data", "train", "chat", "serve", "merge", "eval")
+GROUPS = ("model", "download", "quant", "lora", "moe", "data", "train", "chat", "serve", "merge", "eval")
 
 
 def _repo(variant: str, instruct: str | None, base: str | None) -> str:

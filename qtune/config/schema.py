@@ -118,6 +118,17 @@ class ModelConfig:
 
 
 @dataclass
+class DownloadConfig:
+    """What `qtune download` fetches (safetensors, tokenizer and config by default)."""
+    allow_patterns: List[str] = field(default_factory=lambda: [
+        "*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.md", "LICENSE*"])
+    ignore_patterns: List[str] = field(default_factory=list)
+    allow_pickle: bool = False         # also fetch pickled weights (*.bin, *.pth, *.pt, *.ckpt, *.pkl)
+    max_workers: int = 8
+    min_free_gib: float = 1.0          # head-room left on disk after the download
+
+
+@dataclass
 class QuantConfig:
     """How the frozen base weights sit in memory (QLoRA is quant=nf4)."""
     method: QuantMethod = QuantMethod.none
@@ -275,6 +286,7 @@ class PathsConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     moe: MoeConfig = field(default_factory=MoeConfig)
