@@ -48,3 +48,60 @@ def files_table(title: str, files: list[tuple[str, int | None]]) -> None:
     table.add_section()
     table.add_row(f"{len(files)} files", human_bytes(total), style="bold")
     console.print(table)
+
+
+def status(message: str):
+    return console.status(message) if is_terminal() else _Null()
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def show_data_stats(stats: dict, path, cache_hit: bool) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"prepared data ({'cache hit' if cache_hit else 'new'}): {path}", title_justify="left")
+    for col in ("split / source", "format", "examples", "kept", "tokens", "trainable"):
+        table.add_column(col, justify="left" if col in ("split / source", "format") else "right")
+    for split in ("train", "eval"):
+        s = stats.get(split)
+        if not s:
+            continue
+        for p in s["per_source"]:
+            table.add_row(f"{split}: {p['source']}", ", ".join(f"{k} {v}" for k, v in p["formats"].items()),
+                          str(p["examples"]), str(p["kept"]), f"{p['tokens']:,}", f"{p['trainable_tokens']:,}")
+        table.add_row(f"[bold]{split} total[/]", "", str(s["examples"]), str(s["kept"]), f"{s['tokens']:,}",
+                      f"{s['trainable_tokens']:,}")
+        table.add_section()
+    console.print(table)
+    for split in ("train", "eval"):
+        s = stats.get(split)
+        if s:
+            L = s["length"]
+            pack = (f", packed into {s['packed_rows']} rows of {s['max_length']} ({s['packing_efficiency']:.0%} full)"
+                    if "packed_rows" in s else "")
+            console.print(f"{split}: length p50 {L['p50']} / p90 {L['p90']} / p99 {L['p99']} / max {L['max']}; "
+                          f"truncated {s['truncated']}, dropped (no trainable token) {s['dropped_no_trainable']}{pack}")
+    if stats.get("rejected"):
+        console.print(f"[yellow]{stats['rejected']} bad records skipped[/] (see {path}/rejects.jsonl)")
+
+
+def show_preview(shown, counts, rejected: int) -> None:
+    from rich.panel import Panel
+    from rich.text import Text
+
+    for where, fmt, segments in shown:
+        text = Text()
+        for s, trainable in segments:
+            text.append(s, style="bold green" if trainable else "dim")
+        console.print(Panel(text, title=f"{where} ({fmt})", subtitle="green = trained on, dim = context",
+                            title_align="left"))
+    for path, n in counts:
+        console.print(f"{path}: {n} records")
+    if rejected:
+        console.print(f"[yellow]{rejected} bad records would be skipped[/]")

@@ -1,0 +1,282 @@
+"""Read data files and normalize every record to chat messages.
+
+Accepted layouts (detected per record, overridable per source with `format=`):
+  messages           {"messages": [{"role", "content", "reasoning_content"?}]}  (OpenAI style)
+  sharegpt           {"conversations": [{"from": human|gpt|system|..., "value"}], "system"?}
+  alpaca             {"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}
+  input_output       {"input", "output"}
+  query_response     {"query", "response", "history"?, "system"?}
+  prompt_completion  {"prompt", "completion"}
+  reasoning          a question, a thinking/reasoning field and an answer (rendered as Qwen3 <think> blocks)
+  text               {"text"}: plain text for continued pre-training (no template, every token trained)
+Every error names `file:line` and the field.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from qtune.errors import DataError
+
+FORMATS = ("messages", "sharegpt", "alpaca", "input_output", "query_response", "prompt_completion", "reasoning", "text")
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system",
+                  "observation": "tool", "function_response": "tool", "tool": "tool"}
+THINK_KEYS = ("reasoning_content", "reasoning", "thinking", "thought", "cot", "chain_of_thought")
+QUESTION_KEYS = ("question", "problem", "prompt", "instruction", "query", "input")
+ANSWER_KEYS = ("answer", "response", "output", "solution", "completion")
+EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".tsv")
+
+
+@dataclass
+class Record:
+    data: dict
+    where: str  # "file:line"
+
+
+@dataclass
+class Example:
+    messages: list[dict] | None  # None for plain text
+    text: str | None
+    format: str
+    where: str
+
+
+def expand(path: str) -> list[Path]:
+    """A file, a glob or a folder -> the data files it names (sorted)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix in EXTENSIONS and f.is_file())
+    elif any(c in path for c in "*?["):
+        files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).suffix in EXTENSIONS)
+    elif p.is_file():
+        files = [p]
+    else:
+        raise DataError(f"{path}: no such file, folder or glob match")
+    if not files:
+        raise DataError(f"{path}: no data files ({', '.join(EXTENSIONS)}) found")
+    return files
+
+
+def is_hub_dataset(path: str) -> bool:
+    return path.startswith("hf://") or (not Path(path).expanduser().exists() and path.count("/") == 1
+                                         and not any(c in path for c in "*?[") and Path(path).suffix not in EXTENSIONS)
+
+
+def read_records(path: Path) -> Iterator[Record]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+                yield _as_record(obj, f"{path}:{n}")
+    elif suffix == ".json":
+        yield from _read_json(path)
+    elif suffix in (".csv", ".tsv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            for row in reader:
+                yield Record({k: v for k, v in row.items() if k is not None and v not in (None, "")},
+                             f"{path}:{reader.line_num}")
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist()):
+            yield _as_record(row, f"{path}:row {i + 1}")
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv, .tsv or .parquet")
+
+
+def _as_record(obj, where: str) -> Record:
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object per record, got {type(obj).__name__}")
+    return Record(obj, where)
+
+
+def _read_json(path: Path) -> Iterator[Record]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(data, dict):  # {"data": [...]} / {"train": [...]} wrappers
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) == 1:
+            data = lists[0]
+        else:
+            yield _as_record(data, f"{path}:1")
+            return
+    if not isinstance(data, list):
+        raise DataError(f"{path}:1: expected a list of records")
+    # Line numbers of top-level records, for error messages.
+    decoder, lines, idx = json.JSONDecoder(), [], text.index("[") + 1
+    for _ in data:
+        while text[idx] in " \t\r\n,":
+            idx += 1
+        lines.append(text.count("\n", 0, idx) + 1)
+        _, idx = decoder.raw_decode(text, idx)
+    for obj, line in zip(data, lines):
+        yield _as_record(obj, f"{path}:{line}")
+
+
+def detect(rec: dict) -> str | None:
+    keys = set(rec)
+    if "messages" in keys:
+        return "messages"
+    if "conversations" in keys:
+        conv = rec["conversations"]
+        first = conv[0] if isinstance(conv, list) and conv else {}
+        return "sharegpt" if isinstance(first, dict) and "from" in first else "messages"
+    if keys & set(THINK_KEYS) and keys & set(QUESTION_KEYS) and keys & set(ANSWER_KEYS):
+        return "reasoning"
+    if "instruction" in keys and "output" in keys:
+        return "alpaca"
+    if "query" in keys and "response" in keys:
+        return "query_response"
+    if "prompt" in keys and "completion" in keys:
+        return "prompt_completion"
+    if "input" in keys and "output" in keys:
+        return "input_output"
+    if "text" in keys:
+        return "text"
+    return None
+
+
+def normalize(rec: Record, fmt: str = "auto") -> Example:
+    data, where = rec.data, rec.where
+    if fmt == "auto":
+        fmt = detect(data)
+        if fmt is None:
+            raise DataError(f"{where}: record of no known format (keys: {', '.join(sorted(data)) or 'none'}); "
+                            f"expected one of: {', '.join(FORMATS)}")
+    elif fmt not in FORMATS:
+        raise DataError(f"format={fmt!r} is not a known format; valid: auto, {', '.join(FORMATS)}")
+    if fmt == "text":
+        return Example(None, _text(data, "text", where), fmt, where)
+    messages = _TO_MESSAGES[fmt](data, where)
+    _check_messages(messages, where)
+    return Example(messages, None, fmt, where)
+
+
+def _text(data: dict, key: str, where: str, required: bool = True) -> str | None:
+    if key not in data or data[key] is None:
+        if required:
+            raise DataError(f"{where}: field '{key}' missing")
+        return None
+    value = data[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{key}' must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise DataError(f"{where}: field '{key}' is empty")
+    return value
+
+
+def _system(data: dict, where: str) -> list[dict]:
+    s = _text(data, "system", where, required=False)
+    return [{"role": "system", "content": s}] if s else []
+
+
+def _history(data: dict, where: str) -> list[dict]:
+    hist = data.get("history") or []
+    if not isinstance(hist, list):
+        raise DataError(f"{where}: field 'history' must be a list of [question, answer] pairs")
+    out = []
+    for i, pair in enumerate(hist):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise DataError(f"{where}: history[{i}] must be a [question, answer] pair of strings")
+        out += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return out
+
+
+def _messages(data: dict, where: str) -> list[dict]:
+    key = "messages" if "messages" in data else "conversations"
+    msgs = data.get(key)
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: field '{key}' must be a non-empty list of messages")
+    out = _system(data, where) if not any(isinstance(m, dict) and m.get("role") == "system" for m in msgs) else []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: {key}[{i}] must be an object with 'role' and 'content'")
+        if "role" not in m:
+            raise DataError(f"{where}: {key}[{i}]: field 'role' missing")
+        if "content" not in m:
+            raise DataError(f"{where}: {key}[{i}]: field 'content' missing")
+        role, content = m["role"], m["content"]
+        if role not in ROLES:
+            raise DataError(f"{where}: {key}[{i}]: unknown role {role!r}; valid: {', '.join(ROLES)}")
+        if isinstance(content, list):  # OpenAI content parts: keep the text parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
+        if not isinstance(content, str):
+            raise DataError(f"{where}: {key}[{i}]: field 'content' must be a string")
+        msg = {"role": role, "content": content}
+        think = next((m[k] for k in THINK_KEYS if isinstance(m.get(k), str) and m[k].strip()), None)
+        if role == "assistant" and think:
+            msg["reasoning_content"] = think
+        out.append(msg)
+    return out
+
+
+def _sharegpt(data: dict, where: str) -> list[dict]:
+    conv = data.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise DataError(f"{where}: field 'conversations' must be a non-empty list")
+    out = _system(data, where)
+    for i, m in enumerate(conv):
+        if not isinstance(m, dict) or "from" not in m:
+            raise DataError(f"{where}: conversations[{i}]: field 'from' missing")
+        if "value" not in m:
+            raise DataError(f"{where}: conversations[{i}]: field 'value' missing")
+        role = SHAREGPT_ROLES.get(m["from"])
+        if role is None:
+            raise DataError(f"{where}: conversations[{i}]: unknown role {m['from']!r}; "
+                            f"valid: {', '.join(sorted(SHAREGPT_ROLES))}")
+        if not isinstance(m["value"], str):
+            raise DataError(f"{where}: conversations[{i}]: field 'value' must be a string")
+        out.append({"role": role, "content": m["value"]})
+    return out
+
+
+def _alpaca(data: dict, where: str) -> list[dict]:
+    instruction = _text(data, "instruction", where)
+    extra = _text(data, "input", where, required=False)
+    prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
+    return [*_system(data, where), *_history(data, where), {"role": "user", "content": prompt},
+            {"role": "assistant", "content": _text(data, "output", where)}]
+
+
+def _pair(q: str, a: str):
+    def convert(data: dict, where: str) -> list[dict]:
+        return [*_system(data, where), *_history(data, where), {"role": "user", "content": _text(data, q, where)},
+                {"role": "assistant", "content": _text(data, a, where)}]
+    return convert
+
+
+def _reasoning(data: dict, where: str) -> list[dict]:
+    q = next(k for k in QUESTION_KEYS if k in data)
+    a = next(k for k in ANSWER_KEYS if k in data and k != q)
+    t = next(k for k in THINK_KEYS if k in data)
+    return [*_system(data, where), {"role": "user", "content": _text(data, q, where)},
+            {"role": "assistant", "content": _text(data, a, where), "reasoning_content": _text(data, t, where)}]
+
+
+_TO_MESSAGES = {"messages": _messages, "sharegpt": _sharegpt, "alpaca": _alpaca, "input_output": _pair("input", "output"),
+                "query_response": _pair("query", "response"), "prompt_completion": _pair("prompt", "completion"),
+                "reasoning": _reasoning}
+
+
+def _check_messages(messages: list[dict], where: str) -> None:
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant turn to learn from")
+    for i, m in enumerate(messages):
+        if m["role"] in ("user", "assistant") and not m["content"].strip() and not m.get("reasoning_content"):
+            raise DataError(f"{where}: empty content in message {i} ({m['role']})")

@@ -1,0 +1,302 @@
+"""Data files -> tokenized, loss-masked, truncated, packed datasets, cached under a fingerprint.
+
+The cache key covers the data bytes, the tokenizer, the chat template and every setting that changes
+the result, so a rerun is a hit and any change is a miss. The folder appears atomically.
+Layout: <cache>/<name>/<fingerprint>/{train,eval}/ (datasets), stats.json, rejects.jsonl.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qtune.config.schema import DataConfig, OnError, SourceConfig, TrainOn
+from qtune.data import formats
+from qtune.data.template import Markers, assistant_spans, label_mask, probe_markers, render, resolve_template
+from qtune.errors import DataError
+from qtune.io import atomic_dir, atomic_write_json
+
+VERSION = 2  # bump when the output of this module changes for the same inputs
+
+
+@dataclass
+class Prepared:
+    path: Path
+    stats: dict
+    cache_hit: bool
+    warnings: list[str] = field(default_factory=list)
+
+    def load(self, split: str = "train"):
+        from datasets import load_from_disk
+
+        p = self.path / split
+        return load_from_disk(str(p)) if p.exists() else None
+
+
+def sources_of(data: DataConfig) -> list[SourceConfig]:
+    if data.sources:
+        return list(data.sources)
+    if data.path:
+        return [SourceConfig(path=data.path, format=data.format)]
+    raise DataError("no training data: set data.path=<file, glob or folder> or data.sources=[...]")
+
+
+# ---------------------------------------------------------------- loading and normalizing
+
+def load_examples(src: SourceConfig, on_error: OnError, rejects: list[dict]) -> list[formats.Example]:
+    out = []
+    for rec in _records(src):
+        try:
+            out.append(formats.normalize(rec, src.format))
+        except DataError as e:
+            if on_error is not OnError.skip:
+                raise
+            rejects.append({"where": rec.where, "error": str(e).split(": ", 1)[-1], "record": rec.data})
+    return out
+
+
+def _records(src: SourceConfig):
+    if formats.is_hub_dataset(src.path):
+        from datasets import load_dataset
+
+        name = src.path.removeprefix("hf://")
+        try:
+            ds = load_dataset(name, split=src.split)
+        except Exception as e:
+            raise DataError(f"{src.path}: cannot load dataset ({str(e).splitlines()[0]})") from None
+        for i, row in enumerate(ds):
+            yield formats.Record(row, f"{name}[{src.split}]:row {i + 1}")
+        return
+    for f in formats.expand(src.path):
+        yield from formats.read_records(f)
+
+
+def mix(per_source: list[list], sources: list[SourceConfig], seed: int) -> list[tuple[int, object]]:
+    """Combine sources by `weight` (shares of the mix, as large as the data allows) or `count`."""
+    rng = random.Random(seed)
+    weighted = [i for i, s in enumerate(sources) if s.weight is not None]
+    if weighted and len(weighted) + sum(s.count is not None for s in sources) != len(sources):
+        raise DataError("data.sources: give every source a weight (or a count) once any source has a weight")
+    total_w = sum(sources[i].weight for i in weighted)
+    if weighted and total_w <= 0:
+        raise DataError("data.sources: weights must be positive")
+    scale = min((len(per_source[i]) / (sources[i].weight / total_w) for i in weighted), default=0)
+    out = []
+    for i, (src, items) in enumerate(zip(sources, per_source)):
+        if src.count is not None:
+            n = src.count
+        elif src.weight is not None:
+            n = int(scale * src.weight / total_w)
+        else:
+            n = len(items)
+        if n <= len(items):
+            picked = rng.sample(items, n) if n < len(items) else list(items)
+        else:  # oversample: every item at least once, the rest drawn again
+            picked = list(items) + rng.choices(items, k=n - len(items))
+        out += [(i, ex) for ex in picked]
+    rng.shuffle(out)
+    return out
+
+
+# ---------------------------------------------------------------- tokenizing and masking
+
+def _tokenize_batch(batch, tokenizer, template: str, markers: Markers, max_length: int, train_on: str,
+                    enable_thinking):
+    texts, spans = [], []
+    for conv, text in zip(batch["conv"], batch["text"]):
+        if conv is None:
+            texts.append(text + (tokenizer.eos_token or ""))
+            spans.append([(0, len(texts[-1]))])
+            continue
+        rendered = render(tokenizer, template, json.loads(conv), enable_thinking=enable_thinking)
+        s = [(0, len(rendered))] if train_on == "all" else assistant_spans(rendered, markers)
+        texts.append(rendered)
+        spans.append(s[-1:] if train_on == "last_assistant" else s)
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    out = {"input_ids": [], "labels": [], "length": [], "trainable": [], "truncated": []}
+    for ids, offsets, sp in zip(enc["input_ids"], enc["offset_mapping"], spans):
+        mask = label_mask(offsets, sp)
+        truncated = len(ids) > max_length
+        ids, mask = ids[:max_length], mask[:max_length]
+        arr = np.asarray(ids, dtype=np.int64)
+        out["input_ids"].append(arr)
+        out["labels"].append(np.where(mask, arr, -100))
+        out["length"].append(len(ids))
+        out["trainable"].append(int(mask.sum()))
+        out["truncated"].append(truncated)
+    return out
+
+
+def tokenize(examples: list[tuple[int, formats.Example]], tokenizer, template: str, markers: Markers,
+             data: DataConfig, desc: str):
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({
+        "conv": [json.dumps(ex.messages) if ex.messages is not None else None for _, ex in examples],
+        "text": [ex.text for _, ex in examples],
+        "source": [i for i, _ in examples],
+        "format": [ex.format for _, ex in examples],
+    })
+    nproc = data.num_proc or min(os.cpu_count() or 1, 8)
+    nproc = 1 if len(ds) < 4000 else nproc
+    return ds.map(_tokenize_batch, batched=True, batch_size=500, num_proc=nproc, remove_columns=["conv", "text"],
+                  fn_kwargs=dict(tokenizer=tokenizer, template=template, markers=markers, max_length=data.max_length,
+                                 train_on=str(data.train_on), enable_thinking=data.enable_thinking),
+                  new_fingerprint=hashlib.sha1(desc.encode()).hexdigest(), desc=f"tokenizing {desc}")
+
+
+# ---------------------------------------------------------------- the whole pipeline
+
+def fingerprint(data: DataConfig, sources: list[SourceConfig], tokenizer, template: str) -> str:
+    h = hashlib.sha256(f"qtune-data-v{VERSION}".encode())
+    settings = {k: v for k, v in asdict(data).items() if k not in ("path", "sources", "cache_dir", "num_proc")}
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for src in sources:
+        h.update(json.dumps(asdict(src), sort_keys=True, default=str).encode())
+        if formats.is_hub_dataset(src.path):
+            continue
+        for f in formats.expand(src.path):
+            h.update(str(f.name).encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    if data.eval_path:
+        for f in formats.expand(data.eval_path):
+            h.update(f.read_bytes())
+    h.update(template.encode())
+    h.update(_tokenizer_digest(tokenizer).encode())
+    return h.hexdigest()
+
+
+def _tokenizer_digest(tokenizer) -> str:
+    """A digest of the tokenizer's vocabulary, merges and special tokens (memoized on the object)."""
+    digest = getattr(tokenizer, "_qtune_digest", None)
+    if digest is None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+        digest = hashlib.sha256(text.encode()).hexdigest() + str(tokenizer.eos_token)
+        tokenizer._qtune_digest = digest
+    return digest
+
+
+def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | None = None) -> Prepared:
+    import datasets
+
+    datasets.disable_progress_bars()
+    sources = sources_of(data)
+    template, warning = resolve_template(tokenizer, chat_template, model_name)
+    warnings = [warning] if warning else []
+    fp = fingerprint(data, sources, tokenizer, template)
+    name = Path(sources[0].path.rstrip("/*")).stem or "data" if len(sources) == 1 else "mix"
+    out = Path(data.cache_dir).expanduser() / f"{model_name}-{name}" / fp[:16]
+    if (out / "stats.json").is_file():
+        return Prepared(out, json.loads((out / "stats.json").read_text()), True, warnings)
+
+    markers = probe_markers(tokenizer, template) if data.train_on is not TrainOn.all else Markers("", "")
+    rejects: list[dict] = []
+    per_source = [load_examples(s, data.on_error, rejects) for s in sources]
+    for s, items in zip(sources, per_source):
+        if not items:
+            raise DataError(f"{s.path}: no usable records")
+    mixed = mix(per_source, sources, data.seed)
+
+    if data.eval_path:
+        eval_items = [(len(sources), ex) for ex in load_examples(SourceConfig(path=data.eval_path), data.on_error, rejects)]
+        train_items = mixed
+    else:
+        n_eval = int(round(data.val_size * len(mixed))) if data.val_size < 1 else int(data.val_size)
+        n_eval = min(n_eval, max(len(mixed) - 1, 0))
+        eval_items, train_items = mixed[:n_eval], mixed[n_eval:]
+    if data.max_samples is not None:
+        train_items = train_items[:data.max_samples]
+    if data.max_eval_samples is not None:
+        eval_items = eval_items[:data.max_eval_samples]
+
+    splits, stats = {}, {"fingerprint": fp, "sources": [asdict(s) for s in sources], "rejected": len(rejects)}
+    for split, items in (("train", train_items), ("eval", eval_items)):
+        if not items:
+            continue
+        ds = tokenize(items, tokenizer, template, markers, data, f"{fp}-{split}")
+        kept = ds.filter(lambda t: [x > 0 for x in t], input_columns="trainable", batched=True,
+                         new_fingerprint=hashlib.sha1(f"{fp}-{split}-kept".encode()).hexdigest())
+        named = sources + [SourceConfig(path=data.eval_path)] if data.eval_path else sources
+        stats[split] = split_stats(ds, kept, named, data.max_length)
+        if not len(kept):
+            raise DataError(f"data: no {split} example has a trainable token left "
+                            f"(all {len(ds)} dropped; raise data.max_length or check data.train_on)")
+        splits[split] = kept
+    if "train" not in splits:
+        raise DataError("data: the dataset is empty")
+
+    with atomic_dir(out) as tmp:
+        for split, ds in splits.items():
+            ds = ds.select_columns(["input_ids", "labels"])
+            if data.packing:
+                from trl import pack_dataset
+
+                ds = pack_dataset(ds, seq_length=data.max_length, strategy="bfd")
+                rows = len(ds)
+                stats[split]["packed_rows"] = rows
+                stats[split]["packing_efficiency"] = round(stats[split]["tokens"] / (rows * data.max_length), 4)
+            ds.save_to_disk(str(tmp / split))
+        if rejects:
+            with open(tmp / "rejects.jsonl", "w") as f:
+                for r in rejects:
+                    f.write(json.dumps(r, default=str) + "\n")
+        atomic_write_json(tmp / "stats.json", stats)
+    return Prepared(out, stats, False, warnings)
+
+
+def split_stats(ds, kept, sources: list[SourceConfig], max_length: int) -> dict:
+    length = np.asarray(ds["length"])
+    trainable = np.asarray(ds["trainable"])
+    truncated = np.asarray(ds["truncated"])
+    src = np.asarray(ds["source"])
+    fmt = np.asarray(ds["format"])
+    klen = np.asarray(kept["length"])
+    per = []
+    for i in sorted(set(src.tolist())):
+        sel = src == i
+        per.append({"source": sources[i].path,
+                    "formats": {f: int((fmt[sel] == f).sum()) for f in sorted(set(fmt[sel].tolist()))},
+                    "examples": int(sel.sum()), "kept": int((sel & (trainable > 0)).sum()),
+                    "tokens": int(length[sel].sum()), "trainable_tokens": int(trainable[sel].sum())})
+    pct = (lambda q: int(np.percentile(klen, q))) if len(klen) else (lambda q: 0)
+    return {"examples": int(len(ds)), "kept": int(len(kept)), "dropped_no_trainable": int((trainable == 0).sum()),
+            "truncated": int(truncated.sum()), "tokens": int(klen.sum()),
+            "trainable_tokens": int(trainable[trainable > 0].sum()),
+            "length": {"p50": pct(50), "p90": pct(90), "p99": pct(99), "max": int(klen.max()) if len(klen) else 0},
+            "max_length": max_length, "per_source": per}
+
+
+def preview(data: DataConfig, tokenizer, model_name: str, chat_template: str | None, n: int = 3):
+    """Normalize everything (so every error shows) and tokenize the first n examples: (segments, counts)."""
+    sources = sources_of(data)
+    template, warning = resolve_template(tokenizer, chat_template, model_name)
+    markers = probe_markers(tokenizer, template) if data.train_on is not TrainOn.all else Markers("", "")
+    rejects: list[dict] = []
+    per_source = [load_examples(s, data.on_error, rejects) for s in sources]
+    first = [(i, ex) for i, items in enumerate(per_source) for ex in items][:n]
+    enc = _tokenize_batch({"conv": [json.dumps(e.messages) if e.messages else None for _, e in first],
+                           "text": [e.text for _, e in first]}, tokenizer, template, markers, data.max_length,
+                          str(data.train_on), data.enable_thinking)
+    shown = []
+    for (_, ex), ids, labels in zip(first, enc["input_ids"], enc["labels"]):
+        segs, cur, buf = [], None, []
+        for tid, lab in zip(ids.tolist(), labels.tolist()):
+            t = lab != -100
+            if cur is not None and t != cur:
+                segs.append((tokenizer.decode(buf), cur))
+                buf = []
+            cur = t
+            buf.append(tid)
+        if buf:
+            segs.append((tokenizer.decode(buf), cur))
+        shown.append((ex.where, ex.format, segs))
+    counts = [(s.path, len(items)) for s, items in zip(sources, per_source)]
+    return shown, counts, len(rejects), warning

@@ -1,0 +1,24 @@
+"""`qtune prepare`: data files -> cached training examples, with statistics."""
+from __future__ import annotations
+
+from qtune.config.schema import Config
+
+
+def run(cfg: Config, dry_run: bool = False):
+    from qtune import ui
+    from qtune.data.prepare import prepare, preview
+    from qtune.modeling.load import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model, cfg.paths)
+    if dry_run:
+        shown, counts, rejected, warning = preview(cfg.data, tokenizer, cfg.model.name, cfg.model.chat_template)
+        if warning:
+            ui.print_warning(warning)
+        ui.show_preview(shown, counts, rejected)
+        return None
+    with ui.status("preparing data"):
+        result = prepare(cfg.data, tokenizer, cfg.model.name, cfg.model.chat_template)
+    for w in result.warnings:
+        ui.print_warning(w)
+    ui.show_data_stats(result.stats, result.path, result.cache_hit)
+    return result

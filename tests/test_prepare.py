@@ -1,0 +1,260 @@
+"""`qtune prepare` with the real Qwen3 tokenizer: formats, templates, loss masks, packing, cache, errors."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from qtune.config.schema import DataConfig, OnError, SourceConfig, TrainOn
+from qtune.data.prepare import prepare
+from qtune.errors import DataError
+
+from conftest import qtune
+
+IM_END = "<|im_end|>"
+EMPTY_THINK = "<think>\n\n</think>\n\n"
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def data_cfg(tmp_path, path, **kw) -> DataConfig:
+    kw.setdefault("val_size", 0.0)
+    kw.setdefault("packing", False)
+    return DataConfig(path=str(path), cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def labelled_segments(ds, tokenizer) -> list[list[str]]:
+    """Per example: the decoded runs of consecutive trainable tokens."""
+    out = []
+    for ids, labels in zip(ds["input_ids"], ds["labels"]):
+        runs, cur = [], []
+        for i, l in zip(ids, labels):
+            if l != -100:
+                assert l == i
+                cur.append(i)
+            elif cur:
+                runs.append(cur)
+                cur = []
+        if cur:
+            runs.append(cur)
+        out.append([tokenizer.decode(r) for r in runs])
+    return out
+
+
+CASES = [
+    ("messages", {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                               {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"},
+                               {"role": "assistant", "content": "4", "reasoning_content": "Two plus two is four."}]},
+     ["Hello!" + IM_END, "<think>\nTwo plus two is four.\n</think>\n\n4" + IM_END]),
+    ("sharegpt", {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Name a color"},
+                                    {"from": "gpt", "value": "Blue"}]},
+     [EMPTY_THINK + "Blue" + IM_END]),
+    ("alpaca", {"instruction": "Translate to French", "input": "cat", "output": "chat", "system": "You translate."},
+     [EMPTY_THINK + "chat" + IM_END]),
+    ("alpaca", {"instruction": "And dog?", "output": "chien", "history": [["Translate cat", "chat"]]},
+     ["chat" + IM_END, EMPTY_THINK + "chien" + IM_END]),
+    ("input_output", {"input": "ping", "output": "pong"}, [EMPTY_THINK + "pong" + IM_END]),
+    ("query_response", {"query": "Capital of Italy?", "response": "Rome", "history": [["Hi", "Hello"]]},
+     ["Hello" + IM_END, EMPTY_THINK + "Rome" + IM_END]),
+    ("prompt_completion", {"prompt": "Say yes", "completion": "Yes"}, [EMPTY_THINK + "Yes" + IM_END]),
+    ("reasoning", {"question": "What is 3*3?", "thinking": "3 times 3 is 9.", "answer": "9"},
+     ["<think>\n3 times 3 is 9.\n</think>\n\n9" + IM_END]),
+]
+
+
+@pytest.mark.parametrize("fmt, record, expected", CASES, ids=[c[0] + str(i) for i, c in enumerate(CASES)])
+def test_labels_are_exactly_the_assistant_turns(tmp_path, qwen3_tokenizer, fmt, record, expected):
+    path = write_jsonl(tmp_path / "d.jsonl", [record])
+    res = prepare(data_cfg(tmp_path, path), qwen3_tokenizer, "qwen3")
+    ds = res.load("train")
+    assert labelled_segments(ds, qwen3_tokenizer) == [expected]
+    assert res.stats["train"]["per_source"][0]["formats"] == {fmt: 1}
+
+
+def test_thinking_blocks_render_as_qwen3_renders_them(tmp_path, qwen3_tokenizer):
+    rec = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reasoning_content": "old"},
+                        {"role": "user", "content": "c"}, {"role": "assistant", "content": "d", "reasoning_content": "new"}]}
+    ds = prepare(data_cfg(tmp_path, write_jsonl(tmp_path / "d.jsonl", [rec])), qwen3_tokenizer, "qwen3").load()
+    text = qwen3_tokenizer.decode(ds["input_ids"][0])
+    # Qwen3 drops the reasoning of turns before the last user query and keeps the last turn's.
+    assert text == ("<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n<|im_start|>user\nc<|im_end|>\n"
+                    "<|im_start|>assistant\n<think>\nnew\n</think>\n\nd<|im_end|>\n")
+    # a reasoning inline in content (<think>...</think>answer) renders the same way
+    inline = {"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "<think>\nnew\n</think>\n\nd"}]}
+    ds2 = prepare(data_cfg(tmp_path, write_jsonl(tmp_path / "e.jsonl", [inline])), qwen3_tokenizer, "qwen3").load()
+    assert qwen3_tokenizer.decode(ds2["input_ids"][0]).endswith("<think>\nnew\n</think>\n\nd<|im_end|>\n")
+
+
+def test_plain_text_trains_every_token(tmp_path, qwen3_tokenizer):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "Continued pre-training text."}])
+    ds = prepare(data_cfg(tmp_path, path), qwen3_tokenizer, "qwen3").load()
+    assert labelled_segments(ds, qwen3_tokenizer) == [["Continued pre-training text." + IM_END]]
+
+
+@pytest.mark.parametrize("train_on, expected", [
+    (TrainOn.last_assistant, [EMPTY_THINK + "Rome" + IM_END]),
+    (TrainOn.all, None),
+])
+def test_train_on_options(tmp_path, qwen3_tokenizer, train_on, expected):
+    rec = {"query": "Capital of Italy?", "response": "Rome", "history": [["Hi", "Hello"]]}
+    ds = prepare(data_cfg(tmp_path, write_jsonl(tmp_path / "d.jsonl", [rec]), train_on=train_on), qwen3_tokenizer,
+                 "qwen3").load()
+    if expected is None:
+        assert ds["labels"][0] == ds["input_ids"][0]
+    else:
+        assert labelled_segments(ds, qwen3_tokenizer) == [expected]
+
+
+def test_template_of_another_model(tmp_path, smollm2):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Hi", "output": "Hello there"}])
+    ds = prepare(data_cfg(tmp_path, path), tok, "smollm2").load()
+    assert labelled_segments(ds, tok) == [["Hello there" + IM_END]]
+    assert tok.decode(ds["input_ids"][0]).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+
+
+def test_csv_parquet_json_glob_and_folder(tmp_path, qwen3_tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "inputs"
+    d.mkdir()
+    with open(d / "a.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["instruction", "input", "output"])
+        w.writeheader()
+        w.writerows([{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(3)])
+    pq.write_table(pa.Table.from_pylist([{"query": f"q{i}", "response": f"r{i}"} for i in range(4)]), d / "b.parquet")
+    (d / "c.json").write_text(json.dumps([{"input": f"i{i}", "output": f"o{i}"} for i in range(5)], indent=2))
+    res = prepare(data_cfg(tmp_path, d), qwen3_tokenizer, "qwen3")
+    assert res.stats["train"]["examples"] == 12
+    assert res.stats["train"]["per_source"][0]["formats"] == {"alpaca": 3, "input_output": 5, "query_response": 4}
+    res2 = prepare(data_cfg(tmp_path, str(d / "*.json")), qwen3_tokenizer, "qwen3")
+    assert res2.stats["train"]["examples"] == 5
+
+
+def test_mix_25_75_by_weight_and_by_count(tmp_path, qwen3_tokenizer):
+    reason = write_jsonl(tmp_path / "r.jsonl", [{"question": f"q{i}", "thinking": "t", "answer": "a"} for i in range(100)])
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"input": f"i{i}", "output": "o"} for i in range(120)])
+    cfg = DataConfig(sources=[SourceConfig(path=str(reason), weight=0.25), SourceConfig(path=str(chat), weight=0.75)],
+                     val_size=0.0, packing=False, cache_dir=str(tmp_path / "cache"))
+    per = prepare(cfg, qwen3_tokenizer, "qwen3").stats["train"]["per_source"]
+    assert [p["examples"] for p in per] == [40, 120]  # as large as the data allows at 25/75
+    cfg.sources = [SourceConfig(path=str(reason), count=10), SourceConfig(path=str(chat), count=150)]
+    per = prepare(cfg, qwen3_tokenizer, "qwen3").stats["train"]["per_source"]
+    assert [p["examples"] for p in per] == [10, 150]  # counts above the data oversample
+
+
+def test_split_max_samples_and_eval_path(tmp_path, qwen3_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"input": f"i{i}", "output": f"o{i}"} for i in range(50)])
+    s = prepare(data_cfg(tmp_path, path, val_size=0.2, max_samples=30, max_eval_samples=4), qwen3_tokenizer, "q").stats
+    assert (s["train"]["examples"], s["eval"]["examples"]) == (30, 4)
+    again = prepare(data_cfg(tmp_path, path, val_size=0.2, max_samples=30, max_eval_samples=4), qwen3_tokenizer, "q")
+    assert again.cache_hit
+    ev = write_jsonl(tmp_path / "ev.jsonl", [{"input": "x", "output": "y"}] * 3)
+    s = prepare(data_cfg(tmp_path, path, eval_path=str(ev), val_size=0.2), qwen3_tokenizer, "q").stats
+    assert (s["train"]["examples"], s["eval"]["examples"]) == (50, 3)
+
+
+def test_truncation_and_dropping_are_counted(tmp_path, qwen3_tokenizer):
+    long_prompt = " ".join(["word"] * 200)
+    recs = [{"input": long_prompt, "output": "late answer"},            # answer beyond max_length: dropped
+            {"input": "short", "output": " ".join(["yes"] * 100)},      # truncated, still trainable
+            {"input": "ok", "output": "fine"}]
+    s = prepare(data_cfg(tmp_path, write_jsonl(tmp_path / "d.jsonl", recs), max_length=64), qwen3_tokenizer, "q").stats
+    assert s["train"]["examples"] == 3 and s["train"]["kept"] == 2
+    assert s["train"]["dropped_no_trainable"] == 1 and s["train"]["truncated"] == 2
+    assert s["train"]["length"]["max"] == 64
+
+
+def test_packing_keeps_every_token_and_boundary(tmp_path, qwen3_tokenizer):
+    recs = [{"input": f"question number {i} " * (i % 7 + 1), "output": f"answer {i} " * (i % 5 + 1)} for i in range(60)]
+    path = write_jsonl(tmp_path / "d.jsonl", recs)
+    plain = prepare(data_cfg(tmp_path, path, max_length=128), qwen3_tokenizer, "q").load()
+    packed_res = prepare(data_cfg(tmp_path, path, max_length=128, packing=True), qwen3_tokenizer, "q")
+    packed = packed_res.load()
+    seqs = []
+    for ids, labels, lengths in zip(packed["input_ids"], packed["labels"], packed["seq_lengths"]):
+        assert len(ids) == sum(lengths) <= 128
+        start = 0
+        for n in lengths:
+            seqs.append((tuple(ids[start:start + n]), tuple(labels[start:start + n])))
+            start += n
+    assert sorted(seqs) == sorted(zip(map(tuple, plain["input_ids"]), map(tuple, plain["labels"])))
+    assert len(packed) < len(plain)
+    st = packed_res.stats["train"]
+    assert st["packing_efficiency"] == round(st["tokens"] / (len(packed) * 128), 4)
+
+
+def test_cache_hit_and_miss(tmp_path, qwen3_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"input": "a", "output": "b"}, {"input": "c", "output": "d"}])
+    first = prepare(data_cfg(tmp_path, path), qwen3_tokenizer, "q")
+    assert not first.cache_hit
+    assert prepare(data_cfg(tmp_path, path), qwen3_tokenizer, "q").cache_hit
+    assert not prepare(data_cfg(tmp_path, path, max_length=512), qwen3_tokenizer, "q").cache_hit
+    write_jsonl(path, [{"input": "a", "output": "b"}, {"input": "c", "output": "changed"}])
+    changed = prepare(data_cfg(tmp_path, path), qwen3_tokenizer, "q")
+    assert not changed.cache_hit and changed.path != first.path
+    assert not [p for p in first.path.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+BAD = [
+    ('{"input": "a", "output": "b"}\n{"input": "a", "output": \n', "d.jsonl:2: malformed JSON"),
+    ('{"instruction": "a", "input": "x", "output": 5}\n', "d.jsonl:1: field 'output' must be a string"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]}\n', "d.jsonl:1: messages[1]: field 'content' missing"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}]}\n', "d.jsonl:1: empty content in message 1 (assistant)"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}\n', "d.jsonl:1: messages[1]: unknown role 'robot'"),
+    ('{"conversations": [{"from": "alien", "value": "b"}]}\n', "d.jsonl:1: conversations[0]: unknown role 'alien'"),
+    ('\n{"foo": 1, "bar": 2}\n', "d.jsonl:2: record of no known format (keys: bar, foo)"),
+    ('{"instruction": "a", "output": ""}\n', "d.jsonl:1: field 'output' is empty"),
+    ('', "d.jsonl: no usable records"),
+]
+
+
+@pytest.mark.parametrize("content, message", BAD, ids=[m.split(": ", 1)[1][:30] for _, m in BAD])
+def test_bad_input_names_file_line_and_field(tmp_path, qwen3_tokenizer, content, message):
+    (tmp_path / "d.jsonl").write_text(content)
+    with pytest.raises(DataError) as e:
+        prepare(data_cfg(tmp_path, tmp_path / "d.jsonl"), qwen3_tokenizer, "q")
+    assert str(e.value).startswith(str(tmp_path / message.split(":")[0])) and message.split(" ", 1)[0] in str(e.value)
+    assert message.split(": ", 1)[1] in str(e.value), str(e.value)
+
+
+def test_json_array_errors_name_the_record_line(tmp_path, qwen3_tokenizer):
+    (tmp_path / "d.json").write_text('[\n  {"input": "a", "output": "b"},\n  {"input": "a"}\n]\n')
+    with pytest.raises(DataError, match=r"d\.json:3: record of no known format"):
+        prepare(data_cfg(tmp_path, tmp_path / "d.json"), qwen3_tokenizer, "q")
+
+
+def test_skip_bad_records_writes_rejects(tmp_path, qwen3_tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"input": "a", "output": "b"}\n{"input": "a"}\n{"messages": [{"role": "x", "content": "y"}]}\n')
+    res = prepare(data_cfg(tmp_path, path, on_error=OnError.skip), qwen3_tokenizer, "q")
+    assert res.stats["rejected"] == 2 and res.stats["train"]["examples"] == 1
+    rejects = [json.loads(l) for l in (res.path / "rejects.jsonl").read_text().splitlines()]
+    assert [r["where"] for r in rejects] == [f"{path}:2", f"{path}:3"]
+
+
+def test_cli_errors_and_dry_run(tmp_path, tiny_qwen3):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "a", "output": "b"}\n{oops\n')
+    p = qtune("prepare", "model=tiny_qwen3", f"data.path={bad}")
+    assert p.returncode == 1 and f"{bad}:2: malformed JSON" in p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = qtune("prepare", "model=tiny_qwen3", f"data.path={tmp_path / 'missing.jsonl'}")
+    assert p.returncode == 1 and "missing.jsonl: no such file" in p.stderr
+    p = qtune("prepare", "model=tiny_qwen3")
+    assert p.returncode == 1 and "no training data: set data.path" in p.stderr
+    good = write_jsonl(tmp_path / "good.jsonl", [{"input": "ping", "output": "pong"}])
+    p = qtune("prepare", "model=tiny_qwen3", f"data.path={good}", "--dry-run", check=True)
+    assert "pong<|im_end|>" in p.stdout and "good.jsonl: 1 records" in p.stdout
+    p = qtune("prepare", "model=tiny_qwen3", f"data.path={good}", f"data.cache_dir={tmp_path / 'c'}", "data.val_size=0",
+              check=True)
+    assert "prepared data (new)" in p.stdout.replace("\n", "")
+    assert (next((tmp_path / "c").glob("*/*")) / "stats.json").is_file()
