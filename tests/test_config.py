@@ -104,3 +104,9 @@ def test_multirun_goes_through_hydra_sweeper(tmp_path):
              sweep_dir=str(tmp_path / "sweep"))
     assert sorted(seen) == [(8, 1e-4), (8, 2e-4), (16, 1e-4), (16, 2e-4)]
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
+
+
+def test_sweep_over_a_wrong_option_fails_in_one_line():
+    p = qtune("train", "-m", "lora=r16,r99")
+    assert p.returncode == 2 and "lora=r99: no such option" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1

@@ -103,7 +103,7 @@ def multirun(overrides: Sequence[str], task: Callable[[DictConfig], object], swe
 
     _register()
     overrides = list(overrides)
-    compose([o for o in overrides if "," not in o.split("=", 1)[-1] and "(" not in o])  # fail fast, one line
+    check_sweep(overrides)
     hydra_overrides = [
         "hydra.sweep.dir=" + (sweep_dir or "runs/sweep-${now:%Y%m%d-%H%M%S}"),
         "hydra.sweep.subdir=${hydra.job.num}",
@@ -117,14 +117,21 @@ def multirun(overrides: Sequence[str], task: Callable[[DictConfig], object], swe
                config_name="config")
 
 
+def check_sweep(overrides: Sequence[str]) -> None:
+    """Fail fast, in one line, before Hydra launches anything: every group option and plain override."""
+    _check_group_choices(overrides)
+    compose([o for o in overrides if "," not in o.split("=", 1)[-1] and "(" not in o])
+
+
 def _check_group_choices(overrides: Sequence[str]) -> None:
     for o in overrides:
-        m = re.fullmatch(r"([a-z_]+)=([^,\s]+)", o)
-        if m and m.group(1) in GROUPS and "(" not in m.group(2):
-            group, choice = m.groups()
+        m = re.fullmatch(r"([a-z_]+)=([\w,]+)", o)
+        if m and m.group(1) in GROUPS:
+            group, choices = m.groups()
             options = group_options(group)
-            if choice not in options:
-                raise ConfigError(f"{group}={choice}: no such option; valid: {', '.join(options)}")
+            for choice in choices.split(","):  # a sweep over options is checked option by option
+                if choice not in options:
+                    raise ConfigError(f"{group}={choice}: no such option; valid: {', '.join(options)}")
 
 
 def _one_line(e: Exception, overrides: Sequence[str]) -> str:
