@@ -18,6 +18,10 @@ def run(cfg: Config, dry_run: bool = False):
         return None
     with ui.status("preparing data"):
         result = prepare(cfg.data, tokenizer, cfg.model.name, cfg.model.chat_template)
+    if not result.cache_hit:
+        from qtune.runs import write_config
+
+        write_config(result.path, cfg)
     for w in result.warnings:
         ui.print_warning(w)
     ui.show_data_stats(result.stats, result.path, result.cache_hit)

@@ -117,3 +117,9 @@ def test_missing_shard_is_caught(tmp_path, tiny_qwen3):
 def test_embedded_model_resolves_from_its_package(smollm2, tmp_path):
     p = qtune("download", cwd=tmp_path, check=True)
     assert "smollm2_135m" in p.stdout and "model.safetensors" in p.stdout
+
+
+def test_disk_space_is_checked_before_fetching(hub, tmp_path):
+    p = run_download(hub, tmp_path, "download.min_free_gib=1000000")
+    assert p.returncode == 1 and "not enough disk space" in p.stderr
+    assert not (tmp_path / "model" / "model.safetensors").exists()

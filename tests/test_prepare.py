@@ -258,3 +258,24 @@ def test_cli_errors_and_dry_run(tmp_path, tiny_qwen3):
               check=True)
     assert "prepared data (new)" in p.stdout.replace("\n", "")
     assert (next((tmp_path / "c").glob("*/*")) / "stats.json").is_file()
+
+
+def test_model_without_template_falls_back_to_chatml(tmp_path, qwen3_tokenizer):
+    import copy
+
+    tok = copy.deepcopy(qwen3_tokenizer)
+    tok.chat_template = None
+    res = prepare(data_cfg(tmp_path, write_jsonl(tmp_path / "d.jsonl", [{"input": "a", "output": "b"}])), tok, "plain")
+    assert res.warnings and "has no chat template; using ChatML" in res.warnings[0]
+    assert labelled_segments(res.load(), tok) == [["b" + IM_END]]
+
+
+def test_prepare_folder_holds_resolved_config(tmp_path, tiny_qwen3):
+    from omegaconf import OmegaConf
+
+    good = write_jsonl(tmp_path / "good.jsonl", [{"input": "ping", "output": "pong"}] * 3)
+    qtune("prepare", "model=tiny_qwen3", f"data.path={good}", f"data.cache_dir={tmp_path / 'c'}", "data.max_length=99",
+          check=True)
+    saved = OmegaConf.load(next((tmp_path / "c").glob("*/*/config.yaml")))
+    assert saved.data.max_length == 99 and saved.model.name == "tiny_qwen3"
+    assert saved.data.train_on == "assistant" and saved.quant.method == "none"
