@@ -192,7 +192,7 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
     template, warning = resolve_template(tokenizer, chat_template, model_name)
     warnings = [warning] if warning else []
     fp = fingerprint(data, sources, tokenizer, template)
-    name = Path(sources[0].path.rstrip("/*")).stem or "data" if len(sources) == 1 else "mix"
+    name = (Path(sources[0].path.rstrip("/*")).stem or "data") if len(sources) == 1 else "mix"
     out = Path(data.cache_dir).expanduser() / f"{model_name}-{name}" / fp[:16]
     if (out / "stats.json").is_file():
         return Prepared(out, json.loads((out / "stats.json").read_text()), True, warnings)
