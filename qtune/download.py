@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from qtune.config.schema import Config, DownloadConfig, ModelConfig, ModelSource, PathsConfig
-from qtune.errors import DownloadError
+from qtune.errors import DownloadError, exception_chain
 
 PICKLED = ["*.bin", "*.pth", "*.pt", "*.ckpt", "*.pkl", "*.msgpack", "*.h5"]
 
@@ -54,16 +54,21 @@ def _patterns(download: DownloadConfig) -> tuple[list[str], list[str]]:
     return allow, ignore
 
 
-def plan_download(model: ModelConfig, download: DownloadConfig) -> list[tuple[str, int]]:
-    """(file, size) for each file a download would fetch."""
+def _plan(model: ModelConfig, download: DownloadConfig) -> list:
+    """huggingface_hub's dry-run plan: what a download would fetch, with sizes."""
     from huggingface_hub import snapshot_download
 
     allow, ignore = _patterns(download)
+    return snapshot_download(model.repo_id, revision=model.revision, local_dir=Path(model.local_dir).expanduser(),
+                             allow_patterns=allow, ignore_patterns=ignore, dry_run=True)
+
+
+def plan_download(model: ModelConfig, download: DownloadConfig) -> list[tuple[str, int]]:
+    """(file, size) for each file a download would fetch."""
     try:
-        infos = snapshot_download(model.repo_id, revision=model.revision, local_dir=model.local_dir,
-                                  allow_patterns=allow, ignore_patterns=ignore, dry_run=True)
+        infos = _plan(model, download)
     except Exception as e:
-        raise DownloadError(_explain(e, model)) from None
+        raise DownloadError(explain_hub_error(e, model)) from None
     return [(i.filename, i.file_size) for i in infos]
 
 
@@ -73,8 +78,7 @@ def fetch(model: ModelConfig, download: DownloadConfig) -> Path:
     local = Path(model.local_dir).expanduser()
     allow, ignore = _patterns(download)
     try:
-        plan = snapshot_download(model.repo_id, revision=model.revision, local_dir=local, allow_patterns=allow,
-                                 ignore_patterns=ignore, dry_run=True)
+        plan = _plan(model, download)
         need = sum(i.file_size for i in plan if i.will_download)
         _check_disk(local, need, download.min_free_gib)
         snapshot_download(model.repo_id, revision=model.revision, local_dir=local, allow_patterns=allow,
@@ -87,7 +91,7 @@ def fetch(model: ModelConfig, download: DownloadConfig) -> Path:
 
             ui.print_warning(f"hub unreachable; using the complete local copy in {local}")
             return local
-        raise DownloadError(_explain(e, model)) from None
+        raise DownloadError(explain_hub_error(e, model)) from None
     verify(local, {i.filename: i.file_size for i in plan})
     return local
 
@@ -128,21 +132,13 @@ def _complete(local: Path) -> bool:
 
 
 def _offline_error(e: Exception) -> bool:
-    names = {type(c).__name__ for c in _chain(e)}
+    names = {type(c).__name__ for c in exception_chain(e)}
     return bool(names & {"ConnectError", "ConnectTimeout", "OfflineModeIsEnabled", "LocalEntryNotFoundError",
                          "DryRunError", "TimeoutException", "ReadTimeout"})
 
 
-def _chain(e: BaseException):
-    seen = []
-    while e is not None and e not in seen:
-        seen.append(e)
-        e = e.__cause__ or e.__context__
-    return seen
-
-
-def _explain(e: Exception, model: ModelConfig) -> str:
-    names = {type(c).__name__ for c in _chain(e)}
+def explain_hub_error(e: Exception, model: ModelConfig) -> str:
+    names = {type(c).__name__ for c in exception_chain(e)}
     repo = f"{model.repo_id}@{model.revision}"
     if "RepositoryNotFoundError" in names:
         return f"model.repo_id={model.repo_id}: repository not found (or private: set HF_TOKEN or run `hf auth login`)"

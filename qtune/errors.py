@@ -1,6 +1,15 @@
 """Typed errors. Library code raises these; only the CLI edge turns them into one line and an exit code."""
 
 
+def exception_chain(e: BaseException) -> list[BaseException]:
+    """e, then its causes and contexts in order (no cycles)."""
+    chain: list[BaseException] = []
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
 class QtuneError(Exception):
     """A user-facing problem: bad input, missing file, a machine that cannot run the request."""
 

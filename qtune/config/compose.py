@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from qtune.config import schema
-from qtune.errors import ConfigError
+from qtune.errors import ConfigError, exception_chain
 
 
 def _find_conf_dir() -> Path:
@@ -135,10 +135,7 @@ def _check_group_choices(overrides: Sequence[str]) -> None:
 
 
 def _one_line(e: Exception, overrides: Sequence[str]) -> str:
-    chain, c = [], e
-    while c is not None and c not in chain:
-        chain.append(c)
-        c = c.__cause__ or c.__context__
+    chain = exception_chain(e)
     keyed = next((c for c in chain if getattr(c, "full_key", None)), None)
     text = str(keyed or e)
     key = str(keyed.full_key) if keyed else None

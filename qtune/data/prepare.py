@@ -46,6 +46,14 @@ def sources_of(data: DataConfig) -> list[SourceConfig]:
     raise DataError("no training data: set data.path=<file, glob or folder> or data.sources=[...]")
 
 
+def _setup(data: DataConfig, tokenizer, model_name: str, chat_template: str | None):
+    """What prepare and preview both start from: sources, template (+ fallback warning), turn markers."""
+    sources = sources_of(data)
+    template, warning = resolve_template(tokenizer, chat_template, model_name)
+    markers = probe_markers(tokenizer, template) if data.train_on is not TrainOn.all else Markers("", "")
+    return sources, template, warning, markers
+
+
 # ---------------------------------------------------------------- loading and normalizing
 
 def load_examples(src: SourceConfig, on_error: OnError, rejects: list[dict]) -> list[formats.Example]:
@@ -188,8 +196,7 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
     import datasets
 
     datasets.disable_progress_bars()
-    sources = sources_of(data)
-    template, warning = resolve_template(tokenizer, chat_template, model_name)
+    sources, template, warning, markers = _setup(data, tokenizer, model_name, chat_template)
     warnings = [warning] if warning else []
     fp = fingerprint(data, sources, tokenizer, template)
     name = (Path(sources[0].path.rstrip("/*")).stem or "data") if len(sources) == 1 else "mix"
@@ -197,7 +204,6 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
     if (out / "stats.json").is_file():
         return Prepared(out, json.loads((out / "stats.json").read_text()), True, warnings)
 
-    markers = probe_markers(tokenizer, template) if data.train_on is not TrainOn.all else Markers("", "")
     rejects: list[dict] = []
     per_source = [load_examples(s, data.on_error, rejects) for s in sources]
     for s, items in zip(sources, per_source):
@@ -276,9 +282,7 @@ def split_stats(ds, kept, sources: list[SourceConfig], max_length: int) -> dict:
 
 def preview(data: DataConfig, tokenizer, model_name: str, chat_template: str | None, n: int = 3):
     """Normalize everything (so every error shows) and tokenize the first n examples: (segments, counts)."""
-    sources = sources_of(data)
-    template, warning = resolve_template(tokenizer, chat_template, model_name)
-    markers = probe_markers(tokenizer, template) if data.train_on is not TrainOn.all else Markers("", "")
+    sources, template, warning, markers = _setup(data, tokenizer, model_name, chat_template)
     rejects: list[dict] = []
     per_source = [load_examples(s, data.on_error, rejects) for s in sources]
     first = [(i, ex) for i, items in enumerate(per_source) for ex in items][:n]
