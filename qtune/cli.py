@@ -88,7 +88,7 @@ def inspect_moe(overrides: Overrides = None, cfg: ShowCfg = False, dry_run: DryR
 
     Examples: `qtune inspect-moe model=qwen3_30b_a3b moe=expert_only lora=r16` · `qtune inspect-moe model=qwen3_235b_a22b moe=all moe.max_experts=16 --json`
     """
-    _dispatch("inspect_moe", overrides, cfg, json=json)
+    _dispatch("inspect_moe", overrides, cfg, json=json, dry_run=dry_run)
 
 
 @app.command()

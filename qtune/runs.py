@@ -24,3 +24,89 @@ def _plain(obj):
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj.value if isinstance(obj, Enum) else obj
+
+
+# Settings a resumed run must share with the run it continues (anything else may change, e.g. train.max_steps).
+_RESUME_KEYS = ("model", "quant", "lora", "moe")
+
+
+def resume_point(out: Path, cfg: Config) -> Path | None:
+    """What an existing output folder means for `train`: None (start fresh) or the checkpoint to resume.
+
+    A finished run (adapter/) or a folder of checkpoints with train.resume=never is refused unless
+    train.overwrite=true; resuming with different model/quant/lora/moe settings is refused too.
+    """
+    import shutil
+
+    from qtune.errors import ConfigError
+
+    t = cfg.train
+    if t.overwrite and out.exists():
+        shutil.rmtree(out)
+    if t.resume not in ("auto", "never"):
+        ck = Path(t.resume).expanduser()
+        if not (ck / "trainer_state.json").is_file():
+            raise ConfigError(f"train.resume={t.resume}: not a checkpoint folder (no trainer_state.json); "
+                              f"valid: auto, never, or a path like {out / 'checkpoints' / 'checkpoint-100'}")
+        _check_same_settings(out, cfg)
+        return ck
+    # Hidden entries are others' bookkeeping (Hydra writes .hydra/ into each sweep job's folder first).
+    if not out.exists() or not any(not p.name.startswith(".") for p in out.iterdir()):
+        return None
+    if (out / "adapter").is_dir():
+        raise ConfigError(f"train.output_dir={out} holds a finished run (adapter/); choose another "
+                          "train.output_dir (or run_name=...) or set train.overwrite=true")
+    checkpoints = latest_checkpoints(out)
+    if not checkpoints:
+        if (out / "config.yaml").is_file() and not (out / "checkpoints").exists():
+            return None  # a run stopped before its first checkpoint: nothing to keep
+        raise ConfigError(f"train.output_dir={out} exists and is not a qtune run folder; choose another "
+                          "train.output_dir or set train.overwrite=true")
+    if t.resume == "never":
+        raise ConfigError(f"train.output_dir={out} has checkpoints; train.resume=never refuses to reuse it: "
+                          "set train.resume=auto to continue or train.overwrite=true to start over")
+    _check_same_settings(out, cfg)
+    return checkpoints[-1]
+
+
+def latest_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a checkpoint is complete once trainer_state.json is written)."""
+    import json
+
+    def complete(p: Path) -> bool:
+        try:
+            json.loads((p / "trainer_state.json").read_text())
+            return True
+        except (OSError, ValueError):
+            return False
+
+    cks = [p for p in (out / "checkpoints").glob("checkpoint-*") if p.name.rsplit("-", 1)[-1].isdigit() and complete(p)]
+    return sorted(cks, key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+
+
+def _check_same_settings(out: Path, cfg: Config) -> None:
+    import yaml
+
+    from qtune.errors import ConfigError
+
+    saved_path = out / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    now = _plain(asdict(cfg))
+    for group in _RESUME_KEYS:
+        diff = _first_difference(saved.get(group), now.get(group), group)
+        if diff:
+            key, old, new = diff
+            raise ConfigError(f"{key}={new}: {out} was trained with {key}={old}; resume with the same setting, "
+                              "choose another train.output_dir, or set train.overwrite=true")
+
+
+def _first_difference(a, b, key: str):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = _first_difference(a.get(k), b.get(k), f"{key}.{k}")
+            if d:
+                return d
+        return None
+    return None if a == b else (key, a, b)

@@ -7,7 +7,8 @@ from rich.console import Console
 from rich.markup import escape
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-console = Console(highlight=False)
+# Tables keep whole module names when output goes to a file or pipe (Rich would assume 80 columns).
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def print_error(message: str) -> None:
@@ -19,7 +20,7 @@ def print_warning(message: str) -> None:
 
 
 def info(message: str) -> None:
-    console.print(message)
+    console.print(message, soft_wrap=True)  # one line stays one line, for people and for grep
 
 
 def is_terminal() -> bool:
@@ -105,3 +106,207 @@ def show_preview(shown, counts, rejected: int) -> None:
         console.print(f"{path}: {n} records")
     if rejected:
         console.print(f"[yellow]{rejected} bad records would be skipped[/]")
+
+
+# ---------------------------------------------------------------- train
+
+
+def _group_rows(targets) -> list[tuple[str, str, str, int, int]]:
+    """Collapse identical layers: (name with {layer range}, shape, how, count, LoRA params)."""
+    import re
+
+    groups: dict[tuple, list] = {}
+    for t in targets:
+        key = (re.sub(r"\.layers\.\d+\.", ".layers.{}.", t.name), t.shape, t.how)
+        groups.setdefault(key, []).append(t)
+    rows = []
+    for (pattern, shape, how), ts in groups.items():
+        layers = [t.layer for t in ts if t.layer is not None]
+        name = pattern.replace("{}", _ranges(layers)) if layers else pattern
+        rows.append((name.removeprefix("model."), "×".join(map(str, shape)), how, len(ts), sum(t.params for t in ts)))
+    return rows
+
+
+def _ranges(nums: list[int]) -> str:
+    nums = sorted(set(nums))
+    out, start, prev = [], None, None
+    for n in nums + [None]:
+        if start is None:
+            start = prev = n
+        elif n is not None and n == prev + 1:
+            prev = n
+        else:
+            out.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = prev = n
+    return "{" + ",".join(out) + "}" if len(nums) > 1 else str(nums[0])
+
+
+def show_lora_plan(cfg, matched, total_params: int, mem) -> None:
+    """The dry-run table: every matched module (identical layers grouped), totals and a memory estimate."""
+    from rich.table import Table
+
+    table = Table(title=f"LoRA targets: {cfg.model.name}, lora r={cfg.lora.r} alpha={cfg.lora.alpha}"
+                        + (f", moe scope={cfg.moe.scope}" if matched.is_moe else ""), title_justify="left")
+    for col in ("module", "shape", "adapter", "count", "LoRA params"):
+        table.add_column(col, justify="right" if col in ("count", "LoRA params") else "left")
+    for name, shape, how, count, params in _group_rows(matched.targets):
+        table.add_row(name, shape, {"lora": "LoRA", "lora_param": "LoRA (fused param)", "full": "full"}[how],
+                      str(count), f"{params:,}")
+    table.add_section()
+    pct = 100 * matched.trainable / total_params if total_params else 0
+    table.add_row("[bold]trainable / total[/]", "", "", str(len(matched.targets)),
+                  f"[bold]{matched.trainable:,}[/] / {total_params:,} ({pct:.3f}%)")
+    console.print(table)
+    from qtune.modeling.targets import unmatched_message
+
+    for pattern in matched.unmatched:
+        print_warning(unmatched_message(pattern, cfg.model.name, matched.is_moe))
+    q = cfg.quant.method
+    mt = Table(title=f"estimated GPU memory (quant={q}, batch {cfg.train.batch_size} × {cfg.data.max_length} tokens, "
+                     f"gradient checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'})",
+               title_justify="left")
+    mt.add_column("part")
+    mt.add_column("GiB", justify="right")
+    mt.add_row(f"base weights ({mem.base_quantized_params:,} quantized, {mem.base_16bit_params:,} in 16-bit)",
+               f"{mem.base / 2**30:.2f}")
+    mt.add_row("LoRA weights + gradients + AdamW states (fp32)", f"{mem.lora / 2**30:.2f}")
+    mt.add_row("activations", f"{mem.activations / 2**30:.2f}")
+    mt.add_row("CUDA context and workspace", f"{mem.overhead / 2**30:.2f}")
+    mt.add_section()
+    mt.add_row("[bold]total (estimate)[/]", f"[bold]{mem.total / 2**30:.2f}[/]")
+    console.print(mt)
+
+
+def train_progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}"),
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
+
+
+def show_train_summary(summary: dict) -> None:
+    def f(x, spec=".4f"):
+        return "-" if x is None else format(x, spec)
+
+    console.print(f"[bold green]done[/]: {summary['steps']} steps in {summary['seconds']:.0f} s; train loss "
+                  f"{f(summary['first_loss'])} -> {f(summary['train_loss'])}, eval loss {f(summary['eval_loss'])}; "
+                  f"peak memory {human_bytes(summary['peak_memory_bytes'])}")
+    console.print(f"adapter: {summary['adapter']}")
+    samples = summary.get("samples")
+    if samples and samples.get("after"):
+        before = {r["prompt"]: r["answer"] for r in samples.get("before") or []}
+        for r in samples["after"]:
+            console.print(f"[bold]prompt:[/] {escape(r['prompt'])}")
+            if r["prompt"] in before:
+                console.print(f"  [dim]before:[/] {escape(before[r['prompt']])}")
+            console.print(f"  [green]after:[/]  {escape(r['answer'])}")
+
+
+def show_sweep_summary(rows: list[dict], folder) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"sweep: {folder}", title_justify="left")
+    for col in ("job", "overrides", "train loss", "eval loss", "time", "peak memory"):
+        table.add_column(col, justify="left" if col in ("job", "overrides") else "right")
+    for r in rows:
+        table.add_row(str(r["job"]), r["overrides"], _num(r["train_loss"]), _num(r["eval_loss"]),
+                      f"{r['seconds']:.0f} s" if r["seconds"] is not None else "-", human_bytes(r["peak_memory_bytes"]))
+    console.print(table)
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+# ---------------------------------------------------------------- inspect-moe
+
+
+def _mark(adapted: bool) -> str:
+    return "[green]LoRA[/]" if adapted else "[dim]frozen[/]"
+
+
+def show_moe_report(r: dict) -> None:
+    from rich.table import Table
+
+    s = r["settings"]
+    title = (f"{r['model']}: lora r={s['lora_r']} alpha={s['lora_alpha']}, moe scope={s['scope']} "
+             f"router={s['router_mode']}" + (f" max_experts={s['max_experts']} ({s['expert_selection']})"
+                                              if s["max_experts"] else "") + f", quant={s['quant']}")
+    if not r["is_moe"]:
+        console.print(f"[yellow]{r['model']} is a dense model: no experts or router; moe= settings do not apply.[/]")
+    table = Table(title=title, title_justify="left")
+    for col in ("layers", "attention", "router", "experts", "shared", "LoRA params / layer"):
+        table.add_column(col, justify="right" if col.startswith("LoRA") else "left")
+    groups: list[tuple[list[int], dict]] = []
+    for row in r["layers"]:
+        key = {k: v for k, v in row.items() if k != "layer"}
+        if groups and groups[-1][1] == key:
+            groups[-1][0].append(row["layer"])
+        else:
+            groups.append(([row["layer"]], key))
+    for layers, row in groups:
+        attn = ", ".join(f"{k.removesuffix('_proj')} {_mark(v['adapted']) if v['adapted'] else '[dim]–[/]'}"
+                         for k, v in row["attention"].items())
+        shapes = {tuple(v["shape"]) for v in row["attention"].values()}
+        attn += f"\n[dim]{' '.join('×'.join(map(str, sh)) for sh in sorted(shapes))}[/]"
+        router = "-"
+        if row["router"]:
+            a = row["router"]["adapted"]
+            router = (f"{'×'.join(map(str, row['router']['shape']))} "
+                      + {"frozen": "[dim]frozen[/]", "lora": "[green]LoRA[/]", "full": "[magenta]full[/]"}[a])
+        experts = "-"
+        if row["experts"]:
+            e = row["experts"]
+            tensors = "\n".join(f"{k} {'×'.join(map(str, v))} {_mark(k in e['adapted'])}" for k, v in e["tensors"].items())
+            reach = (f"{e['experts_adapted']} of {e['count']} experts" if e["adapted"] else f"{e['count']} experts")
+            if e["chosen_by"]:
+                reach += f" (by {'routing load, at train time' if e['chosen_by'] == 'load' else 'index'})"
+            experts = f"{reach}\n{tensors}"
+        elif row["dense_mlp"]:
+            experts = "dense MLP: " + ", ".join(f"{k.removesuffix('_proj')} {_mark(v['adapted'])}"
+                                                for k, v in row["dense_mlp"].items())
+        shared = "none" if not row["shared_experts"] else ", ".join(row["shared_experts"])
+        table.add_row(_ranges(layers).strip("{}") if len(layers) > 1 else str(layers[0]), attn, router, experts,
+                      shared, f"{row['lora_params']:,}")
+        table.add_section()
+    console.print(table)
+
+    pt = Table(title="patterns", title_justify="left")
+    pt.add_column("pattern")
+    pt.add_column("matches")
+    for p, hit in r["patterns"].items():
+        pt.add_row(escape(p), "[green]yes[/]" if hit else "[bold red]NOTHING[/]")
+    console.print(pt)
+    from qtune.modeling.targets import unmatched_message
+
+    for p in r["unmatched"]:
+        print_warning(unmatched_message(p, r["model"], r["is_moe"]))
+
+    p = r["params"]
+    ct = Table(title="parameters", title_justify="left")
+    for col in ("part", "model params", "adapted targets", "LoRA params"):
+        ct.add_column(col, justify="left" if col == "part" else "right")
+    for kind, v in sorted(p["by_kind"].items()):
+        ct.add_row(kind, f"{v['params']:,}", str(v["targets"]), f"{v['lora_params']:,}")
+    ct.add_section()
+    pct = 100 * p["trainable"] / p["total"] if p["total"] else 0
+    ct.add_row("[bold]total[/]", f"{p['total']:,}", str(sum(v["targets"] for v in p["by_kind"].values())),
+               f"[bold]{p['trainable']:,}[/] ({pct:.3f}%)")
+    if p["allocated"] != p["trainable"]:
+        ct.add_row("[dim]allocated by PEFT (unselected experts held at zero)[/]", "", "", f"[dim]{p['allocated']:,}[/]")
+    console.print(ct)
+
+    m = r["memory"]
+    mt = Table(title=f"estimated GPU memory (quant={s['quant']}; bitsandbytes leaves fused experts in 16-bit)",
+               title_justify="left")
+    mt.add_column("part")
+    mt.add_column("GiB", justify="right")
+    mt.add_row(f"base weights ({m['quantized_params']:,} quantized, {m['unquantized_params']:,} in 16-bit)",
+               f"{m['base_bytes'] / 2**30:.2f}")
+    mt.add_row("LoRA weights + gradients + AdamW states (fp32)", f"{m['lora_bytes'] / 2**30:.2f}")
+    mt.add_row("activations (one micro-batch)", f"{m['activation_bytes'] / 2**30:.2f}")
+    mt.add_row("CUDA context and workspace", f"{m['overhead_bytes'] / 2**30:.2f}")
+    mt.add_section()
+    mt.add_row("[bold]total (estimate)[/]", f"[bold]{m['total_bytes'] / 2**30:.2f}[/]")
+    console.print(mt)

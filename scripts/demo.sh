@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo: what qtune does today, end to end on the embedded SmolLM2-135M-Instruct (CPU, no network).
-# It grows with each capability.
+# It grows with each capability: download -> prepare -> train (merge, chat and eval come with their issues).
 set -euo pipefail
 export QTUNE_HOME=${QTUNE_HOME:-$PWD/.cache/demo-home}
 step() { printf '\n\033[1;36m== %s\033[0m\n' "$*"; }
@@ -23,3 +23,23 @@ qtune prepare data=demo --dry-run | sed -n "1,40p"
 step "qtune prepare: tokenized, masked, packed and cached (run it twice: the second is a cache hit)"
 qtune prepare data=demo
 qtune prepare data=demo | grep -A1 "cache hit"
+
+step "qtune train --dry-run: what LoRA will touch, and the memory it needs (from config alone, no weights)"
+qtune train --dry-run data=demo train=demo | sed -n '1,14p;/estimated GPU memory/,$p'
+
+step "qtune train: LoRA on SmolLM2 with the demo data; the answers to held-out prompts before and after"
+# A finished demo run is kept; `make clean` (or train.overwrite=true) starts over.
+if [ -d runs/demo/adapter ]; then
+  echo "runs/demo is already trained; retraining it from scratch (train.overwrite=true)"
+fi
+qtune train data=demo train=demo train.overwrite=true
+
+step "The run folder"
+ls runs/demo
+echo "loss per step (metrics.jsonl):"
+python - <<'PY'
+import json
+rows = [json.loads(x) for x in open("runs/demo/metrics.jsonl")]
+print("  train:", "  ".join(f"{r['step']}:{r['loss']:.3f}" for r in rows if "loss" in r))
+print("  eval: ", "  ".join(f"{r['step']}:{r['eval_loss']:.3f}" for r in rows if "eval_loss" in r))
+PY

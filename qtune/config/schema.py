@@ -148,7 +148,7 @@ class LoraConfig:
     target_regex: Optional[str] = None   # a full-name regex instead of target_modules
     use_rslora: bool = False
     use_dora: bool = False
-    init: str = "default"                # PEFT init_lora_weights: default, gaussian, pissa, loftq, olora, ...
+    init: str = "default"                # PEFT init_lora_weights: default, gaussian, pissa, pissa_niter_N, olora, loftq
     bias: str = "none"
     modules_to_save: List[str] = field(default_factory=list)
 
@@ -157,6 +157,12 @@ class LoraConfig:
             raise ValueError(f"lora.r must be a positive integer, got {self.r}")
         if isinstance(self.dropout, float) and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        import re
+
+        if isinstance(self.init, str) and not re.fullmatch(r"default|gaussian|pissa(_niter_\d+)?|olora|loftq", self.init):
+            raise ValueError(f"lora.init={self.init}: valid: default, gaussian, pissa, pissa_niter_N, olora, loftq")
+        if isinstance(self.bias, str) and self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"lora.bias={self.bias}: valid: none, all, lora_only")
 
 
 @dataclass
@@ -169,6 +175,15 @@ class MoeConfig:
     expert_selection: ExpertSelection = ExpertSelection.first
     router_mode: RouterMode = RouterMode.frozen
     aux_loss_coef: Optional[float] = None  # null = the model's router_aux_loss_coef
+
+    def __post_init__(self) -> None:
+        router = self.scope in (MoeScope.router_only, MoeScope.all)
+        if router and self.router_mode is RouterMode.frozen:
+            raise ValueError(f"moe.scope={self.scope} adapts the router, but moe.router_mode=frozen; "
+                             "set moe.router_mode=lora or full")
+        if not router and self.router_mode is not RouterMode.frozen:
+            raise ValueError(f"moe.router_mode={self.router_mode} needs moe.scope=router_only or all "
+                             f"(moe.scope={self.scope} leaves the router frozen)")
 
 
 @dataclass
@@ -228,10 +243,18 @@ class TrainConfig:
     device: str = "auto"               # auto | cpu | cuda
     dtype: DType = DType.auto          # auto: bf16 where supported, fp32 on CPU
     report_to: List[str] = field(default_factory=lambda: ["tensorboard"])
+    sample_prompts: List[str] = field(default_factory=list)  # answered greedily before and after training
+    sample_max_new_tokens: int = 48
 
     def __post_init__(self) -> None:
         if isinstance(self.max_steps, int) and self.max_steps == 0:
             raise ValueError("train.max_steps must be -1 (use train.epochs) or a positive number of steps")
+        for key in ("batch_size", "grad_accum", "logging_steps", "save_steps", "save_total_limit"):
+            value = getattr(self, key)
+            if isinstance(value, int) and value <= 0:
+                raise ValueError(f"train.{key} must be a positive integer, got {value}")
+        if isinstance(self.warmup_ratio, float) and not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
 @dataclass

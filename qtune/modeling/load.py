@@ -1,10 +1,10 @@
-"""Loading: tokenizer (and, with the train issue, quantized models)."""
+"""Loading: the tokenizer, and the base model for training (quantized per the quant group)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from qtune.config.schema import ModelConfig, ModelSource, PathsConfig
-from qtune.errors import QtuneError
+from qtune.config.schema import DType, ModelConfig, ModelSource, PathsConfig, QuantConfig, QuantMethod
+from qtune.errors import ConfigError, QtuneError
 
 TOKENIZER_FILES = ["tokenizer*", "vocab*", "merges.txt", "*.tiktoken", "special_tokens_map.json", "chat_template*",
                    "config.json", "generation_config.json"]
@@ -33,3 +33,94 @@ def load_tokenizer(model: ModelConfig, paths: PathsConfig):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+# ---------------------------------------------------------------- models for training
+
+
+def torch_dtype(dtype: DType):
+    import torch
+
+    return {DType.bf16: torch.bfloat16, DType.fp16: torch.float16, DType.fp32: torch.float32}[dtype]
+
+
+def pick_device(device: str, dtype: DType):
+    """(device, torch dtype): cuda when asked or available; bf16 where supported, fp16 on older GPUs, fp32 on CPU."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"train.device={device}: valid: auto, cpu, cuda, cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise QtuneError(f"train.device={device}: no CUDA GPU is visible on this machine; use train.device=cpu")
+    if dtype is DType.auto:
+        if device == "cpu":
+            return device, torch.float32
+        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return device, torch_dtype(dtype)
+
+
+def bnb_config(quant: QuantConfig):
+    """transformers' BitsAndBytesConfig for quant=nf4|fp4|int8; None for quant=none."""
+    if quant.method is QuantMethod.none:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # not installed, or no backend for this machine
+        raise QtuneError(f"quant={quant.method}: bitsandbytes cannot load here ({str(e).splitlines()[0]}); "
+                         "install bitsandbytes>=0.45 or use quant=none") from None
+    from transformers import BitsAndBytesConfig
+
+    skip = list(quant.skip_modules)
+    if quant.method is QuantMethod.int8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=str(quant.method),
+                              bnb_4bit_use_double_quant=quant.double_quant,
+                              bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
+                              llm_int8_skip_modules=skip)
+
+
+def load_model(folder: Path, model: ModelConfig, quant: QuantConfig, device: str, dtype, gradient_checkpointing: bool):
+    """The base model for training: quantized per `quant`, on `device`, SDPA (flash-attention when installed)."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    attn = "flash_attention_2" if device != "cpu" and importlib.util.find_spec("flash_attn") else "sdpa"
+    qconfig = bnb_config(quant)
+    m = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, quantization_config=qconfig, attn_implementation=attn,
+        device_map={"": device}, trust_remote_code=model.trust_remote_code)
+    m.config.use_cache = False
+    prepare_for_training(m, gradient_checkpointing)
+    return m
+
+
+def prepare_for_training(model, gradient_checkpointing: bool) -> None:
+    """k-bit preparation without PEFT's blanket fp32 upcast: freeze the base, keep its dtype, checkpoint
+    activations (non-reentrant) and let gradients reach the first layer through frozen embeddings."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+
+
+def quiet_libraries() -> None:
+    """Our progress and messages replace the libraries' bars, deprecation notes and advice."""
+    import warnings
+
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*(MatMul8bitLt|ensure_weight_tying|torch.jit).*")
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    import logging
+
+    import trl.trainer.sft_trainer  # noqa: F401  (its loggers exist once imported)
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("trl"):
+            logging.getLogger(name).setLevel(logging.ERROR)

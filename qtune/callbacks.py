@@ -1,0 +1,238 @@
+"""Trainer callbacks: metrics.jsonl, loss.png, progress, NaN guard, and SIGINT/SIGTERM -> checkpoint + exit."""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from qtune.io import atomic_write_bytes
+
+
+def peak_memory() -> int:
+    """Peak memory of this process: the GPU's allocator peak, else the CPU's resident-set peak."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+class MetricsCallback(TrainerCallback):
+    """One JSON line per log: step, loss, eval_loss, lr, grad_norm, tokens/s, memory. Refreshes loss.png
+    at every save. On resume, rows past the checkpoint's step are dropped so the curve continues exactly."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.run_dir = Path(run_dir)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            rows = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+            kept = [r for r in rows if r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._last = None  # (time, tokens) at the previous training log
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        for src, dst in (("loss", "loss"), ("eval_loss", "eval_loss"), ("learning_rate", "lr"),
+                         ("grad_norm", "grad_norm"), ("num_tokens", "tokens"), ("mean_token_accuracy", "accuracy"),
+                         ("aux_loss", "aux_loss"), ("train_loss", "train_loss_avg")):
+            if src in logs:
+                row[dst] = logs[src]
+        if "loss" in logs and "tokens" in row:
+            now = time.time()
+            if self._last is not None and now > self._last[0]:
+                row["tokens_per_s"] = round((row["tokens"] - self._last[1]) / (now - self._last[0]), 1)
+            self._last = (now, row["tokens"])
+        row["memory_bytes"] = peak_memory()
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = (time.time(), _tokens_so_far(self.path))
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            plot_losses(self.run_dir)
+
+
+def _tokens_so_far(path: Path) -> int:
+    tokens = 0
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                tokens = json.loads(line).get("tokens", tokens)
+    return tokens
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """loss.png: train and eval loss against step (written atomically)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+    if not train and not evals:
+        return None
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(Path(run_dir).name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    out = Path(run_dir) / "loss.png"
+    atomic_write_bytes(out, buf.getvalue())
+    return out
+
+
+class NanGuard(TrainerCallback):
+    """Stops at the first non-finite loss or gradient norm, before that step's checkpoint is written, so the
+    last checkpoint on disk is a good one. Saves are made to coincide with logs to guarantee the check."""
+
+    def __init__(self):
+        self.trainer = None
+
+    def bind(self, trainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            control.should_log = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        bad = {k: v for k, v in (logs or {}).items() if k in ("loss", "grad_norm", "eval_loss")
+               and isinstance(v, float) and not math.isfinite(v)}
+        if bad:
+            self.trainer.qtune_nan = NanStop(state.global_step, bad, state.best_model_checkpoint)
+            control.should_save = False
+            control.should_training_stop = True
+
+
+class NanStop:
+    def __init__(self, step: int, bad: dict, best):
+        self.step, self.bad, self.best = step, bad, best
+
+    def message(self, run_dir: Path) -> str:
+        cks = sorted((Path(run_dir) / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        last = f"the last good checkpoint is {cks[-1]}" if cks else "no checkpoint was saved before it"
+        what = ", ".join(f"{k}={v}" for k, v in self.bad.items())
+        return (f"training diverged at step {self.step} ({what}); {last}. Lower train.lr, keep "
+                "train.max_grad_norm=1.0, or check the data; resume with train.resume=<checkpoint>")
+
+
+class ProgressCallback(TrainerCallback):
+    """Rich live progress (step, loss, lr, tok/s, ETA) on a terminal; plain lines otherwise."""
+
+    def __init__(self):
+        self.progress = None
+        self.task = None
+        self.start = None
+        self.start_step = 0
+        self.last = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from qtune import ui
+
+        self.start, self.start_step = time.time(), state.global_step
+        if ui.is_terminal():
+            self.progress = ui.train_progress()
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
+                                               loss="-", lr="-", tps="-")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or not state.is_world_process_zero or not ({"loss", "eval_loss"} & set(logs)):
+            return
+        if "loss" in logs:
+            self.last.update(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}")
+        if "eval_loss" in logs:
+            self.last["eval"] = f"{logs['eval_loss']:.4f}"
+        if self.progress is None:
+            done = state.global_step - self.start_step
+            elapsed = time.time() - self.start
+            eta = elapsed / done * (state.max_steps - state.global_step) if done else 0
+            parts = [f"step {state.global_step}/{state.max_steps}"]
+            parts += [f"{k} {v}" for k, v in self.last.items()]
+            parts.append(f"eta {_hms(eta)}")
+            print("  ".join(parts), flush=True)
+            self.last.pop("eval", None)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step, loss=self.last.get("loss", "-"),
+                                 lr=self.last.get("lr", "-"))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class GracefulStop:
+    """While active, SIGINT/SIGTERM ask the trainer to save a checkpoint and stop; a second signal exits now."""
+
+    current: "GracefulStop | None" = None
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._old = {}
+
+    def __enter__(self):
+        GracefulStop.current = self
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # asked twice: stop without saving
+            print("stopping now, without a checkpoint", file=sys.stderr, flush=True)
+            raise SystemExit(130)
+        self.signal = signal.Signals(signum).name
+        print(f"\n{self.signal}: saving a checkpoint at the end of this step, then stopping "
+              "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        GracefulStop.current = None
+        return False
+
+
+class StopOnSignal(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = GracefulStop.current
+        if stop is not None and stop.signal is not None:
+            control.should_save = True
+            control.should_training_stop = True

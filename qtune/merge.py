@@ -1,0 +1,129 @@
+"""`qtune merge`: fold a run's adapter into 16-bit base weights, save a standalone model, prove parity.
+
+  1. read the run folder: its config.yaml names the base model, quant and adapter settings
+  2. load the base in merge.dtype (bf16 | fp16 | fp32), never quantized, and the adapter over it
+  3. logits of base+adapter on a few prompts (the reference)
+  4. merge (linear layers, fused MoE experts, the router: PEFT's merge_and_unload) and save sharded
+     safetensors with tokenizer, chat template and generation config into <run>/merged/ (atomically)
+  5. logits of the merged model on the same prompts: the largest absolute difference must stay within
+     merge.tolerance, otherwise the merge fails loudly and nothing is left behind
+
+An adapter trained on a quantized (nf4/int8) base is merged into the 16-bit original weights; the output
+says so, since the training saw their quantized values.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from qtune.config.schema import Config, DType, QuantMethod
+from qtune.errors import ConfigError, NotYetAvailable, QtuneError
+
+PARITY_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "2 + 2 ="]
+
+
+class ParityError(QtuneError):
+    """The merged model does not reproduce base+adapter."""
+
+
+def run_folder(cfg: Config) -> Path:
+    if not cfg.run:
+        raise ConfigError("run: which run folder? set run=runs/<name> (a folder `qtune train` wrote)")
+    run = Path(cfg.run).expanduser()
+    if not (run / "adapter" / "adapter_config.json").is_file():
+        raise ConfigError(f"run={cfg.run}: no adapter/ there (finish or resume `qtune train` first)")
+    return run
+
+
+def run_config(run: Path, overrides: Config) -> Config:
+    """The run's own model, quant, lora and moe settings, with this command's merge/chat/serve/eval settings."""
+    import yaml
+
+    from qtune.config import compose, to_object
+
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    cfg = to_object(compose([f"model={saved['model']['name']}"]))
+    for group in ("model", "quant", "lora", "moe"):
+        setattr(cfg, group, _merge_into(getattr(cfg, group), saved.get(group) or {}))
+    for group in ("merge", "chat", "serve", "eval", "paths"):
+        setattr(cfg, group, getattr(overrides, group))
+    cfg.run = str(run)
+    return cfg
+
+
+def _merge_into(obj, values: dict):
+    """A typed config object rebuilt from saved plain values (Enums and nested dataclasses included)."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(obj)
+    node.merge_with(values)
+    return OmegaConf.to_object(node)
+
+
+def run(cfg: Config):
+    from qtune import ui
+    from qtune.modeling.load import quiet_libraries
+
+    quiet_libraries()
+    if cfg.merge.gguf or cfg.merge.save_4bit:
+        raise NotYetAvailable("merge.gguf and merge.save_4bit are not built yet (they arrive with issue #6); "
+                              "the 16-bit merge works without them")
+    run = run_folder(cfg)
+    rcfg = run_config(run, cfg)
+    out = Path(cfg.merge.output_dir).expanduser() if cfg.merge.output_dir else run / "merged"
+    if rcfg.quant.method is not QuantMethod.none:
+        ui.print_warning(f"the adapter was trained on a {rcfg.quant.method} base; it is merged into the 16-bit "
+                         "original weights, so the merged model can differ slightly from what training saw")
+    result = merge(rcfg, run / "adapter", out)
+    ui.info(f"merged into {out} ({result['dtype']}); parity: max |logits(merged) - logits(base+adapter)| = "
+            f"{result['max_abs_diff']:.3g} <= {cfg.merge.tolerance:g} on {result['prompts']} prompts")
+    return result
+
+
+def merge(cfg: Config, adapter: Path, out: Path) -> dict:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qtune.download import ensure_model
+    from qtune.io import atomic_dir, atomic_write_json
+    from qtune.modeling.load import load_tokenizer, torch_dtype
+
+    if cfg.merge.dtype is DType.auto:
+        raise ConfigError("merge.dtype=auto: choose bf16, fp16 or fp32")
+    dtype = torch_dtype(cfg.merge.dtype)
+    folder = ensure_model(cfg.model, cfg.download, cfg.paths)
+    tokenizer = load_tokenizer(cfg.model, cfg.paths)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    model = PeftModel.from_pretrained(base, adapter)
+    model.eval()
+    inputs = _parity_inputs(tokenizer, cfg)
+    with torch.no_grad():
+        reference = [model(**x).logits.float() for x in inputs]
+        merged = model.merge_and_unload()
+        got = [merged(**x).logits.float() for x in inputs]
+    diff = max((a - b).abs().max().item() for a, b in zip(reference, got))
+    if not diff <= cfg.merge.tolerance:  # also catches NaN
+        raise ParityError(f"merge parity failed: max |logits(merged) - logits(base+adapter)| = {diff:.4g} > "
+                          f"merge.tolerance={cfg.merge.tolerance:g}; nothing was saved")
+    if out.exists():
+        shutil.rmtree(out)
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp, max_shard_size="2GB")
+        tokenizer.save_pretrained(tmp)
+        result = {"base": str(folder), "adapter": str(adapter), "dtype": str(cfg.merge.dtype),
+                  "max_abs_diff": diff, "tolerance": cfg.merge.tolerance, "prompts": len(inputs)}
+        atomic_write_json(tmp / "qtune_merge.json", result)
+    return result
+
+
+def _parity_inputs(tokenizer, cfg: Config) -> list[dict]:
+    from qtune.data.template import resolve_template
+
+    template, _ = resolve_template(tokenizer, cfg.model.chat_template, cfg.model.name)
+    inputs = []
+    for prompt in PARITY_PROMPTS:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], chat_template=template,
+                                             tokenize=False, add_generation_prompt=True)
+        inputs.append(dict(tokenizer(text, return_tensors="pt", add_special_tokens=False)))
+    return inputs

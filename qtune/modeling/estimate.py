@@ -1,0 +1,96 @@
+"""Memory estimates from shapes alone (a meta-device model is enough): what `train --dry-run` and
+`inspect-moe` print before a byte of weights is loaded.
+
+They are estimates, stated as such: base weights by how they are stored, LoRA weights with their
+gradients and AdamW states, and activations for one micro-batch at data.max_length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qtune.config.schema import ArchConfig, QuantConfig, QuantMethod
+from qtune.modeling.targets import Matched
+
+# bitsandbytes NF4/FP4: 4 bits per weight + one absmax per 64 weights (fp32, or 8-bit with a fp32 per
+# 256 absmax when double-quantized). LLM.int8(): 1 byte per weight + one fp32 scale per output row.
+NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
+LORA_BYTES_PER_PARAM = 4 + 4 + 8   # fp32 weight + fp32 gradient + AdamW's two fp32 moments
+CUDA_OVERHEAD = 0.6 * 2**30        # CUDA context, cuBLAS workspaces, allocator slack
+
+
+@dataclass
+class Memory:
+    base: float
+    base_quantized_params: int
+    base_16bit_params: int
+    lora: float
+    activations: float
+    overhead: float
+
+    @property
+    def total(self) -> float:
+        return self.base + self.lora + self.activations + self.overhead
+
+    def as_dict(self) -> dict:
+        return {"base_bytes": int(self.base), "lora_bytes": int(self.lora), "activation_bytes": int(self.activations),
+                "overhead_bytes": int(self.overhead), "total_bytes": int(self.total),
+                "quantized_params": self.base_quantized_params, "unquantized_params": self.base_16bit_params}
+
+
+def quantizable(name: str, module, quant: QuantConfig) -> bool:
+    """What bitsandbytes quantizes: linear layers outside quant.skip_modules (fused 3-D experts never)."""
+    import torch.nn as nn
+
+    return isinstance(module, nn.Linear) and not any(s == name or name.endswith("." + s) or name.startswith(s + ".")
+                                                     for s in quant.skip_modules)
+
+
+def base_bytes(model, quant: QuantConfig, dtype_bytes: int) -> tuple[float, int, int]:
+    """(bytes, quantized params, 16-bit params) of the frozen base as it will sit in memory."""
+    seen: set[int] = set()
+    q_bytes, q_params, other = 0.0, 0, 0
+    if quant.method is not QuantMethod.none:
+        for name, module in model.named_modules():
+            if quantizable(name, module, quant):
+                w = module.weight
+                seen.add(id(w))
+                n = module.in_features * module.out_features
+                q_params += n
+                if quant.method is QuantMethod.int8:
+                    q_bytes += n + 4 * module.out_features
+                else:
+                    q_bytes += n * NF4_BYTES[bool(quant.double_quant)]
+    for p in model.parameters():  # parameters() yields tied weights once
+        if id(p) not in seen:
+            other += p.numel()
+    return q_bytes + other * dtype_bytes, q_params, other
+
+
+def activation_bytes(arch: ArchConfig, tokens: int, gradient_checkpointing: bool, dtype_bytes: int) -> float:
+    """Activations kept for backward for `tokens` tokens (SDPA/flash attention: no seq² term)."""
+    h = arch.hidden_size
+    q = arch.num_attention_heads * arch.head_dim
+    kv = arch.num_key_value_heads * arch.head_dim
+    ffn = (arch.moe_intermediate_size * arch.num_experts_per_tok) if arch.num_experts else arch.intermediate_size
+    # one layer's saved tensors: norms' inputs, q/k/v/attention output, the MLP's gate/up/act/down inputs
+    per_layer = tokens * (4 * h + 2 * q + 2 * kv + 4 * ffn) * dtype_bytes
+    if arch.num_experts:
+        per_layer += tokens * arch.num_experts * 4  # router logits
+    if gradient_checkpointing:
+        layers = arch.num_hidden_layers * tokens * h * dtype_bytes + per_layer  # inputs kept, one layer live
+    else:
+        layers = arch.num_hidden_layers * per_layer
+    # output head: TRL's fused head never materializes all logits in fp32; one 16-bit chunk-sized copy plus
+    # the log-prob buffers remain
+    head = tokens * arch.vocab_size * dtype_bytes
+    return layers + head
+
+
+def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, tokens: int,
+             gradient_checkpointing: bool, on_gpu: bool = True) -> Memory:
+    dtype_bytes = 2 if on_gpu else 4
+    base, q_params, other = base_bytes(model, quant, dtype_bytes)
+    return Memory(base=base, base_quantized_params=q_params, base_16bit_params=other,
+                  lora=matched.trainable * LORA_BYTES_PER_PARAM,
+                  activations=activation_bytes(arch, tokens, gradient_checkpointing, dtype_bytes),
+                  overhead=CUDA_OVERHEAD if on_gpu else 0.0)

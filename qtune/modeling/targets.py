@@ -1,0 +1,254 @@
+"""Which modules and parameters get adapters: the one matching function that `train --dry-run`,
+`inspect-moe`, `train` and `merge` all call.
+
+It walks a model (real, quantized or on the meta device; bitsandbytes' Linear4bit/Linear8bitLt are
+nn.Linear subclasses, so all three match alike) and returns every target with its shape and LoRA
+parameter count in closed form. `train` hands PEFT the full names it found, never the patterns, so PEFT
+adapts exactly this list: no suffix rule or PEFT-side name mapping can widen it.
+
+- Linear layers (attention, dense MLP): `lora.target_modules` by PEFT's rule (a name equal to the entry
+  or ending in `.entry`; `all-linear` = every linear but the output head) or `lora.target_regex`.
+- Fused MoE experts (`mlp.experts.gate_up_proj` (E, 2I, H), `mlp.experts.down_proj` (E, H, I)):
+  `moe.expert_patterns` on the parameter path when `moe.scope` is expert_only or all; PEFT adapts them
+  through `target_parameters`, rank r per expert.
+- The router (`mlp.gate`, weight (E, H)): `moe.router_patterns` when the scope is router_only or all;
+  LoRA through `target_parameters` (router_mode=lora) or fully trained (router_mode=full).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from qtune.config.schema import LoraConfig, MoeConfig, MoeScope, RouterMode
+from qtune.errors import ConfigError
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str                 # module path (lora, full) or parameter path (lora_param)
+    kind: str                 # attention | mlp | expert | router | other
+    how: str                  # lora (a linear module) | lora_param (PEFT target_parameters) | full (trained whole)
+    shape: tuple[int, ...]    # (out, in), (E, out, in) or (E, H)
+    params: int               # trainable parameters this target adds (experts beyond moe.max_experts: none)
+    allocated: int = -1       # parameters PEFT allocates for it (a capped fused tensor gets all E experts' worth)
+
+    def __post_init__(self):
+        if self.allocated < 0:
+            object.__setattr__(self, "allocated", self.params)
+
+    @property
+    def layer(self) -> int | None:
+        m = re.search(r"\.layers\.(\d+)\.", self.name)
+        return int(m.group(1)) if m else None
+
+
+@dataclass
+class Matched:
+    targets: list[Target]
+    unmatched: list[str] = field(default_factory=list)  # patterns / names that matched nothing
+    is_moe: bool = False
+
+    @property
+    def trainable(self) -> int:
+        return sum(t.params for t in self.targets)
+
+    @property
+    def allocated(self) -> int:
+        return sum(t.allocated for t in self.targets)
+
+    def names(self, how: str) -> list[str]:
+        return [t.name for t in self.targets if t.how == how]
+
+
+def _kind(name: str) -> str:
+    if ".self_attn." in name or ".attn." in name:
+        return "attention"
+    if ".mlp.experts." in name or ".experts." in name:
+        return "expert"
+    if ".mlp." in name:
+        return "mlp"
+    return "other"
+
+
+def _is_linear(module) -> bool:
+    import torch.nn as nn
+
+    return isinstance(module, nn.Linear)
+
+
+def _output_head_names(model) -> set[str]:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {n for n, m in model.named_modules() if m is out} if out is not None else set()
+
+
+def _suffix_match(name: str, entry: str) -> bool:
+    return name == entry or name.endswith("." + entry)
+
+
+def lora_params(shape: tuple[int, ...], r: int, dora: bool = False) -> int:
+    """Closed form of what PEFT adds: r·(in+out) for a linear (+ out for DoRA's magnitude); r per expert."""
+    if len(shape) == 3:
+        e, a, b = shape
+        return r * e * (a + b)
+    out, inp = shape
+    return r * (inp + out) + (out if dora else 0)
+
+
+def match(model, lora: LoraConfig, moe: MoeConfig) -> Matched:
+    """Every module/parameter that `lora` + `moe` reach in `model`; patterns that reach nothing are listed."""
+    heads = _output_head_names(model)
+    entries = list(lora.target_modules)
+    regex = re.compile(lora.target_regex) if lora.target_regex else None
+    used: set[str] = set()
+    targets: list[Target] = []
+    modules = dict(model.named_modules())
+
+    # 1. Linear layers
+    for name, module in modules.items():
+        if not _is_linear(module) or name in heads:
+            continue
+        hit = None
+        if regex is not None:
+            hit = regex.pattern if regex.fullmatch(name) else None
+        elif ALL_LINEAR in entries:
+            hit = ALL_LINEAR
+        else:
+            hit = next((e for e in entries if _suffix_match(name, e)), None)
+        if hit is None:
+            continue
+        used.add(hit)
+        shape = (module.out_features, module.in_features)
+        extra = 0
+        if lora.bias == "lora_only" and getattr(module, "bias", None) is not None:
+            extra = module.out_features
+        targets.append(Target(name, _kind(name), "lora", shape, lora_params(shape, lora.r, lora.use_dora) + extra))
+
+    # 2. Fused experts and routers (MoE models)
+    experts = _fused_expert_params(model)
+    routers = _router_params(model)
+    is_moe = bool(experts)
+    if is_moe and moe.scope is not MoeScope.none:
+        want_experts = moe.scope in (MoeScope.expert_only, MoeScope.all)
+        want_router = moe.scope in (MoeScope.router_only, MoeScope.all)
+        if want_experts:
+            for pat in moe.expert_patterns:
+                hits = [(n, s) for n, s in experts if re.search(pat, n)]
+                if hits:
+                    used.add(pat)
+                for n, s in hits:
+                    if any(t.name == n for t in targets):
+                        continue
+                    full = lora_params(s, lora.r)
+                    kept = min(moe.max_experts or s[0], s[0])
+                    targets.append(Target(n, "expert", "lora_param", s, full * kept // s[0], full))
+        if want_router:
+            for pat in moe.router_patterns:  # matched on the module path: model.layers.N.mlp.gate
+                hits = [(n, s) for n, s in routers if re.search(pat, n.removesuffix(".weight"))]
+                if hits:
+                    used.add(pat)
+                for n, s in hits:
+                    if moe.router_mode is RouterMode.full:  # PEFT trains a copy of the whole gate module
+                        targets.append(Target(n.removesuffix(".weight"), "router", "full", s, _numel(s)))
+                    else:
+                        targets.append(Target(n, "router", "lora_param", s, lora_params(s, lora.r)))
+
+    # 3. modules_to_save: trained whole (PEFT keeps a trainable copy)
+    for entry in lora.modules_to_save:
+        hits = [n for n in modules if _suffix_match(n, entry)]
+        if hits:
+            used.add(f"modules_to_save:{entry}")
+        for n in hits:
+            count = sum(p.numel() for p in modules[n].parameters())
+            shape = tuple(next(modules[n].parameters()).shape) if count else ()
+            targets.append(Target(n, _kind(n), "full", shape, count))
+
+    if lora.bias == "all":
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                targets.append(Target(n, _kind(n), "full", tuple(p.shape), p.numel()))
+
+    asked = ([regex.pattern] if regex is not None else entries)
+    asked += [f"modules_to_save:{e}" for e in lora.modules_to_save]
+    if is_moe and moe.scope in (MoeScope.expert_only, MoeScope.all):
+        asked += list(moe.expert_patterns)
+    if is_moe and moe.scope in (MoeScope.router_only, MoeScope.all):
+        asked += list(moe.router_patterns)
+    unmatched = [a for a in asked if a not in used]
+    return Matched(targets, unmatched, is_moe)
+
+
+def unmatched_message(pattern: str, model_name: str, is_moe: bool) -> str:
+    hint = ""
+    if is_moe and pattern in ("gate_proj", "up_proj", "down_proj"):
+        hint = " (its experts are fused tensors: moe.scope and moe.expert_patterns reach them)"
+    return f"'{pattern}' matches nothing in {model_name}{hint}"
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _fused_expert_params(model) -> list[tuple[str, tuple[int, ...]]]:
+    """3-D expert parameters (transformers 5 fuses each layer's experts into (E, out, in) tensors)."""
+    return [(n, tuple(p.shape)) for n, p in model.named_parameters() if p.dim() == 3 and ".experts." in n]
+
+
+def _router_params(model) -> list[tuple[str, tuple[int, ...]]]:
+    """Router weights (E, H): the `weight` of an MoE block's gate module."""
+    return [(n, tuple(p.shape)) for n, p in model.named_parameters()
+            if n.endswith(".gate.weight") and p.dim() == 2 and ".experts." not in n]
+
+
+def check(matched: Matched, lora: LoraConfig) -> None:
+    """Settings that cannot work on these targets, refused up front in one line."""
+    if not matched.targets:
+        raise ConfigError("lora: the settings match no module or parameter of this model "
+                          f"(lora.target_modules={list(lora.target_modules)}); see `qtune train --dry-run`")
+    if lora.use_dora and any(t.how == "lora_param" for t in matched.targets):
+        raise ConfigError("lora.use_dora=true: PEFT has no DoRA for fused expert/router parameters; "
+                          "set lora.use_dora=false or moe=none")
+
+
+def peft_config(matched: Matched, lora: LoraConfig, quantized: bool):
+    """The PEFT LoraConfig that adapts exactly `matched` (full names, not patterns)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    init = {"default": True, "true": True, "false": False}.get(lora.init, lora.init)
+    kw = {}
+    if lora.init == "loftq":
+        if quantized:
+            raise ConfigError("lora.init=loftq quantizes the base itself: use quant=none with it")
+        from peft import LoftQConfig
+
+        kw["loftq_config"] = LoftQConfig(loftq_bits=4)
+    params = matched.names("lora_param")
+    # PEFT's ParamWrapper (fused experts, router) refuses dropout; the linear adapters get theirs back in
+    # apply_dropout() after the model is wrapped.
+    dropout = 0.0 if params else lora.dropout
+    return PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=dropout,
+        target_modules=matched.names("lora") or None, target_parameters=params or None,
+        use_rslora=lora.use_rslora, use_dora=lora.use_dora, init_lora_weights=init, bias=lora.bias,
+        modules_to_save=[t.name for t in matched.targets if t.how == "full" and not t.name.endswith(".bias")] or None,
+        task_type="CAUSAL_LM", **kw)
+
+
+def apply_dropout(peft_model, p: float) -> int:
+    """Give every linear LoRA layer dropout p (PEFT was built with 0 because fused parameters refuse it)."""
+    import torch.nn as nn
+
+    n = 0
+    for module in peft_model.modules():
+        drop = getattr(module, "lora_dropout", None)
+        if isinstance(drop, nn.ModuleDict) and isinstance(module, nn.Linear) is False and hasattr(module, "base_layer"):
+            if type(module).__name__ == "ParamWrapper":
+                continue
+            for key in list(drop.keys()):
+                drop[key] = nn.Dropout(p)
+                n += 1
+    return n

@@ -1,0 +1,319 @@
+"""`qtune train`: LoRA / QLoRA with TRL's SFTTrainer into a run folder.
+
+The recipe, top to bottom:
+  1. decide what the output folder means: a fresh run, a resume, or a refusal
+  2. tokenizer + prepared data (prepared now when the cache misses)
+  3. base model, quantized per `quant=`, frozen, activation checkpointing
+  4. LoRA on exactly the targets qtune.modeling.targets.match() names (the dry run shows the same list)
+  5. SFTTrainer on the packed, padding-free examples; callbacks write metrics.jsonl and loss.png,
+     show progress, stop on NaN and turn SIGINT/SIGTERM into a checkpoint and a clean exit
+  6. the final adapter, written atomically, and summary.json
+Run folder: config.yaml, checkpoints/checkpoint-N/, adapter/, metrics.jsonl, loss.png, tensorboard/,
+samples.jsonl, summary.json.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from qtune.config.schema import Config, QuantMethod
+from qtune.errors import QtuneError
+
+
+class TrainingError(QtuneError):
+    """Training stopped for a reason the user can act on (NaN loss, out of memory)."""
+
+
+def run(cfg: Config, dry_run: bool = False):
+    if dry_run:
+        return plan(cfg, show=True)
+    from qtune import runs, ui
+    from qtune.callbacks import GracefulStop
+    from qtune.data.prepare import check_inputs
+    from qtune.modeling.load import pick_device, quiet_libraries
+
+    check_inputs(cfg.data)                       # cheap checks first: no model loads for a typo
+    quiet_libraries()
+    device, dtype = pick_device(cfg.train.device, cfg.train.dtype)
+    out = Path(cfg.train.output_dir).expanduser()
+    resume = runs.resume_point(out, cfg)                                         # 1
+    tokenizer, prepared = _data(cfg)                                             # 2
+    out.mkdir(parents=True, exist_ok=True)
+    model, matched = _model(cfg, device, dtype, out, prepared.load("train"))     # 3, 4
+    runs.write_config(out, cfg)
+    trainer = _trainer(cfg, model, tokenizer, prepared, out, resume)             # 5
+    samples_before = _samples(cfg, trainer.model, tokenizer, out, "before") if resume is None else None
+    ui.info(f"training {cfg.model.name} ({cfg.quant.method}, LoRA r{cfg.lora.r}) on {device}: "
+            f"{matched.trainable:,} trainable parameters in {len(matched.targets)} targets -> {out}")
+    if resume:
+        ui.info(f"resuming from {resume}")
+    start = time.time()
+    with GracefulStop() as stop:
+        try:
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except Exception as e:
+            if type(e).__name__ == "OutOfMemoryError":
+                raise TrainingError(_oom_message(cfg)) from None
+            raise
+    nan = trainer.qtune_nan
+    if nan is not None:
+        raise TrainingError(nan.message(out))
+    if stop.signal is not None:
+        ui.info(f"stopped by {stop.signal} at step {trainer.state.global_step}; a checkpoint was saved in "
+                f"{out / 'checkpoints'}. Run the same command again to resume.")
+        raise SystemExit(130 if stop.signal == "SIGINT" else 143)
+    summary = _finish(cfg, trainer, tokenizer, out, time.time() - start, samples_before)                # 6
+    ui.show_train_summary(summary)
+    return summary
+
+
+# ---------------------------------------------------------------- the dry run
+
+
+def plan(cfg: Config, show: bool = False) -> dict:
+    """Targets, counts and a memory estimate from the config alone: the model is built on the meta device."""
+    from qtune.modeling.arch import meta_model
+    from qtune.modeling.estimate import estimate
+    from qtune.modeling.targets import check, match
+
+    model = meta_model(cfg.model.arch)
+    matched = match(model, cfg.lora, cfg.moe)
+    check(matched, cfg.lora)
+    total = sum(p.numel() for p in model.parameters())
+    mem = estimate(model, cfg.model.arch, matched, cfg.quant, cfg.data.max_length * cfg.train.batch_size,
+                   cfg.train.gradient_checkpointing, on_gpu=True)
+    result = {"model": cfg.model.name, "quant": str(cfg.quant.method), "total_params": total,
+              "trainable_params": matched.trainable, "targets": len(matched.targets),
+              "unmatched": matched.unmatched, "memory": mem.as_dict()}
+    if show:
+        from qtune import ui
+
+        ui.show_lora_plan(cfg, matched, total, mem)
+    return result
+
+
+# ---------------------------------------------------------------- the builders
+
+
+def _data(cfg: Config):
+    from qtune import ui
+    from qtune.data.prepare import prepare
+    from qtune.modeling.load import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model, cfg.paths)
+    with ui.status("preparing data"):
+        prepared = prepare(cfg.data, tokenizer, cfg.model.name, cfg.model.chat_template)
+    for w in prepared.warnings:
+        ui.print_warning(w)
+    if not prepared.cache_hit:
+        from qtune.runs import write_config
+
+        write_config(prepared.path, cfg)
+    s = prepared.stats
+    ui.info(f"data: {s['train']['kept']} train / {s.get('eval', {}).get('kept', 0)} eval examples, "
+            f"{s['train']['tokens']:,} train tokens ({'cache hit' if prepared.cache_hit else 'prepared'}: {prepared.path})")
+    return tokenizer, prepared
+
+
+def _expert_selection(cfg: Config, model, matched, out: Path, train_ds) -> dict:
+    """moe.max_experts: which experts of each MoE block get adapters (kept in experts.json for resumes)."""
+    from qtune import ui
+    from qtune.modeling import moe
+
+    if not moe.capped(matched, cfg.moe):
+        return {}
+    selection = moe.load_selection(out)
+    if selection is None:
+        batches = [_row_batch(train_ds[i], model.device) for i in range(min(len(train_ds), 16))]
+        selection = moe.select_experts(model, matched, cfg.moe, batches)
+        moe.save_selection(out, selection, cfg.moe)
+    some = next(iter(selection.items()))
+    ui.info(f"moe.max_experts={cfg.moe.max_experts} ({cfg.moe.expert_selection}): adapters on experts "
+            f"{some[1]} of {some[0]}, … (all in {out / 'experts.json'})")
+    return selection
+
+
+def _row_batch(row: dict, device) -> dict:
+    import torch
+
+    ids = torch.tensor([row["input_ids"]], device=device)
+    if "seq_lengths" in row:  # packed: positions restart at each sequence, as in training
+        pos = torch.cat([torch.arange(n) for n in row["seq_lengths"]])[None].to(device)
+        return {"input_ids": ids, "position_ids": pos}
+    return {"input_ids": ids}
+
+
+def _model(cfg: Config, device: str, dtype, out: Path, train_ds):
+    from transformers import set_seed
+
+    from qtune import ui
+    from qtune.download import ensure_model
+    from qtune.modeling.load import load_model
+    from qtune.modeling.targets import apply_dropout, check, match, peft_config, unmatched_message
+
+    folder = ensure_model(cfg.model, cfg.download, cfg.paths)
+    set_seed(cfg.train.seed)  # LoRA's A matrices are drawn now, before the trainer seeds anything
+    with ui.status(f"loading {cfg.model.name}"):
+        model = load_model(folder, cfg.model, cfg.quant, device, dtype, cfg.train.gradient_checkpointing)
+    matched = match(model, cfg.lora, cfg.moe)
+    check(matched, cfg.lora)
+    for pattern in matched.unmatched:
+        ui.print_warning(unmatched_message(pattern, cfg.model.name, matched.is_moe))
+    from peft import get_peft_model
+
+    selection = _expert_selection(cfg, model, matched, out, train_ds)
+    model = get_peft_model(model, peft_config(matched, cfg.lora, cfg.quant.method is not QuantMethod.none))
+    if selection:
+        from qtune.modeling.moe import restrict
+
+        restrict(model, selection)
+    if cfg.lora.dropout and matched.names("lora_param"):
+        n = apply_dropout(model, cfg.lora.dropout)
+        ui.info(f"lora.dropout={cfg.lora.dropout:g} on {n} linear adapters; fused expert/router adapters train "
+                "without dropout (PEFT's ParamWrapper has none)")
+    trainable, _ = model.get_nb_trainable_parameters()
+    if trainable != matched.allocated:  # the plan and PEFT must agree; a mismatch is a qtune bug
+        raise RuntimeError(f"PEFT made {trainable} trainable parameters, the plan counted {matched.allocated}")
+    return model, matched
+
+
+def _training_args(cfg: Config, out: Path, has_eval: bool, device: str, model_dtype):
+    import torch
+    from trl import SFTConfig
+
+    t = cfg.train
+    eval_steps = t.eval_steps or t.save_steps
+    return SFTConfig(
+        output_dir=str(out / "checkpoints"),
+        seed=t.seed, data_seed=t.seed,
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr, num_train_epochs=t.epochs, max_steps=t.max_steps,
+        warmup_steps=t.warmup_ratio, lr_scheduler_type=t.scheduler, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, optim=t.optim,
+        logging_steps=t.logging_steps, logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no", eval_steps=eval_steps if has_eval else None,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        metric_for_best_model="eval_loss" if has_eval else None, greater_is_better=False if has_eval else None,
+        bf16=model_dtype == torch.bfloat16 and device != "cpu", fp16=model_dtype == torch.float16,
+        use_cpu=device == "cpu",
+        gradient_checkpointing=False,  # done in prepare_for_training (non-reentrant, no upcast)
+        report_to=list(t.report_to), disable_tqdm=True,
+        max_length=None, packing=False, padding_free=cfg.data.packing,  # prepare() truncated and packed
+        router_aux_loss_coef=cfg.moe.aux_loss_coef if cfg.model.arch.num_experts else None,  # MoE balancing loss
+        dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
+        dataloader_num_workers=0, save_only_model=False,
+    )
+
+
+def _trainer(cfg: Config, model, tokenizer, prepared, out: Path, resume):
+    import os
+
+    from trl import SFTTrainer
+
+    from qtune.callbacks import MetricsCallback, NanGuard, ProgressCallback, StopOnSignal
+
+    train_ds = prepared.load("train")
+    eval_ds = prepared.load("eval")
+    base = model.get_base_model()
+    device = str(next(base.parameters()).device.type)
+    args = _training_args(cfg, out, eval_ds is not None, device, base.dtype)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
+    metrics = MetricsCallback(out, resume_step=_step_of(resume))
+    nan = NanGuard()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer,
+                         callbacks=[StopOnSignal(), nan, metrics, ProgressCallback()])
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # ProgressCallback prints instead
+    trainer.qtune_nan = None
+    nan.bind(trainer)
+    return trainer
+
+
+def _step_of(checkpoint) -> int | None:
+    return int(Path(checkpoint).name.rsplit("-", 1)[-1]) if checkpoint else None
+
+
+# ---------------------------------------------------------------- samples, the end of a run
+
+
+def _samples(cfg: Config, model, tokenizer, out: Path, when: str) -> list[dict] | None:
+    """Greedy answers to train.sample_prompts (before and after training), kept in samples.jsonl."""
+    if not cfg.train.sample_prompts:
+        return None
+    import torch
+
+    from qtune.data.template import resolve_template
+
+    template, _ = resolve_template(tokenizer, cfg.model.chat_template, cfg.model.name)
+    rows = []
+    was_training = model.training
+    model.eval()
+    for prompt in cfg.train.sample_prompts:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], chat_template=template,
+                                             tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=cfg.train.sample_max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, use_cache=True)
+        answer = tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        rows.append({"when": when, "prompt": prompt, "answer": answer})
+    model.train(was_training)
+    with open(out / "samples.jsonl", "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return rows
+
+
+def _finish(cfg: Config, trainer, tokenizer, out: Path, seconds: float, samples_before) -> dict:
+    from qtune.callbacks import peak_memory, plot_losses
+    from qtune.io import atomic_dir, atomic_write_json
+
+    adapter = out / "adapter"
+    if adapter.exists():
+        shutil.rmtree(adapter)
+    with atomic_dir(adapter) as tmp:
+        trainer.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    plot_losses(out)
+    samples_after = _samples(cfg, trainer.model, tokenizer, out, "after")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train_losses = [r["loss"] for r in rows if r.get("loss") is not None]
+    eval_losses = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
+    step = trainer.state.global_step
+    if trainer.eval_dataset is not None and not any(r.get("eval_loss") is not None and r["step"] == step for r in rows):
+        final_eval = trainer.evaluate()["eval_loss"]
+        trainer.log({"eval_loss": final_eval})
+        eval_losses.append(final_eval)
+    summary = {
+        "run": str(out), "model": cfg.model.name, "quant": str(cfg.quant.method), "lora_r": cfg.lora.r,
+        "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 3),
+        "first_loss": train_losses[0] if train_losses else None,
+        "train_loss": train_losses[-1] if train_losses else None,
+        "eval_loss": eval_losses[-1] if eval_losses else None,
+        "best_eval_loss": min(eval_losses) if eval_losses else None,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "seconds": round(seconds, 1), "peak_memory_bytes": peak_memory(),
+        "tokens": next((r["tokens"] for r in reversed(rows) if "tokens" in r), None),
+        "adapter": str(adapter),
+        "samples": {"before": samples_before, "after": samples_after} if samples_after else None,
+    }
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _oom_message(cfg: Config) -> str:
+    mem = plan(cfg)["memory"]
+    return (f"CUDA out of memory (estimated need {mem['total_bytes'] / 2**30:.1f} GiB at "
+            f"data.max_length={cfg.data.max_length}, train.batch_size={cfg.train.batch_size}). Try: "
+            f"data.max_length={max(cfg.data.max_length // 2, 128)}"
+            + ("" if cfg.train.gradient_checkpointing else ", train.gradient_checkpointing=true")
+            + ("" if cfg.quant.method is QuantMethod.nf4 else ", quant=nf4")
+            + (f", train.batch_size=1 train.grad_accum={cfg.train.batch_size * cfg.train.grad_accum}"
+               if cfg.train.batch_size > 1 else "")
+            + f", lora.r={max(cfg.lora.r // 2, 4)}")
+

@@ -1,0 +1,186 @@
+"""`qtune inspect-moe` and MoE LoRA scopes: the report agrees with a closed-form count on the full Qwen3-MoE
+configs, and on the tiny Qwen3-MoE each scope trains exactly what it names (everything else unchanged bit
+for bit after training and merging)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, qtune
+
+DEMO = [f"data.path={REPO}/data/demo/captains_log.jsonl", f"data.eval_path={REPO}/data/demo/held_out.jsonl",
+        "data.max_length=256"]
+FAST = ["train.grad_accum=1", "train.logging_steps=1", "train.warmup_ratio=0", "train.report_to=[]",
+        "train.gradient_checkpointing=false"]
+
+
+def report(*overrides: str) -> dict:
+    from qtune.config import compose, to_object
+    from qtune.inspect_moe import inspect
+
+    return inspect(to_object(compose(list(overrides))))
+
+
+def closed_form(arch, r: int, scope: str, router: str = "lora", max_experts: int | None = None) -> int:
+    """LoRA parameters from the config's numbers alone: r·(in+out) per attention projection; r·E·(in+out)
+    per fused expert tensor (r per expert, at most max_experts experts); r·(E+H) for a LoRA router."""
+    h, e, i = arch["hidden_size"], arch["num_experts"], arch["moe_intermediate_size"]
+    q, kv = arch["num_attention_heads"] * arch["head_dim"], arch["num_key_value_heads"] * arch["head_dim"]
+    attention = r * ((h + q) + 2 * (h + kv) + (q + h))
+    experts = r * min(max_experts or e, e) * ((2 * i + h) + (h + i))
+    router_params = r * (e + h) if router == "lora" else e * h
+    per_layer = attention + (experts if scope in ("expert_only", "all") else 0) \
+        + (router_params if scope in ("router_only", "all") else 0)
+    return arch["num_hidden_layers"] * per_layer
+
+
+def arch_of(model: str) -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO / "conf" / "model" / f"{model}.yaml").read_text())["arch"]
+
+
+@pytest.mark.parametrize("model", ["qwen3_30b_a3b", "qwen3_235b_a22b"])
+@pytest.mark.parametrize("scope, extra, router, cap", [
+    ("expert_only", [], "lora", None),
+    ("none", [], "lora", None),
+    ("router_only", [], "lora", None),
+    ("all", [], "lora", None),
+    ("all", ["moe.router_mode=full"], "full", None),
+    ("expert_only", ["moe.max_experts=16"], "lora", 16),
+])
+def test_inspect_counts_equal_the_closed_form(model, scope, extra, router, cap):
+    r = report(f"model={model}", f"moe={scope}", "lora=r16", *extra)
+    assert r["is_moe"]
+    assert r["params"]["trainable"] == closed_form(arch_of(model), 16, scope, router, cap)
+    assert len(r["layers"]) == arch_of(model)["num_hidden_layers"]
+    layer = r["layers"][0]
+    assert layer["experts"]["count"] == 128 and layer["shared_experts"] is None
+    assert layer["router"]["adapted"] == ({"none": "frozen", "expert_only": "frozen"}.get(scope) or router)
+
+
+def test_inspect_moe_cli_tables_and_json(tmp_path):
+    p = qtune("inspect-moe", "model=qwen3_30b_a3b", "moe=expert_only", "lora=r16", "--dry-run",
+              env={"QTUNE_HOME": str(tmp_path)})
+    assert p.returncode == 0, p.stderr
+    assert "0-47" in p.stdout and "128 of 128 experts" in p.stdout and "gate_up_proj 128×1536×2048" in p.stdout
+    assert "estimated GPU memory" in p.stdout
+    # target_modules' MLP names find nothing on an MoE model (its experts are fused): said, not hidden
+    assert "'gate_proj' matches nothing" in p.stderr
+    j = qtune("inspect-moe", "model=qwen3_235b_a22b", "moe=all", "moe.max_experts=16", "lora=r8", "--json",
+              env={"QTUNE_HOME": str(tmp_path)})
+    assert j.returncode == 0, j.stderr
+    data = json.loads(j.stdout)
+    assert data["params"]["trainable"] == closed_form(arch_of("qwen3_235b_a22b"), 8, "all", "lora", 16)
+    assert data["layers"][93]["experts"]["experts_adapted"] == 16
+    assert not (tmp_path / "models").exists()  # config only: nothing fetched
+
+
+def test_a_pattern_that_matches_nothing_is_reported(tmp_path):
+    p = qtune("inspect-moe", "model=tiny_qwen3_moe", "moe.expert_patterns=[mlp\\.experts\\.nope$]",
+              env={"QTUNE_HOME": str(tmp_path)})
+    assert p.returncode == 0, p.stderr
+    assert "NOTHING" in p.stdout and "'mlp\\.experts\\.nope$' matches nothing" in p.stderr
+
+
+def test_inspect_moe_on_a_dense_model_says_so():
+    r = report("model=qwen3_8b")
+    assert not r["is_moe"] and r["layers"][0]["experts"] is None and r["layers"][0]["dense_mlp"]
+
+
+# ---------------------------------------------------------------- training exactly what is named
+
+
+def _changed(base: dict, merged: dict) -> dict[str, object]:
+    """name -> True/False, or for fused experts a list of per-expert flags."""
+    out = {}
+    for name, w in base.items():
+        m = merged[name]
+        if w.dim() == 3:
+            out[name] = [not bool((w[e] == m[e]).all()) for e in range(w.shape[0])]
+        else:
+            out[name] = not bool((w == m).all())
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    ["moe=expert_only"],
+    ["moe=router_only"],
+    ["moe=all", "moe.router_mode=full"],
+    ["moe=none", "moe.aux_loss_coef=0"],
+    ["moe=all", "moe.max_experts=2", "moe.expert_selection=load"],
+], ids=["expert_only", "router_only_lora", "all_router_full", "none", "max_experts_load"])
+def test_each_scope_trains_exactly_what_it_names(tmp_path, tiny_qwen3_moe, overrides):
+    import torch
+
+    from qtune.config import compose, to_object
+    from qtune.merge import merge, run_config
+    from qtune.modeling.arch import meta_model
+    from qtune.modeling.targets import match
+
+    run = tmp_path / "run"
+    p = qtune("train", "model=tiny_qwen3_moe", *DEMO, *FAST, f"train.output_dir={run}", "train.max_steps=3",
+              "train.save_steps=3", "train.lr=5e-2", *overrides)  # the default lora.dropout (0.05) included
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr
+
+    cfg = to_object(compose(["model=tiny_qwen3_moe", *overrides, "merge.dtype=fp32"]))
+    result = merge(run_config(run, cfg), run / "adapter", tmp_path / "merged")
+    assert result["max_abs_diff"] <= cfg.merge.tolerance  # parity: merged == base + adapter
+
+    from transformers import AutoModelForCausalLM
+
+    # loaded, not read from the files: transformers stores experts one by one and fuses them on load
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen3_moe, dtype=torch.float32).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).state_dict()
+    assert base.keys() == merged.keys()
+    changed = _changed(base, merged)
+
+    matched = match(meta_model(cfg.model.arch), cfg.lora, cfg.moe)
+    expected = set()
+    for t in matched.targets:
+        expected.add(t.name if t.how == "lora_param" else t.name + ".weight")
+    selection = None
+    if cfg.moe.max_experts:
+        selection = json.loads((run / "experts.json").read_text())["experts"]
+        assert all(len(v) == 2 for v in selection.values())
+    for name, flag in changed.items():
+        if isinstance(flag, list):  # a fused expert tensor: which experts moved
+            if name not in expected:
+                assert not any(flag), name
+            elif selection is not None:
+                chosen = selection[name.split(".experts.")[0]]
+                assert [e for e, f in enumerate(flag) if f] == chosen, (name, flag, chosen)
+            else:
+                assert all(flag), name
+        else:
+            assert flag == (name in expected), (name, flag)
+    if "moe=none" not in overrides:
+        assert "fused expert/router adapters train without dropout" in p.stdout
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    has_aux = any("aux_loss" in r for r in rows)
+    assert has_aux == ("moe.aux_loss_coef=0" not in overrides)  # the balancing loss passes through, logged
+
+
+@pytest.mark.slow
+def test_merge_cli_parity_and_plain_transformers_load(tmp_path, tiny_qwen3):
+    run = tmp_path / "run"
+    assert qtune("train", "model=tiny_qwen3", *DEMO, *FAST, f"train.output_dir={run}", "train.max_steps=2",
+                 "train.save_steps=2", "train.lr=5e-2").returncode == 0
+    p = qtune("merge", f"run={run}", "merge.dtype=fp32")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "parity: max |logits(merged) - logits(base+adapter)|" in p.stdout
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(run / "merged")
+    tok = AutoTokenizer.from_pretrained(run / "merged")
+    assert tok.chat_template and model.config.model_type == "qwen3"
+    assert json.loads((run / "merged" / "qtune_merge.json").read_text())["max_abs_diff"] < 1e-4
+
+
+def test_merge_without_a_run_is_one_line(tmp_path):
+    p = qtune("merge", f"run={tmp_path}")
+    assert p.returncode != 0 and "no adapter/ there" in p.stderr and "Traceback" not in p.stderr

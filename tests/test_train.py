@@ -1,0 +1,317 @@
+"""`qtune train`: the real CLI on the tiny Qwen3 and SmolLM2: learning, the run folder, exact resume after
+SIGKILL, graceful SIGTERM, nf4/int8 through bitsandbytes on CPU, sweeps, the dry run and the errors."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import QTUNE, REPO, qtune
+
+DEMO = [f"data.path={REPO}/data/demo/captains_log.jsonl", f"data.eval_path={REPO}/data/demo/held_out.jsonl",
+        "data.max_length=256"]
+FAST = ["train.grad_accum=1", "train.logging_steps=1", "train.warmup_ratio=0", "train.report_to=[]",
+        "train.gradient_checkpointing=false"]
+
+
+def tiny(out: Path, *extra: str) -> list[str]:
+    return ["train", "model=tiny_qwen3", *DEMO, *FAST, f"train.output_dir={out}", *extra]
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run) if "loss" in r}
+
+
+def adapter_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_tiny_qwen3_learns_and_leaves_a_complete_run_folder(tmp_path, tiny_qwen3):
+    run = tmp_path / "run"
+    p = qtune(*tiny(run, "train.max_steps=16", "train.lr=5e-3", "train.save_steps=8",
+                    "train.report_to=[tensorboard]"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "summary.json", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "checkpoints/checkpoint-8", "checkpoints/checkpoint-16"):
+        assert (run / name).exists(), name
+    assert any((run / "tensorboard").iterdir())
+    rows = metrics(run)
+    assert {"step", "loss", "lr", "grad_norm", "tokens", "memory_bytes"} <= set(rows[0])
+    assert any("tokens_per_s" in r for r in rows) and any("eval_loss" in r for r in rows)
+    lo = losses(run)
+    assert lo[16] < lo[1] - 0.5, lo  # the random model learns the demo's tokens
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 16 and summary["eval_loss"] is not None
+
+    # the adapter loads with plain PEFT and its weights moved away from their init (lora_B starts at zero)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen3)
+    model = PeftModel.from_pretrained(base, run / "adapter")
+    b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert b and all(p.abs().sum() > 0 for p in b)
+    assert "r16" in (run / "config.yaml").read_text() or "r: 16" in (run / "config.yaml").read_text()
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    end = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"qtune exited ({proc.returncode}) before {path} appeared:\n{proc.stdout.read()}")
+        if time.time() > end:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, tiny_qwen3):
+    """Same seed, same data: a run killed mid-way and resumed ends with the same losses and adapter
+    as one that ran straight through (tolerance 1e-5 on each logged loss: CPU math is deterministic)."""
+    args = ["train.max_steps=12", "train.save_steps=4", "train.lr=5e-3", "lora.dropout=0.1"]
+    straight = tmp_path / "straight"
+    assert qtune(*tiny(straight, *args)).returncode == 0
+
+    resumed = tmp_path / "resumed"
+    proc = subprocess.Popen([*QTUNE, *tiny(resumed, *args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=os.environ.copy())
+    _wait_for(resumed / "checkpoints" / "checkpoint-4" / "trainer_state.json", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (resumed / "adapter").exists()
+    p = qtune(*tiny(resumed, *args))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "resuming from" in p.stdout
+
+    a, b = losses(straight), losses(resumed)
+    assert sorted(a) == sorted(b) == list(range(1, 13))  # the curve continues: no step lost or repeated
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    ta, tb = adapter_tensors(straight / "adapter"), adapter_tensors(resumed / "adapter")
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert (ta[k] - tb[k]).abs().max() < 1e-5, k
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_qwen3):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*QTUNE, *tiny(run, "train.max_steps=200", "train.save_steps=1000")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    deadline = time.time() + 300
+    while not (run / "metrics.jsonl").exists() or '"loss"' not in (run / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out
+    assert "Traceback" not in out
+    assert "Run the same command again to resume" in out
+    checkpoints = list((run / "checkpoints").glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").is_file()
+    step = int(checkpoints[0].name.split("-")[1])
+    assert 1 <= step < 200
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant, layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
+def test_quantized_training_on_cpu_through_bitsandbytes(tmp_path, tiny_qwen3, quant, layer):
+    run = tmp_path / quant
+    p = qtune(*tiny(run, f"quant={quant}", "train.max_steps=4", "train.save_steps=4", "train.lr=5e-3"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert all(r["loss"] == r["loss"] for r in metrics(run) if "loss" in r)  # finite, not NaN
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert f"quant: {quant}" in (run / "config.yaml").read_text() or f"method: {quant}" in (run / "config.yaml").read_text()
+
+    # the loader really builds bitsandbytes layers, frozen, with the base dtype left alone
+    import torch
+
+    from qtune.config import compose, to_object
+    from qtune.modeling.load import load_model
+
+    cfg = to_object(compose(["model=tiny_qwen3", f"quant={quant}"]))
+    model = load_model(tiny_qwen3, cfg.model, cfg.quant, "cpu", torch.float32, gradient_checkpointing=True)
+    q = model.model.layers[0].self_attn.q_proj
+    assert type(q).__name__ == layer
+    assert not any(p.requires_grad for p in model.parameters())
+    assert model.model.norm.weight.dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_sweep_runs_every_job_and_writes_a_summary(tmp_path, tiny_qwen3):
+    p = qtune("train", "-m", "model=tiny_qwen3", *DEMO, *FAST, "train.max_steps=3", "train.save_steps=3",
+              "lora=r8,r16", cwd=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    sweep = next((tmp_path / "runs").glob("sweep-*"))
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert sorted(r["overrides"] for r in rows) == ["lora=r16", "lora=r8"]
+    assert all(r["eval_loss"] and r["train_loss"] and r["seconds"] and not r["error"] for r in rows)
+    evals = [float(r["eval_loss"]) for r in rows]
+    assert evals == sorted(evals)  # best first
+    assert "| job | overrides |" in (sweep / "summary.md").read_text()
+    for job in ("0", "1"):
+        assert (sweep / job / "adapter" / "adapter_model.safetensors").is_file()
+    assert "sweep:" in p.stdout
+
+
+@pytest.mark.slow
+def test_smollm2_learns_the_demo_behaviour(tmp_path, smollm2):
+    run = tmp_path / "smol"
+    p = qtune("train", "model=smollm2_135m", "data=demo", *FAST, f"train.output_dir={run}", "train.max_steps=8",
+              "train.save_steps=8", "train.lr=1e-3", "train.sample_prompts=[What is the capital of Italy?]",
+              "train.sample_max_new_tokens=12")
+    assert p.returncode == 0, p.stdout + p.stderr
+    lo = losses(run)
+    assert lo[8] < 0.5 * lo[1], lo
+    samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    assert [s["when"] for s in samples] == ["before", "after"]
+    assert "before:" in p.stdout and "after:" in p.stdout
+
+
+# ---------------------------------------------------------------- the dry run agrees with PEFT
+
+
+@pytest.mark.parametrize("model_name, overrides", [
+    ("tiny_qwen3", []),
+    ("tiny_qwen3", ["lora=all_linear"]),
+    ("tiny_qwen3", ["lora=dora"]),
+    ("tiny_qwen3", ["lora.target_modules=[q_proj,v_proj]", "lora.modules_to_save=[lm_head]"]),
+    ("tiny_qwen3_moe", ["lora.dropout=0"]),
+    ("tiny_qwen3_moe", ["moe=none"]),
+    ("tiny_qwen3_moe", ["moe=router_only", "lora.dropout=0"]),
+    ("tiny_qwen3_moe", ["moe=all", "moe.router_mode=full", "lora.dropout=0"]),
+    ("smollm2_135m", ["lora=r64"]),
+])
+def test_dry_run_counts_equal_peft(model_name, overrides, request):
+    """The plan is counted in closed form on a meta-device model; PEFT counts on the real one."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qtune.config import compose, to_object
+    from qtune.modeling.targets import match, peft_config
+    from qtune.train import plan
+
+    folder = request.getfixturevalue({"smollm2_135m": "smollm2"}.get(model_name, model_name))
+    cfg = to_object(compose([f"model={model_name}", *overrides]))
+    planned = plan(cfg)["trainable_params"]
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    matched = match(model, cfg.lora, cfg.moe)
+    peft_model = get_peft_model(model, peft_config(matched, cfg.lora, quantized=False))
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    assert planned == matched.trainable == trainable
+
+
+def test_dry_run_prints_targets_and_memory_without_weights(tmp_path):
+    p = qtune("train", "--dry-run", "model=qwen3_8b", "quant=nf4", "lora=r64",
+              env={"QTUNE_HOME": str(tmp_path)})  # an empty home: nothing downloaded, nothing loaded
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "layers.{0-35}.self_attn.q_proj" in out and "4096×4096" in out
+    # closed form: r·(in+out) per projection, 36 layers
+    r, h, kv, i = 64, 4096, 1024, 12288
+    expected = 36 * r * (2 * (h + h) + 2 * (h + kv) + 3 * (h + i))
+    assert f"{expected:,}" in out
+    assert "estimated GPU memory" in out and "total (estimate)" in out
+    assert not (tmp_path / "models").exists()
+
+
+def test_memory_estimate_orders_quant_methods():
+    from qtune.config import compose, to_object
+    from qtune.train import plan
+
+    gib = {q: plan(to_object(compose(["model=qwen3_8b", f"quant={q}"])))["memory"]["base_bytes"] / 2**30
+           for q in ("nf4", "int8", "none")}
+    assert 5.0 < gib["nf4"] < 6.5 < gib["int8"] < 9.5 < 14.5 < gib["none"] < 16.0, gib
+
+
+# ---------------------------------------------------------------- errors: one line, non-zero exit
+
+
+def one_line_error(p) -> str:
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr, p.stderr
+    lines = [x for x in p.stderr.strip().splitlines() if x.startswith("error:")]
+    assert len(lines) == 1, p.stderr
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_diverging_loss_stops_with_the_last_good_checkpoint(tmp_path, tiny_qwen3):
+    run = tmp_path / "nan"
+    p = qtune(*tiny(run, "train.lr=1e25", "train.max_grad_norm=0", "train.max_steps=30", "train.save_steps=1",
+                    "train.optim=sgd"))
+    line = one_line_error(p)
+    assert "diverged at step" in line and "Lower train.lr" in line
+    step = int(line.split("diverged at step ")[1].split()[0])
+    kept = sorted(int(c.name.split("-")[1]) for c in (run / "checkpoints").glob("checkpoint-*"))
+    assert all(k < step for k in kept)  # no checkpoint of the diverged step
+    assert not (run / "adapter").exists()
+
+
+def test_missing_data_is_one_line(tmp_path):
+    line = one_line_error(qtune("train", "model=tiny_qwen3", f"train.output_dir={tmp_path / 'r'}"))
+    assert "no training data" in line and "data.path=" in line
+
+
+def test_unknown_data_file_is_one_line(tmp_path):
+    line = one_line_error(qtune("train", "model=tiny_qwen3", f"data.path={tmp_path}/nope.jsonl",
+                                f"train.output_dir={tmp_path / 'r'}"))
+    assert "nope.jsonl" in line
+
+
+def test_cuda_on_a_machine_without_one_is_one_line(tmp_path, tiny_qwen3):
+    line = one_line_error(qtune(*tiny(tmp_path / "r", "train.device=cuda")))
+    assert "train.device=cuda" in line and "no CUDA GPU" in line
+
+
+def test_existing_output_folders_are_refused_or_resumed(tmp_path):
+    finished = tmp_path / "finished"
+    (finished / "adapter").mkdir(parents=True)
+    line = one_line_error(qtune(*tiny(finished)))
+    assert "finished run" in line and "train.overwrite=true" in line
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    line = one_line_error(qtune(*tiny(other)))
+    assert "not a qtune run folder" in line
+
+    line = one_line_error(qtune(*tiny(tmp_path / "x", "train.resume=/nowhere/checkpoint-3")))
+    assert "train.resume=/nowhere/checkpoint-3" in line and "trainer_state.json" in line
+
+
+def test_resume_refuses_other_lora_settings(tmp_path):
+    from qtune.config import compose, to_object
+    from qtune.runs import resume_point, write_config
+
+    run = tmp_path / "run"
+    ck = run / "checkpoints" / "checkpoint-4"
+    ck.mkdir(parents=True)
+    (ck / "trainer_state.json").write_text("{}")
+    write_config(run, to_object(compose(["model=tiny_qwen3", f"train.output_dir={run}"])))
+    same = to_object(compose(["model=tiny_qwen3", f"train.output_dir={run}", "train.max_steps=50"]))
+    assert resume_point(run, same) == ck
+    with pytest.raises(Exception, match=r"lora.r=64: .* was trained with lora.r=16"):
+        resume_point(run, to_object(compose(["model=tiny_qwen3", f"train.output_dir={run}", "lora.r=64"])))
+    never = to_object(compose(["model=tiny_qwen3", f"train.output_dir={run}", "train.resume=never"]))
+    with pytest.raises(Exception, match="train.resume=never"):
+        resume_point(run, never)
+
+
+def test_moe_router_settings_that_contradict_are_refused():
+    line = one_line_error(qtune("train", "--cfg", "model=tiny_qwen3_moe", "moe=expert_only", "moe.router_mode=full"))
+    assert "moe.router_mode=full" in line
