@@ -1,12 +1,17 @@
 """`qtune merge`: fold a run's adapter into 16-bit base weights, save a standalone model, prove parity.
 
   1. read the run folder: its config.yaml names the base model, quant and adapter settings
-  2. load the base in merge.dtype (bf16 | fp16 | fp32), never quantized, and the adapter over it
+  2. load the base in merge.parity_dtype (fp32 by default), never quantized, and the adapter over it
   3. logits of base+adapter on a few prompts (the reference)
-  4. merge (linear layers, fused MoE experts, the router: PEFT's merge_and_unload) and save sharded
-     safetensors with tokenizer, chat template and generation config into <run>/merged/ (atomically)
-  5. logits of the merged model on the same prompts: the largest absolute difference must stay within
-     merge.tolerance, otherwise the merge fails loudly and nothing is left behind
+  4. merge (linear layers, fused MoE experts, the router: PEFT's merge_and_unload); logits of the merged
+     model on the same prompts: the largest absolute difference must stay within merge.tolerance,
+     otherwise the merge fails loudly and nothing is left behind
+  5. cast to merge.dtype (bf16 by default) and report what that rounding costs (how often the next-token
+     choice still agrees, the largest logit change), then save sharded safetensors with tokenizer, chat
+     template and generation config into <run>/merged/ (atomically)
+The check runs in fp32 because a bf16 model differs from bf16 base+adapter by whole logits (rounding of
+W+ΔW), which would hide a wrong merge; set merge.parity_dtype=bf16 (and a looser tolerance) for models
+too large to hold in fp32.
 
 An adapter trained on a quantized (nf4/int8) base is merged into the 16-bit original weights; the output
 says so, since the training saw their quantized values.
@@ -36,14 +41,14 @@ def run_folder(cfg: Config) -> Path:
 
 
 def run_config(run: Path, overrides: Config) -> Config:
-    """The run's own model, quant, lora and moe settings, with this command's merge/chat/serve/eval settings."""
+    """The run's own settings (model, quant, lora, moe, data, train), with this command's merge/chat/serve/eval ones."""
     import yaml
 
     from qtune.config import compose, to_object
 
     saved = yaml.safe_load((run / "config.yaml").read_text())
     cfg = to_object(compose([f"model={saved['model']['name']}"]))
-    for group in ("model", "quant", "lora", "moe"):
+    for group in ("model", "quant", "lora", "moe", "data", "train", "download"):
         setattr(cfg, group, _merge_into(getattr(cfg, group), saved.get(group) or {}))
     for group in ("merge", "chat", "serve", "eval", "paths"):
         setattr(cfg, group, getattr(overrides, group))
@@ -75,8 +80,12 @@ def run(cfg: Config):
         ui.print_warning(f"the adapter was trained on a {rcfg.quant.method} base; it is merged into the 16-bit "
                          "original weights, so the merged model can differ slightly from what training saw")
     result = merge(rcfg, run / "adapter", out)
-    ui.info(f"merged into {out} ({result['dtype']}); parity: max |logits(merged) - logits(base+adapter)| = "
+    ui.info(f"parity ({result['parity_dtype']}): max |logits(merged) - logits(base+adapter)| = "
             f"{result['max_abs_diff']:.3g} <= {cfg.merge.tolerance:g} on {result['prompts']} prompts")
+    if result["dtype"] != result["parity_dtype"]:
+        ui.info(f"saved in {result['dtype']}: next-token choice agrees with base+adapter at "
+                f"{result['top1_agreement']:.1%} of positions (largest logit change {result['cast_max_abs_diff']:.3g})")
+    ui.info(f"merged model: {out}")
     return result
 
 
@@ -89,12 +98,13 @@ def merge(cfg: Config, adapter: Path, out: Path) -> dict:
     from qtune.io import atomic_dir, atomic_write_json
     from qtune.modeling.load import load_tokenizer, torch_dtype
 
-    if cfg.merge.dtype is DType.auto:
-        raise ConfigError("merge.dtype=auto: choose bf16, fp16 or fp32")
-    dtype = torch_dtype(cfg.merge.dtype)
+    for key in ("dtype", "parity_dtype"):
+        if getattr(cfg.merge, key) is DType.auto:
+            raise ConfigError(f"merge.{key}=auto: choose bf16, fp16 or fp32")
     folder = ensure_model(cfg.model, cfg.download, cfg.paths)
     tokenizer = load_tokenizer(cfg.model, cfg.paths)
-    base = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(cfg.merge.parity_dtype),
+                                                trust_remote_code=cfg.model.trust_remote_code)
     model = PeftModel.from_pretrained(base, adapter)
     model.eval()
     inputs = _parity_inputs(tokenizer, cfg)
@@ -102,17 +112,24 @@ def merge(cfg: Config, adapter: Path, out: Path) -> dict:
         reference = [model(**x).logits.float() for x in inputs]
         merged = model.merge_and_unload()
         got = [merged(**x).logits.float() for x in inputs]
-    diff = max((a - b).abs().max().item() for a, b in zip(reference, got))
-    if not diff <= cfg.merge.tolerance:  # also catches NaN
-        raise ParityError(f"merge parity failed: max |logits(merged) - logits(base+adapter)| = {diff:.4g} > "
-                          f"merge.tolerance={cfg.merge.tolerance:g}; nothing was saved")
+        diff = max((a - b).abs().max().item() for a, b in zip(reference, got))
+        if not diff <= cfg.merge.tolerance:  # also catches NaN
+            raise ParityError(f"merge parity failed: max |logits(merged) - logits(base+adapter)| = {diff:.4g} > "
+                              f"merge.tolerance={cfg.merge.tolerance:g} ({cfg.merge.parity_dtype}); nothing was saved")
+        result = {"base": str(folder), "adapter": str(adapter), "dtype": str(cfg.merge.dtype),
+                  "parity_dtype": str(cfg.merge.parity_dtype), "max_abs_diff": diff,
+                  "tolerance": cfg.merge.tolerance, "prompts": len(inputs)}
+        if cfg.merge.dtype is not cfg.merge.parity_dtype:
+            merged = merged.to(torch_dtype(cfg.merge.dtype))
+            cast = [merged(**x).logits.float() for x in inputs]
+            result["cast_max_abs_diff"] = max((a - b).abs().max().item() for a, b in zip(reference, cast))
+            agree = [(a.argmax(-1) == b.argmax(-1)).float().mean().item() for a, b in zip(reference, cast)]
+            result["top1_agreement"] = sum(agree) / len(agree)
     if out.exists():
         shutil.rmtree(out)
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, max_shard_size="2GB")
         tokenizer.save_pretrained(tmp)
-        result = {"base": str(folder), "adapter": str(adapter), "dtype": str(cfg.merge.dtype),
-                  "max_abs_diff": diff, "tolerance": cfg.merge.tolerance, "prompts": len(inputs)}
         atomic_write_json(tmp / "qtune_merge.json", result)
     return result
 

@@ -60,23 +60,31 @@ def _order(row: dict):
     return (row["error"] is not None, row["eval_loss"] is None, row["eval_loss"] or 0.0, row["train_loss"] or 0.0)
 
 
-def write_summary(rows: list[dict], folder: Path) -> None:
+def write_summary(rows: list[dict], folder: Path, extra: list[str] = (), shared_overrides_known: bool = False) -> None:
+    """summary.csv, summary.md and the Rich table; `extra` columns (e.g. qtune eval's) follow the others."""
     from qtune import ui
     from qtune.io import atomic_write_text
 
     # Show what tells the jobs apart; the overrides every job shares go in the header of summary.md.
-    common = set.intersection(*(set(r["overrides"]) for r in rows)) if len(rows) > 1 else set()
+    # (Rewriting a summary, the overrides already are the distinguishing ones.)
+    common = set() if shared_overrides_known or len(rows) < 2 else set.intersection(*(set(r["overrides"]) for r in rows))
     rows = [{**r, "overrides": " ".join(o for o in r["overrides"] if o not in common)} for r in sorted(rows, key=_order)]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS + list(extra), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(folder / "summary.csv", buf.getvalue())
-    md = [f"Every job: `{' '.join(sorted(common)) or '(no shared overrides)'}`", "",
-          "| job | overrides | train loss | eval loss | time (s) | peak memory | error |", "|---|---|---|---|---|---|---|"]
+    header = "| job | overrides | train loss | eval loss | time (s) | peak memory | " + \
+        "".join(f"{c.replace('_', ' ')} | " for c in extra) + "error |"
+    md = ([f"Every job: `{' '.join(sorted(common)) or '(no shared overrides)'}`", ""] if not shared_overrides_known else []) + \
+        [header, "|---" * (7 + len(extra)) + "|"]
     for r in rows:
         md.append(f"| {r['job']} | `{r['overrides']}` | {ui._num(r['train_loss'])} | {ui._num(r['eval_loss'])} | "
                   f"{'-' if r['seconds'] is None else round(r['seconds'])} | {ui.human_bytes(r['peak_memory_bytes'])} | "
-                  f"{r['error'] or ''} |")
+                  + "".join(f"{ui._num(r.get(c))} | " for c in extra) + f"{r['error'] or ''} |")
+    if shared_overrides_known and (folder / "summary.md").is_file():
+        first = (folder / "summary.md").read_text().splitlines()[0]
+        if first.startswith("Every job:"):
+            md = [first, ""] + md
     atomic_write_text(folder / "summary.md", "\n".join(md) + "\n")
-    ui.show_sweep_summary(rows, folder)
+    ui.show_sweep_summary(rows, folder, extra)

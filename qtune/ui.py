@@ -161,19 +161,25 @@ def show_lora_plan(cfg, matched, total_params: int, mem) -> None:
 
     for pattern in matched.unmatched:
         print_warning(unmatched_message(pattern, cfg.model.name, matched.is_moe))
-    q = cfg.quant.method
-    mt = Table(title=f"estimated GPU memory (quant={q}, batch {cfg.train.batch_size} × {cfg.data.max_length} tokens, "
-                     f"gradient checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'})",
-               title_justify="left")
+    show_memory(f"estimated GPU memory (quant={cfg.quant.method}, batch {cfg.train.batch_size} × "
+                f"{cfg.data.max_length} tokens, gradient checkpointing "
+                f"{'on' if cfg.train.gradient_checkpointing else 'off'})", mem.as_dict())
+
+
+def show_memory(title: str, m: dict) -> None:
+    """The memory-estimate table (qtune.modeling.estimate.Memory.as_dict())."""
+    from rich.table import Table
+
+    mt = Table(title=title, title_justify="left")
     mt.add_column("part")
     mt.add_column("GiB", justify="right")
-    mt.add_row(f"base weights ({mem.base_quantized_params:,} quantized, {mem.base_16bit_params:,} in 16-bit)",
-               f"{mem.base / 2**30:.2f}")
-    mt.add_row("LoRA weights + gradients + AdamW states (fp32)", f"{mem.lora / 2**30:.2f}")
-    mt.add_row("activations", f"{mem.activations / 2**30:.2f}")
-    mt.add_row("CUDA context and workspace", f"{mem.overhead / 2**30:.2f}")
+    mt.add_row(f"base weights ({m['quantized_params']:,} quantized, {m['unquantized_params']:,} in 16-bit)",
+               f"{m['base_bytes'] / 2**30:.2f}")
+    mt.add_row("LoRA weights + gradients + AdamW states (fp32)", f"{m['lora_bytes'] / 2**30:.2f}")
+    mt.add_row("activations (one micro-batch)", f"{m['activation_bytes'] / 2**30:.2f}")
+    mt.add_row("CUDA context and workspace", f"{m['overhead_bytes'] / 2**30:.2f}")
     mt.add_section()
-    mt.add_row("[bold]total (estimate)[/]", f"[bold]{mem.total / 2**30:.2f}[/]")
+    mt.add_row("[bold]total (estimate)[/]", f"[bold]{m['total_bytes'] / 2**30:.2f}[/]")
     console.print(mt)
 
 
@@ -203,15 +209,16 @@ def show_train_summary(summary: dict) -> None:
             console.print(f"  [green]after:[/]  {escape(r['answer'])}")
 
 
-def show_sweep_summary(rows: list[dict], folder) -> None:
+def show_sweep_summary(rows: list[dict], folder, extra=()) -> None:
     from rich.table import Table
 
     table = Table(title=f"sweep: {folder}", title_justify="left")
-    for col in ("job", "overrides", "train loss", "eval loss", "time", "peak memory"):
+    for col in ("job", "overrides", "train loss", "eval loss", "time", "peak memory", *[c.replace("_", " ") for c in extra]):
         table.add_column(col, justify="left" if col in ("job", "overrides") else "right")
     for r in rows:
         table.add_row(str(r["job"]), r["overrides"], _num(r["train_loss"]), _num(r["eval_loss"]),
-                      f"{r['seconds']:.0f} s" if r["seconds"] is not None else "-", human_bytes(r["peak_memory_bytes"]))
+                      f"{r['seconds']:.0f} s" if r["seconds"] is not None else "-", human_bytes(r["peak_memory_bytes"]),
+                      *[_num(r.get(c)) for c in extra])
     console.print(table)
 
 
@@ -297,16 +304,32 @@ def show_moe_report(r: dict) -> None:
         ct.add_row("[dim]allocated by PEFT (unselected experts held at zero)[/]", "", "", f"[dim]{p['allocated']:,}[/]")
     console.print(ct)
 
-    m = r["memory"]
-    mt = Table(title=f"estimated GPU memory (quant={s['quant']}; bitsandbytes leaves fused experts in 16-bit)",
-               title_justify="left")
-    mt.add_column("part")
-    mt.add_column("GiB", justify="right")
-    mt.add_row(f"base weights ({m['quantized_params']:,} quantized, {m['unquantized_params']:,} in 16-bit)",
-               f"{m['base_bytes'] / 2**30:.2f}")
-    mt.add_row("LoRA weights + gradients + AdamW states (fp32)", f"{m['lora_bytes'] / 2**30:.2f}")
-    mt.add_row("activations (one micro-batch)", f"{m['activation_bytes'] / 2**30:.2f}")
-    mt.add_row("CUDA context and workspace", f"{m['overhead_bytes'] / 2**30:.2f}")
-    mt.add_section()
-    mt.add_row("[bold]total (estimate)[/]", f"[bold]{m['total_bytes'] / 2**30:.2f}[/]")
-    console.print(mt)
+    show_memory(f"estimated GPU memory (quant={s['quant']}; bitsandbytes leaves fused experts in 16-bit)", r["memory"])
+
+
+# ---------------------------------------------------------------- eval
+
+
+def show_eval_summary(summary: dict, out, unscored: list[str]) -> None:
+    from rich.table import Table
+
+    from qtune.evaluation.report import _shown, fmt
+
+    names = list(summary)
+    table = Table(title=f"evaluation: {out}", title_justify="left")
+    table.add_column("metric")
+    for n in names:
+        table.add_column(n, justify="right")
+    for key, label, spec in _shown(summary):
+        values = [summary[n].get(key) for n in names]
+        best = None
+        if key in ("heldout_loss", "perplexity", "ttft_s"):
+            best = min((v for v in values if v is not None), default=None)
+        elif key != "tok_s":
+            best = max((v for v in values if v is not None), default=None)
+        table.add_row(label, *[(f"[bold green]{fmt(v, spec)}[/]" if v is not None and v == best and len(names) > 1
+                                else fmt(v, spec)) for v in values])
+    console.print(table)
+    if unscored:
+        print_warning(f"{len(unscored)} answers have no judge score (see report.md)")
+    console.print(f"report: {out}/report.md, results: {out}/results.jsonl, chart: {out}/chart.png")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo: what qtune does today, end to end on the embedded SmolLM2-135M-Instruct (CPU, no network).
-# It grows with each capability: download -> prepare -> train (merge, chat and eval come with their issues).
+# It grows with each capability: download -> prepare -> train -> merge -> eval (chat and serve: issue #6).
 set -euo pipefail
 export QTUNE_HOME=${QTUNE_HOME:-$PWD/.cache/demo-home}
 step() { printf '\n\033[1;36m== %s\033[0m\n' "$*"; }
@@ -28,11 +28,14 @@ step "qtune train --dry-run: what LoRA will touch, and the memory it needs (from
 qtune train --dry-run data=demo train=demo | sed -n '1,14p;/estimated GPU memory/,$p'
 
 step "qtune train: LoRA on SmolLM2 with the demo data; the answers to held-out prompts before and after"
-# A finished demo run is kept; `make clean` (or train.overwrite=true) starts over.
-if [ -d runs/demo/adapter ]; then
-  echo "runs/demo is already trained; retraining it from scratch (train.overwrite=true)"
-fi
+# train.overwrite=true: every demo starts from scratch (a second `make demo` retrains runs/demo)
 qtune train data=demo train=demo train.overwrite=true
+
+step "qtune merge: the adapter folded into bf16 weights (the merge is checked in fp32 first)"
+qtune merge run=runs/demo
+
+step "qtune eval: base vs adapter vs merged, on held-out data and held-out questions"
+qtune eval run=runs/demo eval=demo
 
 step "The run folder"
 ls runs/demo

@@ -68,3 +68,18 @@ def smollm2(qtune_home) -> Path:
 
     m = model_cfg("smollm2_135m")
     return convert_gguf(package_file(m.package, m.gguf_file), Path(m.local_dir))
+
+
+SMOL_PROMPT = "What is the capital of Italy?"
+
+
+@pytest.fixture(scope="session")
+def smol_run(smollm2, tmp_path_factory) -> Path:
+    """SmolLM2 trained on the demo data by the real CLI (8 steps), shared by the train and eval tests."""
+    run = tmp_path_factory.mktemp("smol") / "run"
+    qtune("train", "model=smollm2_135m", "data=demo", f"data.path={REPO}/data/demo/captains_log.jsonl",
+          f"data.eval_path={REPO}/data/demo/held_out.jsonl", "train.grad_accum=1", "train.logging_steps=1",
+          "train.warmup_ratio=0", "train.report_to=[]", "train.gradient_checkpointing=false",
+          f"train.output_dir={run}", "train.max_steps=8", "train.save_steps=8", "train.lr=1e-3",
+          f"train.sample_prompts=[{SMOL_PROMPT}]", "train.sample_max_new_tokens=12", check=True)
+    return run

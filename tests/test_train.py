@@ -167,19 +167,26 @@ def test_sweep_runs_every_job_and_writes_a_summary(tmp_path, tiny_qwen3):
         assert (sweep / job / "adapter" / "adapter_model.safetensors").is_file()
     assert "sweep:" in p.stdout
 
+    # qtune eval on the sweep folder adds each job's eval numbers to the summary
+    e = qtune("eval", f"run={sweep}", f"eval.prompts={REPO}/data/demo/eval_prompts.jsonl", "eval.max_new_tokens=2",
+              cwd=tmp_path)
+    assert e.returncode == 0, e.stdout + e.stderr
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert sorted(r["overrides"] for r in rows) == ["lora=r16", "lora=r8"]
+    assert all(float(r["eval_heldout_loss"]) > 0 and r["eval_rouge_l"] != "" for r in rows)
+    md = (sweep / "summary.md").read_text()
+    assert md.startswith("Every job:") and "eval heldout loss" in md
+
 
 @pytest.mark.slow
-def test_smollm2_learns_the_demo_behaviour(tmp_path, smollm2):
-    run = tmp_path / "smol"
-    p = qtune("train", "model=smollm2_135m", "data=demo", *FAST, f"train.output_dir={run}", "train.max_steps=8",
-              "train.save_steps=8", "train.lr=1e-3", "train.sample_prompts=[What is the capital of Italy?]",
-              "train.sample_max_new_tokens=12")
-    assert p.returncode == 0, p.stdout + p.stderr
-    lo = losses(run)
+def test_smollm2_learns_the_demo_behaviour(smol_run):
+    lo = losses(smol_run)
     assert lo[8] < 0.5 * lo[1], lo
-    samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(x) for x in (smol_run / "samples.jsonl").read_text().splitlines()]
     assert [s["when"] for s in samples] == ["before", "after"]
-    assert "before:" in p.stdout and "after:" in p.stdout
+    assert all(s["answer"] for s in samples)
+    summary = json.loads((smol_run / "summary.json").read_text())
+    assert summary["samples"]["after"][0]["answer"] == samples[1]["answer"]
 
 
 # ---------------------------------------------------------------- the dry run agrees with PEFT

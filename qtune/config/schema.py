@@ -69,9 +69,8 @@ class TrainOn(_Choice):
     all = "all"                        # every token
 
 
-class OnError(_Choice):
-    raise_ = "raise"
-    skip = "skip"
+# `raise` is a keyword, so the functional form: members are named as users type them (data.on_error=raise).
+OnError = _Choice("OnError", [("raise", "raise"), ("skip", "skip")])
 
 
 @dataclass
@@ -211,7 +210,7 @@ class DataConfig:
     packing: bool = True
     enable_thinking: Optional[bool] = None  # null = as each record has it
     system_prompt: Optional[str] = None     # added to records without a system turn
-    on_error: OnError = OnError.raise_
+    on_error: OnError = OnError["raise"]
     seed: int = 42
     num_proc: int = 0                        # 0 = one worker per core, up to 8
     cache_dir: str = "${paths.data}"
@@ -282,21 +281,31 @@ class ServeConfig:
 
 @dataclass
 class MergeConfig:
-    dtype: DType = DType.bf16
+    dtype: DType = DType.bf16             # what the merged model is saved in
+    parity_dtype: DType = DType.fp32      # what the merge is checked in (fp32: the merge math, not bf16 rounding)
+    tolerance: float = 1e-2               # max |logits(merged) - logits(base+adapter)| in parity_dtype
     save_4bit: bool = False
     gguf: List[str] = field(default_factory=list)  # f16, q8_0
-    tolerance: float = 0.05
     output_dir: Optional[str] = None
 
 
 @dataclass
 class EvalConfig:
-    prompts: Optional[str] = None     # JSONL of prompts
-    repeats: int = 1
+    """`qtune eval`: held-out loss and a prompt set, per model."""
+    prompts: Optional[str] = None     # JSONL: {"prompt": ..., "system"?: ..., "reference"?: ...} per line
+    repeats: int = 1                  # >1: each prompt answered that many times with sampling (consistency)
     max_new_tokens: int = 256
-    judge_url: Optional[str] = None
-    judge_model: Optional[str] = None
-    models: List[str] = field(default_factory=list)
+    judge_url: Optional[str] = None   # an OpenAI-compatible base URL (e.g. http://127.0.0.1:8000/v1)
+    judge_model: Optional[str] = None # null = the first model the judge lists
+    judge_api_key_env: str = "QTUNE_JUDGE_API_KEY"  # the judge's key is read from this variable
+    models: List[str] = field(default_factory=list)  # base, adapter, merged, run folders, model folders
+    data: Optional[str] = None        # held-out data other than the run's eval split (prepared like the run's)
+    max_eval_rows: Optional[int] = None
+    output_dir: Optional[str] = None  # default: <run>/eval
+
+    def __post_init__(self) -> None:
+        if isinstance(self.repeats, int) and self.repeats < 1:
+            raise ValueError(f"eval.repeats must be at least 1, got {self.repeats}")
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Pieces of `qtune eval`: answer metrics, the judge, the report."""

@@ -1,0 +1,133 @@
+"""<run>/eval/: results.jsonl (every answer), summary.json, report.md (tables, best and worst examples,
+settings) and chart.png — each written atomically."""
+from __future__ import annotations
+
+import io
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from qtune.config.schema import Config
+from qtune.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+METRICS = [("heldout_loss", "held-out loss", ".4f"), ("perplexity", "perplexity", ".2f"),
+           ("exact_match", "exact match", ".2f"), ("f1", "token F1", ".3f"), ("rouge_l", "ROUGE-L", ".3f"),
+           ("consistency", "consistency", ".2f"), ("judge_accuracy", "judge accuracy", ".2f"),
+           ("judge_helpfulness", "judge helpfulness", ".2f"), ("judge_tone", "judge tone", ".2f"),
+           ("ttft_s", "time to first token (s)", ".3f"), ("tok_s", "tokens/s", ".1f")]
+
+
+def fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def write_report(out: Path, run: Path, cfg: Config, summary: dict, results: list[dict], unscored: list[str],
+                 heldout_rows: int) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in results))
+    report = {"run": str(run), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "models": summary, "heldout_rows": heldout_rows, "unscored": unscored,
+              "settings": {"prompts": cfg.eval.prompts, "repeats": cfg.eval.repeats,
+                           "max_new_tokens": cfg.eval.max_new_tokens, "judge_url": cfg.eval.judge_url,
+                           "judge_model": cfg.eval.judge_model, "data": cfg.eval.data}}
+    atomic_write_json(out / "summary.json", report)
+    atomic_write_text(out / "report.md", markdown(report, results))
+    chart(out / "chart.png", summary)
+    return report
+
+
+def _shown(summary: dict) -> list[tuple[str, str, str]]:
+    return [m for m in METRICS if any(v.get(m[0]) is not None for v in summary.values())]
+
+
+def markdown(report: dict, results: list[dict]) -> str:
+    summary = report["models"]
+    names = list(summary)
+    lines = [f"# Evaluation of `{report['run']}`", "", f"{report['date']}", "", "## Summary", "",
+             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key, label, spec in _shown(summary):
+        lines.append(f"| {label} | " + " | ".join(fmt(summary[n].get(key), spec) for n in names) + " |")
+    lines += ["", f"Held-out loss is the mean loss per trained token over {report['heldout_rows']} held-out rows; "
+              "lower is better."]
+    if report["unscored"]:
+        lines += ["", f"**The judge failed on {len(report['unscored'])} answers; these rows have no score:** "
+                  + ", ".join(report["unscored"])]
+    by_prompt: dict[int, dict[str, dict]] = {}
+    for r in results:
+        by_prompt.setdefault(r["prompt_id"], {})[r["model"]] = r
+    if by_prompt:
+        lines += ["", "## Answers side by side", ""]
+        lines += ["| prompt | reference | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for pid in sorted(by_prompt):
+            rows = by_prompt[pid]
+            first = next(iter(rows.values()))
+            cells = [_cell(rows[n]["answer"]) if n in rows else "" for n in names]
+            lines.append(f"| {_cell(first['prompt'])} | {_cell(first['reference'] or '')} | " + " | ".join(cells) + " |")
+        key = _ranking_key(results)
+        if key:
+            target = names[-1] if len(names) > 1 else names[0]
+            ranked = sorted((r for r in results if r["model"] == target and _score(r, key) is not None),
+                            key=lambda r: _score(r, key))
+            lines += ["", f"## Worst and best answers of `{target}` (by {key})", ""]
+            k = max(1, min(3, len(ranked) // 2))  # few prompts: no answer is both worst and best
+            for label, rows in (("worst", ranked[:k]), ("best", ranked[::-1][:k])):
+                for r in rows:
+                    lines.append(f"- **{label}** ({key} {_score(r, key):.2f}) {r['where']}: _{_cell(r['prompt'])}_ → "
+                                 f"{_cell(r['answer'])}" + (f" (reference: {_cell(r['reference'])})" if r['reference'] else "")
+                                 + (f" — judge: {_cell(r['judge']['rationale'])}" if r.get("judge") else ""))
+    s = report["settings"]
+    lines += ["", "## Settings", "", f"- prompts: `{s['prompts']}`, repeats: {s['repeats']}, "
+              f"max_new_tokens: {s['max_new_tokens']}", f"- judge: {s['judge_url'] or 'none'}"
+              + (f" (model {s['judge_model']})" if s["judge_model"] else ""),
+              f"- held-out data: {s['data'] or 'the run’s eval split'}", ""]
+    return "\n".join(lines)
+
+
+def _ranking_key(results: list[dict]) -> str | None:
+    if any(r.get("judge") for r in results):
+        return "judge accuracy"
+    if any(r.get("rouge_l") is not None for r in results):
+        return "ROUGE-L"
+    return None
+
+
+def _score(r: dict, key: str):
+    if key == "judge accuracy":
+        return (r.get("judge") or {}).get("accuracy")
+    return r.get("rouge_l")
+
+
+def _cell(text) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")[:300]
+
+
+def chart(path: Path, summary: dict) -> None:
+    """Bars per model: held-out loss, and the answer metrics that exist (0–1 scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    scores = [k for k in ("exact_match", "f1", "rouge_l", "consistency") if any(summary[n].get(k) is not None for n in names)]
+    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(10 if scores else 5, 4), dpi=110, squeeze=False)
+    ax = axes[0][0]
+    losses = [summary[n].get("heldout_loss") or 0 for n in names]
+    ax.bar(names, losses, color=["tab:gray", "tab:blue", "tab:green", "tab:orange", "tab:red"][:len(names)])
+    ax.set_title("held-out loss (lower is better)")
+    for i, v in enumerate(losses):
+        ax.text(i, v, f"{v:.3f}", ha="center", va="bottom")
+    if scores:
+        ax = axes[0][1]
+        width = 0.8 / len(names)
+        for i, n in enumerate(names):
+            ax.bar([j + i * width for j in range(len(scores))], [summary[n].get(k) or 0 for k in scores], width, label=n)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(scores))], scores)
+        ax.set_ylim(0, 1.05)
+        ax.set_title("answers (higher is better)")
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
