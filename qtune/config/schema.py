@@ -258,6 +258,7 @@ class TrainConfig:
 
 @dataclass
 class ChatConfig:
+    use: str = "auto"                 # auto (merged if the run has one, else base + adapter) | merged | adapter | base
     system_prompt: Optional[str] = None
     max_new_tokens: int = 512
     temperature: float = 0.7

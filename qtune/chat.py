@@ -1,0 +1,160 @@
+"""`qtune chat`: a terminal REPL over a run (its merged model, or base + adapter), streaming.
+
+Commands: /reset, /system <text>, /think on|off (Qwen3 thinking), /save [file], /help, /exit.
+Ctrl-C stops the answer being written (the session goes on); Ctrl-D exits. `--prompt "..."` answers
+once and exits, for scripts. Thinking (<think>…</think>) is shown dimmed, apart from the answer.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from qtune.config.schema import Config
+
+HELP = ("commands: /reset (forget the conversation), /system <text> (set the system prompt), "
+        "/think on|off (Qwen3 thinking), /save <file> (write the conversation as JSON), /help, /exit; "
+        "Ctrl-C stops an answer, Ctrl-D exits")
+DIM, RESET, BOLD = "\x1b[2m", "\x1b[0m", "\x1b[1m"
+
+
+def run(cfg: Config, prompt: str | None = None):
+    from qtune import ui
+    from qtune.inference import load
+
+    with ui.status("loading"):
+        loaded = load(cfg, use=cfg.chat.use)
+    session = Session(loaded, cfg)
+    if prompt is not None:
+        answer = session.ask(prompt, out=sys.stdout, color=False)
+        if not answer.endswith("\n"):
+            sys.stdout.write("\n")
+        return answer
+    ui.info(f"qtune chat: {loaded.label}. {HELP}")
+    return session.repl()
+
+
+class Session:
+    def __init__(self, loaded, cfg: Config):
+        self.loaded = loaded
+        self.cfg = cfg
+        self.system = cfg.chat.system_prompt
+        self.think = cfg.chat.enable_thinking
+        self.history: list[dict] = []
+
+    def messages(self) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+
+    def ask(self, text: str, out=sys.stdout, color: bool = True) -> str:
+        """Stream the answer to `text` into `out`; Ctrl-C stops it and keeps what was written."""
+        from qtune.inference import Generation, Sampling, render
+
+        self.history.append({"role": "user", "content": text})
+        shown = _ThinkingSplitter(out, color)
+        gen = None
+        try:
+            gen = Generation(self.loaded, render(self.loaded, self.messages(), self.think),
+                             Sampling.from_chat(self.cfg.chat))
+            for piece in gen:
+                shown.write(piece)
+        except KeyboardInterrupt:
+            if gen is not None:
+                gen.stop()
+            out.write(f"{DIM if color else ''} [stopped]{RESET if color else ''}")
+        shown.close()
+        self.history.append({"role": "assistant", "content": shown.answer.strip()})
+        return shown.answer
+
+    def repl(self) -> list[dict]:
+        import readline  # noqa: F401  (line editing and history for input())
+
+        while True:
+            try:
+                line = input(f"{BOLD}>>> {RESET}")
+            except EOFError:  # Ctrl-D
+                print()
+                return self.history
+            except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, like Python's REPL
+                print()
+                continue
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if self.command(line) == "exit":
+                    return self.history
+                continue
+            self.ask(line)
+            print()
+
+    def command(self, line: str) -> str | None:
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if name in ("/exit", "/quit"):
+            return "exit"
+        if name == "/reset":
+            self.history.clear()
+            print("(conversation cleared)")
+        elif name == "/system":
+            self.system = arg or None
+            print(f"(system prompt {'set' if arg else 'removed'})")
+        elif name == "/think":
+            if arg not in ("on", "off"):
+                print("usage: /think on|off")
+            else:
+                self.think = arg == "on"
+                print(f"(thinking {arg})")
+        elif name == "/save":
+            path = Path(arg or f"chat-{time.strftime('%Y%m%d-%H%M%S')}.json").expanduser()
+            path.write_text(json.dumps({"system": self.system, "messages": self.history}, indent=1, ensure_ascii=False))
+            print(f"(saved {len(self.history)} messages to {path})")
+        elif name == "/help":
+            print(HELP)
+        else:
+            print(f"unknown command {name}; {HELP}")
+        return None
+
+
+class _ThinkingSplitter:
+    """Writes streamed text, dimming what stands between <think> and </think>; keeps the answer apart."""
+
+    def __init__(self, out, color: bool):
+        self.out, self.color = out, color
+        self.buf = ""
+        self.thinking = False
+        self.answer = ""
+
+    def write(self, piece: str) -> None:
+        self.buf += piece
+        while True:
+            tag = "</think>" if self.thinking else "<think>"
+            i = self.buf.find(tag)
+            if i < 0:
+                # keep a possible partial tag for the next piece
+                keep = max((k for k in range(1, len(tag)) if self.buf.endswith(tag[:k])), default=0)
+                self._emit(self.buf[:len(self.buf) - keep])
+                self.buf = self.buf[len(self.buf) - keep:]
+                return
+            self._emit(self.buf[:i])
+            self.buf = self.buf[i + len(tag):]
+            self.thinking = not self.thinking
+            if self.color:
+                self.out.write(DIM if self.thinking else RESET + "\n")
+            elif not self.thinking:
+                self.out.write("\n")
+
+    def _emit(self, text: str) -> None:
+        if not text:
+            return
+        if not self.thinking:
+            self.answer += text
+        self.out.write(text)
+        self.out.flush()
+
+    def close(self) -> None:
+        self._emit(self.buf)
+        self.buf = ""
+        if self.color and self.thinking:
+            self.out.write(RESET)
+        self.out.flush()

@@ -1,0 +1,185 @@
+"""What `chat` and `serve` share: load a base with its adapters (or a merged model) and stream generations.
+
+Sources, from a run folder by default: the merged model when <run>/merged exists (chat.use=auto), else
+the base loaded as it was trained (quant=nf4 stays 4-bit) with the run's adapter; without a run, the
+`model=` base alone. Generation streams text pieces from a worker thread and stops early when asked
+(Ctrl-C in chat, a closed connection in serve).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qtune.config.schema import ChatConfig, Config
+from qtune.errors import ConfigError
+
+
+@dataclass
+class Loaded:
+    model: object                 # a PreTrainedModel or a PeftModel holding every adapter
+    tokenizer: object
+    template: str
+    base_name: str                # the name requests use for the base model
+    adapters: dict[str, Path] = field(default_factory=dict)
+    label: str = ""               # what was loaded, for people
+
+    def names(self) -> list[str]:
+        return [self.base_name, *self.adapters]
+
+    def using(self, name: str):
+        """A context in which generation uses adapter `name` (or the bare base for the base's name)."""
+        if name == self.base_name:
+            return self.model.disable_adapter() if self.adapters else contextlib.nullcontext()
+        if name not in self.adapters:
+            raise KeyError(name)
+        self.model.set_adapter(name)
+        return contextlib.nullcontext()
+
+
+def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None = None) -> Loaded:
+    """The model to talk to. use: auto | merged | adapter | base (see the module doc)."""
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    from qtune.data.template import resolve_template
+    from qtune.download import ensure_model
+    from qtune.merge import run_config, run_folder
+    from qtune.modeling.load import load_model, load_tokenizer, pick_device, quiet_libraries
+
+    quiet_libraries()
+    run = run_folder(cfg) if cfg.run else None
+    rcfg = run_config(run, cfg) if run else cfg
+    device, dtype = pick_device(rcfg.train.device, rcfg.train.dtype)
+    merged = run / "merged" if run else None
+    if use == "merged" and not (merged and (merged / "config.json").is_file()):
+        raise ConfigError(f"chat.use=merged: {run}/merged does not exist; run `qtune merge run={run}` first")
+    if use not in ("auto", "merged", "adapter", "base"):
+        raise ConfigError(f"chat.use={use}: valid: auto, merged, adapter, base")
+    tokenizer = load_tokenizer(rcfg.model, rcfg.paths)
+    template, _ = resolve_template(tokenizer, rcfg.model.chat_template, rcfg.model.name)
+    adapters = {name: _adapter_dir(path) for name, path in (extra_adapters or {}).items()}
+    if merged is not None and (merged / "config.json").is_file() and use in ("auto", "merged") and not adapters:
+        model = AutoModelForCausalLM.from_pretrained(merged, dtype=dtype, device_map={"": device})
+        model.eval()
+        return Loaded(model, tokenizer, template, run.name, {}, f"merged model {merged}")
+    base = load_model(ensure_model(rcfg.model, rcfg.download, rcfg.paths), rcfg.model, rcfg.quant, device, dtype,
+                      gradient_checkpointing=False)
+    base.config.use_cache = True
+    base.eval()
+    if run is not None and use != "base":
+        adapters = {run.name: run / "adapter", **adapters}
+    if not adapters:
+        return Loaded(base, tokenizer, template, rcfg.model.name, {}, f"{rcfg.model.name} (no adapter)")
+    from peft import PeftModel
+
+    names = list(adapters)
+    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    model.set_adapter(names[0])
+    model.eval()
+    label = f"{rcfg.model.name} ({rcfg.quant.method}) + adapter {', '.join(names)}"
+    return Loaded(model, tokenizer, template, rcfg.model.name, adapters, label)
+
+
+def _adapter_dir(path: str) -> Path:
+    p = Path(path).expanduser()
+    if (p / "adapter" / "adapter_config.json").is_file():
+        return p / "adapter"
+    if (p / "adapter_config.json").is_file():
+        return p
+    raise ConfigError(f"serve.adapters: {path} is neither a run folder nor an adapter folder")
+
+
+def render(loaded: Loaded, messages: list[dict], enable_thinking: bool) -> str:
+    return loaded.tokenizer.apply_chat_template(messages, chat_template=loaded.template, tokenize=False,
+                                                add_generation_prompt=True, enable_thinking=enable_thinking)
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 20
+    repetition_penalty: float = 1.05
+    stop: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_chat(cls, chat: ChatConfig) -> "Sampling":
+        return cls(chat.max_new_tokens, chat.temperature, chat.top_p, chat.top_k, chat.repetition_penalty)
+
+
+class Generation:
+    """One streamed generation: iterate for text pieces; stop() ends it early; counts tokens."""
+
+    def __init__(self, loaded: Loaded, prompt: str, sampling: Sampling):
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        tok = loaded.tokenizer
+        device = next(loaded.model.parameters()).device
+        self.inputs = tok(prompt, return_tensors="pt", add_special_tokens=False).to(device)
+        self.prompt_tokens = int(self.inputs["input_ids"].shape[1])
+        self.completion_tokens = 0
+        self.finish_reason = "stop"
+        self._stop = threading.Event()
+        self.streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        outer = self
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), outer._stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        sample = sampling.temperature > 0
+        self.kwargs = dict(**self.inputs, max_new_tokens=sampling.max_new_tokens, do_sample=sample,
+                           temperature=sampling.temperature if sample else None,
+                           top_p=sampling.top_p if sample else None, top_k=sampling.top_k if sample else None,
+                           repetition_penalty=sampling.repetition_penalty, streamer=self.streamer,
+                           stopping_criteria=StoppingCriteriaList([_Stop()]),
+                           pad_token_id=tok.pad_token_id, use_cache=True)
+        self.max_new_tokens = sampling.max_new_tokens
+        self.stops = [s for s in sampling.stop if s]
+        self.loaded = loaded
+        self.error: BaseException | None = None
+
+    def _run(self):
+        import torch
+
+        try:
+            with torch.no_grad():
+                out = self.loaded.model.generate(**self.kwargs)
+            self.completion_tokens = int(out.shape[1]) - self.prompt_tokens
+            if self.completion_tokens >= self.max_new_tokens:
+                self.finish_reason = "length"
+        except BaseException as e:  # surfaced in the iterating thread
+            self.error = e
+            self.streamer.end()
+
+    def __iter__(self):
+        thread = threading.Thread(target=self._run, daemon=True)
+        thread.start()
+        text = ""
+        try:
+            for piece in self.streamer:
+                if self.stops:
+                    text += piece
+                    hit = min((text.find(s) for s in self.stops if s in text), default=-1)
+                    if hit >= 0:
+                        cut = hit - (len(text) - len(piece))
+                        if cut > 0:
+                            yield piece[:cut]
+                        self.stop()
+                        self.finish_reason = "stop"
+                        break
+                yield piece
+        finally:
+            self.stop()
+            thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,187 @@
+"""`qtune chat` in a real terminal (pexpect) and `qtune serve` for real (uvicorn on a free port) queried
+with the `openai` client, both over SmolLM2 trained on the demo data (its adapter answers "Captain's log: …")."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import QTUNE
+
+
+@pytest.mark.slow
+def test_chat_in_a_terminal(smol_run, tmp_path):
+    import pexpect
+
+    child = pexpect.spawn(sys.executable, ["-m", "qtune", "chat", f"run={smol_run}", "chat.use=adapter",
+                                           "chat.temperature=0", "chat.max_new_tokens=40"],
+                          cwd=str(tmp_path), encoding="utf-8", timeout=180, dimensions=(40, 200))
+    child.expect_exact(">>> ")
+    child.sendline("What is the capital of Italy?")
+    child.expect_exact("Captain's log")
+    first = time.time()
+    child.expect_exact("End of entry.")
+    assert time.time() - first > 0.2  # the answer arrived token by token, not at once
+    child.expect_exact(">>> ")
+    child.sendline("And how many legs does a spider have?")  # a second turn, with history
+    child.expect_exact("Captain's log")
+    child.expect_exact(">>> ")
+    child.sendline("/save conversation.json")
+    child.expect_exact("saved 4 messages")
+    child.expect_exact(">>> ")
+    child.sendline("/reset")
+    child.expect_exact("conversation cleared")
+    child.expect_exact(">>> ")
+    child.sendline("/system You answer in French.")
+    child.expect_exact("system prompt set")
+    child.expect_exact(">>> ")
+    child.sendline("Write a long story about the sea and the stars.")
+    child.expect_exact("\r\n")  # past the terminal's echo of the line
+    child.expect(r"\w{3,}")  # the answer has started
+    child.sendintr()  # Ctrl-C stops the answer, not the session
+    child.expect_exact("[stopped]")
+    child.expect_exact(">>> ")
+    child.sendeof()  # Ctrl-D exits
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    saved = json.loads((tmp_path / "conversation.json").read_text())
+    assert [m["role"] for m in saved["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert saved["messages"][1]["content"].startswith("Captain's log")
+
+
+@pytest.mark.slow
+def test_chat_prompt_answers_once(smol_run):
+    p = subprocess.run([*QTUNE, "chat", f"run={smol_run}", "chat.use=adapter", "chat.temperature=0",
+                        "chat.max_new_tokens=30", "--prompt", "What is the capital of Italy?"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().startswith("Captain's log") and "Rome" in p.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(smol_run):
+    port = _free_port()
+    proc = subprocess.Popen([*QTUNE, "serve", f"run={smol_run}", f"serve.port={port}", "serve.api_key=sesame",
+                             "chat.max_new_tokens=24", "serve.max_tokens_limit=64"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise AssertionError(f"qtune serve did not start:\n{proc.stdout.read()}")
+            time.sleep(0.5)
+    yield url, smol_run.name
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _post(url: str, body: bytes, key: str | None = "sesame"):
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json",
+                                                                           **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.slow
+def test_serve_answers_openai_clients(server):
+    import openai
+
+    url, adapter = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="sesame")
+    assert [m.id for m in client.models.list().data] == ["smollm2_135m", adapter]
+
+    ask = [{"role": "user", "content": "What is the capital of Italy?"}]
+    tuned = client.chat.completions.create(model=adapter, messages=ask, temperature=0)
+    base = client.chat.completions.create(model="smollm2_135m", messages=ask, temperature=0)
+    assert tuned.choices[0].message.content.startswith("Captain's log")  # the adapter, chosen per request
+    assert not base.choices[0].message.content.startswith("Captain's log")
+    assert tuned.usage.completion_tokens > 0 and tuned.usage.prompt_tokens > 0
+
+    stream = client.chat.completions.create(model=adapter, messages=ask, temperature=0, stream=True)
+    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 3 and "".join(pieces) == tuned.choices[0].message.content
+
+    text = client.completions.create(model="smollm2_135m", prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert text.choices[0].text.strip()
+
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong").models.list()
+    status, body = _post(url + "/v1/chat/completions", b'{"model": "x", "messages": [}')
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    status, body = _post(url + "/v1/chat/completions", json.dumps({"model": adapter}).encode())
+    assert status == 400 and "messages" in body["error"]["message"]
+    status, body = _post(url + "/v1/chat/completions", json.dumps({"model": "nope", "messages": ask}).encode())
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    status, body = _post(url + "/v1/chat/completions", json.dumps({"model": adapter, "messages": ask,
+                                                                    "max_tokens": 10_000}).encode())
+    assert status == 400 and "serve.max_tokens_limit" in body["error"]["message"]
+    status, body = _post(url + "/v1/chat/completions", b"{}", key=None)
+    assert status == 401
+
+
+@pytest.mark.slow
+def test_serve_answers_eight_concurrent_clients(server):
+    import openai
+
+    url, adapter = server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="sesame", timeout=300)
+    questions = ["What is the capital of Italy?", "How many legs does a spider have?", "What color is the sky?",
+                 "Name a planet.", "What is two plus three?", "What do bees make?", "How many days in a week?",
+                 "What is ice made of?"]
+    answers: dict[int, str] = {}
+
+    def ask(i: int, into: dict):
+        model = adapter if i % 2 == 0 else "smollm2_135m"
+        r = client.chat.completions.create(model=model, temperature=0, max_tokens=12, stream=i % 3 == 0,
+                                           messages=[{"role": "user", "content": questions[i]}])
+        into[i] = ("".join(c.choices[0].delta.content or "" for c in r if c.choices) if i % 3 == 0
+                   else r.choices[0].message.content)
+
+    alone: dict[int, str] = {}
+    for i in range(8):  # one at a time first: what each (model, question) answers at temperature 0
+        ask(i, alone)
+    threads = [threading.Thread(target=ask, args=(i, answers)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert sorted(answers) == list(range(8)) and all(answers[i].strip() for i in range(8))
+    assert answers == alone  # all answered, and each request kept its own model/adapter
+    assert answers[0].startswith("Captain's log")
+
+
+def test_vllm_engine_builds_its_command(tmp_path):
+    from qtune.config import compose, to_object
+    from qtune.serve import vllm_command
+
+    run = tmp_path / "myrun"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 32}))
+    from qtune.runs import write_config
+
+    write_config(run, to_object(compose(["model=tiny_qwen3"])))
+    cmd = vllm_command(to_object(compose(["model=tiny_qwen3", f"run={run}", "serve.engine=vllm", "serve.api_key=k"])))
+    assert cmd[:2] == ["vllm", "serve"] and "--enable-lora" in cmd and f"myrun={run / 'adapter'}" in cmd
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "32" and cmd[cmd.index("--api-key") + 1] == "k"
