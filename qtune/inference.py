@@ -106,10 +106,13 @@ class Sampling:
     top_k: int = 20
     repetition_penalty: float = 1.05
     stop: list[str] = field(default_factory=list)
+    cache: str = "auto"           # auto | dynamic | static (a fixed-size KV cache; transformers compiles the decode step)
+    min_new_tokens: int | None = None
 
     @classmethod
     def from_chat(cls, chat: ChatConfig) -> "Sampling":
-        return cls(chat.max_new_tokens, chat.temperature, chat.top_p, chat.top_k, chat.repetition_penalty)
+        return cls(chat.max_new_tokens, chat.temperature, chat.top_p, chat.top_k, chat.repetition_penalty,
+                   cache=chat.cache)
 
 
 class Generation:
@@ -140,6 +143,12 @@ class Generation:
                            repetition_penalty=sampling.repetition_penalty, streamer=self.streamer,
                            stopping_criteria=StoppingCriteriaList([_Stop()]),
                            pad_token_id=tok.pad_token_id, use_cache=True)
+        # A static cache lets transformers compile the decoding step: 4.6x faster on an H100 (docs/benchmarks.md);
+        # on CPU the compilation costs more than it saves.
+        if sampling.cache == "static" or (sampling.cache == "auto" and device.type == "cuda"):
+            self.kwargs["cache_implementation"] = "static"
+        if sampling.min_new_tokens:
+            self.kwargs["min_new_tokens"] = sampling.min_new_tokens
         self.max_new_tokens = sampling.max_new_tokens
         self.stops = [s for s in sampling.stop if s]
         self.loaded = loaded

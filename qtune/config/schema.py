@@ -266,6 +266,11 @@ class ChatConfig:
     top_k: int = 20
     repetition_penalty: float = 1.05
     enable_thinking: bool = False
+    cache: str = "auto"               # auto (static on a GPU, dynamic on CPU) | dynamic | static (compiled decoding)
+
+    def __post_init__(self) -> None:
+        if self.cache not in ("auto", "dynamic", "static"):
+            raise ValueError(f"chat.cache={self.cache}: valid: auto, dynamic, static")
 
 
 @dataclass
