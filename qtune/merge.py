@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 from qtune.config.schema import Config, DType, QuantMethod
-from qtune.errors import ConfigError, NotYetAvailable, QtuneError
+from qtune.errors import ConfigError, QtuneError
 
 PARITY_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "2 + 2 ="]
 
@@ -70,9 +70,11 @@ def run(cfg: Config):
     from qtune.modeling.load import quiet_libraries
 
     quiet_libraries()
-    if cfg.merge.gguf or cfg.merge.save_4bit:
-        raise NotYetAvailable("merge.gguf and merge.save_4bit are not built yet (they arrive with issue #6); "
-                              "the 16-bit merge works without them")
+    from qtune.gguf_export import TYPES
+
+    bad = [t for t in cfg.merge.gguf if t not in TYPES]
+    if bad:
+        raise ConfigError(f"merge.gguf={bad[0]}: valid: {', '.join(TYPES)}")
     run = run_folder(cfg)
     rcfg = run_config(run, cfg)
     out = Path(cfg.merge.output_dir).expanduser() if cfg.merge.output_dir else run / "merged"
@@ -86,6 +88,11 @@ def run(cfg: Config):
         ui.info(f"saved in {result['dtype']}: next-token choice agrees with base+adapter at "
                 f"{result['top1_agreement']:.1%} of positions (largest logit change {result['cast_max_abs_diff']:.3g})")
     ui.info(f"merged model: {out}")
+    for g in result.get("gguf", []):
+        ui.info(f"GGUF {g['type']}: {g['file']} ({ui.human_bytes(g['bytes'])}); loaded back with transformers, "
+                f"next-token choice agrees with the merged model at {g['top1_agreement']:.1%} of positions")
+    if result.get("bnb_4bit"):
+        ui.info(f"4-bit (nf4) merged checkpoint: {result['bnb_4bit']}")
     return result
 
 
@@ -130,8 +137,56 @@ def merge(cfg: Config, adapter: Path, out: Path) -> dict:
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, max_shard_size="2GB")
         tokenizer.save_pretrained(tmp)
+        result["gguf"] = [_gguf(merged, tokenizer, tmp, out, t, inputs) for t in cfg.merge.gguf]
         atomic_write_json(tmp / "qtune_merge.json", result)
+    if cfg.merge.save_4bit:
+        result["bnb_4bit"] = str(_save_4bit(out, tokenizer))
+        atomic_write_json(out / "qtune_merge.json", result)
     return result
+
+
+# Next-token agreement a GGUF file must keep with the merged model when loaded back: f16 is a plain cast,
+# q8_0 rounds every weight to 8 bits (~0.5 % error per weight: a few close calls flip).
+GGUF_MIN_AGREEMENT = {"f16": 0.98, "q8_0": 0.8}
+
+
+def _gguf(merged, tokenizer, tmp: Path, out: Path, qtype: str, inputs) -> dict:
+    from qtune.gguf_export import export, verify
+
+    name = f"{out.name}-{qtype}.gguf"
+    export(merged, tokenizer, tmp / name, qtype)
+    check = verify(tmp / name, merged, tokenizer, inputs)
+    if check["top1_agreement"] < GGUF_MIN_AGREEMENT[qtype]:
+        raise ParityError(f"GGUF {qtype} check failed: loaded back, it agrees with the merged model on "
+                          f"{check['top1_agreement']:.1%} of next tokens (< {GGUF_MIN_AGREEMENT[qtype]:.0%}); nothing was saved")
+    check["file"] = str(out / name)
+    check["type"] = qtype
+    return check
+
+
+def _save_4bit(merged_dir: Path, tokenizer) -> Path:
+    """The merged model re-loaded as bitsandbytes NF4 (double quant) and saved: a 4-bit checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    from qtune.config.schema import QuantConfig, QuantMethod
+    from qtune.io import atomic_dir
+    from qtune.modeling.load import bnb_config
+
+    target = merged_dir.parent / f"{merged_dir.name}-nf4"
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, quantization_config=bnb_config(QuantConfig(method=QuantMethod.nf4)),
+                                                 device_map={"": "cuda" if _cuda() else "cpu"})
+    if target.exists():
+        shutil.rmtree(target)
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _parity_inputs(tokenizer, cfg: Config) -> list[dict]:

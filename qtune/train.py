@@ -66,6 +66,16 @@ def run(cfg: Config, dry_run: bool = False):
         raise SystemExit(130 if stop.signal == "SIGINT" else 143)
     summary = _finish(cfg, trainer, tokenizer, out, time.time() - start, samples_before)                # 6
     ui.show_train_summary(summary)
+    if cfg.train.merge_after:  # free the training model first: the merge loads the base again
+        import gc
+
+        del trainer, model
+        gc.collect()
+        from qtune.merge import merge
+
+        result = merge(cfg, out / "adapter", out / "merged")
+        ui.info(f"merged into {out / 'merged'} (parity {result['max_abs_diff']:.3g} <= {cfg.merge.tolerance:g})")
+        summary["merged"] = str(out / "merged")
     return summary
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo: what qtune does today, end to end on the embedded SmolLM2-135M-Instruct (CPU, no network).
-# It grows with each capability: download -> prepare -> train -> merge -> eval (chat and serve: issue #6).
+# download -> prepare -> train -> merge -> chat --prompt -> eval.
 set -euo pipefail
 export QTUNE_HOME=${QTUNE_HOME:-$PWD/.cache/demo-home}
 step() { printf '\n\033[1;36m== %s\033[0m\n' "$*"; }
@@ -34,7 +34,10 @@ qtune train data=demo train=demo train.overwrite=true
 step "qtune merge: the adapter folded into bf16 weights (the merge is checked in fp32 first)"
 qtune merge run=runs/demo
 
-step "qtune eval: base vs adapter vs merged, on held-out data and held-out questions"
+step "qtune chat --prompt: one answer from the merged model"
+qtune chat run=runs/demo chat.temperature=0 chat.max_new_tokens=40 --prompt "How many legs does a spider have?"
+
+step "qtune eval: the model before (base) and after (adapter) training, on held-out data and questions"
 qtune eval run=runs/demo eval=demo
 
 step "The run folder"

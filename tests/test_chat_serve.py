@@ -185,3 +185,44 @@ def test_vllm_engine_builds_its_command(tmp_path):
     cmd = vllm_command(to_object(compose(["model=tiny_qwen3", f"run={run}", "serve.engine=vllm", "serve.api_key=k"])))
     assert cmd[:2] == ["vllm", "serve"] and "--enable-lora" in cmd and f"myrun={run / 'adapter'}" in cmd
     assert cmd[cmd.index("--max-lora-rank") + 1] == "32" and cmd[cmd.index("--api-key") + 1] == "k"
+
+
+@pytest.mark.slow
+def test_merge_exports_gguf_and_a_4bit_checkpoint(smol_run, tmp_path):
+    """GGUF f16/q8_0 written with the gguf package and loaded back by transformers' GGUF loader (inside
+    qtune merge, which fails below its agreement bar); the nf4 checkpoint loads and generates."""
+    out = tmp_path / "merged"
+    p = subprocess.run([*QTUNE, "merge", f"run={smol_run}", f"merge.output_dir={out}", "merge.gguf=[f16,q8_0]",
+                        "merge.save_4bit=true"], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout + p.stderr
+    info = json.loads((out / "qtune_merge.json").read_text())
+    by_type = {g["type"]: g for g in info["gguf"]}
+    assert by_type["f16"]["top1_agreement"] >= 0.98 and by_type["q8_0"]["top1_agreement"] >= 0.8
+    assert (out / "merged-f16.gguf").stat().st_size > 1.8 * (out / "merged-q8_0.gguf").stat().st_size
+    import gguf
+
+    reader = gguf.GGUFReader(str(out / "merged-q8_0.gguf"))
+    assert {t.tensor_type.name for t in reader.tensors} >= {"Q8_0", "F32"}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    four = AutoModelForCausalLM.from_pretrained(info["bnb_4bit"])
+    assert type(four.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    tok = AutoTokenizer.from_pretrained(info["bnb_4bit"])
+    ids = four.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert ids.shape[1] > 1
+
+
+def test_gguf_of_an_moe_model_is_refused_in_one_line(tmp_path):
+    from qtune.errors import ConfigError
+    from qtune.gguf_export import export
+
+    class Cfg:
+        model_type = "qwen3_moe"
+
+    class M:
+        config = Cfg()
+
+    with pytest.raises(ConfigError, match="qwen3_moe models cannot be exported to GGUF"):
+        export(M(), None, tmp_path / "x.gguf", "f16")
+    with pytest.raises(ConfigError, match="merge.gguf=q4_k: valid: f16, q8_0"):
+        export(M(), None, tmp_path / "x.gguf", "q4_k")

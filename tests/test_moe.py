@@ -168,17 +168,19 @@ def test_each_scope_trains_exactly_what_it_names(tmp_path, tiny_qwen3_moe, overr
 @pytest.mark.slow
 def test_merge_cli_parity_and_plain_transformers_load(tmp_path, tiny_qwen3):
     run = tmp_path / "run"
-    assert qtune("train", "model=tiny_qwen3", *DEMO, *FAST, f"train.output_dir={run}", "train.max_steps=2",
-                 "train.save_steps=2", "train.lr=5e-2").returncode == 0
-    p = qtune("merge", f"run={run}")  # bf16, checked in fp32
+    t = qtune("train", "model=tiny_qwen3", *DEMO, *FAST, f"train.output_dir={run}", "train.max_steps=2",
+              "train.save_steps=2", "train.lr=5e-2", "train.merge_after=true")
+    assert t.returncode == 0, t.stdout + t.stderr
+    assert (run / "merged" / "config.json").is_file() and "merged into" in t.stdout  # train.merge_after
+    p = qtune("merge", f"run={run}", "merge.output_dir=" + str(tmp_path / "again"))  # bf16, checked in fp32
     assert p.returncode == 0, p.stdout + p.stderr
     assert "parity (fp32): max |logits(merged) - logits(base+adapter)|" in p.stdout
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(run / "merged")
-    tok = AutoTokenizer.from_pretrained(run / "merged")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "again")
     assert tok.chat_template and model.config.model_type == "qwen3"
-    assert json.loads((run / "merged" / "qtune_merge.json").read_text())["max_abs_diff"] < 1e-4
+    assert json.loads((tmp_path / "again" / "qtune_merge.json").read_text())["max_abs_diff"] < 1e-4
 
 
 def test_merge_without_a_run_is_one_line(tmp_path):

@@ -1,0 +1,145 @@
+"""Merged model -> GGUF (f16, q8_0) for llama.cpp and Ollama, written with the `gguf` package and verified
+by loading the file back with transformers' GGUF loader.
+
+Dense Llama (the embedded SmolLM2) and Qwen3 are supported. Llama's q/k projections are permuted into
+GGML's rotary layout, as llama.cpp's converter does (transformers undoes it on load); Qwen3 needs none.
+Norm weights stay f32; q8_0 quantizes every 2-D weight whose rows divide into 32-value blocks.
+Qwen3-MoE (fused experts) is not exported: it is refused in one line.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qtune.errors import ConfigError
+
+ARCHS = {"llama": "LLAMA", "qwen3": "QWEN3"}
+TYPES = ("f16", "q8_0")
+
+
+def export(model, tokenizer, out: Path, qtype: str) -> Path:
+    """Write <out> (a .gguf file) from a loaded HF model and its tokenizer."""
+    import gguf
+    import numpy as np
+
+    if qtype not in TYPES:
+        raise ConfigError(f"merge.gguf={qtype}: valid: {', '.join(TYPES)}")
+    cfg = model.config
+    if cfg.model_type not in ARCHS:
+        raise ConfigError(f"merge.gguf: {cfg.model_type} models cannot be exported to GGUF here "
+                          f"(supported: {', '.join(ARCHS)}); drop merge.gguf")
+    arch = getattr(gguf.MODEL_ARCH, ARCHS[cfg.model_type])
+    arch_name = gguf.MODEL_ARCH_NAMES[arch]
+    names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(out), arch_name)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer.add_name(Path(str(cfg.name_or_path or "qtune-merged")).name)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta") or getattr(cfg, "rope_theta", 10000.0)
+    writer.add_rope_freq_base(float(rope))
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if qtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    _add_tokenizer(writer, tokenizer, cfg.vocab_size, cfg.model_type)
+
+    state = model.state_dict()
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    for hf_name, tensor in state.items():
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp reuses token_embd when output.weight is absent
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ConfigError(f"merge.gguf: no GGUF name for tensor {hf_name}")
+        data = tensor.detach().float().cpu()
+        if cfg.model_type == "llama" and hf_name.endswith("q_proj.weight"):
+            data = _permute(data, cfg.num_attention_heads)
+        elif cfg.model_type == "llama" and hf_name.endswith("k_proj.weight"):
+            data = _permute(data, cfg.num_key_value_heads)
+        arr = data.numpy()
+        if arr.ndim == 1:
+            writer.add_tensor(name, arr.astype(np.float32))
+        elif qtype == "q8_0" and arr.shape[-1] % 32 == 0:
+            q = gguf.quants.quantize(arr.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, arr.astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def _permute(w, n_head: int):
+    """HF's rotary halves -> GGML's interleaved pairs (llama.cpp's convert_hf_to_gguf LlamaModel.permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _add_tokenizer(writer, tokenizer, vocab_size: int, model_type: str) -> None:
+    """Byte-level BPE ("gpt2" in GGUF): tokens in id order, their types, merges, special ids, chat template."""
+    import gguf
+
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = backend["model"]
+    if model.get("type") != "BPE":
+        raise ConfigError(f"merge.gguf: only byte-level BPE tokenizers are exported (this one is {model.get('type')})")
+    vocab = tokenizer.get_vocab()
+    by_id = {i: t for t, i in vocab.items()}
+    added = {a["id"]: a for a in backend.get("added_tokens", [])}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i in by_id:
+            tokens.append(by_id[i])
+            a = added.get(i)
+            types.append(gguf.TokenType.NORMAL if a is None else
+                         gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED)
+        else:  # the model's embedding is larger than the tokenizer (Qwen3: 151,936 rows)
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre({"qwen3": "qwen2"}.get(model_type, "smollm" if "smol" in str(tokenizer.name_or_path).lower() else "default"))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    if tokenizer.bos_token_id is not None:
+        writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_add_bos_token(False)
+    if tokenizer.eos_token_id is not None:
+        writer.add_eos_token_id(tokenizer.eos_token_id)
+    if tokenizer.pad_token_id is not None:
+        writer.add_pad_token_id(tokenizer.pad_token_id)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def verify(path: Path, reference_model, tokenizer, inputs: list[dict]) -> dict:
+    """Load the GGUF file back with transformers and compare next-token choices with the merged model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # Both sides in fp32, so the comparison sees the file's rounding, not bf16 arithmetic (bf16 -> fp32 -> bf16
+    # round-trips exactly, so the merged model is left as it was).
+    dtype = next(reference_model.parameters()).dtype
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    loaded.eval()
+    agree, worst = [], 0.0
+    reference_model.float()
+    try:
+        with torch.no_grad():
+            for x in inputs:
+                a = reference_model(**x).logits.float()
+                b = loaded(**x).logits.float()
+                agree.append((a.argmax(-1) == b.argmax(-1)).float().mean().item())
+                worst = max(worst, (a - b).abs().max().item())
+    finally:
+        reference_model.to(dtype)
+    return {"file": str(path), "bytes": path.stat().st_size, "top1_agreement": sum(agree) / len(agree),
+            "max_abs_diff": worst}
