@@ -12,7 +12,6 @@ comparison loads its weights once, plus the merged model if there is one.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -230,19 +229,17 @@ def heldout_loss(model, rows: list[dict]) -> float:
     """Mean loss per trained token over the held-out rows (packed rows keep their sequence boundaries)."""
     import torch
 
+    from qtune.data.prepare import row_tensors
+
     device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.no_grad():
         for row in rows:
-            ids = torch.tensor([row["input_ids"]], device=device)
-            labels = torch.tensor([row["labels"]], device=device)
-            kw = {}
-            if "seq_lengths" in row:
-                kw["position_ids"] = torch.cat([torch.arange(n) for n in row["seq_lengths"]])[None].to(device)
-            n = int((labels[:, 1:] != -100).sum())
+            batch = row_tensors(row, device, labels=True)
+            n = int((batch["labels"][:, 1:] != -100).sum())
             if n == 0:
                 continue
-            loss = model(input_ids=ids, labels=labels, use_cache=False, **kw).loss
+            loss = model(**batch, use_cache=False).loss
             total += loss.item() * n
             count += n
     return total / count if count else float("nan")
@@ -252,15 +249,14 @@ def answer(model, tokenizer, prompt: dict, cfg: Config, rcfg: Config, index: int
     """The model's answer(s) to one prompt, timed, with reference metrics."""
     import torch
 
-    from qtune.data.template import resolve_template
+    from qtune.data.template import prompt_inputs, resolve_template
     from qtune.evaluation.metrics import consistency, reference_scores
 
     template, _ = resolve_template(tokenizer, rcfg.model.chat_template, rcfg.model.name)
     messages = ([{"role": "system", "content": prompt["system"]}] if prompt["system"] else []) + \
         [{"role": "user", "content": prompt["prompt"]}]
-    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=True, enable_thinking=cfg.chat.enable_thinking)
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in prompt_inputs(tokenizer, template, messages, cfg.chat.enable_thinking).items()}
     sample = cfg.eval.repeats > 1
     answers, timings = [], []
     for k in range(cfg.eval.repeats):

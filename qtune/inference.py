@@ -40,7 +40,6 @@ class Loaded:
 
 def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None = None) -> Loaded:
     """The model to talk to. use: auto | merged | adapter | base (see the module doc)."""
-    import torch  # noqa: F401
     from transformers import AutoModelForCausalLM
 
     from qtune.data.template import resolve_template
@@ -94,8 +93,10 @@ def _adapter_dir(path: str) -> Path:
 
 
 def render(loaded: Loaded, messages: list[dict], enable_thinking: bool) -> str:
-    return loaded.tokenizer.apply_chat_template(messages, chat_template=loaded.template, tokenize=False,
-                                                add_generation_prompt=True, enable_thinking=enable_thinking)
+    from qtune.data import template
+
+    return template.render(loaded.tokenizer, loaded.template, messages, add_generation_prompt=True,
+                           enable_thinking=enable_thinking)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json as _json
 import re
 
-from qtune.config.schema import Config, MoeScope
+from qtune.config.schema import Config
 
 
 def inspect(cfg: Config) -> dict:
@@ -35,7 +35,6 @@ def inspect(cfg: Config) -> dict:
         kinds[k]["targets"] += 1
     mem = estimate(model, arch, matched, cfg.quant, cfg.data.max_length * cfg.train.batch_size,
                    cfg.train.gradient_checkpointing, on_gpu=True)
-    asked = _asked_patterns(cfg, matched.is_moe)
     return {
         "model": cfg.model.name, "is_moe": matched.is_moe,
         "settings": {"lora_r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules),
@@ -44,7 +43,7 @@ def inspect(cfg: Config) -> dict:
                      "expert_selection": str(cfg.moe.expert_selection), "quant": str(cfg.quant.method)},
         "experts_per_layer": arch.num_experts, "experts_per_token": arch.num_experts_per_tok,
         "layers": layers,
-        "patterns": {p: (p not in matched.unmatched) for p in asked},
+        "patterns": {p: (p not in matched.unmatched) for p in matched.asked},
         "unmatched": matched.unmatched,
         "params": {"total": total, "trainable": matched.trainable, "allocated": matched.allocated, "by_kind": kinds},
         "memory": mem.as_dict(),
@@ -60,16 +59,6 @@ def run(cfg: Config, json: bool = False, dry_run: bool = True) -> dict:
 
         ui.show_moe_report(report)
     return report
-
-
-def _asked_patterns(cfg: Config, is_moe: bool) -> list[str]:
-    asked = [cfg.lora.target_regex] if cfg.lora.target_regex else list(cfg.lora.target_modules)
-    asked += [f"modules_to_save:{e}" for e in cfg.lora.modules_to_save]
-    if is_moe and cfg.moe.scope in (MoeScope.expert_only, MoeScope.all):
-        asked += list(cfg.moe.expert_patterns)
-    if is_moe and cfg.moe.scope in (MoeScope.router_only, MoeScope.all):
-        asked += list(cfg.moe.router_patterns)
-    return asked
 
 
 def _param_kind(name: str) -> str:

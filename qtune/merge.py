@@ -190,12 +190,7 @@ def _cuda() -> bool:
 
 
 def _parity_inputs(tokenizer, cfg: Config) -> list[dict]:
-    from qtune.data.template import resolve_template
+    from qtune.data.template import prompt_inputs, resolve_template
 
     template, _ = resolve_template(tokenizer, cfg.model.chat_template, cfg.model.name)
-    inputs = []
-    for prompt in PARITY_PROMPTS:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], chat_template=template,
-                                             tokenize=False, add_generation_prompt=True)
-        inputs.append(dict(tokenizer(text, return_tensors="pt", add_special_tokens=False)))
-    return inputs
+    return [prompt_inputs(tokenizer, template, [{"role": "user", "content": p}]) for p in PARITY_PROMPTS]

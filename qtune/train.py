@@ -136,23 +136,15 @@ def _expert_selection(cfg: Config, model, matched, out: Path, train_ds) -> dict:
         return {}
     selection = moe.load_selection(out)
     if selection is None:
-        batches = [_row_batch(train_ds[i], model.device) for i in range(min(len(train_ds), 16))]
+        from qtune.data.prepare import row_tensors
+
+        batches = [row_tensors(train_ds[i], model.device) for i in range(min(len(train_ds), 16))]
         selection = moe.select_experts(model, matched, cfg.moe, batches)
         moe.save_selection(out, selection, cfg.moe)
     some = next(iter(selection.items()))
     ui.info(f"moe.max_experts={cfg.moe.max_experts} ({cfg.moe.expert_selection}): adapters on experts "
             f"{some[1]} of {some[0]}, … (all in {out / 'experts.json'})")
     return selection
-
-
-def _row_batch(row: dict, device) -> dict:
-    import torch
-
-    ids = torch.tensor([row["input_ids"]], device=device)
-    if "seq_lengths" in row:  # packed: positions restart at each sequence, as in training
-        pos = torch.cat([torch.arange(n) for n in row["seq_lengths"]])[None].to(device)
-        return {"input_ids": ids, "position_ids": pos}
-    return {"input_ids": ids}
 
 
 def _model(cfg: Config, device: str, dtype, out: Path, train_ds):
@@ -257,16 +249,16 @@ def _samples(cfg: Config, model, tokenizer, out: Path, when: str) -> list[dict] 
         return None
     import torch
 
-    from qtune.data.template import resolve_template
+    from qtune.data.template import prompt_inputs, resolve_template
 
     template, _ = resolve_template(tokenizer, cfg.model.chat_template, cfg.model.name)
+    device = next(model.parameters()).device
     rows = []
     was_training = model.training
     model.eval()
     for prompt in cfg.train.sample_prompts:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], chat_template=template,
-                                             tokenize=False, add_generation_prompt=True, enable_thinking=False)
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
+        ids = {k: v.to(device) for k, v in prompt_inputs(tokenizer, template, [{"role": "user", "content": prompt}],
+                                                           enable_thinking=False).items()}
         with torch.no_grad():
             gen = model.generate(**ids, max_new_tokens=cfg.train.sample_max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, use_cache=True)

@@ -267,6 +267,19 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
     return Prepared(out, stats, False, warnings)
 
 
+def row_tensors(row: dict, device, labels: bool = False) -> dict:
+    """One prepared row as a batch of one; a packed row gets position ids restarting at each sequence,
+    as in training (the attention then stays inside each sequence)."""
+    import torch
+
+    out = {"input_ids": torch.tensor([row["input_ids"]], device=device)}
+    if "seq_lengths" in row:
+        out["position_ids"] = torch.cat([torch.arange(n) for n in row["seq_lengths"]])[None].to(device)
+    if labels:
+        out["labels"] = torch.tensor([row["labels"]], device=device)
+    return out
+
+
 def split_stats(ds, kept, sources: list[SourceConfig], max_length: int) -> dict:
     length = np.asarray(ds["length"])
     trainable = np.asarray(ds["trainable"])

@@ -42,6 +42,12 @@ def render(tokenizer, template: str, messages: list[dict], add_generation_prompt
                                          add_generation_prompt=add_generation_prompt, **kw)
 
 
+def prompt_inputs(tokenizer, template: str, messages: list[dict], enable_thinking: bool | None = None) -> dict:
+    """A generation prompt as model inputs (tensors): rendered with `template`, no special tokens added."""
+    text = render(tokenizer, template, messages, add_generation_prompt=True, enable_thinking=enable_thinking)
+    return dict(tokenizer(text, return_tensors="pt", add_special_tokens=False))
+
+
 def probe_markers(tokenizer, template: str) -> Markers:
     user = [{"role": "user", "content": _Q}]
     before = render(tokenizer, template, user)

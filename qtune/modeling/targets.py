@@ -16,6 +16,7 @@ adapts exactly this list: no suffix rule or PEFT-side name mapping can widen it.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -49,6 +50,7 @@ class Matched:
     targets: list[Target]
     unmatched: list[str] = field(default_factory=list)  # patterns / names that matched nothing
     is_moe: bool = False
+    asked: list[str] = field(default_factory=list)      # every pattern / name the settings asked for
 
     @property
     def trainable(self) -> int:
@@ -150,7 +152,7 @@ def match(model, lora: LoraConfig, moe: MoeConfig) -> Matched:
                     used.add(pat)
                 for n, s in hits:
                     if moe.router_mode is RouterMode.full:  # PEFT trains a copy of the whole gate module
-                        targets.append(Target(n.removesuffix(".weight"), "router", "full", s, _numel(s)))
+                        targets.append(Target(n.removesuffix(".weight"), "router", "full", s, math.prod(s)))
                     else:
                         targets.append(Target(n, "router", "lora_param", s, lora_params(s, lora.r)))
 
@@ -176,7 +178,7 @@ def match(model, lora: LoraConfig, moe: MoeConfig) -> Matched:
     if is_moe and moe.scope in (MoeScope.router_only, MoeScope.all):
         asked += list(moe.router_patterns)
     unmatched = [a for a in asked if a not in used]
-    return Matched(targets, unmatched, is_moe)
+    return Matched(targets, unmatched, is_moe, asked)
 
 
 def unmatched_message(pattern: str, model_name: str, is_moe: bool) -> str:
@@ -184,13 +186,6 @@ def unmatched_message(pattern: str, model_name: str, is_moe: bool) -> str:
     if is_moe and pattern in ("gate_proj", "up_proj", "down_proj"):
         hint = " (its experts are fused tensors: moe.scope and moe.expert_patterns reach them)"
     return f"'{pattern}' matches nothing in {model_name}{hint}"
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _fused_expert_params(model) -> list[tuple[str, tuple[int, ...]]]:
@@ -245,9 +240,7 @@ def apply_dropout(peft_model, p: float) -> int:
     n = 0
     for module in peft_model.modules():
         drop = getattr(module, "lora_dropout", None)
-        if isinstance(drop, nn.ModuleDict) and isinstance(module, nn.Linear) is False and hasattr(module, "base_layer"):
-            if type(module).__name__ == "ParamWrapper":
-                continue
+        if isinstance(drop, nn.ModuleDict) and hasattr(module, "base_layer") and type(module).__name__ != "ParamWrapper":
             for key in list(drop.keys()):
                 drop[key] = nn.Dropout(p)
                 n += 1
