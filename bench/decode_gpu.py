@@ -1,17 +1,28 @@
 """Batch-1 decoding speed on a merged 16-bit Qwen3-8B-shaped model, qtune's paths vs plain generate.
 
 Run on a GPU machine from the repository root:  python3 bench/decode_gpu.py
-Variants (each: 32-token prompt, 256 new tokens, greedy, min_new_tokens so all produce the same count):
-  plain       model.generate(), dynamic cache (what a transformers user gets)
-  static      cache_implementation="static" (transformers compiles the decoding step itself)
-  qtune       qtune.inference.Generation (streaming, stop criteria) with chat.cache=static
-  seed        the seed recipe's path: nf4 base + unmerged LoRA adapter, plain generate
-Prints a table with tok/s and the ratio to `plain`; writes $OUT/decode_gpu.json.
+Variants (32-token prompt, NEW new tokens, min_new_tokens so all produce the same count; each warmed up once
+at the same length, so compilation and cache sizing stay outside the clock):
+  plain            model.generate(), dynamic cache (what a transformers user gets)
+  static           generate with cache_implementation="static" (transformers compiles the step)
+  qtune_graph      qtune.inference.Generation, greedy: qtune.decoding, one CUDA graph a token (chat/serve default)
+  qtune_graph_chat the same with chat's sampling defaults (temperature 0.7, top-p 0.9, top-k 20, penalty 1.05)
+  qtune_static     qtune.inference.Generation with chat.cache=static (the path before qtune.decoding)
+  graph_replay     the captured step alone, replayed back to back: the GPU's time a token, no Python at all
+  seed_nf4_adapter the seed recipe's chat: nf4 base + unmerged LoRA adapter, plain generate
+Correctness: the tokens greedy graph decoding chose, and those plain and static generate chose, are checked
+against the eager model run over the whole sequence at once (teacher forcing): how often each is its argmax,
+and how far below the best logit a chosen token is (random weights give near-flat logits, so plain generate's
+own figures are the yardstick for kernel rounding).
+Each group (generate, graph, seed) runs in its own process, so a crash is reported and the rest still runs.
+Writes $OUT/decode_gpu.json.
 """
 import json
 import os
+import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -20,11 +31,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "seed"))
 sys.path.insert(0, str(HERE.parent))
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
-NEW = 256
+NEW = int(os.environ.get("NEW", 256))
+T0 = time.time()
 
 
 def timed(fn, n=NEW):
-    fn(n)  # warm-up at the same length: compilation (and a static cache's size) outside the clock
+    fn(n)
     torch.cuda.synchronize()
     t = time.perf_counter()
     fn(n)
@@ -32,24 +44,33 @@ def timed(fn, n=NEW):
     return n / (time.perf_counter() - t)
 
 
-def main():
+def run_group(group):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from randckpt import PATH, make_checkpoint
+    from randckpt import PATH
 
-    OUT.mkdir(parents=True, exist_ok=True)
-    make_checkpoint()
     info = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__,
-                transformers=__import__("transformers").__version__)
-    print(json.dumps(info), flush=True)
-    results = {}
+                transformers=__import__("transformers").__version__, new_tokens=NEW)
+    print(json.dumps(info), f"checkpoint ready at {time.time() - T0:.0f}s", flush=True)
+    results, checks = {}, {}
+
+    def save():
+        (OUT / f"decode_gpu-{group}.json").write_text(json.dumps(dict(info=info, results=results, checks=checks), indent=1))
 
     def keep(name, value, note=""):
         results[name] = dict(tok_s=round(value, 1) if value else None, note=note)
-        print(json.dumps({name: results[name]}), flush=True)
-        (OUT / "decode_gpu.json").write_text(json.dumps(dict(info=info, results=results), indent=1))
+        print(f"[{time.time() - T0:.0f}s]", json.dumps({name: results[name]}), flush=True)
+        save()
+
+    def attempt(name, fn, n=NEW):
+        try:
+            keep(name, timed(fn, n))
+        except Exception:
+            keep(name, None, traceback.format_exc(limit=-4)[-700:])
 
     tok = AutoTokenizer.from_pretrained(PATH)
+    if group == "seed":
+        return seed(PATH, attempt)
     model = AutoModelForCausalLM.from_pretrained(PATH, dtype=torch.bfloat16, device_map={"": 0})
     model.eval()
     ids = torch.randint(0, 500, (1, 32), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
@@ -57,57 +78,122 @@ def main():
     def gen(**kw):
         def run(n):
             with torch.no_grad():
-                model.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw)
+                return model.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw)
         return run
 
-    keep("plain", timed(gen()))
-    from transformers import CompileConfig
+    # correctness: teacher-forced eager logits over prompt + decoded tokens
+    def check(name, tokens):
+        t = torch.tensor(tokens, device="cuda")
+        with torch.no_grad():
+            logits = model(torch.cat([ids, t[None, :-1]], 1)).logits[0, ids.shape[1] - 1:].float()
+        best = logits.max(-1).values
+        gap = best - logits.gather(1, t[:, None])[:, 0]
+        top2 = logits.topk(2, -1).values
+        checks[name] = dict(tokens=len(tokens), argmax_equal=round(float((gap == 0).float().mean()), 4),
+                            max_gap=round(float(gap.max()), 4), mean_gap=round(float(gap.mean()), 5),
+                            median_top2_margin=round(float((top2[:, 0] - top2[:, 1]).median()), 4),
+                            logit_std=round(float(logits.std()), 4))
+        print(f"[{time.time() - T0:.0f}s] check", name, json.dumps(checks[name]), flush=True)
+        save()
 
-    for name, kw in (("static", dict(cache_implementation="static")),
-                     ("static_cudagraphs", dict(cache_implementation="static",
-                                                compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead")))):
+    def guarded(name, fn):
         try:
-            keep(name, timed(gen(**kw)))
-        except Exception as e:
-            keep(name, None, repr(e)[:300])
+            fn()
+        except Exception:
+            checks[name] = traceback.format_exc(limit=-4)[-700:]
+            print(checks[name], flush=True)
+            save()
 
-    # qtune's own path: what chat and serve run
     from qtune.inference import Generation, Loaded, Sampling
 
     loaded = Loaded(model, tok, tok.chat_template, "bench")
-    for cache in ("static",):
-        def q(n, cache=cache):
-            s = Sampling(max_new_tokens=n, temperature=0, repetition_penalty=1.0, cache=cache, min_new_tokens=n)
-            for _ in Generation(loaded, "the model fine tune lora token quant expert router layer " * 3, s):
+    prompt = tok.decode(ids[0])
+
+    def q(cache, **sampling):
+        def run(n):
+            s = Sampling(max_new_tokens=n, cache=cache, min_new_tokens=n, **sampling)
+            for _ in Generation(loaded, prompt, s):
                 pass
-        try:
-            keep(f"qtune_{cache}", timed(q))
-        except Exception as e:
-            keep(f"qtune_{cache}", None, repr(e)[:300])
-    del model, loaded
-    torch.cuda.empty_cache()
+        return run
 
-    # the seed recipe's chat: nf4 base + unmerged adapter
-    try:
-        from peft import LoraConfig, get_peft_model
-        from transformers import BitsAndBytesConfig
+    greedy = dict(temperature=0, repetition_penalty=1.0)
+    if group == "generate":
+        attempt("plain", gen(), n=128)
+        attempt("static", gen(cache_implementation="static"))
+        attempt("qtune_static", q("static", **greedy))
+        guarded("plain_generate", lambda: check("plain_generate", gen()(128)[0, ids.shape[1]:].tolist()))
+        guarded("static_generate", lambda: check("static_generate",
+                                                 gen(cache_implementation="static")(128)[0, ids.shape[1]:].tolist()))
+        return
+    attempt("qtune_graph", q("graph", **greedy))
+    attempt("qtune_graph_chat", q("graph", temperature=0.7, top_p=0.9, top_k=20, repetition_penalty=1.05))
 
-        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(PATH, quantization_config=qc, dtype=torch.bfloat16, device_map={"": 0})
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                                      "gate_proj", "up_proj", "down_proj"]))
-        model.eval()
-        keep("seed_nf4_adapter", timed(gen(), n=32))
-    except Exception as e:
-        keep("seed_nf4_adapter", None, repr(e)[:300])
+    def graph_tokens():
+        out = []
+        loaded.decoder.generate(ids, 128, out.append, min_new_tokens=128)
+        check("qtune_graph", out)
+    guarded("qtune_graph", graph_tokens)
 
-    base = results["plain"]["tok_s"]
+    def replay_rate(steps=200):     # the captured step alone: the GPU's time a token
+        step = loaded.decoder.steps[(1024, False, 0)]
+        step.start(ids, 0.0, 1.0, 1.0)
+        step.step()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(steps):
+            step.graph.replay()
+        torch.cuda.synchronize()
+        keep("graph_replay", steps / (time.perf_counter() - t))
+    guarded("graph_replay", replay_rate)
+
+
+def seed(path, attempt):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=qc, dtype=torch.bfloat16, device_map={"": 0})
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model.eval()
+    ids = torch.randint(0, 500, (1, 32), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+
+    def run(n):
+        with torch.no_grad():
+            model.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    attempt("seed_nf4_adapter", run, n=32)
+
+
+def main():
+    """Each group in its own process, so that a crash in one is reported and the others still run."""
+    from randckpt import make_checkpoint
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    make_checkpoint()
+    merged = dict(results={}, checks={}, runs={})
+    for group in ("generate", "graph", "seed"):
+        t = time.time()
+        proc = subprocess.run([sys.executable, "-X", "faulthandler", __file__, group], capture_output=True, text=True)
+        tail = "\n".join(line for line in (proc.stdout + proc.stderr).splitlines()
+                         if "Warning" not in line and "warn(" not in line and "Loading weights" not in line)[-3000:]
+        merged["runs"][group] = dict(exit=proc.returncode, seconds=round(time.time() - t))
+        print(f"== {group}: exit {proc.returncode} in {time.time() - t:.0f}s\n{tail}", flush=True)
+        part = OUT / f"decode_gpu-{group}.json"
+        if part.exists():
+            d = json.loads(part.read_text())
+            merged["info"] = d["info"]
+            merged["results"].update(d["results"])
+            merged["checks"].update(d["checks"])
+            part.unlink()
+        (OUT / "decode_gpu.json").write_text(json.dumps(merged, indent=1))
+    results = merged["results"]
+    base = (results.get("plain") or {}).get("tok_s")
     print("\n| variant | tok/s | vs plain | note |\n|---|---|---|---|")
     for k, v in results.items():
         ratio = f"{v['tok_s'] / base:.2f}" if v["tok_s"] and base else "-"
-        print(f"| {k} | {v['tok_s']} | {ratio} | {v['note']} |")
+        print(f"| {k} | {v['tok_s']} | {ratio} | {v['note'][-200:]!r} |")
 
 
 if __name__ == "__main__":
-    main()
+    run_group(sys.argv[1]) if len(sys.argv) > 1 else main()

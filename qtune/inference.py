@@ -24,6 +24,7 @@ class Loaded:
     base_name: str                # the name requests use for the base model
     adapters: dict[str, Path] = field(default_factory=dict)
     label: str = ""               # what was loaded, for people
+    decoder: object = None        # a GraphDecoder, made on first use where one can run (qtune.decoding)
 
     def names(self) -> list[str]:
         return [self.base_name, *self.adapters]
@@ -40,15 +41,16 @@ class Loaded:
 
 def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None = None) -> Loaded:
     """The model to talk to. use: auto | merged | adapter | base (see the module doc)."""
+    from qtune.merge import run_config, run_folder
+
+    run = run_folder(cfg) if cfg.run else None   # a wrong run= fails before the libraries load
     from transformers import AutoModelForCausalLM
 
     from qtune.data.template import resolve_template
     from qtune.download import ensure_model
-    from qtune.merge import run_config, run_folder
     from qtune.modeling.load import load_model, load_tokenizer, pick_device, quiet_libraries
 
     quiet_libraries()
-    run = run_folder(cfg) if cfg.run else None
     rcfg = run_config(run, cfg) if run else cfg
     device, dtype = pick_device(rcfg.train.device, rcfg.train.dtype)
     merged = run / "merged" if run else None
@@ -107,7 +109,7 @@ class Sampling:
     top_k: int = 20
     repetition_penalty: float = 1.05
     stop: list[str] = field(default_factory=list)
-    cache: str = "auto"           # auto | dynamic | static (a fixed-size KV cache; transformers compiles the decode step)
+    cache: str = "auto"           # auto | dynamic | static | graph (see ChatConfig.cache)
     min_new_tokens: int | None = None
 
     @classmethod
@@ -144,10 +146,27 @@ class Generation:
                            repetition_penalty=sampling.repetition_penalty, streamer=self.streamer,
                            stopping_criteria=StoppingCriteriaList([_Stop()]),
                            pad_token_id=tok.pad_token_id, use_cache=True)
-        # A static cache lets transformers compile the decoding step: 4.6x faster on an H100 (docs/benchmarks.md);
-        # on CPU the compilation costs more than it saves.
-        if sampling.cache == "static" or (sampling.cache == "auto" and device.type == "cuda"):
+        # On a GPU, a 16-bit model without unmerged adapters decodes through qtune.decoding (one CUDA graph a
+        # token); other GPU models through generate's static cache, which transformers compiles; on CPU the
+        # compilation costs more than it saves (docs/benchmarks.md).
+        self.sampling = sampling
+        self.decoder = None
+        if sampling.cache == "graph" or (sampling.cache == "auto" and device.type == "cuda"):
+            from qtune import decoding
+
+            why = decoding.supported(loaded.model)
+            if why is None:
+                if loaded.decoder is None:   # off a GPU the same loop runs eagerly (tests, debugging)
+                    gpu = device.type == "cuda"
+                    loaded.decoder = decoding.GraphDecoder(loaded.model, graph=gpu, compile=gpu)
+                self.decoder = loaded.decoder
+            elif sampling.cache == "graph":
+                raise ConfigError(f"chat.cache=graph: cannot decode {why} with a CUDA graph; use chat.cache=static")
+        self._in_worker = lambda: None
+        if self.decoder is None and (sampling.cache == "static" or (sampling.cache == "auto" and device.type == "cuda")):
             self.kwargs["cache_implementation"] = "static"
+            if device.type == "cuda":
+                self._in_worker = _share_cudagraph_state()
         if sampling.min_new_tokens:
             self.kwargs["min_new_tokens"] = sampling.min_new_tokens
         self.max_new_tokens = sampling.max_new_tokens
@@ -159,6 +178,10 @@ class Generation:
         import torch
 
         try:
+            if self.decoder is not None:
+                self._decode()
+                return
+            self._in_worker()
             with torch.no_grad():
                 out = self.loaded.model.generate(**self.kwargs)
             self.completion_tokens = int(out.shape[1]) - self.prompt_tokens
@@ -166,6 +189,19 @@ class Generation:
                 self.finish_reason = "length"
         except BaseException as e:  # surfaced in the iterating thread
             self.error = e
+            self.streamer.end()
+
+    def _decode(self):
+        import torch
+
+        s = self.sampling
+        self.streamer.put(self.inputs["input_ids"].cpu())          # the prompt, which the streamer skips
+        try:
+            self.completion_tokens, self.finish_reason = self.decoder.generate(
+                self.inputs["input_ids"], s.max_new_tokens, lambda t: self.streamer.put(torch.tensor([t])),
+                self._stop.is_set, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                repetition_penalty=s.repetition_penalty, min_new_tokens=s.min_new_tokens or 0)
+        finally:
             self.streamer.end()
 
     def __iter__(self):
@@ -193,3 +229,25 @@ class Generation:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _share_cudagraph_state():
+    """generate's compiled static-cache step runs under inductor's CUDA-graph trees, which keep their state in the
+    thread that imported them; torch before 2.13 asserts when such a function runs in another Python thread
+    (pytorch/pytorch#123177), as Generation's worker is. Returns a function that, called in the worker, shares
+    this thread's state with it (the fix torch 2.13 makes itself)."""
+    import torch
+
+    try:
+        from torch._inductor import cudagraph_trees as trees
+
+        names = ("tree_manager_containers", "tree_manager_locks")
+        state = {name: trees.get_obj(trees.local, name) for name in names}
+    except Exception:  # a torch that keeps it elsewhere: nothing to share
+        return lambda: None
+
+    def share():
+        for name, obj in state.items():
+            if not torch._C._is_key_in_tls(name):
+                torch._C._stash_obj_in_tls(name, obj)
+    return share

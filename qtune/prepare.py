@@ -5,6 +5,9 @@ from qtune.config.schema import Config
 
 
 def run(cfg: Config, dry_run: bool = False):
+    from qtune.data.prepare import check_inputs
+
+    check_inputs(cfg.data)                       # a typo fails before the tokenizer and libraries load
     from qtune import ui
     from qtune.data.prepare import prepare, preview
     from qtune.modeling.load import load_tokenizer

@@ -29,13 +29,14 @@ class TrainingError(QtuneError):
 def run(cfg: Config, dry_run: bool = False):
     if dry_run:
         return plan(cfg, show=True)
+    from qtune.data.prepare import check_inputs
+
+    check_inputs(cfg.data)                       # cheap checks first: no model loads, no heavy imports for a typo
     from qtune import runs, ui
     from qtune.callbacks import GracefulStop
-    from qtune.data.prepare import check_inputs
     from qtune.modeling.load import pick_device, quiet_libraries
 
-    check_inputs(cfg.data)                       # cheap checks first: no model loads for a typo
-    quiet_libraries()
+    quiet_libraries(trl=True)
     device, dtype = pick_device(cfg.train.device, cfg.train.dtype)
     out = Path(cfg.train.output_dir).expanduser()
     resume = runs.resume_point(out, cfg)                                         # 1

@@ -83,3 +83,11 @@ def smol_run(smollm2, tmp_path_factory) -> Path:
           f"train.output_dir={run}", "train.max_steps=8", "train.save_steps=8", "train.lr=1e-3",
           f"train.sample_prompts=[{SMOL_PROMPT}]", "train.sample_max_new_tokens=12", check=True)
     return run
+
+
+@pytest.fixture(scope="session")
+def smol_merged(smol_run) -> Path:
+    """smol_run merged once into <run>/merged, with GGUF f16/q8_0 and the nf4 checkpoint: the export tests and
+    eval's merged model share it (transformers' GGUF load-back is the slow part)."""
+    qtune("merge", f"run={smol_run}", "merge.gguf=[f16,q8_0]", "merge.save_4bit=true", check=True, timeout=900)
+    return smol_run / "merged"

@@ -15,9 +15,8 @@ PROMPTS = REPO / "data" / "demo" / "eval_prompts.jsonl"
 
 
 @pytest.mark.slow
-def test_adapter_beats_base_and_the_report_has_every_answer(smol_run):
-    assert qtune("merge", f"run={smol_run}", check=True).returncode == 0
-    p = qtune("eval", f"run={smol_run}", f"eval.prompts={PROMPTS}", "eval.max_new_tokens=12")
+def test_adapter_beats_base_and_the_report_has_every_answer(smol_run, smol_merged):
+    p = qtune("eval", f"run={smol_run}", f"eval.prompts={PROMPTS}", "eval.max_new_tokens=8")
     assert p.returncode == 0, p.stdout + p.stderr
     out = smol_run / "eval"
     for name in ("report.md", "results.jsonl", "summary.json", "chart.png"):

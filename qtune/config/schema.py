@@ -266,11 +266,13 @@ class ChatConfig:
     top_k: int = 20
     repetition_penalty: float = 1.05
     enable_thinking: bool = False
-    cache: str = "auto"               # auto (static on a GPU, dynamic on CPU) | dynamic | static (compiled decoding)
+    # auto: on a GPU, CUDA-graph decoding (qtune.decoding) for 16-bit models without unmerged adapters, else a
+    # static cache that transformers compiles; dynamic on CPU | dynamic | static | graph
+    cache: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.cache not in ("auto", "dynamic", "static"):
-            raise ValueError(f"chat.cache={self.cache}: valid: auto, dynamic, static")
+        if self.cache not in ("auto", "dynamic", "static", "graph"):
+            raise ValueError(f"chat.cache={self.cache}: valid: auto, dynamic, static, graph")
 
 
 @dataclass

@@ -107,8 +107,9 @@ def prepare_for_training(model, gradient_checkpointing: bool) -> None:
         model.enable_input_require_grads()
 
 
-def quiet_libraries() -> None:
-    """Our progress and messages replace the libraries' bars, deprecation notes and advice."""
+def quiet_libraries(trl: bool = False) -> None:
+    """Our progress and messages replace the libraries' bars, deprecation notes and advice. trl=True (train only:
+    importing TRL costs seconds) also quiets TRL, whose loggers are set up when it is imported."""
     import warnings
 
     import transformers
@@ -117,6 +118,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*(MatMul8bitLt|ensure_weight_tying|torch.jit).*")
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    if not trl:
+        return
     import logging
 
     import trl.trainer.sft_trainer  # noqa: F401  (its loggers exist once imported)

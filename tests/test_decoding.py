@@ -1,0 +1,116 @@
+"""qtune.decoding's step, run eagerly on CPU, against transformers' generate (the GPU graph path is benchmarked
+and checked token by token against eager logits in bench/decode_gpu.py)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def model(tiny_qwen3):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32)
+    m.eval()
+    m.generation_config.eos_token_id = [7, 11]
+    return m
+
+
+def decode(model, ids, n, **kw):
+    from qtune.decoding import GraphDecoder
+
+    out: list[int] = []
+    count, reason = GraphDecoder(model, graph=False, compile=False).generate(ids, n, out.append, **kw)
+    return out, count, reason
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    m.eval()
+    return m
+
+
+@pytest.mark.parametrize("which,penalty", [("model", 1.0), ("model", 3.0), ("smol", 1.3)])
+def test_greedy_tokens_equal_generate(which, penalty, request):
+    model = request.getfixturevalue(which)
+    ids = torch.tensor([[1, 504, 3575, 282, 4649, 314, 216]])
+    ref = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, repetition_penalty=penalty,
+                         pad_token_id=0)[0, ids.shape[1]:].tolist()
+    out, count, reason = decode(model, ids, 24, repetition_penalty=penalty, min_new_tokens=24)
+    assert out == ref and count == 24 and reason == "length"
+
+
+def test_stops_at_end_of_text_and_when_asked(model):
+    ids = torch.tensor([[5, 9, 2, 14]])
+    free, _, _ = decode(model, ids, 40, min_new_tokens=40, repetition_penalty=3.0)
+    k = next(i for i in range(3, 40) if free[i] not in free[:i])
+    model.generation_config.eos_token_id = [free[k]]       # a token first produced at k becomes end-of-text
+    try:
+        out, count, reason = decode(model, ids, 40, repetition_penalty=3.0)
+        assert (out, count, reason) == (free[:k], k + 1, "stop")
+        banned, count, _ = decode(model, ids, k + 4, min_new_tokens=k + 4, repetition_penalty=3.0)
+        assert free[k] not in banned and count == k + 4
+    finally:
+        model.generation_config.eos_token_id = [7, 11]
+    seen: list[int] = []
+    from qtune.decoding import GraphDecoder
+
+    count, reason = GraphDecoder(model, graph=False, compile=False).generate(
+        ids, 40, seen.append, should_stop=lambda: len(seen) >= 3, min_new_tokens=40)
+    assert (len(seen), reason) == (3, "stop")
+
+
+@pytest.mark.parametrize("top_k", [5, 0])
+def test_sampling_follows_the_filtered_distribution(model, top_k):
+    from qtune.decoding import _Step
+
+    step = _Step(model, 64, sample=True, top_k=top_k, eos=[], graph=False)
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0] + [-30.0] * (step.seen.numel() - 5))
+    n = 1500 if top_k else 200          # a full-vocabulary sort a draw is slow on CPU
+    torch.manual_seed(0)
+    draws = torch.cat([step.pick(logits) for _ in range(n)])
+    want = logits.softmax(-1)[:5]
+    got = torch.bincount(draws, minlength=5)[:5].float() / n
+    assert (got - want).abs().max() < 3 * (0.25 / n) ** 0.5, (got, want)
+    # top-p 0.8: the two most likely tokens hold 0.83 of the mass, the first alone 0.61
+    step.top_p.fill_(0.8)
+    draws = torch.cat([step.pick(logits) for _ in range(n)])
+    assert set(draws.tolist()) == {0, 1}
+    assert abs((draws == 0).float().mean() - want[0] / (want[0] + want[1])) < 3 * (0.25 / n) ** 0.5
+    step.top_p.fill_(1.0)
+    step.temperature.fill_(0.05)         # sharpened: always the most likely token
+    assert all(int(step.pick(logits)) == 0 for _ in range(20))
+
+
+def test_chat_streams_the_same_text_through_the_decoder(smol, smollm2):
+    from transformers import AutoTokenizer
+
+    from qtune.inference import Generation, Loaded, Sampling
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    loaded = Loaded(smol, tok, tok.chat_template, "smol")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    runs = {}
+    for cache in ("dynamic", "graph"):
+        g = Generation(loaded, prompt, Sampling(max_new_tokens=30, temperature=0, repetition_penalty=1.1, cache=cache))
+        runs[cache] = ("".join(g), g.completion_tokens, g.finish_reason)
+    assert runs["graph"] == runs["dynamic"] and "Paris" in runs["graph"][0]
+    assert loaded.decoder is not None and loaded.decoder.steps
+
+
+def test_graph_decoding_is_refused_for_unmerged_adapters(model):
+    from peft import LoraConfig, get_peft_model
+
+    from qtune.decoding import cache_length, supported
+
+    assert supported(model) is None
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    try:
+        assert "unmerged adapter" in supported(peft)
+    finally:
+        peft.unload()
+    assert (cache_length(10), cache_length(1024), cache_length(1025)) == (1024, 1024, 2048)
