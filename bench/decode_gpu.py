@@ -14,7 +14,8 @@ Correctness: the tokens greedy graph decoding chose, and those plain and static 
 against the eager model run over the whole sequence at once (teacher forcing): how often each is its argmax,
 and how far below the best logit a chosen token is (random weights give near-flat logits, so plain generate's
 own figures are the yardstick for kernel rounding).
-Each group (generate, graph, seed) runs in its own process, so a crash is reported and the rest still runs.
+Each group (generate, graph, seed) runs in its own process, so a crash is reported and the rest still runs;
+BENCH_GROUPS=graph (say) runs only those named.
 Writes $OUT/decode_gpu.json.
 """
 import json
@@ -172,7 +173,7 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     make_checkpoint()
     merged = dict(results={}, checks={}, runs={})
-    for group in ("generate", "graph", "seed"):
+    for group in os.environ.get("BENCH_GROUPS", "generate,graph,seed").split(","):
         t = time.time()
         proc = subprocess.run([sys.executable, "-X", "faulthandler", __file__, group], capture_output=True, text=True)
         tail = "\n".join(line for line in (proc.stdout + proc.stderr).splitlines()

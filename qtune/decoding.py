@@ -1,9 +1,9 @@
 """Batch-1 decoding with the whole one-token step captured as one CUDA graph.
 
-`model.generate` spends most of a decoding step in Python on a GPU: an 8B model's kernels take ~6 ms, the
-logits processors, stopping criteria and cache bookkeeping around them as much again. Here a step — the
-forward on a static KV cache, the repetition penalty, temperature, top-k/top-p and the draw (or argmax) —
-is compiled (inductor fuses the small ops, coordinate-descent tuned) and captured once as a CUDA graph; each token is then one
+At batch 1 a GPU waits on Python: on an H100 a merged Qwen3-8B's kernels for one token take ~7 ms, while plain
+`generate` spends ~47 ms a token launching them one by one (docs/benchmarks.md). Here a step — the forward on a
+static KV cache, the repetition penalty, temperature, top-k/top-p and the draw (or argmax) — is compiled (inductor
+fuses the small ops, coordinate-descent tuned) and captured once as a CUDA graph; each token is then one
 `graph.replay()`. The CPU reads token k only after step k+1 is queued, so the GPU never waits for Python.
 
 Graphs are kept per (cache length, greedy or sampled, top-k); cache lengths are powers of two, so a chat
@@ -14,10 +14,9 @@ ban (for min_new_tokens) are tensors the graph reads, so changing them costs not
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict, deque
 from typing import Callable
-
-import warnings
 
 import torch
 
@@ -149,8 +148,10 @@ class _Step:
 class GraphDecoder:
     """Decodes one sequence at a time on a GPU with graph-captured steps (see the module doc)."""
 
-    def __init__(self, model, graph: bool = True, compile: bool = True, lookahead: int = 1):
-        self.model, self.graph, self.compile, self.lookahead = model, graph, compile, lookahead
+    def __init__(self, model, graph: bool = True, compile: bool = True, lookahead: int = 1,
+                 notice: Callable[[str], None] | None = None):
+        self.model, self.graph, self.lookahead = model, graph, lookahead
+        self.notice = notice if graph and notice else (lambda message: None)
         self.steps: OrderedDict[tuple, _Step] = OrderedDict()
         # One compiled forward for every step; it recompiles per cache length (shapes are static). Coordinate-descent
         # tuning of inductor's fused kernels took a replayed step from 127 to 149 tokens/s on an H100.
@@ -164,7 +165,11 @@ class GraphDecoder:
         if key not in self.steps:
             while len(self.steps) >= KEEP_STEPS:
                 self.steps.popitem(last=False)
-                torch.cuda.empty_cache() if torch.cuda.is_available() else None
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            if not any(k[0] == length for k in self.steps):
+                self.notice(f"compiling the decoding step for a context of up to {length} tokens "
+                            "(once per context size; a minute or two for an 8B model)")
             self.steps[key] = _Step(self.model, length, sample, key[2], self.eos, self.graph, self.forward)
         self.steps.move_to_end(key)
         return self.steps[key]

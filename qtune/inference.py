@@ -158,7 +158,9 @@ class Generation:
             if why is None:
                 if loaded.decoder is None:   # off a GPU the same loop runs eagerly (tests, debugging)
                     gpu = device.type == "cuda"
-                    loaded.decoder = decoding.GraphDecoder(loaded.model, graph=gpu, compile=gpu)
+                    from qtune import ui
+
+                    loaded.decoder = decoding.GraphDecoder(loaded.model, graph=gpu, compile=gpu, notice=ui.note)
                 self.decoder = loaded.decoder
             elif sampling.cache == "graph":
                 raise ConfigError(f"chat.cache=graph: cannot decode {why} with a CUDA graph; use chat.cache=static")

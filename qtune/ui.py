@@ -19,6 +19,11 @@ def print_warning(message: str) -> None:
     err_console.print(f"[yellow]warning:[/] {escape(message)}")
 
 
+def note(message: str) -> None:
+    """A dim aside on stderr, out of the way of answers streamed to stdout."""
+    err_console.print(f"[dim]{escape(message)}[/]")
+
+
 def info(message: str) -> None:
     console.print(message, soft_wrap=True)  # one line stays one line, for people and for grep
 
