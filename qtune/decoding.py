@@ -62,7 +62,6 @@ class _Step:
         self.penalty = torch.ones((), device=dev)
         self.use_graph = graph
         self.forward = model if forward is None else forward
-        self.pick = self._pick        # eager: a few small kernels, inside the graph all the same
         self.graph = None
 
     # the step: forward one token, pick the next, remember it
@@ -70,7 +69,8 @@ class _Step:
         logits = self.forward(input_ids=self.token, past_key_values=self.cache, use_cache=True).logits[0, -1]
         self.token.copy_(self.pick(logits).view(1, 1))
 
-    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        # eager, not compiled: a few small kernels, inside the captured graph all the same
         # tensors index tensors through gather/index_fill: indexing with a 0-d tensor would read it on the CPU
         logits = logits.float()
         # repetition penalty as transformers applies it: divide positive logits, multiply negative ones
