@@ -111,6 +111,14 @@ def test_graph_decoding_is_refused_for_unmerged_adapters(model):
     peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
     try:
         assert "unmerged adapter" in supported(peft)
+        from transformers import AutoTokenizer
+
+        from qtune.errors import ConfigError
+        from qtune.inference import Generation, Loaded, Sampling
+
+        tok = AutoTokenizer.from_pretrained(model.name_or_path)
+        with pytest.raises(ConfigError, match="chat.cache=graph: cannot decode an unmerged adapter"):
+            Generation(Loaded(peft, tok, "", "tiny"), "hello", Sampling(max_new_tokens=4, cache="graph"))
     finally:
         peft.unload()
     assert (cache_length(10), cache_length(1024), cache_length(1025)) == (1024, 1024, 2048)
