@@ -1,13 +1,22 @@
 """qtune train vs the seed recipe on a Qwen3-8B-shaped random checkpoint, in one GPU run.
 
-Run on a GPU machine from the repository root:  python3 bench/train_gpu.py [nf4] [bf16] [oom]
-Both sides train LoRA r16/alpha 32 on q,k,v,o,gate,up,down at 2048 tokens per step (batch 1) with
-gradient checkpointing. The seed recipe (bench/seed/, a copy of ../shared/bench) feeds random ids;
-qtune trains through its real CLI on prepared, packed data whose rows are 2048 tokens. Speed and memory
-do not depend on weight or token values. Prints a table of ratios; writes $OUT/train_gpu.json.
+Run on a GPU machine from the repository root:  python3 bench/train_gpu.py [ROW ...]
+Rows (issue #13's table):
+  nf4_2048   qtune (train.fast=false and true) and the seed recipe, nf4, batch 1 x 2048 tokens
+  bf16_2048  the same in bf16 (quant=none)
+  nf4_8192   nf4 at 8192 tokens a step
+  chat       real chat-length data (a log-normal length mix, median ~200 tokens): qtune trains packed 2048-token
+             rows; the seed recipe trains one example a step, as its users do. Only real tokens are counted.
+  oom        a deliberate CUDA out-of-memory: qtune must answer with one line and remedies
+All: LoRA r16/alpha 32 on q,k,v,o,gate,up,down, gradient checkpointing. qtune trains through its real CLI
+(median tokens/s of the logged steps after the third, from metrics.jsonl; peak from summary.json); the seed
+recipe is bench/seed/ (a copy of ../shared/bench). Speed and memory do not depend on weight or token values.
+Prints a table of ratios; writes $OUT/train_gpu.json.
 """
 import json
+import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -17,33 +26,47 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "seed"))
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
-DATA = Path("/tmp/qtune-bench/data.jsonl")
-LONG = Path("/tmp/qtune-bench/long.jsonl")
+WORK = Path("/tmp/qtune-bench")
+WORDS = ["the", "model", "fine", "tune", "lora", "token", "quant", "expert", "router", "layer"]
+
+
+def words(rng, n):
+    return " ".join(rng.choice(WORDS) + str(rng.randint(0, 99)) for _ in range(n))
+
+
+def chat_lengths(n=4000, seed=0):
+    """Token counts of chat examples: log-normal, median 200, 16..2048 (Alpaca/ShareGPT-like)."""
+    rng = random.Random(seed)
+    return [min(2048, max(16, int(math.exp(rng.gauss(math.log(200), 0.8))))) for _ in range(n)]
 
 
 def write_data():
-    import random
+    from transformers import AutoTokenizer
 
-    rng = random.Random(0)
-    words = ["the", "model", "fine", "tune", "lora", "token", "quant", "expert", "router", "layer"]
-    DATA.parent.mkdir(parents=True, exist_ok=True)
-    with open(DATA, "w") as f:  # each record tokenizes past 2048 tokens: one full packed row per step
-        for _ in range(64):
-            f.write(json.dumps({"text": " ".join(rng.choice(words) + str(rng.randint(0, 99)) for _ in range(1400))}) + "\n")
-    with open(LONG, "w") as f:
-        for _ in range(4):
-            f.write(json.dumps({"text": " ".join(rng.choice(words) + str(rng.randint(0, 99)) for _ in range(24000))}) + "\n")
-
-
-def qtune_train(name, *overrides, steps=12):
     from randckpt import PATH
 
-    out = Path(f"/tmp/qtune-bench/{name}")
+    WORK.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    files = {"long": (WORK / "long.jsonl", 64, 1400), "xl": (WORK / "xl.jsonl", 24, 6000),
+             "huge": (WORK / "huge.jsonl", 4, 24000)}
+    for path, count, n in files.values():  # each record tokenizes past the row length: one full row per step
+        path.write_text("".join(json.dumps({"text": words(rng, n)}) + "\n" for _ in range(count)))
+    tok = AutoTokenizer.from_pretrained(PATH)
+    per_word = len(tok(words(rng, 1000))["input_ids"]) / 1000
+    with open(WORK / "chat.jsonl", "w") as f:
+        for n in chat_lengths():
+            f.write(json.dumps({"text": words(rng, max(4, int(n / per_word)))}) + "\n")
+
+
+def qtune_train(name, data, *overrides, steps=12, length=2048):
+    from randckpt import PATH
+
+    out = WORK / name
     cmd = [sys.executable, "-m", "qtune", "train", "model=qwen3_8b", "model.source=local", f"model.local_dir={PATH}",
-           f"data.path={DATA}", "data.format=text", "data.max_length=2048", "data.val_size=0",
+           f"data.path={data}", "data.format=text", f"data.max_length={length}", "data.val_size=0",
            f"train.max_steps={steps}", "train.logging_steps=1", "train.grad_accum=1", "train.save_steps=1000",
            "train.warmup_ratio=0", "train.report_to=[]", f"train.output_dir={out}", "train.overwrite=true",
-           "paths.home=/tmp/qtune-bench/home", *overrides]
+           f"paths.home={WORK}/home", *overrides]
     t = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t
@@ -53,8 +76,50 @@ def qtune_train(name, *overrides, steps=12):
     tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > 3]
     summary = json.loads((out / "summary.json").read_text())
     losses = [r["loss"] for r in rows if "loss" in r]
+    fast = next((x for x in p.stdout.splitlines() if "train.fast" in x), "")
     return dict(name=name, tok_s=round(statistics.median(tps)), peak_gib=round(summary["peak_memory_bytes"] / 2**30, 2),
-                loss_first=round(losses[0], 3), loss_last=round(losses[-1], 3), wall_s=round(wall, 1))
+                loss_first=round(losses[0], 3), loss_last=round(losses[-1], 3), wall_s=round(wall, 1), fast=fast.strip())
+
+
+def seed_chat(name, steps=40, warm=4):
+    """The seed recipe on chat-length data: one example a step (its batch of 1 needs no padding)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from randckpt import PATH, QWEN3_8B, TARGETS
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(PATH, quantization_config=qc, dtype=torch.bfloat16,
+                                                 device_map={"": 0}, attn_implementation="sdpa")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS,
+                                             task_type="CAUSAL_LM"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=True)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    model.train()
+    lengths = chat_lengths(seed=1)[:warm + steps]
+    tokens, seconds = 0, 0.0
+    for i, n in enumerate(lengths):
+        ids = torch.randint(0, QWEN3_8B["vocab_size"], (1, n), device="cuda", generator=g)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= warm:
+            tokens += n
+            seconds += time.perf_counter() - t
+    res = dict(name=name, tok_s=round(tokens / seconds), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               median_len=statistics.median(lengths[warm:]))
+    del model, opt
+    return res
 
 
 def main(which):
@@ -64,38 +129,57 @@ def main(which):
     from randckpt import make_checkpoint
 
     OUT.mkdir(parents=True, exist_ok=True)
-    info = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__)
-    for mod in ("transformers", "peft", "trl", "bitsandbytes", "accelerate"):
-        info[mod] = __import__(mod).__version__
+    info = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+    for mod in ("transformers", "peft", "trl", "bitsandbytes", "accelerate", "liger_kernel", "triton"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001 (record what is missing)
+            info[mod] = f"missing ({type(e).__name__})"
     print(json.dumps(info), flush=True)
     make_checkpoint()
     write_data()
     results = []
+    path = OUT / f"train_gpu-{'-'.join(which)}.json"
 
     def keep(r):
         results.append(r)
         print(json.dumps(r), flush=True)
-        (OUT / "train_gpu.json").write_text(json.dumps(dict(info=info, results=results), indent=1))
+        path.write_text(json.dumps(dict(info=info, results=results), indent=1))
 
-    if "nf4" in which:
-        keep(qtune_train("qtune_nf4_2048", "quant=nf4"))
-        keep(dict(seed_recipe.bench("seed_nf4_2048", quant="nf4", seq=2048)))
-    if "bf16" in which:
-        keep(qtune_train("qtune_bf16_2048", "quant=none"))
-        keep(dict(seed_recipe.bench("seed_bf16_2048", quant="none", seq=2048)))
-    if "oom" in which:  # a deliberate CUDA OOM: qtune must answer with one line and remedies
-        r = qtune_train("qtune_oom", "quant=none", "train.gradient_checkpointing=false", f"data.path={LONG}",
-                        "data.max_length=32768", steps=2)
-        keep(r)
+    def seed(name, **kw):
+        try:
+            return dict(seed_recipe.bench(name, **kw))
+        except Exception as e:  # keep the other rows
+            return dict(name=name, error=repr(e)[:300])
+
+    long, xl = WORK / "long.jsonl", WORK / "xl.jsonl"
+    if "nf4_2048" in which:
+        keep(qtune_train("ref_nf4_2048", long, "quant=nf4", "train.fast=false"))
+        keep(qtune_train("qtune_nf4_2048", long, "quant=nf4", "train.fast=true"))
+        keep(seed("seed_nf4_2048", quant="nf4", seq=2048))
+    if "bf16_2048" in which:
+        keep(qtune_train("ref_bf16_2048", long, "quant=none", "train.fast=false"))
+        keep(qtune_train("qtune_bf16_2048", long, "quant=none", "train.fast=true"))
+        keep(seed("seed_bf16_2048", quant="none", seq=2048))
+    if "nf4_8192" in which:
+        keep(qtune_train("qtune_nf4_8192", xl, "quant=nf4", "train.fast=true", steps=8, length=8192))
+        keep(seed("seed_nf4_8192", quant="nf4", seq=8192, steps=4, warm=2))
+    if "chat" in which:
+        keep(qtune_train("qtune_chat", WORK / "chat.jsonl", "quant=nf4", "train.fast=true", steps=16))
+        keep(seed_chat("seed_chat"))
+    if "oom" in which:
+        keep(qtune_train("qtune_oom", WORK / "huge.jsonl", "quant=none", "train.gradient_checkpointing=false",
+                         steps=2, length=32768))
     by = {r["name"]: r for r in results}
-    print("\n| pair | qtune tok/s | seed tok/s | speed ratio | qtune peak GiB | seed peak GiB | memory ratio |")
+    print("\n| row | qtune tok/s | seed tok/s | speed ratio | qtune peak GiB | seed peak GiB | memory ratio |")
     print("|---|---|---|---|---|---|---|")
-    for q in ("nf4_2048", "bf16_2048"):
-        a, b = by.get(f"qtune_{q}"), by.get(f"seed_{q}")
-        if a and b and "tok_s" in a and "tok_s" in b:
-            print(f"| {q} | {a['tok_s']} | {b['tok_s']} | {a['tok_s'] / b['tok_s']:.2f} | {a['peak_gib']} | "
-                  f"{b['peak_gib']} | {a['peak_gib'] / b['peak_gib']:.2f} |")
+    for row in ("nf4_2048", "bf16_2048", "nf4_8192", "chat"):
+        for side in ("ref", "qtune"):
+            a, b = by.get(f"{side}_{row}"), by.get(f"seed_{row}")
+            if a and b and "tok_s" in a and "tok_s" in b:
+                print(f"| {side} {row} | {a['tok_s']} | {b['tok_s']} | {a['tok_s'] / b['tok_s']:.2f} | {a['peak_gib']} | "
+                      f"{b['peak_gib']} | {a['peak_gib'] / b['peak_gib']:.2f} |")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["nf4", "bf16", "oom"])
+    main(sys.argv[1:] or ["nf4_2048", "bf16_2048", "nf4_8192", "chat", "oom"])

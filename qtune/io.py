@@ -11,18 +11,29 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success rename it to `target` (replacing nothing that exists)."""
+def atomic_dir(target: Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it becomes `target`.
+
+    replace=False (caches): an existing target is kept (another process finished first) and the new copy dropped.
+    replace=True (outputs rewritten on purpose): the new folder is complete before anything is touched, then the
+    old one is renamed aside, the new one renamed in, and only then is the old one removed, so a crash at any
+    moment leaves either the old output or the new one in place, never neither.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
-        if target.exists():  # another process finished first; keep its copy
+        tmp.chmod(0o755)
+        if not target.exists():
+            os.replace(tmp, target)
+        elif not replace:
             shutil.rmtree(tmp)
         else:
-            tmp.chmod(0o755)
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / "x")       # aside, on the same file system: a rename, not a copy
             os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

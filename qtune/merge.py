@@ -18,7 +18,6 @@ says so, since the training saw their quantized values.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from qtune.config.schema import Config, DType, QuantMethod
@@ -96,7 +95,22 @@ def run(cfg: Config):
     return result
 
 
+MARKER = "qtune_merge.json"  # what makes a folder a qtune merge that a new merge may replace
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse to replace anything a user owns: a file, or a non-empty folder that no qtune merge wrote."""
+    if out.is_file():
+        raise ConfigError(f"merge.output_dir={out} is a file; name a folder (it is created if missing)")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not overwrite:
+        raise ConfigError(f"merge.output_dir={out} holds files that no qtune merge wrote; choose another folder "
+                          "or set merge.overwrite=true to replace them")
+
+
 def merge(cfg: Config, adapter: Path, out: Path) -> dict:
+    check_output(out, cfg.merge.overwrite)
+    if cfg.merge.save_4bit:
+        check_output(_nf4_dir(out), cfg.merge.overwrite)
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -132,16 +146,14 @@ def merge(cfg: Config, adapter: Path, out: Path) -> dict:
             result["cast_max_abs_diff"] = max((a - b).abs().max().item() for a, b in zip(reference, cast))
             agree = [(a.argmax(-1) == b.argmax(-1)).float().mean().item() for a, b in zip(reference, cast)]
             result["top1_agreement"] = sum(agree) / len(agree)
-    if out.exists():
-        shutil.rmtree(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=True) as tmp:
         merged.save_pretrained(tmp, max_shard_size="2GB")
         tokenizer.save_pretrained(tmp)
         result["gguf"] = [_gguf(merged, tokenizer, tmp, out, t, inputs) for t in cfg.merge.gguf]
-        atomic_write_json(tmp / "qtune_merge.json", result)
+        atomic_write_json(tmp / MARKER, result)
     if cfg.merge.save_4bit:
         result["bnb_4bit"] = str(_save_4bit(out, tokenizer))
-        atomic_write_json(out / "qtune_merge.json", result)
+        atomic_write_json(out / MARKER, result)
     return result
 
 
@@ -169,18 +181,21 @@ def _save_4bit(merged_dir: Path, tokenizer) -> Path:
     from transformers import AutoModelForCausalLM
 
     from qtune.config.schema import QuantConfig, QuantMethod
-    from qtune.io import atomic_dir
+    from qtune.io import atomic_dir, atomic_write_json
     from qtune.modeling.load import bnb_config
 
-    target = merged_dir.parent / f"{merged_dir.name}-nf4"
+    target = _nf4_dir(merged_dir)
     model = AutoModelForCausalLM.from_pretrained(merged_dir, quantization_config=bnb_config(QuantConfig(method=QuantMethod.nf4)),
                                                  device_map={"": "cuda" if _cuda() else "cpu"})
-    if target.exists():
-        shutil.rmtree(target)
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, replace=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / MARKER, {"merged": str(merged_dir), "quant": "nf4"})
     return target
+
+
+def _nf4_dir(merged_dir: Path) -> Path:
+    return merged_dir.parent / f"{merged_dir.name}-nf4"
 
 
 def _cuda() -> bool:

@@ -14,7 +14,6 @@ samples.jsonl, summary.json.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -156,10 +155,14 @@ def _model(cfg: Config, device: str, dtype, out: Path, train_ds):
     from qtune.modeling.load import load_model
     from qtune.modeling.targets import apply_dropout, check, match, peft_config, unmatched_message
 
+    from qtune.modeling import fast as fastpath
+
     folder = ensure_model(cfg.model, cfg.download, cfg.paths)
     set_seed(cfg.train.seed)  # LoRA's A matrices are drawn now, before the trainer seeds anything
     with ui.status(f"loading {cfg.model.name}"):
         model = load_model(folder, cfg.model, cfg.quant, device, dtype, cfg.train.gradient_checkpointing)
+    fast = fastpath.decide(str(cfg.train.fast), device)
+    fastpath.apply_base(fast, model, device, cfg.train.gradient_checkpointing, cfg.train.liger)
     matched = match(model, cfg.lora, cfg.moe)
     check(matched, cfg.lora)
     for pattern in matched.unmatched:
@@ -176,6 +179,8 @@ def _model(cfg: Config, device: str, dtype, out: Path, train_ds):
         n = apply_dropout(model, cfg.lora.dropout)
         ui.info(f"lora.dropout={cfg.lora.dropout:g} on {n} linear adapters; fused expert/router adapters train "
                 "without dropout (PEFT's ParamWrapper has none)")
+    fastpath.apply_lora(fast, model)
+    ui.info(fast.describe())
     trainable, _ = model.get_nb_trainable_parameters()
     if trainable != matched.allocated:  # the plan and PEFT must agree; a mismatch is a qtune bug
         raise RuntimeError(f"PEFT made {trainable} trainable parameters, the plan counted {matched.allocated}")
@@ -277,9 +282,7 @@ def _finish(cfg: Config, trainer, tokenizer, out: Path, seconds: float, samples_
     from qtune.io import atomic_dir, atomic_write_json
 
     adapter = out / "adapter"
-    if adapter.exists():
-        shutil.rmtree(adapter)
-    with atomic_dir(adapter) as tmp:
+    with atomic_dir(adapter, replace=True) as tmp:
         trainer.model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     plot_losses(out)

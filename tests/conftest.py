@@ -91,3 +91,15 @@ def smol_merged(smol_run) -> Path:
     eval's merged model share it (transformers' GGUF load-back is the slow part)."""
     qtune("merge", f"run={smol_run}", "merge.gguf=[f16,q8_0]", "merge.save_4bit=true", check=True, timeout=900)
     return smol_run / "merged"
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run where CUDA is (the device machine: `pytest -m gpu`); elsewhere they are skipped."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run with -m gpu on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

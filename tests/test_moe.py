@@ -186,3 +186,33 @@ def test_merge_cli_parity_and_plain_transformers_load(tmp_path, tiny_qwen3):
 def test_merge_without_a_run_is_one_line(tmp_path):
     p = qtune("merge", f"run={tmp_path}")
     assert p.returncode != 0 and "no adapter/ there" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.gpu
+def test_gpu_max_experts_trains_only_the_chosen_experts_in_bf16(tmp_path, tiny_qwen3_moe):
+    """moe.max_experts on CUDA (bf16 gradients; the fp32 CPU tests could not see the masks' dtype bug: the first
+    backward failed with "hook '<lambda>' has changed the type of value")."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    p = qtune("train", "model=tiny_qwen3_moe", "quant=nf4", "train.device=cuda", *DEMO, *FAST, f"train.output_dir={run}",
+              "train.max_steps=3", "train.save_steps=3", "train.lr=5e-2", "moe=all", "moe.max_experts=2",
+              "moe.expert_selection=load")
+    assert p.returncode == 0, p.stdout + p.stderr
+    selection = json.loads((run / "experts.json").read_text())["experts"]
+    from conftest import model_cfg
+
+    n_experts = model_cfg("tiny_qwen3_moe").arch.num_experts
+    weights = load_file(run / "adapter" / "adapter_model.safetensors")
+    checked = 0
+    for key, b in weights.items():
+        if ".experts." not in key or "lora_B" not in key:
+            continue
+        chosen = set(selection[key.removeprefix("base_model.model.").split(".experts.")[0]])
+        cols = b.float().abs().sum(0)                    # lora_B (out, r·E): column c belongs to expert c mod E
+        for c in range(cols.numel()):
+            if c % n_experts not in chosen:
+                assert cols[c] == 0, (key, c)
+        assert any(cols[c] > 0 for c in range(cols.numel()) if c % n_experts in chosen), key
+        checked += 1
+    assert checked > 0

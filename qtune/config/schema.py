@@ -235,6 +235,11 @@ class TrainConfig:
     save_steps: int = 100
     save_total_limit: int = 2
     gradient_checkpointing: bool = True
+    # qtune.modeling.fast: liger kernels + fused LoRA. auto: on CUDA; true: wherever its pieces run (the LoRA
+    # function runs on CPU too); false: the reference path (plain transformers + PEFT). A str, not an Enum:
+    # Hydra reads `true`/`false` as booleans.
+    fast: str = "auto"
+    liger: bool = False                # with the fast path: liger-kernel's RMSNorm/RoPE/SwiGLU (CUDA; pays when GPU-bound)
     optim: str = "adamw_torch_fused"
     resume: str = "auto"               # auto | never | a checkpoint path
     overwrite: bool = False
@@ -252,6 +257,10 @@ class TrainConfig:
             value = getattr(self, key)
             if isinstance(value, int) and value <= 0:
                 raise ValueError(f"train.{key} must be a positive integer, got {value}")
+        if isinstance(self.fast, str):
+            self.fast = self.fast.lower()
+            if self.fast not in ("auto", "true", "false"):
+                raise ValueError(f"train.fast={self.fast}: valid: auto, true, false")
         if isinstance(self.warmup_ratio, float) and not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
@@ -295,6 +304,7 @@ class MergeConfig:
     save_4bit: bool = False
     gguf: List[str] = field(default_factory=list)  # f16, q8_0
     output_dir: Optional[str] = None
+    overwrite: bool = False               # replace a non-empty merge.output_dir that no qtune merge wrote
 
 
 @dataclass

@@ -85,8 +85,10 @@ def restrict(peft_model, selection: dict[str, list[int]]) -> int:
         for adapter in module.lora_A:
             a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
             r = a.shape[0] // experts
-            mask_a = keep.repeat_interleave(r).to(a.device, a.dtype)[:, None]      # rows e·r … e·r+r-1
-            mask_b = keep.repeat(r).to(b.device, b.dtype)[None, :]                 # columns c with c mod E = e
+            # Boolean masks: `g * mask` keeps the gradient's own dtype. Float masks of the parameter's dtype at
+            # this moment broke on the GPU, where the gradients arrive in bf16 (hooks must not change a dtype).
+            mask_a = keep.repeat_interleave(r).to(a.device)[:, None]      # rows e·r … e·r+r-1
+            mask_b = keep.repeat(r).to(b.device)[None, :]                 # columns c with c mod E = e
             with torch.no_grad():  # a non-zero init (gaussian, pissa) must not leak into unselected experts
                 b.mul_(mask_b)
             a.register_hook(lambda g, m=mask_a: g * m)

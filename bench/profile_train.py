@@ -1,0 +1,120 @@
+"""Where a training step's time goes: qtune's reference path vs its fast path, on the Qwen3-8B-shaped random
+checkpoint (bench/seed/randckpt.py), batch 1 x SEQ tokens, LoRA r16 on the 7 projections, checkpointing.
+
+Run on a GPU machine:  python3 bench/profile_train.py [nf4|none] [SEQ]
+The model is built as `qtune train` builds it (qtune.modeling.load + qtune.modeling.fast + PEFT), the loss is
+TRL's fused head as in training; the optimizer step is left out. Per path: the median step (synchronized),
+the host time to issue a step's work (wall time until backward() returns, when the GPU is not waited on),
+the GPU's busy time per step (sum of kernel times in torch.profiler) and the top kernels. Writes
+$OUT/profile_<quant>_<seq>.txt.
+"""
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "seed"))
+OUT = Path(os.environ.get("OUT", "/tmp/out"))
+
+
+VARIANTS = {  # name: (train.fast, liger, reentrant checkpointing, torch.compile of each decoder layer)
+    "ref": ("false", False, False, False),
+    "fast": ("true", False, True, False),                  # what train.fast=auto does on CUDA
+    "fast_liger": ("true", True, True, False),             # + train.liger=true
+    "lora_only": ("true", False, False, False),            # the fused LoRA function alone (non-reentrant)
+    "lora_liger": ("true", True, False, False),
+    "fast_compile": ("true", False, True, True),           # + torch.compile of each decoder layer (tried)
+}
+
+
+def build(quant: str, variant: str):
+    import torch
+    from peft import get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    from qtune.config import compose, to_object
+    from qtune.modeling import fast as fastpath
+    from qtune.modeling.load import load_model
+    from qtune.modeling.targets import match, peft_config
+    from randckpt import PATH
+
+    fast_setting, liger, reentrant, compiled = VARIANTS[variant]
+    cfg = to_object(compose(["model=qwen3_8b", f"quant={quant}"]))
+    torch.manual_seed(0)
+    model = load_model(Path(PATH), cfg.model, cfg.quant, "cuda", torch.bfloat16, True)
+    fp = fastpath.decide(fast_setting, "cuda")
+    fastpath.apply_base(fp, model, "cuda", reentrant, liger)
+    add_fused_lm_head(model)
+    matched = match(model, cfg.lora, cfg.moe)
+    model = get_peft_model(model, peft_config(matched, cfg.lora, quant != "none"))
+    fastpath.apply_lora(fp, model)
+    if compiled:
+        for layer in model.get_base_model().model.layers:
+            layer.compile()
+    return model, fp
+
+
+def main(quant="nf4", seq=2048, variants=("ref", "fast")):
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from randckpt import make_checkpoint
+
+    make_checkpoint()
+    OUT.mkdir(parents=True, exist_ok=True)
+    report = []
+    for setting in variants:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        model, fp = build(quant, setting)
+        model.train()
+        ids = torch.randint(0, 151936, (1, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+            loss = -out.log_probs.sum() / out.label_mask.sum()
+            loss.backward()
+            return loss
+
+        times, issue = [], []
+        t0 = time.time()
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001 (a variant that fails is reported, the others still run)
+            print(f"{setting}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            del model
+            continue
+        model.zero_grad(set_to_none=True)
+        first = time.time() - t0
+        for i in range(8):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            step()
+            issue.append(time.perf_counter() - t)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+            model.zero_grad(set_to_none=True)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                step()
+                model.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        gpu_ms = sum(e.self_device_time_total for e in events) / 1e3 / 2
+        table = events.table(sort_by="self_device_time_total", row_limit=25)
+        gpu_ms = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3 / 2 or gpu_ms
+        line = (f"{quant} seq {seq} {setting} [{fp.describe()}]: first step {first:.1f} s, step {statistics.median(times[3:]) * 1e3:.0f} ms, "
+                f"host issue {statistics.median(issue[3:]) * 1e3:.0f} ms, GPU kernels {gpu_ms:.0f} ms/step, "
+                f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        print(line, flush=True)
+        print("\n".join(table.splitlines()[:10]), flush=True)
+        report += [line, table, ""]
+        del model
+    (OUT / f"profile_{quant}_{seq}.txt").write_text("\n".join(report))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "nf4", int(sys.argv[2]) if len(sys.argv) > 2 else 2048,
+         sys.argv[3].split(",") if len(sys.argv) > 3 else ("ref", "fast"))

@@ -1,0 +1,88 @@
+"""qtune's fast training path (`train.fast=auto|true|false`).
+
+What limits a QLoRA step of an 8B model at 2048 tokens on an H100 is the host, not the GPU: the profile
+(bench/profile_train.py, docs/benchmarks.md) shows the GPU busy for a third of the step while Python issues
+~10 ms of work per decoder layer and pass. So the pieces cut host work, each checked against the reference
+path (plain transformers + PEFT) by parity tests:
+  - lora: qtune's own autograd function per LoRA linear layer (qtune.modeling.fast.lora), after PEFT wraps it;
+  - checkpointing: reentrant activation checkpointing (one autograd node per layer; the non-reentrant kind
+    runs Python hooks for every saved tensor), with the same RNG state replayed for dropout;
+  - kernels (opt-in, `train.liger=true`): liger-kernel's Triton RMSNorm, RoPE and SwiGLU (CUDA only). They
+    cut GPU time but add launch work on the host, so they pay only where the GPU is the bottleneck.
+The loss is TRL's fused output head either way (no full logits). `auto` turns the path on for CUDA; `true`
+also on CPU (the LoRA function runs there; liger needs CUDA); `false` is the reference path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# liger-kernel's patch function for each model type qtune trains; MoE experts are fused tensors, not an MLP
+# module, so SwiGLU is patched on dense models only.
+LIGER = {"qwen3": ("apply_liger_kernel_to_qwen3", True), "qwen3_moe": ("apply_liger_kernel_to_qwen3_moe", False),
+         "llama": ("apply_liger_kernel_to_llama", True)}
+
+
+@dataclass
+class FastPath:
+    on: bool
+    pieces: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)   # why a piece is not used
+
+    def describe(self) -> str:
+        if not self.on:
+            return "train.fast: reference path (" + "; ".join(self.notes) + ")"
+        text = "train.fast: " + ", ".join(self.pieces)
+        return text + (" (" + "; ".join(self.notes) + ")" if self.notes else "")
+
+
+def decide(setting: str, device: str) -> FastPath:
+    if setting == "false":
+        return FastPath(False, notes=["train.fast=false"])
+    if setting == "auto" and not device.startswith("cuda"):
+        return FastPath(False, notes=["train.fast=auto uses it on CUDA only; train.fast=true forces it"])
+    return FastPath(True)
+
+
+def apply_base(fast: FastPath, model, device: str, gradient_checkpointing: bool, liger: bool) -> None:
+    """The base model's part (before PEFT): reentrant checkpointing, and liger-kernel when asked."""
+    if not fast.on:
+        return
+    if gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        fast.pieces.append("reentrant checkpointing")
+    if liger:
+        _liger(fast, model, device)
+
+
+def _liger(fast: FastPath, model, device: str) -> None:
+    """liger-kernel on the base model: RMSNorm, RoPE and, on dense models, SwiGLU."""
+    model_type = getattr(model.config, "model_type", "")
+    if not device.startswith("cuda"):
+        fast.notes.append("liger kernels need CUDA")
+        return
+    if model_type not in LIGER:
+        fast.notes.append(f"no liger kernels for model type {model_type}")
+        return
+    try:
+        import liger_kernel.transformers as liger
+    except Exception as e:  # not installed, or no Triton for this machine
+        fast.notes.append(f"liger-kernel unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        return
+    name, swiglu = LIGER[model_type]
+    getattr(liger, name)(rope=True, rms_norm=True, swiglu=swiglu, cross_entropy=False,
+                         fused_linear_cross_entropy=False, model=model)
+    fast.pieces.append("liger RMSNorm/RoPE" + ("/SwiGLU" if swiglu else ""))
+
+
+def apply_lora(fast: FastPath, peft_model) -> None:
+    """qtune's fused LoRA forward/backward on every plain LoRA linear layer (after PEFT)."""
+    if not fast.on:
+        return
+    from qtune.modeling.fast import lora
+
+    n = lora.patch(peft_model)
+    if n:
+        fast.pieces.append(f"fused LoRA on {n} linear layers")
+    else:
+        fast.notes.append("no LoRA linear layer the fused function supports")

@@ -1,0 +1,244 @@
+"""The fast training path (qtune.modeling.fast) computes what the reference path (transformers + PEFT)
+computes: the fused LoRA function layer by layer (16-bit and real bitsandbytes 4-bit layers, with and
+without dropout), a whole tiny Qwen3 (loss within 1 %, LoRA gradients at cosine >= 0.99), and a 50-step
+training run through the real CLI (final loss within 2 %). The `gpu` tests repeat the checks in bf16 on
+CUDA with liger-kernel's RMSNorm/RoPE/SwiGLU in the path; run them on a GPU machine with `pytest -m gpu`."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import REPO, qtune
+
+CUDA = torch.cuda.is_available()
+
+
+def _cos(a, b) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+def _tiny_lora_model(base: str, dropout: float, device: str, dtype):
+    """A two-layer MLP whose linears carry LoRA (random, non-zero B): 16-bit or bitsandbytes nf4."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 128, bias=True), torch.nn.SiLU(), torch.nn.Linear(128, 32, bias=False))
+    if base == "nf4":
+        import bitsandbytes as bnb
+
+        q = torch.nn.Sequential()
+        for i, layer in enumerate(net):
+            if isinstance(layer, torch.nn.Linear):
+                l4 = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                       compute_dtype=dtype, quant_type="nf4")
+                l4.weight = bnb.nn.Params4bit(layer.weight.data.to(dtype), requires_grad=False, quant_type="nf4")
+                if layer.bias is not None:
+                    l4.bias = torch.nn.Parameter(layer.bias.data.to(dtype), requires_grad=False)
+                q.add_module(str(i), l4)
+            else:
+                q.add_module(str(i), layer)
+        net = q.to(device)
+    else:
+        net = net.to(device, dtype)
+    model = get_peft_model(net, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=["0", "2"],
+                                           init_lora_weights=False))
+    return model
+
+
+def _grads(model, x):
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    (out.float() * torch.linspace(-1, 1, out.shape[-1], device=out.device)).sum().backward()
+    g = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), x.grad.detach(), g
+
+
+@pytest.mark.parametrize("base", ["linear", "nf4"])
+def test_fused_lora_equals_peft_layer_by_layer(base):
+    from qtune.modeling.fast import lora
+
+    model = _tiny_lora_model(base, 0.0, "cpu", torch.float32)
+    x = torch.randn(3, 5, 64)
+    ref_out, ref_dx, ref_g = _grads(model, x)
+    assert lora.patch(model) == 2
+    out, dx, g = _grads(model, x)
+    assert torch.allclose(out, ref_out, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(dx, ref_dx, rtol=1e-4, atol=1e-4)
+    assert ref_g.keys() == g.keys() and len(g) == 4          # lora_A and lora_B of both layers, nothing else
+    for name in g:
+        assert torch.allclose(g[name], ref_g[name], rtol=1e-4, atol=1e-5), name
+    lora.unpatch(model)
+    assert torch.equal(model(x), ref_out)
+
+
+def test_fused_lora_dropout_gradients_follow_the_mask():
+    """With dropout the adapter sees x·mask; dA, dB and dX must be those of exactly that mask."""
+    from qtune.modeling.fast.lora import LoraLinear
+
+    torch.manual_seed(1)
+    base = torch.nn.Linear(16, 12)
+    A = torch.randn(4, 16, requires_grad=True)
+    B = torch.randn(12, 4, requires_grad=True)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    torch.manual_seed(5)
+    y = LoraLinear.apply(x, A, B, base, 0.5, 0.3)
+    w = torch.randn_like(y)
+    gx, gA, gB = torch.autograd.grad((y * w).sum(), (x, A, B))
+
+    torch.manual_seed(5)
+    mask = torch.empty(14, 16).bernoulli_(0.7).div_(0.7).view(2, 7, 16)
+    ref = base(x) + 0.5 * ((x * mask) @ A.t()) @ B.t()
+    rx, rA, rB = torch.autograd.grad((ref * w).sum(), (x, A, B))
+    assert torch.allclose(y, ref, atol=1e-5)
+    for got, want in ((gx, rx), (gA, rA), (gB, rB)):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert (mask == 0).any()  # the draw did drop something
+
+
+def test_fused_lora_steps_aside_when_the_call_is_not_plain_lora():
+    """Adapters switched off (eval's base, DPO's reference) or DoRA: PEFT's own forward runs."""
+    from peft import LoraConfig, get_peft_model
+
+    from qtune.modeling.fast import lora
+
+    model = _tiny_lora_model("linear", 0.0, "cpu", torch.float32)
+    lora.patch(model)
+    x = torch.randn(2, 64)
+    with model.disable_adapter():
+        plain = model(x)
+    base = model.get_base_model()
+    with torch.no_grad():
+        want = base[2].base_layer(base[1](base[0].base_layer(x)))
+    assert torch.allclose(plain, want)
+
+    torch.manual_seed(0)
+    dora = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)),
+                          LoraConfig(r=2, target_modules=["0"], use_dora=True, init_lora_weights=False))
+    y = dora(torch.ones(1, 8))
+    lora.patch(dora)
+    assert torch.equal(dora(torch.ones(1, 8)), y)
+
+
+def _qwen3_parity(model_dir, device: str, dtype, kernels: bool):
+    """Loss and LoRA gradients of one packed batch, reference path vs fast path, on the same model."""
+    from peft import get_peft_model
+
+    from qtune.config import compose, to_object
+    from qtune.modeling import fast as fastpath
+    from qtune.modeling.load import prepare_for_training
+    from qtune.modeling.targets import match, peft_config
+    from transformers import AutoModelForCausalLM
+
+    cfg = to_object(compose(["model=tiny_qwen3", "lora.dropout=0"]))
+
+    def build(fast_on: bool):
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(device)
+        m.config.use_cache = False
+        prepare_for_training(m, gradient_checkpointing=True)
+        fp = fastpath.decide("true" if fast_on else "false", device)
+        fastpath.apply_base(fp, m, device, gradient_checkpointing=True, liger=kernels)
+        matched = match(m, cfg.lora, cfg.moe)
+        m = get_peft_model(m, peft_config(matched, cfg.lora, False))
+        for n, p in m.named_parameters():  # B starts at zero: give it values so dA is not zero either
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(hash(n) % 2**31)) \
+                    if p.device.type == "cpu" else p.data.normal_(std=0.02)
+        fastpath.apply_lora(fp, m)
+        return m, fp
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 1000, (1, 96), generator=g).to(device)
+    pos = torch.cat([torch.arange(40), torch.arange(56)]).unsqueeze(0).to(device)  # two packed sequences
+    labels = ids.clone()
+    labels[0, :5] = -100
+    results = []
+    torch.manual_seed(0)
+    for fast_on in (False, True):
+        m, fp = build(fast_on)
+        m.train()
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            loss = m(input_ids=ids, position_ids=pos, labels=labels).loss
+        loss.backward()
+        grads = {n: p.grad.detach().float().cpu() for n, p in m.named_parameters() if p.requires_grad}
+        results.append((loss.item(), grads, fp))
+        del m
+    return results
+
+
+def test_tiny_qwen3_loss_and_gradients_match_the_reference(tiny_qwen3):
+    (ref_loss, ref_g, _), (loss, g, fp) = _qwen3_parity(tiny_qwen3, "cpu", torch.float32, kernels=False)
+    assert any("fused LoRA" in p for p in fp.pieces) and "reentrant checkpointing" in fp.pieces
+    assert abs(loss - ref_loss) <= 0.01 * abs(ref_loss)
+    assert g.keys() == ref_g.keys()
+    for name in g:
+        assert _cos(g[name], ref_g[name]) >= 0.99, name
+
+
+@pytest.mark.slow
+def test_fifty_steps_fast_and_reference_end_at_the_same_loss(tmp_path, tiny_qwen3):
+    """The real CLI, train.fast=true vs false on CPU (dropout on: different masks, same distribution)."""
+    finals = {}
+    for setting in ("false", "true"):
+        out = tmp_path / setting
+        p = qtune("train", "model=tiny_qwen3", f"data.path={REPO}/data/demo/captains_log.jsonl", "data.val_size=0",
+                  "data.max_length=256", "train.grad_accum=1", "train.logging_steps=1", "train.warmup_ratio=0",
+                  "train.report_to=[]", f"train.output_dir={out}", "train.max_steps=50", "train.save_steps=50",
+                  "train.lr=2e-3", f"train.fast={setting}")
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert ("fused LoRA on" in p.stdout) == (setting == "true"), p.stdout
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in rows if "loss" in r]
+        assert len(losses) == 50
+        finals[setting] = sum(losses[-5:]) / 5
+    assert abs(finals["true"] - finals["false"]) <= 0.02 * finals["false"], finals
+
+
+# ---------------------------------------------------------------- on the GPU (pytest -m gpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("base", ["bf16", "nf4"])
+def test_gpu_fused_lora_equals_peft_layer_by_layer(base):
+    from qtune.modeling.fast import lora
+
+    model = _tiny_lora_model("nf4" if base == "nf4" else "linear", 0.0, "cuda", torch.bfloat16)
+    x = torch.randn(4, 256, 64, device="cuda", dtype=torch.bfloat16)
+    ref_out, ref_dx, ref_g = _grads(model, x)
+    lora.patch(model)
+    out, dx, g = _grads(model, x)
+    assert out.dtype == ref_out.dtype == torch.bfloat16
+    assert (out.float() - ref_out.float()).norm() / ref_out.float().norm() < 1e-2
+    assert _cos(dx, ref_dx) >= 0.999
+    for name in g:
+        assert g[name].dtype == ref_g[name].dtype, name
+        assert _cos(g[name], ref_g[name]) >= 0.99, name
+
+
+@pytest.mark.gpu
+def test_gpu_tiny_qwen3_with_liger_matches_the_reference_in_bf16(tiny_qwen3):
+    (ref_loss, ref_g, _), (loss, g, fp) = _qwen3_parity(tiny_qwen3, "cuda", torch.bfloat16, kernels=True)
+    assert any("liger" in p for p in fp.pieces), fp.describe()
+    assert abs(loss - ref_loss) <= 0.01 * abs(ref_loss), (loss, ref_loss)
+    for name in g:
+        assert _cos(g[name], ref_g[name]) >= 0.99, name
+
+
+@pytest.mark.gpu
+def test_gpu_fifty_steps_fast_and_reference_end_at_the_same_loss(tmp_path, tiny_qwen3):
+    finals = {}
+    for setting in ("false", "true"):
+        out = tmp_path / setting
+        p = qtune("train", "model=tiny_qwen3", "quant=nf4", "train.device=cuda", "lora.dropout=0",
+                  f"data.path={REPO}/data/demo/captains_log.jsonl", "data.val_size=0", "data.max_length=256",
+                  "train.grad_accum=1", "train.logging_steps=1", "train.warmup_ratio=0", "train.report_to=[]",
+                  f"train.output_dir={out}", "train.max_steps=50", "train.save_steps=50", "train.lr=2e-3",
+                  f"train.fast={setting}")
+        assert p.returncode == 0, p.stdout + p.stderr
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in rows if "loss" in r]
+        finals[setting] = sum(losses[-5:]) / 5
+    assert abs(finals["true"] - finals["false"]) <= 0.02 * finals["false"], finals
