@@ -18,13 +18,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "seed"))
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
 
 
-VARIANTS = {  # name: (train.fast, liger, reentrant checkpointing, torch.compile of each decoder layer)
-    "ref": ("false", False, False, False),
-    "fast": ("true", False, True, False),                  # what train.fast=auto does on CUDA
-    "fast_liger": ("true", True, True, False),             # + train.liger=true
-    "lora_only": ("true", False, False, False),            # the fused LoRA function alone (non-reentrant)
-    "lora_liger": ("true", True, False, False),
-    "fast_compile": ("true", False, True, True),           # + torch.compile of each decoder layer (tried)
+VARIANTS = {  # name: (train.fast, liger, reentrant checkpointing, torch.compile of each decoder layer, offload)
+    "ref": ("false", False, False, False, "false"),
+    "fast": ("true", False, True, False, "true"),            # what train.fast=auto does on CUDA
+    "fast_keep": ("true", False, True, False, "false"),      # without offloading the layer inputs
+    "fast_linear": ("true", False, True, False, "false"),    # per-projection functions only (no SwiGLU block)
+    "fast_liger": ("true", True, True, False, "true"),       # + train.liger=true
+    "lora_only": ("true", False, False, False, "false"),     # the fused LoRA functions alone (non-reentrant)
+    "fast_compile": ("true", False, True, True, "true"),     # + torch.compile of each decoder layer (tried)
 }
 
 
@@ -39,16 +40,20 @@ def build(quant: str, variant: str):
     from qtune.modeling.targets import match, peft_config
     from randckpt import PATH
 
-    fast_setting, liger, reentrant, compiled = VARIANTS[variant]
+    fast_setting, liger, reentrant, compiled, offload = VARIANTS[variant]
     cfg = to_object(compose(["model=qwen3_8b", f"quant={quant}"]))
     torch.manual_seed(0)
     model = load_model(Path(PATH), cfg.model, cfg.quant, "cuda", torch.bfloat16, True)
     fp = fastpath.decide(fast_setting, "cuda")
-    fastpath.apply_base(fp, model, "cuda", reentrant, liger)
+    fastpath.apply_base(fp, model, "cuda", reentrant, liger, offload)
     add_fused_lm_head(model)
     matched = match(model, cfg.lora, cfg.moe)
     model = get_peft_model(model, peft_config(matched, cfg.lora, quant != "none"))
     fastpath.apply_lora(fp, model)
+    if variant == "fast_linear":
+        for module in model.modules():
+            if type(module).__name__.endswith("MLP") and "forward" in vars(module):
+                del module.forward
     if compiled:
         for layer in model.get_base_model().model.layers:
             layer.compile()

@@ -92,8 +92,12 @@ def plan(cfg: Config, show: bool = False) -> dict:
     matched = match(model, cfg.lora, cfg.moe)
     check(matched, cfg.lora)
     total = sum(p.numel() for p in model.parameters())
-    mem = estimate(model, cfg.model.arch, matched, cfg.quant, cfg.data.max_length * cfg.train.batch_size,
-                   cfg.train.gradient_checkpointing, on_gpu=True)
+    from qtune.modeling.fast import offloads
+
+    tokens = cfg.data.max_length * cfg.train.batch_size
+    offload = offloads(cfg.train.fast, cfg.train.offload_activations, cfg.train.gradient_checkpointing, tokens)
+    mem = estimate(model, cfg.model.arch, matched, cfg.quant, tokens, cfg.train.gradient_checkpointing, on_gpu=True,
+                   offload_inputs=offload)
     result = {"model": cfg.model.name, "quant": str(cfg.quant.method), "total_params": total,
               "trainable_params": matched.trainable, "targets": len(matched.targets),
               "unmatched": matched.unmatched, "memory": mem.as_dict()}
@@ -162,7 +166,8 @@ def _model(cfg: Config, device: str, dtype, out: Path, train_ds):
     with ui.status(f"loading {cfg.model.name}"):
         model = load_model(folder, cfg.model, cfg.quant, device, dtype, cfg.train.gradient_checkpointing)
     fast = fastpath.decide(str(cfg.train.fast), device)
-    fastpath.apply_base(fast, model, device, cfg.train.gradient_checkpointing, cfg.train.liger)
+    fastpath.apply_base(fast, model, device, cfg.train.gradient_checkpointing, cfg.train.liger,
+                        cfg.train.offload_activations, cfg.data.max_length * cfg.train.batch_size)
     matched = match(model, cfg.lora, cfg.moe)
     check(matched, cfg.lora)
     for pattern in matched.unmatched:

@@ -63,7 +63,7 @@ def test_fused_lora_equals_peft_layer_by_layer(base):
     model = _tiny_lora_model(base, 0.0, "cpu", torch.float32)
     x = torch.randn(3, 5, 64)
     ref_out, ref_dx, ref_g = _grads(model, x)
-    assert lora.patch(model) == 2
+    assert lora.patch(model) == (2, 0)
     out, dx, g = _grads(model, x)
     assert torch.allclose(out, ref_out, rtol=1e-4, atol=1e-4)
     assert torch.allclose(dx, ref_dx, rtol=1e-4, atol=1e-4)
@@ -98,6 +98,66 @@ def test_fused_lora_dropout_gradients_follow_the_mask():
     assert (mask == 0).any()  # the draw did drop something
 
 
+class _MLP(torch.nn.Module):
+    """Qwen3's MLP shape: down(SiLU(gate(x)) · up(x))."""
+
+    def __init__(self, h=32, i=80):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        self.gate_proj = torch.nn.Linear(h, i, bias=False)
+        self.up_proj = torch.nn.Linear(h, i, bias=False)
+        self.down_proj = torch.nn.Linear(i, h, bias=False)
+        self.act_fn = ACT2FN["silu"]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _mlp_model(device, dtype, dropout=0.0):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential()
+    net.add_module("mlp", _MLP())
+    return get_peft_model(net.to(device, dtype), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False,
+                                                            target_modules=["gate_proj", "up_proj", "down_proj"]))
+
+
+def test_fused_swiglu_block_equals_peft():
+    from qtune.modeling.fast import lora
+
+    model = _mlp_model("cpu", torch.float32)
+    x = torch.randn(2, 9, 32)
+    ref_out, ref_dx, ref_g = _grads(model, x)
+    assert lora.patch(model) == (3, 1)
+    out, dx, g = _grads(model, x)
+    assert torch.allclose(out, ref_out, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(dx, ref_dx, rtol=1e-4, atol=1e-5)
+    assert len(g) == 6 and g.keys() == ref_g.keys()
+    for name in g:
+        assert torch.allclose(g[name], ref_g[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_fused_swiglu_block_dropout_is_each_projections_own():
+    """With dropout the block equals three fused projections drawing their masks in the same order."""
+    from qtune.modeling.fast import lora
+
+    model = _mlp_model("cpu", torch.float32, dropout=0.25)
+    x = torch.randn(2, 9, 32)
+    lora.patch(model)
+    torch.manual_seed(7)
+    out, dx, g = _grads(model, x)
+    mlp = model.get_base_model().mlp
+    del mlp.forward                          # the block steps aside: three fused projections, same RNG order
+    torch.manual_seed(7)
+    ref_out, ref_dx, ref_g = _grads(model, x)
+    assert torch.allclose(out, ref_out, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(dx, ref_dx, rtol=1e-4, atol=1e-5)
+    for name in g:
+        assert torch.allclose(g[name], ref_g[name], rtol=1e-4, atol=1e-6), name
+
+
 def test_fused_lora_steps_aside_when_the_call_is_not_plain_lora():
     """Adapters switched off (eval's base, DPO's reference) or DoRA: PEFT's own forward runs."""
     from peft import LoraConfig, get_peft_model
@@ -122,7 +182,7 @@ def test_fused_lora_steps_aside_when_the_call_is_not_plain_lora():
     assert torch.equal(dora(torch.ones(1, 8)), y)
 
 
-def _qwen3_parity(model_dir, device: str, dtype, kernels: bool):
+def _qwen3_parity(model_dir, device: str, dtype, kernels: bool, offload: str = "false"):
     """Loss and LoRA gradients of one packed batch, reference path vs fast path, on the same model."""
     from peft import get_peft_model
 
@@ -140,7 +200,7 @@ def _qwen3_parity(model_dir, device: str, dtype, kernels: bool):
         m.config.use_cache = False
         prepare_for_training(m, gradient_checkpointing=True)
         fp = fastpath.decide("true" if fast_on else "false", device)
-        fastpath.apply_base(fp, m, device, gradient_checkpointing=True, liger=kernels)
+        fastpath.apply_base(fp, m, device, gradient_checkpointing=True, liger=kernels, offload=offload)
         matched = match(m, cfg.lora, cfg.moe)
         m = get_peft_model(m, peft_config(matched, cfg.lora, False))
         for n, p in m.named_parameters():  # B starts at zero: give it values so dA is not zero either
@@ -171,7 +231,8 @@ def _qwen3_parity(model_dir, device: str, dtype, kernels: bool):
 
 def test_tiny_qwen3_loss_and_gradients_match_the_reference(tiny_qwen3):
     (ref_loss, ref_g, _), (loss, g, fp) = _qwen3_parity(tiny_qwen3, "cpu", torch.float32, kernels=False)
-    assert any("fused LoRA" in p for p in fp.pieces) and "reentrant checkpointing" in fp.pieces
+    assert any("fused LoRA on 14 linear layers and 2 SwiGLU MLP blocks" in p for p in fp.pieces), fp.pieces
+    assert "reentrant checkpointing" in fp.pieces
     assert abs(loss - ref_loss) <= 0.01 * abs(ref_loss)
     assert g.keys() == ref_g.keys()
     for name in g:
@@ -215,6 +276,44 @@ def test_gpu_fused_lora_equals_peft_layer_by_layer(base):
     assert _cos(dx, ref_dx) >= 0.999
     for name in g:
         assert g[name].dtype == ref_g[name].dtype, name
+        assert _cos(g[name], ref_g[name]) >= 0.99, name
+
+
+@pytest.mark.gpu
+def test_gpu_fused_swiglu_block_equals_peft_in_bf16():
+    from qtune.modeling.fast import lora
+
+    model = _mlp_model("cuda", torch.bfloat16)
+    x = torch.randn(4, 256, 32, device="cuda", dtype=torch.bfloat16)
+    ref_out, ref_dx, ref_g = _grads(model, x)
+    lora.patch(model)
+    out, dx, g = _grads(model, x)
+    assert (out.float() - ref_out.float()).norm() / ref_out.float().norm() < 1e-2
+    assert _cos(dx, ref_dx) >= 0.999
+    for name in g:
+        assert _cos(g[name], ref_g[name]) >= 0.99, name
+
+
+@pytest.mark.gpu
+def test_gpu_tiny_qwen3_fused_path_matches_the_reference_in_bf16(tiny_qwen3):
+    (ref_loss, ref_g, _), (loss, g, fp) = _qwen3_parity(tiny_qwen3, "cuda", torch.bfloat16, kernels=False)
+    assert any("SwiGLU MLP blocks" in p for p in fp.pieces), fp.describe()
+    assert abs(loss - ref_loss) <= 0.01 * abs(ref_loss), (loss, ref_loss)
+    for name in g:
+        assert _cos(g[name], ref_g[name]) >= 0.99, name
+
+
+@pytest.mark.gpu
+def test_gpu_offloaded_layer_inputs_give_the_same_loss_and_gradients(tiny_qwen3, monkeypatch):
+    from qtune.modeling.fast import offload
+
+    monkeypatch.setattr(offload, "MIN_BYTES", 0)  # the tiny model's tensors are all small: offload every one
+    (ref_loss, ref_g, _), (loss, g, fp) = _qwen3_parity(tiny_qwen3, "cuda", torch.bfloat16, kernels=False,
+                                                        offload="true")
+    assert "layer inputs offloaded to pinned host memory" in fp.pieces, fp.describe()
+    assert fp.offloader.bytes > 0
+    assert abs(loss - ref_loss) <= 0.01 * abs(ref_loss), (loss, ref_loss)
+    for name in g:
         assert _cos(g[name], ref_g[name]) >= 0.99, name
 
 

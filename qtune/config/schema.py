@@ -240,6 +240,9 @@ class TrainConfig:
     # Hydra reads `true`/`false` as booleans.
     fast: str = "auto"
     liger: bool = False                # with the fast path: liger-kernel's RMSNorm/RoPE/SwiGLU (CUDA; pays when GPU-bound)
+    # with the fast path and checkpointing: checkpointed layer inputs in pinned host memory.
+    # auto: on CUDA from 8192 tokens a micro-batch (data.max_length x train.batch_size) on | true | false
+    offload_activations: str = "auto"
     optim: str = "adamw_torch_fused"
     resume: str = "auto"               # auto | never | a checkpoint path
     overwrite: bool = False
@@ -257,10 +260,12 @@ class TrainConfig:
             value = getattr(self, key)
             if isinstance(value, int) and value <= 0:
                 raise ValueError(f"train.{key} must be a positive integer, got {value}")
-        if isinstance(self.fast, str):
-            self.fast = self.fast.lower()
-            if self.fast not in ("auto", "true", "false"):
-                raise ValueError(f"train.fast={self.fast}: valid: auto, true, false")
+        for key in ("fast", "offload_activations"):  # str, not Enum: Hydra reads true/false as booleans
+            value = getattr(self, key)
+            if isinstance(value, str):
+                setattr(self, key, value.lower())
+                if value.lower() not in ("auto", "true", "false"):
+                    raise ValueError(f"train.{key}={value}: valid: auto, true, false")
         if isinstance(self.warmup_ratio, float) and not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 

@@ -66,8 +66,10 @@ def base_bytes(model, quant: QuantConfig, dtype_bytes: int) -> tuple[float, int,
     return q_bytes + other * dtype_bytes, q_params, other
 
 
-def activation_bytes(arch: ArchConfig, tokens: int, gradient_checkpointing: bool, dtype_bytes: int) -> float:
-    """Activations kept for backward for `tokens` tokens (SDPA/flash attention: no seq² term)."""
+def activation_bytes(arch: ArchConfig, tokens: int, gradient_checkpointing: bool, dtype_bytes: int,
+                     offload_inputs: bool = False) -> float:
+    """Activations kept for backward for `tokens` tokens (SDPA/flash attention: no seq² term). offload_inputs: the
+    checkpointed layer inputs sit in host memory (train.offload_activations), two of them on the GPU at a time."""
     h = arch.hidden_size
     q = arch.num_attention_heads * arch.head_dim
     kv = arch.num_key_value_heads * arch.head_dim
@@ -77,7 +79,8 @@ def activation_bytes(arch: ArchConfig, tokens: int, gradient_checkpointing: bool
     if arch.num_experts:
         per_layer += tokens * arch.num_experts * 4  # router logits
     if gradient_checkpointing:
-        layers = arch.num_hidden_layers * tokens * h * dtype_bytes + per_layer  # inputs kept, one layer live
+        kept = 2 if offload_inputs else arch.num_hidden_layers
+        layers = kept * tokens * h * dtype_bytes + per_layer  # inputs kept, one layer live
     else:
         layers = arch.num_hidden_layers * per_layer
     # output head: TRL's fused head never materializes all logits in fp32; one 16-bit chunk-sized copy plus
@@ -87,10 +90,10 @@ def activation_bytes(arch: ArchConfig, tokens: int, gradient_checkpointing: bool
 
 
 def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, tokens: int,
-             gradient_checkpointing: bool, on_gpu: bool = True) -> Memory:
+             gradient_checkpointing: bool, on_gpu: bool = True, offload_inputs: bool = False) -> Memory:
     dtype_bytes = 2 if on_gpu else 4
     base, q_params, other = base_bytes(model, quant, dtype_bytes)
     return Memory(base=base, base_quantized_params=q_params, base_16bit_params=other,
                   lora=matched.trainable * LORA_BYTES_PER_PARAM,
-                  activations=activation_bytes(arch, tokens, gradient_checkpointing, dtype_bytes),
+                  activations=activation_bytes(arch, tokens, gradient_checkpointing, dtype_bytes, offload_inputs),
                   overhead=CUDA_OVERHEAD if on_gpu else 0.0)

@@ -4,9 +4,14 @@ What limits a QLoRA step of an 8B model at 2048 tokens on an H100 is the host, n
 (bench/profile_train.py, docs/benchmarks.md) shows the GPU busy for a third of the step while Python issues
 ~10 ms of work per decoder layer and pass. So the pieces cut host work, each checked against the reference
 path (plain transformers + PEFT) by parity tests:
-  - lora: qtune's own autograd function per LoRA linear layer (qtune.modeling.fast.lora), after PEFT wraps it;
+  - lora: qtune's own autograd functions (qtune.modeling.fast.lora), after PEFT wraps the model: one per LoRA
+    linear layer, and one per SwiGLU MLP block whose gate, up and down projections all carry LoRA;
   - checkpointing: reentrant activation checkpointing (one autograd node per layer; the non-reentrant kind
     runs Python hooks for every saved tensor), with the same RNG state replayed for dropout;
+  - offload (`train.offload_activations`, auto: with checkpointing on CUDA from 8192 tokens a micro-batch on):
+    the checkpointed layer inputs go to
+    pinned host memory on a side stream during the forward and come back for the backward
+    (qtune.modeling.fast.offload);
   - kernels (opt-in, `train.liger=true`): liger-kernel's Triton RMSNorm, RoPE and SwiGLU (CUDA only). They
     cut GPU time but add launch work on the host, so they pay only where the GPU is the bottleneck.
 The loss is TRL's fused output head either way (no full logits). `auto` turns the path on for CUDA; `true`
@@ -15,6 +20,10 @@ also on CPU (the LoRA function runs there; liger needs CUDA); `false` is the ref
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+# train.offload_activations=auto offloads from this many tokens per micro-batch on: at 2048 tokens the copies cost
+# ~15 % of the step for ~0.3 GiB (bench/profile_train.py on an H100), at 8192 they save 2.25 GiB of an 8B model.
+OFFLOAD_FROM_TOKENS = 8192
 
 # liger-kernel's patch function for each model type qtune trains; MoE experts are fused tensors, not an MLP
 # module, so SwiGLU is patched on dense models only.
@@ -27,12 +36,20 @@ class FastPath:
     on: bool
     pieces: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)   # why a piece is not used
+    offloader: object = None
 
     def describe(self) -> str:
         if not self.on:
             return "train.fast: reference path (" + "; ".join(self.notes) + ")"
         text = "train.fast: " + ", ".join(self.pieces)
         return text + (" (" + "; ".join(self.notes) + ")" if self.notes else "")
+
+
+def offloads(fast: str, offload: str, gradient_checkpointing: bool, tokens: int) -> bool:
+    """Whether a CUDA run with these settings offloads its checkpointed layer inputs (the dry run's estimate too)."""
+    if fast == "false" or not gradient_checkpointing:
+        return False
+    return offload == "true" or (offload == "auto" and tokens >= OFFLOAD_FROM_TOKENS)
 
 
 def decide(setting: str, device: str) -> FastPath:
@@ -43,14 +60,26 @@ def decide(setting: str, device: str) -> FastPath:
     return FastPath(True)
 
 
-def apply_base(fast: FastPath, model, device: str, gradient_checkpointing: bool, liger: bool) -> None:
-    """The base model's part (before PEFT): reentrant checkpointing, and liger-kernel when asked."""
+def apply_base(fast: FastPath, model, device: str, gradient_checkpointing: bool, liger: bool,
+               offload: str = "false", tokens: int = 0) -> None:
+    """The base model's part (before PEFT): reentrant checkpointing, offloaded layer inputs, liger-kernel."""
     if not fast.on:
         return
     if gradient_checkpointing:
         model.gradient_checkpointing_disable()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         fast.pieces.append("reentrant checkpointing")
+    if offload == "true" and not gradient_checkpointing:
+        fast.notes.append("train.offload_activations needs train.gradient_checkpointing=true")
+    if offloads("true", offload, gradient_checkpointing, tokens):
+        if not device.startswith("cuda"):
+            if offload == "true":
+                fast.notes.append("activation offload is for CUDA")
+        else:
+            from qtune.modeling.fast.offload import install
+
+            fast.offloader = install(getattr(model, model.base_model_prefix))
+            fast.pieces.append("layer inputs offloaded to pinned host memory")
     if liger:
         _liger(fast, model, device)
 
@@ -81,8 +110,8 @@ def apply_lora(fast: FastPath, peft_model) -> None:
         return
     from qtune.modeling.fast import lora
 
-    n = lora.patch(peft_model)
-    if n:
-        fast.pieces.append(f"fused LoRA on {n} linear layers")
+    layers, blocks = lora.patch(peft_model)
+    if layers:
+        fast.pieces.append(f"fused LoRA on {layers} linear layers" + (f" and {blocks} SwiGLU MLP blocks" if blocks else ""))
     else:
         fast.notes.append("no LoRA linear layer the fused function supports")

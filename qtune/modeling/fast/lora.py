@@ -1,14 +1,16 @@
-"""One autograd function per LoRA linear layer: y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ, with a hand-written backward.
+"""One autograd function per LoRA linear layer, and one per SwiGLU MLP block whose three projections carry LoRA:
+y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ, with hand-written backwards.
 
 Why: PEFT's LoRA forward on a bitsandbytes layer is a dozen small operations and a few hundred lines of Python
 per projection (input casts, a defensive clone, the 4-bit matmul's own autograd node, two adapter linears, a
 scale, an add), repeated for 7 projections x 36 layers x (forward, recompute, backward). At 2048 tokens a step
-that Python, not the GPU, sets the pace. Here a layer is: dequantize W (bitsandbytes' own kernel), one matmul,
-one small matmul and one fused add-matmul (addmm) for the adapter; the backward dequantizes W again instead
-of keeping it, and computes dX, dA and dB with four matmuls. Nothing is kept that the reference does not keep.
+that Python, not the GPU, sets the pace (docs/benchmarks.md). Here a projection is: dequantize W (bitsandbytes'
+own kernel), one matmul, one small matmul and one fused add-matmul (addmm) for the adapter; the backward
+dequantizes W again instead of keeping it and computes dX, dA and dB with four matmuls. The MLP function does
+gate, up, SiLU(gate)·up and down in one autograd node and keeps only gate's and up's outputs for the backward.
 
-The module stays PEFT's (same parameters, names, save/load, merge); only its forward is replaced, and it falls
-back to PEFT's own forward whenever the call is not plain LoRA (adapters disabled or merged, several adapters,
+The modules stay PEFT's (same parameters, names, save/load, merge); only forwards are replaced, and they fall
+back to PEFT's own forward whenever a call is not plain LoRA (adapters disabled or merged, several adapters,
 DoRA or another variant, per-call adapter names).
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import types
 
 import torch
+import torch.nn.functional as F
 
 
 def _weight(base, dtype: torch.dtype) -> torch.Tensor:
@@ -29,48 +32,105 @@ def _weight(base, dtype: torch.dtype) -> torch.Tensor:
     return w if w.dtype == dtype else w.to(dtype)
 
 
+class _Proj:
+    """One LoRA projection's forward and backward math on 2-D inputs (N, in); the autograd functions below
+    call it so a single projection and a whole MLP block share the same arithmetic."""
+
+    __slots__ = ("base", "a", "b", "s", "p", "dtypes", "xd", "xa", "mask")
+
+    def __init__(self, base, A, B, scaling: float, p: float, dtype):
+        self.base, self.s, self.p = base, scaling, p
+        self.a, self.b = A.to(dtype), B.to(dtype)
+        self.dtypes = (A.dtype, B.dtype)
+
+    def forward(self, x2):
+        y = x2 @ _weight(self.base, x2.dtype).t()
+        if self.base.bias is not None:
+            y += self.base.bias.to(y.dtype)
+        self.mask = None
+        if self.p > 0:
+            self.mask = torch.empty_like(x2).bernoulli_(1 - self.p).div_(1 - self.p)
+            self.xd = x2 * self.mask
+        else:
+            self.xd = x2
+        self.xa = self.xd @ self.a.t()
+        return y.addmm_(self.xa, self.b.t(), alpha=self.s)
+
+    def tensors(self):
+        return [self.xd, self.xa, self.a, self.b, self.mask]
+
+    def restore(self, tensors):
+        self.xd, self.xa, self.a, self.b, self.mask = tensors
+
+    def backward(self, dy2, need_x: bool, need_a: bool, need_b: bool):
+        s = self.s
+        dyb = dy2 @ self.b                                                   # (N, r)
+        dB = (dy2.t() @ self.xa).mul_(s).to(self.dtypes[1]) if need_b else None
+        dA = (dyb.t() @ self.xd).mul_(s).to(self.dtypes[0]) if need_a else None
+        dx = None
+        if need_x:
+            dx = dy2 @ _weight(self.base, self.xd.dtype)
+            if self.mask is None:
+                dx.addmm_(dyb, self.a, alpha=s)
+            else:
+                dx.add_((dyb @ self.a).mul_(self.mask), alpha=s)
+        return dx, dA, dB
+
+
 class LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, base, scaling: float, p: float):
-        dtype = x.dtype
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        y = x2 @ _weight(base, dtype).t()
-        if base.bias is not None:
-            y += base.bias.to(dtype)
-        a, b = A.to(dtype), B.to(dtype)
-        mask = None
-        if p > 0:
-            mask = torch.empty_like(x2).bernoulli_(1 - p).div_(1 - p)
-            xd = x2 * mask
-        else:
-            xd = x2
-        xa = xd @ a.t()
-        y.addmm_(xa, b.t(), alpha=scaling)
-        ctx.save_for_backward(xd, xa, a, b, mask)
-        ctx.base, ctx.scaling, ctx.shape = base, scaling, shape
-        ctx.dtypes = (A.dtype, B.dtype)
-        return y.view(*shape[:-1], y.shape[-1])
+        proj = _Proj(base, A, B, scaling, p, x.dtype)
+        y = proj.forward(x.reshape(-1, x.shape[-1]))
+        ctx.save_for_backward(*proj.tensors())
+        proj.restore([None] * 5)
+        ctx.proj, ctx.shape = proj, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        xd, xa, a, b, mask = ctx.saved_tensors
-        s = ctx.scaling
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(xd.dtype)
-        dyb = dy2 @ b                                                   # (N, r)
-        dx = dA = dB = None
-        if ctx.needs_input_grad[2]:
-            dB = (dy2.t() @ xa).mul_(s).to(ctx.dtypes[1])
-        if ctx.needs_input_grad[1]:
-            dA = (dyb.t() @ xd).mul_(s).to(ctx.dtypes[0])
-        if ctx.needs_input_grad[0]:
-            dx = dy2 @ _weight(ctx.base, xd.dtype)
-            if mask is None:
-                dx.addmm_(dyb, a, alpha=s)
-            else:
-                dx.add_((dyb @ a).mul_(mask), alpha=s)
-            dx = dx.view(ctx.shape)
-        return dx, dA, dB, None, None, None
+        proj = ctx.proj
+        proj.restore(ctx.saved_tensors)
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(proj.xd.dtype)
+        dx, dA, dB = proj.backward(dy2, *ctx.needs_input_grad[:3])
+        return (dx.view(ctx.shape) if dx is not None else None), dA, dB, None, None, None
+
+
+class LoraSwiGLU(torch.autograd.Function):
+    """down(SiLU(gate(x)) · up(x)) with LoRA on all three projections, as one autograd node."""
+
+    @staticmethod
+    def forward(ctx, x, Ag, Bg, Au, Bu, Ad, Bd, bases, scalings, ps):
+        dtype = x.dtype
+        projs = [_Proj(base, A, B, s, p, dtype) for base, A, B, s, p in
+                 zip(bases, (Ag, Au, Ad), (Bg, Bu, Bd), scalings, ps)]
+        x2 = x.reshape(-1, x.shape[-1])
+        g = projs[0].forward(x2)
+        u = projs[1].forward(x2)
+        y = projs[2].forward(F.silu(g) * u)
+        saved = [g, u]
+        for proj in projs:
+            saved += proj.tensors()
+            proj.restore([None] * 5)
+        ctx.save_for_backward(*saved)
+        ctx.projs, ctx.shape = projs, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        g, u, *rest = ctx.saved_tensors
+        projs = ctx.projs
+        for i, proj in enumerate(projs):
+            proj.restore(rest[5 * i:5 * i + 5])
+        need = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(g.dtype)
+        dh, dAd, dBd = projs[2].backward(dy2, True, need[5], need[6])
+        du = dh * F.silu(g)
+        dg = torch.ops.aten.silu_backward(dh.mul_(u), g)                     # dh·u·SiLU'(g) in one kernel
+        dxg, dAg, dBg = projs[0].backward(dg, need[0], need[1], need[2])
+        dxu, dAu, dBu = projs[1].backward(du, need[0], need[3], need[4])
+        dx = dxg.add_(dxu).view(ctx.shape) if need[0] else None
+        return dx, dAg, dBg, dAu, dBu, dAd, dBd, None, None, None
 
 
 def supported(module) -> bool:
@@ -84,32 +144,68 @@ def supported(module) -> bool:
     return w.dim() == 2 and (w.dtype.is_floating_point or getattr(w, "quant_state", None) is not None)
 
 
-def _forward(self, x, *args, **kwargs):
-    adapters = self.active_adapters
-    if (args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1
-            or adapters[0] not in self.lora_A or adapters[0] in self.lora_variant):
-        return type(self).forward(self, x, *args, **kwargs)
+def _plain(module, args, kwargs):
+    """(adapter name, dropout p) when this call is plain LoRA on one adapter, else None."""
+    adapters = module.active_adapters
+    if (args or kwargs or module.disable_adapters or module.merged or len(adapters) != 1
+            or adapters[0] not in module.lora_A or adapters[0] in module.lora_variant):
+        return None
     name = adapters[0]
-    drop = self.lora_dropout[name]
-    p = drop.p if isinstance(drop, torch.nn.Dropout) and self.training else 0.0
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    drop = module.lora_dropout[name]
+    return name, (drop.p if isinstance(drop, torch.nn.Dropout) and module.training else 0.0)
+
+
+def _dtype(x):
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
+
+def _forward(self, x, *args, **kwargs):
+    plain = _plain(self, args, kwargs)
+    if plain is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    name, p = plain
+    dtype = _dtype(x)
     with torch.autocast(x.device.type, enabled=False):
-        y = LoraLinear.apply(x.to(dtype), self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer,
-                             float(self.scaling[name]), float(p))
-    return y
+        return LoraLinear.apply(x.to(dtype), self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer,
+                                float(self.scaling[name]), float(p))
 
 
-def patch(peft_model) -> int:
-    """Give every supported LoRA linear layer the fused forward; returns how many were patched."""
-    n = 0
+def _mlp_forward(self, x):
+    mods = (self.gate_proj, self.up_proj, self.down_proj)
+    plains = [_plain(m, (), {}) for m in mods]
+    if any(pl is None for pl in plains) or len({pl[0] for pl in plains}) != 1:
+        return type(self).forward(self, x)
+    name = plains[0][0]
+    dtype = _dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return LoraSwiGLU.apply(x.to(dtype), *[t for m in mods for t in (m.lora_A[name].weight, m.lora_B[name].weight)],
+                                tuple(m.base_layer for m in mods), tuple(float(m.scaling[name]) for m in mods),
+                                tuple(float(pl[1]) for pl in plains))
+
+
+def _swiglu_mlp(module) -> bool:
+    """An MLP block computing down(SiLU(gate(x)) · up(x)) (Qwen3, Llama) whose three projections we support."""
+    act = getattr(module, "act_fn", None)
+    return (all(supported(getattr(module, n, None)) for n in ("gate_proj", "up_proj", "down_proj"))
+            and type(act).__name__ in ("SiLU", "SiLUActivation") and type(module).__name__.endswith("MLP")
+            and "forward" not in vars(module))  # a forward patched already (liger's SwiGLU) is left alone
+
+
+def patch(peft_model) -> tuple[int, int]:
+    """Give every supported LoRA linear layer the fused forward, and every SwiGLU MLP whose projections all carry
+    LoRA the fused block; returns (linear layers, MLP blocks) patched."""
+    layers = blocks = 0
     for module in peft_model.modules():
         if supported(module):
             module.forward = types.MethodType(_forward, module)
-            n += 1
-    return n
+            layers += 1
+        elif _swiglu_mlp(module):
+            module.forward = types.MethodType(_mlp_forward, module)
+            blocks += 1
+    return layers, blocks
 
 
 def unpatch(peft_model) -> None:
     for module in peft_model.modules():
-        if "forward" in vars(module) and getattr(module.forward, "__func__", None) is _forward:
+        if "forward" in vars(module) and getattr(module.forward, "__func__", None) in (_forward, _mlp_forward):
             del module.forward
