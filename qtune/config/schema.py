@@ -19,6 +19,19 @@ class _Choice(str, Enum):
         return self.value
 
 
+def _check_range(section: str, key: str, value, low=None, high=None, low_open=False, whole=False) -> None:
+    """One line naming the key and what is valid, for numbers out of range (values still interpolations are skipped)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and value > high
+    if below or above or (whole and value != int(value)):
+        lo = "" if low is None else (f"> {low:g}" if low_open else f">= {low:g}")
+        hi = "" if high is None else f"<= {high:g}"
+        valid = " and ".join(x for x in (lo, hi) if x) + (" (a whole number)" if whole else "")
+        raise ValueError(f"{section}.{key}={value:g}: valid: {valid}")
+
+
 class ModelSource(_Choice):
     hub = "hub"          # a Hugging Face Hub repo (or mirror via HF_ENDPOINT)
     package = "package"  # a GGUF file shipped inside a Python package (the embedded SmolLM2)
@@ -176,6 +189,8 @@ class MoeConfig:
     aux_loss_coef: Optional[float] = None  # null = the model's router_aux_loss_coef
 
     def __post_init__(self) -> None:
+        if self.max_experts is not None:
+            _check_range("moe", "max_experts", self.max_experts, low=1)
         router = self.scope in (MoeScope.router_only, MoeScope.all)
         if router and self.router_mode is RouterMode.frozen:
             raise ValueError(f"moe.scope={self.scope} adapts the router, but moe.router_mode=frozen; "
@@ -214,6 +229,18 @@ class DataConfig:
     seed: int = 42
     num_proc: int = 0                        # 0 = one worker per core, up to 8
     cache_dir: str = "${paths.data}"
+
+    def __post_init__(self) -> None:
+        _check_range("data", "max_length", self.max_length, low=1)
+        for key in ("max_samples", "max_eval_samples"):
+            if getattr(self, key) is not None:
+                _check_range("data", key, getattr(self, key), low=1)
+        # a fraction of the data (0 <= x < 1) or a whole number of examples (>= 1): 2.5 is neither
+        v = self.val_size
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and (v < 0 or (v >= 1 and v != int(v))):
+            raise ValueError(f"data.val_size={v:g}: valid: a fraction 0 <= x < 1 of the examples, or a whole number "
+                             "of examples (e.g. 200)")
+        _check_range("data", "num_proc", self.num_proc, low=0)
 
 
 @dataclass
@@ -256,6 +283,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.max_steps, int) and self.max_steps == 0:
             raise ValueError("train.max_steps must be -1 (use train.epochs) or a positive number of steps")
+        _check_range("train", "lr", self.lr, low=0, low_open=True)
+        _check_range("train", "epochs", self.epochs, low=0, low_open=True)
+        _check_range("train", "weight_decay", self.weight_decay, low=0)
+        _check_range("train", "max_grad_norm", self.max_grad_norm, low=0)
         for key in ("batch_size", "grad_accum", "logging_steps", "save_steps", "save_total_limit"):
             value = getattr(self, key)
             if isinstance(value, int) and value <= 0:
@@ -285,6 +316,11 @@ class ChatConfig:
     cache: str = "auto"
 
     def __post_init__(self) -> None:
+        _check_range("chat", "max_new_tokens", self.max_new_tokens, low=1)
+        _check_range("chat", "temperature", self.temperature, low=0)
+        _check_range("chat", "top_p", self.top_p, low=0, high=1, low_open=True)
+        _check_range("chat", "top_k", self.top_k, low=0)
+        _check_range("chat", "repetition_penalty", self.repetition_penalty, low=0, low_open=True)
         if self.cache not in ("auto", "dynamic", "static", "graph"):
             raise ValueError(f"chat.cache={self.cache}: valid: auto, dynamic, static, graph")
 
@@ -299,6 +335,11 @@ class ServeConfig:
     max_tokens_limit: int = 4096
     max_body_bytes: int = 1_048_576
     max_batch: int = 8
+
+    def __post_init__(self) -> None:
+        _check_range("serve", "port", self.port, low=1, high=65535)
+        _check_range("serve", "max_tokens_limit", self.max_tokens_limit, low=1)
+        _check_range("serve", "max_body_bytes", self.max_body_bytes, low=1)
 
 
 @dataclass
