@@ -58,8 +58,15 @@ def resume_point(out: Path, cfg: Config) -> Path | None:
                           "train.output_dir (or run_name=...) or set train.overwrite=true")
     checkpoints = latest_checkpoints(out)
     if not checkpoints:
-        if (out / "config.yaml").is_file() and not (out / "checkpoints").exists():
-            return None  # a run stopped before its first checkpoint: nothing to keep
+        if _started_by_qtune(out):
+            # a run stopped (killed, failed) before its first complete checkpoint: nothing to resume, so the same
+            # command starts afresh; what the stopped start left (a half-written checkpoint, its first metrics)
+            # would only mislead the new run
+            for leftover in ("checkpoints", "tensorboard"):
+                shutil.rmtree(out / leftover, ignore_errors=True)
+            for leftover in ("metrics.jsonl", "samples.jsonl", "loss.png", "experts.json"):
+                (out / leftover).unlink(missing_ok=True)
+            return None
         raise ConfigError(f"train.output_dir={out} exists and is not a qtune run folder; choose another "
                           "train.output_dir or set train.overwrite=true")
     if t.resume == "never":
@@ -67,6 +74,20 @@ def resume_point(out: Path, cfg: Config) -> Path | None:
                           "set train.resume=auto to continue or train.overwrite=true to start over")
     _check_same_settings(out, cfg)
     return checkpoints[-1]
+
+
+def _started_by_qtune(out: Path) -> bool:
+    """A folder `qtune train` started: its config.yaml is a qtune config, and nothing else is there but what a
+    run writes."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    ours = {"config.yaml", "checkpoints", "tensorboard", "metrics.jsonl", "samples.jsonl", "loss.png", "experts.json"}
+    return (isinstance(saved, dict) and {"model", "train", "lora"} <= saved.keys()
+            and all(p.name in ours or p.name.startswith(".") for p in out.iterdir()))
 
 
 def latest_checkpoints(out: Path) -> list[Path]:

@@ -6,19 +6,28 @@ serve.adapters). One model in memory serves them all, so generations run one at 
 order (a lock; waiting requests queue). Binds 127.0.0.1 unless told otherwise; serve.api_key makes
 `Authorization: Bearer <key>` mandatory. Errors have OpenAI's shape: {"error": {"message", "type", "code"}}.
 serve.engine=vllm hands the base and adapters to vLLM's own OpenAI server instead.
+
+One request must not hold the server: bodies are counted as they arrive (chunked ones too) and cut off past
+serve.max_body_bytes; a prompt that with max_tokens exceeds the model's context (or serve.max_prompt_tokens)
+is refused before it queues; a client that goes away cancels its generation, streamed or not; SIGTERM stops
+running generations and the server within a few seconds. Parameters qtune cannot honour (logprobs, tools,
+image parts) are refused with 400 rather than silently ignored.
 """
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import os
 import shutil
+import socket
 import threading
 import time
 import uuid
 from typing import List, Optional, Union
 
-from pydantic import BaseModel, Field
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field
 
 from qtune.config.schema import Config
 from qtune.errors import QtuneError
@@ -30,6 +39,7 @@ class Message(BaseModel):
 
 
 class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown parameters are checked against UNSUPPORTED, others ignored
     model: str
     messages: List[Message] = Field(min_length=1)
     max_tokens: Optional[int] = Field(default=None, ge=1)
@@ -44,6 +54,7 @@ class ChatRequest(BaseModel):
 
 
 class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
     model: str
     prompt: Union[str, List[str]]
     max_tokens: Optional[int] = Field(default=None, ge=1)
@@ -54,11 +65,22 @@ class CompletionRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=1)
 
 
+# OpenAI parameters qtune's generation cannot honour: a request that asks for one gets 400, not a silent default.
+# (name, value that means "not asked for")
+UNSUPPORTED = {"chat": [("logprobs", (None, False)), ("top_logprobs", (None, 0)), ("tools", (None, [])),
+                        ("tool_choice", (None, "none")), ("functions", (None, [])), ("function_call", (None, "none")),
+                        ("audio", (None,)), ("modalities", (None, ["text"]))],
+               "completions": [("logprobs", (None, 0)), ("echo", (None, False)), ("suffix", (None, "")),
+                               ("best_of", (None, 1))]}
+SHUTDOWN_GRACE_S = 2
+
+
 def run(cfg: Config):
     if cfg.serve.engine == "vllm":
         return run_vllm(cfg)
     if cfg.serve.engine != "builtin":
         raise QtuneError(f"serve.engine={cfg.serve.engine}: valid: builtin, vllm")
+    check_port(cfg.serve.host, cfg.serve.port)   # before minutes of loading, not after
     import uvicorn
 
     from qtune import ui
@@ -69,11 +91,80 @@ def run(cfg: Config):
     app = build_app(loaded, cfg)
     ui.info(f"qtune serve: {loaded.label}; models: {', '.join(loaded.names())}; "
             f"http://{cfg.serve.host}:{cfg.serve.port}/v1" + (" (Bearer key required)" if cfg.serve.api_key else ""))
-    uvicorn.run(app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning")
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGINT/SIGTERM: end running generations first, then uvicorn's shutdown
+            app.state.stop_all()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=cfg.serve.host, port=cfg.serve.port, log_level="warning",
+                          timeout_graceful_shutdown=SHUTDOWN_GRACE_S)).run()
+
+
+def check_port(host: str, port: int) -> None:
+    """serve.port must be free on serve.host: say so in one line before the model loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closed server's TIME_WAIT is fine
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise QtuneError(f"serve.port={port} is in use on {host} ({e.strerror or e}); choose another serve.port, "
+                             "or stop what listens there") from None
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over `limit` bytes by Content-Length, and count the bytes of any body
+    (chunked transfers have no Content-Length) as they arrive, stopping at the limit."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self._refuse(send, int(length))
+        seen = 0
+        started = False
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send, None)
+
+    async def _refuse(self, send, length):
+        size = f"{length} bytes" if length is not None else f"more than {self.limit} bytes"
+        body = json.dumps({"error": {"message": f"request body of {size} exceeds serve.max_body_bytes={self.limit}",
+                                     "type": "invalid_request_error", "param": None, "code": "request_too_large"}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
 
 
 def build_app(loaded, cfg: Config):
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -81,9 +172,21 @@ def build_app(loaded, cfg: Config):
     from qtune.inference import Generation, Sampling, render
 
     app = FastAPI(title="qtune serve")
+    app.add_middleware(BodyLimit, limit=cfg.serve.max_body_bytes)
     lock = threading.Lock()  # one generation at a time on the one model; others wait their turn
     created = int(time.time())
     settings = cfg.serve
+    active: set = set()       # running Generations, stopped on shutdown
+    closing = threading.Event()
+    config = getattr(loaded.model, "config", None)
+    context = getattr(config, "max_position_embeddings", None)
+
+    def stop_all():
+        closing.set()
+        for gen in list(active):
+            gen.stop()
+
+    app.state.stop_all = stop_all
 
     def error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
         return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": None,
@@ -92,12 +195,10 @@ def build_app(loaded, cfg: Config):
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if settings.api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {settings.api_key}":
+            sent = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(sent, f"Bearer {settings.api_key}".encode()):  # constant time
                 return error(401, "missing or wrong API key: send Authorization: Bearer <serve.api_key>",
                              "authentication_error", "invalid_api_key")
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_body_bytes:
-            return error(413, f"request body of {length} bytes exceeds serve.max_body_bytes={settings.max_body_bytes}")
         return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
@@ -111,19 +212,36 @@ def build_app(loaded, cfg: Config):
         return error(exc.status_code, str(exc.detail), "invalid_request_error" if exc.status_code < 500 else "server_error")
 
     @app.get("/health")
-    async def health():
-        return {"status": "ok", "models": loaded.names()}
+    async def health():  # the model names only where no key guards them
+        return {"status": "ok"} if settings.api_key else {"status": "ok", "models": loaded.names()}
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "qtune"}
                                            for n in loaded.names()]}
 
-    def check(model: str, max_tokens: Optional[int]):
-        if model not in loaded.names():
-            return error(404, f"model {model!r} not found; available: {', '.join(loaded.names())}", code="model_not_found")
+    def check(req, kind: str, max_tokens: Optional[int]):
+        if req.model not in loaded.names():
+            return error(404, f"model {req.model!r} not found; available: {', '.join(loaded.names())}",
+                         code="model_not_found")
         if max_tokens is not None and max_tokens > settings.max_tokens_limit:
             return error(400, f"max_tokens={max_tokens} exceeds serve.max_tokens_limit={settings.max_tokens_limit}")
+        extra = req.model_extra or {}
+        for name, absent in UNSUPPORTED[kind]:
+            if name in extra and extra[name] not in absent:
+                return error(400, f"{name} is not supported by qtune serve (serve.engine=vllm supports more of the "
+                                  "OpenAI API)", code="unsupported_parameter")
+        return None
+
+    def too_long(prompt: str, s: Sampling):
+        n = len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if settings.max_prompt_tokens and n > settings.max_prompt_tokens:
+            return error(400, f"the prompt is {n} tokens; serve.max_prompt_tokens={settings.max_prompt_tokens}",
+                         code="context_length_exceeded")
+        if context and n + s.max_new_tokens > context:
+            return error(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                              f"{n + s.max_new_tokens} tokens ({n} in the prompt, {s.max_new_tokens} for the completion). "
+                              "Please reduce the length of the prompt or max_tokens.", code="context_length_exceeded")
         return None
 
     def sampling(req, max_tokens: Optional[int]) -> Sampling:
@@ -136,18 +254,47 @@ def build_app(loaded, cfg: Config):
         s.stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         return s
 
-    async def respond(req, prompt: str, s: Sampling, chunk, final):
+    def generation(req, prompt: str, s: Sampling, cancelled: threading.Event):
+        """A Generation under the lock, registered for shutdown; None when cancelled while it waited its turn."""
+        if cancelled.is_set() or closing.is_set():
+            return None
+        gen = Generation(loaded, prompt, s)
+        active.add(gen)
+        if cancelled.is_set() or closing.is_set():
+            gen.stop()
+        return gen
+
+    async def respond(request: Request, req, prompt: str, s: Sampling, chunk, final):
         """Run one generation under the lock; a JSON body or an SSE stream of chunks."""
         rid = f"{'chatcmpl' if chunk is _chat_chunk else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        bad = too_long(prompt, s)
+        if bad:
+            return bad
+        cancelled = threading.Event()
+        running: list = []
 
         def generate_all():
             with lock, loaded.using(req.model):
-                gen = Generation(loaded, prompt, s)
-                text = "".join(gen)
-            return text, gen
+                gen = generation(req, prompt, s, cancelled)
+                if gen is None:
+                    return "", None
+                running.append(gen)
+                try:
+                    return "".join(gen), gen
+                finally:
+                    active.discard(gen)
 
         if not req.stream:
-            text, gen = await asyncio.to_thread(generate_all)
+            task = asyncio.ensure_future(asyncio.to_thread(generate_all))
+            while not task.done():  # a client that hangs up cancels its generation (or its place in the queue)
+                await asyncio.wait({task}, timeout=0.25)
+                if not task.done() and await request.is_disconnected():
+                    cancelled.set()
+                    for gen in running:
+                        gen.stop()
+            text, gen = task.result()
+            if gen is None:
+                return error(503, "the request was cancelled before it ran", "server_error")
             return final(rid, req.model, text, gen)
 
         queue: asyncio.Queue = asyncio.Queue()
@@ -158,16 +305,18 @@ def build_app(loaded, cfg: Config):
             gen = None
             try:
                 with lock, loaded.using(req.model):
-                    gen = Generation(loaded, prompt, s)
-                    for piece in gen:
+                    gen = generation(req, prompt, s, stopped)
+                    for piece in gen or ():
                         loop.call_soon_threadsafe(queue.put_nowait, piece)
                         if stopped.is_set():
                             gen.stop()
             except BaseException as e:  # reported as an error event
                 loop.call_soon_threadsafe(queue.put_nowait, e)
+            finally:
+                active.discard(gen)
             loop.call_soon_threadsafe(queue.put_nowait, (done, gen))
 
-        stopped = threading.Event()
+        stopped = cancelled
         threading.Thread(target=produce, daemon=True).start()
 
         async def events():
@@ -190,27 +339,36 @@ def build_app(loaded, cfg: Config):
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, request: Request):
         max_tokens = req.max_completion_tokens or req.max_tokens
-        bad = check(req.model, max_tokens)
+        bad = check(req, "chat", max_tokens)
         if bad:
             return bad
         messages = []
-        for m in req.messages:
+        for i, m in enumerate(req.messages):
             if m.role not in ("system", "user", "assistant", "tool"):
                 return error(400, f"messages: unknown role {m.role!r}; valid: system, user, assistant, tool")
-            content = m.content if isinstance(m.content, str) else "".join(
-                p.get("text", "") for p in (m.content or []) if isinstance(p, dict))
+            if isinstance(m.content, str) or m.content is None:
+                content = m.content or ""
+            else:
+                texts = []
+                for j, part in enumerate(m.content):
+                    kind = part.get("type", "text") if isinstance(part, dict) else "text"
+                    if kind != "text":
+                        return error(400, f"messages[{i}].content[{j}]: type {kind!r} is not supported; qtune serves "
+                                          "text models (parts of type 'text' only)", code="unsupported_content")
+                    texts.append(part if isinstance(part, str) else str(part.get("text", "")))
+                content = "".join(texts)
             messages.append({"role": m.role, "content": content})
         think = req.enable_thinking
         if think is None and req.chat_template_kwargs:
             think = req.chat_template_kwargs.get("enable_thinking")
         prompt = render(loaded, messages, cfg.chat.enable_thinking if think is None else bool(think))
-        return await respond(req, prompt, sampling(req, max_tokens), _chat_chunk, _chat_final)
+        return await respond(request, req, prompt, sampling(req, max_tokens), _chat_chunk, _chat_final)
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        bad = check(req.model, req.max_tokens)
+    async def completions(req: CompletionRequest, request: Request):
+        bad = check(req, "completions", req.max_tokens)
         if bad:
             return bad
         if isinstance(req.prompt, list):
@@ -219,7 +377,7 @@ def build_app(loaded, cfg: Config):
             prompt = req.prompt[0]
         else:
             prompt = req.prompt
-        return await respond(req, prompt, sampling(req, req.max_tokens), _text_chunk, _text_final)
+        return await respond(request, req, prompt, sampling(req, req.max_tokens), _text_chunk, _text_final)
 
     return app
 

@@ -223,3 +223,10 @@ def test_gguf_of_an_moe_model_is_refused_in_one_line(tmp_path):
         export(M(), None, tmp_path / "x.gguf", "f16")
     with pytest.raises(ConfigError, match="merge.gguf=q4_k: valid: f16, q8_0"):
         export(M(), None, tmp_path / "x.gguf", "q4_k")
+
+
+@pytest.mark.slow
+def test_health_names_no_models_behind_a_key(server):
+    url, _ = server
+    with urllib.request.urlopen(url + "/health", timeout=10) as r:
+        assert json.loads(r.read()) == {"status": "ok"}

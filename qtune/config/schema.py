@@ -334,12 +334,15 @@ class ServeConfig:
     adapters: Dict[str, str] = field(default_factory=dict)  # name -> adapter folder or run folder
     max_tokens_limit: int = 4096
     max_body_bytes: int = 1_048_576
+    max_prompt_tokens: Optional[int] = None   # null = the model's context less max_tokens
     max_batch: int = 8
 
     def __post_init__(self) -> None:
         _check_range("serve", "port", self.port, low=1, high=65535)
         _check_range("serve", "max_tokens_limit", self.max_tokens_limit, low=1)
         _check_range("serve", "max_body_bytes", self.max_body_bytes, low=1)
+        if self.max_prompt_tokens is not None:
+            _check_range("serve", "max_prompt_tokens", self.max_prompt_tokens, low=1)
 
 
 @dataclass

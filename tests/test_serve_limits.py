@@ -1,0 +1,166 @@
+"""`qtune serve` under hostile or careless requests: one request must not hold the server. A real uvicorn
+on a free port serving the tiny random Qwen3 (random weights rarely end an answer early, so a generation
+runs as long as it is allowed to), queried over raw HTTP."""
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import QTUNE
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(*overrides: str):
+    port = _free_port()
+    proc = subprocess.Popen([*QTUNE, "serve", "model=tiny_qwen3", f"serve.port={port}", "chat.temperature=0",
+                             "serve.max_tokens_limit=100000", *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc, port
+        except (urllib.error.URLError, ConnectionError):
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise AssertionError(f"qtune serve did not start:\n{proc.stdout.read()}")
+            time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_qwen3):
+    proc, port = _start()
+    yield port
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _post(port: int, path: str, body, timeout: float = 120, chunked: bool = False):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    if chunked:
+        pieces = (data[i:i + 65536] for i in range(0, len(data), 65536))
+        conn.request("POST", path, body=pieces, encode_chunked=True,
+                     headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+    else:
+        conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    status, payload = r.status, json.loads(r.read() or b"{}")
+    conn.close()
+    return status, payload
+
+
+def _chat(text: str, max_tokens: int, **extra) -> dict:
+    return {"model": "tiny_qwen3", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, **extra}
+
+
+@pytest.mark.slow
+def test_a_chunked_body_over_the_limit_is_413(tiny_server):
+    big = json.dumps(_chat("x" * 1_500_000, 4)).encode()              # 1.5 MB, no Content-Length
+    status, body = _post(tiny_server, "/v1/chat/completions", big, chunked=True)
+    assert status == 413 and "serve.max_body_bytes=1048576" in body["error"]["message"]
+    status, body = _post(tiny_server, "/v1/chat/completions", _chat("hello", 2))
+    assert status == 200                                               # and the server still answers
+
+
+@pytest.mark.slow
+def test_a_prompt_past_the_context_is_400_context_length_exceeded(tiny_server):
+    status, body = _post(tiny_server, "/v1/chat/completions", _chat("hello " * 5000, 16))
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    assert "maximum context length is 4096 tokens" in body["error"]["message"]
+    status, body = _post(tiny_server, "/v1/chat/completions", _chat("hello " * 100, 4000))  # prompt + max_tokens
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra,words", [
+    ({"logprobs": True}, "logprobs is not supported"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools is not supported"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+     "messages[0].content[0]: type 'image_url' is not supported"),
+])
+def test_what_qtune_cannot_honour_is_400_not_ignored(tiny_server, extra, words):
+    status, body = _post(tiny_server, "/v1/chat/completions", {**_chat("hi", 2), **extra})
+    assert status == 400 and words in body["error"]["message"], body
+
+
+@pytest.mark.slow
+def test_text_parts_given_as_plain_strings_are_read(tiny_server):
+    status, body = _post(tiny_server, "/v1/chat/completions",
+                         {**_chat("", 2), "messages": [{"role": "user", "content": ["a", {"type": "text", "text": "b"}]}]})
+    assert status == 200 and body["usage"]["prompt_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_a_client_that_hangs_up_frees_the_server(tiny_server):
+    # how fast this machine generates, so the abandoned request is one that would hold the server for long
+    t = time.time()
+    status, body = _post(tiny_server, "/v1/chat/completions", _chat("count", 200))
+    assert status == 200 and body["usage"]["completion_tokens"] == 200, body
+    per_token = (time.time() - t) / 200
+    long = 3900
+    assert long * per_token > 8, f"the abandoned request would take only {long * per_token:.1f} s here"
+
+    conn = http.client.HTTPConnection("127.0.0.1", tiny_server, timeout=5)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(_chat("count", long)),
+                 headers={"Content-Type": "application/json"})
+    time.sleep(1.0)
+    conn.sock.shutdown(socket.SHUT_RDWR)                               # the client goes away mid-generation
+    conn.close()
+    t = time.time()
+    status, body = _post(tiny_server, "/v1/chat/completions", _chat("hi", 2), timeout=60)
+    waited = time.time() - t
+    assert status == 200
+    assert waited < 3, f"the next request waited {waited:.1f} s (the abandoned one would have run {long * per_token:.0f} s)"
+
+
+@pytest.mark.slow
+def test_sigterm_mid_generation_exits_within_five_seconds(tiny_qwen3):
+    proc, port = _start()
+    done: dict = {}
+
+    def ask():
+        try:
+            done["r"] = _post(port, "/v1/chat/completions", _chat("count", 3900), timeout=120)
+        except Exception as e:  # noqa: BLE001 (the server is going away: a cut connection is expected)
+            done["r"] = e
+
+    threading.Thread(target=ask, daemon=True).start()
+    time.sleep(1.5)
+    t = time.time()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    took = time.time() - t
+    assert took < 5, f"SIGTERM took {took:.1f} s to stop the server"
+
+
+def test_a_busy_port_is_one_line_before_loading(tiny_qwen3):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        t = time.time()
+        p = subprocess.run([*QTUNE, "serve", "model=tiny_qwen3", f"serve.port={port}"], capture_output=True, text=True,
+                           timeout=120)
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert len(lines) == 1 and f"serve.port={port} is in use on 127.0.0.1" in lines[0], p.stderr
+    assert time.time() - t < 30   # the model was not loaded first
