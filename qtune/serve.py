@@ -35,7 +35,7 @@ from qtune.errors import QtuneError
 
 class Message(BaseModel):
     role: str
-    content: Union[str, List[dict], None] = None
+    content: Union[str, List[Union[str, dict]], None] = None
 
 
 class ChatRequest(BaseModel):
@@ -73,6 +73,7 @@ UNSUPPORTED = {"chat": [("logprobs", (None, False)), ("top_logprobs", (None, 0))
                "completions": [("logprobs", (None, 0)), ("echo", (None, False)), ("suffix", (None, "")),
                                ("best_of", (None, 1))]}
 SHUTDOWN_GRACE_S = 2
+DRAIN_FACTOR = 8
 
 
 def run(cfg: Config):
@@ -113,54 +114,65 @@ def check_port(host: str, port: int) -> None:
                              "or stop what listens there") from None
 
 
-class _TooLarge(Exception):
-    pass
+class Guard:
+    """ASGI middleware in front of every request (plain ASGI: Starlette's BaseHTTPMiddleware would hide a client's
+    disconnect from the endpoints): the API key, in constant time; bodies over `limit` bytes refused by
+    Content-Length, and the bytes of any body (chunked transfers have none) counted as they arrive, the request cut
+    off with 413 at the limit."""
 
-
-class BodyLimit:
-    """ASGI middleware: refuse bodies over `limit` bytes by Content-Length, and count the bytes of any body
-    (chunked transfers have no Content-Length) as they arrive, stopping at the limit."""
-
-    def __init__(self, app, limit: int):
+    def __init__(self, app, limit: int, api_key: str | None):
         self.app, self.limit = app, limit
+        self.key = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        headers = dict(scope.get("headers") or [])
+        if self.key is not None and scope["path"].startswith("/v1"):
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self.key):
+                return await _send_error(send, 401, "missing or wrong API key: send Authorization: Bearer <serve.api_key>",
+                                         "authentication_error", "invalid_api_key")
+        length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.limit:
-            return await self._refuse(send, int(length))
+            return await self._refuse(send, f"{int(length)} bytes")
         seen = 0
-        started = False
+        answered = False   # we sent the 413: whatever the app sends after is dropped
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, answered
+            if answered:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge
+                    answered = True
+                    await self._refuse(send, f"more than {self.limit} bytes")
+                    # read and drop a little more so a client still sending can read the 413 (nothing is kept);
+                    # past DRAIN_FACTOR x the limit the connection is simply closed
+                    while message.get("more_body") and seen <= DRAIN_FACTOR * self.limit:
+                        message = await receive()
+                        seen += len(message.get("body", b""))
+                    return {"type": "http.disconnect"}   # the app stops reading
             return message
 
-        async def tracked(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def guarded(message):
+            if not answered:
+                await send(message)
 
-        try:
-            await self.app(scope, counted, tracked)
-        except _TooLarge:
-            if not started:
-                await self._refuse(send, None)
+        await self.app(scope, counted, guarded)
 
-    async def _refuse(self, send, length):
-        size = f"{length} bytes" if length is not None else f"more than {self.limit} bytes"
-        body = json.dumps({"error": {"message": f"request body of {size} exceeds serve.max_body_bytes={self.limit}",
-                                     "type": "invalid_request_error", "param": None, "code": "request_too_large"}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+    async def _refuse(self, send, size: str):
+        await _send_error(send, 413, f"request body of {size} exceeds serve.max_body_bytes={self.limit}",
+                          "invalid_request_error", "request_too_large")
+
+
+async def _send_error(send, status: int, message: str, kind: str, code: str) -> None:
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def build_app(loaded, cfg: Config):
@@ -172,7 +184,7 @@ def build_app(loaded, cfg: Config):
     from qtune.inference import Generation, Sampling, render
 
     app = FastAPI(title="qtune serve")
-    app.add_middleware(BodyLimit, limit=cfg.serve.max_body_bytes)
+    app.add_middleware(Guard, limit=cfg.serve.max_body_bytes, api_key=cfg.serve.api_key)
     lock = threading.Lock()  # one generation at a time on the one model; others wait their turn
     created = int(time.time())
     settings = cfg.serve
@@ -191,15 +203,6 @@ def build_app(loaded, cfg: Config):
     def error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
         return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": None,
                                                                    "code": code}})
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1"):
-            sent = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(sent, f"Bearer {settings.api_key}".encode()):  # constant time
-                return error(401, "missing or wrong API key: send Authorization: Bearer <serve.api_key>",
-                             "authentication_error", "invalid_api_key")
-        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
