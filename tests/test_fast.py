@@ -239,22 +239,28 @@ def test_tiny_qwen3_loss_and_gradients_match_the_reference(tiny_qwen3):
         assert _cos(g[name], ref_g[name]) >= 0.99, name
 
 
-@pytest.mark.slow
-def test_fifty_steps_fast_and_reference_end_at_the_same_loss(tmp_path, tiny_qwen3):
-    """The real CLI, train.fast=true vs false on CPU (dropout on: different masks, same distribution)."""
+def _fifty_step_finals(tmp_path, *extra: str) -> dict:
+    """The real CLI, 50 steps with train.fast=false and true on the same data: the mean of each run's last 5 losses."""
     finals = {}
     for setting in ("false", "true"):
         out = tmp_path / setting
         p = qtune("train", "model=tiny_qwen3", f"data.path={REPO}/data/demo/captains_log.jsonl", "data.val_size=0",
                   "data.max_length=256", "train.grad_accum=1", "train.logging_steps=1", "train.warmup_ratio=0",
                   "train.report_to=[]", f"train.output_dir={out}", "train.max_steps=50", "train.save_steps=50",
-                  "train.lr=2e-3", f"train.fast={setting}")
+                  "train.lr=2e-3", f"train.fast={setting}", *extra)
         assert p.returncode == 0, p.stdout + p.stderr
         assert ("fused LoRA on" in p.stdout) == (setting == "true"), p.stdout
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         losses = [r["loss"] for r in rows if "loss" in r]
         assert len(losses) == 50
         finals[setting] = sum(losses[-5:]) / 5
+    return finals
+
+
+@pytest.mark.slow
+def test_fifty_steps_fast_and_reference_end_at_the_same_loss(tmp_path, tiny_qwen3):
+    """On CPU with dropout on (different masks, same distribution)."""
+    finals = _fifty_step_finals(tmp_path)
     assert abs(finals["true"] - finals["false"]) <= 0.02 * finals["false"], finals
 
 
@@ -295,32 +301,20 @@ def test_gpu_fused_swiglu_block_equals_peft_in_bf16():
 
 
 @pytest.mark.gpu
-def test_gpu_tiny_qwen3_fused_path_matches_the_reference_in_bf16(tiny_qwen3):
-    (ref_loss, ref_g, _), (loss, g, fp) = _qwen3_parity(tiny_qwen3, "cuda", torch.bfloat16, kernels=False)
-    assert any("SwiGLU MLP blocks" in p for p in fp.pieces), fp.describe()
-    assert abs(loss - ref_loss) <= 0.01 * abs(ref_loss), (loss, ref_loss)
-    for name in g:
-        assert _cos(g[name], ref_g[name]) >= 0.99, name
+@pytest.mark.parametrize("liger,offload,piece", [
+    (False, "false", "SwiGLU MLP blocks"),                           # the default fast path
+    (False, "true", "layer inputs offloaded to pinned host memory"),
+    (True, "false", "liger"),
+], ids=["fast", "offload", "liger"])
+def test_gpu_tiny_qwen3_matches_the_reference_in_bf16(tiny_qwen3, monkeypatch, liger, offload, piece):
+    from qtune.modeling.fast import offload as offload_module
 
-
-@pytest.mark.gpu
-def test_gpu_offloaded_layer_inputs_give_the_same_loss_and_gradients(tiny_qwen3, monkeypatch):
-    from qtune.modeling.fast import offload
-
-    monkeypatch.setattr(offload, "MIN_BYTES", 0)  # the tiny model's tensors are all small: offload every one
-    (ref_loss, ref_g, _), (loss, g, fp) = _qwen3_parity(tiny_qwen3, "cuda", torch.bfloat16, kernels=False,
-                                                        offload="true")
-    assert "layer inputs offloaded to pinned host memory" in fp.pieces, fp.describe()
-    assert fp.offloader.bytes > 0
-    assert abs(loss - ref_loss) <= 0.01 * abs(ref_loss), (loss, ref_loss)
-    for name in g:
-        assert _cos(g[name], ref_g[name]) >= 0.99, name
-
-
-@pytest.mark.gpu
-def test_gpu_tiny_qwen3_with_liger_matches_the_reference_in_bf16(tiny_qwen3):
-    (ref_loss, ref_g, _), (loss, g, fp) = _qwen3_parity(tiny_qwen3, "cuda", torch.bfloat16, kernels=True)
-    assert any("liger" in p for p in fp.pieces), fp.describe()
+    monkeypatch.setattr(offload_module, "MIN_BYTES", 0)  # the tiny model's tensors are all small: offload every one
+    (ref_loss, ref_g, _), (loss, g, fp) = _qwen3_parity(tiny_qwen3, "cuda", torch.bfloat16, kernels=liger,
+                                                        offload=offload)
+    assert any(piece in p for p in fp.pieces), fp.describe()
+    if offload == "true":
+        assert fp.offloader.bytes > 0
     assert abs(loss - ref_loss) <= 0.01 * abs(ref_loss), (loss, ref_loss)
     for name in g:
         assert _cos(g[name], ref_g[name]) >= 0.99, name
@@ -328,16 +322,5 @@ def test_gpu_tiny_qwen3_with_liger_matches_the_reference_in_bf16(tiny_qwen3):
 
 @pytest.mark.gpu
 def test_gpu_fifty_steps_fast_and_reference_end_at_the_same_loss(tmp_path, tiny_qwen3):
-    finals = {}
-    for setting in ("false", "true"):
-        out = tmp_path / setting
-        p = qtune("train", "model=tiny_qwen3", "quant=nf4", "train.device=cuda", "lora.dropout=0",
-                  f"data.path={REPO}/data/demo/captains_log.jsonl", "data.val_size=0", "data.max_length=256",
-                  "train.grad_accum=1", "train.logging_steps=1", "train.warmup_ratio=0", "train.report_to=[]",
-                  f"train.output_dir={out}", "train.max_steps=50", "train.save_steps=50", "train.lr=2e-3",
-                  f"train.fast={setting}")
-        assert p.returncode == 0, p.stdout + p.stderr
-        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        losses = [r["loss"] for r in rows if "loss" in r]
-        finals[setting] = sum(losses[-5:]) / 5
+    finals = _fifty_step_finals(tmp_path, "quant=nf4", "train.device=cuda", "lora.dropout=0")
     assert abs(finals["true"] - finals["false"]) <= 0.02 * finals["false"], finals
