@@ -257,7 +257,7 @@ def build_app(loaded, cfg: Config):
         s.stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         return s
 
-    def generation(req, prompt: str, s: Sampling, cancelled: threading.Event):
+    def generation(prompt: str, s: Sampling, cancelled: threading.Event):
         """A Generation under the lock, registered for shutdown; None when cancelled while it waited its turn."""
         if cancelled.is_set() or closing.is_set():
             return None
@@ -278,7 +278,7 @@ def build_app(loaded, cfg: Config):
 
         def generate_all():
             with lock, loaded.using(req.model):
-                gen = generation(req, prompt, s, cancelled)
+                gen = generation(prompt, s, cancelled)
                 if gen is None:
                     return "", None
                 running.append(gen)
@@ -308,10 +308,10 @@ def build_app(loaded, cfg: Config):
             gen = None
             try:
                 with lock, loaded.using(req.model):
-                    gen = generation(req, prompt, s, stopped)
+                    gen = generation(prompt, s, cancelled)
                     for piece in gen or ():
                         loop.call_soon_threadsafe(queue.put_nowait, piece)
-                        if stopped.is_set():
+                        if cancelled.is_set():
                             gen.stop()
             except BaseException as e:  # reported as an error event
                 loop.call_soon_threadsafe(queue.put_nowait, e)
@@ -319,7 +319,6 @@ def build_app(loaded, cfg: Config):
                 active.discard(gen)
             loop.call_soon_threadsafe(queue.put_nowait, (done, gen))
 
-        stopped = cancelled
         threading.Thread(target=produce, daemon=True).start()
 
         async def events():
@@ -337,7 +336,7 @@ def build_app(loaded, cfg: Config):
                     yield _sse(chunk(rid, req.model, item))
                 yield "data: [DONE]\n\n"
             finally:
-                stopped.set()  # the client went away: let the generation end
+                cancelled.set()  # the client went away: let the generation end
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -9,9 +9,8 @@ path (plain transformers + PEFT) by parity tests:
   - checkpointing: reentrant activation checkpointing (one autograd node per layer; the non-reentrant kind
     runs Python hooks for every saved tensor), with the same RNG state replayed for dropout;
   - offload (`train.offload_activations`, auto: with checkpointing on CUDA from 8192 tokens a micro-batch on):
-    the checkpointed layer inputs go to
-    pinned host memory on a side stream during the forward and come back for the backward
-    (qtune.modeling.fast.offload);
+    the checkpointed layer inputs go to pinned host memory on a side stream during the forward and come back
+    for the backward (qtune.modeling.fast.offload);
   - kernels (opt-in, `train.liger=true`): liger-kernel's Triton RMSNorm, RoPE and SwiGLU (CUDA only). They
     cut GPU time but add launch work on the host, so they pay only where the GPU is the bottleneck.
 The loss is TRL's fused output head either way (no full logits). `auto` turns the path on for CUDA; `true`
@@ -105,7 +104,7 @@ def _liger(fast: FastPath, model, device: str) -> None:
 
 
 def apply_lora(fast: FastPath, peft_model) -> None:
-    """qtune's fused LoRA forward/backward on every plain LoRA linear layer (after PEFT)."""
+    """qtune's fused LoRA functions on every supported LoRA linear layer and SwiGLU MLP block (after PEFT)."""
     if not fast.on:
         return
     from qtune.modeling.fast import lora
