@@ -13,12 +13,15 @@ from transformers import TrainerCallback
 from qtune.io import atomic_write_bytes
 
 
+_SETUP_PEAK = [0]  # the GPU allocator's peak while loading and preparing the model, before the first step
+
+
 def peak_memory() -> int:
     """Peak memory of this process: the GPU's allocator peak, else the CPU's resident-set peak."""
     import torch
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return int(torch.cuda.max_memory_allocated())
+        return max(_SETUP_PEAK[0], int(torch.cuda.max_memory_allocated()))
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -54,17 +57,36 @@ class MetricsCallback(TrainerCallback):
             if self._last is not None and now > self._last[0]:
                 row["tokens_per_s"] = round((row["tokens"] - self._last[1]) / (now - self._last[0]), 1)
             self._last = (now, row["tokens"])
-        row["memory_bytes"] = peak_memory()
+        row["memory_bytes"] = peak_memory() if training_peak_memory() is None else training_peak_memory()
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last = (time.time(), _tokens_so_far(self.path))
+        start_training_peak()
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             plot_losses(self.run_dir)
+
+
+def start_training_peak() -> None:
+    """From here on the GPU allocator's peak is training's own (the setup's is kept for peak_memory())."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        _SETUP_PEAK[0] = max(_SETUP_PEAK[0], int(torch.cuda.max_memory_allocated()))
+        torch.cuda.reset_peak_memory_stats()
+
+
+def training_peak_memory() -> int | None:
+    """The GPU allocator's peak since training began (None on CPU)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    return None
 
 
 def _tokens_so_far(path: Path) -> int:

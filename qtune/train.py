@@ -163,9 +163,10 @@ def _model(cfg: Config, device: str, dtype, out: Path, train_ds):
 
     folder = ensure_model(cfg.model, cfg.download, cfg.paths)
     set_seed(cfg.train.seed)  # LoRA's A matrices are drawn now, before the trainer seeds anything
-    with ui.status(f"loading {cfg.model.name}"):
-        model = load_model(folder, cfg.model, cfg.quant, device, dtype, cfg.train.gradient_checkpointing)
     fast = fastpath.decide(str(cfg.train.fast), device)
+    with ui.status(f"loading {cfg.model.name}"):
+        model = load_model(folder, cfg.model, cfg.quant, device, dtype, cfg.train.gradient_checkpointing,
+                           experts_4bit=fast.on)
     fastpath.apply_base(fast, model, device, cfg.train.gradient_checkpointing, cfg.train.liger,
                         cfg.train.offload_activations, cfg.data.max_length * cfg.train.batch_size)
     matched = match(model, cfg.lora, cfg.moe)
@@ -184,7 +185,7 @@ def _model(cfg: Config, device: str, dtype, out: Path, train_ds):
         n = apply_dropout(model, cfg.lora.dropout)
         ui.info(f"lora.dropout={cfg.lora.dropout:g} on {n} linear adapters; fused expert/router adapters train "
                 "without dropout (PEFT's ParamWrapper has none)")
-    fastpath.apply_lora(fast, model)
+    fastpath.apply_lora(fast, model, str(cfg.quant.method))
     ui.info(fast.describe())
     trainable, _ = model.get_nb_trainable_parameters()
     if trainable != matched.allocated:  # the plan and PEFT must agree; a mismatch is a qtune bug
@@ -283,7 +284,7 @@ def _samples(cfg: Config, model, tokenizer, out: Path, when: str) -> list[dict] 
 
 
 def _finish(cfg: Config, trainer, tokenizer, out: Path, seconds: float, samples_before) -> dict:
-    from qtune.callbacks import peak_memory, plot_losses
+    from qtune.callbacks import peak_memory, plot_losses, training_peak_memory
     from qtune.io import atomic_dir, atomic_write_json
 
     adapter = out / "adapter"
@@ -309,6 +310,7 @@ def _finish(cfg: Config, trainer, tokenizer, out: Path, seconds: float, samples_
         "best_eval_loss": min(eval_losses) if eval_losses else None,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "seconds": round(seconds, 1), "peak_memory_bytes": peak_memory(),
+        "train_peak_memory_bytes": training_peak_memory(),
         "tokens": next((r["tokens"] for r in reversed(rows) if "tokens" in r), None),
         "adapter": str(adapter),
         "samples": {"before": samples_before, "after": samples_after} if samples_after else None,

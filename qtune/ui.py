@@ -196,13 +196,21 @@ def train_progress():
                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
 
 
+def _peaks(summary: dict) -> str:
+    """The process's peak, and training's own where loading peaked higher (16-bit experts before 4-bit storage)."""
+    peak, train = summary["peak_memory_bytes"], summary.get("train_peak_memory_bytes")
+    if train and peak > 1.05 * train:
+        return f"{human_bytes(peak)} while loading, {human_bytes(train)} training"
+    return human_bytes(peak)
+
+
 def show_train_summary(summary: dict) -> None:
     def f(x, spec=".4f"):
         return "-" if x is None else format(x, spec)
 
     console.print(f"[bold green]done[/]: {summary['steps']} steps in {summary['seconds']:.0f} s; train loss "
                   f"{f(summary['first_loss'])} -> {f(summary['train_loss'])}, eval loss {f(summary['eval_loss'])}; "
-                  f"peak memory {human_bytes(summary['peak_memory_bytes'])}")
+                  f"peak memory {_peaks(summary)}")
     console.print(f"adapter: {summary['adapter']}")
     samples = summary.get("samples")
     if samples and samples.get("after"):

@@ -182,8 +182,11 @@ def test_fused_lora_steps_aside_when_the_call_is_not_plain_lora():
     assert torch.equal(dora(torch.ones(1, 8)), y)
 
 
-def _qwen3_parity(model_dir, device: str, dtype, kernels: bool, offload: str = "false"):
-    """Loss and LoRA gradients of one packed batch, reference path vs fast path, on the same model."""
+def _qwen3_parity(model_dir, device: str, dtype, kernels: bool, offload: str = "false", overrides=("model=tiny_qwen3",),
+                  seq: int = 96, experts_4bit: bool = False):
+    """Loss and LoRA gradients of one packed batch, reference path vs fast path, on the same model. `model_dir` is a
+    folder or a function (dtype, device) -> model. experts_4bit: the fast path keeps the experts in nf4 and the
+    reference gets the same rounded weights (dequantized back to 16 bits), so both compute the same function."""
     from peft import get_peft_model
 
     from qtune.config import compose, to_object
@@ -192,11 +195,20 @@ def _qwen3_parity(model_dir, device: str, dtype, kernels: bool, offload: str = "
     from qtune.modeling.targets import match, peft_config
     from transformers import AutoModelForCausalLM
 
-    cfg = to_object(compose(["model=tiny_qwen3", "lora.dropout=0"]))
+    cfg = to_object(compose([*overrides, "lora.dropout=0"]))
 
     def build(fast_on: bool):
         torch.manual_seed(0)
-        m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(device)
+        if callable(model_dir):
+            m = model_dir(dtype, device)
+        else:
+            m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(device)
+        if experts_4bit and not fast_on:
+            import bitsandbytes.functional as bnbf
+
+            for name, p in m.named_parameters():
+                if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                    p.data = bnbf.dequantize_4bit(*bnbf.quantize_4bit(p.data, blocksize=64, quant_type="nf4"))
         m.config.use_cache = False
         prepare_for_training(m, gradient_checkpointing=True)
         fp = fastpath.decide("true" if fast_on else "false", device)
@@ -206,13 +218,13 @@ def _qwen3_parity(model_dir, device: str, dtype, kernels: bool, offload: str = "
         for n, p in m.named_parameters():  # B starts at zero: give it values so dA is not zero either
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(hash(n) % 2**31)) \
-                    if p.device.type == "cpu" else p.data.normal_(std=0.02)
-        fastpath.apply_lora(fp, m)
+                    if p.device.type == "cpu" else p.data.normal_(std=0.02, generator=torch.Generator(p.device).manual_seed(hash(n) % 2**31))
+        fastpath.apply_lora(fp, m, "nf4" if experts_4bit else "none")
         return m, fp
 
     g = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 1000, (1, 96), generator=g).to(device)
-    pos = torch.cat([torch.arange(40), torch.arange(56)]).unsqueeze(0).to(device)  # two packed sequences
+    ids = torch.randint(0, 1000, (1, seq), generator=g).to(device)
+    pos = torch.cat([torch.arange(seq * 5 // 12), torch.arange(seq - seq * 5 // 12)]).unsqueeze(0).to(device)  # two packed rows
     labels = ids.clone()
     labels[0, :5] = -100
     results = []
@@ -237,6 +249,25 @@ def test_tiny_qwen3_loss_and_gradients_match_the_reference(tiny_qwen3):
     assert g.keys() == ref_g.keys()
     for name in g:
         assert _cos(g[name], ref_g[name]) >= 0.99, name
+
+
+@pytest.mark.parametrize("moe", ["expert_only", "all"])
+def test_tiny_qwen3_moe_grouped_experts_match_the_reference(tiny_qwen3_moe, moe, monkeypatch):
+    """Grouped expert matmuls with split LoRA against PEFT's full-delta ParamWrapper: experts, router and attention."""
+    from qtune.modeling.fast import moe as fast_moe
+
+    calls = []
+    monkeypatch.setattr(fast_moe.ExpertsLoRA, "forward", staticmethod(
+        lambda ctx, *a, f=fast_moe.ExpertsLoRA.forward: calls.append(1) or f(ctx, *a)))
+    (ref_loss, ref_g, _), (loss, g, fp) = _qwen3_parity(tiny_qwen3_moe, "cpu", torch.float32, kernels=False,
+                                                        overrides=("model=tiny_qwen3_moe", f"moe={moe}"))
+    assert "grouped-matmul experts with split LoRA in 2 MoE blocks" in fp.pieces, fp.describe()
+    assert len(calls) == 4  # both blocks, forward and checkpoint recompute: not PEFT's fallback
+    assert abs(loss - ref_loss) <= 1e-4 * abs(ref_loss), (loss, ref_loss)
+    assert g.keys() == ref_g.keys() and any("experts" in n for n in g)
+    for name in g:
+        assert _cos(g[name], ref_g[name]) >= 0.9999, name
+        assert torch.allclose(g[name], ref_g[name], rtol=1e-3, atol=1e-6), name
 
 
 def _fifty_step_finals(tmp_path, *extra: str) -> dict:
@@ -324,3 +355,115 @@ def test_gpu_tiny_qwen3_matches_the_reference_in_bf16(tiny_qwen3, monkeypatch, l
 def test_gpu_fifty_steps_fast_and_reference_end_at_the_same_loss(tmp_path, tiny_qwen3):
     finals = _fifty_step_finals(tmp_path, "quant=nf4", "train.device=cuda", "lora.dropout=0")
     assert abs(finals["true"] - finals["false"]) <= 0.02 * finals["false"], finals
+
+
+def _a3b(layers: int):
+    """A random Qwen3-30B-A3B-shaped model of `layers` layers built on the device (full-size experts and vocabulary)."""
+    def make(dtype, device):
+        from transformers import AutoModelForCausalLM
+
+        from qtune.config import compose, to_object
+        from qtune.modeling.arch import hf_config
+
+        arch = to_object(compose(["model=qwen3_30b_a3b", f"model.arch.num_hidden_layers={layers}"])).model.arch
+        with torch.device(device):
+            m = AutoModelForCausalLM.from_config(hf_config(arch), dtype=dtype, attn_implementation="sdpa")
+        return m
+    return make
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("what", ["tiny", "a3b", "a3b_nf4"])
+def test_gpu_grouped_experts_match_the_reference_in_bf16(tiny_qwen3_moe, monkeypatch, what):
+    """Tiny Qwen3-MoE and a 2-layer Qwen3-30B-A3B shape (128 experts of 2048 x 768, top-8) in bf16: grouped matmuls
+    with split LoRA (and experts kept in nf4) against PEFT's full-delta path on the same weights."""
+    model = tiny_qwen3_moe if what == "tiny" else _a3b(2)
+    (ref_loss, ref_g, _), (loss, g, fp) = _qwen3_parity(
+        model, "cuda", torch.bfloat16, kernels=False, seq=96 if what == "tiny" else 1024,
+        overrides=("model=tiny_qwen3_moe" if what == "tiny" else "model=qwen3_30b_a3b", "moe=expert_only"),
+        experts_4bit=what == "a3b_nf4")
+    assert any("grouped-matmul experts" in p for p in fp.pieces), fp.describe()
+    if what == "a3b_nf4":
+        assert any("experts kept in nf4" in p for p in fp.pieces), fp.describe()
+    assert abs(loss - ref_loss) <= 0.01 * abs(ref_loss), (loss, ref_loss)
+    assert g.keys() == ref_g.keys() and any("experts" in n for n in g)
+    for name in g:
+        assert _cos(g[name], ref_g[name]) >= 0.99, (name, _cos(g[name], ref_g[name]))
+
+
+@pytest.mark.gpu
+def test_gpu_nf4_experts_stay_close_to_16_bit():
+    """A full-size A3B expert block with its experts in nf4: the same output as the 16-bit function on the rounded
+    weights (dequantized back), an output within nf4's rounding of the 16-bit block's, and most expert memory freed."""
+    import bitsandbytes.functional as bnbf
+    from peft import get_peft_model
+
+    from qtune.config import compose, to_object
+    from qtune.modeling.fast import moe
+    from qtune.modeling.targets import match, peft_config
+
+    cfg = to_object(compose(["model=qwen3_30b_a3b", "moe=expert_only", "lora.dropout=0"]))
+    m = _a3b(1)(torch.bfloat16, "cuda")
+    for p in m.parameters():
+        p.requires_grad_(False)
+    m = get_peft_model(m, peft_config(match(m, cfg.lora, cfg.moe), cfg.lora, False))
+    assert moe.patch(m) == 1
+    block = m.base_model.model.model.layers[0].mlp
+    experts = block.experts.base_layer.base_layer
+    x = torch.randn(1, 2048, 2048, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        y16 = block(x)
+        w16 = {n: getattr(experts, n).data.clone() for n in moe.PARAMS}
+        for n in moe.PARAMS:  # the 16-bit function on the weights nf4 rounds to
+            getattr(experts, n).data = bnbf.dequantize_4bit(*bnbf.quantize_4bit(w16[n], blocksize=64, quant_type="nf4"))
+        y_rounded = block(x)
+        for n in moe.PARAMS:
+            getattr(experts, n).data = w16[n]
+        del w16
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        freed, kept = moe.quantize_experts(m, "nf4")
+        after = torch.cuda.memory_allocated()
+        y4 = block(x)
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    experts_bytes = 128 * 3 * 2048 * 768 * 2
+    assert freed > 0.7 * experts_bytes and before - after > 0.7 * experts_bytes, (freed, before - after, experts_bytes)
+    assert kept < 0.3 * experts_bytes, kept
+    assert rel(y4, y_rounded) < 1e-2, rel(y4, y_rounded)
+    assert 0 < rel(y4, y16) < 0.25, rel(y4, y16)
+
+
+@pytest.mark.gpu
+def test_gpu_experts_become_4bit_while_loading(tmp_path):
+    """quant=nf4 on an MoE model (fast path): each fused expert tensor turns 4-bit as it loads, so loading never holds
+    more than one 16-bit expert tensor beyond the resident model, and the result equals quantizing after loading."""
+    from peft import get_peft_model
+
+    from qtune.config import compose, to_object
+    from qtune.modeling.fast import moe
+    from qtune.modeling.load import load_model
+    from qtune.modeling.targets import match, peft_config
+
+    _a3b(2)(torch.bfloat16, "cuda").save_pretrained(tmp_path)
+    torch.cuda.empty_cache()
+    cfg = to_object(compose(["model=qwen3_30b_a3b", "quant=nf4", "moe=expert_only", "lora.dropout=0"]))
+    ids = torch.randint(0, 151936, (1, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    logits = {}
+    for streaming in (True, False):
+        torch.cuda.reset_peak_memory_stats()
+        model = load_model(tmp_path, cfg.model, cfg.quant, "cuda", torch.bfloat16, False, experts_4bit=streaming)
+        resident, peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+        if streaming:
+            assert peak - resident < 1.3 * 128 * 1536 * 2048 * 2, (peak, resident)  # one gate_up tensor in bf16
+        model = get_peft_model(model, peft_config(match(model, cfg.lora, cfg.moe), cfg.lora, True))
+        assert moe.patch(model) == 2
+        freed, kept = moe.quantize_experts(model, "nf4")
+        assert (freed == 0) == streaming and kept > 0
+        with torch.no_grad():
+            logits[streaming] = model(input_ids=ids).logits.float()
+        del model
+        torch.cuda.empty_cache()
+    assert torch.equal(logits[True], logits[False])

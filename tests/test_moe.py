@@ -166,6 +166,60 @@ def test_each_scope_trains_exactly_what_it_names(tmp_path, tiny_qwen3_moe, overr
 
 
 @pytest.mark.slow
+def test_fast_path_adapter_is_peft_format_and_merges_exactly(tmp_path, tiny_qwen3_moe):
+    """An adapter trained by the fast path (grouped experts, split LoRA) is PEFT's own: PeftModel.from_pretrained
+    gives the fast path's logits, and a merged expert is the base plus exactly s·B_e·A_e read in PEFT's layout."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from qtune.config import compose, to_object
+    from qtune.merge import merge, run_config
+    from qtune.modeling.fast import lora, moe
+
+    run = tmp_path / "run"
+    p = qtune("train", "model=tiny_qwen3_moe", *DEMO, *FAST, f"train.output_dir={run}", "train.max_steps=3",
+              "train.save_steps=3", "train.lr=5e-2", "moe=all", "train.fast=true", "lora.dropout=0")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "grouped-matmul experts with split LoRA in 2 MoE blocks" in p.stdout, p.stdout
+
+    ids = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(0))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_qwen3_moe, dtype=torch.float32),
+                                      run / "adapter").eval()
+    with torch.no_grad():
+        peft_logits = model(input_ids=ids).logits
+        assert moe.patch(model) == 2 and lora.patch(model)[0] > 0
+        fast_logits = model(input_ids=ids).logits
+    assert torch.allclose(fast_logits, peft_logits, rtol=1e-4, atol=1e-5), (fast_logits - peft_logits).abs().max()
+
+    cfg = to_object(compose(["model=tiny_qwen3_moe", "moe=all", "merge.dtype=fp32"]))
+    merge(run_config(run, cfg), run / "adapter", tmp_path / "merged")
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen3_moe, dtype=torch.float32).state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).state_dict()
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    conf = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    s = conf["lora_alpha"] / conf["r"]
+    checked = 0
+    for key, a in adapter.items():
+        if ".experts." not in key or "lora_A" not in key:
+            continue
+        # PEFT nests one wrapper per fused tensor (…experts.lora_A, …experts.base_layer.lora_A): tell them by shape
+        block = key.split("base_model.model.", 1)[1].split(".experts.")[0] + ".experts."
+        b = adapter[key.replace("lora_A", "lora_B")]
+        experts, r = base[block + "down_proj"].shape[0], conf["r"]
+        param = next(block + n for n in ("gate_up_proj", "down_proj")
+                     if a.shape == (experts * r, base[block + n].shape[2]) and b.shape == (base[block + n].shape[1], r * experts))
+        w0, w1 = base[param], merged[param]
+        for e in range(experts):
+            delta = s * b.view(w0.shape[1], r, experts)[:, :, e] @ a.view(experts, r, -1)[e]
+            assert delta.abs().max() > 0, (param, e)
+            assert torch.allclose(w1[e] - w0[e], delta, rtol=1e-4, atol=1e-6), (param, e)
+        checked += 1
+    assert checked == 4  # gate_up_proj and down_proj of both layers
+
+
+@pytest.mark.slow
 def test_merge_cli_parity_and_plain_transformers_load(tmp_path, tiny_qwen3):
     run = tmp_path / "run"
     t = qtune("train", "model=tiny_qwen3", *DEMO, *FAST, f"train.output_dir={run}", "train.max_steps=2",

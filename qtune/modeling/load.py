@@ -81,17 +81,27 @@ def bnb_config(quant: QuantConfig):
                               llm_int8_skip_modules=skip)
 
 
-def load_model(folder: Path, model: ModelConfig, quant: QuantConfig, device: str, dtype, gradient_checkpointing: bool):
-    """The base model for training: quantized per `quant`, on `device`, SDPA (flash-attention when installed)."""
+def load_model(folder: Path, model: ModelConfig, quant: QuantConfig, device: str, dtype, gradient_checkpointing: bool,
+               experts_4bit: bool = False):
+    """The base model for training: quantized per `quant`, on `device`, SDPA (flash-attention when installed).
+    experts_4bit (the fast path's MoE on CUDA with quant=nf4|fp4): fused expert tensors, which bitsandbytes leaves in
+    16 bits, become 4-bit one at a time as they load (qtune.modeling.fast.moe)."""
+    import contextlib
     import importlib.util
 
     from transformers import AutoModelForCausalLM
 
     attn = "flash_attention_2" if device != "cpu" and importlib.util.find_spec("flash_attn") else "sdpa"
     qconfig = bnb_config(quant)
-    m = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, quantization_config=qconfig, attn_implementation=attn,
-        device_map={"": device}, trust_remote_code=model.trust_remote_code)
+    experts = contextlib.nullcontext()
+    if experts_4bit and qconfig is not None and device.startswith("cuda") and quant.method in (QuantMethod.nf4, QuantMethod.fp4):
+        from qtune.modeling.fast.moe import four_bit_while_loading
+
+        experts = four_bit_while_loading(str(quant.method))
+    with experts:
+        m = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, quantization_config=qconfig, attn_implementation=attn,
+            device_map={"": device}, trust_remote_code=model.trust_remote_code)
     m.config.use_cache = False
     prepare_for_training(m, gradient_checkpointing)
     return m

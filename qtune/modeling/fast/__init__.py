@@ -11,6 +11,9 @@ path (plain transformers + PEFT) by parity tests:
   - offload (`train.offload_activations`, auto: with checkpointing on CUDA from 8192 tokens a micro-batch on):
     the checkpointed layer inputs go to pinned host memory on a side stream during the forward and come back
     for the backward (qtune.modeling.fast.offload);
+  - moe: every MoE expert block as one autograd function of grouped matmuls over the routed tokens, with the
+    LoRA term split (x·Aᵀ)·Bᵀ instead of PEFT's full-size delta, and (quant=nf4|fp4 on CUDA) the fused expert
+    tensors kept in 4 bits, which bitsandbytes leaves in 16 (qtune.modeling.fast.moe);
   - kernels (opt-in, `train.liger=true`): liger-kernel's Triton RMSNorm, RoPE and SwiGLU (CUDA only). They
     cut GPU time but add launch work on the host, so they pay only where the GPU is the bottleneck.
 The loss is TRL's fused output head either way (no full logits). `auto` turns the path on for CUDA; `true`
@@ -103,14 +106,25 @@ def _liger(fast: FastPath, model, device: str) -> None:
     fast.pieces.append("liger RMSNorm/RoPE" + ("/SwiGLU" if swiglu else ""))
 
 
-def apply_lora(fast: FastPath, peft_model) -> None:
-    """qtune's fused LoRA functions on every supported LoRA linear layer and SwiGLU MLP block (after PEFT)."""
+def apply_lora(fast: FastPath, peft_model, quant: str = "none") -> None:
+    """qtune's fused LoRA functions on every supported LoRA linear layer and SwiGLU MLP block, and the grouped
+    expert function on every MoE expert block (after PEFT); `quant` nf4|fp4 on CUDA keeps experts in 4 bits."""
     if not fast.on:
         return
     from qtune.modeling.fast import lora
+    from qtune.modeling.fast import moe
 
     layers, blocks = lora.patch(peft_model)
     if layers:
         fast.pieces.append(f"fused LoRA on {layers} linear layers" + (f" and {blocks} SwiGLU MLP blocks" if blocks else ""))
     else:
         fast.notes.append("no LoRA linear layer the fused function supports")
+    experts = moe.patch(peft_model)
+    if experts:
+        fast.pieces.append(f"grouped-matmul experts with split LoRA in {experts} MoE blocks")
+        if quant in ("nf4", "fp4"):
+            _, kept = moe.quantize_experts(peft_model, quant)
+            if kept:
+                fast.pieces.append(f"experts kept in {quant} ({kept / 2**30:.2f} GiB)")
+            else:
+                fast.notes.append("4-bit experts need CUDA; experts stay 16-bit")

@@ -1,0 +1,99 @@
+"""Where an MoE training step's time goes: qtune's fast path on a Qwen3-30B-A3B-shaped random checkpoint of
+LAYERS layers (bench/seed/seed_recipe_moe.py's make()), nf4, moe=expert_only, LoRA r16, batch 1 x SEQ, checkpointing.
+
+Run on a GPU machine:  python3 bench/profile_moe.py [LAYERS] [SEQ] [VARIANT,...]
+Variants: fast (what train.fast=auto does), redequant (the backward dequantizes the experts again instead of
+keeping the recompute's copy). The model is built as `qtune train` builds it; the loss is TRL's fused head; the
+optimizer step is left out. Per variant: the median step (synchronized), the host time to issue a step, the GPU's
+kernel time per step and the top kernels. Writes $OUT/profile_moe_<layers>_<seq>.txt.
+"""
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "seed"))
+OUT = Path(os.environ.get("OUT", "/tmp/out"))
+
+
+def build(path: str, variant: str):
+    import torch
+    from peft import get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    from qtune.config import compose, to_object
+    from qtune.modeling import fast as fastpath
+    from qtune.modeling.fast import moe
+    from qtune.modeling.load import load_model
+    from qtune.modeling.targets import match, peft_config
+
+    moe.KEEP_RECOMPUTED = variant != "redequant"
+    cfg = to_object(compose(["model=qwen3_30b_a3b", "quant=nf4", "moe=expert_only", "lora.dropout=0"]))
+    torch.manual_seed(0)
+    model = load_model(Path(path), cfg.model, cfg.quant, "cuda", torch.bfloat16, True)
+    fp = fastpath.decide("true", "cuda")
+    fastpath.apply_base(fp, model, "cuda", True, False, "auto", 2048)
+    add_fused_lm_head(model)
+    matched = match(model, cfg.lora, cfg.moe)
+    model = get_peft_model(model, peft_config(matched, cfg.lora, True))
+    fastpath.apply_lora(fp, model, "nf4")
+    return model, fp
+
+
+def main(layers=6, seq=2048, variants=("fast", "redequant")):
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import seed_recipe_moe
+
+    path = seed_recipe_moe.make(layers)
+    OUT.mkdir(parents=True, exist_ok=True)
+    report = []
+    for setting in variants:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        model, fp = build(path, setting)
+        model.train()
+        ids = torch.randint(0, 151936, (1, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+            loss = -out.log_probs.sum() / out.label_mask.sum()
+            loss.backward()
+            return loss
+
+        step()
+        model.zero_grad(set_to_none=True)
+        torch.cuda.reset_peak_memory_stats()
+        times, issue = [], []
+        for _ in range(6):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            step()
+            issue.append(time.perf_counter() - t)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+            model.zero_grad(set_to_none=True)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                step()
+                model.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        table = events.table(sort_by="self_device_time_total", row_limit=30)
+        gpu_ms = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3 / 2
+        line = (f"L{layers} seq {seq} {setting} [{fp.describe()}]: step {statistics.median(times[2:]) * 1e3:.0f} ms, "
+                f"host issue {statistics.median(issue[2:]) * 1e3:.0f} ms, GPU kernels {gpu_ms:.0f} ms/step, "
+                f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        print(line, flush=True)
+        print("\n".join(table.splitlines()[:22]), flush=True)
+        report += [line, table, ""]
+        del model
+    (OUT / f"profile_moe_{layers}_{seq}.txt").write_text("\n".join(report))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 6, int(sys.argv[2]) if len(sys.argv) > 2 else 2048,
+         sys.argv[3].split(",") if len(sys.argv) > 3 else ("fast", "redequant"))

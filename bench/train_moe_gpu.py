@@ -1,0 +1,140 @@
+"""qtune train vs the seed recipe on Qwen3-30B-A3B-shaped random checkpoints (issue #14), in one GPU run.
+
+Run on a GPU machine from the repository root:  python3 bench/train_moe_gpu.py LAYERS [LAYERS ...] [-- ROW ...]
+e.g. `python3 bench/train_moe_gpu.py 6 12`. Checkpoints come from the seed benchmark's `make()` (bench/seed is a
+copy of ../shared/bench): 128 experts of 2048 x 768, top-8, full vocabulary, LAYERS of the real 48.
+Rows (all nf4, LoRA r16/alpha 32 on attention + the fused experts, router frozen, gradient checkpointing):
+  all      qtune, moe=expert_only, batch 1 x 2048
+  top32    the same with moe.max_experts=32 moe.expert_selection=load
+  all8192  the first row at batch 1 x 8192
+  ref      qtune with train.fast=false (PEFT's ParamWrapper; issue #14's "today")
+  seed     the seed recipe's MoE baseline (LORA_DROPOUT=0: it crashes at its default 0.05)
+qtune trains through its real CLI: median tokens/s of the logged steps after the third (metrics.jsonl), the
+training peak and the whole process's peak (loading included) from summary.json. Each quantity is extrapolated
+linearly in layers to 48 from the first and last layer counts. Writes $OUT/train_moe_gpu.json; PREV=<that file from an
+earlier call> adds its rows (one device call holds only a few rows).
+"""
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE / "seed"))
+OUT = Path(os.environ.get("OUT", "/tmp/out"))
+WORK = Path("/tmp/qtune-bench-moe")
+WORDS = ["the", "model", "fine", "tune", "lora", "token", "quant", "expert", "router", "layer"]
+ROWS = ["all", "top32", "all8192", "ref", "seed"]
+
+
+def write_data():
+    WORK.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for name, count, n in (("long", 48, 1400), ("xl", 16, 6000)):  # one full row per step
+        text = "".join(json.dumps({"text": " ".join(rng.choice(WORDS) + str(rng.randint(0, 99)) for _ in range(n))})
+                       + "\n" for _ in range(count))
+        (WORK / f"{name}.jsonl").write_text(text)
+
+
+def qtune_train(name, path, data, *overrides, steps=10, length=2048):
+    out = WORK / name
+    cmd = [sys.executable, "-m", "qtune", "train", "model=qwen3_30b_a3b", "model.source=local", f"model.local_dir={path}",
+           f"data.path={data}", "data.format=text", f"data.max_length={length}", "data.val_size=0", "quant=nf4",
+           "moe=expert_only", "lora.dropout=0", f"train.max_steps={steps}", "train.logging_steps=1",
+           "train.grad_accum=1", "train.save_steps=1000", "train.warmup_ratio=0", "train.report_to=[]",
+           f"train.output_dir={out}", "train.overwrite=true", f"paths.home={WORK}/home", *overrides]
+    t = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - t
+    if p.returncode != 0:
+        return dict(name=name, error=(p.stderr or p.stdout).strip().splitlines()[-1][:400], rc=p.returncode)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > 3]
+    summary = json.loads((out / "summary.json").read_text())
+    losses = [r["loss"] for r in rows if "loss" in r]
+    fast = next((x for x in p.stdout.splitlines() if "train.fast" in x), "")
+    train_peak = summary.get("train_peak_memory_bytes") or summary["peak_memory_bytes"]
+    return dict(name=name, tok_s=round(statistics.median(tps)), tok_s_spread=[round(min(tps)), round(max(tps))],
+                peak_gib=round(train_peak / 2**30, 2), process_peak_gib=round(summary["peak_memory_bytes"] / 2**30, 2),
+                loss_first=round(losses[0], 3), loss_last=round(losses[-1], 3), wall_s=round(wall, 1), fast=fast.strip())
+
+
+def extrapolate(results, layers):
+    """Per row: each quantity at 48 layers, linear in layers through the first and last layer counts."""
+    lo, hi = min(layers), max(layers)
+    table = {}
+    for row in ROWS:
+        a, b = results.get(f"{row}_L{lo}"), results.get(f"{row}_L{hi}")
+        if not (a and b and "tok_s" in a and "tok_s" in b) or lo == hi:
+            continue
+        est = {}
+        for key in ("peak_gib", "process_peak_gib"):
+            if key in a and key in b:
+                est[key] = round(b[key] + (b[key] - a[key]) / (hi - lo) * (48 - hi), 1)
+        tokens = 8192 if row == "all8192" else 2048
+        sa, sb = tokens / a["tok_s"], tokens / b["tok_s"]  # seconds a step are linear in layers
+        est["tok_s"] = round(tokens / (sb + (sb - sa) / (hi - lo) * (48 - hi)))
+        table[row] = est
+    return table
+
+
+def main(nums, which):
+    layers = list(nums)
+    import torch
+
+    import seed_recipe_moe
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    info = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+    for mod in ("transformers", "peft", "trl", "bitsandbytes", "accelerate"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001 (record what is missing)
+            info[mod] = f"missing ({type(e).__name__})"
+    print(json.dumps(info), flush=True)
+    write_data()
+    results = {}
+    if os.environ.get("PREV"):  # rows from an earlier call (one call holds a few rows): extrapolate over both
+        results.update(json.loads(Path(os.environ["PREV"]).read_text())["results"])
+        layers = sorted({*layers, *(int(k.rsplit("_L", 1)[1]) for k in results)})
+    path = OUT / "train_moe_gpu.json"
+
+    def keep(r):
+        results[r["name"]] = r
+        print(json.dumps(r), flush=True)
+        path.write_text(json.dumps(dict(info=info, results=results, at_48=extrapolate(results, layers)), indent=1))
+
+    long, xl = WORK / "long.jsonl", WORK / "xl.jsonl"
+    for n in nums:
+        ckpt = seed_recipe_moe.make(n)
+        if "all" in which:
+            keep(qtune_train(f"all_L{n}", ckpt, long))
+        if "top32" in which:
+            keep(qtune_train(f"top32_L{n}", ckpt, long, "moe.max_experts=32", "moe.expert_selection=load"))
+        if "all8192" in which:
+            keep(qtune_train(f"all8192_L{n}", ckpt, xl, steps=7, length=8192))
+        if "ref" in which:
+            keep(qtune_train(f"ref_L{n}", ckpt, long, "train.fast=false", steps=6))
+        if "seed" in which:
+            os.environ["LORA_DROPOUT"] = "0"
+            r = seed_recipe_moe.bench("seed", n)
+            r["name"] = f"seed_L{n}"
+            keep(r)
+    at48 = extrapolate(results, layers)
+    seed48 = at48.get("seed", {})
+    print("\n| row (48 layers, extrapolated) | tok/s | vs seed | training peak GiB | process peak GiB |")
+    print("|---|---|---|---|---|")
+    for row, est in at48.items():
+        ratio = f"{est['tok_s'] / seed48['tok_s']:.2f}x" if seed48.get("tok_s") else "-"
+        print(f"| {row} | {est['tok_s']} | {ratio} | {est.get('peak_gib', '-')} | {est.get('process_peak_gib', '-')} |")
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    rows = args[args.index("--") + 1:] if "--" in args else ROWS
+    nums = [int(x) for x in (args[:args.index("--")] if "--" in args else args)] or [6, 12]
+    main(nums, rows)

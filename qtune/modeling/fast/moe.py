@@ -1,0 +1,296 @@
+"""MoE experts on the fast path: grouped matmuls over the routed tokens, LoRA split, and 4-bit expert weights.
+
+PEFT adapts a fused expert tensor W (E, out, in) with a ParamWrapper that forms the whole delta B_e·A_e for all
+E experts on every forward (E x out x in, as large as the experts themselves) and runs transformers' eager
+loop over experts. Here one autograd function computes a whole expert block on the tokens routed to it:
+
+    h  = x·W_guᵀ + s·(x·A_guᵀ)·B_guᵀ          gate and up, as grouped matmuls over the tokens sorted by expert
+    y  = a·W_dᵀ  + s·(a·A_dᵀ)·B_dᵀ            a = SiLU(gate)·up
+
+with a hand-written backward that recomputes SiLU·up from h and the weights rather than keeping them. The
+adapter is PEFT's own parameters, read in PEFT's layout (lora_A (E·r, in) grouped by expert: expert e owns rows
+e·r … e·r+r-1; lora_B (out, r·E) grouped by rank: expert e owns the columns c with c mod E = e), so saving,
+loading, `PeftModel.from_pretrained` and merging stay PEFT's.
+
+4-bit experts (`quant=nf4|fp4` on CUDA): bitsandbytes leaves fused 3-D expert tensors in 16 bits (its layers are
+nn.Linear only), which is most of an MoE model. `quantize_experts` keeps them as bitsandbytes blockwise 4-bit
+(blocks of 64 along each expert's rows) and the function dequantizes one tensor just before its grouped matmul,
+again in the backward, instead of keeping a 16-bit copy.
+"""
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+import torch.nn.functional as F
+
+PARAMS = ("gate_up_proj", "down_proj")
+
+# Keep a layer's dequantized experts from its checkpoint recompute for its backward, which follows at once
+# (one layer's 16-bit experts held for a moment; saves a third of the dequantizing). Off: dequantize again.
+KEEP_RECOMPUTED = True
+
+
+def gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Grouped matmul: (M, K) x (E, K, N) -> (M, N), rows [offs[e-1], offs[e]) with b[e]; or, both 2-D,
+    (N1, M) x (M, N2) -> (E, N1, N2) summing over each group's slice of M."""
+    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    return fn(a, b, offs=offs)
+
+
+def _b3(b: torch.Tensor, experts: int) -> torch.Tensor:
+    """PEFT's lora_B (out, r·E) -> (E, out, r), contiguous."""
+    return b.view(b.shape[0], -1, experts).permute(2, 0, 1).contiguous()
+
+
+def _grad_b(db3: torch.Tensor) -> torch.Tensor:
+    """(E, out, r) -> lora_B's layout (out, r·E)."""
+    e, out, r = db3.shape
+    return db3.permute(1, 2, 0).reshape(out, r * e)
+
+
+def base_weight(experts, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """An expert tensor (E, out, in) in `dtype`: dequantized when it is kept in 4 bits."""
+    q = vars(experts).get("_qtune_4bit", {}).get(name)
+    if q is not None:
+        import bitsandbytes.functional as bnbf
+
+        w = bnbf.dequantize_4bit(q[0], q[1])
+    else:
+        w = getattr(experts, name)
+    return w if w.dtype == dtype else w.to(dtype)
+
+
+class ExpertsLoRA(torch.autograd.Function):
+    """Rows x (M, H) sorted by expert with group ends `offs` -> expert outputs (M, H) before the routing weights."""
+
+    @staticmethod
+    def forward(ctx, x, offs, a1, b1, a2, b2, experts, s1: float, s2: float):
+        n = offs.shape[0]
+        dt = x.dtype
+        # Inside a backward (reentrant checkpointing's recompute) this layer's backward comes next: keep the weights.
+        keep = KEEP_RECOMPUTED and torch._C._current_graph_task_id() != -1
+        w1 = base_weight(experts, "gate_up_proj", dt)
+        h = gmm(x, w1.transpose(1, 2), offs)
+        ctx.w = [w1 if keep else None, None]
+        del w1
+        A1 = B1 = xa1 = A2 = B2 = xa2 = None
+        if a1 is not None:
+            A1, B1 = a1.to(dt).view(n, -1, a1.shape[-1]), _b3(b1.to(dt), n)
+            xa1 = gmm(x, A1.transpose(1, 2), offs)
+            h.add_(gmm(xa1, B1.transpose(1, 2), offs), alpha=s1)
+        g, u = h.chunk(2, dim=-1)
+        act = F.silu(g).mul_(u)
+        w2 = base_weight(experts, "down_proj", dt)
+        y = gmm(act, w2.transpose(1, 2), offs)
+        ctx.w[1] = w2 if keep else None
+        del w2
+        if a2 is not None:
+            A2, B2 = a2.to(dt).view(n, -1, a2.shape[-1]), _b3(b2.to(dt), n)
+            xa2 = gmm(act, A2.transpose(1, 2), offs)
+            y.add_(gmm(xa2, B2.transpose(1, 2), offs), alpha=s2)
+        ctx.save_for_backward(x, offs, h, xa1, A1, B1, xa2, A2, B2)
+        ctx.experts, ctx.s = experts, (s1, s2)
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (a1, b1, a2, b2))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, offs, h, xa1, A1, B1, xa2, A2, B2 = ctx.saved_tensors
+        s1, s2 = ctx.s
+        dt = x.dtype
+        dy = dy.contiguous().to(dt)
+        g, u = h.chunk(2, dim=-1)
+        sg = torch.sigmoid(g)
+        silu = g * sg
+        grads = [None] * 4
+        if A2 is not None:
+            act = silu * u
+            grads[3] = _grad_b(gmm(dy.t(), xa2, offs)).mul_(s2)
+            dxa2 = gmm(dy, B2, offs).mul_(s2)
+            grads[2] = gmm(dxa2.t(), act, offs).flatten(0, 1)
+            del act
+        w2 = ctx.w[1] if ctx.w[1] is not None else base_weight(ctx.experts, "down_proj", dt)
+        ctx.w[1] = None
+        da = gmm(dy, w2, offs)
+        del w2
+        if A2 is not None:
+            da.add_(gmm(dxa2, A2, offs))
+        # d/dg SiLU(g)·u = u·σ(g)·(1 + g·(1 − σ(g)))
+        dh = torch.cat([da * u * sg * (1 + g * (1 - sg)), da * silu], dim=-1)
+        del da, silu, sg
+        if A1 is not None:
+            grads[1] = _grad_b(gmm(dh.t(), xa1, offs)).mul_(s1)
+            dxa1 = gmm(dh, B1, offs).mul_(s1)
+            grads[0] = gmm(dxa1.t(), x, offs).flatten(0, 1)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            w1 = ctx.w[0] if ctx.w[0] is not None else base_weight(ctx.experts, "gate_up_proj", dt)
+            dx = gmm(dh, w1, offs)
+            del w1
+            if A1 is not None:
+                dx.add_(gmm(dxa1, A1, offs))
+        ctx.w = None
+        grads = [None if gr is None else gr.to(d) for gr, d in zip(grads, ctx.dtypes)]
+        return dx, None, *grads, None, None, None
+
+
+def _chain(wrapper) -> tuple[object, dict]:
+    """(the experts module, {parameter name: its ParamWrapper}) for the outermost of PEFT's nested wrappers."""
+    wrappers, module = {}, wrapper
+    while type(module).__name__ == "ParamWrapper":
+        wrappers[module.parameter_name] = module
+        module = module.base_layer
+    return module, wrappers
+
+
+def supported(module) -> bool:
+    """The outermost ParamWrapper over a SwiGLU experts module with fused (E, 2I, H) / (E, H, I) tensors."""
+    if type(module).__name__ != "ParamWrapper":
+        return False
+    experts, wrappers = _chain(module)
+    if not wrappers or any(n not in PARAMS for n in wrappers):
+        return False
+    gu, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.dim() == down.dim() == 3):
+        return False
+    act = type(getattr(experts, "act_fn", None)).__name__
+    return (act in ("SiLU", "SiLUActivation") and not getattr(experts, "is_transposed", False)
+            and getattr(experts, "has_bias", False) is False and gu.shape[1] == 2 * down.shape[2])
+
+
+def _plain(wrappers: dict) -> str | None:
+    """The one adapter every wrapper runs plainly, or None (disabled, merged, several adapters: PEFT's path)."""
+    names = set()
+    for w in wrappers.values():
+        adapters = w.active_adapters
+        if w.disable_adapters or w.merged or len(adapters) != 1 or adapters[0] not in w.lora_A:
+            return None
+        names.add(adapters[0])
+    return names.pop() if len(names) == 1 else None
+
+
+def route(top_k_index: torch.Tensor, experts: int):
+    """(row of each (token, choice) pair in expert order, each row's token, group ends per expert) without a
+    host sync."""
+    flat = top_k_index.reshape(-1)
+    ids, order = torch.sort(flat, stable=True)
+    ends = torch.searchsorted(ids, torch.arange(experts, device=ids.device, dtype=ids.dtype), right=True)
+    return order, order // top_k_index.shape[-1], ends.to(torch.int32)
+
+
+def _compute(experts, hidden_states, top_k_index, top_k_weights, lora=(None,) * 4, scales=(0.0, 0.0)):
+    n = experts.num_experts if hasattr(experts, "num_experts") else experts.gate_up_proj.shape[0]
+    order, token, offs = route(top_k_index, n)
+    dtype = (torch.get_autocast_dtype(hidden_states.device.type)
+             if torch.is_autocast_enabled(hidden_states.device.type) else hidden_states.dtype)
+    with torch.autocast(hidden_states.device.type, enabled=False):
+        y = ExpertsLoRA.apply(hidden_states[token].to(dtype), offs, *lora, experts, *scales)
+        y = y * top_k_weights.reshape(-1)[order, None].to(y.dtype)
+        return torch.zeros_like(hidden_states).index_add_(0, token, y.to(hidden_states.dtype))
+
+
+def forward(self, hidden_states, top_k_index, top_k_weights):
+    """The outermost ParamWrapper's forward: the experts with their adapters, as one function."""
+    experts, wrappers = _chain(self)
+    name = _plain(wrappers)
+    if name is None:
+        if "_qtune_4bit" in vars(experts) and not all(w.disable_adapters for w in wrappers.values()):
+            from qtune.errors import QtuneError
+
+            raise QtuneError("experts kept in 4 bits run one plain LoRA adapter at a time; several adapters at once, "
+                             "or merged ones, need quant=none")
+        return type(self).forward(self, hidden_states, top_k_index, top_k_weights)
+    gu, dn = wrappers.get("gate_up_proj"), wrappers.get("down_proj")
+    lora = [t for w in (gu, dn) for t in ((w.lora_A[name].weight, w.lora_B[name].weight) if w else (None, None))]
+    scales = (float(gu.scaling[name]) if gu else 0.0, float(dn.scaling[name]) if dn else 0.0)
+    return _compute(experts, hidden_states, top_k_index, top_k_weights, lora, scales)
+
+
+def _base_forward(self, hidden_states, top_k_index, top_k_weights):
+    """The experts module's own forward once its weights are 4-bit (no adapter: routing statistics, disabled adapters)."""
+    return _compute(self, hidden_states, top_k_index, top_k_weights)
+
+
+def patch(peft_model) -> int:
+    """Give every supported expert block the grouped forward; returns how many."""
+    n = 0
+    for module in _outermost(peft_model):
+        if supported(module):
+            module.forward = types.MethodType(forward, module)
+            n += 1
+    return n
+
+
+def _outermost(peft_model):
+    inner = {id(m.base_layer) for m in peft_model.modules() if type(m).__name__ == "ParamWrapper"}
+    return [m for m in peft_model.modules() if type(m).__name__ == "ParamWrapper" and id(m) not in inner]
+
+
+def unpatch(peft_model) -> None:
+    for module in peft_model.modules():
+        if "forward" in vars(module) and getattr(module.forward, "__func__", None) is forward:
+            del module.forward
+
+
+def _to_4bit(experts, name: str, p: torch.Tensor, quant_type: str) -> torch.nn.Parameter:
+    """Keep `experts.<name>` in bitsandbytes 4-bit; returns the parameter that stays in its place: same name, shape and
+    dtype, zero strides over one element, so PEFT's wrappers, parameter counts and state dicts see what they saw.
+    Only qtune's functions read the weights, from the 4-bit copy."""
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(p.data, blocksize=64, quant_type=quant_type, compress_statistics=True)
+    vars(experts).setdefault("_qtune_4bit", {})[name] = (packed, state)
+    if "forward" not in vars(experts):
+        experts.forward = types.MethodType(_base_forward, experts)
+    stub = torch.nn.Parameter(torch.empty(1, dtype=p.dtype, device=p.device).as_strided(p.shape, (0,) * p.dim()),
+                              requires_grad=False)
+    stub._is_hf_initialized = True  # transformers must not initialize it again
+    return stub
+
+
+def _expert_tensor(module, name: str, param) -> bool:
+    return (name in PARAMS and isinstance(param, torch.Tensor) and param.dim() == 3 and param.is_cuda
+            and hasattr(module, "act_fn") and not getattr(module, "is_transposed", False))
+
+
+@contextlib.contextmanager
+def four_bit_while_loading(quant_type: str = "nf4"):
+    """While a model loads, every fused expert tensor becomes 4-bit as transformers sets it on its module, so the 16-bit
+    experts (most of an MoE model) never sit on the GPU together: the peak is the 4-bit model plus one tensor."""
+    from torch.nn.modules.module import register_module_parameter_registration_hook
+
+    def hook(module, name, param):
+        if _expert_tensor(module, name, param):
+            return _to_4bit(module, name, param, quant_type)
+        return None
+
+    handle = register_module_parameter_registration_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def quantize_experts(peft_model, quant_type: str = "nf4") -> tuple[int, int]:
+    """Keep every patched block's expert tensors in 4 bits (those loaded in 16 bits); returns (bytes freed now,
+    bytes the 4-bit experts take)."""
+    freed = 0
+    for wrapper in _outermost(peft_model):
+        if getattr(wrapper.forward, "__func__", None) is not forward:
+            continue
+        experts, _ = _chain(wrapper)
+        for name in PARAMS:
+            p = getattr(experts, name)
+            if name in vars(experts).get("_qtune_4bit", {}) or not _expert_tensor(experts, name, p):
+                continue
+            nbytes = p.numel() * p.element_size()
+            setattr(experts, name, _to_4bit(experts, name, p, quant_type))
+            freed += nbytes - experts._qtune_4bit[name][0].numel()
+    return freed, four_bit_bytes(peft_model)
+
+
+def four_bit_bytes(model) -> int:
+    return sum(packed.numel() * packed.element_size() for m in model.modules()
+               for packed, _ in vars(m).get("_qtune_4bit", {}).values())
