@@ -40,7 +40,7 @@ def write_data():
         (WORK / f"{name}.jsonl").write_text(text)
 
 
-def qtune_train(name, path, data, *overrides, steps=10, length=2048):
+def qtune_train(name, path, data, *overrides, steps=16, length=2048):
     out = WORK / name
     cmd = [sys.executable, "-m", "qtune", "train", "model=qwen3_30b_a3b", "model.source=local", f"model.local_dir={path}",
            f"data.path={data}", "data.format=text", f"data.max_length={length}", "data.val_size=0", "quant=nf4",

@@ -439,7 +439,7 @@ def test_gpu_nf4_experts_stay_close_to_16_bit():
 @pytest.mark.gpu
 def test_gpu_experts_become_4bit_while_loading(tmp_path):
     """quant=nf4 on an MoE model (fast path): each fused expert tensor turns 4-bit as it loads, so loading never holds
-    more than one 16-bit expert tensor beyond the resident model, and the result equals quantizing after loading."""
+    more than a layer's 16-bit experts beyond the resident model, and the result equals quantizing after loading."""
     from peft import get_peft_model
 
     from qtune.config import compose, to_object
@@ -447,7 +447,7 @@ def test_gpu_experts_become_4bit_while_loading(tmp_path):
     from qtune.modeling.load import load_model
     from qtune.modeling.targets import match, peft_config
 
-    _a3b(2)(torch.bfloat16, "cuda").save_pretrained(tmp_path)
+    _a3b(4)(torch.bfloat16, "cuda").save_pretrained(tmp_path)
     torch.cuda.empty_cache()
     cfg = to_object(compose(["model=qwen3_30b_a3b", "quant=nf4", "moe=expert_only", "lora.dropout=0"]))
     ids = torch.randint(0, 151936, (1, 256), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
@@ -456,10 +456,10 @@ def test_gpu_experts_become_4bit_while_loading(tmp_path):
         torch.cuda.reset_peak_memory_stats()
         model = load_model(tmp_path, cfg.model, cfg.quant, "cuda", torch.bfloat16, False, experts_4bit=streaming)
         resident, peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
-        if streaming:
-            assert peak - resident < 1.3 * 128 * 1536 * 2048 * 2, (peak, resident)  # one gate_up tensor in bf16
+        if streaming:  # a layer's conversion at a time (transformers stacks the stored experts), not all the experts
+            assert peak - resident < 0.6 * 4 * 128 * 3 * 2048 * 768 * 2, (peak, resident)
         model = get_peft_model(model, peft_config(match(model, cfg.lora, cfg.moe), cfg.lora, True))
-        assert moe.patch(model) == 2
+        assert moe.patch(model) == 4
         freed, kept = moe.quantize_experts(model, "nf4")
         assert (freed == 0) == streaming and kept > 0
         with torch.no_grad():

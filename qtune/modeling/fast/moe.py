@@ -266,11 +266,20 @@ def four_bit_while_loading(quant_type: str = "nf4"):
             return _to_4bit(module, name, param, quant_type)
         return None
 
+    import transformers.modeling_utils as modeling_utils
+
+    # transformers reserves the model's 16-bit size on the GPU before loading (capped at the GPU's size less 1.2 GiB)
+    # to speed up allocations; it cannot know the experts turn 4-bit, so it would claim ~all of a small GPU.
+    warmup = getattr(modeling_utils, "caching_allocator_warmup", None)
+    if warmup is not None:
+        modeling_utils.caching_allocator_warmup = lambda *args, **kwargs: None
     handle = register_module_parameter_registration_hook(hook)
     try:
         yield
     finally:
         handle.remove()
+        if warmup is not None:
+            modeling_utils.caching_allocator_warmup = warmup
 
 
 def quantize_experts(peft_model, quant_type: str = "nf4") -> tuple[int, int]:
