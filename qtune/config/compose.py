@@ -159,6 +159,10 @@ def _one_line(e: Exception, overrides: Sequence[str]) -> str:
     if m:
         kind = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false"}.get(m.group(2), m.group(2))
         return f"{key}={m.group(1)}: expected {kind}"
+    m = re.search(r"Cannot merge (Dict|List)Config with (Dict|List)Config[\s\S]*reference_type=(Dict|List)", text)
+    if m:  # OmegaConf words it the same either way; the key's declared type says which was wanted
+        return {"Dict": f"{key}: expected a mapping like {{name: value}}, got a list",
+                "List": f"{key}: expected a list like [a, b], got a mapping"}[m.group(3)]
     if "Missing mandatory value" in text:
         return f"{key}: missing value; set it with {key}=..."
     first = re.sub(r"^\w+ raised while resolving interpolation: ", "", text.splitlines()[0])
