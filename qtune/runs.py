@@ -5,6 +5,7 @@ from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
 
+from qtune import integrity
 from qtune.config.schema import Config
 from qtune.io import atomic_write_text
 
@@ -49,6 +50,7 @@ def resume_point(out: Path, cfg: Config) -> Path | None:
             raise ConfigError(f"train.resume={t.resume}: not a checkpoint folder (no trainer_state.json); "
                               f"valid: auto, never, or a path like {out / 'checkpoints' / 'checkpoint-100'}")
         _check_same_settings(out, cfg)
+        integrity.check_checkpoint(ck, "choose another checkpoint with train.resume=<path>, or train.resume=auto")
         return ck
     # Hidden entries are others' bookkeeping (Hydra writes .hydra/ into each sweep job's folder first).
     if not out.exists() or not any(not p.name.startswith(".") for p in out.iterdir()):
@@ -73,6 +75,9 @@ def resume_point(out: Path, cfg: Config) -> Path | None:
         raise ConfigError(f"train.output_dir={out} has checkpoints; train.resume=never refuses to reuse it: "
                           "set train.resume=auto to continue or train.overwrite=true to start over")
     _check_same_settings(out, cfg)
+    then = f"it resumes from {checkpoints[-2].name}" if len(checkpoints) > 1 else "it starts afresh"
+    integrity.check_checkpoint(checkpoints[-1], f"delete that checkpoint and run the same command again ({then}), "
+                                                "or set train.overwrite=true to start over")
     return checkpoints[-1]
 
 

@@ -32,13 +32,16 @@ def run(cfg: Config, dry_run: bool = False):
 
     check_inputs(cfg.data)                       # cheap checks first: no model loads, no heavy imports for a typo
     from qtune import runs, ui
-    from qtune.callbacks import GracefulStop
+    from qtune.io import check_writable
     from qtune.modeling.load import pick_device, quiet_libraries
 
-    quiet_libraries(trl=True)
-    device, dtype = pick_device(cfg.train.device, cfg.train.dtype)
     out = Path(cfg.train.output_dir).expanduser()
+    check_writable(out, "train.output_dir")
+    device, dtype = pick_device(cfg.train.device, cfg.train.dtype)
     resume = runs.resume_point(out, cfg)                                         # 1
+    quiet_libraries(trl=True)                                                    # (seconds: after the checks)
+    from qtune.callbacks import GracefulStop
+
     tokenizer, prepared = _data(cfg)                                             # 2
     out.mkdir(parents=True, exist_ok=True)
     model, matched = _model(cfg, device, dtype, out, prepared.load("train"))     # 3, 4
