@@ -88,8 +88,9 @@ def sniff(path: Path) -> None:
             if size < 12 or head[:4] != b"PAR1" or f.read(4) != b"PAR1":
                 raise DataError(f"{path}: not a Parquet file ({size:,} bytes, no PAR1 marker at its start and end)")
             return
-    if path.suffix.lower() in EXTENSIONS:
-        _encoding(path, head, partial=True)
+    if path.suffix.lower() not in EXTENSIONS:
+        raise DataError(f"{path}: unsupported file type {path.suffix.lower()!r}; use .jsonl, .json, .csv, .tsv or .parquet")
+    _encoding(path, head, partial=True)
 
 
 def _encoding(path: Path, head: bytes, partial: bool = False) -> str:
