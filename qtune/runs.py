@@ -15,8 +15,29 @@ def write_config(folder: Path, cfg: Config) -> Path:
     import yaml
 
     path = Path(folder) / "config.yaml"
-    atomic_write_text(path, yaml.safe_dump(_plain(asdict(cfg)), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(saved_form(cfg), sort_keys=False))
     return path
+
+
+def saved_form(cfg: Config) -> dict:
+    """The config as a run folder keeps it: plain values, and local paths made absolute, so that
+    `qtune eval run=/abs/run` (or merge, chat, serve) finds the run's data and model from any folder."""
+    from qtune.data.formats import is_hub_dataset
+
+    d = _plain(asdict(cfg))
+    data = d["data"]
+    for holder, key in [(data, "path"), (data, "eval_path"), *[(src, "path") for src in data["sources"]]]:
+        if holder[key] and not is_hub_dataset(holder[key]):
+            holder[key] = _absolute(holder[key])
+    for group, key in (("data", "cache_dir"), ("model", "local_dir"), ("train", "output_dir")):
+        d[group][key] = _absolute(d[group][key])
+    return d
+
+
+def _absolute(path: str) -> str:
+    import os
+
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def _plain(obj):
@@ -119,7 +140,7 @@ def _check_same_settings(out: Path, cfg: Config) -> None:
     if not saved_path.is_file():
         return
     saved = yaml.safe_load(saved_path.read_text()) or {}
-    now = _plain(asdict(cfg))
+    now = saved_form(cfg)
     for group in _RESUME_KEYS:
         diff = _first_difference(saved.get(group), now.get(group), group)
         if diff:
