@@ -67,7 +67,7 @@ def run(cfg: Config, dry_run: bool = False):
         ui.info(f"stopped by {stop.signal} at step {trainer.state.global_step}; a checkpoint was saved in "
                 f"{out / 'checkpoints'}. Run the same command again to resume.")
         raise SystemExit(130 if stop.signal == "SIGINT" else 143)
-    summary = _finish(cfg, trainer, tokenizer, out, time.time() - start, samples_before)                # 6
+    summary = _finish(cfg, trainer, tokenizer, out, time.time() - start, samples_before, _step_of(resume))  # 6
     ui.show_train_summary(summary)
     if cfg.train.merge_after:  # free the training model first: the merge loads the base again
         import gc
@@ -285,7 +285,7 @@ def _samples(cfg: Config, model, tokenizer, out: Path, when: str) -> list[dict] 
     return rows
 
 
-def _finish(cfg: Config, trainer, tokenizer, out: Path, seconds: float, samples_before) -> dict:
+def _finish(cfg: Config, trainer, tokenizer, out: Path, seconds: float, samples_before, resumed_from: int | None) -> dict:
     from qtune.callbacks import peak_memory, plot_losses
     from qtune.io import atomic_dir, atomic_write_json
 
@@ -306,6 +306,7 @@ def _finish(cfg: Config, trainer, tokenizer, out: Path, seconds: float, samples_
     summary = {
         "run": str(out), "model": cfg.model.name, "quant": str(cfg.quant.method), "lora_r": cfg.lora.r,
         "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 3),
+        "resumed_from": resumed_from, "steps_this_time": trainer.state.global_step - (resumed_from or 0),
         "first_loss": train_losses[0] if train_losses else None,
         "train_loss": train_losses[-1] if train_losses else None,
         "eval_loss": eval_losses[-1] if eval_losses else None,
