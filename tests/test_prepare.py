@@ -230,7 +230,7 @@ def test_bad_input_names_file_line_and_field(tmp_path, qwen3_tokenizer, content,
 
 def test_utf16_and_bom_files_are_read_like_utf8(tmp_path, qwen3_tokenizer):
     """Windows tools write UTF-16 with a byte-order mark, or UTF-8 with one: both read as the same records."""
-    rows = [{"input": "café", "output": "naïve"}, {"input": "ping", "output": "pong"}]
+    rows = [{"input": "café\u2028", "output": "naïve"}, {"input": "ping", "output": "pong"}]  # U+2028: not a line end
     jsonl = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     d = tmp_path / "inputs"
     d.mkdir()

@@ -131,7 +131,7 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         encoding = _encoding(path, f.read(1 << 16), partial=True)
         f.seek(0)
         if not encoding.startswith("utf-8"):
-            yield from enumerate(_read_text(path).splitlines(), 1)
+            yield from enumerate(_read_text(path).split("\n"), 1)   # not splitlines(): JSON strings may hold U+2028
             return
         for n, raw in enumerate(f, 1):
             try:
