@@ -136,7 +136,8 @@ def _candidates(cfg: Config, run: Path) -> list[Candidate]:
 
     for c in out:  # a damaged file is one line now, before any model loads
         if c.kind == "adapter":
-            remedy = adapter_remedy(c.path.parent) if c.path.name == "adapter" else "copy or train the adapter again"
+            run_of = c.path.parent
+            remedy = (lambda: adapter_remedy(run_of)) if c.path.name == "adapter" else "copy or train the adapter again"
             integrity.check_adapter(c.path, remedy)
         elif c.kind == "model":
             remedy = (f"run `qtune merge run={run}` again to replace it" if c.path == run / "merged"

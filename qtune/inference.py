@@ -98,7 +98,7 @@ def _adapter_dir(path: str) -> Path:
 
     p = Path(path).expanduser()
     if (p / "adapter" / "adapter_config.json").is_file():
-        integrity.check_adapter(p / "adapter", adapter_remedy(p))
+        integrity.check_adapter(p / "adapter", lambda: adapter_remedy(p))
         return p / "adapter"
     if (p / "adapter_config.json").is_file():
         integrity.check_adapter(p, "copy the adapter folder again, or train it again")

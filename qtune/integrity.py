@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 from qtune.errors import DamagedFile
 
@@ -48,14 +49,15 @@ def _safetensors(path: Path) -> str | None:
     return f"truncated: {size:,} of {need:,} bytes" if need > size else None
 
 
-def check(files: list[Path], remedy: str) -> None:
+def check(files: list[Path], remedy: str | Callable[[], str]) -> None:
+    """DamagedFile for the first file with a problem; remedy (a function: worked out only then) says what to do."""
     for f in files:
         why = problem(f)
         if why:
-            raise DamagedFile(f"{f} is damaged ({why}); {remedy}")
+            raise DamagedFile(f"{f} is damaged ({why}); {remedy() if callable(remedy) else remedy}")
 
 
-def check_adapter(folder: Path, remedy: str) -> None:
+def check_adapter(folder: Path, remedy: str | Callable[[], str]) -> None:
     """adapter_config.json readable and the adapter's weights whole."""
     weights = next((folder / w for w in WEIGHTS if (folder / w).exists()), folder / WEIGHTS[0])
     check([folder / "adapter_config.json", weights], remedy)

@@ -38,7 +38,7 @@ def run_folder(cfg: Config) -> Path:
         raise ConfigError(f"run={cfg.run}: no adapter/ there (finish or resume `qtune train` first)")
     from qtune import integrity
 
-    integrity.check_adapter(run / "adapter", adapter_remedy(run))
+    integrity.check_adapter(run / "adapter", lambda: adapter_remedy(run))
     return run
 
 
