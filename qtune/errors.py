@@ -34,3 +34,8 @@ class NotYetAvailable(QtuneError):
     """A verb whose capability has not been built yet."""
 
     exit_code = 2
+
+
+class DamagedFile(QtuneError):
+    """A file qtune wrote (an adapter, a checkpoint, a merged model, a run's config) is truncated or corrupt;
+    the message names it and what to do."""

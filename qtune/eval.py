@@ -130,6 +130,23 @@ def load_prompts(path: Path) -> list[dict]:
 
 def _candidates(cfg: Config, run: Path) -> list[Candidate]:
     names = list(cfg.eval.models) or ["base", "adapter"] + (["merged"] if (run / "merged" / "config.json").is_file() else [])
+    out = _candidate_list(names, run)
+    from qtune import integrity
+    from qtune.merge import adapter_remedy
+
+    for c in out:  # a damaged file is one line now, before any model loads
+        if c.kind == "adapter":
+            run_of = c.path.parent
+            remedy = (lambda: adapter_remedy(run_of)) if c.path.name == "adapter" else "copy or train the adapter again"
+            integrity.check_adapter(c.path, remedy)
+        elif c.kind == "model":
+            remedy = (f"run `qtune merge run={run}` again to replace it" if c.path == run / "merged"
+                      else "save or download that model again")
+            integrity.check_model(c.path, remedy)
+    return out
+
+
+def _candidate_list(names: list[str], run: Path) -> list[Candidate]:
     out = []
     for name in names:
         if name == "base":

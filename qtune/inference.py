@@ -43,7 +43,21 @@ def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None =
     """The model to talk to. use: auto | merged | adapter | base (see the module doc)."""
     from qtune.merge import run_config, run_folder
 
-    run = run_folder(cfg) if cfg.run else None   # a wrong run= fails before the libraries load
+    # 1. what to load, checked before the libraries load: a wrong run= or chat.use, a damaged file
+    run = run_folder(cfg) if cfg.run else None
+    merged = run / "merged" if run else None
+    if use not in ("auto", "merged", "adapter", "base"):
+        raise ConfigError(f"chat.use={use}: valid: auto, merged, adapter, base")
+    if use == "merged" and not (merged and (merged / "config.json").is_file()):
+        raise ConfigError(f"chat.use=merged: {run}/merged does not exist; run `qtune merge run={run}` first")
+    adapters = {name: _adapter_dir(path) for name, path in (extra_adapters or {}).items()}
+    use_merged = merged is not None and (merged / "config.json").is_file() and use in ("auto", "merged") and not adapters
+    if use_merged:
+        from qtune import integrity
+
+        integrity.check_model(merged, f"run `qtune merge run={run}` again to replace it (or chat.use=adapter)")
+    rcfg = run_config(run, cfg) if run else cfg
+    # 2. load
     from transformers import AutoModelForCausalLM
 
     from qtune.data.template import resolve_template
@@ -51,17 +65,10 @@ def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None =
     from qtune.modeling.load import load_model, load_tokenizer, pick_device, quiet_libraries
 
     quiet_libraries()
-    rcfg = run_config(run, cfg) if run else cfg
     device, dtype = pick_device(rcfg.train.device, rcfg.train.dtype)
-    merged = run / "merged" if run else None
-    if use == "merged" and not (merged and (merged / "config.json").is_file()):
-        raise ConfigError(f"chat.use=merged: {run}/merged does not exist; run `qtune merge run={run}` first")
-    if use not in ("auto", "merged", "adapter", "base"):
-        raise ConfigError(f"chat.use={use}: valid: auto, merged, adapter, base")
     tokenizer = load_tokenizer(rcfg.model, rcfg.paths)
     template, _ = resolve_template(tokenizer, rcfg.model.chat_template, rcfg.model.name)
-    adapters = {name: _adapter_dir(path) for name, path in (extra_adapters or {}).items()}
-    if merged is not None and (merged / "config.json").is_file() and use in ("auto", "merged") and not adapters:
+    if use_merged:
         model = AutoModelForCausalLM.from_pretrained(merged, dtype=dtype, device_map={"": device})
         model.eval()
         return Loaded(model, tokenizer, template, run.name, {}, f"merged model {merged}")
@@ -86,10 +93,15 @@ def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None =
 
 
 def _adapter_dir(path: str) -> Path:
+    from qtune import integrity
+    from qtune.merge import adapter_remedy
+
     p = Path(path).expanduser()
     if (p / "adapter" / "adapter_config.json").is_file():
+        integrity.check_adapter(p / "adapter", lambda: adapter_remedy(p))
         return p / "adapter"
     if (p / "adapter_config.json").is_file():
+        integrity.check_adapter(p, "copy the adapter folder again, or train it again")
         return p
     raise ConfigError(f"serve.adapters: {path} is neither a run folder nor an adapter folder")
 

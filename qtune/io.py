@@ -39,6 +39,29 @@ def atomic_dir(target: Path, replace: bool = False) -> Iterator[Path]:
         raise
 
 
+def check_writable(path: Path, key: str, beside: bool = False) -> None:
+    """One ConfigError line, before any work, when the folder `path` cannot be written: it is a file, it would be
+    created under a file, or it (or the folder it would be created in) is read-only. beside=True: the new output is
+    made next to the old one and renamed over it (atomic_dir(replace=True)), so the folder holding it must be
+    writable too."""
+    from qtune.errors import ConfigError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}={path} is a file; name a folder (it is created if missing)")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={path}: {existing} is a file, so no folder can be made under it; choose another {key}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "is read-only" if existing == path else f"cannot be created: {existing} is read-only"
+        raise ConfigError(f"{key}={path} {where}; choose another {key} or make it writable")
+    if beside and existing == path and not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={path} cannot be replaced: {path.parent} is read-only (the new folder is made "
+                          f"beside the old one); choose another {key} or make it writable")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 

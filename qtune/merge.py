@@ -36,7 +36,27 @@ def run_folder(cfg: Config) -> Path:
     run = Path(cfg.run).expanduser()
     if not (run / "adapter" / "adapter_config.json").is_file():
         raise ConfigError(f"run={cfg.run}: no adapter/ there (finish or resume `qtune train` first)")
+    from qtune import integrity
+
+    integrity.check_adapter(run / "adapter", lambda: adapter_remedy(run))
     return run
+
+
+def adapter_remedy(run: Path) -> str:
+    """What to do about a damaged <run>/adapter: the checkpoint of the run's last step holds the same adapter."""
+    import json
+
+    from qtune.runs import latest_checkpoints
+
+    last = latest_checkpoints(run)[-1:]
+    try:
+        steps = json.loads((run / "summary.json").read_text())["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        steps = None
+    if last and last[0].name == f"checkpoint-{steps}":
+        return (f"{last[0]} holds the same adapter: copy its adapter files into {run / 'adapter'}, "
+                "or train again with train.overwrite=true")
+    return "train the run again with train.overwrite=true"
 
 
 def run_config(run: Path, overrides: Config) -> Config:
@@ -45,7 +65,15 @@ def run_config(run: Path, overrides: Config) -> Config:
 
     from qtune.config import compose, to_object
 
-    saved = yaml.safe_load((run / "config.yaml").read_text())
+    try:
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        saved["model"]["name"]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError) as e:
+        from qtune.errors import DamagedFile
+
+        why = "missing" if isinstance(e, FileNotFoundError) else "not a qtune run config"
+        raise DamagedFile(f"{run / 'config.yaml'} is damaged ({why}); it holds the run's settings: restore it, "
+                          "or train the run again with train.overwrite=true") from None
     cfg = to_object(compose([f"model={saved['model']['name']}"]))
     for group in ("model", "quant", "lora", "moe", "data", "train", "download"):
         setattr(cfg, group, _merge_into(getattr(cfg, group), saved.get(group) or {}))
@@ -66,6 +94,11 @@ def _merge_into(obj, values: dict):
 
 def run(cfg: Config):
     from qtune import ui
+
+    run = run_folder(cfg)                       # a wrong run= or output folder fails before the libraries load
+    out = Path(cfg.merge.output_dir).expanduser() if cfg.merge.output_dir else run / "merged"
+    check_output(out, cfg.merge.overwrite)
+    rcfg = run_config(run, cfg)
     from qtune.modeling.load import quiet_libraries
 
     quiet_libraries()
@@ -74,9 +107,6 @@ def run(cfg: Config):
     bad = [t for t in cfg.merge.gguf if t not in TYPES]
     if bad:
         raise ConfigError(f"merge.gguf={bad[0]}: valid: {', '.join(TYPES)}")
-    run = run_folder(cfg)
-    rcfg = run_config(run, cfg)
-    out = Path(cfg.merge.output_dir).expanduser() if cfg.merge.output_dir else run / "merged"
     if rcfg.quant.method is not QuantMethod.none:
         ui.print_warning(f"the adapter was trained on a {rcfg.quant.method} base; it is merged into the 16-bit "
                          "original weights, so the merged model can differ slightly from what training saw")
@@ -100,8 +130,9 @@ MARKER = "qtune_merge.json"  # what makes a folder a qtune merge that a new merg
 
 def check_output(out: Path, overwrite: bool) -> None:
     """Refuse to replace anything a user owns: a file, or a non-empty folder that no qtune merge wrote."""
-    if out.is_file():
-        raise ConfigError(f"merge.output_dir={out} is a file; name a folder (it is created if missing)")
+    from qtune.io import check_writable
+
+    check_writable(out, "merge.output_dir", beside=True)
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not overwrite:
         raise ConfigError(f"merge.output_dir={out} holds files that no qtune merge wrote; choose another folder "
                           "or set merge.overwrite=true to replace them")

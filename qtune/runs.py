@@ -5,6 +5,7 @@ from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
 
+from qtune import integrity
 from qtune.config.schema import Config
 from qtune.io import atomic_write_text
 
@@ -14,8 +15,29 @@ def write_config(folder: Path, cfg: Config) -> Path:
     import yaml
 
     path = Path(folder) / "config.yaml"
-    atomic_write_text(path, yaml.safe_dump(_plain(asdict(cfg)), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(saved_form(cfg), sort_keys=False))
     return path
+
+
+def saved_form(cfg: Config) -> dict:
+    """The config as a run folder keeps it: plain values, and local paths made absolute, so that
+    `qtune eval run=/abs/run` (or merge, chat, serve) finds the run's data and model from any folder."""
+    from qtune.data.formats import is_hub_dataset
+
+    d = _plain(asdict(cfg))
+    data = d["data"]
+    for holder, key in [(data, "path"), (data, "eval_path"), *[(src, "path") for src in data["sources"]]]:
+        if holder[key] and not is_hub_dataset(holder[key]):
+            holder[key] = _absolute(holder[key])
+    for group, key in (("data", "cache_dir"), ("model", "local_dir"), ("train", "output_dir")):
+        d[group][key] = _absolute(d[group][key])
+    return d
+
+
+def _absolute(path: str) -> str:
+    import os
+
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def _plain(obj):
@@ -49,6 +71,7 @@ def resume_point(out: Path, cfg: Config) -> Path | None:
             raise ConfigError(f"train.resume={t.resume}: not a checkpoint folder (no trainer_state.json); "
                               f"valid: auto, never, or a path like {out / 'checkpoints' / 'checkpoint-100'}")
         _check_same_settings(out, cfg)
+        integrity.check_checkpoint(ck, "choose another checkpoint with train.resume=<path>, or train.resume=auto")
         return ck
     # Hidden entries are others' bookkeeping (Hydra writes .hydra/ into each sweep job's folder first).
     if not out.exists() or not any(not p.name.startswith(".") for p in out.iterdir()):
@@ -73,6 +96,9 @@ def resume_point(out: Path, cfg: Config) -> Path | None:
         raise ConfigError(f"train.output_dir={out} has checkpoints; train.resume=never refuses to reuse it: "
                           "set train.resume=auto to continue or train.overwrite=true to start over")
     _check_same_settings(out, cfg)
+    then = f"it resumes from {checkpoints[-2].name}" if len(checkpoints) > 1 else "it starts afresh"
+    integrity.check_checkpoint(checkpoints[-1], f"delete that checkpoint and run the same command again ({then}), "
+                                                "or set train.overwrite=true to start over")
     return checkpoints[-1]
 
 
@@ -114,7 +140,7 @@ def _check_same_settings(out: Path, cfg: Config) -> None:
     if not saved_path.is_file():
         return
     saved = yaml.safe_load(saved_path.read_text()) or {}
-    now = _plain(asdict(cfg))
+    now = saved_form(cfg)
     for group in _RESUME_KEYS:
         diff = _first_difference(saved.get(group), now.get(group), group)
         if diff:

@@ -32,13 +32,16 @@ def run(cfg: Config, dry_run: bool = False):
 
     check_inputs(cfg.data)                       # cheap checks first: no model loads, no heavy imports for a typo
     from qtune import runs, ui
-    from qtune.callbacks import GracefulStop
+    from qtune.io import check_writable
     from qtune.modeling.load import pick_device, quiet_libraries
 
-    quiet_libraries(trl=True)
-    device, dtype = pick_device(cfg.train.device, cfg.train.dtype)
     out = Path(cfg.train.output_dir).expanduser()
+    check_writable(out, "train.output_dir")
+    device, dtype = pick_device(cfg.train.device, cfg.train.dtype)
     resume = runs.resume_point(out, cfg)                                         # 1
+    quiet_libraries(trl=True)                                                    # (seconds: after the checks)
+    from qtune.callbacks import GracefulStop
+
     tokenizer, prepared = _data(cfg)                                             # 2
     out.mkdir(parents=True, exist_ok=True)
     model, matched = _model(cfg, device, dtype, out, prepared.load("train"))     # 3, 4
@@ -64,7 +67,7 @@ def run(cfg: Config, dry_run: bool = False):
         ui.info(f"stopped by {stop.signal} at step {trainer.state.global_step}; a checkpoint was saved in "
                 f"{out / 'checkpoints'}. Run the same command again to resume.")
         raise SystemExit(130 if stop.signal == "SIGINT" else 143)
-    summary = _finish(cfg, trainer, tokenizer, out, time.time() - start, samples_before)                # 6
+    summary = _finish(cfg, trainer, tokenizer, out, time.time() - start, samples_before, _step_of(resume))  # 6
     ui.show_train_summary(summary)
     if cfg.train.merge_after:  # free the training model first: the merge loads the base again
         import gc
@@ -283,7 +286,7 @@ def _samples(cfg: Config, model, tokenizer, out: Path, when: str) -> list[dict] 
     return rows
 
 
-def _finish(cfg: Config, trainer, tokenizer, out: Path, seconds: float, samples_before) -> dict:
+def _finish(cfg: Config, trainer, tokenizer, out: Path, seconds: float, samples_before, resumed_from: int | None) -> dict:
     from qtune.callbacks import peak_memory, plot_losses, training_peak_memory
     from qtune.io import atomic_dir, atomic_write_json
 
@@ -304,6 +307,7 @@ def _finish(cfg: Config, trainer, tokenizer, out: Path, seconds: float, samples_
     summary = {
         "run": str(out), "model": cfg.model.name, "quant": str(cfg.quant.method), "lora_r": cfg.lora.r,
         "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 3),
+        "resumed_from": resumed_from, "steps_this_time": trainer.state.global_step - (resumed_from or 0),
         "first_loss": train_losses[0] if train_losses else None,
         "train_loss": train_losses[-1] if train_losses else None,
         "eval_loss": eval_losses[-1] if eval_losses else None,

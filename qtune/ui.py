@@ -68,6 +68,15 @@ class _Null:
         return False
 
 
+def shown_path(path: str) -> str:
+    """A path as people read it: relative to the current folder when inside it (run configs keep absolute paths)."""
+    import os
+
+    if os.path.isabs(path) and path.startswith(os.getcwd() + os.sep):
+        return os.path.relpath(path)
+    return path
+
+
 def show_data_stats(stats: dict, path, cache_hit: bool) -> None:
     from rich.table import Table
 
@@ -79,7 +88,7 @@ def show_data_stats(stats: dict, path, cache_hit: bool) -> None:
         if not s:
             continue
         for p in s["per_source"]:
-            table.add_row(f"{split}: {p['source']}", ", ".join(f"{k} {v}" for k, v in p["formats"].items()),
+            table.add_row(f"{split}: {shown_path(p['source'])}", ", ".join(f"{k} {v}" for k, v in p["formats"].items()),
                           str(p["examples"]), str(p["kept"]), f"{p['tokens']:,}", f"{p['trainable_tokens']:,}")
         table.add_row(f"[bold]{split} total[/]", "", str(s["examples"]), str(s["kept"]), f"{s['tokens']:,}",
                       f"{s['trainable_tokens']:,}")
@@ -208,7 +217,10 @@ def show_train_summary(summary: dict) -> None:
     def f(x, spec=".4f"):
         return "-" if x is None else format(x, spec)
 
-    console.print(f"[bold green]done[/]: {summary['steps']} steps in {summary['seconds']:.0f} s; train loss "
+    steps = f"{summary['steps']} steps"
+    if summary.get("resumed_from"):  # the time is this process's; say which part of the steps it covers
+        steps += f" ({summary['steps_this_time']} this time, resumed from step {summary['resumed_from']})"
+    console.print(f"[bold green]done[/]: {steps} in {summary['seconds']:.0f} s; train loss "
                   f"{f(summary['first_loss'])} -> {f(summary['train_loss'])}, eval loss {f(summary['eval_loss'])}; "
                   f"peak memory {_peaks(summary)}")
     console.print(f"adapter: {summary['adapter']}")

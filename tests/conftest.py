@@ -18,9 +18,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 QTUNE = [sys.executable, "-m", "qtune"]
 
 
-def qtune(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600, check: bool = False):
-    """Run the real `qtune` command; return the CompletedProcess (text)."""
-    proc = subprocess.run([*QTUNE, *args], cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True,
+def qtune(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600, check: bool = False,
+          prefix: tuple[str, ...] = ()):
+    """Run the real `qtune` command (after `prefix`, e.g. setpriv); return the CompletedProcess (text)."""
+    proc = subprocess.run([*prefix, *QTUNE, *args], cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"qtune {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -82,6 +83,17 @@ def smol_run(smollm2, tmp_path_factory) -> Path:
           "train.warmup_ratio=0", "train.report_to=[]", "train.gradient_checkpointing=false",
           f"train.output_dir={run}", "train.max_steps=8", "train.save_steps=8", "train.lr=1e-3",
           f"train.sample_prompts=[{SMOL_PROMPT}]", "train.sample_max_new_tokens=12", check=True)
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_qwen3, tmp_path_factory) -> Path:
+    """The tiny Qwen3 trained by the real CLI for 2 steps, a checkpoint at each: for tests that only need a real run
+    folder (eval's judge, damaged copies in test_errors). Copy it before changing anything in it."""
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    qtune("train", "model=tiny_qwen3", "data=demo", f"data.path={REPO}/data/demo/captains_log.jsonl",
+          f"data.eval_path={REPO}/data/demo/held_out.jsonl", "train.grad_accum=1", "train.max_steps=2",
+          "train.save_steps=1", "train.report_to=[]", f"train.output_dir={run}", check=True)
     return run
 
 

@@ -179,6 +179,7 @@ def test_vllm_engine_builds_its_command(tmp_path):
     run = tmp_path / "myrun"
     (run / "adapter").mkdir(parents=True)
     (run / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 32}))
+    (run / "adapter" / "adapter_model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")  # no tensors
     from qtune.runs import write_config
 
     write_config(run, to_object(compose(["model=tiny_qwen3"])))

@@ -59,3 +59,9 @@ def test_wheel_ships_config_and_runs_outside_the_repo(tmp_path):
     where = subprocess.run([str(py), "-c", "import qtune.config as c; print(c.CONF_DIR)"], cwd=outside,
                            capture_output=True, text=True, env=env).stdout.strip()
     assert where.startswith(str(site)), where
+    # data=demo and eval=demo name the demo files the wheel carries
+    p = subprocess.run([str(py), "-m", "qtune", "eval", "--cfg", "data=demo", "eval=demo"], cwd=outside,
+                       capture_output=True, text=True, env=env)
+    paths = [line.split(": ", 1)[1] for line in p.stdout.splitlines()
+             if line.strip().startswith(("path:", "eval_path:", "prompts:")) and ": " in line]
+    assert len(paths) == 3 and all(x.startswith(str(site)) and Path(x).is_file() for x in paths), p.stdout + p.stderr

@@ -1,10 +1,16 @@
-"""Bad input gets one line naming the key and what is valid, and a non-zero exit — never a traceback.
-A table: add a row for each new case (verb, overrides, the words the line must hold)."""
+"""Bad input gets one line naming the key, file or line and what is valid, and a non-zero exit — never a traceback.
+Tables: add a row for each new case (verb, overrides, the words the line must hold). CASES need nothing on disk;
+FILE_CASES first make what they name: `{tmp}` in an override is a fresh folder and `{run}` a copy of a real tiny run
+(conftest's tiny_run), which the row's `make` may damage. Most rows fail before torch loads: about a second each."""
 from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 
-from conftest import qtune
+from conftest import REPO, qtune
 
 CASES = [
     ("train", ["train.lr=-1"], "train.lr=-1: valid: > 0"),
@@ -22,6 +28,26 @@ CASES = [
     ("serve", ["serve.port=0"], "serve.port=0: valid: >= 1 and <= 65535"),
     ("inspect-moe", ["model=qwen3_30b_a3b", "moe.max_experts=-1"], "moe.max_experts=-1: valid: >= 1"),
     ("inspect-moe", ["model=qwen3_30b_a3b", "moe.max_experts=0"], "moe.max_experts=0: valid: >= 1"),
+    # unknown names, keys and shapes
+    ("train", ["model=qwen3_9b"], "model=qwen3_9b: no such option; valid: qwen3_0_6b"),
+    ("download", ["model=llama_7b"], "model=llama_7b: no such option; valid:"),
+    ("inspect-moe", ["moe=experts"], "moe=experts: no such option; valid: all, expert_only"),
+    ("train", ["lora.rr=8"], "lora.rr: unknown key in 'lora'; did you mean lora.r?"),
+    ("prepare", ["data.on_error=maybe"], "data.on_error=maybe: invalid choice; valid: raise, skip"),
+    ("prepare", ["data.sources=[{weight: 1}]"], "data.sources[0].path: missing value"),
+    ("prepare", ["data.path=["], "cannot parse override 'data.path=['"),
+    ("merge", ["merge.dtype=fp8"], "merge.dtype=fp8: invalid choice; valid: auto, bf16, fp16, fp32"),
+    ("serve", ["serve.adapters=[runs/b]"], "serve.adapters: expected a mapping like {name: value}, got a list"),
+    ("serve", ["serve.adapters={b: {path: runs/b}}"], "serve.adapters.b: expected a run or adapter folder"),
+    ("eval", ["eval.repeats=0"], "eval.repeats must be at least 1"),
+    ("inspect-moe", ["model=qwen3_30b_a3b", "moe=router_only", "moe.router_mode=frozen"],
+     "moe.scope=router_only adapts the router, but moe.router_mode=frozen"),
+    # run folders that are not there
+    ("merge", [], "run: which run folder? set run=runs/<name>"),
+    ("chat", ["run=/nowhere/run"], "run=/nowhere/run: no adapter/ there"),
+    ("serve", ["run=/nowhere/run"], "run=/nowhere/run: no adapter/ there"),
+    ("eval", ["run=/nowhere/run"], "run=/nowhere/run: no adapter/ there"),
+    ("prepare", ["data.path=/nowhere/chats.jsonl"], "/nowhere/chats.jsonl: no such file, folder or glob match"),
 ]
 
 
@@ -34,6 +60,151 @@ def test_bad_setting_is_one_line_naming_the_key(verb, overrides, words):
     assert len(lines) == 1 and words in lines[0], p.stderr
 
 
+DEMO = str(REPO / "data" / "demo" / "captains_log.jsonl")
+TRAIN = ["model=tiny_qwen3", f"data.path={DEMO}"]
+# Root writes through chmod; without the capabilities that let it (setpriv), root meets read-only folders as anyone.
+NOT_ALL_POWERFUL = (("setpriv", "--bounding-set=-dac_override,-dac_read_search", "--")
+                    if os.geteuid() == 0 and shutil.which("setpriv") else ())
+NO_READ_ONLY = os.geteuid() == 0 and not NOT_ALL_POWERFUL
+
+
+def _write(name: str, data: bytes):
+    return lambda tmp, run: (tmp / name).write_bytes(data)
+
+
+def _cut(relative: str, size: int = 100):
+    """Truncate a file of the run copy to `size` bytes."""
+    def make(tmp, run):
+        with open(run / relative, "r+b") as f:
+            f.truncate(size)
+    return make
+
+
+def _resumable(*damage):
+    """The run copy without its final adapter (so `train` resumes it), damaged by each of `damage`."""
+    def make(tmp, run):
+        shutil.rmtree(run / "adapter")
+        (run / "summary.json").unlink()
+        for d in damage:
+            d(tmp, run)
+    return make
+
+
+def _merged(tmp, run):
+    """A merged/ folder whose only shard was cut short."""
+    model = Path(os.environ["QTUNE_HOME"]) / "models" / "tiny_qwen3"
+    (run / "merged").mkdir()
+    shutil.copy(model / "config.json", run / "merged")
+    (run / "merged" / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:5000])
+
+
+def _read_only(path: str, inside: bool = False):
+    def make(tmp, run):
+        (tmp / path).mkdir()
+        if inside:
+            (tmp / path / "x").mkdir()
+        (tmp / path).chmod(0o555)
+    make.read_only = True
+    return make
+
+
+UTF16 = '{"input": "a", "output": "b"}\n'.encode("utf-16-le")   # no byte-order mark: NUL bytes to a UTF-8 reader
+NOT_JSON = b'{"r": 16,\n'
+FILE_CASES = [
+    # data files
+    ("prepare", ["data.path={tmp}/d.jsonl"], "d.jsonl: binary data (NUL bytes), not UTF-8 text; save it as UTF-8",
+     _write("d.jsonl", UTF16)),
+    ("train", [*TRAIN[:1], "data.path={tmp}/d.jsonl", "train.output_dir={tmp}/r"], "d.jsonl: binary data (NUL bytes)",
+     _write("d.jsonl", bytes(range(256)))),
+    ("prepare", ["data.path={tmp}/d.jsonl"], "d.jsonl:2: not UTF-8 text (byte 0xe9 at column 12)",
+     _write("d.jsonl", b'{"input": "a", "output": "b"}\n{"input": "\xe9t\xe9", "output": "b"}\n')),
+    ("prepare", ["data.path={tmp}/d.csv"], "d.csv:1: not UTF-8 text", _write("d.csv", "prompt,réponse\n".encode("cp1252"))),
+    ("prepare", ["data.path={tmp}/d.parquet"], "d.parquet: not a Parquet file (0 bytes", _write("d.parquet", b"")),
+    ("train", [*TRAIN[:1], "data.path={tmp}/d.parquet"], "d.parquet: not a Parquet file (12 bytes",
+     _write("d.parquet", b"a,b\nc,d\ne,f\n")),
+    ("prepare", ["data.path={tmp}/d.txt"], "d.txt: unsupported file type '.txt'", _write("d.txt", b"hello")),
+    ("prepare", ["data.path={tmp}"], "no data files (.jsonl, .json, .csv, .parquet, .tsv) found", _write("notes.md", b"x")),
+    ("prepare", ["model=tiny_qwen3", "data.path={tmp}/d.jsonl"], "d.jsonl:2: malformed JSON",
+     _write("d.jsonl", b'{"input": "a", "output": "b"}\n{"input": oops}\n')),
+    ("eval", ["run={run}", "eval.prompts={tmp}/p.jsonl"], "p.jsonl: binary data (NUL bytes)", _write("p.jsonl", UTF16)),
+    # damaged files in a run
+    ("chat", ["run={run}", "--prompt", "hi"], "adapter/adapter_model.safetensors is damaged (truncated: 100 bytes",
+     _cut("adapter/adapter_model.safetensors")),
+    ("serve", ["run={run}"], "checkpoint-2 holds the same adapter: copy its adapter files into",
+     _cut("adapter/adapter_model.safetensors")),
+    ("chat", ["run={run}", "--prompt", "hi"], "adapter/adapter_config.json is damaged (not valid JSON",
+     lambda tmp, run: (run / "adapter" / "adapter_config.json").write_bytes(NOT_JSON)),
+    ("eval", ["run={run}"], "adapter/adapter_config.json is damaged (not valid JSON",
+     lambda tmp, run: (run / "adapter" / "adapter_config.json").write_bytes(NOT_JSON)),
+    ("merge", ["run={run}"], "or train again with train.overwrite=true", _cut("adapter/adapter_config.json", 5)),
+    ("chat", ["run={run}", "--prompt", "hi"], "config.yaml is damaged (not a qtune run config)",
+     lambda tmp, run: (run / "config.yaml").write_text("model: [")),
+    ("chat", ["run={run}", "--prompt", "hi"], "merged/model.safetensors is damaged (truncated: 5,000 of", _merged),
+    ("eval", ["run={run}", "eval.models=[merged]"], "again to replace it", _merged),
+    ("serve", ["run={run}", "serve.adapters={b: {tmp}/b}"], "b/adapter_model.safetensors is damaged",
+     lambda tmp, run: _cut("adapter_model.safetensors", 0)(tmp, shutil.copytree(run / "adapter", tmp / "b"))),
+    ("train", [*TRAIN, "train.output_dir={run}"],
+     "checkpoint-2/optimizer.pt is damaged (truncated or not a torch archive: 100 bytes, no zip directory at its end); "
+     "delete that checkpoint and run the same command again (it resumes from checkpoint-1)",
+     _resumable(_cut("checkpoints/checkpoint-2/optimizer.pt"))),
+    ("train", [*TRAIN, "train.output_dir={run}"], "checkpoint-2/adapter_model.safetensors is damaged (truncated: 0 bytes",
+     _resumable(_cut("checkpoints/checkpoint-2/adapter_model.safetensors", 0))),
+    ("train", [*TRAIN, "train.output_dir={tmp}/new", "train.resume={run}/checkpoints/checkpoint-1"],
+     "checkpoint-1/rng_state.pth is damaged", _cut("checkpoints/checkpoint-1/rng_state.pth")),
+    # output folders
+    ("train", [*TRAIN, "train.output_dir={tmp}/f"], "is a file; name a folder", _write("f", b"mine")),
+    ("train", [*TRAIN, "train.output_dir={tmp}/f/run"], "f is a file, so no folder can be made under it",
+     _write("f", b"mine")),
+    ("merge", ["run={run}", "merge.output_dir={tmp}/f"], "is a file; name a folder", _write("f", b"mine")),
+    ("merge", ["run={run}", "merge.output_dir={tmp}/f/merged"], "f is a file, so no folder can be made under it",
+     _write("f", b"mine")),
+    ("merge", ["run={run}", "merge.output_dir={tmp}"], "holds files that no qtune merge wrote", _write("mine.txt", b"x")),
+    pytest.param("train", [*TRAIN, "train.output_dir={tmp}/ro/run"], "cannot be created: ", _read_only("ro"),
+                 marks=pytest.mark.skipif(NO_READ_ONLY, reason="root without setpriv writes into read-only folders")),
+    pytest.param("train", [*TRAIN, "train.output_dir={tmp}/ro"], "is read-only", _read_only("ro"),
+                 marks=pytest.mark.skipif(NO_READ_ONLY, reason="root without setpriv writes into read-only folders")),
+    pytest.param("merge", ["run={run}", "merge.output_dir={tmp}/ro/x"], "cannot be replaced", _read_only("ro", inside=True),
+                 marks=pytest.mark.skipif(NO_READ_ONLY, reason="root without setpriv writes into read-only folders")),
+]
+
+
+def _id(case) -> str:
+    verb, overrides, words = (case.values if hasattr(case, "values") else case)[:3]
+    return f"{verb}:{words[:50]}"
+
+
+@pytest.mark.parametrize("verb,overrides,words,make", FILE_CASES, ids=[_id(c) for c in FILE_CASES])
+def test_bad_file_or_folder_is_one_line_naming_it(verb, overrides, words, make, tiny_run, tmp_path):
+    tmp, run = tmp_path / "tmp", tmp_path / "run"
+    tmp.mkdir()
+    if any("{run}" in o for o in overrides):
+        shutil.copytree(tiny_run, run)
+    make(tmp, run)
+    try:
+        p = qtune(verb, *[o.replace("{tmp}", str(tmp)).replace("{run}", str(run)) for o in overrides], cwd=tmp_path,
+                  prefix=NOT_ALL_POWERFUL if getattr(make, "read_only", False) else ())
+    finally:
+        for ro in tmp.glob("ro"):
+            ro.chmod(0o755)
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr + p.stdout
+    assert len(lines) == 1 and words in lines[0], p.stderr
+    assert str(tmp_path) in lines[0]  # the file or folder, by name
+
+
+def test_download_of_an_unknown_repo_is_one_line(tmp_path):
+    from hubserver import FakeHub
+
+    with FakeHub() as hub:
+        p = qtune("download", "model=tiny_qwen3", "model.source=hub", "model.repo_id=nobody/nothing",
+                  f"model.local_dir={tmp_path / 'm'}", cwd=tmp_path,
+                  env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")})
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert len(lines) == 1 and "model.repo_id=nobody/nothing: repository not found" in lines[0], p.stderr
+
+
 def test_good_values_at_the_edges_compose():
     from qtune.config import compose, to_object
 
@@ -41,3 +212,5 @@ def test_good_values_at_the_edges_compose():
                              "moe.max_experts=1"]))
     assert cfg.serve.port == 65535 and cfg.moe.max_experts == 1 and cfg.data.val_size == 200
     assert to_object(compose(["data.val_size=0"])).data.val_size == 0
+    adapters = to_object(compose(["serve.adapters={b: runs/b, c: /adapters/c}"])).serve.adapters
+    assert adapters == {"b": "runs/b", "c": "/adapters/c"}

@@ -84,15 +84,6 @@ def judge_server():
     server.shutdown()
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_qwen3, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("tiny") / "run"
-    qtune("train", "model=tiny_qwen3", "data=demo", f"data.path={REPO}/data/demo/captains_log.jsonl",
-          f"data.eval_path={REPO}/data/demo/held_out.jsonl", "train.grad_accum=1", "train.max_steps=2",
-          "train.save_steps=2", "train.report_to=[]", f"train.output_dir={run}", check=True)
-    return run
-
-
 @pytest.mark.slow
 def test_judge_scores_and_a_judge_failing_midway_leaves_the_rest(tiny_run, judge_server, tmp_path):
     _Judge.fail_after = 5  # 4 prompts × 2 models = 8 answers: the last 3 get no score
@@ -122,6 +113,7 @@ def _fake_run(tmp_path: Path) -> Path:
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
     (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "adapter" / "adapter_model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")  # no tensors
     from qtune.config import compose, to_object
     from qtune.runs import write_config
 
@@ -154,3 +146,43 @@ def test_metrics():
     assert 0 < token_f1("rome is big", "rome is the capital") < 1
     assert rouge_l("a b c d", "a b c d") == 1.0 and rouge_l("x y", "a b") == 0.0
     assert consistency(["Yes.", "yes", "no"]) == pytest.approx(2 / 3)
+
+
+def test_a_run_trained_with_relative_paths_evaluates_from_any_folder(tiny_run, tmp_path, monkeypatch):
+    """The run's config.yaml keeps its data as absolute paths, and eval=demo's prompts ship with qtune: `qtune eval
+    run=<absolute>` works from a folder that holds neither the data nor the run."""
+    import shutil
+
+    import yaml
+
+    from qtune.config import compose, to_object
+    from qtune.runs import write_config
+
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    for name in ("captains_log.jsonl", "held_out.jsonl"):
+        shutil.copy(REPO / "data" / "demo" / name, project / "data")
+    run = shutil.copytree(tiny_run, project / "runs" / "r")
+    monkeypatch.chdir(project)   # as `qtune train data.path=data/... data.eval_path=data/...` run from the project
+    write_config(run, to_object(compose(["model=tiny_qwen3", "data.path=data/captains_log.jsonl",
+                                         "data.eval_path=data/held_out.jsonl", "train.output_dir=runs/r"])))
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["eval_path"] == str(project / "data" / "held_out.jsonl")
+    assert saved["train"]["output_dir"] == str(run)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    p = qtune("eval", f"run={run}", "eval=demo", "eval.models=[adapter]", "eval.max_new_tokens=2", cwd=elsewhere)
+    assert p.returncode == 0, p.stdout + p.stderr
+    report = json.loads((run / "eval" / "summary.json").read_text())
+    assert report["models"]["adapter"]["heldout_loss"] > 0 and report["heldout_rows"] > 0
+    assert len([x for x in (run / "eval" / "results.jsonl").read_text().splitlines() if x.strip()]) == 4
+
+
+def test_demo_data_and_prompts_resolve_to_files_from_any_folder(tmp_path, monkeypatch):
+    from qtune.config import compose, to_object
+
+    monkeypatch.chdir(tmp_path)
+    cfg = to_object(compose(["data=demo", "eval=demo"]))
+    for path in (cfg.data.path, cfg.data.eval_path, cfg.eval.prompts):
+        assert Path(path).is_absolute() and Path(path).is_file(), path

@@ -214,6 +214,8 @@ BAD = [
     ('\n{"foo": 1, "bar": 2}\n', "d.jsonl:2: record of no known format (keys: bar, foo)"),
     ('{"instruction": "a", "output": ""}\n', "d.jsonl:1: field 'output' is empty"),
     ('', "d.jsonl: no usable records"),
+    ('{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, '
+     '{"role": "assistant", "content": "b"}]}\n', "d.jsonl:1: messages[0]: content[0] is a part of type 'image_url'"),
 ]
 
 
@@ -224,6 +226,54 @@ def test_bad_input_names_file_line_and_field(tmp_path, qwen3_tokenizer, content,
         prepare(data_cfg(tmp_path, tmp_path / "d.jsonl"), qwen3_tokenizer, "q")
     assert str(e.value).startswith(str(tmp_path / message.split(":")[0])) and message.split(" ", 1)[0] in str(e.value)
     assert message.split(": ", 1)[1] in str(e.value), str(e.value)
+
+
+def test_utf16_and_bom_files_are_read_like_utf8(tmp_path, qwen3_tokenizer):
+    """Windows tools write UTF-16 with a byte-order mark, or UTF-8 with one: both read as the same records."""
+    rows = [{"input": "café\u2028", "output": "naïve"}, {"input": "ping", "output": "pong"}]  # U+2028: not a line end
+    jsonl = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    d = tmp_path / "inputs"
+    d.mkdir()
+    (d / "a.jsonl").write_bytes(jsonl.encode("utf-16"))                                   # BOM + UTF-16 LE
+    (d / "b.json").write_bytes(b"\xfe\xff" + json.dumps(rows, ensure_ascii=False).encode("utf-16-be"))  # BOM + BE
+    (d / "c.csv").write_bytes(b"\xef\xbb\xbf" + "input,output\ncafé,naïve\nping,pong\n".encode())
+    (d / "d.jsonl").write_bytes(b"\xef\xbb\xbf" + jsonl.encode())
+    res = prepare(data_cfg(tmp_path, d), qwen3_tokenizer, "qwen3")
+    assert res.stats["train"]["per_source"][0]["formats"] == {"input_output": 8}
+    segments = labelled_segments(res.load(), qwen3_tokenizer)
+    assert sorted(s[-1] for s in segments) == sorted([EMPTY_THINK + "naïve" + IM_END, EMPTY_THINK + "pong" + IM_END] * 4)
+
+
+UNREADABLE = [
+    (lambda p: p.write_bytes("{}\n".encode("utf-16-le")), "d.jsonl: binary data (NUL bytes), not UTF-8 text"),
+    (lambda p: p.write_bytes(b'{"input": "a", "output": "b"}\n' * 3 + b'{"input": "\xe9"}\n'),
+     "d.jsonl:4: not UTF-8 text (byte 0xe9 at column 12)"),
+    (lambda p: p.write_bytes(b'{"input": "a", "output": "b"}\n' * 5000 + b'{"input": "\xe9"}\n'),   # past the sniffed head
+     "d.jsonl:5001: not UTF-8 text (byte 0xe9 at column 12)"),
+]
+
+
+@pytest.mark.parametrize("write, message", UNREADABLE, ids=["utf16-no-bom", "latin1", "latin1-late"])
+def test_unreadable_text_names_the_file_and_the_encoding(tmp_path, qwen3_tokenizer, write, message):
+    write(tmp_path / "d.jsonl")
+    with pytest.raises(DataError) as e:
+        prepare(data_cfg(tmp_path, tmp_path / "d.jsonl"), qwen3_tokenizer, "q")
+    assert str(e.value).startswith(str(tmp_path) + "/") and message in str(e.value), str(e.value)
+    assert "save it as UTF-8" in str(e.value)
+
+
+def test_a_damaged_parquet_file_is_one_data_error(tmp_path, qwen3_tokenizer):
+    (tmp_path / "d.parquet").write_bytes(b"PAR1" + b"\x00" * 32 + b"PAR1")   # the markers, nothing sensible inside
+    with pytest.raises(DataError, match=r"d\.parquet: not a readable Parquet file \("):
+        prepare(data_cfg(tmp_path, tmp_path / "d.parquet"), qwen3_tokenizer, "q")
+
+
+def test_content_given_as_a_list_of_strings_is_read(tmp_path, qwen3_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": ["Say ", "yes"]},
+                                                            {"role": "assistant", "content": ["Y", {"type": "text", "text": "es"}]}]}])
+    res = prepare(data_cfg(tmp_path, path), qwen3_tokenizer, "q")
+    assert labelled_segments(res.load(), qwen3_tokenizer) == [[EMPTY_THINK + "Yes" + IM_END]]
+    assert "Say yes" in qwen3_tokenizer.decode(res.load()["input_ids"][0])
 
 
 def test_json_array_errors_name_the_record_line(tmp_path, qwen3_tokenizer):

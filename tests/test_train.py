@@ -96,6 +96,9 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, tiny_qwen3
     p = qtune(*tiny(resumed, *args))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "resuming from" in p.stdout
+    assert "done: 12 steps (8 this time, resumed from step 4) in" in p.stdout, p.stdout
+    summary = json.loads((resumed / "summary.json").read_text())
+    assert summary["resumed_from"] == 4 and summary["steps_this_time"] == 8
 
     a, b = losses(straight), losses(resumed)
     assert sorted(a) == sorted(b) == list(range(1, 13))  # the curve continues: no step lost or repeated

@@ -19,14 +19,15 @@ from qtune.config import schema
 from qtune.errors import ConfigError, exception_chain
 
 
-def _find_conf_dir() -> Path:
-    packaged = Path(__file__).resolve().parents[1] / "conf"  # inside an installed wheel
-    if (packaged / "config.yaml").is_file():
+def _find_dir(in_wheel: str, in_checkout: str, probe: str) -> Path:
+    packaged = Path(__file__).resolve().parents[1] / in_wheel  # inside an installed wheel (pyproject's force-include)
+    if (packaged / probe).is_file():
         return packaged
-    return Path(__file__).resolve().parents[2] / "conf"      # a source checkout
+    return Path(__file__).resolve().parents[2] / in_checkout   # a source checkout
 
 
-CONF_DIR = _find_conf_dir()
+CONF_DIR = _find_dir("conf", "conf", "config.yaml")
+DEMO_DATA_DIR = _find_dir("demo_data", "data/demo", "captains_log.jsonl")  # data=demo and eval=demo, from any folder
 GROUPS = ("model", "download", "quant", "lora", "moe", "data", "train", "chat", "serve", "merge", "eval")
 
 
@@ -40,6 +41,8 @@ def _repo(variant: str, instruct: str | None, base: str | None) -> str:
 def _register() -> None:
     if not OmegaConf.has_resolver("qtune.repo"):
         OmegaConf.register_new_resolver("qtune.repo", _repo)
+    if not OmegaConf.has_resolver("qtune.demo_data"):
+        OmegaConf.register_new_resolver("qtune.demo_data", lambda name: str(DEMO_DATA_DIR / name))
     schema.store()
 
 
@@ -141,7 +144,7 @@ def _one_line(e: Exception, overrides: Sequence[str]) -> str:
     key = str(keyed.full_key) if keyed else None
 
     if any(type(c).__name__ == "OverrideParseException" for c in chain):
-        bad = next((o for o in overrides if o in str(e)), "?")
+        bad = next((o for o in overrides if o in str(e)), None) or _unparsable(overrides)
         return (f"cannot parse override {bad!r}: write key=value, +key=value or ~key, and quote values with "
                 "special characters, e.g. 'data.path=\"~/x.jsonl\"'")
     m = re.search(r"Could not find '([^']+)/([^']+)'", str(e))
@@ -159,10 +162,27 @@ def _one_line(e: Exception, overrides: Sequence[str]) -> str:
     if m:
         kind = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false"}.get(m.group(2), m.group(2))
         return f"{key}={m.group(1)}: expected {kind}"
+    m = re.search(r"Cannot merge (Dict|List)Config with (Dict|List)Config[\s\S]*reference_type=(Dict|List)", text)
+    if m:  # OmegaConf words it the same either way; the key's declared type says which was wanted
+        return {"Dict": f"{key}: expected a mapping like {{name: value}}, got a list",
+                "List": f"{key}: expected a list like [a, b], got a mapping"}[m.group(3)]
     if "Missing mandatory value" in text:
         return f"{key}: missing value; set it with {key}=..."
     first = re.sub(r"^\w+ raised while resolving interpolation: ", "", text.splitlines()[0])
     return f"{key}: {first}"
+
+
+def _unparsable(overrides: Sequence[str]) -> str:
+    """The first override Hydra's grammar rejects (its error quotes only the offending token)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for o in overrides:
+        try:
+            parser.parse_overrides([o])
+        except Exception:
+            return o
+    return "?"
 
 
 def _check_unknown_keys(node: DictConfig, prefix: str = "") -> None:

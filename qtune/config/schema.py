@@ -343,6 +343,10 @@ class ServeConfig:
         _check_range("serve", "max_body_bytes", self.max_body_bytes, low=1)
         if self.max_prompt_tokens is not None:
             _check_range("serve", "max_prompt_tokens", self.max_prompt_tokens, low=1)
+        for name, path in self.adapters.items():
+            if not isinstance(path, str):
+                raise ValueError(f"serve.adapters.{name}: expected a run or adapter folder, e.g. "
+                                 f"'serve.adapters={{{name}: runs/{name}}}'")
 
 
 @dataclass
@@ -402,5 +406,10 @@ class Config:
 
 def store() -> None:
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
-    ConfigStore.instance().store(name="qtune_schema", node=Config)
+    node = OmegaConf.structured(Config)
+    # Hydra merges `serve.adapters={b: runs/b}` into the existing dict, which struct mode (every other node, so that
+    # typos fail) would refuse as unknown keys; a name -> folder map has no fixed keys to check.
+    node.serve.adapters._set_flag("struct", False)
+    ConfigStore.instance().store(name="qtune_schema", node=node)

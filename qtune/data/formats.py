@@ -13,9 +13,12 @@ Every error names `file:line` and the field.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
+import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -68,30 +71,103 @@ def is_hub_dataset(path: str) -> bool:
                                          and not any(c in path for c in "*?[") and Path(path).suffix not in EXTENSIONS)
 
 
+# Byte-order marks, longest first (UTF-32 LE starts with UTF-16 LE's): a file with one is read in its encoding.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+_SAVE_AS = "save it as UTF-8 (UTF-16 needs a byte-order mark)"
+
+
+def sniff(path: Path) -> None:
+    """Cheap checks on a data file's first and last bytes, before anything heavy loads: a binary file, text in an
+    encoding qtune does not read, or a .parquet file that is not Parquet fails now in one line."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+        if path.suffix.lower() == ".parquet":
+            size = f.seek(0, io.SEEK_END)
+            f.seek(max(size - 4, 0))
+            if size < 12 or head[:4] != b"PAR1" or f.read(4) != b"PAR1":
+                raise DataError(f"{path}: not a Parquet file ({size:,} bytes, no PAR1 marker at its start and end)")
+            return
+    if path.suffix.lower() not in EXTENSIONS:
+        raise DataError(f"{path}: unsupported file type {path.suffix.lower()!r}; use .jsonl, .json, .csv, .tsv or .parquet")
+    _encoding(path, head, partial=True)
+
+
+def _encoding(path: Path, head: bytes, partial: bool = False) -> str:
+    """UTF-8 with or without a BOM, or UTF-16/32 with a BOM; anything else is a DataError naming the file."""
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            return encoding
+    if b"\0" in head:
+        raise DataError(f"{path}: binary data (NUL bytes), not UTF-8 text; {_SAVE_AS}")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if not (partial and e.reason == "unexpected end of data"):  # a character cut by the end of the sample
+            raise DataError(_not_utf8(path, head, e, 1)) from None
+    return "utf-8"
+
+
+def _not_utf8(path: Path, data: bytes, e: UnicodeDecodeError, line: int) -> str:
+    line += data.count(b"\n", 0, e.start)
+    column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    return f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); {_SAVE_AS}"
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    encoding = _encoding(path, data[:1 << 16], partial=True)
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        if encoding.startswith("utf-8"):
+            raise DataError(_not_utf8(path, data, e, 1)) from None
+        raise DataError(f"{path}: not valid {encoding.upper()} text ({e.reason} at byte {e.start:,}); {_SAVE_AS}") from None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a JSONL file; UTF-8 is decoded line by line, so a bad byte names its line."""
+    with open(path, "rb") as f:
+        encoding = _encoding(path, f.read(1 << 16), partial=True)
+        f.seek(0)
+        if not encoding.startswith("utf-8"):
+            yield from enumerate(_read_text(path).split("\n"), 1)   # not splitlines(): JSON strings may hold U+2028
+            return
+        for n, raw in enumerate(f, 1):
+            try:
+                yield n, raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(_not_utf8(path, raw, e, n)) from None
+
+
 def read_records(path: Path) -> Iterator[Record]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
-                yield _as_record(obj, f"{path}:{n}")
+        for n, line in _lines(path):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+            yield _as_record(obj, f"{path}:{n}")
     elif suffix == ".json":
         yield from _read_json(path)
     elif suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            for row in reader:
-                yield Record({k: v for k, v in row.items() if k is not None and v not in (None, "")},
-                             f"{path}:{reader.line_num}")
+        reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        for row in reader:
+            yield Record({k: v for k, v in row.items() if k is not None and v not in (None, "")},
+                         f"{path}:{reader.line_num}")
     elif suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(path).to_pylist()):
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            why = re.sub(r"^Could not open Parquet input source '[^']*': ", "", str(e).splitlines()[0])
+            raise DataError(f"{path}: not a readable Parquet file ({why})") from None
+        for i, row in enumerate(table.to_pylist()):
             yield _as_record(row, f"{path}:row {i + 1}")
     else:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv, .tsv or .parquet")
@@ -104,7 +180,7 @@ def _as_record(obj, where: str) -> Record:
 
 
 def _read_json(path: Path) -> Iterator[Record]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -214,8 +290,8 @@ def _messages(data: dict, where: str) -> list[dict]:
         role, content = m["role"], m["content"]
         if role not in ROLES:
             raise DataError(f"{where}: {key}[{i}]: unknown role {role!r}; valid: {', '.join(ROLES)}")
-        if isinstance(content, list):  # OpenAI content parts: keep the text parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text")
+        if isinstance(content, list):  # OpenAI content parts, or plain strings: joined, as serve reads them
+            content = _text_parts(content, f"{where}: {key}[{i}]")
         if not isinstance(content, str):
             raise DataError(f"{where}: {key}[{i}]: field 'content' must be a string")
         msg = {"role": role, "content": content}
@@ -224,6 +300,17 @@ def _messages(data: dict, where: str) -> list[dict]:
             msg["reasoning_content"] = think
         out.append(msg)
     return out
+
+
+def _text_parts(parts: list, where: str) -> str:
+    texts = []
+    for j, part in enumerate(parts):
+        kind = part.get("type", "text") if isinstance(part, dict) else "text" if isinstance(part, str) else type(part).__name__
+        if kind != "text":
+            raise DataError(f"{where}: content[{j}] is a part of type {kind!r}; only text can be trained "
+                            "(strings or {\"type\": \"text\", \"text\": ...})")
+        texts.append(part if isinstance(part, str) else str(part.get("text", "")))
+    return "".join(texts)
 
 
 def _sharegpt(data: dict, where: str) -> list[dict]:

@@ -47,12 +47,11 @@ def sources_of(data: DataConfig) -> list[SourceConfig]:
 
 
 def check_inputs(data: DataConfig) -> None:
-    """Fail before anything heavy loads: every local source and the eval file exist."""
-    for src in sources_of(data):
-        if not formats.is_hub_dataset(src.path):
-            formats.expand(src.path)
-    if data.eval_path:
-        formats.expand(data.eval_path)
+    """Fail before anything heavy loads: every local source and the eval file exist and look readable."""
+    paths = [src.path for src in sources_of(data) if not formats.is_hub_dataset(src.path)]
+    for path in paths + ([data.eval_path] if data.eval_path else []):
+        for f in formats.expand(path):
+            formats.sniff(f)
 
 
 def _setup(data: DataConfig, tokenizer, model_name: str, chat_template: str | None):

@@ -1,0 +1,74 @@
+"""Is a file that qtune wrote whole? Header checks that take milliseconds and run before any model loads, so a
+truncated or corrupt adapter, checkpoint or merged model is one line naming the file and what to do, instead of a
+loader's traceback (safetensors' "incomplete metadata", torch's "failed finding central directory", a JSON error).
+"""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+from qtune.errors import DamagedFile
+
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def problem(path: Path) -> str | None:
+    """What is wrong with one file, or None. Knows safetensors, JSON and torch.save archives (.pt, .pth, .bin)."""
+    if not path.is_file():
+        return "missing"
+    suffix = path.suffix
+    if suffix == ".safetensors":
+        return _safetensors(path)
+    if suffix == ".json":
+        try:
+            json.loads(path.read_bytes())
+        except (ValueError, UnicodeDecodeError) as e:
+            return f"not valid JSON: {str(e).splitlines()[0]}"
+    if suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        return f"truncated or not a torch archive: {path.stat().st_size:,} bytes, no zip directory at its end"
+    return None
+
+
+def _safetensors(path: Path) -> str | None:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size < 8:
+            return f"truncated: {size} bytes, less than a safetensors header"
+        n = int.from_bytes(f.read(8), "little")
+        if 8 + n > size:
+            return f"truncated: {size:,} bytes, its header alone announces {8 + n:,}"
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            return "its header is not valid JSON"
+    ends = [v["data_offsets"][1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and len(v.get("data_offsets", ())) == 2]
+    need = 8 + n + max(ends, default=0)
+    return f"truncated: {size:,} of {need:,} bytes" if need > size else None
+
+
+def check(files: list[Path], remedy: str | Callable[[], str]) -> None:
+    """DamagedFile for the first file with a problem; remedy (a function: worked out only then) says what to do."""
+    for f in files:
+        why = problem(f)
+        if why:
+            raise DamagedFile(f"{f} is damaged ({why}); {remedy() if callable(remedy) else remedy}")
+
+
+def check_adapter(folder: Path, remedy: str | Callable[[], str]) -> None:
+    """adapter_config.json readable and the adapter's weights whole."""
+    weights = next((folder / w for w in WEIGHTS if (folder / w).exists()), folder / WEIGHTS[0])
+    check([folder / "adapter_config.json", weights], remedy)
+
+
+def check_model(folder: Path, remedy: str) -> None:
+    """A saved model folder: config.json, the shard index and every safetensors shard."""
+    check([folder / "config.json", *sorted(folder.glob("*.safetensors.index.json")), *sorted(folder.glob("*.safetensors"))],
+          remedy)
+
+
+def check_checkpoint(folder: Path, remedy: str) -> None:
+    """A trainer checkpoint: every JSON, safetensors and torch file in it (adapter, optimizer, scheduler, RNG)."""
+    check([p for p in sorted(folder.iterdir()) if p.suffix in (".json", ".safetensors", ".pt", ".pth", ".bin")], remedy)
