@@ -9,9 +9,12 @@ Rows (all nf4, LoRA r16/alpha 32 on attention + the fused experts, router frozen
   all8192  the first row at batch 1 x 8192
   ref      qtune with train.fast=false (PEFT's ParamWrapper; issue #14's "today")
   seed     the seed recipe's MoE baseline (LORA_DROPOUT=0: it crashes at its default 0.05)
+MODEL=qwen3_235b_a22b runs the `all` rows on Qwen3-235B-A22B-shaped checkpoints (hidden 4096, 128 experts of
+4096 x 1536, 94 layers to extrapolate to; made here from qtune's model config) for issue #14's "235B on paper";
+the seed recipe has no such baseline.
 qtune trains through its real CLI: median tokens/s of the logged steps after the third (metrics.jsonl), the
 training peak and the whole process's peak (loading included) from summary.json. Each quantity is extrapolated
-linearly in layers to 48 from the first and last layer counts. Writes $OUT/train_moe_gpu.json; PREV=<that file from an
+linearly in layers to the full depth (48; 94 for 235B) from the first and last layer counts. Writes $OUT/train_moe_gpu.json; PREV=<that file from an
 earlier call> adds its rows (one device call holds only a few rows).
 """
 import json
@@ -40,9 +43,39 @@ def write_data():
         (WORK / f"{name}.jsonl").write_text(text)
 
 
+MODEL = os.environ.get("MODEL", "qwen3_30b_a3b")
+FULL_LAYERS = {"qwen3_30b_a3b": 48, "qwen3_235b_a22b": 94}[MODEL]
+
+
+def make_235b(layers):
+    """A random Qwen3-235B-A22B-shaped checkpoint of `layers` layers (bf16, built on the GPU)."""
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qtune.config import compose, to_object
+    from qtune.modeling.arch import hf_config
+    from randckpt import make_tokenizer
+
+    path = f"/tmp/q3-235b-L{layers}"
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    arch = to_object(compose([f"model={MODEL}", f"model.arch.num_hidden_layers={layers}"])).model.arch
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        m = AutoModelForCausalLM.from_config(hf_config(arch), dtype=torch.bfloat16)
+    m.save_pretrained(path, max_shard_size="5GB")
+    make_tokenizer(path)
+    del m
+    gc.collect()
+    torch.cuda.empty_cache()
+    return path
+
+
 def qtune_train(name, path, data, *overrides, steps=16, length=2048):
     out = WORK / name
-    cmd = [sys.executable, "-m", "qtune", "train", "model=qwen3_30b_a3b", "model.source=local", f"model.local_dir={path}",
+    cmd = [sys.executable, "-m", "qtune", "train", f"model={MODEL}", "model.source=local", f"model.local_dir={path}",
            f"data.path={data}", "data.format=text", f"data.max_length={length}", "data.val_size=0", "quant=nf4",
            "moe=expert_only", "lora.dropout=0", f"train.max_steps={steps}", "train.logging_steps=1",
            "train.grad_accum=1", "train.save_steps=1000", "train.warmup_ratio=0", "train.report_to=[]",
@@ -64,7 +97,7 @@ def qtune_train(name, path, data, *overrides, steps=16, length=2048):
 
 
 def extrapolate(results, layers):
-    """Per row: each quantity at 48 layers, linear in layers through the first and last layer counts."""
+    """Per row: each quantity at the model's full depth, linear in layers through the first and last layer counts."""
     lo, hi = min(layers), max(layers)
     table = {}
     for row in ROWS:
@@ -74,10 +107,10 @@ def extrapolate(results, layers):
         est = {}
         for key in ("peak_gib", "process_peak_gib"):
             if key in a and key in b:
-                est[key] = round(b[key] + (b[key] - a[key]) / (hi - lo) * (48 - hi), 1)
+                est[key] = round(b[key] + (b[key] - a[key]) / (hi - lo) * (FULL_LAYERS - hi), 1)
         tokens = 8192 if row == "all8192" else 2048
         sa, sb = tokens / a["tok_s"], tokens / b["tok_s"]  # seconds a step are linear in layers
-        est["tok_s"] = round(tokens / (sb + (sb - sa) / (hi - lo) * (48 - hi)))
+        est["tok_s"] = round(tokens / (sb + (sb - sa) / (hi - lo) * (FULL_LAYERS - hi)))
         table[row] = est
     return table
 
@@ -89,7 +122,8 @@ def main(nums, which):
     import seed_recipe_moe
 
     OUT.mkdir(parents=True, exist_ok=True)
-    info = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+    info = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+                model=MODEL, gpu_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
     for mod in ("transformers", "peft", "trl", "bitsandbytes", "accelerate"):
         try:
             info[mod] = __import__(mod).__version__
@@ -101,16 +135,16 @@ def main(nums, which):
     if os.environ.get("PREV"):  # rows from an earlier call (one call holds a few rows): extrapolate over both
         results.update(json.loads(Path(os.environ["PREV"]).read_text())["results"])
         layers = sorted({*layers, *(int(k.rsplit("_L", 1)[1]) for k in results)})
-    path = OUT / "train_moe_gpu.json"
+    path = OUT / f"train_moe_gpu-{MODEL}.json"
 
     def keep(r):
         results[r["name"]] = r
         print(json.dumps(r), flush=True)
-        path.write_text(json.dumps(dict(info=info, results=results, at_48=extrapolate(results, layers)), indent=1))
+        path.write_text(json.dumps(dict(info=info, results=results, at_full_depth=extrapolate(results, layers)), indent=1))
 
     long, xl = WORK / "long.jsonl", WORK / "xl.jsonl"
     for n in nums:
-        ckpt = seed_recipe_moe.make(n)
+        ckpt = seed_recipe_moe.make(n) if MODEL == "qwen3_30b_a3b" else make_235b(n)
         if "all" in which:
             keep(qtune_train(f"all_L{n}", ckpt, long))
         if "top32" in which:
@@ -119,14 +153,14 @@ def main(nums, which):
             keep(qtune_train(f"all8192_L{n}", ckpt, xl, steps=7, length=8192))
         if "ref" in which:
             keep(qtune_train(f"ref_L{n}", ckpt, long, "train.fast=false", steps=6))
-        if "seed" in which:
+        if "seed" in which and MODEL == "qwen3_30b_a3b":
             os.environ["LORA_DROPOUT"] = "0"
             r = seed_recipe_moe.bench("seed", n)
             r["name"] = f"seed_L{n}"
             keep(r)
     at48 = extrapolate(results, layers)
     seed48 = at48.get("seed", {})
-    print("\n| row (48 layers, extrapolated) | tok/s | vs seed | training peak GiB | process peak GiB |")
+    print(f"\n| row ({FULL_LAYERS} layers, extrapolated) | tok/s | vs seed | training peak GiB | process peak GiB |")
     print("|---|---|---|---|---|")
     for row, est in at48.items():
         ratio = f"{est['tok_s'] / seed48['tok_s']:.2f}x" if seed48.get("tok_s") else "-"

@@ -15,7 +15,7 @@ from qtune.config.schema import Config
 def inspect(cfg: Config) -> dict:
     """The whole report as plain data (what `--json` prints)."""
     from qtune.modeling.arch import meta_model
-    from qtune.modeling.estimate import estimate
+    from qtune.modeling.estimate import estimate, experts_4bit
     from qtune.modeling.targets import match
 
     arch = cfg.model.arch
@@ -34,7 +34,7 @@ def inspect(cfg: Config) -> dict:
         kinds[k]["lora_params"] += t.params
         kinds[k]["targets"] += 1
     mem = estimate(model, arch, matched, cfg.quant, cfg.data.max_length * cfg.train.batch_size,
-                   cfg.train.gradient_checkpointing, on_gpu=True)
+                   cfg.train.gradient_checkpointing, on_gpu=True, experts4=experts_4bit(cfg.train.fast, cfg.quant))
     return {
         "model": cfg.model.name, "is_moe": matched.is_moe,
         "settings": {"lora_r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules),

@@ -88,7 +88,7 @@ def run(cfg: Config, dry_run: bool = False):
 def plan(cfg: Config, show: bool = False) -> dict:
     """Targets, counts and a memory estimate from the config alone: the model is built on the meta device."""
     from qtune.modeling.arch import meta_model
-    from qtune.modeling.estimate import estimate
+    from qtune.modeling.estimate import estimate, experts_4bit
     from qtune.modeling.targets import check, match
 
     model = meta_model(cfg.model.arch)
@@ -100,7 +100,7 @@ def plan(cfg: Config, show: bool = False) -> dict:
     tokens = cfg.data.max_length * cfg.train.batch_size
     offload = offloads(cfg.train.fast, cfg.train.offload_activations, cfg.train.gradient_checkpointing, tokens)
     mem = estimate(model, cfg.model.arch, matched, cfg.quant, tokens, cfg.train.gradient_checkpointing, on_gpu=True,
-                   offload_inputs=offload)
+                   offload_inputs=offload, experts4=experts_4bit(cfg.train.fast, cfg.quant))
     result = {"model": cfg.model.name, "quant": str(cfg.quant.method), "total_params": total,
               "trainable_params": matched.trainable, "targets": len(matched.targets),
               "unmatched": matched.unmatched, "memory": mem.as_dict()}

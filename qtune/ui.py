@@ -189,7 +189,7 @@ def show_memory(title: str, m: dict) -> None:
     mt.add_column("GiB", justify="right")
     mt.add_row(f"base weights ({m['quantized_params']:,} quantized, {m['unquantized_params']:,} in 16-bit)",
                f"{m['base_bytes'] / 2**30:.2f}")
-    mt.add_row("LoRA weights + gradients + AdamW states (fp32)", f"{m['lora_bytes'] / 2**30:.2f}")
+    mt.add_row("LoRA weights + gradients + AdamW states (fp32; fused experts' in 16-bit)", f"{m['lora_bytes'] / 2**30:.2f}")
     mt.add_row("activations (one micro-batch)", f"{m['activation_bytes'] / 2**30:.2f}")
     mt.add_row("CUDA context and workspace", f"{m['overhead_bytes'] / 2**30:.2f}")
     mt.add_section()
@@ -329,7 +329,9 @@ def show_moe_report(r: dict) -> None:
         ct.add_row("[dim]allocated by PEFT (unselected experts held at zero)[/]", "", "", f"[dim]{p['allocated']:,}[/]")
     console.print(ct)
 
-    show_memory(f"estimated GPU memory (quant={s['quant']}; bitsandbytes leaves fused experts in 16-bit)", r["memory"])
+    experts = ("fused experts in 4-bit (train.fast)" if r["memory"].get("experts_4bit")
+               else "fused experts in 16-bit (bitsandbytes leaves them; train.fast keeps them in 4-bit)")
+    show_memory(f"estimated GPU memory (quant={s['quant']}; {experts})", r["memory"])
 
 
 # ---------------------------------------------------------------- eval

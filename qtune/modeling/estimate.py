@@ -15,6 +15,10 @@ from qtune.modeling.targets import Matched
 # 256 absmax when double-quantized). LLM.int8(): 1 byte per weight + one fp32 scale per output row.
 NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
 LORA_BYTES_PER_PARAM = 4 + 4 + 8   # fp32 weight + fp32 gradient + AdamW's two fp32 moments
+# PEFT keeps adapters of fused tensors (experts, router) in the parameter's own dtype, and so do their gradient and
+# AdamW moments: four copies of the 16-bit parameter
+PARAM_DTYPE_COPIES = 4
+EXPERT_TENSORS = ("experts.gate_up_proj", "experts.down_proj")
 CUDA_OVERHEAD = 0.6 * 2**30        # CUDA context, cuBLAS workspaces, allocator slack
 
 
@@ -26,6 +30,7 @@ class Memory:
     lora: float
     activations: float
     overhead: float
+    experts_4bit: bool = False
 
     @property
     def total(self) -> float:
@@ -34,7 +39,8 @@ class Memory:
     def as_dict(self) -> dict:
         return {"base_bytes": int(self.base), "lora_bytes": int(self.lora), "activation_bytes": int(self.activations),
                 "overhead_bytes": int(self.overhead), "total_bytes": int(self.total),
-                "quantized_params": self.base_quantized_params, "unquantized_params": self.base_16bit_params}
+                "quantized_params": self.base_quantized_params, "unquantized_params": self.base_16bit_params,
+                "experts_4bit": self.experts_4bit}
 
 
 def quantizable(name: str, module, quant: QuantConfig) -> bool:
@@ -45,10 +51,22 @@ def quantizable(name: str, module, quant: QuantConfig) -> bool:
                                                      for s in quant.skip_modules)
 
 
-def base_bytes(model, quant: QuantConfig, dtype_bytes: int) -> tuple[float, int, int]:
-    """(bytes, quantized params, 16-bit params) of the frozen base as it will sit in memory."""
+def experts_4bit(fast: str, quant: QuantConfig) -> bool:
+    """Whether a CUDA run keeps fused MoE experts in 4 bits (the fast path does, under quant=nf4|fp4)."""
+    return str(fast) != "false" and quant.method in (QuantMethod.nf4, QuantMethod.fp4)
+
+
+def base_bytes(model, quant: QuantConfig, dtype_bytes: int, experts4: bool = False) -> tuple[float, int, int]:
+    """(bytes, quantized params, 16-bit params) of the frozen base as it will sit in memory. experts4: fused expert
+    tensors in bitsandbytes 4-bit blocks of 64 with double-quantized absmax (qtune.modeling.fast.moe)."""
     seen: set[int] = set()
     q_bytes, q_params, other = 0.0, 0, 0
+    if experts4:
+        for name, p in model.named_parameters():
+            if p.dim() == 3 and name.endswith(EXPERT_TENSORS):
+                seen.add(id(p))
+                q_params += p.numel()
+                q_bytes += p.numel() * NF4_BYTES[True]
     if quant.method is not QuantMethod.none:
         for name, module in model.named_modules():
             if quantizable(name, module, quant):
@@ -90,10 +108,15 @@ def activation_bytes(arch: ArchConfig, tokens: int, gradient_checkpointing: bool
 
 
 def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, tokens: int,
-             gradient_checkpointing: bool, on_gpu: bool = True, offload_inputs: bool = False) -> Memory:
+             gradient_checkpointing: bool, on_gpu: bool = True, offload_inputs: bool = False,
+             experts4: bool = False) -> Memory:
     dtype_bytes = 2 if on_gpu else 4
-    base, q_params, other = base_bytes(model, quant, dtype_bytes)
-    return Memory(base=base, base_quantized_params=q_params, base_16bit_params=other,
-                  lora=matched.trainable * LORA_BYTES_PER_PARAM,
-                  activations=activation_bytes(arch, tokens, gradient_checkpointing, dtype_bytes, offload_inputs),
-                  overhead=CUDA_OVERHEAD if on_gpu else 0.0)
+    experts4 = experts4 and on_gpu and bool(arch.num_experts)
+    base, q_params, other = base_bytes(model, quant, dtype_bytes, experts4)
+    lora = sum(t.allocated * (PARAM_DTYPE_COPIES * dtype_bytes if t.how in ("lora_param", "full") else LORA_BYTES_PER_PARAM)
+               for t in matched.targets)
+    activations = activation_bytes(arch, tokens, gradient_checkpointing, dtype_bytes, offload_inputs)
+    if experts4:  # one layer's experts dequantized to 16 bits for its matmuls (kept from recompute to backward)
+        activations += arch.num_experts * 3 * arch.hidden_size * arch.moe_intermediate_size * dtype_bytes
+    return Memory(base=base, base_quantized_params=q_params, base_16bit_params=other, lora=lora,
+                  activations=activations, overhead=CUDA_OVERHEAD if on_gpu else 0.0, experts_4bit=experts4)
