@@ -34,7 +34,8 @@ def inspect(cfg: Config) -> dict:
         kinds[k]["lora_params"] += t.params
         kinds[k]["targets"] += 1
     mem = estimate(model, arch, matched, cfg.quant, cfg.data.max_length * cfg.train.batch_size,
-                   cfg.train.gradient_checkpointing, on_gpu=True, experts4=experts_4bit(cfg.train.fast, cfg.quant))
+                   cfg.train.gradient_checkpointing, on_gpu=True, experts4=experts_4bit(cfg.train.fast, cfg.quant),
+                   compact=str(cfg.train.fast) != "false")
     return {
         "model": cfg.model.name, "is_moe": matched.is_moe,
         "settings": {"lora_r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules),

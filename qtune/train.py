@@ -100,7 +100,8 @@ def plan(cfg: Config, show: bool = False) -> dict:
     tokens = cfg.data.max_length * cfg.train.batch_size
     offload = offloads(cfg.train.fast, cfg.train.offload_activations, cfg.train.gradient_checkpointing, tokens)
     mem = estimate(model, cfg.model.arch, matched, cfg.quant, tokens, cfg.train.gradient_checkpointing, on_gpu=True,
-                   offload_inputs=offload, experts4=experts_4bit(cfg.train.fast, cfg.quant))
+                   offload_inputs=offload, experts4=experts_4bit(cfg.train.fast, cfg.quant),
+                   compact=str(cfg.train.fast) != "false")
     result = {"model": cfg.model.name, "quant": str(cfg.quant.method), "total_params": total,
               "trainable_params": matched.trainable, "targets": len(matched.targets),
               "unmatched": matched.unmatched, "memory": mem.as_dict()}
@@ -180,19 +181,22 @@ def _model(cfg: Config, device: str, dtype, out: Path, train_ds):
 
     selection = _expert_selection(cfg, model, matched, out, train_ds)
     model = get_peft_model(model, peft_config(matched, cfg.lora, cfg.quant.method is not QuantMethod.none))
-    if selection:
-        from qtune.modeling.moe import restrict
-
-        restrict(model, selection)
     if cfg.lora.dropout and matched.names("lora_param"):
         n = apply_dropout(model, cfg.lora.dropout)
         ui.info(f"lora.dropout={cfg.lora.dropout:g} on {n} linear adapters; fused expert/router adapters train "
                 "without dropout (PEFT's ParamWrapper has none)")
     fastpath.apply_lora(fast, model, str(cfg.quant.method))
+    compacted = set(fastpath.compact_experts(fast, model, selection))
+    if selection:
+        from qtune.modeling.moe import restrict
+
+        restrict(model, selection)  # blocks the fast path did not compact keep all experts' adapters, masked
     ui.info(fast.describe())
     trainable, _ = model.get_nb_trainable_parameters()
-    if trainable != matched.allocated:  # the plan and PEFT must agree; a mismatch is a qtune bug
-        raise RuntimeError(f"PEFT made {trainable} trainable parameters, the plan counted {matched.allocated}")
+    expected = sum(t.params if t.how == "lora_param" and t.name.split(".experts.")[0] in compacted else t.allocated
+                   for t in matched.targets)
+    if trainable != expected:  # the plan and PEFT must agree; a mismatch is a qtune bug
+        raise RuntimeError(f"PEFT made {trainable} trainable parameters, the plan counted {expected}")
     return model, matched
 
 

@@ -326,7 +326,7 @@ def show_moe_report(r: dict) -> None:
     ct.add_row("[bold]total[/]", f"{p['total']:,}", str(sum(v["targets"] for v in p["by_kind"].values())),
                f"[bold]{p['trainable']:,}[/] ({pct:.3f}%)")
     if p["allocated"] != p["trainable"]:
-        ct.add_row("[dim]allocated by PEFT (unselected experts held at zero)[/]", "", "", f"[dim]{p['allocated']:,}[/]")
+        ct.add_row("[dim]allocated with train.fast=false (unselected experts held at zero)[/]", "", "", f"[dim]{p['allocated']:,}[/]")
     console.print(ct)
 
     experts = ("fused experts in 4-bit (train.fast)" if r["memory"].get("experts_4bit")

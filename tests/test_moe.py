@@ -220,6 +220,51 @@ def test_fast_path_adapter_is_peft_format_and_merges_exactly(tmp_path, tiny_qwen
 
 
 @pytest.mark.slow
+def test_fast_path_max_experts_allocates_only_the_chosen_experts(tmp_path, tiny_qwen3_moe):
+    """moe.max_experts on the fast path: adapter parameters exist for the chosen experts only; what is saved is PEFT's
+    full layout with exact zeros elsewhere, and a saved adapter read back (a resume) gives the chosen slices again."""
+    import torch
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from qtune.config import compose, to_object
+    from qtune.modeling.fast import moe
+    from qtune.modeling.targets import match, peft_config
+
+    run = tmp_path / "run"
+    p = qtune("train", "model=tiny_qwen3_moe", *DEMO, *FAST, f"train.output_dir={run}", "train.max_steps=3",
+              "train.save_steps=3", "train.lr=5e-2", "moe=all", "moe.max_experts=2", "moe.expert_selection=load",
+              "train.fast=true", "lora.dropout=0")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "adapters for the 2 chosen experts only in 2 MoE blocks" in p.stdout, p.stdout
+    selection = json.loads((run / "experts.json").read_text())["experts"]
+    saved = load_file(run / "adapter" / "adapter_model.safetensors")
+    experts, r = 8, 16
+    for key, t in saved.items():
+        if ".experts." not in key:
+            continue
+        chosen = selection[key.split("base_model.model.", 1)[1].split(".experts")[0]]
+        per = t.view(experts, r, -1).abs().sum((1, 2)) if "lora_A" in key else t.view(t.shape[0], r, experts).abs().sum((0, 1))
+        assert [e for e in range(experts) if per[e] > 0] == chosen, (key, per)
+
+    cfg = to_object(compose(["model=tiny_qwen3_moe", "moe=all", "moe.max_experts=2", "lora.dropout=0"]))
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3_moe, dtype=torch.float32)
+    model = get_peft_model(model, peft_config(match(model, cfg.lora, cfg.moe), cfg.lora, False))
+    full = model.get_nb_trainable_parameters()[0]
+    assert moe.patch(model) == 2 and sorted(moe.compact(model, selection)) == sorted(selection)
+    assert model.get_nb_trainable_parameters()[0] < full
+    set_peft_model_state_dict(model, saved)        # what a resume does: full layout in, chosen experts kept
+    back = get_peft_model_state_dict(model)        # what saving does: chosen experts out, zeros elsewhere
+    assert back.keys() == saved.keys()
+    for key in saved:
+        assert torch.equal(back[key], saved[key]), key
+    for name, param in model.named_parameters():
+        if ".experts." in name and "lora_A" in name:
+            assert param.shape[0] == 2 * r, name   # two experts' rows, nothing for the other six
+
+
+@pytest.mark.slow
 def test_merge_cli_parity_and_plain_transformers_load(tmp_path, tiny_qwen3):
     run = tmp_path / "run"
     t = qtune("train", "model=tiny_qwen3", *DEMO, *FAST, f"train.output_dir={run}", "train.max_steps=2",

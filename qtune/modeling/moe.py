@@ -74,8 +74,8 @@ def restrict(peft_model, selection: dict[str, list[int]]) -> int:
 
     n = 0
     for name, module in peft_model.named_modules():
-        if type(module).__name__ != "ParamWrapper":
-            continue
+        if type(module).__name__ != "ParamWrapper" or "_qtune_chosen" in vars(module):
+            continue  # adapters of the chosen experts only (the fast path's compact()) need no masks
         block = next((b for b in selection if name.removeprefix("base_model.model.").startswith(b + ".experts")), None)
         if block is None:
             continue

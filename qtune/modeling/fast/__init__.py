@@ -128,3 +128,17 @@ def apply_lora(fast: FastPath, peft_model, quant: str = "none") -> None:
                 fast.pieces.append(f"experts kept in {quant} ({kept / 2**30:.2f} GiB)")
             else:
                 fast.notes.append("4-bit experts need CUDA; experts stay 16-bit")
+
+
+def compact_experts(fast: FastPath, peft_model, selection: dict[str, list[int]]) -> list[str]:
+    """moe.max_experts on the fast path: adapters (and their gradients and optimizer state) for the chosen experts
+    only, in every expert block the grouped function runs; returns those blocks (the rest keep gradient masks)."""
+    if not fast.on or not selection:
+        return []
+    from qtune.modeling.fast import moe
+
+    blocks = moe.compact(peft_model, selection)
+    if blocks:
+        n = len(next(iter(selection.values())))
+        fast.pieces.append(f"adapters for the {n} chosen experts only in {len(blocks)} MoE blocks")
+    return blocks

@@ -196,16 +196,85 @@ def forward(self, hidden_states, top_k_index, top_k_weights):
     experts, wrappers = _chain(self)
     name = _plain(wrappers)
     if name is None:
-        if "_qtune_4bit" in vars(experts) and not all(w.disable_adapters for w in wrappers.values()):
+        compacted = any("_qtune_chosen" in vars(w) for w in wrappers.values())
+        if ("_qtune_4bit" in vars(experts) or compacted) and not all(w.disable_adapters for w in wrappers.values()):
             from qtune.errors import QtuneError
 
-            raise QtuneError("experts kept in 4 bits run one plain LoRA adapter at a time; several adapters at once, "
-                             "or merged ones, need quant=none")
+            raise QtuneError("experts kept in 4 bits, or adapters on moe.max_experts experts only, run one plain LoRA "
+                             "adapter at a time; several adapters at once, or merged ones, need train.fast=false")
         return type(self).forward(self, hidden_states, top_k_index, top_k_weights)
     gu, dn = wrappers.get("gate_up_proj"), wrappers.get("down_proj")
-    lora = [t for w in (gu, dn) for t in ((w.lora_A[name].weight, w.lora_B[name].weight) if w else (None, None))]
+    lora = [t for w in (gu, dn) for t in (_full_factors(w, name) if w else (None, None))]
     scales = (float(gu.scaling[name]) if gu else 0.0, float(dn.scaling[name]) if dn else 0.0)
     return _compute(experts, hidden_states, top_k_index, top_k_weights, lora, scales)
+
+
+def _full_factors(wrapper, name: str):
+    """(lora_A, lora_B) in PEFT's layout for all E experts: the parameters themselves, or, when only the chosen
+    experts' adapters exist (`compact`), those scattered into zeros (differentiably: gradients reach the compact ones)."""
+    a, b = wrapper.lora_A[name].weight, wrapper.lora_B[name].weight
+    chosen = vars(wrapper).get("_qtune_chosen")
+    if chosen is None:
+        return a, b
+    return _expand(a, b, chosen, wrapper.num_experts)
+
+
+def _expand(a, b, chosen, experts: int):
+    n = chosen.numel()
+    r = a.shape[0] // n
+    a_full = a.new_zeros(experts, r, a.shape[1]).index_copy(0, chosen, a.view(n, r, -1)).view(experts * r, -1)
+    b_full = b.new_zeros(b.shape[0], r, experts).index_copy(2, chosen, b.view(b.shape[0], r, n)).view(b.shape[0], -1)
+    return a_full, b_full
+
+
+def compact(peft_model, selection: dict[str, list[int]]) -> list[str]:
+    """moe.max_experts on the fast path: every patched block keeps adapter parameters (and so gradients and optimizer
+    state) for its chosen experts only, A as (N·r, in) and B as (out, r·N) over the chosen experts in order. The
+    adapter written to disk is still PEFT's (E·r, in) / (out, r·E) with zeros elsewhere, and a full one read back
+    (resuming) is cut to the chosen experts again. Returns the blocks (as named in `selection`) it compacted."""
+    done = []
+    for name, wrapper in peft_model.named_modules():
+        if type(wrapper).__name__ != "ParamWrapper" or getattr(wrapper.forward, "__func__", None) is not forward:
+            continue
+        block = next((b for b in selection if name.removeprefix("base_model.model.").startswith(b + ".experts")), None)
+        if block is None:
+            continue
+        for w in _chain(wrapper)[1].values():
+            chosen = torch.tensor(sorted(selection[block]), device=w.lora_A[next(iter(w.lora_A))].weight.device)
+            for adapter in w.lora_A:
+                _compact_adapter(w, adapter, chosen)
+            w._qtune_chosen = chosen
+        done.append(block)
+    return done
+
+
+def _compact_adapter(w, adapter: str, chosen: torch.Tensor) -> None:
+    experts, n = w.num_experts, chosen.numel()
+    la, lb = w.lora_A[adapter], w.lora_B[adapter]
+    a, b = la.weight, lb.weight
+    r = a.shape[0] // experts
+    with torch.no_grad():
+        a_c = a.view(experts, r, -1)[chosen].reshape(n * r, -1).clone()
+        b_c = b.view(b.shape[0], r, experts)[:, :, chosen].reshape(b.shape[0], r * n).clone()
+    la.weight = torch.nn.Parameter(a_c, requires_grad=a.requires_grad)
+    lb.weight = torch.nn.Parameter(b_c, requires_grad=b.requires_grad)
+
+    def to_full(module, state_dict, prefix, local_metadata):
+        a_full, b_full = _expand(la.weight.detach(), lb.weight.detach(), chosen, experts)
+        state_dict[prefix + "weight"] = a_full if module is la else b_full
+
+    def from_full(state_dict, prefix, local_metadata, strict, missing, unexpected, errors, module=None):
+        t = state_dict.get(prefix + "weight")
+        if t is None:
+            return
+        if module is la and t.shape[0] == experts * r:
+            state_dict[prefix + "weight"] = t.view(experts, r, -1)[chosen.to(t.device)].reshape(n * r, -1)
+        elif module is lb and t.shape[1] == experts * r:
+            state_dict[prefix + "weight"] = t.view(t.shape[0], r, experts)[:, :, chosen.to(t.device)].reshape(t.shape[0], -1)
+
+    for module in (la, lb):
+        module._register_state_dict_hook(to_full)
+        module._register_load_state_dict_pre_hook(lambda *args, m=module: from_full(*args, module=m))
 
 
 def _base_forward(self, hidden_states, top_k_index, top_k_weights):
