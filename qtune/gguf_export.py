@@ -4,7 +4,10 @@ by loading the file back with transformers' GGUF loader.
 Dense Llama (the embedded SmolLM2) and Qwen3 are supported. Llama's q/k projections are permuted into
 GGML's rotary layout, as llama.cpp's converter does (transformers undoes it on load); Qwen3 needs none.
 Norm weights stay f32; q8_0 quantizes every 2-D weight whose rows divide into 32-value blocks.
-Qwen3-MoE (fused experts) is not exported: it is refused in one line.
+Qwen3-MoE is written in llama.cpp's `qwen3moe` layout: transformers' fused gate_up_proj (E, 2·I, H) is split into
+ffn_gate_exps and ffn_up_exps (E, I, H), down_proj is ffn_down_exps (E, H, I), the router is ffn_gate_inp (kept in
+f32: the routing must not move), with expert_count, expert_used_count and expert_feed_forward_length; q8_0 quantizes
+the 3-D expert tensors in the same 32-value row blocks. Layers without experts (mlp_only_layers) are refused.
 """
 from __future__ import annotations
 
@@ -13,7 +16,10 @@ from pathlib import Path
 
 from qtune.errors import ConfigError
 
-ARCHS = {"llama": "LLAMA", "qwen3": "QWEN3"}
+import re
+
+ARCHS = {"llama": "LLAMA", "qwen3": "QWEN3", "qwen3_moe": "QWEN3MOE"}
+EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
 TYPES = ("f16", "q8_0")
 
 
@@ -47,6 +53,13 @@ def export(model, tokenizer, out: Path, qtype: str) -> Path:
     writer.add_rope_freq_base(float(rope))
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if qtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    if cfg.model_type == "qwen3_moe":
+        if getattr(cfg, "mlp_only_layers", None) or getattr(cfg, "decoder_sparse_step", 1) != 1:
+            raise ConfigError("merge.gguf: llama.cpp's qwen3moe layout has experts in every layer; this model has "
+                              "dense layers too (mlp_only_layers / decoder_sparse_step); drop merge.gguf")
+        writer.add_expert_count(cfg.num_experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     _add_tokenizer(writer, tokenizer, cfg.vocab_size, cfg.model_type)
 
     state = model.state_dict()
@@ -54,27 +67,43 @@ def export(model, tokenizer, out: Path, qtype: str) -> Path:
     for hf_name, tensor in state.items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reuses token_embd when output.weight is absent
+        data = tensor.detach().float().cpu()
+        if m := EXPERTS.fullmatch(hf_name):  # fused experts: llama.cpp keeps gate and up apart
+            if m[2] == "down_proj":
+                parts = [(f"blk.{m[1]}.ffn_down_exps.weight", data)]
+            else:
+                gate, up = data.chunk(2, dim=1)
+                parts = [(f"blk.{m[1]}.ffn_gate_exps.weight", gate), (f"blk.{m[1]}.ffn_up_exps.weight", up)]
+            for name, part in parts:
+                _add(writer, name, part.contiguous().numpy(), qtype)
+            continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ConfigError(f"merge.gguf: no GGUF name for tensor {hf_name}")
-        data = tensor.detach().float().cpu()
         if cfg.model_type == "llama" and hf_name.endswith("q_proj.weight"):
             data = _permute(data, cfg.num_attention_heads)
         elif cfg.model_type == "llama" and hf_name.endswith("k_proj.weight"):
             data = _permute(data, cfg.num_key_value_heads)
-        arr = data.numpy()
-        if arr.ndim == 1:
-            writer.add_tensor(name, arr.astype(np.float32))
-        elif qtype == "q8_0" and arr.shape[-1] % 32 == 0:
-            q = gguf.quants.quantize(arr.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            writer.add_tensor(name, arr.astype(np.float16))
+        _add(writer, name, data.numpy(), "f32" if ".ffn_gate_inp." in name else qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def _add(writer, name: str, arr, qtype: str) -> None:
+    """One tensor: 1-D (and f32 ones) in f32, q8_0 where its rows divide into 32-value blocks, else f16."""
+    import gguf
+    import numpy as np
+
+    if arr.ndim == 1 or qtype == "f32":
+        writer.add_tensor(name, arr.astype(np.float32))
+    elif qtype == "q8_0" and arr.shape[-1] % 32 == 0:
+        q = gguf.quants.quantize(arr.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+        writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    else:
+        writer.add_tensor(name, arr.astype(np.float16))
 
 
 def _permute(w, n_head: int):
@@ -128,7 +157,12 @@ def verify(path: Path, reference_model, tokenizer, inputs: list[dict]) -> dict:
     # Both sides in fp32, so the comparison sees the file's rounding, not bf16 arithmetic (bf16 -> fp32 -> bf16
     # round-trips exactly, so the merged model is left as it was).
     dtype = next(reference_model.parameters()).dtype
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    extra = {}
+    if reference_model.config.model_type == "qwen3_moe":
+        # transformers' GGUF reader does not map expert_feed_forward_length to moe_intermediate_size (it would take
+        # the class default); the tensors still come from the file alone
+        extra["config"] = reference_model.config
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **extra)
     loaded.eval()
     agree, worst = [], 0.0
     reference_model.float()

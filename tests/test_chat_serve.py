@@ -210,17 +210,48 @@ def test_merge_exports_gguf_and_a_4bit_checkpoint(smol_merged):
     assert ids.shape[1] > 1
 
 
-def test_gguf_of_an_moe_model_is_refused_in_one_line(tmp_path):
+def test_qwen3_moe_gguf_in_llama_cpp_layout_loads_back(tmp_path, tiny_qwen3_moe):
+    """Qwen3-MoE to GGUF (llama.cpp's qwen3moe): fused gate_up split into ffn_gate_exps / ffn_up_exps, the router in
+    f32, the expert counts and sizes in the metadata; transformers' GGUF loader reads it back to the same next tokens."""
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qtune.gguf_export import export, verify
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3_moe, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_qwen3_moe)
+    inputs = [dict(tok("The captain's log, day nine: the ship turned north again and the crew", return_tensors="pt"))]
+    for qtype, least in (("f16", 0.98), ("q8_0", 0.8)):
+        path = export(model, tok, tmp_path / f"moe-{qtype}.gguf", qtype)
+        assert verify(path, model, tok, inputs)["top1_agreement"] >= least
+    reader = gguf.GGUFReader(str(tmp_path / "moe-f16.gguf"))
+    fields = {k: f.parts[f.data[0]][0] for k, f in reader.fields.items() if k.startswith("qwen3moe.expert")}
+    assert fields == {"qwen3moe.expert_count": 8, "qwen3moe.expert_used_count": 2,
+                      "qwen3moe.expert_feed_forward_length": 32}, fields
+    tensors = {t.name: (tuple(int(x) for x in t.shape), t.tensor_type.name) for t in reader.tensors}
+    gate_up = model.model.layers[0].mlp.experts.gate_up_proj
+    assert tensors["blk.0.ffn_gate_exps.weight"] == ((64, 32, 8), "F16")   # GGUF lists dims innermost first
+    assert tensors["blk.0.ffn_up_exps.weight"] == ((64, 32, 8), "F16")
+    assert tensors["blk.0.ffn_down_exps.weight"] == ((32, 64, 8), "F16")
+    assert tensors["blk.0.ffn_gate_inp.weight"] == ((64, 8), "F32")
+    up = next(t for t in reader.tensors if t.name == "blk.1.ffn_up_exps.weight")
+    assert torch.equal(torch.from_numpy(up.data.copy()).float(),
+                       model.model.layers[1].mlp.experts.gate_up_proj.detach()[:, 32:, :].half().float())
+    assert gate_up.shape == (8, 64, 64)
+
+
+def test_gguf_refusals_are_one_line(tmp_path):
     from qtune.errors import ConfigError
     from qtune.gguf_export import export
 
     class Cfg:
-        model_type = "qwen3_moe"
+        model_type = "mixtral"
 
     class M:
         config = Cfg()
 
-    with pytest.raises(ConfigError, match="qwen3_moe models cannot be exported to GGUF"):
+    with pytest.raises(ConfigError, match="mixtral models cannot be exported to GGUF"):
         export(M(), None, tmp_path / "x.gguf", "f16")
     with pytest.raises(ConfigError, match="merge.gguf=q4_k: valid: f16, q8_0"):
         export(M(), None, tmp_path / "x.gguf", "q4_k")
