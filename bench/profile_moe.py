@@ -8,12 +8,12 @@ optimizer step is left out. Per variant: the median step (synchronized), the hos
 kernel time per step and the top kernels. Writes $OUT/profile_moe_<layers>_<seq>.txt.
 """
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "seed"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
 
 
@@ -43,9 +43,9 @@ def build(path: str, variant: str):
 
 def main(layers=6, seq=2048, variants=("fast", "redequant")):
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     import seed_recipe_moe
+    from common import time_and_profile
 
     path = seed_recipe_moe.make(layers)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -67,25 +67,10 @@ def main(layers=6, seq=2048, variants=("fast", "redequant")):
         step()
         model.zero_grad(set_to_none=True)
         torch.cuda.reset_peak_memory_stats()
-        times, issue = [], []
-        for _ in range(6):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            step()
-            issue.append(time.perf_counter() - t)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-            model.zero_grad(set_to_none=True)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(2):
-                step()
-                model.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-        events = prof.key_averages()
-        table = events.table(sort_by="self_device_time_total", row_limit=30)
-        gpu_ms = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3 / 2
-        line = (f"L{layers} seq {seq} {setting} [{fp.describe()}]: step {statistics.median(times[2:]) * 1e3:.0f} ms, "
-                f"host issue {statistics.median(issue[2:]) * 1e3:.0f} ms, GPU kernels {gpu_ms:.0f} ms/step, "
+        m = time_and_profile(step, model, timed=6, skip=2)
+        table = m["table"]
+        line = (f"L{layers} seq {seq} {setting} [{fp.describe()}]: step {m['step_ms']:.0f} ms, "
+                f"host issue {m['issue_ms']:.0f} ms, GPU kernels {m['gpu_ms']:.0f} ms/step, "
                 f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
         print(line, flush=True)
         print("\n".join(table.splitlines()[:22]), flush=True)

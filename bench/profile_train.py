@@ -9,12 +9,12 @@ the GPU's busy time per step (sum of kernel times in torch.profiler) and the top
 $OUT/profile_<quant>_<seq>.txt.
 """
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "seed"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
 
 
@@ -62,8 +62,8 @@ def build(quant: str, variant: str):
 
 def main(quant="nf4", seq=2048, variants=("ref", "fast")):
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
+    from common import time_and_profile
     from randckpt import make_checkpoint
 
     make_checkpoint()
@@ -83,7 +83,6 @@ def main(quant="nf4", seq=2048, variants=("ref", "fast")):
             loss.backward()
             return loss
 
-        times, issue = [], []
         t0 = time.time()
         try:
             step()
@@ -93,25 +92,10 @@ def main(quant="nf4", seq=2048, variants=("ref", "fast")):
             continue
         model.zero_grad(set_to_none=True)
         first = time.time() - t0
-        for i in range(8):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            step()
-            issue.append(time.perf_counter() - t)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-            model.zero_grad(set_to_none=True)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(2):
-                step()
-                model.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-        events = prof.key_averages()
-        gpu_ms = sum(e.self_device_time_total for e in events) / 1e3 / 2
-        table = events.table(sort_by="self_device_time_total", row_limit=25)
-        gpu_ms = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3 / 2 or gpu_ms
-        line = (f"{quant} seq {seq} {setting} [{fp.describe()}]: first step {first:.1f} s, step {statistics.median(times[3:]) * 1e3:.0f} ms, "
-                f"host issue {statistics.median(issue[3:]) * 1e3:.0f} ms, GPU kernels {gpu_ms:.0f} ms/step, "
+        m = time_and_profile(step, model, timed=8, skip=3)
+        table = m["table"]
+        line = (f"{quant} seq {seq} {setting} [{fp.describe()}]: first step {first:.1f} s, step {m['step_ms']:.0f} ms, "
+                f"host issue {m['issue_ms']:.0f} ms, GPU kernels {m['gpu_ms']:.0f} ms/step, "
                 f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
         print(line, flush=True)
         print("\n".join(table.splitlines()[:10]), flush=True)

@@ -20,14 +20,13 @@ earlier call> adds its rows (one device call holds only a few rows).
 import json
 import os
 import random
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "seed"))
+sys.path.insert(0, str(HERE))
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
 WORK = Path("/tmp/qtune-bench-moe")
 WORDS = ["the", "model", "fine", "tune", "lora", "token", "quant", "expert", "router", "layer"]
@@ -74,26 +73,13 @@ def make_235b(layers):
 
 
 def qtune_train(name, path, data, *overrides, steps=16, length=2048):
-    out = WORK / name
-    cmd = [sys.executable, "-m", "qtune", "train", f"model={MODEL}", "model.source=local", f"model.local_dir={path}",
-           f"data.path={data}", "data.format=text", f"data.max_length={length}", "data.val_size=0", "quant=nf4",
-           "moe=expert_only", "lora.dropout=0", f"train.max_steps={steps}", "train.logging_steps=1",
-           "train.grad_accum=1", "train.save_steps=1000", "train.warmup_ratio=0", "train.report_to=[]",
-           f"train.output_dir={out}", "train.overwrite=true", f"paths.home={WORK}/home", *overrides]
-    t = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.time() - t
-    if p.returncode != 0:
-        return dict(name=name, error=(p.stderr or p.stdout).strip().splitlines()[-1][:400], rc=p.returncode)
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > 3]
-    summary = json.loads((out / "summary.json").read_text())
-    losses = [r["loss"] for r in rows if "loss" in r]
-    fast = next((x for x in p.stdout.splitlines() if "train.fast" in x), "")
-    train_peak = summary.get("train_peak_memory_bytes") or summary["peak_memory_bytes"]
-    return dict(name=name, tok_s=round(statistics.median(tps)), tok_s_spread=[round(min(tps)), round(max(tps))],
-                peak_gib=round(train_peak / 2**30, 2), process_peak_gib=round(summary["peak_memory_bytes"] / 2**30, 2),
-                loss_first=round(losses[0], 3), loss_last=round(losses[-1], 3), wall_s=round(wall, 1), fast=fast.strip())
+    from common import qtune_train as run
+
+    r = run(name, WORK / name, [f"model={MODEL}", "model.source=local", f"model.local_dir={path}"], data, length, steps,
+            WORK / "home", "quant=nf4", "moe=expert_only", "lora.dropout=0", *overrides)
+    if "train_peak_gib" in r:  # this table's peak is training's; loading's is process_peak_gib
+        r["peak_gib"] = r["train_peak_gib"]
+    return r
 
 
 def extrapolate(results, layers):

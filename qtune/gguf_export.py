@@ -26,7 +26,6 @@ TYPES = ("f16", "q8_0")
 def export(model, tokenizer, out: Path, qtype: str) -> Path:
     """Write <out> (a .gguf file) from a loaded HF model and its tokenizer."""
     import gguf
-    import numpy as np
 
     if qtype not in TYPES:
         raise ConfigError(f"merge.gguf={qtype}: valid: {', '.join(TYPES)}")

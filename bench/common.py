@@ -1,0 +1,58 @@
+"""What the GPU benchmarks share: one real `qtune train` run and what its files say."""
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def qtune_train(name: str, out: Path, model_args: list, data, length: int, steps: int, home: Path, *overrides) -> dict:
+    """Run `qtune train` (a bench-sized run: one log row a step, no eval, no saving) and read back tokens/s (the median
+    of the logged steps after the third, and their spread), the training and whole-process peak memory, the first and
+    last loss, the wall time and the fast path's line. A failed run is its last line of output."""
+    cmd = [sys.executable, "-m", "qtune", "train", *model_args, f"data.path={data}", "data.format=text",
+           f"data.max_length={length}", "data.val_size=0", f"train.max_steps={steps}", "train.logging_steps=1",
+           "train.grad_accum=1", "train.save_steps=1000", "train.warmup_ratio=0", "train.report_to=[]",
+           f"train.output_dir={out}", "train.overwrite=true", f"paths.home={home}", *overrides]
+    t = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - t
+    if p.returncode != 0:
+        return dict(name=name, error=(p.stderr or p.stdout).strip().splitlines()[-1][:400], rc=p.returncode)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > 3]
+    summary = json.loads((out / "summary.json").read_text())
+    losses = [r["loss"] for r in rows if "loss" in r]
+    fast = next((x for x in p.stdout.splitlines() if "train.fast" in x), "")
+    train_peak = summary.get("train_peak_memory_bytes") or summary["peak_memory_bytes"]
+    return dict(name=name, tok_s=round(statistics.median(tps)), tok_s_spread=[round(min(tps)), round(max(tps))],
+                train_peak_gib=round(train_peak / 2**30, 2), process_peak_gib=round(summary["peak_memory_bytes"] / 2**30, 2),
+                loss_first=round(losses[0], 3), loss_last=round(losses[-1], 3), wall_s=round(wall, 1), fast=fast.strip())
+
+
+def time_and_profile(step, model, timed: int, skip: int) -> dict:
+    """`timed` synchronized calls of step() (a forward and backward) after one untimed: the median step and the median
+    host time to issue one (until step() returns, the GPU not waited on), over the calls after the first `skip`; then
+    two steps under torch.profiler: the GPU's kernel time per step and the top kernels' table."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    times, issue = [], []
+    for _ in range(timed):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
+        issue.append(time.perf_counter() - t)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        model.zero_grad(set_to_none=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+            model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    gpu_ms = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3 / 2
+    return dict(step_ms=statistics.median(times[skip:]) * 1e3, issue_ms=statistics.median(issue[skip:]) * 1e3,
+                gpu_ms=gpu_ms, table=events.table(sort_by="self_device_time_total", row_limit=30))
