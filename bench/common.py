@@ -1,10 +1,46 @@
-"""What the GPU benchmarks share: one real `qtune train` run and what its files say."""
+"""What the GPU benchmarks share: filler text, one real `qtune train` run and what its files say, a step timer."""
 import json
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+WORDS = ["the", "model", "fine", "tune", "lora", "token", "quant", "expert", "router", "layer"]
+
+
+def words(rng, n: int) -> str:
+    """n numbered filler words (speed and memory do not depend on token values)."""
+    return " ".join(rng.choice(WORDS) + str(rng.randint(0, 99)) for _ in range(n))
+
+
+def environment(*modules: str, **extra) -> dict:
+    """The device, date and versions a benchmark's numbers belong to (printed and kept with its results)."""
+    import torch
+
+    info = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+                gpu_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1), **extra)
+    for mod in ("transformers", "peft", "trl", "bitsandbytes", "accelerate", *modules):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001 (record what is missing)
+            info[mod] = f"missing ({type(e).__name__})"
+    print(json.dumps(info), flush=True)
+    return info
+
+
+def fused_head_step(model, ids):
+    """One forward and backward as training does it: bf16 autocast and TRL's fused output head (no full logits)."""
+    import torch
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(input_ids=ids, labels=ids, fused_lm_head=True)
+        loss = -out.log_probs.sum() / out.label_mask.sum()
+        loss.backward()
+        return loss
+    return step
 
 
 def qtune_train(name: str, out: Path, model_args: list, data, length: int, steps: int, home: Path, *overrides) -> dict:

@@ -9,7 +9,6 @@ kernel time per step and the top kernels. Writes $OUT/profile_moe_<layers>_<seq>
 """
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "seed"))
@@ -45,7 +44,7 @@ def main(layers=6, seq=2048, variants=("fast", "redequant")):
     import torch
 
     import seed_recipe_moe
-    from common import time_and_profile
+    from common import fused_head_step, time_and_profile
 
     path = seed_recipe_moe.make(layers)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -57,13 +56,7 @@ def main(layers=6, seq=2048, variants=("fast", "redequant")):
         model.train()
         ids = torch.randint(0, 151936, (1, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
 
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = model(input_ids=ids, labels=ids, fused_lm_head=True)
-            loss = -out.log_probs.sum() / out.label_mask.sum()
-            loss.backward()
-            return loss
-
+        step = fused_head_step(model, ids)
         step()
         model.zero_grad(set_to_none=True)
         torch.cuda.reset_peak_memory_stats()

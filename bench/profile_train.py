@@ -63,7 +63,7 @@ def build(quant: str, variant: str):
 def main(quant="nf4", seq=2048, variants=("ref", "fast")):
     import torch
 
-    from common import time_and_profile
+    from common import fused_head_step, time_and_profile
     from randckpt import make_checkpoint
 
     make_checkpoint()
@@ -76,13 +76,7 @@ def main(quant="nf4", seq=2048, variants=("ref", "fast")):
         model.train()
         ids = torch.randint(0, 151936, (1, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
 
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = model(input_ids=ids, labels=ids, fused_lm_head=True)
-            loss = -out.log_probs.sum() / out.label_mask.sum()
-            loss.backward()
-            return loss
-
+        step = fused_head_step(model, ids)
         t0 = time.time()
         try:
             step()

@@ -27,11 +27,7 @@ sys.path.insert(0, str(HERE / "seed"))
 sys.path.insert(0, str(HERE))
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
 WORK = Path("/tmp/qtune-bench")
-WORDS = ["the", "model", "fine", "tune", "lora", "token", "quant", "expert", "router", "layer"]
-
-
-def words(rng, n):
-    return " ".join(rng.choice(WORDS) + str(rng.randint(0, 99)) for _ in range(n))
+from common import environment, words  # noqa: E402 (bench/ is on the path from here)
 
 
 def chat_lengths(n=4000, seed=0):
@@ -117,13 +113,7 @@ def main(which):
     from randckpt import make_checkpoint
 
     OUT.mkdir(parents=True, exist_ok=True)
-    info = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
-    for mod in ("transformers", "peft", "trl", "bitsandbytes", "accelerate", "liger_kernel", "triton"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception as e:  # noqa: BLE001 (record what is missing)
-            info[mod] = f"missing ({type(e).__name__})"
-    print(json.dumps(info), flush=True)
+    info = environment("liger_kernel", "triton")
     make_checkpoint()
     write_data()
     results = []

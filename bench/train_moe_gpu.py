@@ -21,7 +21,6 @@ import json
 import os
 import random
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -29,16 +28,16 @@ sys.path.insert(0, str(HERE / "seed"))
 sys.path.insert(0, str(HERE))
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
 WORK = Path("/tmp/qtune-bench-moe")
-WORDS = ["the", "model", "fine", "tune", "lora", "token", "quant", "expert", "router", "layer"]
 ROWS = ["all", "top32", "all8192", "ref", "seed"]
+
+from common import environment, words  # noqa: E402 (bench/ is on the path from here)
 
 
 def write_data():
     WORK.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     for name, count, n in (("long", 48, 1400), ("xl", 16, 6000)):  # one full row per step
-        text = "".join(json.dumps({"text": " ".join(rng.choice(WORDS) + str(rng.randint(0, 99)) for _ in range(n))})
-                       + "\n" for _ in range(count))
+        text = "".join(json.dumps({"text": words(rng, n)}) + "\n" for _ in range(count))
         (WORK / f"{name}.jsonl").write_text(text)
 
 
@@ -108,14 +107,7 @@ def main(nums, which):
     import seed_recipe_moe
 
     OUT.mkdir(parents=True, exist_ok=True)
-    info = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
-                model=MODEL, gpu_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1))
-    for mod in ("transformers", "peft", "trl", "bitsandbytes", "accelerate"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception as e:  # noqa: BLE001 (record what is missing)
-            info[mod] = f"missing ({type(e).__name__})"
-    print(json.dumps(info), flush=True)
+    info = environment(model=MODEL)
     write_data()
     results = {}
     if os.environ.get("PREV"):  # rows from an earlier call (one call holds a few rows): extrapolate over both
