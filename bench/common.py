@@ -23,7 +23,9 @@ def environment(*modules: str, **extra) -> dict:
                 gpu_gib=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1), **extra)
     for mod in ("transformers", "peft", "trl", "bitsandbytes", "accelerate", *modules):
         try:
-            info[mod] = __import__(mod).__version__
+            from importlib.metadata import version
+
+            info[mod] = version(mod.replace("_", "-"))
         except Exception as e:  # noqa: BLE001 (record what is missing)
             info[mod] = f"missing ({type(e).__name__})"
     print(json.dumps(info), flush=True)
