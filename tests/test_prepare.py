@@ -76,6 +76,24 @@ def test_labels_are_exactly_the_assistant_turns(tmp_path, qwen3_tokenizer, fmt, 
     assert res.stats["train"]["per_source"][0]["formats"] == {fmt: 1}
 
 
+def test_system_prompt_opens_conversations_without_a_system_turn(tmp_path, qwen3_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+        {"messages": [{"role": "system", "content": "Own rules."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hey"}]},
+        {"text": "plain text stays as it is"}])
+    texts = {}
+    for prompt in (None, "Answer like a pirate."):
+        ds = prepare(data_cfg(tmp_path, path, system_prompt=prompt, train_on=TrainOn.all), qwen3_tokenizer,
+                     "qwen3").load()
+        texts[prompt] = sorted(qwen3_tokenizer.decode(ids) for ids in ds["input_ids"])
+    with_prompt = texts["Answer like a pirate."]
+    assert sum("Answer like a pirate." in t for t in with_prompt) == 1      # the record with no system turn only
+    assert any("Own rules." in t and "pirate" not in t for t in with_prompt)
+    assert "plain text stays as it is<|im_end|>" in with_prompt   # plain text gets no chat turns at all
+    assert not any("pirate" in t for t in texts[None])
+
+
 def test_thinking_blocks_render_as_qwen3_renders_them(tmp_path, qwen3_tokenizer):
     rec = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reasoning_content": "old"},
                         {"role": "user", "content": "c"}, {"role": "assistant", "content": "d", "reasoning_content": "new"}]}

@@ -64,11 +64,17 @@ def _setup(data: DataConfig, tokenizer, model_name: str, chat_template: str | No
 
 # ---------------------------------------------------------------- loading and normalizing
 
-def load_examples(src: SourceConfig, on_error: OnError, rejects: list[dict]) -> list[formats.Example]:
+def load_examples(src: SourceConfig, on_error: OnError, rejects: list[dict],
+                  system_prompt: str | None = None) -> list[formats.Example]:
+    """A source's records as examples; `system_prompt` (data.system_prompt) opens every conversation that has no
+    system turn of its own."""
     out = []
     for rec in _records(src):
         try:
-            out.append(formats.normalize(rec, src.format))
+            ex = formats.normalize(rec, src.format)
+            if system_prompt and ex.messages is not None and not any(m["role"] == "system" for m in ex.messages):
+                ex.messages.insert(0, {"role": "system", "content": system_prompt})
+            out.append(ex)
         except DataError as e:
             if on_error is not OnError.skip:
                 raise
@@ -213,14 +219,15 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
         return Prepared(out, json.loads((out / "stats.json").read_text()), True, warnings)
 
     rejects: list[dict] = []
-    per_source = [load_examples(s, data.on_error, rejects) for s in sources]
+    per_source = [load_examples(s, data.on_error, rejects, data.system_prompt) for s in sources]
     for s, items in zip(sources, per_source):
         if not items:
             raise DataError(f"{s.path}: no usable records")
     mixed = mix(per_source, sources, data.seed)
 
     if data.eval_path:
-        eval_items = [(len(sources), ex) for ex in load_examples(SourceConfig(path=data.eval_path), data.on_error, rejects)]
+        held_out = load_examples(SourceConfig(path=data.eval_path), data.on_error, rejects, data.system_prompt)
+        eval_items = [(len(sources), ex) for ex in held_out]
         train_items = mixed
     else:
         n_eval = int(round(data.val_size * len(mixed))) if data.val_size < 1 else int(data.val_size)
@@ -305,7 +312,7 @@ def preview(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
     """Normalize everything (so every error shows) and tokenize the first n examples: (segments, counts)."""
     sources, template, warning, markers = _setup(data, tokenizer, model_name, chat_template)
     rejects: list[dict] = []
-    per_source = [load_examples(s, data.on_error, rejects) for s in sources]
+    per_source = [load_examples(s, data.on_error, rejects, data.system_prompt) for s in sources]
     first = [(i, ex) for i, items in enumerate(per_source) for ex in items][:n]
     enc = _tokenize_batch({"conv": [json.dumps(e.messages) if e.messages else None for _, e in first],
                            "text": [e.text for _, e in first]}, tokenizer, template, markers, data.max_length,
