@@ -170,9 +170,11 @@ class NanStop:
 
 
 class ProgressCallback(TrainerCallback):
-    """Rich live progress (step, loss, lr, tok/s, ETA) on a terminal; plain lines otherwise."""
+    """Live progress (step, loss, lr, tok/s, ETA) from `live()`, a Rich progress the verb makes on a terminal; plain
+    lines otherwise (live=None)."""
 
-    def __init__(self):
+    def __init__(self, live=None):
+        self.live = live
         self.progress = None
         self.task = None
         self.start = None
@@ -180,11 +182,9 @@ class ProgressCallback(TrainerCallback):
         self.last = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from qtune import ui
-
         self.start, self.start_step = time.time(), state.global_step
-        if ui.is_terminal():
-            self.progress = ui.train_progress()
+        if self.live is not None:
+            self.progress = self.live()
             self.progress.start()
             self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
                                                loss="-", lr="-", tps="-")

@@ -25,6 +25,7 @@ def run(cfg: Config, prompt: str | None = None):
 
     with ui.status("loading"):
         loaded = load(cfg, use=cfg.chat.use)
+        loaded.notice = ui.note
     session = Session(loaded, cfg)
     if prompt is not None:
         answer = session.ask(prompt, out=sys.stdout, color=False)

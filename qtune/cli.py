@@ -1,11 +1,11 @@
 """The `qtune` command: one thin function per verb.
 
-Each verb takes Hydra overrides as trailing arguments, composes the config, and calls
-`qtune.<verb>.run(cfg)`. torch/transformers load inside the verbs, so `qtune --help` is instant.
+Each verb takes Hydra overrides as trailing arguments, composes the config, and calls its module's `run`
+(`qtune train` -> `qtune.train.run`, imported inside the function below that names the verb). torch/transformers
+load inside the verbs, so `qtune --help` is instant.
 """
 from __future__ import annotations
 
-import importlib
 import sys
 from typing import List, Optional
 
@@ -29,18 +29,15 @@ Multirun = Annotated[bool, typer.Option("--multirun", "-m", help="Sweep: run one
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Show what would happen, without doing it.")]
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
-# The issue that brings each verb's capability; a verb whose module is missing says so and exits 2.
-_ARRIVES = {"download": 4, "prepare": 4, "train": 5, "merge": 6, "chat": 6, "serve": 6, "eval": 7, "inspect_moe": 8}
-
-
-def _dispatch(verb: str, overrides: Optional[List[str]], show_cfg: bool, multirun: bool = False, **flags) -> None:
+def _dispatch(run, overrides: Optional[List[str]], show_cfg: bool, multirun: bool = False, **flags) -> None:
+    """Compose the config from the overrides and call the verb's `run` (a sweep calls it once per job)."""
     from qtune.config import compose, to_object
 
     overrides = list(overrides or [])
     if multirun:
         from qtune import sweep
 
-        sweep.run(verb, overrides, flags)
+        sweep.run(run, overrides, flags)
         return
     cfg = compose(overrides)
     if show_cfg:
@@ -48,19 +45,7 @@ def _dispatch(verb: str, overrides: Optional[List[str]], show_cfg: bool, multiru
 
         typer.echo(OmegaConf.to_yaml(cfg, resolve=True), nl=False)
         return
-    _verb_module(verb).run(to_object(cfg), **flags)
-
-
-def _verb_module(verb: str):
-    from qtune.errors import NotYetAvailable
-
-    try:
-        return importlib.import_module(f"qtune.{verb}")
-    except ModuleNotFoundError as e:
-        if e.name != f"qtune.{verb}":
-            raise
-        raise NotYetAvailable(f"`qtune {verb.replace('_', '-')}` is not built yet (it arrives with issue #{_ARRIVES[verb]}); "
-                              "`--cfg` already shows its config") from None
+    run(to_object(cfg), **flags)
 
 
 @app.command()
@@ -70,7 +55,9 @@ def download(overrides: Overrides = None, cfg: ShowCfg = False, dry_run: DryRun 
     Examples: `qtune download model=qwen3_8b` · `qtune download model=qwen3_8b model.revision=<sha> --dry-run` ·
     `qtune download` (the embedded SmolLM2, converted locally from its GGUF file; no network)
     """
-    _dispatch("download", overrides, cfg, dry_run=dry_run)
+    from qtune.download import run
+
+    _dispatch(run, overrides, cfg, dry_run=dry_run)
 
 
 @app.command()
@@ -79,7 +66,9 @@ def prepare(overrides: Overrides = None, cfg: ShowCfg = False, dry_run: DryRun =
 
     Examples: `qtune prepare data.path=chats.jsonl` · `qtune prepare model=qwen3_8b data.path=alpaca.json data.max_length=4096 --dry-run`
     """
-    _dispatch("prepare", overrides, cfg, dry_run=dry_run)
+    from qtune.prepare import run
+
+    _dispatch(run, overrides, cfg, dry_run=dry_run)
 
 
 @app.command("inspect-moe")
@@ -88,7 +77,9 @@ def inspect_moe(overrides: Overrides = None, cfg: ShowCfg = False, dry_run: DryR
 
     Examples: `qtune inspect-moe model=qwen3_30b_a3b moe=expert_only lora=r16` · `qtune inspect-moe model=qwen3_235b_a22b moe=all moe.max_experts=16 --json`
     """
-    _dispatch("inspect_moe", overrides, cfg, json=json, dry_run=dry_run)
+    from qtune.inspect_moe import run
+
+    _dispatch(run, overrides, cfg, json=json, dry_run=dry_run)
 
 
 @app.command()
@@ -98,7 +89,9 @@ def train(overrides: Overrides = None, cfg: ShowCfg = False, multirun: Multirun 
     Examples: `qtune train model=qwen3_8b quant=nf4 lora=r64 data.path=chats.jsonl` ·
     `qtune train --dry-run model=qwen3_30b_a3b quant=nf4` · `qtune train -m lora=r16,r64 train.lr=1e-4,2e-4`
     """
-    _dispatch("train", overrides, cfg, multirun, dry_run=dry_run)
+    from qtune.train import run
+
+    _dispatch(run, overrides, cfg, multirun, dry_run=dry_run)
 
 
 @app.command()
@@ -107,7 +100,9 @@ def merge(overrides: Overrides = None, cfg: ShowCfg = False) -> None:
 
     Examples: `qtune merge run=runs/my-run` · `qtune merge run=runs/my-run merge.gguf=[f16,q8_0]`
     """
-    _dispatch("merge", overrides, cfg)
+    from qtune.merge import run
+
+    _dispatch(run, overrides, cfg)
 
 
 @app.command()
@@ -117,7 +112,9 @@ def chat(overrides: Overrides = None, cfg: ShowCfg = False,
 
     Examples: `qtune chat run=runs/my-run` · `qtune chat --prompt "Hello" chat.temperature=0`
     """
-    _dispatch("chat", overrides, cfg, prompt=prompt)
+    from qtune.chat import run
+
+    _dispatch(run, overrides, cfg, prompt=prompt)
 
 
 @app.command()
@@ -126,7 +123,9 @@ def serve(overrides: Overrides = None, cfg: ShowCfg = False) -> None:
 
     Examples: `qtune serve run=runs/my-run` · `qtune serve serve.port=9000 serve.api_key=secret`
     """
-    _dispatch("serve", overrides, cfg)
+    from qtune.serve import run
+
+    _dispatch(run, overrides, cfg)
 
 
 @app.command("eval")
@@ -135,7 +134,9 @@ def eval_(overrides: Overrides = None, cfg: ShowCfg = False) -> None:
 
     Examples: `qtune eval run=runs/my-run eval.prompts=prompts.jsonl`
     """
-    _dispatch("eval", overrides, cfg)
+    from qtune.eval import run
+
+    _dispatch(run, overrides, cfg)
 
 
 def main() -> None:

@@ -30,12 +30,6 @@ class DownloadError(QtuneError):
     """A model could not be fetched or verified."""
 
 
-class NotYetAvailable(QtuneError):
-    """A verb whose capability has not been built yet."""
-
-    exit_code = 2
-
-
 class DamagedFile(QtuneError):
     """A file qtune wrote (an adapter, a checkpoint, a merged model, a run's config) is truncated or corrupt;
     the message names it and what to do."""

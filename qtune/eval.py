@@ -31,7 +31,7 @@ class Candidate:
 def run(cfg: Config):
     from qtune import ui
     from qtune.evaluation.report import write_report
-    from qtune.merge import run_config, run_folder
+    from qtune.runs import run_config, run_folder
     from qtune.modeling.load import pick_device, quiet_libraries
 
     if cfg.run and (Path(cfg.run).expanduser() / "summary.csv").is_file():
@@ -77,7 +77,8 @@ def evaluate_sweep(cfg: Config, folder: Path) -> list[dict]:
     import copy
     import csv
 
-    from qtune.sweep import write_summary
+    from qtune import ui
+    from qtune.runs import write_summary
 
     rows = list(csv.DictReader(open(folder / "summary.csv")))
     for row in rows:
@@ -97,7 +98,8 @@ def evaluate_sweep(cfg: Config, folder: Path) -> list[dict]:
         for k in SWEEP_COLUMNS:
             v = row.get(f"eval_{k}")
             row[f"eval_{k}"] = float(v) if v not in (None, "") else None
-    write_summary(rows, folder, extra=[f"eval_{k}" for k in SWEEP_COLUMNS], shared_overrides_known=True)
+    extra = [f"eval_{k}" for k in SWEEP_COLUMNS]
+    ui.show_sweep_summary(write_summary(rows, folder, extra, shared_overrides_known=True), folder, extra)
     return rows
 
 
@@ -132,7 +134,7 @@ def _candidates(cfg: Config, run: Path) -> list[Candidate]:
     names = list(cfg.eval.models) or ["base", "adapter"] + (["merged"] if (run / "merged" / "config.json").is_file() else [])
     out = _candidate_list(names, run)
     from qtune import integrity
-    from qtune.merge import adapter_remedy
+    from qtune.runs import adapter_remedy
 
     for c in out:  # a damaged file is one line now, before any model loads
         if c.kind == "adapter":
@@ -202,15 +204,16 @@ def _load(rcfg: Config, group: list[Candidate], device: str, dtype):
 
     from transformers import AutoModelForCausalLM
 
-    from qtune.download import ensure_model
+    from qtune.hub import ensure_model
+    from qtune.ui import print_warning
     from qtune.modeling.load import load_model
 
     if group[0].kind == "model":
         model = AutoModelForCausalLM.from_pretrained(group[0].path, dtype=dtype, device_map={"": device})
         model.eval()
         return [(group[0], model, contextlib.nullcontext)]
-    base = load_model(ensure_model(rcfg.model, rcfg.download, rcfg.paths), rcfg.model, rcfg.quant, device, dtype,
-                      gradient_checkpointing=False)
+    folder = ensure_model(rcfg.model, rcfg.download, rcfg.paths, warn=print_warning)
+    base = load_model(folder, rcfg.model, rcfg.quant, device, dtype, gradient_checkpointing=False)
     base.config.use_cache = True
     adapters = [c for c in group if c.kind == "adapter"]
     if not adapters:

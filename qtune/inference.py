@@ -8,6 +8,7 @@ the base loaded as it was trained (quant=nf4 stays 4-bit) with the run's adapter
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ class Loaded:
     adapters: dict[str, Path] = field(default_factory=dict)
     label: str = ""               # what was loaded, for people
     decoder: object = None        # a GraphDecoder, made on first use where one can run (qtune.decoding)
+    notice: object = None         # where one-off notes go (a verb passes its terminal's; else the `qtune` logger)
 
     def names(self) -> list[str]:
         return [self.base_name, *self.adapters]
@@ -41,7 +43,7 @@ class Loaded:
 
 def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None = None) -> Loaded:
     """The model to talk to. use: auto | merged | adapter | base (see the module doc)."""
-    from qtune.merge import run_config, run_folder
+    from qtune.runs import run_config, run_folder
 
     # 1. what to load, checked before the libraries load: a wrong run= or chat.use, a damaged file
     run = run_folder(cfg) if cfg.run else None
@@ -61,7 +63,7 @@ def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None =
     from transformers import AutoModelForCausalLM
 
     from qtune.data.template import resolve_template
-    from qtune.download import ensure_model
+    from qtune.hub import ensure_model
     from qtune.modeling.load import load_model, load_tokenizer, pick_device, quiet_libraries
 
     quiet_libraries()
@@ -94,7 +96,7 @@ def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None =
 
 def _adapter_dir(path: str) -> Path:
     from qtune import integrity
-    from qtune.merge import adapter_remedy
+    from qtune.runs import adapter_remedy
 
     p = Path(path).expanduser()
     if (p / "adapter" / "adapter_config.json").is_file():
@@ -170,9 +172,8 @@ class Generation:
             if why is None:
                 if loaded.decoder is None:   # off a GPU the same loop runs eagerly (tests, debugging)
                     gpu = device.type == "cuda"
-                    from qtune import ui
-
-                    loaded.decoder = decoding.GraphDecoder(loaded.model, graph=gpu, compile=gpu, notice=ui.note)
+                    notice = loaded.notice or logging.getLogger("qtune").info
+                    loaded.decoder = decoding.GraphDecoder(loaded.model, graph=gpu, compile=gpu, notice=notice)
                 self.decoder = loaded.decoder
             elif sampling.cache == "graph":
                 raise ConfigError(f"chat.cache=graph: cannot decode {why} with a CUDA graph; use chat.cache=static")

@@ -1,95 +1,13 @@
-"""`qtune merge`: fold a run's adapter into 16-bit base weights, save a standalone model, prove parity.
-
-  1. read the run folder: its config.yaml names the base model, quant and adapter settings
-  2. load the base in merge.parity_dtype (fp32 by default), never quantized, and the adapter over it
-  3. logits of base+adapter on a few prompts (the reference)
-  4. merge (linear layers, fused MoE experts, the router: PEFT's merge_and_unload); logits of the merged
-     model on the same prompts: the largest absolute difference must stay within merge.tolerance,
-     otherwise the merge fails loudly and nothing is left behind
-  5. cast to merge.dtype (bf16 by default) and report what that rounding costs (how often the next-token
-     choice still agrees, the largest logit change), then save sharded safetensors with tokenizer, chat
-     template and generation config into <run>/merged/ (atomically)
-The check runs in fp32 because a bf16 model differs from bf16 base+adapter by whole logits (rounding of
-W+ΔW), which would hide a wrong merge; set merge.parity_dtype=bf16 (and a looser tolerance) for models
-too large to hold in fp32.
-
-An adapter trained on a quantized (nf4/int8) base is merged into the 16-bit original weights; the output
-says so, since the training saw their quantized values.
-"""
+"""`qtune merge`: fold a run's adapter into 16-bit base weights, save a standalone model, prove parity (the work is
+qtune.merging's; this verb reads the run, checks the output folder and reports)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from qtune.config.schema import Config, DType, QuantMethod
-from qtune.errors import ConfigError, QtuneError
-
-PARITY_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "2 + 2 ="]
-
-
-class ParityError(QtuneError):
-    """The merged model does not reproduce base+adapter."""
-
-
-def run_folder(cfg: Config) -> Path:
-    if not cfg.run:
-        raise ConfigError("run: which run folder? set run=runs/<name> (a folder `qtune train` wrote)")
-    run = Path(cfg.run).expanduser()
-    if not (run / "adapter" / "adapter_config.json").is_file():
-        raise ConfigError(f"run={cfg.run}: no adapter/ there (finish or resume `qtune train` first)")
-    from qtune import integrity
-
-    integrity.check_adapter(run / "adapter", lambda: adapter_remedy(run))
-    return run
-
-
-def adapter_remedy(run: Path) -> str:
-    """What to do about a damaged <run>/adapter: the checkpoint of the run's last step holds the same adapter."""
-    import json
-
-    from qtune.runs import latest_checkpoints
-
-    last = latest_checkpoints(run)[-1:]
-    try:
-        steps = json.loads((run / "summary.json").read_text())["steps"]
-    except (OSError, ValueError, KeyError, TypeError):
-        steps = None
-    if last and last[0].name == f"checkpoint-{steps}":
-        return (f"{last[0]} holds the same adapter: copy its adapter files into {run / 'adapter'}, "
-                "or train again with train.overwrite=true")
-    return "train the run again with train.overwrite=true"
-
-
-def run_config(run: Path, overrides: Config) -> Config:
-    """The run's own settings (model, quant, lora, moe, data, train), with this command's merge/chat/serve/eval ones."""
-    import yaml
-
-    from qtune.config import compose, to_object
-
-    try:
-        saved = yaml.safe_load((run / "config.yaml").read_text())
-        saved["model"]["name"]
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError) as e:
-        from qtune.errors import DamagedFile
-
-        why = "missing" if isinstance(e, FileNotFoundError) else "not a qtune run config"
-        raise DamagedFile(f"{run / 'config.yaml'} is damaged ({why}); it holds the run's settings: restore it, "
-                          "or train the run again with train.overwrite=true") from None
-    cfg = to_object(compose([f"model={saved['model']['name']}"]))
-    for group in ("model", "quant", "lora", "moe", "data", "train", "download"):
-        setattr(cfg, group, _merge_into(getattr(cfg, group), saved.get(group) or {}))
-    for group in ("merge", "chat", "serve", "eval", "paths"):
-        setattr(cfg, group, getattr(overrides, group))
-    cfg.run = str(run)
-    return cfg
-
-
-def _merge_into(obj, values: dict):
-    """A typed config object rebuilt from saved plain values (Enums and nested dataclasses included)."""
-    from omegaconf import OmegaConf
-
-    node = OmegaConf.structured(obj)
-    node.merge_with(values)
-    return OmegaConf.to_object(node)
+from qtune.config.schema import Config, QuantMethod
+from qtune.errors import ConfigError
+from qtune.merging import check_output, merge
+from qtune.runs import run_config, run_folder
 
 
 def run(cfg: Config):
@@ -110,7 +28,7 @@ def run(cfg: Config):
     if rcfg.quant.method is not QuantMethod.none:
         ui.print_warning(f"the adapter was trained on a {rcfg.quant.method} base; it is merged into the 16-bit "
                          "original weights, so the merged model can differ slightly from what training saw")
-    result = merge(rcfg, run / "adapter", out)
+    result = merge(rcfg, run / "adapter", out, warn=ui.print_warning)
     ui.info(f"parity ({result['parity_dtype']}): max |logits(merged) - logits(base+adapter)| = "
             f"{result['max_abs_diff']:.3g} <= {cfg.merge.tolerance:g} on {result['prompts']} prompts")
     if result["dtype"] != result["parity_dtype"]:
@@ -123,120 +41,3 @@ def run(cfg: Config):
     if result.get("bnb_4bit"):
         ui.info(f"4-bit (nf4) merged checkpoint: {result['bnb_4bit']}")
     return result
-
-
-MARKER = "qtune_merge.json"  # what makes a folder a qtune merge that a new merge may replace
-
-
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse to replace anything a user owns: a file, or a non-empty folder that no qtune merge wrote."""
-    from qtune.io import check_writable
-
-    check_writable(out, "merge.output_dir", beside=True)
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not overwrite:
-        raise ConfigError(f"merge.output_dir={out} holds files that no qtune merge wrote; choose another folder "
-                          "or set merge.overwrite=true to replace them")
-
-
-def merge(cfg: Config, adapter: Path, out: Path) -> dict:
-    check_output(out, cfg.merge.overwrite)
-    if cfg.merge.save_4bit:
-        check_output(_nf4_dir(out), cfg.merge.overwrite)
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from qtune.download import ensure_model
-    from qtune.io import atomic_dir, atomic_write_json
-    from qtune.modeling.load import load_tokenizer, torch_dtype
-
-    for key in ("dtype", "parity_dtype"):
-        if getattr(cfg.merge, key) is DType.auto:
-            raise ConfigError(f"merge.{key}=auto: choose bf16, fp16 or fp32")
-    folder = ensure_model(cfg.model, cfg.download, cfg.paths)
-    tokenizer = load_tokenizer(cfg.model, cfg.paths)
-    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(cfg.merge.parity_dtype),
-                                                trust_remote_code=cfg.model.trust_remote_code)
-    model = PeftModel.from_pretrained(base, adapter)
-    model.eval()
-    inputs = _parity_inputs(tokenizer, cfg)
-    with torch.no_grad():
-        reference = [model(**x).logits.float() for x in inputs]
-        merged = model.merge_and_unload()
-        got = [merged(**x).logits.float() for x in inputs]
-        diff = max((a - b).abs().max().item() for a, b in zip(reference, got))
-        if not diff <= cfg.merge.tolerance:  # also catches NaN
-            raise ParityError(f"merge parity failed: max |logits(merged) - logits(base+adapter)| = {diff:.4g} > "
-                              f"merge.tolerance={cfg.merge.tolerance:g} ({cfg.merge.parity_dtype}); nothing was saved")
-        result = {"base": str(folder), "adapter": str(adapter), "dtype": str(cfg.merge.dtype),
-                  "parity_dtype": str(cfg.merge.parity_dtype), "max_abs_diff": diff,
-                  "tolerance": cfg.merge.tolerance, "prompts": len(inputs)}
-        if cfg.merge.dtype is not cfg.merge.parity_dtype:
-            merged = merged.to(torch_dtype(cfg.merge.dtype))
-            cast = [merged(**x).logits.float() for x in inputs]
-            result["cast_max_abs_diff"] = max((a - b).abs().max().item() for a, b in zip(reference, cast))
-            agree = [(a.argmax(-1) == b.argmax(-1)).float().mean().item() for a, b in zip(reference, cast)]
-            result["top1_agreement"] = sum(agree) / len(agree)
-    with atomic_dir(out, replace=True) as tmp:
-        merged.save_pretrained(tmp, max_shard_size="2GB")
-        tokenizer.save_pretrained(tmp)
-        result["gguf"] = [_gguf(merged, tokenizer, tmp, out, t, inputs) for t in cfg.merge.gguf]
-        atomic_write_json(tmp / MARKER, result)
-    if cfg.merge.save_4bit:
-        result["bnb_4bit"] = str(_save_4bit(out, tokenizer))
-        atomic_write_json(out / MARKER, result)
-    return result
-
-
-# Next-token agreement a GGUF file must keep with the merged model when loaded back: f16 is a plain cast,
-# q8_0 rounds every weight to 8 bits (~0.5 % error per weight: a few close calls flip).
-GGUF_MIN_AGREEMENT = {"f16": 0.98, "q8_0": 0.8}
-
-
-def _gguf(merged, tokenizer, tmp: Path, out: Path, qtype: str, inputs) -> dict:
-    from qtune.gguf_export import export, verify
-
-    name = f"{out.name}-{qtype}.gguf"
-    export(merged, tokenizer, tmp / name, qtype)
-    check = verify(tmp / name, merged, tokenizer, inputs)
-    if check["top1_agreement"] < GGUF_MIN_AGREEMENT[qtype]:
-        raise ParityError(f"GGUF {qtype} check failed: loaded back, it agrees with the merged model on "
-                          f"{check['top1_agreement']:.1%} of next tokens (< {GGUF_MIN_AGREEMENT[qtype]:.0%}); nothing was saved")
-    check["file"] = str(out / name)
-    check["type"] = qtype
-    return check
-
-
-def _save_4bit(merged_dir: Path, tokenizer) -> Path:
-    """The merged model re-loaded as bitsandbytes NF4 (double quant) and saved: a 4-bit checkpoint."""
-    from transformers import AutoModelForCausalLM
-
-    from qtune.config.schema import QuantConfig, QuantMethod
-    from qtune.io import atomic_dir, atomic_write_json
-    from qtune.modeling.load import bnb_config
-
-    target = _nf4_dir(merged_dir)
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, quantization_config=bnb_config(QuantConfig(method=QuantMethod.nf4)),
-                                                 device_map={"": "cuda" if _cuda() else "cpu"})
-    with atomic_dir(target, replace=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / MARKER, {"merged": str(merged_dir), "quant": "nf4"})
-    return target
-
-
-def _nf4_dir(merged_dir: Path) -> Path:
-    return merged_dir.parent / f"{merged_dir.name}-nf4"
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _parity_inputs(tokenizer, cfg: Config) -> list[dict]:
-    from qtune.data.template import prompt_inputs, resolve_template
-
-    template, _ = resolve_template(tokenizer, cfg.model.chat_template, cfg.model.name)
-    return [prompt_inputs(tokenizer, template, [{"role": "user", "content": p}]) for p in PARITY_PROMPTS]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from qtune import integrity
 from qtune.config.schema import Config
+from qtune.errors import ConfigError
 from qtune.io import atomic_write_text
 
 
@@ -157,3 +158,108 @@ def _first_difference(a, b, key: str):
                 return d
         return None
     return None if a == b else (key, a, b)
+
+
+# ---------------------------------------------------------------- reading a finished run
+
+
+def run_folder(cfg: Config) -> Path:
+    """The folder `run=` names, checked to hold a complete, undamaged adapter (what merge, chat, serve, eval read)."""
+    if not cfg.run:
+        raise ConfigError("run: which run folder? set run=runs/<name> (a folder `qtune train` wrote)")
+    run = Path(cfg.run).expanduser()
+    if not (run / "adapter" / "adapter_config.json").is_file():
+        raise ConfigError(f"run={cfg.run}: no adapter/ there (finish or resume `qtune train` first)")
+    integrity.check_adapter(run / "adapter", lambda: adapter_remedy(run))
+    return run
+
+
+def adapter_remedy(run: Path) -> str:
+    """What to do about a damaged <run>/adapter: the checkpoint of the run's last step holds the same adapter."""
+    import json
+
+    last = latest_checkpoints(run)[-1:]
+    try:
+        steps = json.loads((run / "summary.json").read_text())["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        steps = None
+    if last and last[0].name == f"checkpoint-{steps}":
+        return (f"{last[0]} holds the same adapter: copy its adapter files into {run / 'adapter'}, "
+                "or train again with train.overwrite=true")
+    return "train the run again with train.overwrite=true"
+
+
+def run_config(run: Path, overrides: Config) -> Config:
+    """The run's own settings (model, quant, lora, moe, data, train), with this command's merge/chat/serve/eval ones."""
+    import yaml
+
+    from qtune.config import compose, to_object
+
+    try:
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        saved["model"]["name"]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError) as e:
+        from qtune.errors import DamagedFile
+
+        why = "missing" if isinstance(e, FileNotFoundError) else "not a qtune run config"
+        raise DamagedFile(f"{run / 'config.yaml'} is damaged ({why}); it holds the run's settings: restore it, "
+                          "or train the run again with train.overwrite=true") from None
+    cfg = to_object(compose([f"model={saved['model']['name']}"]))
+    for group in ("model", "quant", "lora", "moe", "data", "train", "download"):
+        setattr(cfg, group, _merge_into(getattr(cfg, group), saved.get(group) or {}))
+    for group in ("merge", "chat", "serve", "eval", "paths"):
+        setattr(cfg, group, getattr(overrides, group))
+    cfg.run = str(run)
+    return cfg
+
+
+def _merge_into(obj, values: dict):
+    """A typed config object rebuilt from saved plain values (Enums and nested dataclasses included)."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.structured(obj)
+    node.merge_with(values)
+    return OmegaConf.to_object(node)
+
+
+# ---------------------------------------------------------------- summaries of several runs
+
+
+def _order(row: dict):
+    return (row["error"] is not None, row["eval_loss"] is None, row["eval_loss"] or 0.0, row["train_loss"] or 0.0)
+
+
+SUMMARY_COLUMNS = ["job", "overrides", "train_loss", "eval_loss", "seconds", "peak_memory_bytes", "run", "error"]
+
+
+def write_summary(rows: list[dict], folder: Path, extra: list[str] = (), shared_overrides_known: bool = False) -> list[dict]:
+    """summary.csv and summary.md of a sweep's (or an eval's) jobs, best first; returns the rows as written. `extra`
+    columns (e.g. qtune eval's) follow the others."""
+    import csv
+    import io
+
+    from qtune.text import human_bytes, num
+
+    # Show what tells the jobs apart; the overrides every job shares go in the header of summary.md.
+    # (Rewriting a summary, the overrides already are the distinguishing ones.)
+    common = set() if shared_overrides_known or len(rows) < 2 else set.intersection(*(set(r["overrides"]) for r in rows))
+    rows = [{**r, "overrides": " ".join(o for o in r["overrides"] if o not in common)} for r in sorted(rows, key=_order)]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS + list(extra), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(folder / "summary.csv", buf.getvalue())
+    header = "| job | overrides | train loss | eval loss | time (s) | peak memory | " + \
+        "".join(f"{c.replace('_', ' ')} | " for c in extra) + "error |"
+    md = ([f"Every job: `{' '.join(sorted(common)) or '(no shared overrides)'}`", ""] if not shared_overrides_known else []) + \
+        [header, "|---" * (7 + len(extra)) + "|"]
+    for r in rows:
+        md.append(f"| {r['job']} | `{r['overrides']}` | {num(r['train_loss'])} | {num(r['eval_loss'])} | "
+                  f"{'-' if r['seconds'] is None else round(r['seconds'])} | {human_bytes(r['peak_memory_bytes'])} | "
+                  + "".join(f"{num(r.get(c))} | " for c in extra) + f"{r['error'] or ''} |")
+    if shared_overrides_known and (folder / "summary.md").is_file():
+        first = (folder / "summary.md").read_text().splitlines()[0]
+        if first.startswith("Every job:"):
+            md = [first, ""] + md
+    atomic_write_text(folder / "summary.md", "\n".join(md) + "\n")
+    return rows

@@ -89,6 +89,7 @@ def run(cfg: Config):
 
     with ui.status("loading"):
         loaded = load(cfg, use="adapter", extra_adapters=dict(cfg.serve.adapters))
+        loaded.notice = ui.note
     app = build_app(loaded, cfg)
     ui.info(f"qtune serve: {loaded.label}; models: {', '.join(loaded.names())}; "
             f"http://{cfg.serve.host}:{cfg.serve.port}/v1" + (" (Bearer key required)" if cfg.serve.api_key else ""))
@@ -419,13 +420,14 @@ def _text_chunk(rid, model, piece, first=False, finish=None):
 
 def vllm_command(cfg: Config) -> list[str]:
     """vLLM's OpenAI server over the run's base with its adapter(s) as LoRA modules."""
-    from qtune.download import ensure_model
+    from qtune.hub import ensure_model
+    from qtune.ui import print_warning
     from qtune.inference import _adapter_dir
-    from qtune.merge import run_config, run_folder
+    from qtune.runs import run_config, run_folder
 
     run = run_folder(cfg) if cfg.run else None
     rcfg = run_config(run, cfg) if run else cfg
-    base = ensure_model(rcfg.model, rcfg.download, rcfg.paths)
+    base = ensure_model(rcfg.model, rcfg.download, rcfg.paths, warn=print_warning)
     adapters = {run.name: run / "adapter"} if run else {}
     adapters.update({n: _adapter_dir(p) for n, p in cfg.serve.adapters.items()})
     cmd = ["vllm", "serve", str(base), "--served-model-name", rcfg.model.name, "--host", cfg.serve.host,

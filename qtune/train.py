@@ -74,9 +74,9 @@ def run(cfg: Config, dry_run: bool = False):
 
         del trainer, model
         gc.collect()
-        from qtune.merge import merge
+        from qtune.merging import merge
 
-        result = merge(cfg, out / "adapter", out / "merged")
+        result = merge(cfg, out / "adapter", out / "merged", warn=ui.print_warning)
         ui.info(f"merged into {out / 'merged'} (parity {result['max_abs_diff']:.3g} <= {cfg.merge.tolerance:g})")
         summary["merged"] = str(out / "merged")
     return summary
@@ -159,13 +159,13 @@ def _model(cfg: Config, device: str, dtype, out: Path, train_ds):
     from transformers import set_seed
 
     from qtune import ui
-    from qtune.download import ensure_model
+    from qtune.hub import ensure_model
     from qtune.modeling.load import load_model
     from qtune.modeling.targets import apply_dropout, check, match, peft_config, unmatched_message
 
     from qtune.modeling import fast as fastpath
 
-    folder = ensure_model(cfg.model, cfg.download, cfg.paths)
+    folder = ensure_model(cfg.model, cfg.download, cfg.paths, warn=ui.print_warning)
     set_seed(cfg.train.seed)  # LoRA's A matrices are drawn now, before the trainer seeds anything
     fast = fastpath.decide(str(cfg.train.fast), device)
     with ui.status(f"loading {cfg.model.name}"):
@@ -234,6 +234,7 @@ def _trainer(cfg: Config, model, tokenizer, prepared, out: Path, resume):
 
     from trl import SFTTrainer
 
+    from qtune import ui
     from qtune.callbacks import MetricsCallback, NanGuard, ProgressCallback, StopOnSignal
 
     train_ds = prepared.load("train")
@@ -246,7 +247,8 @@ def _trainer(cfg: Config, model, tokenizer, prepared, out: Path, resume):
     nan = NanGuard()
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer,
-                         callbacks=[StopOnSignal(), nan, metrics, ProgressCallback()])
+                         callbacks=[StopOnSignal(), nan, metrics,
+                                    ProgressCallback(ui.train_progress if ui.is_terminal() else None)])
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # ProgressCallback prints instead

@@ -6,6 +6,9 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
+from qtune.text import human_bytes  # noqa: F401 (verbs format sizes as ui.human_bytes)
+from qtune.text import num as _num
+
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 # Tables keep whole module names when output goes to a file or pipe (Rich would assume 80 columns).
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -32,14 +35,6 @@ def is_terminal() -> bool:
     return sys.stdout.isatty()
 
 
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def files_table(title: str, files: list[tuple[str, int | None]]) -> None:
@@ -247,8 +242,6 @@ def show_sweep_summary(rows: list[dict], folder, extra=()) -> None:
     console.print(table)
 
 
-def _num(x) -> str:
-    return "-" if x is None else f"{x:.4f}"
 
 
 # ---------------------------------------------------------------- inspect-moe

@@ -117,7 +117,8 @@ def test_each_scope_trains_exactly_what_it_names(tmp_path, tiny_qwen3_moe, overr
     import torch
 
     from qtune.config import compose, to_object
-    from qtune.merge import merge, run_config
+    from qtune.merging import merge
+    from qtune.runs import run_config
     from qtune.modeling.arch import meta_model
     from qtune.modeling.targets import match
 
@@ -175,7 +176,8 @@ def test_fast_path_adapter_is_peft_format_and_merges_exactly(tmp_path, tiny_qwen
     from transformers import AutoModelForCausalLM
 
     from qtune.config import compose, to_object
-    from qtune.merge import merge, run_config
+    from qtune.merging import merge
+    from qtune.runs import run_config
     from qtune.modeling.fast import lora, moe
 
     run = tmp_path / "run"

@@ -9,10 +9,12 @@ conversation, so any template that renders assistant turns contiguously works, n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 
 import numpy as np
 
-from qtune.errors import DataError
+from qtune.errors import DataError, QtuneError
 
 _Q, _A = "QTUNEPROBEQUESTION", "QTUNEPROBEANSWER"
 
@@ -23,10 +25,21 @@ class Markers:
     footer: str  # text that closes it, e.g. "<|im_end|>"
 
 
+def template_text(name: str) -> str:
+    """A chat template shipped with qtune (`qwen3`, `chatml`) or read from a .jinja file."""
+    if name.endswith(".jinja"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise QtuneError(f"chat template file not found: {path}")
+        return path.read_text()
+    try:
+        return resources.files("qtune.data").joinpath(f"templates/{name}.jinja").read_text()
+    except FileNotFoundError:
+        raise QtuneError(f"unknown chat template {name!r}; valid: qwen3, chatml, or a path to a .jinja file") from None
+
+
 def resolve_template(tokenizer, name: str | None, model_name: str) -> tuple[str, str | None]:
     """(template text, warning or None): the configured template, else the tokenizer's, else ChatML."""
-    from qtune.modeling.assets import template_text
-
     if name:
         return template_text(name), None
     if getattr(tokenizer, "chat_template", None):

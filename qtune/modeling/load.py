@@ -19,14 +19,14 @@ def load_tokenizer(model: ModelConfig, paths: PathsConfig):
         if model.source is ModelSource.hub:
             from huggingface_hub import snapshot_download
 
-            from qtune.download import explain_hub_error
+            from qtune.hub import explain_hub_error
 
             try:
                 snapshot_download(model.repo_id, revision=model.revision, local_dir=local, allow_patterns=TOKENIZER_FILES)
             except Exception as e:
                 raise QtuneError(explain_hub_error(e, model)) from None
         else:
-            from qtune.download import ensure_model
+            from qtune.hub import ensure_model
 
             ensure_model(model, paths=paths)
     tok = AutoTokenizer.from_pretrained(local, trust_remote_code=model.trust_remote_code)
