@@ -14,28 +14,21 @@ from qtune.config.schema import Config
 
 def inspect(cfg: Config) -> dict:
     """The whole report as plain data (what `--json` prints)."""
-    from qtune.modeling.arch import meta_model
-    from qtune.modeling.estimate import estimate, experts_4bit
-    from qtune.modeling.targets import match
+    from qtune.modeling.plan import plan
+    from qtune.modeling.targets import param_kind
 
     arch = cfg.model.arch
-    model = meta_model(arch)
-    matched = match(model, cfg.lora, cfg.moe)
+    planned = plan(cfg)
+    model, matched, total, mem = planned.model, planned.matched, planned.total, planned.memory
     by_name = {t.name: t for t in matched.targets}
     layers = [_layer(model, i, by_name, cfg) for i in range(arch.num_hidden_layers)]
-    total = sum(p.numel() for p in model.parameters())
     kinds: dict[str, dict] = {}
     for n, p in model.named_parameters():
-        k = _param_kind(n)
-        kinds.setdefault(k, {"params": 0, "lora_params": 0, "targets": 0})["params"] += p.numel()
+        kinds.setdefault(param_kind(n), {"params": 0, "lora_params": 0, "targets": 0})["params"] += p.numel()
     for t in matched.targets:
-        k = {"attention": "attention", "expert": "experts", "router": "router", "mlp": "dense_mlp"}.get(t.kind, "other")
-        kinds.setdefault(k, {"params": 0, "lora_params": 0, "targets": 0})
-        kinds[k]["lora_params"] += t.params
-        kinds[k]["targets"] += 1
-    mem = estimate(model, arch, matched, cfg.quant, cfg.data.max_length * cfg.train.batch_size,
-                   cfg.train.gradient_checkpointing, on_gpu=True, experts4=experts_4bit(cfg.train.fast, cfg.quant),
-                   compact=str(cfg.train.fast) != "false")
+        k = kinds.setdefault(t.kind, {"params": 0, "lora_params": 0, "targets": 0})
+        k["lora_params"] += t.params
+        k["targets"] += 1
     return {
         "model": cfg.model.name, "is_moe": matched.is_moe,
         "settings": {"lora_r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "target_modules": list(cfg.lora.target_modules),
@@ -60,18 +53,6 @@ def run(cfg: Config, json: bool = False, dry_run: bool = True) -> dict:
 
         ui.show_moe_report(report)
     return report
-
-
-def _param_kind(name: str) -> str:
-    if ".self_attn." in name:
-        return "attention"
-    if ".mlp.experts." in name:
-        return "experts"
-    if ".mlp.gate." in name and ".experts." not in name and not name.endswith("gate_proj.weight"):
-        return "router"
-    if ".mlp." in name:
-        return "dense_mlp"
-    return "embeddings_norms_head"
 
 
 def _layer(model, i: int, by_name: dict, cfg: Config) -> dict:

@@ -86,29 +86,19 @@ def run(cfg: Config, dry_run: bool = False):
 
 
 def plan(cfg: Config, show: bool = False) -> dict:
-    """Targets, counts and a memory estimate from the config alone: the model is built on the meta device."""
-    from qtune.modeling.arch import meta_model
-    from qtune.modeling.estimate import estimate, experts_4bit
-    from qtune.modeling.targets import check, match
+    """Targets, counts and a memory estimate from the config alone (qtune.modeling.plan)."""
+    from qtune.modeling.plan import plan as make_plan
+    from qtune.modeling.targets import check
 
-    model = meta_model(cfg.model.arch)
-    matched = match(model, cfg.lora, cfg.moe)
-    check(matched, cfg.lora)
-    total = sum(p.numel() for p in model.parameters())
-    from qtune.modeling.fast import offloads
-
-    tokens = cfg.data.max_length * cfg.train.batch_size
-    offload = offloads(cfg.train.fast, cfg.train.offload_activations, cfg.train.gradient_checkpointing, tokens)
-    mem = estimate(model, cfg.model.arch, matched, cfg.quant, tokens, cfg.train.gradient_checkpointing, on_gpu=True,
-                   offload_inputs=offload, experts4=experts_4bit(cfg.train.fast, cfg.quant),
-                   compact=str(cfg.train.fast) != "false")
-    result = {"model": cfg.model.name, "quant": str(cfg.quant.method), "total_params": total,
-              "trainable_params": matched.trainable, "targets": len(matched.targets),
-              "unmatched": matched.unmatched, "memory": mem.as_dict()}
+    p = make_plan(cfg)
+    check(p.matched, cfg.lora)
+    result = {"model": cfg.model.name, "quant": str(cfg.quant.method), "total_params": p.total,
+              "trainable_params": p.matched.trainable, "targets": len(p.matched.targets),
+              "unmatched": p.matched.unmatched, "memory": p.memory.as_dict()}
     if show:
         from qtune import ui
 
-        ui.show_lora_plan(cfg, matched, total, mem)
+        ui.show_lora_plan(cfg, p.matched, p.total, p.memory)
     return result
 
 

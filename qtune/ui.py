@@ -312,8 +312,9 @@ def show_moe_report(r: dict) -> None:
     ct = Table(title="parameters", title_justify="left")
     for col in ("part", "model params", "adapted targets", "LoRA params"):
         ct.add_column(col, justify="left" if col == "part" else "right")
+    labels = {"expert": "experts", "mlp": "dense MLP", "other": "embeddings, norms, head"}
     for kind, v in sorted(p["by_kind"].items()):
-        ct.add_row(kind, f"{v['params']:,}", str(v["targets"]), f"{v['lora_params']:,}")
+        ct.add_row(labels.get(kind, kind), f"{v['params']:,}", str(v["targets"]), f"{v['lora_params']:,}")
     ct.add_section()
     pct = 100 * p["trainable"] / p["total"] if p["total"] else 0
     ct.add_row("[bold]total[/]", f"{p['total']:,}", str(sum(v["targets"] for v in p["by_kind"].values())),
@@ -322,9 +323,13 @@ def show_moe_report(r: dict) -> None:
         ct.add_row("[dim]allocated with train.fast=false (unselected experts held at zero)[/]", "", "", f"[dim]{p['allocated']:,}[/]")
     console.print(ct)
 
-    experts = ("fused experts in 4-bit (train.fast)" if r["memory"].get("experts_4bit")
-               else "fused experts in 16-bit (bitsandbytes leaves them; train.fast keeps them in 4-bit)")
-    show_memory(f"estimated GPU memory (quant={s['quant']}; {experts})", r["memory"])
+    if s["quant"] == "none" or not r["is_moe"]:
+        experts = ""
+    elif r["memory"].get("experts_4bit"):
+        experts = "; fused experts in 4-bit (train.fast)"
+    else:
+        experts = "; fused experts in 16-bit (bitsandbytes leaves them; train.fast keeps them in 4-bit)"
+    show_memory(f"estimated GPU memory (quant={s['quant']}{experts})", r["memory"])
 
 
 # ---------------------------------------------------------------- eval

@@ -29,7 +29,7 @@ ALL_LINEAR = "all-linear"
 @dataclass(frozen=True)
 class Target:
     name: str                 # module path (lora, full) or parameter path (lora_param)
-    kind: str                 # attention | mlp | expert | router | other
+    kind: str                 # param_kind(): attention | expert | router | mlp | other
     how: str                  # lora (a linear module) | lora_param (PEFT target_parameters) | full (trained whole)
     shape: tuple[int, ...]    # (out, in), (E, out, in) or (E, H)
     params: int               # trainable parameters this target adds (experts beyond moe.max_experts: none)
@@ -64,11 +64,17 @@ class Matched:
         return [t.name for t in self.targets if t.how == how]
 
 
-def _kind(name: str) -> str:
+KINDS = ("attention", "expert", "router", "mlp", "other")  # "other": embeddings, norms, the output head
+
+
+def param_kind(name: str) -> str:
+    """The part of the model a parameter or module path belongs to, in the one vocabulary qtune uses (KINDS)."""
     if ".self_attn." in name or ".attn." in name:
         return "attention"
-    if ".mlp.experts." in name or ".experts." in name:
+    if ".experts." in name:
         return "expert"
+    if re.search(r"\.mlp\.gate(\.|$)", name):  # the MoE router (mlp.gate), not a dense MLP's gate_proj
+        return "router"
     if ".mlp." in name:
         return "mlp"
     return "other"
@@ -125,7 +131,7 @@ def match(model, lora: LoraConfig, moe: MoeConfig) -> Matched:
         extra = 0
         if lora.bias == "lora_only" and getattr(module, "bias", None) is not None:
             extra = module.out_features
-        targets.append(Target(name, _kind(name), "lora", shape, lora_params(shape, lora.r, lora.use_dora) + extra))
+        targets.append(Target(name, param_kind(name), "lora", shape, lora_params(shape, lora.r, lora.use_dora) + extra))
 
     # 2. Fused experts and routers (MoE models)
     experts = _fused_expert_params(model)
@@ -164,12 +170,12 @@ def match(model, lora: LoraConfig, moe: MoeConfig) -> Matched:
         for n in hits:
             count = sum(p.numel() for p in modules[n].parameters())
             shape = tuple(next(modules[n].parameters()).shape) if count else ()
-            targets.append(Target(n, _kind(n), "full", shape, count))
+            targets.append(Target(n, param_kind(n), "full", shape, count))
 
     if lora.bias == "all":
         for n, p in model.named_parameters():
             if n.endswith(".bias"):
-                targets.append(Target(n, _kind(n), "full", tuple(p.shape), p.numel()))
+                targets.append(Target(n, param_kind(n), "full", tuple(p.shape), p.numel()))
 
     asked = ([regex.pattern] if regex is not None else entries)
     asked += [f"modules_to_save:{e}" for e in lora.modules_to_save]
