@@ -28,6 +28,22 @@ def qtune(*args: str, cwd: Path | None = None, env: dict | None = None, timeout:
     return proc
 
 
+def one_line_error(p) -> str:
+    """The one `error:` line of a failed qtune run (asserting a non-zero exit, no traceback, exactly one such line)."""
+    assert p.returncode != 0 and "Traceback" not in p.stderr + p.stdout, p.stderr
+    lines = [x for x in p.stderr.strip().splitlines() if x.startswith("error:")]
+    assert len(lines) == 1, p.stderr
+    return lines[0]
+
+
+def only_line(p) -> str:
+    """Stricter: stderr holds nothing but that one line (no warnings, no progress)."""
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode != 0 and "Traceback" not in p.stderr + p.stdout, p.stderr
+    assert len(lines) == 1, p.stderr
+    return lines[0]
+
+
 def model_cfg(name: str):
     from qtune.config import compose, to_object
 

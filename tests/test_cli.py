@@ -14,10 +14,20 @@ from conftest import REPO, qtune
 VERBS = ["download", "prepare", "inspect-moe", "train", "merge", "chat", "serve", "eval"]
 
 
-def test_help_lists_every_verb():
+def test_the_cli_has_exactly_the_eight_verbs_each_calling_its_module():
+    """The registered commands are the eight verbs (no more, none missing), `--help` lists them, and each command
+    calls its own module's run (qtune inspect-moe -> qtune.inspect_moe.run)."""
+    import inspect
+
+    from qtune.cli import app
+
+    names = {c.name or c.callback.__name__ for c in app.registered_commands}
+    assert names == set(VERBS), names
     out = qtune("--help", check=True).stdout
-    for verb in VERBS:
-        assert verb in out
+    assert all(verb in out for verb in VERBS)
+    for c in app.registered_commands:
+        module = (c.name or c.callback.__name__).replace("-", "_")
+        assert f"from qtune.{module} import run" in inspect.getsource(c.callback), module
 
 
 @pytest.mark.parametrize("verb", VERBS)

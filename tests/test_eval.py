@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, qtune
+from conftest import REPO, one_line_error, qtune
 
 PROMPTS = REPO / "data" / "demo" / "eval_prompts.jsonl"
 
@@ -100,13 +100,6 @@ def test_judge_scores_and_a_judge_failing_midway_leaves_the_rest(tiny_run, judge
     report = (tmp_path / "report.md").read_text()
     assert "The judge failed on 3 answers" in report and "judge accuracy" in report
     assert "3 answers have no judge score" in p.stderr
-
-
-def one_line_error(p) -> str:
-    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
-    lines = [x for x in p.stderr.strip().splitlines() if x.startswith("error:")]
-    assert len(lines) == 1, p.stderr
-    return lines[0]
 
 
 def _fake_run(tmp_path: Path) -> Path:

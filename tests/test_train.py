@@ -20,6 +20,11 @@ FAST = ["train.grad_accum=1", "train.logging_steps=1", "train.warmup_ratio=0", "
         "train.gradient_checkpointing=false"]
 
 
+# train.max_steps=16 train.lr=5e-3 on the demo data (test_tiny_qwen3_learns_...): losses recorded on 2026-11-24 with
+# torch 2.13.0 (CPU), transformers 5.24.0, peft 0.21.2, trl 1.16.0; two runs gave the same values to the last bit.
+PINNED_LOSSES = {1: 11.971495, 4: 11.587076, 8: 11.309669, 12: 11.153557, 16: 11.072688}
+
+
 def tiny(out: Path, *extra: str) -> list[str]:
     return ["train", "model=tiny_qwen3", *DEMO, *FAST, f"train.output_dir={out}", *extra]
 
@@ -53,6 +58,10 @@ def test_tiny_qwen3_learns_and_leaves_a_complete_run_folder(tmp_path, tiny_qwen3
     assert any("tokens_per_s" in r for r in rows) and any("eval_loss" in r for r in rows)
     lo = losses(run)
     assert lo[16] < lo[1] - 0.5, lo  # the random model learns the demo's tokens
+    # The curve itself, pinned (as torchtune's recipe tests do): seeded data order, dropout, init and model make this
+    # run bit for bit repeatable on CPU; a change to masking, packing, the schedule or the optimizer moves these.
+    for step, loss in PINNED_LOSSES.items():
+        assert abs(lo[step] - loss) <= 1e-3 * loss, (step, lo[step], loss)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 16 and summary["eval_loss"] is not None
 
@@ -64,7 +73,9 @@ def test_tiny_qwen3_learns_and_leaves_a_complete_run_folder(tmp_path, tiny_qwen3
     model = PeftModel.from_pretrained(base, run / "adapter")
     b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert b and all(p.abs().sum() > 0 for p in b)
-    assert "r16" in (run / "config.yaml").read_text() or "r: 16" in (run / "config.yaml").read_text()
+    import yaml
+
+    assert yaml.safe_load((run / "config.yaml").read_text())["lora"]["r"] == 16
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -136,9 +147,14 @@ def test_quantized_training_on_cpu_through_bitsandbytes(tmp_path, tiny_qwen3, qu
     run = tmp_path / quant
     p = qtune(*tiny(run, f"quant={quant}", "train.max_steps=4", "train.save_steps=4", "train.lr=5e-3"))
     assert p.returncode == 0, p.stdout + p.stderr
-    assert all(r["loss"] == r["loss"] for r in metrics(run) if "loss" in r)  # finite, not NaN
+    import math
+
+    import yaml
+
+    steps = losses(run)
+    assert sorted(steps) == [1, 2, 3, 4] and all(math.isfinite(x) for x in steps.values()), steps
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
-    assert f"quant: {quant}" in (run / "config.yaml").read_text() or f"method: {quant}" in (run / "config.yaml").read_text()
+    assert yaml.safe_load((run / "config.yaml").read_text())["quant"]["method"] == quant
 
     # the loader really builds bitsandbytes layers, frozen, with the base dtype left alone
     import torch
