@@ -32,9 +32,13 @@ def environment(*modules: str, **extra) -> dict:
     return info
 
 
-def fused_head_step(model, ids):
-    """One forward and backward as training does it: bf16 autocast and TRL's fused output head (no full logits)."""
+def fused_head_step(model, seq: int, vocab: int = 151936):
+    """One forward and backward as training does it (train mode, bf16 autocast, TRL's fused output head: no full
+    logits) on a fixed random row of `seq` tokens."""
     import torch
+
+    model.train()
+    ids = torch.randint(0, vocab, (1, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -72,7 +76,8 @@ def qtune_train(name: str, out: Path, model_args: list, data, length: int, steps
 def time_and_profile(step, model, timed: int, skip: int) -> dict:
     """`timed` synchronized calls of step() (a forward and backward) after one untimed: the median step and the median
     host time to issue one (until step() returns, the GPU not waited on), over the calls after the first `skip`; then
-    two steps under torch.profiler: the GPU's kernel time per step and the top kernels' table."""
+    two steps under torch.profiler: the GPU's kernel time per step and the top kernels' table; `line` sums them up
+    with the allocator's peak."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -92,5 +97,17 @@ def time_and_profile(step, model, timed: int, skip: int) -> dict:
         torch.cuda.synchronize()
     events = prof.key_averages()
     gpu_ms = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3 / 2
-    return dict(step_ms=statistics.median(times[skip:]) * 1e3, issue_ms=statistics.median(issue[skip:]) * 1e3,
-                gpu_ms=gpu_ms, table=events.table(sort_by="self_device_time_total", row_limit=30))
+    m = dict(step_ms=statistics.median(times[skip:]) * 1e3, issue_ms=statistics.median(issue[skip:]) * 1e3,
+             gpu_ms=gpu_ms, table=events.table(sort_by="self_device_time_total", row_limit=30))
+    m["line"] = (f"step {m['step_ms']:.0f} ms, host issue {m['issue_ms']:.0f} ms, GPU kernels {m['gpu_ms']:.0f} ms/step, "
+                 f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    return m
+
+
+def report(lines: list, label: str, m: dict, table_rows: int, first: str = "") -> None:
+    """Print one variant's line (`first`, e.g. the first step's time, ahead of the timings) and the head of its kernel
+    table; keep both for the report file."""
+    line = f"{label}: {first}{m['line']}"
+    print(line, flush=True)
+    print("\n".join(m["table"].splitlines()[:table_rows]), flush=True)
+    lines += [line, m["table"], ""]

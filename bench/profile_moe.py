@@ -44,32 +44,23 @@ def main(layers=6, seq=2048, variants=("fast", "redequant")):
     import torch
 
     import seed_recipe_moe
-    from common import fused_head_step, time_and_profile
+    from common import fused_head_step, report, time_and_profile
 
     path = seed_recipe_moe.make(layers)
     OUT.mkdir(parents=True, exist_ok=True)
-    report = []
+    lines = []
     for setting in variants:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         model, fp = build(path, setting)
-        model.train()
-        ids = torch.randint(0, 151936, (1, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-
-        step = fused_head_step(model, ids)
+        step = fused_head_step(model, seq)
         step()
         model.zero_grad(set_to_none=True)
         torch.cuda.reset_peak_memory_stats()
         m = time_and_profile(step, model, timed=6, skip=2)
-        table = m["table"]
-        line = (f"L{layers} seq {seq} {setting} [{fp.describe()}]: step {m['step_ms']:.0f} ms, "
-                f"host issue {m['issue_ms']:.0f} ms, GPU kernels {m['gpu_ms']:.0f} ms/step, "
-                f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-        print(line, flush=True)
-        print("\n".join(table.splitlines()[:22]), flush=True)
-        report += [line, table, ""]
+        report(lines, f"L{layers} seq {seq} {setting} [{fp.describe()}]", m, 22)
         del model
-    (OUT / f"profile_moe_{layers}_{seq}.txt").write_text("\n".join(report))
+    (OUT / f"profile_moe_{layers}_{seq}.txt").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -63,20 +63,17 @@ def build(quant: str, variant: str):
 def main(quant="nf4", seq=2048, variants=("ref", "fast")):
     import torch
 
-    from common import fused_head_step, time_and_profile
+    from common import fused_head_step, report, time_and_profile
     from randckpt import make_checkpoint
 
     make_checkpoint()
     OUT.mkdir(parents=True, exist_ok=True)
-    report = []
+    lines = []
     for setting in variants:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         model, fp = build(quant, setting)
-        model.train()
-        ids = torch.randint(0, 151936, (1, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-
-        step = fused_head_step(model, ids)
+        step = fused_head_step(model, seq)
         t0 = time.time()
         try:
             step()
@@ -87,15 +84,9 @@ def main(quant="nf4", seq=2048, variants=("ref", "fast")):
         model.zero_grad(set_to_none=True)
         first = time.time() - t0
         m = time_and_profile(step, model, timed=8, skip=3)
-        table = m["table"]
-        line = (f"{quant} seq {seq} {setting} [{fp.describe()}]: first step {first:.1f} s, step {m['step_ms']:.0f} ms, "
-                f"host issue {m['issue_ms']:.0f} ms, GPU kernels {m['gpu_ms']:.0f} ms/step, "
-                f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-        print(line, flush=True)
-        print("\n".join(table.splitlines()[:10]), flush=True)
-        report += [line, table, ""]
+        report(lines, f"{quant} seq {seq} {setting} [{fp.describe()}]", m, 10, first=f"first step {first:.1f} s, ")
         del model
-    (OUT / f"profile_{quant}_{seq}.txt").write_text("\n".join(report))
+    (OUT / f"profile_{quant}_{seq}.txt").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

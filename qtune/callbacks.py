@@ -57,7 +57,8 @@ class MetricsCallback(TrainerCallback):
             if self._last is not None and now > self._last[0]:
                 row["tokens_per_s"] = round((row["tokens"] - self._last[1]) / (now - self._last[0]), 1)
             self._last = (now, row["tokens"])
-        row["memory_bytes"] = peak_memory() if training_peak_memory() is None else training_peak_memory()
+        training = training_peak_memory()
+        row["memory_bytes"] = peak_memory() if training is None else training
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()

@@ -183,7 +183,9 @@ def _model(cfg: Config, device: str, dtype, out: Path, train_ds):
         restrict(model, selection)  # blocks the fast path did not compact keep all experts' adapters, masked
     ui.info(fast.describe())
     trainable, _ = model.get_nb_trainable_parameters()
-    expected = sum(t.params if t.how == "lora_param" and t.name.split(".experts.")[0] in compacted else t.allocated
+    from qtune.modeling.moe import block_of
+
+    expected = sum(t.params if t.how == "lora_param" and block_of(t.name) in compacted else t.allocated
                    for t in matched.targets)
     if trainable != expected:  # the plan and PEFT must agree; a mismatch is a qtune bug
         raise RuntimeError(f"PEFT made {trainable} trainable parameters, the plan counted {expected}")

@@ -56,20 +56,30 @@ def _grads(model, x):
     return out.detach(), x.grad.detach(), g
 
 
+def _patched_equals_peft(model, x, patched: tuple[int, int], n_grads: int, atol: float, grad_atol: float):
+    """PEFT's output, input gradient and LoRA gradients, then qtune's after lora.patch (which must patch `patched`
+    (layers, MLP blocks)): the same within the tolerances, and exactly `n_grads` gradients on each side. Returns
+    PEFT's output."""
+    from qtune.modeling.fast import lora
+
+    ref_out, ref_dx, ref_g = _grads(model, x)
+    assert lora.patch(model) == patched
+    out, dx, g = _grads(model, x)
+    assert torch.allclose(out, ref_out, rtol=1e-4, atol=atol)
+    assert torch.allclose(dx, ref_dx, rtol=1e-4, atol=atol)
+    assert ref_g.keys() == g.keys() and len(g) == n_grads
+    for name in g:
+        assert torch.allclose(g[name], ref_g[name], rtol=1e-4, atol=grad_atol), name
+    return ref_out
+
+
 @pytest.mark.parametrize("base", ["linear", "nf4"])
 def test_fused_lora_equals_peft_layer_by_layer(base):
     from qtune.modeling.fast import lora
 
     model = _tiny_lora_model(base, 0.0, "cpu", torch.float32)
     x = torch.randn(3, 5, 64)
-    ref_out, ref_dx, ref_g = _grads(model, x)
-    assert lora.patch(model) == (2, 0)
-    out, dx, g = _grads(model, x)
-    assert torch.allclose(out, ref_out, rtol=1e-4, atol=1e-4)
-    assert torch.allclose(dx, ref_dx, rtol=1e-4, atol=1e-4)
-    assert ref_g.keys() == g.keys() and len(g) == 4          # lora_A and lora_B of both layers, nothing else
-    for name in g:
-        assert torch.allclose(g[name], ref_g[name], rtol=1e-4, atol=1e-5), name
+    ref_out = _patched_equals_peft(model, x, (2, 0), 4, atol=1e-4, grad_atol=1e-5)  # lora_A/B of both layers only
     lora.unpatch(model)
     assert torch.equal(model(x), ref_out)
 
@@ -125,18 +135,8 @@ def _mlp_model(device, dtype, dropout=0.0):
 
 
 def test_fused_swiglu_block_equals_peft():
-    from qtune.modeling.fast import lora
-
     model = _mlp_model("cpu", torch.float32)
-    x = torch.randn(2, 9, 32)
-    ref_out, ref_dx, ref_g = _grads(model, x)
-    assert lora.patch(model) == (3, 1)
-    out, dx, g = _grads(model, x)
-    assert torch.allclose(out, ref_out, rtol=1e-4, atol=1e-5)
-    assert torch.allclose(dx, ref_dx, rtol=1e-4, atol=1e-5)
-    assert len(g) == 6 and g.keys() == ref_g.keys()
-    for name in g:
-        assert torch.allclose(g[name], ref_g[name], rtol=1e-4, atol=1e-6), name
+    _patched_equals_peft(model, torch.randn(2, 9, 32), (3, 1), 6, atol=1e-5, grad_atol=1e-6)
 
 
 def test_fused_swiglu_block_dropout_is_each_projections_own():

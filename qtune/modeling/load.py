@@ -94,7 +94,7 @@ def load_model(folder: Path, model: ModelConfig, quant: QuantConfig, device: str
     attn = "flash_attention_2" if device != "cpu" and importlib.util.find_spec("flash_attn") else "sdpa"
     qconfig = bnb_config(quant)
     experts = contextlib.nullcontext()
-    if experts_4bit and qconfig is not None and device.startswith("cuda") and quant.method in (QuantMethod.nf4, QuantMethod.fp4):
+    if experts_4bit and device.startswith("cuda") and quant.method in (QuantMethod.nf4, QuantMethod.fp4):
         from qtune.modeling.fast.moe import four_bit_while_loading
 
         experts = four_bit_while_loading(str(quant.method))

@@ -23,7 +23,7 @@ def capped(matched: Matched, moe: MoeConfig) -> list[str]:
             and t.shape[0] > moe.max_experts]
 
 
-def _block(param_name: str) -> str:
+def block_of(param_name: str) -> str:
     """model.layers.3.mlp.experts.gate_up_proj -> model.layers.3.mlp (the MoE block both tensors share)."""
     return param_name.split(".experts.")[0]
 
@@ -31,10 +31,10 @@ def _block(param_name: str) -> str:
 def select_experts(model, matched: Matched, moe: MoeConfig, batches=()) -> dict[str, list[int]]:
     """{MoE block: expert ids} for every capped block: the first N, or the N most routed-to on `batches`."""
     names = capped(matched, moe)
-    blocks = sorted({_block(n) for n in names})
+    blocks = sorted({block_of(n) for n in names})
     if not blocks:
         return {}
-    n_experts = {_block(t.name): t.shape[0] for t in matched.targets if t.name in names}
+    n_experts = {block_of(t.name): t.shape[0] for t in matched.targets if t.name in names}
     if moe.expert_selection is ExpertSelection.first:
         return {b: list(range(moe.max_experts)) for b in blocks}
     counts = routing_counts(model, blocks, n_experts, batches)
@@ -68,6 +68,12 @@ def routing_counts(model, blocks: list[str], n_experts: dict[str, int], batches)
     return counts
 
 
+def selected_block(module_name: str, selection: dict[str, list[int]]) -> str | None:
+    """The MoE block of `selection` whose experts a (PEFT-wrapped) module path belongs to, or None."""
+    name = module_name.removeprefix("base_model.model.")
+    return next((b for b in selection if name.startswith(b + ".experts")), None)
+
+
 def restrict(peft_model, selection: dict[str, list[int]]) -> int:
     """Mask the LoRA gradients of every unselected expert; returns how many fused adapters were restricted."""
     import torch
@@ -76,7 +82,7 @@ def restrict(peft_model, selection: dict[str, list[int]]) -> int:
     for name, module in peft_model.named_modules():
         if type(module).__name__ != "ParamWrapper" or "_qtune_chosen" in vars(module):
             continue  # adapters of the chosen experts only (the fast path's compact()) need no masks
-        block = next((b for b in selection if name.removeprefix("base_model.model.").startswith(b + ".experts")), None)
+        block = selected_block(name, selection)
         if block is None:
             continue
         experts = module.num_experts

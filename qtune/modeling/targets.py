@@ -64,11 +64,9 @@ class Matched:
         return [t.name for t in self.targets if t.how == how]
 
 
-KINDS = ("attention", "expert", "router", "mlp", "other")  # "other": embeddings, norms, the output head
-
-
 def param_kind(name: str) -> str:
-    """The part of the model a parameter or module path belongs to, in the one vocabulary qtune uses (KINDS)."""
+    """The part of the model a parameter or module path belongs to, in the one vocabulary qtune uses: attention,
+    expert, router, mlp, or other (embeddings, norms, the output head)."""
     if ".self_attn." in name or ".attn." in name:
         return "attention"
     if ".experts." in name:

@@ -25,6 +25,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from qtune.modeling.moe import selected_block
+
 PARAMS = ("gate_up_proj", "down_proj")
 
 # Keep a layer's dequantized experts from its checkpoint recompute for its backward, which follows at once
@@ -181,8 +183,7 @@ def route(top_k_index: torch.Tensor, experts: int):
 
 
 def _compute(experts, hidden_states, top_k_index, top_k_weights, lora=(None,) * 4, scales=(0.0, 0.0)):
-    n = experts.num_experts if hasattr(experts, "num_experts") else experts.gate_up_proj.shape[0]
-    order, token, offs = route(top_k_index, n)
+    order, token, offs = route(top_k_index, experts.gate_up_proj.shape[0])  # the 4-bit stub keeps the shape
     dtype = (torch.get_autocast_dtype(hidden_states.device.type)
              if torch.is_autocast_enabled(hidden_states.device.type) else hidden_states.dtype)
     with torch.autocast(hidden_states.device.type, enabled=False):
@@ -216,15 +217,32 @@ def _full_factors(wrapper, name: str):
     chosen = vars(wrapper).get("_qtune_chosen")
     if chosen is None:
         return a, b
-    return _expand(a, b, chosen, wrapper.num_experts)
+    return _expand_a(a, chosen, wrapper.num_experts), _expand_b(b, chosen, wrapper.num_experts)
 
 
-def _expand(a, b, chosen, experts: int):
+# PEFT's layout and the chosen experts' compact one: lora_A (E·r, in) <-> (N·r, in) by expert rows, lora_B
+# (out, r·E) <-> (out, r·N) by the columns c with c mod E = e (c mod N for the compact one).
+
+def _expand_a(a, chosen, experts: int):
     n = chosen.numel()
     r = a.shape[0] // n
-    a_full = a.new_zeros(experts, r, a.shape[1]).index_copy(0, chosen, a.view(n, r, -1)).view(experts * r, -1)
-    b_full = b.new_zeros(b.shape[0], r, experts).index_copy(2, chosen, b.view(b.shape[0], r, n)).view(b.shape[0], -1)
-    return a_full, b_full
+    return a.new_zeros(experts, r, a.shape[1]).index_copy(0, chosen, a.view(n, r, -1)).view(experts * r, -1)
+
+
+def _expand_b(b, chosen, experts: int):
+    n = chosen.numel()
+    r = b.shape[1] // n
+    return b.new_zeros(b.shape[0], r, experts).index_copy(2, chosen, b.view(b.shape[0], r, n)).view(b.shape[0], -1)
+
+
+def _cut_a(a, chosen, experts: int):
+    r = a.shape[0] // experts
+    return a.view(experts, r, -1)[chosen].reshape(chosen.numel() * r, -1)
+
+
+def _cut_b(b, chosen, experts: int):
+    r = b.shape[1] // experts
+    return b.view(b.shape[0], r, experts)[:, :, chosen].reshape(b.shape[0], -1)
 
 
 def compact(peft_model, selection: dict[str, list[int]]) -> list[str]:
@@ -236,7 +254,7 @@ def compact(peft_model, selection: dict[str, list[int]]) -> list[str]:
     for name, wrapper in peft_model.named_modules():
         if type(wrapper).__name__ != "ParamWrapper" or getattr(wrapper.forward, "__func__", None) is not forward:
             continue
-        block = next((b for b in selection if name.removeprefix("base_model.model.").startswith(b + ".experts")), None)
+        block = selected_block(name, selection)
         if block is None:
             continue
         for w in _chain(wrapper)[1].values():
@@ -249,32 +267,23 @@ def compact(peft_model, selection: dict[str, list[int]]) -> list[str]:
 
 
 def _compact_adapter(w, adapter: str, chosen: torch.Tensor) -> None:
-    experts, n = w.num_experts, chosen.numel()
-    la, lb = w.lora_A[adapter], w.lora_B[adapter]
-    a, b = la.weight, lb.weight
-    r = a.shape[0] // experts
-    with torch.no_grad():
-        a_c = a.view(experts, r, -1)[chosen].reshape(n * r, -1).clone()
-        b_c = b.view(b.shape[0], r, experts)[:, :, chosen].reshape(b.shape[0], r * n).clone()
-    la.weight = torch.nn.Parameter(a_c, requires_grad=a.requires_grad)
-    lb.weight = torch.nn.Parameter(b_c, requires_grad=b.requires_grad)
+    experts = w.num_experts
+    for module, expand, cut in ((w.lora_A[adapter], _expand_a, _cut_a), (w.lora_B[adapter], _expand_b, _cut_b)):
+        full = module.weight
+        with torch.no_grad():
+            module.weight = torch.nn.Parameter(cut(full, chosen, experts).clone(), requires_grad=full.requires_grad)
+        full_shape = full.shape  # what PEFT's file holds for this tensor
 
-    def to_full(module, state_dict, prefix, local_metadata):
-        a_full, b_full = _expand(la.weight.detach(), lb.weight.detach(), chosen, experts)
-        state_dict[prefix + "weight"] = a_full if module is la else b_full
+        def to_full(module, state_dict, prefix, local_metadata, expand=expand):
+            state_dict[prefix + "weight"] = expand(module.weight.detach(), chosen, experts)
 
-    def from_full(state_dict, prefix, local_metadata, strict, missing, unexpected, errors, module=None):
-        t = state_dict.get(prefix + "weight")
-        if t is None:
-            return
-        if module is la and t.shape[0] == experts * r:
-            state_dict[prefix + "weight"] = t.view(experts, r, -1)[chosen.to(t.device)].reshape(n * r, -1)
-        elif module is lb and t.shape[1] == experts * r:
-            state_dict[prefix + "weight"] = t.view(t.shape[0], r, experts)[:, :, chosen.to(t.device)].reshape(t.shape[0], -1)
+        def from_full(state_dict, prefix, *args, cut=cut, full_shape=full_shape):
+            t = state_dict.get(prefix + "weight")
+            if t is not None and t.shape == full_shape:
+                state_dict[prefix + "weight"] = cut(t, chosen.to(t.device), experts)
 
-    for module in (la, lb):
         module._register_state_dict_hook(to_full)
-        module._register_load_state_dict_pre_hook(lambda *args, m=module: from_full(*args, module=m))
+        module._register_load_state_dict_pre_hook(from_full)
 
 
 def _base_forward(self, hidden_states, top_k_index, top_k_weights):
