@@ -170,8 +170,12 @@ def show_lora_plan(cfg, matched, total_params: int, mem) -> None:
 
     for pattern in matched.unmatched:
         print_warning(unmatched_message(pattern, cfg.model.name, matched.is_moe))
-    show_memory(f"estimated GPU memory (quant={cfg.quant.method}, batch {cfg.train.batch_size} × "
-                f"{cfg.data.max_length} tokens, gradient checkpointing "
+    stage = cfg.train.stage
+    rows = {"dpo": " × 2 (chosen and rejected), reference forwards without gradients",
+            "rm": " × 2 (chosen and rejected), one-output score head",
+            "kto": ", KL and reference forwards without gradients"}.get(stage, "")
+    show_memory(f"estimated GPU memory (train.stage={stage}, quant={cfg.quant.method}, batch {cfg.train.batch_size} × "
+                f"{cfg.data.max_length} tokens{rows}, gradient checkpointing "
                 f"{'on' if cfg.train.gradient_checkpointing else 'off'})", mem.as_dict())
 
 

@@ -19,7 +19,10 @@ from qtune.data import formats
 from qtune.data.template import Markers, render
 from qtune.errors import DataError
 
-KINDS = {"pt": "lm", "sft": "lm", "dpo": "pairs", "rm": "pairs", "kto": "unpaired"}  # what prepare builds per stage
+# What prepare builds per stage: packed token rows (lm); prompt, chosen and rejected ids (pairs); the same with the
+# prompt in front of each answer, whole sequences a reward model scores (scored); prompt, completion ids and label
+# (unpaired).
+KINDS = {"pt": "lm", "sft": "lm", "dpo": "pairs", "rm": "scored", "kto": "unpaired"}
 
 
 # ---------------------------------------------------------------- records
@@ -189,6 +192,9 @@ def tokenize(examples: list[tuple[int, formats.Example]], tokenizer, template: s
                 new_fingerprint=hashlib.sha1(desc.encode()).hexdigest(), desc=f"tokenizing {desc}")
     if kind == "pairs":
         return ds.remove_columns(["label"])
+    if kind == "scored":
+        return ds.map(lambda r: {k: r["prompt_ids"] + r[k] for k in ("chosen_ids", "rejected_ids")},
+                      remove_columns=["label"], desc="prompt + answer")
     return ds.remove_columns(["rejected_ids"]).rename_column("chosen_ids", "completion_ids")
 
 
@@ -212,7 +218,7 @@ def preview(first: list, tokenizer, template: str, markers: Markers, data) -> li
 def model_columns(kind: str) -> list[str]:
     """What the trainer reads from a prepared split of this kind."""
     return {"lm": ["input_ids", "labels"], "pairs": ["prompt_ids", "chosen_ids", "rejected_ids"],
-            "unpaired": ["prompt_ids", "completion_ids", "label"]}[kind]
+            "scored": ["chosen_ids", "rejected_ids"], "unpaired": ["prompt_ids", "completion_ids", "label"]}[kind]
 
 
 def pair_stats(ds) -> dict:

@@ -61,8 +61,9 @@ def pick_device(device: str, dtype: DType):
     return device, torch_dtype(dtype)
 
 
-def bnb_config(quant: QuantConfig):
-    """transformers' BitsAndBytesConfig for quant=nf4|fp4|int8; None for quant=none."""
+def bnb_config(quant: QuantConfig, keep: tuple[str, ...] = ()):
+    """transformers' BitsAndBytesConfig for quant=nf4|fp4|int8; None for quant=none. `keep`: more modules left
+    unquantized (a reward model's score head, trained whole)."""
     if quant.method is QuantMethod.none:
         return None
     try:
@@ -72,7 +73,7 @@ def bnb_config(quant: QuantConfig):
                          "install bitsandbytes>=0.45 or use quant=none") from None
     from transformers import BitsAndBytesConfig
 
-    skip = list(quant.skip_modules)
+    skip = [*quant.skip_modules, *keep]
     if quant.method is QuantMethod.int8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=str(quant.method),
@@ -82,26 +83,28 @@ def bnb_config(quant: QuantConfig):
 
 
 def load_model(folder: Path, model: ModelConfig, quant: QuantConfig, device: str, dtype, gradient_checkpointing: bool,
-               experts_4bit: bool = False):
+               experts_4bit: bool = False, head: str = "lm"):
     """The base model for training: quantized per `quant`, on `device`, SDPA (flash-attention when installed).
     experts_4bit (the fast path's MoE on CUDA with quant=nf4|fp4): fused expert tensors, which bitsandbytes leaves in
-    16 bits, become 4-bit one at a time as they load (qtune.modeling.fast.moe)."""
+    16 bits, become 4-bit one at a time as they load (qtune.modeling.fast.moe). head="score": the base under a
+    new one-output sequence-classification head (a reward model, qtune.stages), drawn from the current seed."""
     import contextlib
     import importlib.util
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     attn = "flash_attention_2" if device != "cpu" and importlib.util.find_spec("flash_attn") else "sdpa"
-    qconfig = bnb_config(quant)
+    qconfig = bnb_config(quant, keep=("score",) if head == "score" else ())
+    auto, extra = (AutoModelForSequenceClassification, {"num_labels": 1}) if head == "score" else (AutoModelForCausalLM, {})
     experts = contextlib.nullcontext()
     if experts_4bit and device.startswith("cuda") and quant.method in (QuantMethod.nf4, QuantMethod.fp4):
         from qtune.modeling.fast.moe import four_bit_while_loading
 
         experts = four_bit_while_loading(str(quant.method))
     with experts:
-        m = AutoModelForCausalLM.from_pretrained(
+        m = auto.from_pretrained(
             folder, dtype=dtype, quantization_config=qconfig, attn_implementation=attn,
-            device_map={"": device}, trust_remote_code=model.trust_remote_code)
+            device_map={"": device}, trust_remote_code=model.trust_remote_code, **extra)
     m.config.use_cache = False
     prepare_for_training(m, gradient_checkpointing)
     return m

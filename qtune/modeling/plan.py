@@ -22,12 +22,15 @@ def plan(cfg: Config) -> Plan:
     from qtune.modeling.estimate import estimate, experts_4bit
     from qtune.modeling.fast import offloads
     from qtune.modeling.targets import match
+    from qtune.stages import head, lora_settings, sequences
 
-    model = meta_model(cfg.model.arch)
-    matched = match(model, cfg.lora, cfg.moe)
-    tokens = cfg.data.max_length * cfg.train.batch_size
     t = cfg.train
+    model = meta_model(cfg.model.arch, head(t.stage))
+    matched = match(model, lora_settings(cfg), cfg.moe)
+    # the tokens one micro-batch puts through a forward that keeps activations (dpo and rm: chosen and rejected)
+    tokens = cfg.data.max_length * t.batch_size * sequences(t.stage)
     memory = estimate(model, cfg.model.arch, matched, cfg.quant, tokens, t.gradient_checkpointing, on_gpu=True,
                       offload_inputs=offloads(t.fast, t.offload_activations, t.gradient_checkpointing, tokens),
-                      experts4=experts_4bit(t.fast, cfg.quant), compact=str(t.fast) != "false")
+                      experts4=experts_4bit(t.fast, cfg.quant), compact=str(t.fast) != "false",
+                      lm_head=head(t.stage) == "lm")
     return Plan(model, matched, sum(p.numel() for p in model.parameters()), memory)
