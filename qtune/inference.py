@@ -43,7 +43,7 @@ class Loaded:
 
 def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None = None) -> Loaded:
     """The model to talk to. use: auto | merged | adapter | base (see the module doc)."""
-    from qtune.runs import run_config, run_folder
+    from qtune.runs import adapter_dir, run_config, run_folder
 
     # 1. what to load, checked before the libraries load: a wrong run= or chat.use, a damaged file
     run = run_folder(cfg) if cfg.run else None
@@ -52,7 +52,9 @@ def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None =
         raise ConfigError(f"chat.use={use}: valid: auto, merged, adapter, base")
     if use == "merged" and not (merged and (merged / "config.json").is_file()):
         raise ConfigError(f"chat.use=merged: {run}/merged does not exist; run `qtune merge run={run}` first")
-    adapters = {name: _adapter_dir(path) for name, path in (extra_adapters or {}).items()}
+    adapters = {name: adapter_dir(path) for name, path in (extra_adapters or {}).items()}
+    for where in [run / "adapter"] * (run is not None) + list(adapters.values()):
+        _refuse_reward_model(where)
     use_merged = merged is not None and (merged / "config.json").is_file() and use in ("auto", "merged") and not adapters
     if use_merged:
         from qtune import integrity
@@ -78,11 +80,26 @@ def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None =
     return Loaded(model, tokenizer, template, rcfg.model.name, adapters, label)
 
 
-def load_folder(path: Path, device: str, dtype):
-    """A whole model saved as a folder (a merged run, any transformers checkpoint), ready to generate."""
-    from transformers import AutoModelForCausalLM
+def _refuse_reward_model(adapter: Path) -> None:
+    """chat and serve write answers; a reward model's adapter (train.stage=rm) only scores them."""
+    import json
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device})
+    if json.loads((adapter / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS":
+        raise ConfigError(f"{adapter.parent if adapter.name == 'adapter' else adapter} is a reward model "
+                          "(train.stage=rm): it scores answers and writes none; measure it with `qtune eval`")
+
+
+def load_folder(path: Path, device: str, dtype):
+    """A whole model saved as a folder (a merged run, any transformers checkpoint), ready to generate; a merged reward
+    model (a sequence-classification checkpoint) loads as one, ready to score."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kinds = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
+    auto = AutoModelForSequenceClassification if any(k.endswith("ForSequenceClassification") for k in kinds) \
+        else AutoModelForCausalLM
+    model = auto.from_pretrained(path, dtype=dtype, device_map={"": device})
     model.eval()
     return model
 
@@ -92,9 +109,10 @@ def load_with_adapters(rcfg: Config, adapters: dict[str, Path], device: str, dty
     by name, the first one active; the bare base when there are none."""
     from qtune.hub import ensure_model
     from qtune.modeling.load import load_model
+    from qtune.stages import head
 
     base = load_model(ensure_model(rcfg.model, rcfg.download, rcfg.paths, warn=warn), rcfg.model, rcfg.quant,
-                      device, dtype, gradient_checkpointing=False)
+                      device, dtype, gradient_checkpointing=False, head=head(rcfg.train.stage))
     base.config.use_cache = True
     base.eval()
     if not adapters:
@@ -108,20 +126,6 @@ def load_with_adapters(rcfg: Config, adapters: dict[str, Path], device: str, dty
     model.set_adapter(names[0])
     model.eval()
     return model
-
-
-def _adapter_dir(path: str) -> Path:
-    from qtune import integrity
-    from qtune.runs import adapter_remedy
-
-    p = Path(path).expanduser()
-    if (p / "adapter" / "adapter_config.json").is_file():
-        integrity.check_adapter(p / "adapter", lambda: adapter_remedy(p))
-        return p / "adapter"
-    if (p / "adapter_config.json").is_file():
-        integrity.check_adapter(p, "copy the adapter folder again, or train it again")
-        return p
-    raise ConfigError(f"serve.adapters: {path} is neither a run folder nor an adapter folder")
 
 
 def render(loaded: Loaded, messages: list[dict], enable_thinking: bool) -> str:

@@ -363,6 +363,9 @@ class TrainConfig:
                 and self.batch_size < 2:
             raise ValueError(f"train.stage=kto needs train.batch_size >= 2 (got {self.batch_size}): its KL estimate "
                              "pairs each answer with another prompt of the same batch")
+        if self.stage == "rm" and self.sample_prompts:
+            raise ValueError("train.sample_prompts: a reward model (train.stage=rm) scores answers, it writes none; "
+                             "leave train.sample_prompts empty")
         if isinstance(self.max_steps, int) and self.max_steps == 0:
             raise ValueError("train.max_steps must be -1 (use train.epochs) or a positive number of steps")
         _check_range("train", "lr", self.lr, low=0, low_open=True)
