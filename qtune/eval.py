@@ -102,8 +102,11 @@ def evaluate_sweep(cfg: Config, folder: Path) -> list[dict]:
         jcfg.run, jcfg.eval.models, jcfg.eval.output_dir = str(job), ["adapter"], None
         report = run(jcfg)["models"]["adapter"]
         row.update({f"eval_{k}": report.get(k) for k in SWEEP_COLUMNS})
+    from qtune.stages import SWEEP_COLUMNS as STAGE_COLUMNS
+
+    trained = [c for c in STAGE_COLUMNS if c in (rows[0] if rows else {})]  # the training's own figures stay in the tables
     for row in rows:
-        for key in ("train_loss", "eval_loss", "seconds", "peak_memory_bytes"):
+        for key in ("train_loss", "eval_loss", "seconds", "peak_memory_bytes", *trained):
             row[key] = float(row[key]) if row.get(key) not in (None, "") else None
         row["job"] = int(row["job"])
         row["overrides"] = row["overrides"].split()
@@ -111,7 +114,7 @@ def evaluate_sweep(cfg: Config, folder: Path) -> list[dict]:
         for k in SWEEP_COLUMNS:
             v = row.get(f"eval_{k}")
             row[f"eval_{k}"] = float(v) if v not in (None, "") else None
-    extra = [f"eval_{k}" for k in SWEEP_COLUMNS]
+    extra = trained + [f"eval_{k}" for k in SWEEP_COLUMNS]
     ui.show_sweep_summary(write_summary(rows, folder, extra, shared_overrides_known=True), folder, extra)
     return rows
 

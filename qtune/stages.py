@@ -28,6 +28,16 @@ FIGURES = {"dpo": ("reward_accuracy", "reward_margin"), "kto": ("reward_margin",
            "rm": ("reward_accuracy", "reward_margin")}
 
 
+# a train sweep's summary columns for the stages' figures (the last eval value, else the last train one)
+SWEEP_COLUMNS = ("reward_accuracy", "reward_margin", "kl")
+
+
+def sweep_figures(summary: dict) -> dict:
+    """A finished run's summary.json -> its SWEEP_COLUMNS values."""
+    pick = {k: summary.get(f"eval_{k}", summary.get(k)) for k in SWEEP_COLUMNS}
+    return {k: v for k, v in pick.items() if v is not None}
+
+
 def head(stage: str) -> str:
     """What the model ends in: the language-model head, or a one-output score head (rm)."""
     return "score" if stage == "rm" else "lm"

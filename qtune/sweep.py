@@ -18,6 +18,7 @@ def run(train, overrides: list[str], flags: dict, sweep_dir: str | None = None) 
     from hydra.core.hydra_config import HydraConfig
 
     from qtune.config.compose import check_sweep, multirun, to_object
+    from qtune.stages import SWEEP_COLUMNS, sweep_figures
 
     check_sweep(overrides)
     rows: list[dict] = []
@@ -40,11 +41,12 @@ def run(train, overrides: list[str], flags: dict, sweep_dir: str | None = None) 
         else:
             if isinstance(result, dict):
                 row.update({k: result.get(k) for k in ("train_loss", "eval_loss", "seconds", "peak_memory_bytes")})
+                row.update(sweep_figures(result))  # dpo, kto, rm: the stage's own figures
         rows.append(row)
 
     multirun(overrides, job, sweep_dir=sweep_dir)
     if folder and not flags.get("dry_run"):
-        write_summary(rows, folder[0])
+        write_summary(rows, folder[0], [c for c in SWEEP_COLUMNS if any(r.get(c) is not None for r in rows)])
     if rows and all(r["error"] for r in rows):
         raise QtuneError(f"every job of the sweep failed; see {folder[0] / 'summary.md'}")
     return rows
