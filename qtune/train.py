@@ -33,6 +33,9 @@ def run(cfg: Config, dry_run: bool = False):
 
     check_inputs(cfg.data)                       # cheap checks first: no model loads, no heavy imports for a typo
     from qtune import runs, ui
+
+    if cfg.train.init_adapter:
+        runs.adapter_dir(cfg.train.init_adapter, "train.init_adapter")
     from qtune.io import check_writable
     from qtune.modeling.load import pick_device, quiet_libraries
 
