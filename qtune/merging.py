@@ -52,8 +52,9 @@ def merge(cfg: Config, adapter: Path, out: Path, warn=None) -> dict:
 
     scorer = head(cfg.train.stage) == "score"
     if scorer and (cfg.merge.gguf or cfg.merge.save_4bit):
-        raise ConfigError(f"merge.{'gguf' if cfg.merge.gguf else 'save_4bit'}: a reward model (train.stage=rm) merges "
-                          "into a sequence-classification checkpoint only; GGUF and 4-bit exports are for language models")
+        raise ConfigError(f"merge.{'gguf' if cfg.merge.gguf else 'save_4bit'}: {adapter.parent} is a reward model "
+                          "(train.stage=rm), which merges into a sequence-classification checkpoint only; GGUF and 4-bit "
+                          "exports are for language models")
     check_output(out, cfg.merge.overwrite)
     if cfg.merge.save_4bit:
         check_output(_nf4_dir(out), cfg.merge.overwrite)

@@ -7,14 +7,11 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import signal
-import subprocess
 
 import pytest
 
-from conftest import QTUNE, REPO, only_line, qtune
-from test_train import _wait_for, adapter_tensors, losses, metrics
+from conftest import REPO, only_line, qtune
+from test_train import adapter_tensors, kill_once, losses, metrics
 
 PAIRS = [f"data.path={REPO}/data/demo/preferences.jsonl",
          f"data.eval_path={REPO}/data/demo/preferences_held_out.jsonl", "data.max_length=128"]
@@ -131,11 +128,7 @@ def test_dpo_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, tiny_q
     straight = tmp_path / "straight"
     assert qtune(*tiny("dpo", straight, *args)).returncode == 0
     resumed = tmp_path / "resumed"
-    proc = subprocess.Popen([*QTUNE, *tiny("dpo", resumed, *args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=os.environ.copy())
-    _wait_for(resumed / "checkpoints" / "checkpoint-4" / "trainer_state.json", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_once(tiny("dpo", resumed, *args), resumed / "checkpoints" / "checkpoint-4" / "trainer_state.json")
     p = qtune(*tiny("dpo", resumed, *args))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "resuming from" in p.stdout and "(4 this time, resumed from step 4)" in p.stdout

@@ -123,8 +123,10 @@ def prepare_for_training(model, gradient_checkpointing: bool) -> None:
 def quiet_libraries(trl: bool = False) -> None:
     """Our progress and messages replace the libraries' bars, deprecation notes and advice. trl=True (train only:
     importing TRL costs seconds) also quiets TRL, whose loggers are set up when it is imported."""
+    import logging
     import warnings
 
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # e.g. its kernel-hub notice on AVX512-bf16 CPUs
     import transformers
 
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -133,8 +135,6 @@ def quiet_libraries(trl: bool = False) -> None:
     transformers.logging.disable_progress_bar()
     if not trl:
         return
-    import logging
-
     import trl.trainer.sft_trainer  # noqa: F401  (its loggers exist once imported)
 
     for name in list(logging.root.manager.loggerDict):
