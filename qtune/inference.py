@@ -43,7 +43,7 @@ class Loaded:
 
 def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None = None) -> Loaded:
     """The model to talk to. use: auto | merged | adapter | base (see the module doc)."""
-    from qtune.runs import run_config, run_folder
+    from qtune.runs import adapter_folder, run_config, run_folder
 
     # 1. what to load, checked before the libraries load: a wrong run= or chat.use, a damaged file
     run = run_folder(cfg) if cfg.run else None
@@ -52,7 +52,7 @@ def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None =
         raise ConfigError(f"chat.use={use}: valid: auto, merged, adapter, base")
     if use == "merged" and not (merged and (merged / "config.json").is_file()):
         raise ConfigError(f"chat.use=merged: {run}/merged does not exist; run `qtune merge run={run}` first")
-    adapters = {name: _adapter_dir(path) for name, path in (extra_adapters or {}).items()}
+    adapters = {name: adapter_folder(path, "serve.adapters") for name, path in (extra_adapters or {}).items()}
     use_merged = merged is not None and (merged / "config.json").is_file() and use in ("auto", "merged") and not adapters
     if use_merged:
         from qtune import integrity
@@ -108,20 +108,6 @@ def load_with_adapters(rcfg: Config, adapters: dict[str, Path], device: str, dty
     model.set_adapter(names[0])
     model.eval()
     return model
-
-
-def _adapter_dir(path: str) -> Path:
-    from qtune import integrity
-    from qtune.runs import adapter_remedy
-
-    p = Path(path).expanduser()
-    if (p / "adapter" / "adapter_config.json").is_file():
-        integrity.check_adapter(p / "adapter", lambda: adapter_remedy(p))
-        return p / "adapter"
-    if (p / "adapter_config.json").is_file():
-        integrity.check_adapter(p, "copy the adapter folder again, or train it again")
-        return p
-    raise ConfigError(f"serve.adapters: {path} is neither a run folder nor an adapter folder")
 
 
 def render(loaded: Loaded, messages: list[dict], enable_thinking: bool) -> str:
