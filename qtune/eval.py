@@ -154,13 +154,11 @@ def _candidates(cfg: Config, run: Path, stage: str) -> list[Candidate]:
     names = list(cfg.eval.models) or ([] if stage == "rm" else ["base"]) + ["adapter"] + merged
     out = _candidate_list(names, run)
     from qtune import integrity
-    from qtune.runs import adapter_remedy
+    from qtune.runs import check_adapter
 
     for c in out:  # a damaged file is one line now, before any model loads
         if c.kind == "adapter":
-            run_of = c.path.parent
-            remedy = (lambda: adapter_remedy(run_of)) if c.path.name == "adapter" else "copy or train the adapter again"
-            integrity.check_adapter(c.path, remedy)
+            check_adapter(c.path)
         elif c.kind == "model":
             remedy = (f"run `qtune merge run={run}` again to replace it" if c.path == run / "merged"
                       else "save or download that model again")
@@ -169,6 +167,8 @@ def _candidates(cfg: Config, run: Path, stage: str) -> list[Candidate]:
 
 
 def _candidate_list(names: list[str], run: Path) -> list[Candidate]:
+    from qtune.runs import find_adapter
+
     out = []
     for name in names:
         if name == "base":
@@ -181,10 +181,8 @@ def _candidate_list(names: list[str], run: Path) -> list[Candidate]:
             out.append(Candidate("merged", "model", run / "merged"))
         else:
             p = Path(name).expanduser()
-            if (p / "adapter" / "adapter_config.json").is_file():
-                out.append(Candidate(p.name, "adapter", p / "adapter"))
-            elif (p / "adapter_config.json").is_file():
-                out.append(Candidate(p.name, "adapter", p))
+            if find_adapter(p) is not None:
+                out.append(Candidate(p.name, "adapter", find_adapter(p)))
             elif (p / "config.json").is_file():
                 out.append(Candidate(p.name, "model", p))
             else:

@@ -43,7 +43,7 @@ class Loaded:
 
 def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None = None) -> Loaded:
     """The model to talk to. use: auto | merged | adapter | base (see the module doc)."""
-    from qtune.runs import adapter_dir, run_config, run_folder
+    from qtune.runs import adapter_folder, run_config, run_folder
 
     # 1. what to load, checked before the libraries load: a wrong run= or chat.use, a damaged file
     run = run_folder(cfg) if cfg.run else None
@@ -52,7 +52,7 @@ def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None =
         raise ConfigError(f"chat.use={use}: valid: auto, merged, adapter, base")
     if use == "merged" and not (merged and (merged / "config.json").is_file()):
         raise ConfigError(f"chat.use=merged: {run}/merged does not exist; run `qtune merge run={run}` first")
-    adapters = {name: adapter_dir(path) for name, path in (extra_adapters or {}).items()}
+    adapters = {name: adapter_folder(path, "serve.adapters") for name, path in (extra_adapters or {}).items()}
     for where in [run / "adapter"] * (run is not None) + list(adapters.values()):
         _refuse_reward_model(where)
     use_merged = merged is not None and (merged / "config.json").is_file() and use in ("auto", "merged") and not adapters

@@ -35,7 +35,7 @@ def run(cfg: Config, dry_run: bool = False):
     from qtune import runs, ui
 
     if cfg.train.init_adapter:
-        runs.adapter_dir(cfg.train.init_adapter, "train.init_adapter")
+        runs.adapter_folder(cfg.train.init_adapter, "train.init_adapter")
     from qtune.io import check_writable
     from qtune.modeling.load import pick_device, quiet_libraries
 
@@ -70,6 +70,14 @@ def _train(cfg: Config, trainer, nan, out: Path, resume) -> float:
     from qtune import ui
     from qtune.callbacks import GracefulStop
 
+    if resume and _finished(trainer, resume):
+        # transformers' loop takes a step before it checks max_steps, so resuming from the last step's checkpoint (a
+        # finished run whose adapter/ is gone) would train one step too many: load that checkpoint instead
+        from transformers import TrainerState
+
+        trainer._load_from_checkpoint(str(resume))
+        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        return 0.0
     start = time.time()
     with GracefulStop() as stop:
         try:
@@ -85,6 +93,12 @@ def _train(cfg: Config, trainer, nan, out: Path, resume) -> float:
                 f"{out / 'checkpoints'}. Run the same command again to resume.")
         raise SystemExit(130 if stop.signal == "SIGINT" else 143)
     return time.time() - start
+
+
+def _finished(trainer, checkpoint) -> bool:
+    """Whether `checkpoint` is already at the step this run trains to (max_steps, or the epochs' steps)."""
+    done = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+    return done >= trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
 
 
 def _merge_after(cfg: Config, out: Path) -> str:
@@ -194,9 +208,9 @@ def _model(cfg: Config, device: str, dtype, out: Path, train_ds):
     model = get_peft_model(model, peft_config(matched, lora, cfg.quant.method is not QuantMethod.none, task))
     if cfg.train.init_adapter:
         from qtune.modeling.adapters import load_into
-        from qtune.runs import adapter_dir
+        from qtune.runs import adapter_folder
 
-        n = load_into(model, adapter_dir(cfg.train.init_adapter, "train.init_adapter"))
+        n = load_into(model, adapter_folder(cfg.train.init_adapter, "train.init_adapter"))
         ui.info(f"train.init_adapter: {n} tensors loaded from {cfg.train.init_adapter}")
     if cfg.lora.dropout and matched.names("lora_param"):
         n = apply_dropout(model, cfg.lora.dropout)
