@@ -50,6 +50,13 @@ def lora_settings(cfg: Config) -> LoraConfig:
     return dataclasses.replace(cfg.lora, modules_to_save=[*cfg.lora.modules_to_save, SCORE_HEAD])
 
 
+def compacts(stage: str) -> bool:
+    """Whether the fast path may cut capped MoE expert adapters to the chosen experts (moe.max_experts). Not for dpo
+    and kto: TRL copies a PEFT model's adapter as its frozen reference (qtune deletes the copy of a fresh one), and
+    the copy is made at the adapter's full size."""
+    return stage not in ("dpo", "kto")
+
+
 def sequences(stage: str) -> int:
     """Sequences a micro-batch row becomes in the forward that keeps activations: a pair's chosen and rejected answers
     run side by side (dpo, rm); kto's KL and every reference forward run without gradients."""
@@ -137,7 +144,14 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, args, callba
     if stage == "rm":
         from trl import RewardTrainer  # it reads tokenized chosen_ids/rejected_ids as they are
 
-        return RewardTrainer(train_dataset=train_ds, eval_dataset=eval_ds, **kw)
+        trainer = RewardTrainer(train_dataset=train_ds, eval_dataset=eval_ds, **kw)
+        # TRL keeps a quantized model's trainable weights in bf16 (QLoRA's recipe for adapters, whose layers cast their
+        # input); the score head takes the hidden states as they come, in the model's dtype (fp32 on a CPU)
+        dtype = trainer.model.get_base_model().dtype
+        for name, p in trainer.model.named_parameters():
+            if p.requires_grad and f"{SCORE_HEAD}." in name:
+                p.data = p.data.to(dtype)
+        return trainer
     if stage == "kto":
         from trl import KTOTrainer
 

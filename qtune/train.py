@@ -166,9 +166,10 @@ def _expert_selection(cfg: Config, model, matched, out: Path, train_ds) -> dict:
         return {}
     selection = moe.load_selection(out)
     if selection is None:
+        from qtune.data.pairs import token_row
         from qtune.data.prepare import row_tensors
 
-        batches = [row_tensors(train_ds[i], model.device) for i in range(min(len(train_ds), 16))]
+        batches = [row_tensors(token_row(train_ds[i]), model.device) for i in range(min(len(train_ds), 16))]
         selection = moe.select_experts(model, matched, cfg.moe, batches)
         moe.save_selection(out, selection, cfg.moe)
     some = next(iter(selection.items()))
@@ -186,7 +187,7 @@ def _model(cfg: Config, device: str, dtype, out: Path, train_ds):
     from qtune.modeling.targets import apply_dropout, check, match, peft_config, unmatched_message
 
     from qtune.modeling import fast as fastpath
-    from qtune.stages import head, lora_settings
+    from qtune.stages import compacts, head, lora_settings
 
     folder = ensure_model(cfg.model, cfg.download, cfg.paths, warn=ui.print_warning)
     set_seed(cfg.train.seed)  # LoRA's A matrices (and rm's score head) are drawn now, before the trainer seeds anything
@@ -217,7 +218,9 @@ def _model(cfg: Config, device: str, dtype, out: Path, train_ds):
         ui.info(f"lora.dropout={cfg.lora.dropout:g} on {n} linear adapters; fused expert/router adapters train "
                 "without dropout (PEFT's ParamWrapper has none)")
     fastpath.apply_lora(fast, model, str(cfg.quant.method))
-    compacted = set(fastpath.compact_experts(fast, model, selection))
+    # dpo and kto keep full-size expert adapters (masked to the chosen experts): TRL copies the adapter it starts from
+    # as the reference, a copy that compacted tensors would not fit
+    compacted = set(fastpath.compact_experts(fast, model, selection)) if compacts(cfg.train.stage) else set()
     if selection:
         from qtune.modeling.moe import restrict
 

@@ -95,6 +95,8 @@ def show_data_stats(stats: dict, path, cache_hit: bool) -> None:
             L = s["length"]
             pack = (f", packed into {s['packed_rows']} rows of {s['max_length']} ({s['packing_efficiency']:.0%} full)"
                     if "packed_rows" in s else "")
+            if "truncated_prompts" in s:  # preference data: what truncation cut (the prompt's start, answers' ends)
+                pack += f" (prompts cut {s['truncated_prompts']}, answers cut {s['truncated_answers']})"
             console.print(f"{split}: length p50 {L['p50']} / p90 {L['p90']} / p99 {L['p99']} / max {L['max']}; "
                           f"truncated {s['truncated']}, dropped (no trainable token) {s['dropped_no_trainable']}{pack}")
     if stats.get("rejected"):

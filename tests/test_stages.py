@@ -165,6 +165,20 @@ def test_dpo_starts_from_an_sft_adapter_which_is_also_its_reference(tmp_path, ti
 
 
 @pytest.mark.slow
+def test_dpo_on_moe_experts_capped_on_the_fast_path(tmp_path, tiny_qwen3_moe):
+    """moe.max_experts on the fast path (train.fast=true runs it on CPU too): TRL copies the adapter as its reference
+    before qtune removes the copy, so dpo keeps full-size expert adapters, masked to the chosen experts."""
+    run = tmp_path / "run"
+    p = qtune("train", "model=tiny_qwen3_moe", "train.stage=dpo", "train.fast=true", "moe.max_experts=2",
+              "lora.dropout=0", *PAIRS, *FAST, "train.max_steps=2", "train.save_steps=2", "train.lr=5e-2",
+              f"train.output_dir={run}")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "grouped-matmul experts" in p.stdout and "chosen experts only" not in p.stdout
+    experts = {k: t for k, t in adapter_tensors(run / "adapter").items() if ".experts." in k and "lora_B" in k}
+    assert experts and all(t.abs().sum() > 0 for t in experts.values())
+
+
+@pytest.mark.slow
 def test_dpo_sweep_summary_shows_the_reward_figures(tmp_path, tiny_qwen3):
     p = qtune("train", "-m", "model=tiny_qwen3", "train.stage=dpo", *PAIRS, *FAST, "train.max_steps=2",
               "train.save_steps=2", "train.dpo.beta=0.1,0.5", cwd=tmp_path)

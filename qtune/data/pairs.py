@@ -215,6 +215,14 @@ def preview(first: list, tokenizer, template: str, markers: Markers, data) -> li
     return shown
 
 
+def token_row(row: dict) -> dict:
+    """A prepared row of any kind as one token sequence the model reads (a preference row: its prompt and first
+    answer), e.g. to measure MoE routing on the training data."""
+    if "input_ids" in row:
+        return row
+    return {"input_ids": row.get("prompt_ids", []) + (row["chosen_ids"] if "chosen_ids" in row else row["completion_ids"])}
+
+
 def model_columns(kind: str) -> list[str]:
     """What the trainer reads from a prepared split of this kind."""
     return {"lm": ["input_ids", "labels"], "pairs": ["prompt_ids", "chosen_ids", "rejected_ids"],

@@ -22,7 +22,7 @@ def plan(cfg: Config) -> Plan:
     from qtune.modeling.estimate import estimate, experts_4bit
     from qtune.modeling.fast import offloads
     from qtune.modeling.targets import match
-    from qtune.stages import head, lora_settings, sequences
+    from qtune.stages import compacts, head, lora_settings, sequences
 
     t = cfg.train
     model = meta_model(cfg.model.arch, head(t.stage))
@@ -31,6 +31,6 @@ def plan(cfg: Config) -> Plan:
     tokens = cfg.data.max_length * t.batch_size * sequences(t.stage)
     memory = estimate(model, cfg.model.arch, matched, cfg.quant, tokens, t.gradient_checkpointing, on_gpu=True,
                       offload_inputs=offloads(t.fast, t.offload_activations, t.gradient_checkpointing, tokens),
-                      experts4=experts_4bit(t.fast, cfg.quant), compact=str(t.fast) != "false",
+                      experts4=experts_4bit(t.fast, cfg.quant), compact=str(t.fast) != "false" and compacts(t.stage),
                       lm_head=head(t.stage) == "lm")
     return Plan(model, matched, sum(p.numel() for p in model.parameters()), memory)
