@@ -112,7 +112,8 @@ def _started_by_qtune(out: Path) -> bool:
         saved = yaml.safe_load((out / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return False
-    ours = {"config.yaml", "checkpoints", "tensorboard", "metrics.jsonl", "samples.jsonl", "loss.png", "experts.json"}
+    ours = {"config.yaml", "checkpoints", "tensorboard", "metrics.jsonl", "samples.jsonl", "loss.png", "experts.json",
+            "job.json"}  # job.json: a sweep job's row (qtune.sweep)
     return (isinstance(saved, dict) and {"model", "train", "lora"} <= saved.keys()
             and all(p.name in ours or p.name.startswith(".") for p in out.iterdir()))
 
