@@ -142,13 +142,11 @@ def plot_losses(run_dir: Path) -> Path | None:
 
 class NanGuard(TrainerCallback):
     """Stops at the first non-finite loss or gradient norm, before that step's checkpoint is written, so the
-    last checkpoint on disk is a good one. Saves are made to coincide with logs to guarantee the check."""
+    last checkpoint on disk is a good one. Saves are made to coincide with logs to guarantee the check.
+    `stopped` tells the verb why training ended early (None: it did not stop for this)."""
 
     def __init__(self):
-        self.trainer = None
-
-    def bind(self, trainer) -> None:
-        self.trainer = trainer
+        self.stopped: NanStop | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_save:
@@ -158,7 +156,7 @@ class NanGuard(TrainerCallback):
         bad = {k: v for k, v in (logs or {}).items() if k in ("loss", "grad_norm", "eval_loss")
                and isinstance(v, float) and not math.isfinite(v)}
         if bad:
-            self.trainer.qtune_nan = NanStop(state.global_step, bad, state.best_model_checkpoint)
+            self.stopped = NanStop(state.global_step, bad, state.best_model_checkpoint)
             control.should_save = False
             control.should_training_stop = True
 

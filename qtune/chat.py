@@ -49,14 +49,13 @@ class Session:
 
     def ask(self, text: str, out=sys.stdout, color: bool = True) -> str:
         """Stream the answer to `text` into `out`; Ctrl-C stops it and keeps what was written."""
-        from qtune.inference import Generation, Sampling, render
+        from qtune.inference import Generation, render
 
         self.history.append({"role": "user", "content": text})
         shown = _ThinkingSplitter(out, color)
         gen = None
         try:
-            gen = Generation(self.loaded, render(self.loaded, self.messages(), self.think),
-                             Sampling.from_chat(self.cfg.chat))
+            gen = Generation(self.loaded, render(self.loaded, self.messages(), self.think), self.cfg.chat)
             for piece in gen:
                 shown.write(piece)
         except KeyboardInterrupt:

@@ -12,6 +12,7 @@ comparison loads its weights once, plus the merged model if there is one.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -53,17 +54,17 @@ def run(cfg: Config):
     out = Path(cfg.eval.output_dir).expanduser() if cfg.eval.output_dir else run / "eval"
     results, summary = [], {}
     for group in _load_groups(candidates):
-        models = _load(rcfg, group, device, dtype)
-        for cand, model, ctx in models:
+        loaded = _load(rcfg, group, tokenizer, device, dtype)
+        for cand in group:
             ui.info(f"evaluating {cand.name}")
-            with ctx():
-                loss = heldout_loss(model, rows) if rows else None                   # 2
-                answers = [answer(model, tokenizer, p, cfg, rcfg, i) for i, p in enumerate(prompts)]   # 3
+            with loaded.using(cand.name):
+                loss = heldout_loss(loaded.model, rows) if rows else None            # 2
+                answers = [answer(loaded, p, cfg, rcfg, i) for i, p in enumerate(prompts)]   # 3
             for a in answers:
                 a["model"] = cand.name
             results += answers
             summary[cand.name] = {"heldout_loss": loss, "perplexity": math.exp(loss) if loss is not None else None}
-        del models
+        del loaded
     unscored = _judge(judge, results) if judge else []
     for name in summary:
         summary[name].update(_aggregate([r for r in results if r["model"] == name]))
@@ -134,13 +135,11 @@ def _candidates(cfg: Config, run: Path) -> list[Candidate]:
     names = list(cfg.eval.models) or ["base", "adapter"] + (["merged"] if (run / "merged" / "config.json").is_file() else [])
     out = _candidate_list(names, run)
     from qtune import integrity
-    from qtune.runs import adapter_remedy
+    from qtune.runs import check_adapter
 
     for c in out:  # a damaged file is one line now, before any model loads
         if c.kind == "adapter":
-            run_of = c.path.parent
-            remedy = (lambda: adapter_remedy(run_of)) if c.path.name == "adapter" else "copy or train the adapter again"
-            integrity.check_adapter(c.path, remedy)
+            check_adapter(c.path)
         elif c.kind == "model":
             remedy = (f"run `qtune merge run={run}` again to replace it" if c.path == run / "merged"
                       else "save or download that model again")
@@ -149,6 +148,8 @@ def _candidates(cfg: Config, run: Path) -> list[Candidate]:
 
 
 def _candidate_list(names: list[str], run: Path) -> list[Candidate]:
+    from qtune.runs import find_adapter
+
     out = []
     for name in names:
         if name == "base":
@@ -161,10 +162,8 @@ def _candidate_list(names: list[str], run: Path) -> list[Candidate]:
             out.append(Candidate("merged", "model", run / "merged"))
         else:
             p = Path(name).expanduser()
-            if (p / "adapter" / "adapter_config.json").is_file():
-                out.append(Candidate(p.name, "adapter", p / "adapter"))
-            elif (p / "adapter_config.json").is_file():
-                out.append(Candidate(p.name, "adapter", p))
+            if find_adapter(p) is not None:
+                out.append(Candidate(p.name, "adapter", find_adapter(p)))
             elif (p / "config.json").is_file():
                 out.append(Candidate(p.name, "model", p))
             else:
@@ -198,51 +197,19 @@ def _heldout(rcfg: Config, cfg: Config):
 # ---------------------------------------------------------------- models
 
 
-def _load(rcfg: Config, group: list[Candidate], device: str, dtype):
-    """[(candidate, model, context)]: the context switches the adapter on or off for that candidate."""
-    import contextlib
-
-    from transformers import AutoModelForCausalLM
-
-    from qtune.hub import ensure_model
+def _load(rcfg: Config, group: list[Candidate], tokenizer, device: str, dtype):
+    """One model for the group (inference's loaders): a model folder, or the base with the group's adapters, where
+    `using("base")` switches the adapters off."""
+    from qtune.data.template import resolve_template
+    from qtune.inference import Loaded, load_folder, load_with_adapters
     from qtune.ui import print_warning
-    from qtune.modeling.load import load_model
 
+    template, _ = resolve_template(tokenizer, rcfg.model.chat_template, rcfg.model.name)
     if group[0].kind == "model":
-        model = AutoModelForCausalLM.from_pretrained(group[0].path, dtype=dtype, device_map={"": device})
-        model.eval()
-        return [(group[0], model, contextlib.nullcontext)]
-    folder = ensure_model(rcfg.model, rcfg.download, rcfg.paths, warn=print_warning)
-    base = load_model(folder, rcfg.model, rcfg.quant, device, dtype, gradient_checkpointing=False)
-    base.config.use_cache = True
-    adapters = [c for c in group if c.kind == "adapter"]
-    if not adapters:
-        base.eval()
-        return [(group[0], base, contextlib.nullcontext)]
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(base, adapters[0].path, adapter_name=adapters[0].name)
-    for c in adapters[1:]:
-        model.load_adapter(c.path, adapter_name=c.name)
-    model.eval()
-    out = []
-    for c in group:
-        if c.kind == "base":
-            out.append((c, model, model.disable_adapter))
-        else:
-            out.append((c, model, _using(model, c.name)))
-    return out
-
-
-def _using(model, name: str):
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        model.set_adapter(name)
-        yield
-
-    return ctx
+        return Loaded(load_folder(group[0].path, device, dtype), tokenizer, template, group[0].name)
+    adapters = {c.name: c.path for c in group if c.kind == "adapter"}
+    return Loaded(load_with_adapters(rcfg, adapters, device, dtype, warn=print_warning), tokenizer, template, "base",
+                  adapters)
 
 
 def heldout_loss(model, rows: list[dict]) -> float:
@@ -265,32 +232,26 @@ def heldout_loss(model, rows: list[dict]) -> float:
     return total / count if count else float("nan")
 
 
-def answer(model, tokenizer, prompt: dict, cfg: Config, rcfg: Config, index: int) -> dict:
+def answer(loaded, prompt: dict, cfg: Config, rcfg: Config, index: int) -> dict:
     """The model's answer(s) to one prompt, timed, with reference metrics."""
     import torch
 
-    from qtune.data.template import prompt_inputs, resolve_template
     from qtune.evaluation.metrics import consistency, reference_scores
+    from qtune.inference import answer as generate, prompt_tensors
 
-    template, _ = resolve_template(tokenizer, rcfg.model.chat_template, rcfg.model.name)
     messages = ([{"role": "system", "content": prompt["system"]}] if prompt["system"] else []) + \
         [{"role": "user", "content": prompt["prompt"]}]
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in prompt_inputs(tokenizer, template, messages, cfg.chat.enable_thinking).items()}
+    inputs = prompt_tensors(loaded.model, loaded.tokenizer, loaded.template, messages, cfg.chat.enable_thinking)
     sample = cfg.eval.repeats > 1
+    # one answer is greedy; `eval.repeats` answers are drawn with the chat settings (both keep its repetition penalty)
+    sampling = cfg.chat if sample else dataclasses.replace(cfg.chat, temperature=0)
     answers, timings = [], []
     for k in range(cfg.eval.repeats):
         torch.manual_seed(rcfg.train.seed + 1000 * index + k)
         clock = _Clock()
-        with torch.no_grad():
-            gen = model.generate(**inputs, max_new_tokens=cfg.eval.max_new_tokens, do_sample=sample,
-                                 temperature=cfg.chat.temperature if sample else None,
-                                 top_p=cfg.chat.top_p if sample else None, top_k=cfg.chat.top_k if sample else None,
-                                 repetition_penalty=cfg.chat.repetition_penalty,
-                                 pad_token_id=tokenizer.pad_token_id, streamer=clock)
-        new = gen[0, inputs["input_ids"].shape[1]:]
-        answers.append(tokenizer.decode(new, skip_special_tokens=True).strip())
-        timings.append(clock.result(len(new)))
+        text, n_new = generate(loaded.model, loaded.tokenizer, inputs, cfg.eval.max_new_tokens, sampling, streamer=clock)
+        answers.append(text)
+        timings.append(clock.result(n_new))
     row = {"prompt_id": index, "where": prompt["where"], "prompt": prompt["prompt"], "reference": prompt["reference"],
            "answer": answers[0], "answers": answers if sample else None,
            "consistency": consistency(answers) if sample else None,

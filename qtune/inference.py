@@ -43,7 +43,7 @@ class Loaded:
 
 def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None = None) -> Loaded:
     """The model to talk to. use: auto | merged | adapter | base (see the module doc)."""
-    from qtune.runs import run_config, run_folder
+    from qtune.runs import adapter_folder, run_config, run_folder
 
     # 1. what to load, checked before the libraries load: a wrong run= or chat.use, a damaged file
     run = run_folder(cfg) if cfg.run else None
@@ -52,7 +52,7 @@ def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None =
         raise ConfigError(f"chat.use={use}: valid: auto, merged, adapter, base")
     if use == "merged" and not (merged and (merged / "config.json").is_file()):
         raise ConfigError(f"chat.use=merged: {run}/merged does not exist; run `qtune merge run={run}` first")
-    adapters = {name: _adapter_dir(path) for name, path in (extra_adapters or {}).items()}
+    adapters = {name: adapter_folder(path, "serve.adapters") for name, path in (extra_adapters or {}).items()}
     use_merged = merged is not None and (merged / "config.json").is_file() and use in ("auto", "merged") and not adapters
     if use_merged:
         from qtune import integrity
@@ -60,28 +60,45 @@ def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None =
         integrity.check_model(merged, f"run `qtune merge run={run}` again to replace it (or chat.use=adapter)")
     rcfg = run_config(run, cfg) if run else cfg
     # 2. load
-    from transformers import AutoModelForCausalLM
-
     from qtune.data.template import resolve_template
-    from qtune.hub import ensure_model
-    from qtune.modeling.load import load_model, load_tokenizer, pick_device, quiet_libraries
+    from qtune.modeling.load import load_tokenizer, pick_device, quiet_libraries
 
     quiet_libraries()
     device, dtype = pick_device(rcfg.train.device, rcfg.train.dtype)
     tokenizer = load_tokenizer(rcfg.model, rcfg.paths)
     template, _ = resolve_template(tokenizer, rcfg.model.chat_template, rcfg.model.name)
     if use_merged:
-        model = AutoModelForCausalLM.from_pretrained(merged, dtype=dtype, device_map={"": device})
-        model.eval()
-        return Loaded(model, tokenizer, template, run.name, {}, f"merged model {merged}")
-    base = load_model(ensure_model(rcfg.model, rcfg.download, rcfg.paths), rcfg.model, rcfg.quant, device, dtype,
-                      gradient_checkpointing=False)
-    base.config.use_cache = True
-    base.eval()
+        return Loaded(load_folder(merged, device, dtype), tokenizer, template, run.name, {}, f"merged model {merged}")
     if run is not None and use != "base":
         adapters = {run.name: run / "adapter", **adapters}
+    model = load_with_adapters(rcfg, adapters, device, dtype)
     if not adapters:
-        return Loaded(base, tokenizer, template, rcfg.model.name, {}, f"{rcfg.model.name} (no adapter)")
+        return Loaded(model, tokenizer, template, rcfg.model.name, {}, f"{rcfg.model.name} (no adapter)")
+    label = f"{rcfg.model.name} ({rcfg.quant.method}) + adapter {', '.join(adapters)}"
+    return Loaded(model, tokenizer, template, rcfg.model.name, adapters, label)
+
+
+def load_folder(path: Path, device: str, dtype):
+    """A whole model saved as a folder (a merged run, any transformers checkpoint), ready to generate."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device})
+    model.eval()
+    return model
+
+
+def load_with_adapters(rcfg: Config, adapters: dict[str, Path], device: str, dtype, warn=None):
+    """A run's base loaded as it was trained (quant=nf4 stays 4-bit) with every adapter in `adapters` loaded
+    by name, the first one active; the bare base when there are none."""
+    from qtune.hub import ensure_model
+    from qtune.modeling.load import load_model
+
+    base = load_model(ensure_model(rcfg.model, rcfg.download, rcfg.paths, warn=warn), rcfg.model, rcfg.quant,
+                      device, dtype, gradient_checkpointing=False)
+    base.config.use_cache = True
+    base.eval()
+    if not adapters:
+        return base
     from peft import PeftModel
 
     names = list(adapters)
@@ -90,22 +107,7 @@ def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None =
         model.load_adapter(adapters[name], adapter_name=name)
     model.set_adapter(names[0])
     model.eval()
-    label = f"{rcfg.model.name} ({rcfg.quant.method}) + adapter {', '.join(names)}"
-    return Loaded(model, tokenizer, template, rcfg.model.name, adapters, label)
-
-
-def _adapter_dir(path: str) -> Path:
-    from qtune import integrity
-    from qtune.runs import adapter_remedy
-
-    p = Path(path).expanduser()
-    if (p / "adapter" / "adapter_config.json").is_file():
-        integrity.check_adapter(p / "adapter", lambda: adapter_remedy(p))
-        return p / "adapter"
-    if (p / "adapter_config.json").is_file():
-        integrity.check_adapter(p, "copy the adapter folder again, or train it again")
-        return p
-    raise ConfigError(f"serve.adapters: {path} is neither a run folder nor an adapter folder")
+    return model
 
 
 def render(loaded: Loaded, messages: list[dict], enable_thinking: bool) -> str:
@@ -115,27 +117,36 @@ def render(loaded: Loaded, messages: list[dict], enable_thinking: bool) -> str:
                            enable_thinking=enable_thinking)
 
 
-@dataclass
-class Sampling:
-    max_new_tokens: int = 512
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 20
-    repetition_penalty: float = 1.05
-    stop: list[str] = field(default_factory=list)
-    cache: str = "auto"           # auto | dynamic | static | graph (see ChatConfig.cache)
-    min_new_tokens: int | None = None
+def prompt_tensors(model, tokenizer, template: str, messages: list[dict], enable_thinking: bool | None = False) -> dict:
+    """A generation prompt for `messages`, rendered with `template`, as tensors on the model's device."""
+    from qtune.data.template import prompt_inputs
 
-    @classmethod
-    def from_chat(cls, chat: ChatConfig) -> "Sampling":
-        return cls(chat.max_new_tokens, chat.temperature, chat.top_p, chat.top_k, chat.repetition_penalty,
-                   cache=chat.cache)
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in prompt_inputs(tokenizer, template, messages, enable_thinking).items()}
+
+
+def answer(model, tokenizer, inputs: dict, max_new_tokens: int, sampling: ChatConfig | None = None,
+           streamer=None) -> tuple[str, int]:
+    """One whole answer to a prompt and its count of new tokens: greedy, or sampled with `sampling`'s settings.
+    (Generation streams instead, for people waiting on it.)"""
+    import torch
+
+    sample = sampling is not None and sampling.temperature > 0
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=sample,
+                             temperature=sampling.temperature if sample else None,
+                             top_p=sampling.top_p if sample else None, top_k=sampling.top_k if sample else None,
+                             repetition_penalty=sampling.repetition_penalty if sampling else None,
+                             pad_token_id=tokenizer.pad_token_id, streamer=streamer, use_cache=True)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), len(new)
 
 
 class Generation:
-    """One streamed generation: iterate for text pieces; stop() ends it early; counts tokens."""
+    """One streamed generation: iterate for text pieces; stop() ends it early; counts tokens. `sampling` is the
+    chat group's settings (serve fills a copy from each request); text stops at the first of `stop`."""
 
-    def __init__(self, loaded: Loaded, prompt: str, sampling: Sampling):
+    def __init__(self, loaded: Loaded, prompt: str, sampling: ChatConfig, stop: list[str] = ()):
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -182,10 +193,8 @@ class Generation:
             self.kwargs["cache_implementation"] = "static"
             if device.type == "cuda":
                 self._in_worker = _share_cudagraph_state()
-        if sampling.min_new_tokens:
-            self.kwargs["min_new_tokens"] = sampling.min_new_tokens
         self.max_new_tokens = sampling.max_new_tokens
-        self.stops = [s for s in sampling.stop if s]
+        self.stops = [s for s in stop if s]
         self.loaded = loaded
         self.error: BaseException | None = None
 
@@ -215,7 +224,7 @@ class Generation:
             self.completion_tokens, self.finish_reason = self.decoder.generate(
                 self.inputs["input_ids"], s.max_new_tokens, lambda t: self.streamer.put(torch.tensor([t])),
                 self._stop.is_set, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                repetition_penalty=s.repetition_penalty, min_new_tokens=s.min_new_tokens or 0)
+                repetition_penalty=s.repetition_penalty)
         finally:
             self.streamer.end()
 

@@ -65,7 +65,7 @@ def merge(cfg: Config, adapter: Path, out: Path, warn=None) -> dict:
                                                 trust_remote_code=cfg.model.trust_remote_code)
     model = PeftModel.from_pretrained(base, adapter)
     model.eval()
-    inputs = _parity_inputs(tokenizer, cfg)
+    inputs = _parity_inputs(model, tokenizer, cfg)
     with torch.no_grad():
         reference = [model(**x).logits.float() for x in inputs]
         merged = model.merge_and_unload()
@@ -141,8 +141,9 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _parity_inputs(tokenizer, cfg: Config) -> list[dict]:
-    from qtune.data.template import prompt_inputs, resolve_template
+def _parity_inputs(model, tokenizer, cfg: Config) -> list[dict]:
+    from qtune.data.template import resolve_template
+    from qtune.inference import prompt_tensors
 
     template, _ = resolve_template(tokenizer, cfg.model.chat_template, cfg.model.name)
-    return [prompt_inputs(tokenizer, template, [{"role": "user", "content": p}]) for p in PARITY_PROMPTS]
+    return [prompt_tensors(model, tokenizer, template, [{"role": "user", "content": p}], None) for p in PARITY_PROMPTS]

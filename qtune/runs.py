@@ -171,8 +171,33 @@ def run_folder(cfg: Config) -> Path:
     run = Path(cfg.run).expanduser()
     if not (run / "adapter" / "adapter_config.json").is_file():
         raise ConfigError(f"run={cfg.run}: no adapter/ there (finish or resume `qtune train` first)")
-    integrity.check_adapter(run / "adapter", lambda: adapter_remedy(run))
+    check_adapter(run / "adapter")
     return run
+
+
+def find_adapter(path: Path) -> Path | None:
+    """The adapter folder `path` names: a run folder's adapter/, or an adapter folder itself; None if neither."""
+    if (path / "adapter" / "adapter_config.json").is_file():
+        return path / "adapter"
+    return path if (path / "adapter_config.json").is_file() else None
+
+
+def adapter_folder(path: str | Path, key: str) -> Path:
+    """The adapter a setting (`key`) names, as find_adapter reads it, checked to be undamaged."""
+    p = Path(path).expanduser()
+    adapter = find_adapter(p)
+    if adapter is None:
+        raise ConfigError(f"{key}: {path} is neither a run folder nor an adapter folder")
+    check_adapter(adapter)
+    return adapter
+
+
+def check_adapter(adapter: Path) -> None:
+    """One line for a truncated or corrupt adapter, with the remedy for where it lives (a run's, or a copy)."""
+    if adapter.name == "adapter" and (adapter.parent / "config.yaml").is_file():
+        integrity.check_adapter(adapter, lambda: adapter_remedy(adapter.parent))
+    else:
+        integrity.check_adapter(adapter, "copy the adapter folder again, or train it again")
 
 
 def adapter_remedy(run: Path) -> str:

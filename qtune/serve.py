@@ -16,6 +16,7 @@ image parts) are refused with 400 rather than silently ignored.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import os
@@ -24,13 +25,19 @@ import socket
 import threading
 import time
 import uuid
-from typing import List, Optional, Union
+from typing import List, NamedTuple, Optional, Union
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from qtune.config.schema import Config
+from qtune.config.schema import ChatConfig, Config
 from qtune.errors import QtuneError
+
+
+class Wanted(NamedTuple):
+    """What one request asks for: the chat settings it changes, and where its text stops."""
+    chat: ChatConfig
+    stop: list[str]
 
 
 class Message(BaseModel):
@@ -182,7 +189,7 @@ def build_app(loaded, cfg: Config):
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from qtune.inference import Generation, Sampling, render
+    from qtune.inference import Generation, render
 
     app = FastAPI(title="qtune serve")
     app.add_middleware(Guard, limit=cfg.serve.max_body_bytes, api_key=cfg.serve.api_key)
@@ -237,38 +244,37 @@ def build_app(loaded, cfg: Config):
                                   "OpenAI API)", code="unsupported_parameter")
         return None
 
-    def too_long(prompt: str, s: Sampling):
+    def too_long(prompt: str, s: Wanted):
         n = len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         if settings.max_prompt_tokens and n > settings.max_prompt_tokens:
             return error(400, f"the prompt is {n} tokens; serve.max_prompt_tokens={settings.max_prompt_tokens}",
                          code="context_length_exceeded")
-        if context and n + s.max_new_tokens > context:
+        if context and n + s.chat.max_new_tokens > context:
             return error(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                              f"{n + s.max_new_tokens} tokens ({n} in the prompt, {s.max_new_tokens} for the completion). "
+                              f"{n + s.chat.max_new_tokens} tokens ({n} in the prompt, {s.chat.max_new_tokens} for the completion). "
                               "Please reduce the length of the prompt or max_tokens.", code="context_length_exceeded")
         return None
 
-    def sampling(req, max_tokens: Optional[int]) -> Sampling:
-        s = Sampling.from_chat(cfg.chat)
-        s.max_new_tokens = min(max_tokens or s.max_new_tokens, settings.max_tokens_limit)
-        if req.temperature is not None:
-            s.temperature = req.temperature
-        if req.top_p is not None:
-            s.top_p = req.top_p
-        s.stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        return s
+    def sampling(req, max_tokens: Optional[int]) -> Wanted:
+        """The chat group's settings with what the request sets (its ranges were checked by its schema)."""
+        chat = cfg.chat
+        return Wanted(dataclasses.replace(
+            chat, max_new_tokens=min(max_tokens or chat.max_new_tokens, settings.max_tokens_limit),
+            temperature=chat.temperature if req.temperature is None else req.temperature,
+            top_p=chat.top_p if req.top_p is None else req.top_p),
+            [req.stop] if isinstance(req.stop, str) else list(req.stop or []))
 
-    def generation(prompt: str, s: Sampling, cancelled: threading.Event):
+    def generation(prompt: str, s: Wanted, cancelled: threading.Event):
         """A Generation under the lock, registered for shutdown; None when cancelled while it waited its turn."""
         if cancelled.is_set() or closing.is_set():
             return None
-        gen = Generation(loaded, prompt, s)
+        gen = Generation(loaded, prompt, s.chat, s.stop)
         active.add(gen)
         if cancelled.is_set() or closing.is_set():
             gen.stop()
         return gen
 
-    async def respond(request: Request, req, prompt: str, s: Sampling, chunk, final):
+    async def respond(request: Request, req, prompt: str, s: Wanted, chunk, final):
         """Run one generation under the lock; a JSON body or an SSE stream of chunks."""
         rid = f"{'chatcmpl' if chunk is _chat_chunk else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         bad = too_long(prompt, s)
@@ -422,14 +428,13 @@ def vllm_command(cfg: Config) -> list[str]:
     """vLLM's OpenAI server over the run's base with its adapter(s) as LoRA modules."""
     from qtune.hub import ensure_model
     from qtune.ui import print_warning
-    from qtune.inference import _adapter_dir
-    from qtune.runs import run_config, run_folder
+    from qtune.runs import adapter_folder, run_config, run_folder
 
     run = run_folder(cfg) if cfg.run else None
     rcfg = run_config(run, cfg) if run else cfg
     base = ensure_model(rcfg.model, rcfg.download, rcfg.paths, warn=print_warning)
     adapters = {run.name: run / "adapter"} if run else {}
-    adapters.update({n: _adapter_dir(p) for n, p in cfg.serve.adapters.items()})
+    adapters.update({n: adapter_folder(p, "serve.adapters") for n, p in cfg.serve.adapters.items()})
     cmd = ["vllm", "serve", str(base), "--served-model-name", rcfg.model.name, "--host", cfg.serve.host,
            "--port", str(cfg.serve.port)]
     if adapters:

@@ -40,18 +40,31 @@ def run(cfg: Config, dry_run: bool = False):
     device, dtype = pick_device(cfg.train.device, cfg.train.dtype)
     resume = runs.resume_point(out, cfg)                                         # 1
     quiet_libraries(trl=True)                                                    # (seconds: after the checks)
-    from qtune.callbacks import GracefulStop
-
     tokenizer, prepared = _data(cfg)                                             # 2
     out.mkdir(parents=True, exist_ok=True)
     model, matched = _model(cfg, device, dtype, out, prepared.load("train"))     # 3, 4
     runs.write_config(out, cfg)
-    trainer = _trainer(cfg, model, tokenizer, prepared, out, resume)             # 5
+    trainer, nan = _trainer(cfg, model, tokenizer, prepared, out, resume)        # 5
     samples_before = _samples(cfg, trainer.model, tokenizer, out, "before") if resume is None else None
     ui.info(f"training {cfg.model.name} ({cfg.quant.method}, LoRA r{cfg.lora.r}) on {device}: "
             f"{matched.trainable:,} trainable parameters in {len(matched.targets)} targets -> {out}")
     if resume:
         ui.info(f"resuming from {resume}")
+    seconds = _train(cfg, trainer, nan, out, resume)
+    summary = _finish(cfg, trainer, tokenizer, out, seconds, samples_before, _step_of(resume))  # 6
+    ui.show_train_summary(summary)
+    if cfg.train.merge_after:
+        del trainer, model  # free the training model first: the merge loads the base again
+        summary["merged"] = _merge_after(cfg, out)
+    return summary
+
+
+def _train(cfg: Config, trainer, nan, out: Path, resume) -> float:
+    """Run the trainer; returns its seconds. Every way a run stops short ends here: out of memory and a non-finite
+    loss as a TrainingError, a signal as a saved checkpoint and exit status 130/143."""
+    from qtune import ui
+    from qtune.callbacks import GracefulStop
+
     start = time.time()
     with GracefulStop() as stop:
         try:
@@ -60,26 +73,26 @@ def run(cfg: Config, dry_run: bool = False):
             if type(e).__name__ == "OutOfMemoryError":
                 raise TrainingError(_oom_message(cfg)) from None
             raise
-    nan = trainer.qtune_nan
-    if nan is not None:
-        raise TrainingError(nan.message(out))
+    if nan.stopped is not None:
+        raise TrainingError(nan.stopped.message(out))
     if stop.signal is not None:
         ui.info(f"stopped by {stop.signal} at step {trainer.state.global_step}; a checkpoint was saved in "
                 f"{out / 'checkpoints'}. Run the same command again to resume.")
         raise SystemExit(130 if stop.signal == "SIGINT" else 143)
-    summary = _finish(cfg, trainer, tokenizer, out, time.time() - start, samples_before, _step_of(resume))  # 6
-    ui.show_train_summary(summary)
-    if cfg.train.merge_after:  # free the training model first: the merge loads the base again
-        import gc
+    return time.time() - start
 
-        del trainer, model
-        gc.collect()
-        from qtune.merging import merge
 
-        result = merge(cfg, out / "adapter", out / "merged", warn=ui.print_warning)
-        ui.info(f"merged into {out / 'merged'} (parity {result['max_abs_diff']:.3g} <= {cfg.merge.tolerance:g})")
-        summary["merged"] = str(out / "merged")
-    return summary
+def _merge_after(cfg: Config, out: Path) -> str:
+    """train.merge_after: fold the new adapter into the base, as `qtune merge` would."""
+    import gc
+
+    from qtune import ui
+    from qtune.merging import merge
+
+    gc.collect()
+    result = merge(cfg, out / "adapter", out / "merged", warn=ui.print_warning)
+    ui.info(f"merged into {out / 'merged'} (parity {result['max_abs_diff']:.3g} <= {cfg.merge.tolerance:g})")
+    return str(out / "merged")
 
 
 # ---------------------------------------------------------------- the dry run
@@ -244,9 +257,7 @@ def _trainer(cfg: Config, model, tokenizer, prepared, out: Path, resume):
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # ProgressCallback prints instead
-    trainer.qtune_nan = None
-    nan.bind(trainer)
-    return trainer
+    return trainer, nan
 
 
 def _step_of(checkpoint) -> int | None:
@@ -260,23 +271,17 @@ def _samples(cfg: Config, model, tokenizer, out: Path, when: str) -> list[dict] 
     """Greedy answers to train.sample_prompts (before and after training), kept in samples.jsonl."""
     if not cfg.train.sample_prompts:
         return None
-    import torch
-
-    from qtune.data.template import prompt_inputs, resolve_template
+    from qtune.data.template import resolve_template
+    from qtune.inference import answer, prompt_tensors
 
     template, _ = resolve_template(tokenizer, cfg.model.chat_template, cfg.model.name)
-    device = next(model.parameters()).device
     rows = []
     was_training = model.training
     model.eval()
     for prompt in cfg.train.sample_prompts:
-        ids = {k: v.to(device) for k, v in prompt_inputs(tokenizer, template, [{"role": "user", "content": prompt}],
-                                                           enable_thinking=False).items()}
-        with torch.no_grad():
-            gen = model.generate(**ids, max_new_tokens=cfg.train.sample_max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, use_cache=True)
-        answer = tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-        rows.append({"when": when, "prompt": prompt, "answer": answer})
+        inputs = prompt_tensors(model, tokenizer, template, [{"role": "user", "content": prompt}])
+        text, _ = answer(model, tokenizer, inputs, cfg.train.sample_max_new_tokens)
+        rows.append({"when": when, "prompt": prompt, "answer": text})
     model.train(was_training)
     with open(out / "samples.jsonl", "a") as f:
         for r in rows:

@@ -88,7 +88,8 @@ def test_sampling_follows_the_filtered_distribution(model, top_k):
 def test_chat_streams_the_same_text_through_the_decoder(smol, smollm2):
     from transformers import AutoTokenizer
 
-    from qtune.inference import Generation, Loaded, Sampling
+    from qtune.config.schema import ChatConfig
+    from qtune.inference import Generation, Loaded
 
     tok = AutoTokenizer.from_pretrained(smollm2)
     loaded = Loaded(smol, tok, tok.chat_template, "smol")
@@ -96,7 +97,7 @@ def test_chat_streams_the_same_text_through_the_decoder(smol, smollm2):
                                      tokenize=False, add_generation_prompt=True)
     runs = {}
     for cache in ("dynamic", "graph"):
-        g = Generation(loaded, prompt, Sampling(max_new_tokens=30, temperature=0, repetition_penalty=1.1, cache=cache))
+        g = Generation(loaded, prompt, ChatConfig(max_new_tokens=30, temperature=0, repetition_penalty=1.1, cache=cache))
         runs[cache] = ("".join(g), g.completion_tokens, g.finish_reason)
     assert runs["graph"] == runs["dynamic"] and "Paris" in runs["graph"][0]
     assert loaded.decoder is not None and loaded.decoder.steps
@@ -114,11 +115,12 @@ def test_graph_decoding_is_refused_for_unmerged_adapters(model):
         from transformers import AutoTokenizer
 
         from qtune.errors import ConfigError
-        from qtune.inference import Generation, Loaded, Sampling
+        from qtune.config.schema import ChatConfig
+        from qtune.inference import Generation, Loaded
 
         tok = AutoTokenizer.from_pretrained(model.name_or_path)
         with pytest.raises(ConfigError, match="chat.cache=graph: cannot decode an unmerged adapter"):
-            Generation(Loaded(peft, tok, "", "tiny"), "hello", Sampling(max_new_tokens=4, cache="graph"))
+            Generation(Loaded(peft, tok, "", "tiny"), "hello", ChatConfig(max_new_tokens=4, cache="graph"))
     finally:
         peft.unload()
     assert (cache_length(10), cache_length(1024), cache_length(1025)) == (1024, 1024, 2048)
