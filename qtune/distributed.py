@@ -54,6 +54,10 @@ def launched() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
+def needs_launch(train: TrainConfig) -> bool:
+    return train.nproc > 1 and not launched()
+
+
 @dataclass(frozen=True)
 class Setup:
     """What one run asks of the engines, recorded in config.yaml, summary.json and every checkpoint."""
@@ -68,7 +72,8 @@ class Setup:
         return self.batch_size * self.grad_accum * self.world_size
 
     def describe(self) -> str:
-        where = "1 process" if self.world_size == 1 else f"{self.world_size} processes ({self.strategy}, {self.backend})"
+        where = f"{self.world_size} process{'es' if self.world_size > 1 else ''}" + \
+            (f" ({self.strategy}, {self.backend})" if self.strategy != "single" else "")
         return (f"{where}; global batch {self.global_batch} = train.batch_size {self.batch_size} × "
                 f"train.grad_accum {self.grad_accum} × {self.world_size} process{'es' if self.world_size > 1 else ''}")
 
@@ -80,9 +85,11 @@ def setup(train: TrainConfig, quant: QuantMethod, device: str, need_bytes: Calla
     """This process's world, strategy and backend. need_bytes: the one-GPU memory estimate, read only when
     train.distributed=auto must choose on CUDA."""
     size = world().size
-    if size == 1:
+    # one process under a launcher may still ask for FSDP2 (`torchrun --nproc_per_node 1`: the FSDP-QLoRA path on one
+    # GPU, as the GPU tests run it)
+    if size == 1 and not (launched() and train.distributed is Distributed.fsdp):
         return Setup(1, "single", None, train.batch_size, train.grad_accum)
-    how = strategy(train.distributed, device, size, need_bytes)
+    how = strategy(train.distributed, device, size, need_bytes) if size > 1 else "fsdp"
     if how == "fsdp" and quant is QuantMethod.int8:
         raise ConfigError("quant=int8: FSDP2 shards floating-point weights only and bitsandbytes keeps int8 weights as "
                           "int8; use quant=nf4 (stored in the model's dtype for FSDP) or train.distributed=ddp")
@@ -125,15 +132,17 @@ def backend(choice: Backend, device: str) -> str:
     return name
 
 
-def check_devices(device: str) -> None:
-    """One process per GPU: NCCL refuses two processes on one device."""
-    w = world()
-    if w.size > 1 and device.startswith("cuda"):
+def check_devices(device: str, nproc: int, choice: Backend) -> None:
+    """Before processes start: a backend that can run here, and one GPU per process (NCCL refuses two on one)."""
+    if nproc < 2:
+        return
+    backend(choice, device)
+    if device.startswith("cuda"):
         import torch
 
         n = torch.cuda.device_count()
-        if w.local_size > n:
-            raise ConfigError(f"train.nproc={w.local_size}: {n} CUDA GPU{'s are' if n != 1 else ' is'} visible and each "
+        if nproc > n:
+            raise ConfigError(f"train.nproc={nproc}: {n} CUDA GPU{'s are' if n != 1 else ' is'} visible and each "
                               f"process needs its own; set train.nproc={n} (or CUDA_VISIBLE_DEVICES)")
 
 
@@ -146,7 +155,7 @@ def local_device(device: str) -> str:
 def init(s: Setup, device: str) -> None:
     """Join the process group now rather than when the Trainer is built, so that rank 0 can decide what the run folder
     means and prepare the data while the others wait (main_first)."""
-    if s.world_size == 1:
+    if s.strategy == "single":
         return
     from datetime import timedelta
 
@@ -159,7 +168,7 @@ def init(s: Setup, device: str) -> None:
 def main_first(s: Setup):
     """Rank 0 runs the block first (it may write: delete a stale run, prepare the data); the others wait at a barrier,
     then run it too and find its work done (accelerate's main_process_first)."""
-    if s.world_size == 1:
+    if s.strategy == "single":
         yield
         return
     from accelerate import PartialState
@@ -172,7 +181,7 @@ def trainer_args(s: Setup, gradient_checkpointing: bool) -> dict:
     """TrainingArguments for the strategy. FSDP2 shards each decoder layer (accelerate's default wrap: the model's
     _no_split_modules), checkpoints activations itself (the Trainer warns that its own would all-gather twice) and saves
     full state dicts, so checkpoints hold a plain adapter and resume on any number of processes."""
-    if s.world_size == 1:
+    if s.strategy == "single":
         return {}
     args = {"ddp_backend": s.backend, "ddp_timeout": TIMEOUT_S, "average_tokens_across_devices": True,
             # every adapter takes part in every step (fused experts' adapters are one tensor each), so DDP need not

@@ -31,6 +31,12 @@ def info(message: str) -> None:
     console.print(message, soft_wrap=True)  # one line stays one line, for people and for grep
 
 
+def silence() -> None:
+    """This process of a multi-process run keeps quiet: rank 0 speaks for the run (its errors included)."""
+    console.quiet = True
+    err_console.quiet = True
+
+
 def is_terminal() -> bool:
     return sys.stdout.isatty()
 
