@@ -186,6 +186,19 @@ def test_sweep_runs_every_job_and_writes_a_summary(tmp_path, tiny_qwen3):
         assert (sweep / job / "adapter" / "adapter_model.safetensors").is_file()
     assert "sweep:" in p.stdout
 
+    # the same sweep through hydra/launcher=joblib (jobs in worker processes side by side; each leaves its row in its
+    # folder) gives the same summary: same jobs and overrides, losses to 1e-5 relative
+    par = tmp_path / "parallel"
+    j = qtune("train", "-m", "model=tiny_qwen3", *DEMO, *FAST, "train.max_steps=3", "train.save_steps=3",
+              "lora=r8,r16", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={par}", cwd=tmp_path)
+    assert j.returncode == 0, j.stdout + j.stderr
+    again = list(csv.DictReader(open(par / "summary.csv")))
+    assert [(r["job"], r["overrides"], r["error"]) for r in again] == [(r["job"], r["overrides"], r["error"]) for r in rows]
+    for a, b in zip(rows, again):
+        for k in ("train_loss", "eval_loss"):
+            assert abs(float(a[k]) - float(b[k])) <= 1e-5 * float(a[k]), (k, a, b)
+    assert (par / "summary.md").read_text().splitlines()[:3] == (sweep / "summary.md").read_text().splitlines()[:3]
+
     # qtune eval on the sweep folder adds each job's eval numbers to the summary
     e = qtune("eval", f"run={sweep}", f"eval.prompts={REPO}/data/demo/eval_prompts.jsonl", "eval.max_new_tokens=2",
               cwd=tmp_path)
