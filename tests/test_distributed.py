@@ -120,6 +120,24 @@ def test_fsdp2_on_two_cpu_processes_gives_the_losses_of_one(tmp_path, reference)
     assert s["distributed"]["strategy"] == "fsdp" and len(s["samples"]["after"]) == 1
 
 
+@pytest.mark.slow
+def test_moe_on_the_fast_path_under_ddp_gives_the_losses_of_one_process(tmp_path, tiny_qwen3_moe):
+    """DDP over what the GPU path uses: reentrant activation checkpointing, qtune's fused LoRA functions, MoE experts as
+    grouped matmuls with their adapters (one tensor each, so every adapter takes part in every step and DDP need not
+    search for unused parameters), all run on CPU with train.fast=true."""
+    fast = ["train.fast=true", "train.gradient_checkpointing=true", "train.max_steps=4", "train.save_steps=4"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    qtune("train", "model=tiny_qwen3_moe", *ARGS, *fast, f"train.output_dir={one}", "train.grad_accum=2", check=True)
+    p = qtune("train", "model=tiny_qwen3_moe", *ARGS, *fast, f"train.output_dir={two}", "train.grad_accum=1",
+              "train.nproc=2")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "grouped-matmul experts" in p.stdout and "2 processes (ddp, gloo)" in p.stdout
+    a, b = by_step(one, "loss"), by_step(two, "loss")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) <= TOL * a[step], (step, a[step], b[step])
+
+
 def _tree(pid: int) -> list[int]:
     """pid and its descendants, from /proc (the launched processes run in sessions of their own)."""
     children: dict[int, list[int]] = {}
@@ -171,6 +189,8 @@ def test_kill_9_of_two_processes_then_one_process_continues_the_curve(tmp_path, 
 
 # ---------------------------------------------------------------- on a GPU (the device machine: pytest -m gpu)
 
+# the device machine's rule for every process: NVLink multicast stays off (it can take a shared host's GPUs down)
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 GPU = ["train", "model=tiny_qwen3", "quant=nf4", *ARGS[:4], "train.max_steps=4", "train.save_steps=2",
        "train.logging_steps=1", "train.report_to=[]", "train.grad_accum=1"]
 
@@ -186,7 +206,7 @@ def test_torchrun_one_gpu_nf4(tmp_path, tiny_qwen3, strategy):
     run = tmp_path / strategy
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "qtune"]
     args = [*GPU, f"train.output_dir={run}", f"train.distributed={strategy}"]
-    p = subprocess.run([*torchrun, *args], capture_output=True, text=True, timeout=900)
+    p = subprocess.run([*torchrun, *args], capture_output=True, text=True, timeout=900, env={**os.environ, **NO_MULTICAST})
     assert p.returncode == 0, p.stdout + p.stderr
     s = summary(run)
     assert s["steps"] == 4 and s["distributed"]["strategy"] == ("fsdp" if strategy == "fsdp" else "single")
@@ -205,7 +225,7 @@ def test_nproc_uses_every_visible_gpu_or_says_why_not(tmp_path, tiny_qwen3):
     import torch
 
     run = tmp_path / "two"
-    p = qtune(*GPU, f"train.output_dir={run}", "train.nproc=2", timeout=900)
+    p = qtune(*GPU, f"train.output_dir={run}", "train.nproc=2", timeout=900, env=NO_MULTICAST)
     if torch.cuda.device_count() < 2:
         assert p.returncode != 0 and "train.nproc=2: 1 CUDA GPU is visible" in p.stderr, p.stderr
         return
