@@ -353,9 +353,10 @@ def launch(fn: Callable, cfg, nproc: int, **flags):
     for name in list(logging.root.manager.loggerDict):  # the launcher's notes and failure reports: ours replace them
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+    later = {"shutdown_timeout": SHUTDOWN_S} if "shutdown_timeout" in LaunchConfig.__dataclass_fields__ else {}
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5,
-                          shutdown_timeout=SHUTDOWN_S)
+                          **later)  # (torch < 2.8 has no shutdown_timeout: its launcher waits 30 s)
     with tempfile.TemporaryDirectory(prefix="qtune-launch-") as tmp:
         job = Path(tmp) / "job.pkl"
         job.write_bytes(pickle.dumps((fn, cfg, flags)))  # fn by reference: the processes import it

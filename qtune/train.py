@@ -48,26 +48,26 @@ def run(cfg: Config, dry_run: bool = False):
         dist.check_devices(device, cfg.train.nproc, cfg.train.backend)
         return dist.launch(run, cfg, cfg.train.nproc)
     device = dist.local_device(device)
-    world = _world(cfg, device)
-    with dist.main_first(world):
+    setup = _setup(cfg, device)
+    with dist.main_first(setup):
         resume = runs.resume_point(out, cfg)                                     # 1
     if resume:
-        dist.check_resume(resume, world)
+        dist.check_resume(resume, setup)
     quiet_libraries(trl=True)                                                    # (seconds: after the checks)
-    tokenizer, prepared = _data(cfg, world)                                      # 2
+    tokenizer, prepared = _data(cfg, setup)                                      # 2
     out.mkdir(parents=True, exist_ok=True)
-    model, matched = _model(cfg, world, device, dtype, out, prepared.load("train"))  # 3, 4
+    model, matched = _model(cfg, setup, device, dtype, out, prepared.load("train"))  # 3, 4
     if main:
-        runs.write_config(out, cfg, world.record())
-    trainer, nan = _trainer(cfg, world, model, tokenizer, prepared, out, resume)  # 5
+        runs.write_config(out, cfg, setup.record())
+    trainer, nan = _trainer(cfg, setup, model, tokenizer, prepared, out, resume)  # 5
     samples_before = _samples(cfg, trainer.model, tokenizer, out, "before") if resume is None and main else None
     ui.info(f"training {cfg.model.name} ({cfg.quant.method}, LoRA r{cfg.lora.r}) on {device}: "
             f"{matched.trainable:,} trainable parameters in {len(matched.targets)} targets -> {out}")
-    ui.info(world.describe())
+    ui.info(setup.describe())
     if resume:
         ui.info(f"resuming from {resume}")
     seconds = _train(cfg, trainer, nan, out, resume)
-    summary = _finish(cfg, world, trainer, tokenizer, out, seconds, samples_before, _step_of(resume))  # 6
+    summary = _finish(cfg, setup, trainer, tokenizer, out, seconds, samples_before, _step_of(resume))  # 6
     if not main:
         return None
     ui.show_train_summary(summary)
@@ -136,8 +136,8 @@ def plan(cfg: Config, show: bool = False) -> dict:
 # ---------------------------------------------------------------- the builders
 
 
-def _world(cfg: Config, device: str):
-    """The processes' setup (qtune.distributed), their process group joined; one process: a trivial setup."""
+def _setup(cfg: Config, device: str):
+    """What the processes ask of the engines (qtune.distributed.Setup), their process group joined (one process: none)."""
     from qtune import distributed as dist
 
     def one_gpu_bytes() -> float:
@@ -146,19 +146,19 @@ def _world(cfg: Config, device: str):
         return make_plan(cfg).single.total
 
     dist.check_devices(device, dist.world().local_size, cfg.train.backend)
-    world = dist.setup(cfg.train, cfg.quant.method, device, need_bytes=one_gpu_bytes)
-    dist.init(world, device)
-    return world
+    setup = dist.setup(cfg.train, cfg.quant.method, device, need_bytes=one_gpu_bytes)
+    dist.init(setup, device)
+    return setup
 
 
-def _data(cfg: Config, world):
+def _data(cfg: Config, setup):
     from qtune import ui
     from qtune.data.prepare import prepare
     from qtune.distributed import check_rows, main_first
     from qtune.modeling.load import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model, cfg.paths)
-    with ui.status("preparing data"), main_first(world):  # prepared once: the others find it in the cache
+    with ui.status("preparing data"), main_first(setup):  # prepared once: the others find it in the cache
         prepared = prepare(cfg.data, tokenizer, cfg.model.name, cfg.model.chat_template)
     for w in prepared.warnings:
         ui.print_warning(w)
@@ -169,7 +169,7 @@ def _data(cfg: Config, world):
     s = prepared.stats
     ui.info(f"data: {s['train']['kept']} train / {s.get('eval', {}).get('kept', 0)} eval examples, "
             f"{s['train']['tokens']:,} train tokens ({'cache hit' if prepared.cache_hit else 'prepared'}: {prepared.path})")
-    check_rows(len(prepared.load("train")), world)  # packed rows (stats count examples)
+    check_rows(len(prepared.load("train")), setup)  # packed rows (stats count examples)
     return tokenizer, prepared
 
 
@@ -193,7 +193,7 @@ def _expert_selection(cfg: Config, model, matched, out: Path, train_ds) -> dict:
     return selection
 
 
-def _model(cfg: Config, world, device: str, dtype, out: Path, train_ds):
+def _model(cfg: Config, setup, device: str, dtype, out: Path, train_ds):
     from transformers import set_seed
 
     from qtune import ui
@@ -205,7 +205,7 @@ def _model(cfg: Config, world, device: str, dtype, out: Path, train_ds):
 
     folder = ensure_model(cfg.model, cfg.download, cfg.paths, warn=ui.print_warning)
     set_seed(cfg.train.seed)  # LoRA's A matrices are drawn now, before the trainer seeds anything
-    fsdp = world.strategy == "fsdp"
+    fsdp = setup.strategy == "fsdp"
     fast = fastpath.decide(str(cfg.train.fast), device, fsdp=fsdp)
     with ui.status(f"loading {cfg.model.name}"):
         # under FSDP2 the sharding checkpoints activations (qtune.distributed.trainer_args) and the 4-bit weights are
@@ -222,7 +222,7 @@ def _model(cfg: Config, world, device: str, dtype, out: Path, train_ds):
 
     from qtune.distributed import main_first
 
-    with main_first(world):  # rank 0 measures and keeps experts.json; the others read it
+    with main_first(setup):  # rank 0 measures and keeps experts.json; the others read it
         selection = _expert_selection(cfg, model, matched, out, train_ds)
     model = get_peft_model(model, peft_config(matched, cfg.lora, cfg.quant.method is not QuantMethod.none))
     if cfg.lora.dropout and matched.names("lora_param"):
@@ -246,7 +246,7 @@ def _model(cfg: Config, world, device: str, dtype, out: Path, train_ds):
     return model, matched
 
 
-def _training_args(cfg: Config, world, out: Path, has_eval: bool, device: str, model_dtype):
+def _training_args(cfg: Config, setup, out: Path, has_eval: bool, device: str, model_dtype):
     import torch
     from trl import SFTConfig
 
@@ -274,11 +274,11 @@ def _training_args(cfg: Config, world, out: Path, has_eval: bool, device: str, m
         router_aux_loss_coef=cfg.moe.aux_loss_coef if cfg.model.arch.num_experts else None,  # MoE balancing loss
         dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
         dataloader_num_workers=0, save_only_model=False,
-        **trainer_args(world, t.gradient_checkpointing),  # DDP or FSDP2 with several processes
+        **trainer_args(setup, t.gradient_checkpointing),  # DDP or FSDP2 with several processes
     )
 
 
-def _trainer(cfg: Config, world, model, tokenizer, prepared, out: Path, resume):
+def _trainer(cfg: Config, setup, model, tokenizer, prepared, out: Path, resume):
     import os
 
     from trl import SFTTrainer
@@ -286,25 +286,25 @@ def _trainer(cfg: Config, world, model, tokenizer, prepared, out: Path, resume):
     from qtune import ui
     from qtune.callbacks import MetricsCallback, NanGuard, ProgressCallback, StopOnSignal, WorldRecord
     from qtune.distributed import check_wrapped
-    from qtune.distributed import world as dist_world
+    from qtune.distributed import world
 
     train_ds = prepared.load("train")
     eval_ds = prepared.load("eval")
     base = model.get_base_model()
     device = str(next(base.parameters()).device.type)
-    main = dist_world().main
-    args = _training_args(cfg, world, out, eval_ds is not None, device, base.dtype)
+    main = world().main
+    args = _training_args(cfg, setup, out, eval_ds is not None, device, base.dtype)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     metrics = MetricsCallback(out, resume_step=_step_of(resume))
     nan = NanGuard()
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer,
-                         callbacks=[StopOnSignal(), nan, metrics, WorldRecord(**world.record()),
+                         callbacks=[StopOnSignal(), nan, metrics, WorldRecord(**setup.record()),
                                     ProgressCallback(ui.train_progress if ui.is_terminal() and main else None)])
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # ProgressCallback prints instead
-    check_wrapped(world, trainer)
+    check_wrapped(setup, trainer)
     return trainer, nan
 
 
@@ -340,16 +340,16 @@ def _samples(cfg: Config, model, tokenizer, out: Path, when: str, write: bool = 
     return rows
 
 
-def _finish(cfg: Config, world, trainer, tokenizer, out: Path, seconds: float, samples_before,
+def _finish(cfg: Config, setup, trainer, tokenizer, out: Path, seconds: float, samples_before,
             resumed_from: int | None) -> dict | None:
     from qtune.callbacks import peak_memory, plot_losses, training_peak_memory
     from qtune.distributed import adapter_state
-    from qtune.distributed import world as this_process
+    from qtune.distributed import world
     from qtune.io import atomic_dir, atomic_write_json
 
     # First what every process takes part in (collectives): the final evaluation, the adapter gathered from FSDP's
     # shards, and, under FSDP, generation (each forward all-gathers the layers). Then rank 0 alone writes.
-    main, fsdp = this_process().main, world.strategy == "fsdp"
+    main, fsdp = world().main, setup.strategy == "fsdp"
     step = trainer.state.global_step
     if trainer.eval_dataset is not None and not any(h.get("eval_loss") is not None and h.get("step") == step
                                                     for h in trainer.state.log_history):
@@ -380,7 +380,7 @@ def _finish(cfg: Config, world, trainer, tokenizer, out: Path, seconds: float, s
         "tokens": next((r["tokens"] for r in reversed(rows) if "tokens" in r), None),
         "adapter": str(adapter),
         "samples": {"before": samples_before, "after": samples_after} if samples_after else None,
-        "distributed": world.record(),  # world size, strategy, global batch
+        "distributed": setup.record(),  # world size, strategy, global batch
     }
     atomic_write_json(out / "summary.json", summary)
     return summary

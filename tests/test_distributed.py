@@ -75,6 +75,29 @@ def summary(run: Path) -> dict:
     return json.loads((run / "summary.json").read_text())
 
 
+def test_the_plan_gives_memory_per_gpu_for_the_world_and_strategy(tmp_path):
+    """train --dry-run with train.nproc: DDP keeps a replica per GPU, FSDP2 a quarter of the weights and adapter states
+    (plus the two layers being gathered); auto picks DDP while one GPU holds the run (a 32B in nf4), FSDP2 when it
+    cannot (a 32B in 16-bit needs ~66 GiB, over 90 % of the 80 GiB assumed without a GPU: here, DDP; 235B: FSDP2)."""
+    from qtune.config import compose, to_object
+    from qtune.train import plan
+
+    def mem(*overrides):
+        return plan(to_object(compose(["model=qwen3_32b", "quant=nf4", *overrides])))["memory"]
+
+    one, ddp, fsdp = mem(), mem("train.nproc=4", "train.distributed=ddp"), mem("train.nproc=4", "train.distributed=fsdp")
+    assert (one["strategy"], ddp["strategy"], fsdp["strategy"]) == ("single", "ddp", "fsdp")
+    assert ddp["base_bytes"] == one["base_bytes"] and ddp["lora_bytes"] > one["lora_bytes"]
+    assert fsdp["base_bytes"] == pytest.approx(one["base_bytes"] / 4 + 2 * one["base_bytes"] / 64)
+    assert fsdp["lora_bytes"] == pytest.approx(one["lora_bytes"] / 4) and fsdp["total_bytes"] < one["total_bytes"] / 2
+    assert mem("train.nproc=4")["strategy"] == "ddp"
+    big = plan(to_object(compose(["model=qwen3_235b_a22b", "quant=nf4", "train.nproc=8"])))["memory"]
+    assert big["strategy"] == "fsdp" and big["world_size"] == 8
+    p = qtune("train", "--dry-run", "model=qwen3_32b", "quant=nf4", "train.nproc=4", "train.distributed=fsdp",
+              env={"QTUNE_HOME": str(tmp_path)})
+    assert p.returncode == 0 and "estimated memory per GPU (fsdp, 4 processes" in p.stdout, p.stdout + p.stderr
+
+
 @pytest.mark.slow
 def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(tmp_path, reference):
     import yaml
