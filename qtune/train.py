@@ -83,6 +83,14 @@ def _train(cfg: Config, trainer, nan, out: Path, resume) -> float:
     from qtune import ui
     from qtune.callbacks import GracefulStop
 
+    if resume and _finished(trainer, resume):
+        # transformers' loop takes a step before it checks max_steps, so resuming from the last step's checkpoint (a
+        # finished run whose adapter/ is gone) would train one step too many: load that checkpoint instead
+        from transformers import TrainerState
+
+        trainer._load_from_checkpoint(str(resume))
+        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        return 0.0
     start = time.time()
     with GracefulStop() as stop:
         try:
@@ -98,6 +106,12 @@ def _train(cfg: Config, trainer, nan, out: Path, resume) -> float:
                 f"{out / 'checkpoints'}. Run the same command again to resume.")
         raise SystemExit(130 if stop.signal == "SIGINT" else 143)
     return time.time() - start
+
+
+def _finished(trainer, checkpoint) -> bool:
+    """Whether `checkpoint` is already at the step this run trains to (max_steps, or the epochs' steps)."""
+    done = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+    return done >= trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
 
 
 def _merge_after(cfg: Config, out: Path) -> str:

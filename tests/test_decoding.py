@@ -124,3 +124,51 @@ def test_graph_decoding_is_refused_for_unmerged_adapters(model):
     finally:
         peft.unload()
     assert (cache_length(10), cache_length(1024), cache_length(1025)) == (1024, 1024, 2048)
+
+
+# One chat or serve process decodes one way; a process per way, as users run them (several compiled decoders of
+# different kinds in one process crashed at its exit, in garbage collection, with torch 2.11).
+_GENERATE = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from qtune.config.schema import ChatConfig
+from qtune.inference import Generation, Loaded
+path, cache = sys.argv[1:]
+tok = AutoTokenizer.from_pretrained(path)
+if cache == "nf4+adapter":
+    from peft import LoraConfig, get_peft_model
+    q = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0}, quantization_config=
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16))
+    loaded = Loaded(get_peft_model(q, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval(), tok, "", "tiny",
+                    {"a": None})
+    cache = "auto"
+else:  # fp32 keeps compiled logits within rounding of eager ones, so greedy choices agree token for token
+    loaded = Loaded(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval(), tok, "", "tiny")
+loaded.model.generation_config.eos_token_id = None
+g = Generation(loaded, "hello there, how are you today?", ChatConfig(cache=cache, max_new_tokens=24, temperature=0,
+                                                                      repetition_penalty=1.1))
+text = "".join(g)
+print(json.dumps({"text": text, "tokens": g.completion_tokens, "finish": g.finish_reason,
+                  "graph": bool(g.decoder is not None and g.decoder.steps),
+                  "static": g.kwargs.get("cache_implementation") == "static"}))
+"""
+
+
+@pytest.mark.gpu
+def test_gpu_chat_generation_through_every_cache(tiny_qwen3):
+    """What chat and serve run on a GPU, through inference.Generation: the CUDA-graph decoder (a model without
+    adapters), generate's static cache (what `auto` picks for a 4-bit base with its adapter) and the dynamic cache."""
+    import json
+    import subprocess
+    import sys
+
+    got = {}
+    for cache in ("dynamic", "static", "graph", "nf4+adapter"):
+        p = subprocess.run([sys.executable, "-c", _GENERATE, str(tiny_qwen3), cache], capture_output=True, text=True,
+                           timeout=600)
+        assert p.returncode == 0, (cache, p.stderr[-3000:])
+        got[cache] = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["graph"]["graph"] and not got["dynamic"]["graph"] and got["nf4+adapter"]["static"]
+    same = [{k: got[c][k] for k in ("text", "tokens", "finish")} for c in ("dynamic", "static", "graph")]
+    assert same[0] == same[1] == same[2] and same[0]["tokens"] == 24 and same[0]["finish"] == "length", got
+    assert (got["nf4+adapter"]["tokens"], got["nf4+adapter"]["finish"]) == (24, "length"), got

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -76,6 +77,20 @@ def test_tiny_qwen3_learns_and_leaves_a_complete_run_folder(tmp_path, tiny_qwen3
     import yaml
 
     assert yaml.safe_load((run / "config.yaml").read_text())["lora"]["r"] == 16
+
+    # a finished run whose adapter/ was deleted: the same command writes it again from the last step's checkpoint
+    # and trains no step beyond train.max_steps (transformers' loop would take one more)
+    before = adapter_tensors(run / "adapter")
+    shutil.rmtree(run / "adapter")
+    p = qtune(*tiny(run, "train.max_steps=16", "train.lr=5e-3", "train.save_steps=8",
+                    "train.report_to=[tensorboard]"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["steps"], summary["steps_this_time"]) == (16, 0), summary
+    again = adapter_tensors(run / "adapter")
+    import torch
+
+    assert before.keys() == again.keys() and all(torch.equal(before[k], again[k]) for k in before)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
