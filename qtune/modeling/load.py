@@ -61,8 +61,10 @@ def pick_device(device: str, dtype: DType):
     return device, torch_dtype(dtype)
 
 
-def bnb_config(quant: QuantConfig):
-    """transformers' BitsAndBytesConfig for quant=nf4|fp4|int8; None for quant=none."""
+def bnb_config(quant: QuantConfig, quant_storage=None):
+    """transformers' BitsAndBytesConfig for quant=nf4|fp4|int8; None for quant=none. quant_storage (FSDP2): the dtype
+    the packed 4-bit weights are stored as, the model's own, so that FSDP can shard them like every other weight (the
+    FSDP-QLoRA recipe: it shards floating-point tensors only)."""
     if quant.method is QuantMethod.none:
         return None
     try:
@@ -78,21 +80,22 @@ def bnb_config(quant: QuantConfig):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=str(quant.method),
                               bnb_4bit_use_double_quant=quant.double_quant,
                               bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
-                              llm_int8_skip_modules=skip)
+                              llm_int8_skip_modules=skip,
+                              **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}))
 
 
 def load_model(folder: Path, model: ModelConfig, quant: QuantConfig, device: str, dtype, gradient_checkpointing: bool,
-               experts_4bit: bool = False):
+               experts_4bit: bool = False, quant_storage=None):
     """The base model for training: quantized per `quant`, on `device`, SDPA (flash-attention when installed).
     experts_4bit (the fast path's MoE on CUDA with quant=nf4|fp4): fused expert tensors, which bitsandbytes leaves in
-    16 bits, become 4-bit one at a time as they load (qtune.modeling.fast.moe)."""
+    16 bits, become 4-bit one at a time as they load (qtune.modeling.fast.moe). quant_storage: see bnb_config."""
     import contextlib
     import importlib.util
 
     from transformers import AutoModelForCausalLM
 
     attn = "flash_attention_2" if device != "cpu" and importlib.util.find_spec("flash_attn") else "sdpa"
-    qconfig = bnb_config(quant)
+    qconfig = bnb_config(quant, quant_storage)
     experts = contextlib.nullcontext()
     if experts_4bit and device.startswith("cuda") and quant.method in (QuantMethod.nf4, QuantMethod.fp4):
         from qtune.modeling.fast.moe import four_bit_while_loading
