@@ -32,6 +32,34 @@ def environment(*modules: str, **extra) -> dict:
     return info
 
 
+def random_checkpoint(model: str, layers: int) -> str:
+    """A random checkpoint shaped as qtune's `model=` config with `layers` layers (bf16, built on the GPU; speed and
+    memory do not depend on weight values), with the seed benchmark's small tokenizer; made once under /tmp."""
+    import gc
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qtune.config import compose, to_object
+    from qtune.modeling.arch import hf_config
+    from randckpt import make_tokenizer
+
+    path = f"/tmp/{model}-L{layers}"
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    arch = to_object(compose([f"model={model}", f"model.arch.num_hidden_layers={layers}"])).model.arch
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        m = AutoModelForCausalLM.from_config(hf_config(arch), dtype=torch.bfloat16)
+    m.save_pretrained(path, max_shard_size="5GB")
+    make_tokenizer(path)
+    del m
+    gc.collect()
+    torch.cuda.empty_cache()
+    return path
+
+
 def fused_head_step(model, seq: int, vocab: int = 151936):
     """One forward and backward as training does it (train mode, bf16 autocast, TRL's fused output head: no full
     logits) on a fixed random row of `seq` tokens."""

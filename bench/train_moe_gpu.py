@@ -30,7 +30,7 @@ OUT = Path(os.environ.get("OUT", "/tmp/out"))
 WORK = Path("/tmp/qtune-bench-moe")
 ROWS = ["all", "top32", "all8192", "ref", "seed"]
 
-from common import environment, words  # noqa: E402 (bench/ is on the path from here)
+from common import environment, random_checkpoint, words  # noqa: E402 (bench/ is on the path from here)
 
 
 def write_data():
@@ -43,32 +43,6 @@ def write_data():
 
 MODEL = os.environ.get("MODEL", "qwen3_30b_a3b")
 FULL_LAYERS = {"qwen3_30b_a3b": 48, "qwen3_235b_a22b": 94}[MODEL]
-
-
-def make_235b(layers):
-    """A random Qwen3-235B-A22B-shaped checkpoint of `layers` layers (bf16, built on the GPU)."""
-    import gc
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from qtune.config import compose, to_object
-    from qtune.modeling.arch import hf_config
-    from randckpt import make_tokenizer
-
-    path = f"/tmp/q3-235b-L{layers}"
-    if os.path.exists(os.path.join(path, "config.json")):
-        return path
-    arch = to_object(compose([f"model={MODEL}", f"model.arch.num_hidden_layers={layers}"])).model.arch
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        m = AutoModelForCausalLM.from_config(hf_config(arch), dtype=torch.bfloat16)
-    m.save_pretrained(path, max_shard_size="5GB")
-    make_tokenizer(path)
-    del m
-    gc.collect()
-    torch.cuda.empty_cache()
-    return path
 
 
 def qtune_train(name, path, data, *overrides, steps=16, length=2048):
@@ -122,7 +96,7 @@ def main(nums, which):
 
     long, xl = WORK / "long.jsonl", WORK / "xl.jsonl"
     for n in nums:
-        ckpt = seed_recipe_moe.make(n) if MODEL == "qwen3_30b_a3b" else make_235b(n)
+        ckpt = seed_recipe_moe.make(n) if MODEL == "qwen3_30b_a3b" else random_checkpoint(MODEL, n)
         if "all" in which:
             keep(qtune_train(f"all_L{n}", ckpt, long))
         if "top32" in which:

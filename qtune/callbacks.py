@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from qtune.io import atomic_write_bytes
 
@@ -47,6 +48,11 @@ class MetricsCallback(TrainerCallback):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.run_dir = Path(run_dir)
         self.curve = curve
+        self._last = None  # (time, tokens) at the previous training log
+        from qtune.distributed import world
+
+        if not world().main:  # one writer: rank 0 (its logs carry the losses and token counts of all processes)
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.write_text("")
@@ -54,7 +60,6 @@ class MetricsCallback(TrainerCallback):
             rows = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
             kept = [r for r in rows if r["step"] <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self._last = None  # (time, tokens) at the previous training log
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -258,12 +263,17 @@ class GracefulStop:
         return self
 
     def _handle(self, signum, frame):
+        from qtune.distributed import world
+
+        say = world().main  # every process of a run gets the signal; one says so
         if self.signal is not None:  # asked twice: stop without saving
-            print("stopping now, without a checkpoint", file=sys.stderr, flush=True)
+            if say:
+                print("stopping now, without a checkpoint", file=sys.stderr, flush=True)
             raise SystemExit(130)
         self.signal = signal.Signals(signum).name
-        print(f"\n{self.signal}: saving a checkpoint at the end of this step, then stopping "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        if say:
+            print(f"\n{self.signal}: saving a checkpoint at the end of this step, then stopping "
+                  "(send it again to stop at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -274,7 +284,22 @@ class GracefulStop:
 
 class StopOnSignal(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
+        from qtune.distributed import any_rank
+
         stop = GracefulStop.current
-        if stop is not None and stop.signal is not None:
+        # processes get a signal at slightly different steps; they must save (a collective under FSDP) at the same one
+        asked = stop is not None and stop.signal is not None
+        if any_rank(asked, args.device) if args.world_size > 1 else asked:
             control.should_save = True
             control.should_training_stop = True
+
+
+class WorldRecord(TrainerCallback, ExportableState):
+    """Keeps the run's qtune.distributed.Setup in every checkpoint's trainer_state.json (the Trainer saves the state of
+    ExportableState callbacks), so a resume can tell whether the checkpoint still means the same there."""
+
+    def __init__(self, **setup):
+        self.setup = setup
+
+    def state(self) -> dict:
+        return {"args": self.setup, "attributes": {}}

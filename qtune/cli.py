@@ -140,8 +140,14 @@ def eval_(overrides: Overrides = None, cfg: ShowCfg = False) -> None:
 
 
 def main() -> None:
+    import os
+
     from qtune.errors import QtuneError
 
+    if os.environ.get("RANK", "0") != "0":  # one of several processes (torchrun, accelerate launch): rank 0 speaks
+        from qtune import ui
+
+        ui.silence()
     try:
         app()
     except QtuneError as e:

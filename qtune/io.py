@@ -26,7 +26,12 @@ def atomic_dir(target: Path, replace: bool = False) -> Iterator[Path]:
         yield tmp
         tmp.chmod(0o755)
         if not target.exists():
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process (a parallel sweep's job) made the same cache in between
+                if replace or not target.exists():
+                    raise
+                shutil.rmtree(tmp)
         elif not replace:
             shutil.rmtree(tmp)
         else:

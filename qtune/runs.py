@@ -11,12 +11,14 @@ from qtune.errors import ConfigError
 from qtune.io import atomic_write_text
 
 
-def write_config(folder: Path, cfg: Config) -> Path:
-    """Save the fully resolved config as `config.yaml` in folder (atomically)."""
+def write_config(folder: Path, cfg: Config, distributed: dict | None = None) -> Path:
+    """Save the fully resolved config as `config.yaml` in folder (atomically); `distributed`: what a training run was
+    launched as (qtune.distributed.Setup.record(): world size, strategy, global batch), kept beside it."""
     import yaml
 
     path = Path(folder) / "config.yaml"
-    atomic_write_text(path, yaml.safe_dump(saved_form(cfg), sort_keys=False))
+    saved = saved_form(cfg) | ({"distributed": distributed} if distributed else {})
+    atomic_write_text(path, yaml.safe_dump(saved, sort_keys=False))
     return path
 
 
@@ -113,7 +115,8 @@ def _started_by_qtune(out: Path) -> bool:
         saved = yaml.safe_load((out / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return False
-    ours = {"config.yaml", "checkpoints", "tensorboard", "metrics.jsonl", "samples.jsonl", "loss.png", "experts.json"}
+    ours = {"config.yaml", "checkpoints", "tensorboard", "metrics.jsonl", "samples.jsonl", "loss.png", "experts.json",
+            "job.json"}  # job.json: a sweep job's row (qtune.sweep)
     return (isinstance(saved, dict) and {"model", "train", "lora"} <= saved.keys()
             and all(p.name in ours or p.name.startswith(".") for p in out.iterdir()))
 

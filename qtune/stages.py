@@ -78,10 +78,11 @@ def figures(stage: str, rows: list[dict]) -> dict:
 
 
 def training_args(cfg: Config, out: Path, has_eval: bool, device: str, model_dtype, reentrant: bool,
-                  evaluate_first: bool):
+                  evaluate_first: bool, extra: dict = None):
     """The stage's TRL config. `reentrant`: how the model checkpoints activations (TRL switches checkpointing off for
     reference forwards and back on with these kwargs). `evaluate_first`: a preference stage's first eval runs before
-    any step, so metrics.jsonl shows where its figures started (fresh runs only: a resume would log it twice)."""
+    any step, so metrics.jsonl shows where its figures started (fresh runs only: a resume would log it twice).
+    `extra`: more TrainingArguments (several processes: qtune.distributed.trainer_args)."""
     import torch
 
     t, stage = cfg.train, cfg.train.stage
@@ -104,7 +105,7 @@ def training_args(cfg: Config, out: Path, has_eval: bool, device: str, model_dty
         gradient_checkpointing=False,  # done in prepare_for_training (non-reentrant, no upcast) or by the fast path
         gradient_checkpointing_kwargs={"use_reentrant": reentrant},
         report_to=list(t.report_to), disable_tqdm=True,
-        remove_unused_columns=False, dataloader_num_workers=0, save_only_model=False,
+        remove_unused_columns=False, dataloader_num_workers=0, save_only_model=False, **(extra or {}),
     )
     aux = cfg.moe.aux_loss_coef if cfg.model.arch.num_experts else None  # MoE balancing loss
     if stage in ("pt", "sft"):

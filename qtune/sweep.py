@@ -3,53 +3,78 @@
 Each job writes into its own folder under the sweep folder (`runs/sweep-<time>/<job>/`), where Hydra
 also records the job's overrides; the verb's run() receives typed config like a single run. A train
 sweep ends with a summary: a Rich table plus summary.csv and summary.md in the sweep folder, sorted by
-eval loss.
+eval loss. Jobs may run in other processes (hydra/launcher=joblib) or on other machines (submitit), so each leaves
+its row in its own folder (job.json) and the summary is read from there, the same whichever launcher ran them.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from qtune.errors import QtuneError
 
+ROW = "job.json"  # a job's row of the summary, in the job's folder
 
 
 def run(train, overrides: list[str], flags: dict, sweep_dir: str | None = None) -> list[dict]:
     """One `train(cfg)` a job of the sweep (the CLI passes qtune.train.run), then the summary."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from qtune.config.compose import check_sweep, multirun, to_object
-    from qtune.stages import SWEEP_COLUMNS, sweep_figures
+    from qtune.config.compose import check_sweep, multirun
+    from qtune.stages import SWEEP_COLUMNS
 
     check_sweep(overrides)
-    rows: list[dict] = []
-    folder: list[Path] = []
-
-    def job(cfg):
-        hc = HydraConfig.get()
-        obj = to_object(cfg)
-        obj.train.output_dir = hc.runtime.output_dir
-        folder[:] = [Path(hc.sweep.dir)]
-        row = {"job": hc.job.num, "overrides": list(hc.overrides.task), "run": hc.runtime.output_dir,
-               "train_loss": None, "eval_loss": None, "seconds": None, "peak_memory_bytes": None, "error": None}
-        try:
-            result = train(obj, **flags)
-        except QtuneError as e:  # one job's failure is a row of the summary, not the end of the sweep
-            from qtune.ui import print_error
-
-            print_error(f"job {hc.job.num} ({' '.join(row['overrides'])}): {e}")
-            row["error"] = str(e)
-        else:
-            if isinstance(result, dict):
-                row.update({k: result.get(k) for k in ("train_loss", "eval_loss", "seconds", "peak_memory_bytes")})
-                row.update(sweep_figures(result))  # dpo, kto, rm: the stage's own figures
-        rows.append(row)
-
-    multirun(overrides, job, sweep_dir=sweep_dir)
-    if folder and not flags.get("dry_run"):
-        write_summary(rows, folder[0], [c for c in SWEEP_COLUMNS if any(r.get(c) is not None for r in rows)])
+    folder = Path(sweep_dir or _sweep_dir(overrides))  # chosen here: the jobs may not run in this process
+    multirun(overrides, lambda cfg: _job(train, cfg, flags), sweep_dir=str(folder))
+    if flags.get("dry_run"):
+        return []
+    rows = sorted((json.loads(p.read_text()) for p in folder.glob(f"*/{ROW}")), key=lambda r: r["job"])
+    if rows:  # dpo, kto, rm: with the stage's own figures
+        write_summary(rows, folder, [c for c in SWEEP_COLUMNS if any(r.get(c) is not None for r in rows)])
     if rows and all(r["error"] for r in rows):
-        raise QtuneError(f"every job of the sweep failed; see {folder[0] / 'summary.md'}")
+        raise QtuneError(f"every job of the sweep failed; see {folder / 'summary.md'}")
     return rows
+
+
+def _sweep_dir(overrides: list[str]) -> str:
+    import time
+
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("hydra.sweep.dir=")]
+    return given[-1] if given else time.strftime("runs/sweep-%Y%m%d-%H%M%S")
+
+
+def _job(train, cfg, flags: dict) -> dict:
+    """One job, wherever the launcher runs it. Under a parallel launcher on a machine of several GPUs it takes GPUs of
+    its own (qtune.distributed.claim_gpus)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from qtune import distributed
+    from qtune.config.compose import to_object
+
+    hc = HydraConfig.get()
+    obj = to_object(cfg)
+    obj.train.output_dir = hc.runtime.output_dir
+    row = {"job": hc.job.num, "overrides": list(hc.overrides.task), "run": hc.runtime.output_dir,
+           "train_loss": None, "eval_loss": None, "seconds": None, "peak_memory_bytes": None, "error": None}
+    parallel = hc.runtime.choices.get("hydra/launcher") == "joblib"
+    try:
+        with distributed.claim_gpus(obj.train.nproc if parallel else 0, Path(hc.sweep.dir)) as gpus:
+            # GPUs of its own: fresh processes, which see only them (this worker of the launcher may hold CUDA already)
+            result = train(obj, **flags) if gpus is None else distributed.launch(train, obj, obj.train.nproc, **flags)
+    except QtuneError as e:  # one job's failure is a row of the summary, not the end of the sweep
+        from qtune.ui import print_error
+
+        print_error(f"job {hc.job.num} ({' '.join(row['overrides'])}): {e}")
+        row["error"] = str(e)
+    else:
+        if isinstance(result, dict):
+            row.update({k: result.get(k) for k in ("train_loss", "eval_loss", "seconds", "peak_memory_bytes")})
+            from qtune.stages import sweep_figures
+
+            row.update(sweep_figures(result))
+    if not flags.get("dry_run"):
+        from qtune.io import atomic_write_json
+
+        atomic_write_json(Path(hc.runtime.output_dir) / ROW, row)
+    return row
 
 
 def write_summary(rows: list[dict], folder: Path, extra: list[str] = (), shared_overrides_known: bool = False) -> None:

@@ -9,6 +9,8 @@ The recipe, top to bottom:
   5. the stage's TRL trainer (SFT, DPO, KTO, Reward); callbacks write metrics.jsonl and loss.png, show progress,
      stop on NaN and turn SIGINT/SIGTERM into a checkpoint and a clean exit
   6. the final adapter, written atomically, and summary.json
+With several processes (train.nproc=N, torchrun, accelerate launch: qtune.distributed) every process runs this recipe;
+rank 0 decides what the folder means and prepares the data first, and alone writes the run folder.
 Run folder: config.yaml, checkpoints/checkpoint-N/, adapter/, metrics.jsonl, loss.png, tensorboard/,
 samples.jsonl, summary.json.
 """
@@ -32,6 +34,7 @@ def run(cfg: Config, dry_run: bool = False):
     from qtune.data.prepare import check_inputs
 
     check_inputs(cfg.data)                       # cheap checks first: no model loads, no heavy imports for a typo
+    from qtune import distributed as dist
     from qtune import runs, ui
 
     if cfg.train.init_adapter:
@@ -39,24 +42,39 @@ def run(cfg: Config, dry_run: bool = False):
     from qtune.io import check_writable
     from qtune.modeling.load import pick_device, quiet_libraries
 
+    main = dist.world().main
+    if not main:
+        ui.silence()
     out = Path(cfg.train.output_dir).expanduser()
     check_writable(out, "train.output_dir")
     device, dtype = pick_device(cfg.train.device, cfg.train.dtype)
-    resume = runs.resume_point(out, cfg)                                         # 1
+    if dist.needs_launch(cfg.train):             # train.nproc=N: this same run in N processes
+        dist.check_devices(device, cfg.train.nproc, cfg.train.backend)
+        return dist.launch(run, cfg, cfg.train.nproc)
+    device = dist.local_device(device)
+    setup = _setup(cfg, device)
+    with dist.main_first(setup):
+        resume = runs.resume_point(out, cfg)                                     # 1
+    if resume:
+        dist.check_resume(resume, setup)
     quiet_libraries(trl=True)                                                    # (seconds: after the checks)
-    tokenizer, prepared = _data(cfg)                                             # 2
+    tokenizer, prepared = _data(cfg, setup)                                      # 2
     out.mkdir(parents=True, exist_ok=True)
-    model, matched = _model(cfg, device, dtype, out, prepared.load("train"))     # 3, 4
-    runs.write_config(out, cfg)
-    trainer, nan = _trainer(cfg, model, tokenizer, prepared, out, resume)        # 5
-    samples_before = _samples(cfg, trainer.model, tokenizer, out, "before") if resume is None else None
+    model, matched = _model(cfg, setup, device, dtype, out, prepared.load("train"))  # 3, 4
+    if main:
+        runs.write_config(out, cfg, setup.record())
+    trainer, nan = _trainer(cfg, setup, model, tokenizer, prepared, out, resume)  # 5
+    samples_before = _samples(cfg, trainer.model, tokenizer, out, "before") if resume is None and main else None
     start = f", from {cfg.train.init_adapter}" if cfg.train.init_adapter else ""
     ui.info(f"training {cfg.model.name} ({cfg.train.stage}, {cfg.quant.method}, LoRA r{cfg.lora.r}{start}) on {device}: "
             f"{matched.trainable:,} trainable parameters in {len(matched.targets)} targets -> {out}")
+    ui.info(setup.describe())
     if resume:
         ui.info(f"resuming from {resume}")
     seconds = _train(cfg, trainer, nan, out, resume)
-    summary = _finish(cfg, trainer, tokenizer, out, seconds, samples_before, _step_of(resume))  # 6
+    summary = _finish(cfg, setup, trainer, tokenizer, out, seconds, samples_before, _step_of(resume))  # 6
+    if not main:
+        return None
     ui.show_train_summary(summary)
     if cfg.train.merge_after:
         del trainer, model  # free the training model first: the merge loads the base again
@@ -137,13 +155,29 @@ def plan(cfg: Config, show: bool = False) -> dict:
 # ---------------------------------------------------------------- the builders
 
 
-def _data(cfg: Config):
+def _setup(cfg: Config, device: str):
+    """What the processes ask of the engines (qtune.distributed.Setup), their process group joined (one process: none)."""
+    from qtune import distributed as dist
+
+    def one_gpu_bytes() -> float:
+        from qtune.modeling.plan import plan as make_plan
+
+        return make_plan(cfg).single.total
+
+    dist.check_devices(device, dist.world().local_size, cfg.train.backend)
+    setup = dist.setup(cfg.train, cfg.quant.method, device, need_bytes=one_gpu_bytes)
+    dist.init(setup, device)
+    return setup
+
+
+def _data(cfg: Config, setup):
     from qtune import ui
     from qtune.data.prepare import prepare
+    from qtune.distributed import check_rows, main_first
     from qtune.modeling.load import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model, cfg.paths)
-    with ui.status("preparing data"):
+    with ui.status("preparing data"), main_first(setup):  # prepared once: the others find it in the cache
         prepared = prepare(cfg.data, tokenizer, cfg.model.name, cfg.model.chat_template, cfg.train.stage)
     for w in prepared.warnings:
         ui.print_warning(w)
@@ -154,6 +188,7 @@ def _data(cfg: Config):
     s = prepared.stats
     ui.info(f"data: {s['train']['kept']} train / {s.get('eval', {}).get('kept', 0)} eval examples, "
             f"{s['train']['tokens']:,} train tokens ({'cache hit' if prepared.cache_hit else 'prepared'}: {prepared.path})")
+    check_rows(len(prepared.load("train")), setup)  # packed rows (stats count examples)
     return tokenizer, prepared
 
 
@@ -178,7 +213,7 @@ def _expert_selection(cfg: Config, model, matched, out: Path, train_ds) -> dict:
     return selection
 
 
-def _model(cfg: Config, device: str, dtype, out: Path, train_ds):
+def _model(cfg: Config, setup, device: str, dtype, out: Path, train_ds):
     from transformers import set_seed
 
     from qtune import ui
@@ -191,10 +226,13 @@ def _model(cfg: Config, device: str, dtype, out: Path, train_ds):
 
     folder = ensure_model(cfg.model, cfg.download, cfg.paths, warn=ui.print_warning)
     set_seed(cfg.train.seed)  # LoRA's A matrices (and rm's score head) are drawn now, before the trainer seeds anything
-    fast = fastpath.decide(str(cfg.train.fast), device)
+    fsdp = setup.strategy == "fsdp"
+    fast = fastpath.decide(str(cfg.train.fast), device, fsdp=fsdp)
     with ui.status(f"loading {cfg.model.name}"):
-        model = load_model(folder, cfg.model, cfg.quant, device, dtype, cfg.train.gradient_checkpointing,
-                           experts_4bit=fast.on, head=head(cfg.train.stage))
+        # under FSDP2 the sharding checkpoints activations (qtune.distributed.trainer_args) and the 4-bit weights are
+        # stored in the model's dtype so that they shard
+        model = load_model(folder, cfg.model, cfg.quant, device, dtype, cfg.train.gradient_checkpointing and not fsdp,
+                           experts_4bit=fast.on, quant_storage=dtype if fsdp else None, head=head(cfg.train.stage))
     fastpath.apply_base(fast, model, device, cfg.train.gradient_checkpointing, cfg.train.liger,
                         cfg.train.offload_activations, cfg.data.max_length * cfg.train.batch_size)
     lora = lora_settings(cfg)
@@ -204,7 +242,10 @@ def _model(cfg: Config, device: str, dtype, out: Path, train_ds):
         ui.print_warning(unmatched_message(pattern, cfg.model.name, matched.is_moe))
     from peft import get_peft_model
 
-    selection = _expert_selection(cfg, model, matched, out, train_ds)
+    from qtune.distributed import main_first
+
+    with main_first(setup):  # rank 0 measures and keeps experts.json; the others read it
+        selection = _expert_selection(cfg, model, matched, out, train_ds)
     task = "SEQ_CLS" if head(cfg.train.stage) == "score" else "CAUSAL_LM"
     model = get_peft_model(model, peft_config(matched, lora, cfg.quant.method is not QuantMethod.none, task))
     if cfg.train.init_adapter:
@@ -236,29 +277,34 @@ def _model(cfg: Config, device: str, dtype, out: Path, train_ds):
     return model, matched
 
 
-def _trainer(cfg: Config, model, tokenizer, prepared, out: Path, resume):
+def _trainer(cfg: Config, setup, model, tokenizer, prepared, out: Path, resume):
     import os
 
     from qtune import stages, ui
-    from qtune.callbacks import MetricsCallback, NanGuard, ProgressCallback, StopOnSignal
+    from qtune.callbacks import MetricsCallback, NanGuard, ProgressCallback, StopOnSignal, WorldRecord
+    from qtune.distributed import check_wrapped, trainer_args, world
     from qtune.modeling import fast
 
     train_ds = prepared.load("train")
     eval_ds = prepared.load("eval")
     base = model.get_base_model()
     device = str(next(base.parameters()).device.type)
-    reentrant = fast.decide(str(cfg.train.fast), device).on  # how _model checkpoints (qtune.modeling.fast)
+    main = world().main
+    # how _model checkpoints (qtune.modeling.fast), which TRL repeats when it turns checkpointing back on
+    reentrant = fast.decide(str(cfg.train.fast), device, fsdp=setup.strategy == "fsdp").on
     args = stages.training_args(cfg, out, eval_ds is not None, device, base.dtype, reentrant,
-                                evaluate_first=resume is None)
+                                evaluate_first=resume is None,
+                                extra=trainer_args(setup, cfg.train.gradient_checkpointing))  # DDP or FSDP2
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
     metrics = MetricsCallback(out, resume_step=_step_of(resume), curve=stages.CURVE.get(cfg.train.stage))
     nan = NanGuard()
     trainer = stages.build_trainer(cfg, model, tokenizer, train_ds, eval_ds, args,
-                                   [StopOnSignal(), nan, metrics,
-                                    ProgressCallback(ui.train_progress if ui.is_terminal() else None)])
+                                   [StopOnSignal(), nan, metrics, WorldRecord(**setup.record()),
+                                    ProgressCallback(ui.train_progress if ui.is_terminal() and main else None)])
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # ProgressCallback prints instead
+    check_wrapped(setup, trainer)
     return trainer, nan
 
 
@@ -269,8 +315,9 @@ def _step_of(checkpoint) -> int | None:
 # ---------------------------------------------------------------- samples, the end of a run
 
 
-def _samples(cfg: Config, model, tokenizer, out: Path, when: str) -> list[dict] | None:
-    """Greedy answers to train.sample_prompts (before and after training), kept in samples.jsonl."""
+def _samples(cfg: Config, model, tokenizer, out: Path, when: str, write: bool = True) -> list[dict] | None:
+    """Greedy answers to train.sample_prompts (before and after training), kept in samples.jsonl (write=False: the
+    answers only, for the processes of an FSDP run that generate beside rank 0)."""
     if not cfg.train.sample_prompts:
         return None
     from qtune.data.template import resolve_template
@@ -285,32 +332,41 @@ def _samples(cfg: Config, model, tokenizer, out: Path, when: str) -> list[dict] 
         text, _ = answer(model, tokenizer, inputs, cfg.train.sample_max_new_tokens)
         rows.append({"when": when, "prompt": prompt, "answer": text})
     model.train(was_training)
+    if not write:
+        return rows
     with open(out / "samples.jsonl", "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     return rows
 
 
-def _finish(cfg: Config, trainer, tokenizer, out: Path, seconds: float, samples_before, resumed_from: int | None) -> dict:
+def _finish(cfg: Config, setup, trainer, tokenizer, out: Path, seconds: float, samples_before,
+            resumed_from: int | None) -> dict | None:
     from qtune import stages
     from qtune.callbacks import peak_memory, plot_losses, training_peak_memory
+    from qtune.distributed import adapter_state
+    from qtune.distributed import world
     from qtune.io import atomic_dir, atomic_write_json
 
+    # First what every process takes part in (collectives): the final evaluation, the adapter gathered from FSDP's
+    # shards, and, under FSDP, generation (each forward all-gathers the layers). Then rank 0 alone writes.
+    main, fsdp = world().main, setup.strategy == "fsdp"
+    step = trainer.state.global_step
+    if trainer.eval_dataset is not None and not any(h.get("eval_loss") is not None and h.get("step") == step
+                                                    for h in trainer.state.log_history):
+        trainer.log({"eval_loss": trainer.evaluate()["eval_loss"]})
+    state = adapter_state(trainer)
+    samples_after = _samples(cfg, trainer.model, tokenizer, out, "after", write=main) if main or fsdp else None
+    if not main:
+        return None
     adapter = out / "adapter"
     with atomic_dir(adapter, replace=True) as tmp:
-        trainer.model.save_pretrained(tmp, selected_adapters=["default"])  # not DPO/KTO's frozen "ref" copy
+        # the trained adapter alone (with train.init_adapter, DPO and KTO hold a frozen "ref" copy beside it)
+        trainer.model.save_pretrained(tmp, selected_adapters=["default"],
+                                      **({"state_dict": state} if state is not None else {}))
         tokenizer.save_pretrained(tmp)
-
-    def metric_rows() -> list[dict]:
-        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-    step = trainer.state.global_step
-    if trainer.eval_dataset is not None and not any(r.get("eval_loss") is not None and r["step"] == step
-                                                    for r in metric_rows()):
-        trainer.evaluate()  # its log is the last row of metrics.jsonl (the stage's own figures with it)
     plot_losses(out, stages.CURVE.get(cfg.train.stage))
-    samples_after = _samples(cfg, trainer.model, tokenizer, out, "after")
-    rows = metric_rows()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train_losses = [r["loss"] for r in rows if r.get("loss") is not None]
     eval_losses = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
     summary = {
@@ -328,6 +384,7 @@ def _finish(cfg: Config, trainer, tokenizer, out: Path, seconds: float, samples_
         "tokens": next((r["tokens"] for r in reversed(rows) if "tokens" in r), None),
         "adapter": str(adapter),
         "samples": {"before": samples_before, "after": samples_after} if samples_after else None,
+        "distributed": setup.record(),  # world size, strategy, global batch
         **stages.figures(cfg.train.stage, rows),
     }
     atomic_write_json(out / "summary.json", summary)

@@ -31,6 +31,12 @@ def info(message: str) -> None:
     console.print(message, soft_wrap=True)  # one line stays one line, for people and for grep
 
 
+def silence() -> None:
+    """This process of a multi-process run keeps quiet: rank 0 speaks for the run (its errors included)."""
+    console.quiet = True
+    err_console.quiet = True
+
+
 def is_terminal() -> bool:
     return sys.stdout.isatty()
 
@@ -176,7 +182,9 @@ def show_lora_plan(cfg, matched, total_params: int, mem) -> None:
     rows = {"dpo": " × 2 (chosen and rejected), reference forwards without gradients",
             "rm": " × 2 (chosen and rejected), one-output score head",
             "kto": ", KL and reference forwards without gradients"}.get(stage, "")
-    show_memory(f"estimated GPU memory (train.stage={stage}, quant={cfg.quant.method}, batch {cfg.train.batch_size} × "
+    where = "GPU memory" if mem.world_size == 1 else \
+        f"memory per GPU ({mem.strategy}, {mem.world_size} processes; train.distributed={cfg.train.distributed})"
+    show_memory(f"estimated {where} (train.stage={stage}, quant={cfg.quant.method}, batch {cfg.train.batch_size} × "
                 f"{cfg.data.max_length} tokens{rows}, gradient checkpointing "
                 f"{'on' if cfg.train.gradient_checkpointing else 'off'})", mem.as_dict())
 

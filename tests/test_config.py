@@ -110,3 +110,32 @@ def test_sweep_over_a_wrong_option_fails_in_one_line():
     p = qtune("train", "-m", "lora=r16,r99")
     assert p.returncode == 2 and "lora=r99: no such option" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_a_launcher_without_its_plugin_is_one_line(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None:
+        pytest.skip("hydra-submitit-launcher is installed here")
+    p = qtune("train", "-m", "hydra/launcher=slurm", "lora=r8,r16", cwd=tmp_path)
+    assert p.returncode == 2 and "hydra/launcher=slurm needs a launcher plugin that is not installed: " \
+        "pip install 'qtune[slurm]'" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_the_slurm_launcher_extends_the_plugins_config():
+    """conf/hydra/launcher/slurm.yaml: the plugin's typed submitit_slurm config with qtune's defaults (one task a job,
+    train.nproc GPUs in it)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from qtune.config.compose import CONF_DIR, _register
+
+    _register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=["hydra/launcher=slurm", "train.nproc=4", "hydra.launcher.partition=gpu"],
+                            return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
+    assert launcher.gpus_per_node == 4 and launcher.tasks_per_node == 1 and launcher.nodes == 1

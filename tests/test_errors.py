@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, only_line, qtune
+from conftest import REPO, one_line_error, only_line, qtune
 
 CASES = [
     ("train", ["train.lr=-1"], "train.lr=-1: valid: > 0"),
@@ -64,6 +64,10 @@ CASES = [
      "scores answers, it writes none"),
     ("train", ["train.stage=dpo", f"data.path={REPO}/data/demo/preferences.jsonl", "train.init_adapter=/nowhere/run"],
      "train.init_adapter: /nowhere/run is neither a run folder nor an adapter folder"),
+    # several processes: refused before any starts
+    ("train", ["model=tiny_qwen3", f"data.path={REPO / 'data' / 'demo' / 'captains_log.jsonl'}", "train.device=cpu",
+               "train.nproc=2", "train.backend=nccl"], "train.backend=nccl: NCCL is unavailable (this run is on the CPU)"),
+    ("train", ["train.nproc=0"], "train.nproc must be a positive integer"),
 ]
 
 
@@ -203,6 +207,10 @@ FILE_CASES = [
     ("eval", ["run={rm}", "eval.models=[base]"], "eval.models: base: ", lambda tmp, run: None),
     ("merge", ["run={rm}", "merge.gguf=[f16]"], "is a reward model (train.stage=rm), which merges into a "
      "sequence-classification checkpoint only", lambda tmp, run: None),
+    # a resume that would change what a step means (qtune.distributed.check_resume; tiny_run: global batch 1)
+    ("train", [*TRAIN, "train.output_dir={run}", "train.grad_accum=2"],
+     "was trained with a global batch of 1 (1 × 1 × 1 process), this run's is 2; keep it (train.grad_accum=1 with 1 "
+     "process)", _resumable()),
 ]
 
 
@@ -214,6 +222,8 @@ def _id(case) -> str:
 @pytest.mark.parametrize("verb,overrides,words,make", FILE_CASES, ids=[_id(c) for c in FILE_CASES])
 def test_bad_file_or_folder_is_one_line_naming_it(verb, overrides, words, make, tiny_run, tmp_path, request):
     tmp, run, rm = tmp_path / "tmp", tmp_path / "run", tmp_path / "rm"
+def _run_case(verb, overrides, make, tiny_run, tmp_path):
+    tmp, run = tmp_path / "tmp", tmp_path / "run"
     tmp.mkdir()
     if any("{run}" in o for o in overrides):
         shutil.copytree(tiny_run, run)
@@ -224,12 +234,39 @@ def test_bad_file_or_folder_is_one_line_naming_it(verb, overrides, words, make, 
         p = qtune(verb, *[o.replace("{tmp}", str(tmp)).replace("{run}", str(run)).replace("{rm}", str(rm))
                           for o in overrides], cwd=tmp_path,
                   prefix=NOT_ALL_POWERFUL if getattr(make, "read_only", False) else ())
+        return qtune(verb, *[o.replace("{tmp}", str(tmp)).replace("{run}", str(run)) for o in overrides], cwd=tmp_path,
+                     prefix=NOT_ALL_POWERFUL if getattr(make, "read_only", False) else ())
     finally:
         for ro in tmp.glob("ro"):
             ro.chmod(0o755)
+
+
+@pytest.mark.parametrize("verb,overrides,words,make", FILE_CASES, ids=[_id(c) for c in FILE_CASES])
+def test_bad_file_or_folder_is_one_line_naming_it(verb, overrides, words, make, tiny_run, tmp_path):
+    p = _run_case(verb, overrides, make, tiny_run, tmp_path)
     line = only_line(p)
     assert words in line, p.stderr
     assert str(tmp_path) in line  # the file or folder, by name
+
+
+# Several processes (train.nproc=2 on CPU): these are found once the processes run, after they have loaded the
+# libraries, whose own notices may precede the line on stderr; the line itself is still one, printed once.
+PROCESS_CASES = [
+    ("train", [*TRAIN, "data.max_length=256", "train.output_dir={tmp}/r", "train.nproc=2", "train.distributed=fsdp"],
+     "train.distributed=fsdp: accelerate runs FSDP on GPUs only (here it would fall back to DDP on cpu)", _write("x", b"")),
+    ("train", [*TRAIN, "train.output_dir={tmp}/r", "train.nproc=2"],  # 2048-token packs: the demo set is one row
+     "data: 1 packed training row cannot give each of 2 processes a batch of train.batch_size=1", _write("x", b"")),
+    ("train", [*TRAIN, "train.output_dir={run}", "train.nproc=2", "train.distributed=fsdp"],
+     "train.distributed: {run}/checkpoints/checkpoint-2 was saved by single and this run would resume it with fsdp; "
+     "resume it with train.distributed=ddp or one process", _resumable()),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verb,overrides,words,make", PROCESS_CASES, ids=[_id(c) for c in PROCESS_CASES])
+def test_multi_process_refusal_is_one_line(verb, overrides, words, make, tiny_run, tmp_path):
+    p = _run_case(verb, overrides, make, tiny_run, tmp_path)
+    assert words.replace("{run}", str(tmp_path / "run")) in one_line_error(p), p.stderr
 
 
 def test_download_of_an_unknown_repo_is_one_line(tmp_path):

@@ -206,6 +206,28 @@ def test_sweep_runs_every_job_and_writes_a_summary(tmp_path, tiny_qwen3):
         assert (sweep / job / "adapter" / "adapter_model.safetensors").is_file()
     assert "sweep:" in p.stdout
 
+    # the same sweep through other launchers gives the same summary (same jobs and overrides, losses to 1e-5 relative):
+    # joblib runs the jobs in worker processes side by side, submitit_local (when hydra-submitit-launcher is installed:
+    # qtune[slurm]) as submitted jobs, the way its SLURM launcher runs them on a cluster; each job leaves its row in
+    # its folder, and the summary is read from there
+    import importlib.util
+
+    launchers = {"joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]}
+    if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher"):
+        launchers["submitit_local"] = ["hydra/launcher=submitit_local"]
+    for name, launcher in launchers.items():
+        j = qtune("train", "-m", "model=tiny_qwen3", *DEMO, *FAST, "train.max_steps=3", "train.save_steps=3",
+                  "lora=r8,r16", *launcher, f"hydra.sweep.dir={tmp_path / name}", cwd=tmp_path)
+        assert j.returncode == 0, j.stdout + j.stderr
+        again = list(csv.DictReader(open(tmp_path / name / "summary.csv")))
+        assert [(r["job"], r["overrides"], r["error"]) for r in again] == \
+            [(r["job"], r["overrides"], r["error"]) for r in rows], name
+        for a, b in zip(rows, again):
+            for k in ("train_loss", "eval_loss"):
+                assert abs(float(a[k]) - float(b[k])) <= 1e-5 * float(a[k]), (name, k, a, b)
+        assert (tmp_path / name / "summary.md").read_text().splitlines()[:3] == \
+            (sweep / "summary.md").read_text().splitlines()[:3]
+
     # qtune eval on the sweep folder adds each job's eval numbers to the summary
     e = qtune("eval", f"run={sweep}", f"eval.prompts={REPO}/data/demo/eval_prompts.jsonl", "eval.max_new_tokens=2",
               cwd=tmp_path)

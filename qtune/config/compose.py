@@ -120,9 +120,21 @@ def multirun(overrides: Sequence[str], task: Callable[[DictConfig], object], swe
                config_name="config")
 
 
+# hydra/launcher options and the package each needs; without it Hydra would only say that a config is missing
+LAUNCHER_PACKAGES = {"joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+                     **{name: ("hydra_plugins.hydra_submitit_launcher", "qtune[slurm]")
+                        for name in ("slurm", "submitit_slurm", "submitit_local")}}
+
+
 def check_sweep(overrides: Sequence[str]) -> None:
     """Fail fast, in one line, before Hydra launches anything: every group option and plain override."""
+    import importlib.util
+
     _check_group_choices(overrides)
+    for o in overrides:
+        module, package = LAUNCHER_PACKAGES.get(o.removeprefix("hydra/launcher="), (None, None))
+        if o.startswith("hydra/launcher=") and module and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{o} needs a launcher plugin that is not installed: pip install '{package}'")
     compose([o for o in overrides if "," not in o.split("=", 1)[-1] and "(" not in o])
 
 

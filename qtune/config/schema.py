@@ -76,6 +76,18 @@ class ExpertSelection(_Choice):
     load = "load"    # the most-routed experts, measured on a sample of the training data
 
 
+class Distributed(_Choice):
+    auto = "auto"  # DDP when the model fits one GPU (the plan's estimate), else FSDP2; DDP on CPU
+    ddp = "ddp"    # a full replica per process, gradients all-reduced
+    fsdp = "fsdp"  # FSDP2: weights, gradients and optimizer states sharded across the processes
+
+
+class Backend(_Choice):
+    auto = "auto"  # nccl on CUDA, gloo on CPU
+    nccl = "nccl"
+    gloo = "gloo"
+
+
 class TrainOn(_Choice):
     assistant = "assistant"            # every assistant turn (default)
     last_assistant = "last_assistant"  # only the final assistant turn
@@ -348,6 +360,11 @@ class TrainConfig:
     overwrite: bool = False
     merge_after: bool = False
     device: str = "auto"               # auto | cpu | cuda
+    # Several processes (qtune.distributed): nproc > 1 starts them through torch's elastic launcher (torchrun's
+    # engine), one per GPU; under torchrun or `accelerate launch` the launcher's world size applies instead.
+    nproc: int = 1
+    distributed: Distributed = Distributed.auto
+    backend: Backend = Backend.auto
     dtype: DType = DType.auto          # auto: bf16 where supported, fp32 on CPU
     report_to: List[str] = field(default_factory=lambda: ["tensorboard"])
     sample_prompts: List[str] = field(default_factory=list)  # answered greedily before and after training
@@ -372,7 +389,7 @@ class TrainConfig:
         _check_range("train", "epochs", self.epochs, low=0, low_open=True)
         _check_range("train", "weight_decay", self.weight_decay, low=0)
         _check_range("train", "max_grad_norm", self.max_grad_norm, low=0)
-        for key in ("batch_size", "grad_accum", "logging_steps", "save_steps", "save_total_limit"):
+        for key in ("batch_size", "grad_accum", "logging_steps", "save_steps", "save_total_limit", "nproc"):
             value = getattr(self, key)
             if isinstance(value, int) and value <= 0:
                 raise ValueError(f"train.{key} must be a positive integer, got {value}")

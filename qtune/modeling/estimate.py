@@ -6,7 +6,7 @@ gradients and AdamW states, and activations for one micro-batch at data.max_leng
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from qtune.config.schema import ArchConfig, QuantConfig, QuantMethod
 from qtune.modeling.targets import Matched
@@ -31,6 +31,8 @@ class Memory:
     activations: float
     overhead: float
     experts_4bit: bool = False
+    world_size: int = 1        # per_process(): what each of this many GPUs holds
+    strategy: str = "single"
 
     @property
     def total(self) -> float:
@@ -40,7 +42,21 @@ class Memory:
         return {"base_bytes": int(self.base), "lora_bytes": int(self.lora), "activation_bytes": int(self.activations),
                 "overhead_bytes": int(self.overhead), "total_bytes": int(self.total),
                 "quantized_params": self.base_quantized_params, "unquantized_params": self.base_16bit_params,
-                "experts_4bit": self.experts_4bit}
+                "experts_4bit": self.experts_4bit, "world_size": self.world_size, "strategy": self.strategy}
+
+
+def per_process(m: Memory, strategy: str, world_size: int, layers: int) -> Memory:
+    """What each GPU holds when `world_size` processes train. DDP: a full replica, plus its buckets' copy of the
+    trainable gradients (fp32). FSDP2: 1/world_size of the base and of the adapter's weights, gradients and AdamW
+    states, plus whole copies of the layers being gathered (the one computing and the one prefetched); activations
+    are each process's own micro-batch either way."""
+    if world_size == 1 or strategy == "single":
+        return m
+    if strategy == "ddp":
+        return replace(m, lora=m.lora * (1 + 4 / LORA_BYTES_PER_PARAM), world_size=world_size, strategy=strategy)
+    gathered = 2 * m.base / max(layers, 1)
+    return replace(m, base=m.base / world_size + gathered, lora=m.lora / world_size, world_size=world_size,
+                   strategy=strategy)
 
 
 def quantizable(name: str, module, quant: QuantConfig) -> bool:

@@ -61,9 +61,11 @@ def pick_device(device: str, dtype: DType):
     return device, torch_dtype(dtype)
 
 
-def bnb_config(quant: QuantConfig, keep: tuple[str, ...] = ()):
-    """transformers' BitsAndBytesConfig for quant=nf4|fp4|int8; None for quant=none. `keep`: more modules left
-    unquantized (a reward model's score head, trained whole)."""
+def bnb_config(quant: QuantConfig, quant_storage=None, keep: tuple[str, ...] = ()):
+    """transformers' BitsAndBytesConfig for quant=nf4|fp4|int8; None for quant=none. quant_storage (FSDP2): the dtype
+    the packed 4-bit weights are stored as, the model's own, so that FSDP can shard them like every other weight (the
+    FSDP-QLoRA recipe: it shards floating-point tensors only). `keep`: more modules left unquantized (a reward model's
+    score head, trained whole)."""
     if quant.method is QuantMethod.none:
         return None
     try:
@@ -79,22 +81,24 @@ def bnb_config(quant: QuantConfig, keep: tuple[str, ...] = ()):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=str(quant.method),
                               bnb_4bit_use_double_quant=quant.double_quant,
                               bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
-                              llm_int8_skip_modules=skip)
+                              llm_int8_skip_modules=skip,
+                              **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}))
 
 
 def load_model(folder: Path, model: ModelConfig, quant: QuantConfig, device: str, dtype, gradient_checkpointing: bool,
-               experts_4bit: bool = False, head: str = "lm"):
+               experts_4bit: bool = False, quant_storage=None, head: str = "lm"):
     """The base model for training: quantized per `quant`, on `device`, SDPA (flash-attention when installed).
     experts_4bit (the fast path's MoE on CUDA with quant=nf4|fp4): fused expert tensors, which bitsandbytes leaves in
-    16 bits, become 4-bit one at a time as they load (qtune.modeling.fast.moe). head="score": the base under a
-    new one-output sequence-classification head (a reward model, qtune.stages), drawn from the current seed."""
+    16 bits, become 4-bit one at a time as they load (qtune.modeling.fast.moe). quant_storage: see bnb_config.
+    head="score": the base under a new one-output sequence-classification head (a reward model, qtune.stages), drawn
+    from the current seed."""
     import contextlib
     import importlib.util
 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     attn = "flash_attention_2" if device != "cpu" and importlib.util.find_spec("flash_attn") else "sdpa"
-    qconfig = bnb_config(quant, keep=("score",) if head == "score" else ())
+    qconfig = bnb_config(quant, quant_storage, keep=("score",) if head == "score" else ())
     auto, extra = (AutoModelForSequenceClassification, {"num_labels": 1}) if head == "score" else (AutoModelForCausalLM, {})
     experts = contextlib.nullcontext()
     if experts_4bit and device.startswith("cuda") and quant.method in (QuantMethod.nf4, QuantMethod.fp4):

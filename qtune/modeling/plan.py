@@ -14,12 +14,14 @@ class Plan:
     model: object          # the meta-device model
     matched: Matched       # what LoRA (and full training) reaches
     total: int             # the model's parameters
-    memory: Memory         # the estimate for one micro-batch of this config
+    memory: Memory         # the estimate per GPU for one micro-batch of this config, its world size and strategy
+    single: Memory         # the same on one GPU (what train.distributed=auto compares with a GPU's memory)
 
 
 def plan(cfg: Config) -> Plan:
+    from qtune.distributed import strategy, world
     from qtune.modeling.arch import meta_model
-    from qtune.modeling.estimate import estimate, experts_4bit
+    from qtune.modeling.estimate import estimate, experts_4bit, per_process
     from qtune.modeling.fast import offloads
     from qtune.modeling.targets import match
     from qtune.stages import compacts, head, lora_settings, sequences
@@ -29,8 +31,16 @@ def plan(cfg: Config) -> Plan:
     matched = match(model, lora_settings(cfg), cfg.moe)
     # the tokens one micro-batch puts through a forward that keeps activations (dpo and rm: chosen and rejected)
     tokens = cfg.data.max_length * t.batch_size * sequences(t.stage)
-    memory = estimate(model, cfg.model.arch, matched, cfg.quant, tokens, t.gradient_checkpointing, on_gpu=True,
-                      offload_inputs=offloads(t.fast, t.offload_activations, t.gradient_checkpointing, tokens),
-                      experts4=experts_4bit(t.fast, cfg.quant), compact=str(t.fast) != "false" and compacts(t.stage),
-                      lm_head=head(t.stage) == "lm")
-    return Plan(model, matched, sum(p.numel() for p in model.parameters()), memory)
+
+    def one_gpu(fast: str):
+        return estimate(model, cfg.model.arch, matched, cfg.quant, tokens, t.gradient_checkpointing, on_gpu=True,
+                        offload_inputs=offloads(fast, t.offload_activations, t.gradient_checkpointing, tokens),
+                        experts4=experts_4bit(fast, cfg.quant), compact=fast != "false" and compacts(t.stage),
+                        lm_head=head(t.stage) == "lm")
+
+    single = one_gpu(str(t.fast))
+    size = max(t.nproc, world().size)  # train.nproc, or the launcher's world under torchrun
+    how = strategy(t.distributed, "cuda", size, lambda: single.total)
+    # under FSDP2 training takes the reference path (qtune.modeling.fast.decide): no 4-bit experts, no compaction
+    memory = per_process(one_gpu("false") if how == "fsdp" else single, how, size, cfg.model.arch.num_hidden_layers)
+    return Plan(model, matched, sum(p.numel() for p in model.parameters()), memory, single)

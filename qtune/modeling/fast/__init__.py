@@ -54,9 +54,11 @@ def offloads(fast: str, offload: str, gradient_checkpointing: bool, tokens: int)
     return offload == "true" or (offload == "auto" and tokens >= OFFLOAD_FROM_TOKENS)
 
 
-def decide(setting: str, device: str) -> FastPath:
+def decide(setting: str, device: str, fsdp: bool = False) -> FastPath:
     if setting == "false":
         return FastPath(False, notes=["train.fast=false"])
+    if fsdp:  # its functions read whole (and 4-bit) weights that FSDP2 holds as shards between its all-gathers
+        return FastPath(False, notes=["FSDP2 takes the reference path"])
     if setting == "auto" and not device.startswith("cuda"):
         return FastPath(False, notes=["train.fast=auto uses it on CUDA only; train.fast=true forces it"])
     return FastPath(True)
