@@ -6,7 +6,7 @@ from pathlib import Path
 
 from qtune.config.schema import Config, QuantMethod
 from qtune.errors import ConfigError
-from qtune.merging import check_output, merge
+from qtune.merging import check_exports, check_output, merge
 from qtune.runs import run_config, run_folder
 
 
@@ -25,6 +25,7 @@ def run(cfg: Config):
     bad = [t for t in cfg.merge.gguf if t not in TYPES]
     if bad:
         raise ConfigError(f"merge.gguf={bad[0]}: valid: {', '.join(TYPES)}")
+    check_exports(rcfg, run / "adapter")
     if rcfg.quant.method is not QuantMethod.none:
         ui.print_warning(f"the adapter was trained on a {rcfg.quant.method} base; it is merged into the 16-bit "
                          "original weights, so the merged model can differ slightly from what training saw")

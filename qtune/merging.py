@@ -46,15 +46,20 @@ def check_output(out: Path, overwrite: bool) -> None:
                           "or set merge.overwrite=true to replace them")
 
 
+def check_exports(cfg: Config, adapter: Path) -> None:
+    """GGUF and 4-bit exports are for language models: a reward model (train.stage=rm) is refused in one line."""
+    if cfg.train.stage == "rm" and (cfg.merge.gguf or cfg.merge.save_4bit):
+        raise ConfigError(f"merge.{'gguf' if cfg.merge.gguf else 'save_4bit'}: {adapter.parent} is a reward model "
+                          "(train.stage=rm), which merges into a sequence-classification checkpoint only; GGUF and 4-bit "
+                          "exports are for language models")
+
+
 def merge(cfg: Config, adapter: Path, out: Path, warn=None) -> dict:
     """Fold `adapter` into the base, check parity, save into `out` atomically; `warn` takes warnings (a verb's terminal)."""
     from qtune.stages import head
 
     scorer = head(cfg.train.stage) == "score"
-    if scorer and (cfg.merge.gguf or cfg.merge.save_4bit):
-        raise ConfigError(f"merge.{'gguf' if cfg.merge.gguf else 'save_4bit'}: {adapter.parent} is a reward model "
-                          "(train.stage=rm), which merges into a sequence-classification checkpoint only; GGUF and 4-bit "
-                          "exports are for language models")
+    check_exports(cfg, adapter)
     check_output(out, cfg.merge.overwrite)
     if cfg.merge.save_4bit:
         check_output(_nf4_dir(out), cfg.merge.overwrite)

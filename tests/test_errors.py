@@ -219,11 +219,8 @@ def _id(case) -> str:
     return f"{verb}:{words[:50]}"
 
 
-@pytest.mark.parametrize("verb,overrides,words,make", FILE_CASES, ids=[_id(c) for c in FILE_CASES])
-def test_bad_file_or_folder_is_one_line_naming_it(verb, overrides, words, make, tiny_run, tmp_path, request):
+def _run_case(verb, overrides, make, tiny_run, tmp_path, request=None):
     tmp, run, rm = tmp_path / "tmp", tmp_path / "run", tmp_path / "rm"
-def _run_case(verb, overrides, make, tiny_run, tmp_path):
-    tmp, run = tmp_path / "tmp", tmp_path / "run"
     tmp.mkdir()
     if any("{run}" in o for o in overrides):
         shutil.copytree(tiny_run, run)
@@ -231,10 +228,8 @@ def _run_case(verb, overrides, make, tiny_run, tmp_path):
         shutil.copytree(request.getfixturevalue("tiny_rm_run"), rm)
     make(tmp, run)
     try:
-        p = qtune(verb, *[o.replace("{tmp}", str(tmp)).replace("{run}", str(run)).replace("{rm}", str(rm))
-                          for o in overrides], cwd=tmp_path,
-                  prefix=NOT_ALL_POWERFUL if getattr(make, "read_only", False) else ())
-        return qtune(verb, *[o.replace("{tmp}", str(tmp)).replace("{run}", str(run)) for o in overrides], cwd=tmp_path,
+        return qtune(verb, *[o.replace("{tmp}", str(tmp)).replace("{run}", str(run)).replace("{rm}", str(rm))
+                             for o in overrides], cwd=tmp_path,
                      prefix=NOT_ALL_POWERFUL if getattr(make, "read_only", False) else ())
     finally:
         for ro in tmp.glob("ro"):
@@ -242,8 +237,8 @@ def _run_case(verb, overrides, make, tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize("verb,overrides,words,make", FILE_CASES, ids=[_id(c) for c in FILE_CASES])
-def test_bad_file_or_folder_is_one_line_naming_it(verb, overrides, words, make, tiny_run, tmp_path):
-    p = _run_case(verb, overrides, make, tiny_run, tmp_path)
+def test_bad_file_or_folder_is_one_line_naming_it(verb, overrides, words, make, tiny_run, tmp_path, request):
+    p = _run_case(verb, overrides, make, tiny_run, tmp_path, request)
     line = only_line(p)
     assert words in line, p.stderr
     assert str(tmp_path) in line  # the file or folder, by name
