@@ -83,6 +83,15 @@ def setup(train: TrainConfig, quant: QuantMethod, device: str, need_bytes: Calla
     if size == 1 and not (launched() and train.distributed is Distributed.fsdp):
         return Setup(1, "single", None, train.batch_size, train.grad_accum)
     how = strategy(train.distributed, device, size, need_bytes) if size > 1 else "fsdp"
+    if how == "fsdp" and device.startswith("cuda"):
+        # Measured, not assumed: on an H100 (torch 2.11, accelerate 1.15, transformers 5.24) the first step after a
+        # checkpoint that follows an evaluation failed ("aten.embedding got mixed torch.Tensor and DTensor"), 16-bit and
+        # 4-bit alike. Until that is fixed FSDP2 runs only in the CPU tests; a run is refused before it starts.
+        why = "" if train.distributed is Distributed.fsdp else " (train.distributed=auto chose it: the model needs " \
+            "more memory than one GPU offers)"
+        raise ConfigError(f"train.distributed=fsdp{why}: FSDP2 on GPUs is not available in this qtune yet (it failed on "
+                          "the GPU after a checkpoint); use train.distributed=ddp, which needs the whole model on each "
+                          "GPU (quant=nf4, a smaller lora.r or data.max_length lower the need)")
     if how == "fsdp" and quant is QuantMethod.int8:
         raise ConfigError("quant=int8: FSDP2 shards floating-point weights only and bitsandbytes keeps int8 weights as "
                           "int8; use quant=nf4 (stored in the model's dtype for FSDP) or train.distributed=ddp")
