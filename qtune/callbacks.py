@@ -289,7 +289,7 @@ class StopOnSignal(TrainerCallback):
         stop = GracefulStop.current
         # processes get a signal at slightly different steps; they must save (a collective under FSDP) at the same one
         asked = stop is not None and stop.signal is not None
-        if any_rank(asked, args.device) if args.world_size > 1 else asked:
+        if any_rank(asked, args.device):
             control.should_save = True
             control.should_training_stop = True
 

@@ -1,8 +1,8 @@
 """Training on several processes, through the engines made for it.
 
-- `train.nproc=N` starts N processes with torch's elastic launcher, the engine behind `torchrun --standalone` (and
-  `accelerate launch`); each runs the same `qtune.train.run(cfg)`. Under torchrun or `accelerate launch` nothing is
-  started: qtune reads the world from the variables every torch launcher sets (RANK, LOCAL_RANK, WORLD_SIZE).
+- The processes: `train.nproc=N` starts them (qtune.launch, through torch's elastic launcher, the engine behind
+  `torchrun`); under torchrun or `accelerate launch` they are the launcher's. Each runs the same `qtune.train.run(cfg)`
+  and reads where it stands from the variables every torch launcher sets (RANK, LOCAL_RANK, WORLD_SIZE).
 - transformers' Trainer, through accelerate, wraps the model (DDP, or FSDP2), gives each process its own shard of the
   batches, and counts the loss's tokens over all processes (average_tokens_across_devices), so the loss per token is
   the same whatever the world size and however unevenly the packed rows fill each process's batch.
@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 from qtune.config.schema import Backend, Distributed, QuantMethod, TrainConfig
-from qtune.errors import ConfigError, DataError, QtuneError
+from qtune.errors import ConfigError, DataError
 
 # How long a process waits for the others at a collective: rank 0 prepares the data while the others wait at a
 # barrier, which can take long on a big data set (torch's default, 30 minutes, would cut it short).
 TIMEOUT_S = 3 * 3600
-# After SIGINT/SIGTERM the launcher waits this long for the processes to save a checkpoint before it kills them.
-SHUTDOWN_S = 900
 RECORD = "WorldRecord"  # the callback (qtune.callbacks) whose state each checkpoint's trainer_state.json keeps
 
 
@@ -52,10 +49,6 @@ def world() -> World:
 def launched() -> bool:
     """Started by a launcher (torchrun, accelerate launch, train.nproc): never start processes again."""
     return "LOCAL_RANK" in os.environ
-
-
-def needs_launch(train: TrainConfig) -> bool:
-    return train.nproc > 1 and not launched()
 
 
 @dataclass(frozen=True)
@@ -90,6 +83,15 @@ def setup(train: TrainConfig, quant: QuantMethod, device: str, need_bytes: Calla
     if size == 1 and not (launched() and train.distributed is Distributed.fsdp):
         return Setup(1, "single", None, train.batch_size, train.grad_accum)
     how = strategy(train.distributed, device, size, need_bytes) if size > 1 else "fsdp"
+    if how == "fsdp" and device.startswith("cuda"):
+        # Measured, not assumed: on an H100 (torch 2.11, accelerate 1.15, transformers 5.24) the first step after a
+        # checkpoint that follows an evaluation failed ("aten.embedding got mixed torch.Tensor and DTensor"), 16-bit and
+        # 4-bit alike. Until that is fixed FSDP2 runs only in the CPU tests; a run is refused before it starts.
+        why = "" if train.distributed is Distributed.fsdp else " (train.distributed=auto chose it: the model needs " \
+            "more memory than one GPU offers)"
+        raise ConfigError(f"train.distributed=fsdp{why}: FSDP2 on GPUs is not available in this qtune yet (it failed on "
+                          "the GPU after a checkpoint); use train.distributed=ddp, which needs the whole model on each "
+                          "GPU (quant=nf4, a smaller lora.r or data.max_length lower the need)")
     if how == "fsdp" and quant is QuantMethod.int8:
         raise ConfigError("quant=int8: FSDP2 shards floating-point weights only and bitsandbytes keeps int8 weights as "
                           "int8; use quant=nf4 (stored in the model's dtype for FSDP) or train.distributed=ddp")
@@ -268,150 +270,3 @@ def check_resume(checkpoint: Path, s: Setup) -> None:
             f"({then['batch_size']} × {then['grad_accum']} × {then['world_size']} process"
             f"{'es' if then['world_size'] > 1 else ''}), this run's is {s.global_batch}; keep it ({keep}) so that "
             "steps, the schedule and the data position mean the same, or start over with train.overwrite=true")
-
-
-# ---------------------------------------------------------------- GPUs for jobs that run side by side
-
-
-@contextmanager
-def claim_gpus(n: int, folder: Path, poll_s: float = 2.0):
-    """For a job of a parallel sweep (hydra/launcher=joblib) on a machine of several GPUs: wait for n GPUs no other job
-    holds, set CUDA_VISIBLE_DEVICES to them while the job runs and yield their ids (None, and nothing claimed, with
-    n=0 or fewer than two GPUs). A GPU is held by an exclusive lock on <folder>/.gpus/<index>.lock, which the system
-    releases when the job ends, however it ends."""
-    import fcntl
-    import time
-
-    import torch
-
-    total = torch.cuda.device_count() if n else 0
-    if total < 2:
-        yield None
-        return
-    if n > total:
-        raise ConfigError(f"train.nproc={n}: a job cannot have {n} GPUs, {total} are visible")
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = visible.split(",") if visible else [str(i) for i in range(total)]
-    (folder / ".gpus").mkdir(parents=True, exist_ok=True)
-    held: list = []
-    while len(held) < n:
-        for i in range(total):
-            f = open(folder / ".gpus" / f"{i}.lock", "w")
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.close()
-                continue
-            held.append((ids[i], f))
-            if len(held) == n:
-                break
-        if len(held) < n:  # give back a partial claim, so that two jobs never wait on each other's halves
-            for _, f in held:
-                f.close()
-            held = []
-            time.sleep(poll_s)
-    gpus = ",".join(i for i, _ in held)
-    os.environ["CUDA_VISIBLE_DEVICES"] = gpus
-    try:
-        yield gpus
-    finally:
-        if visible is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = visible
-        for _, f in held:
-            f.close()
-
-
-# ---------------------------------------------------------------- starting the processes (train.nproc)
-
-
-class LaunchError(QtuneError):
-    """A process of a launched run stopped on a QtuneError: its message and its exit code."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def launch(fn: Callable, cfg, nproc: int, **flags):
-    """fn(cfg, **flags) in nproc processes on this machine, started as `torchrun --standalone --nproc_per_node nproc`
-    starts them (torch's elastic_launch: a rendezvous on a free local port, the environment, failure handling; each
-    process in its own session, so a signal reaches them once, through the launcher, which then waits for them to
-    save a checkpoint). Returns rank 0's result. A QtuneError in a process comes back as one line and its exit code."""
-    import logging
-    import pickle
-    import tempfile
-    import uuid
-
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    # torchrun's own default for several processes on one machine: do not let each take every core
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    for name in list(logging.root.manager.loggerDict):  # the launcher's notes and failure reports: ours replace them
-        if name.startswith("torch.distributed"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-    later = {"shutdown_timeout": SHUTDOWN_S} if "shutdown_timeout" in LaunchConfig.__dataclass_fields__ else {}
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5,
-                          **later)  # (torch < 2.8 has no shutdown_timeout: its launcher waits 30 s)
-    with tempfile.TemporaryDirectory(prefix="qtune-launch-") as tmp:
-        job = Path(tmp) / "job.pkl"
-        job.write_bytes(pickle.dumps((fn, cfg, flags)))  # fn by reference: the processes import it
-        try:
-            elastic_launch(config, sys.executable)("-m", "qtune.distributed", str(job))
-        except ChildFailedError as e:
-            raise _failure(Path(tmp), e) from None
-        except SignalException as e:  # the processes got the signal too and saved what they could
-            raise SystemExit(128 + int(e.sigval)) from None
-        result = Path(tmp) / "result.pkl"
-        return pickle.loads(result.read_bytes()) if result.is_file() else None
-
-
-def _failure(tmp: Path, e) -> BaseException:
-    errors = sorted(tmp.glob("error-*.json"), key=lambda p: int(p.stem.split("-")[1]))
-    if errors:
-        first = json.loads(errors[0].read_text())
-        return LaunchError(first["message"], first["exit_code"])
-    codes = {rank: f.exitcode for rank, f in e.failures.items()}
-    signalled = [c for c in codes.values() if c in (130, 143)]
-    if signalled:  # stopped by SIGINT/SIGTERM after saving a checkpoint (rank 0 said so)
-        return SystemExit(signalled[0])
-    rank, code = min(codes.items())
-    how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-    return QtuneError(f"training process {rank} of {len(codes)} failed ({how}); its output above says why")
-
-
-def _die_with_parent() -> None:
-    """When the launcher dies (kill -9), take this process with it rather than train on as an orphan (Linux)."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # it died before prctl
-        raise SystemExit(137)
-
-
-def _work(job: Path) -> None:
-    """One launched process: run the pickled fn; leave rank 0's result, or this process's error, beside the job."""
-    import pickle
-
-    _die_with_parent()
-    fn, cfg, flags = pickle.loads(job.read_bytes())
-    rank = world().rank
-    try:
-        result = fn(cfg, **flags)
-    except QtuneError as e:
-        (job.parent / f"error-{rank}.json").write_text(json.dumps({"message": str(e), "exit_code": e.exit_code}))
-        raise SystemExit(e.exit_code) from None
-    if rank == 0:
-        (job.parent / "result.pkl").write_bytes(pickle.dumps(result))
-
-
-if __name__ == "__main__":
-    _work(Path(sys.argv[1]))

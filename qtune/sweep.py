@@ -43,10 +43,10 @@ def _sweep_dir(overrides: list[str]) -> str:
 
 def _job(train, cfg, flags: dict) -> dict:
     """One job, wherever the launcher runs it. Under a parallel launcher on a machine of several GPUs it takes GPUs of
-    its own (qtune.distributed.claim_gpus)."""
+    its own (qtune.launch.claim_gpus)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from qtune import distributed
+    from qtune import launch
     from qtune.config.compose import to_object
 
     hc = HydraConfig.get()
@@ -56,9 +56,9 @@ def _job(train, cfg, flags: dict) -> dict:
            "train_loss": None, "eval_loss": None, "seconds": None, "peak_memory_bytes": None, "error": None}
     parallel = hc.runtime.choices.get("hydra/launcher") == "joblib"
     try:
-        with distributed.claim_gpus(obj.train.nproc if parallel else 0, Path(hc.sweep.dir)) as gpus:
+        with launch.claim_gpus(obj.train.nproc if parallel else 0, Path(hc.sweep.dir)) as gpus:
             # GPUs of its own: fresh processes, which see only them (this worker of the launcher may hold CUDA already)
-            result = train(obj, **flags) if gpus is None else distributed.launch(train, obj, obj.train.nproc, **flags)
+            result = train(obj, **flags) if gpus is None else launch.start(train, obj, obj.train.nproc, **flags)
     except QtuneError as e:  # one job's failure is a row of the summary, not the end of the sweep
         from qtune.ui import print_error
 

@@ -9,7 +9,7 @@ The recipe, top to bottom:
   5. the stage's TRL trainer (SFT, DPO, KTO, Reward); callbacks write metrics.jsonl and loss.png, show progress,
      stop on NaN and turn SIGINT/SIGTERM into a checkpoint and a clean exit
   6. the final adapter, written atomically, and summary.json
-With several processes (train.nproc=N, torchrun, accelerate launch: qtune.distributed) every process runs this recipe;
+With several processes (train.nproc=N: qtune.launch; torchrun; accelerate launch) every process runs this recipe;
 rank 0 decides what the folder means and prepares the data first, and alone writes the run folder.
 Run folder: config.yaml, checkpoints/checkpoint-N/, adapter/, metrics.jsonl, loss.png, tensorboard/,
 samples.jsonl, summary.json.
@@ -35,7 +35,7 @@ def run(cfg: Config, dry_run: bool = False):
 
     check_inputs(cfg.data)                       # cheap checks first: no model loads, no heavy imports for a typo
     from qtune import distributed as dist
-    from qtune import runs, ui
+    from qtune import launch, runs, ui
 
     if cfg.train.init_adapter:
         runs.adapter_folder(cfg.train.init_adapter, "train.init_adapter")
@@ -48,9 +48,9 @@ def run(cfg: Config, dry_run: bool = False):
     out = Path(cfg.train.output_dir).expanduser()
     check_writable(out, "train.output_dir")
     device, dtype = pick_device(cfg.train.device, cfg.train.dtype)
-    if dist.needs_launch(cfg.train):             # train.nproc=N: this same run in N processes
+    if launch.needed(cfg.train):                 # train.nproc=N: this same run in N processes
         dist.check_devices(device, cfg.train.nproc, cfg.train.backend)
-        return dist.launch(run, cfg, cfg.train.nproc)
+        return launch.start(run, cfg, cfg.train.nproc)
     device = dist.local_device(device)
     setup = _setup(cfg, device)
     with dist.main_first(setup):
