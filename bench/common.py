@@ -77,11 +77,13 @@ def fused_head_step(model, seq: int, vocab: int = 151936):
     return step
 
 
-def qtune_train(name: str, out: Path, model_args: list, data, length: int, steps: int, home: Path, *overrides) -> dict:
+def qtune_train(name: str, out: Path, model_args: list, data, length: int, steps: int, home: Path, *overrides,
+                fmt: str = "text") -> dict:
     """Run `qtune train` (a bench-sized run: one log row a step, no eval, no saving) and read back tokens/s (the median
     of the logged steps after the third, and their spread), the training and whole-process peak memory, the first and
-    last loss, the wall time and the fast path's line. A failed run is its last line of output."""
-    cmd = [sys.executable, "-m", "qtune", "train", *model_args, f"data.path={data}", "data.format=text",
+    last loss, the wall time and the fast path's line. A failed run is its last line of output. `fmt`: data.format
+    (auto for preference pairs)."""
+    cmd = [sys.executable, "-m", "qtune", "train", *model_args, f"data.path={data}", f"data.format={fmt}",
            f"data.max_length={length}", "data.val_size=0", f"train.max_steps={steps}", "train.logging_steps=1",
            "train.grad_accum=1", "train.save_steps=1000", "train.warmup_ratio=0", "train.report_to=[]",
            f"train.output_dir={out}", "train.overwrite=true", f"paths.home={home}", *overrides]

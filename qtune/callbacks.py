@@ -28,13 +28,26 @@ def peak_memory() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
-class MetricsCallback(TrainerCallback):
-    """One JSON line per log: step, loss, eval_loss, lr, grad_norm, tokens/s, memory. Refreshes loss.png
-    at every save. On resume, rows past the checkpoint's step are dropped so the curve continues exactly."""
+# TRL's log keys -> metrics.jsonl's names; each also as eval_<name> from eval_<key>. The preference stages share one
+# vocabulary: reward_* (DPO and KTO: the implicit reward beta·log(policy/reference); rm: the score head's output),
+# reward_accuracy (the share of pairs whose chosen answer out-scores the rejected one), kl (KTO's estimate).
+METRIC_NAMES = (("loss", "loss"), ("learning_rate", "lr"), ("grad_norm", "grad_norm"), ("num_tokens", "tokens"),
+                ("mean_token_accuracy", "accuracy"), ("aux_loss", "aux_loss"), ("train_loss", "train_loss_avg"),
+                ("rewards/chosen", "reward_chosen"), ("rewards/rejected", "reward_rejected"),
+                ("rewards/margins", "reward_margin"), ("rewards/accuracies", "reward_accuracy"),
+                ("logps/chosen", "logp_chosen"), ("logps/rejected", "logp_rejected"), ("kl", "kl"),
+                ("accuracy", "reward_accuracy"), ("margin", "reward_margin"), ("mean_reward", "reward_mean"))
 
-    def __init__(self, run_dir: Path, resume_step: int | None):
+
+class MetricsCallback(TrainerCallback):
+    """One JSON line per log: step, loss, eval_loss, lr, grad_norm, tokens/s, memory, and the stage's own figures
+    (METRIC_NAMES). Refreshes loss.png at every save (with the stage's key `curve` beside the loss). On resume, rows
+    past the checkpoint's step are dropped so the curve continues exactly."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None, curve: str | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.run_dir = Path(run_dir)
+        self.curve = curve
         self._last = None  # (time, tokens) at the previous training log
         from qtune.distributed import world
 
@@ -52,11 +65,10 @@ class MetricsCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
-        for src, dst in (("loss", "loss"), ("eval_loss", "eval_loss"), ("learning_rate", "lr"),
-                         ("grad_norm", "grad_norm"), ("num_tokens", "tokens"), ("mean_token_accuracy", "accuracy"),
-                         ("aux_loss", "aux_loss"), ("train_loss", "train_loss_avg")):
-            if src in logs:
-                row[dst] = logs[src]
+        for src, dst in METRIC_NAMES:
+            for prefix in ("", "eval_") if src != "num_tokens" else ("",):  # (TRL's evals repeat the train count)
+                if prefix + src in logs:
+                    row[prefix + dst] = logs[prefix + src]
         if "loss" in logs and "tokens" in row:
             now = time.time()
             if self._last is not None and now > self._last[0]:
@@ -74,7 +86,7 @@ class MetricsCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            plot_losses(self.run_dir)
+            plot_losses(self.run_dir, self.curve)
 
 
 def start_training_peak() -> None:
@@ -104,15 +116,22 @@ def _tokens_so_far(path: Path) -> int:
     return tokens
 
 
-def plot_losses(run_dir: Path) -> Path | None:
-    """loss.png: train and eval loss against step (written atomically)."""
+def plot_losses(run_dir: Path, curve: str | None = None) -> Path | None:
+    """loss.png: train and eval loss against step, and beside them the stage's key `curve` (e.g. reward_margin) where
+    metrics.jsonl has it (written atomically)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return None
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
-    if not train and not evals:
+
+    def series(key: str) -> tuple[list, list]:
+        return ([(r["step"], r[key]) for r in rows if r.get(key) is not None],
+                [(r["step"], r[f"eval_{key}"]) for r in rows if r.get(f"eval_{key}") is not None])
+
+    panels = [("loss", series("loss"))]
+    if curve and any(series(curve)):
+        panels.append((curve, series(curve)))
+    if not any(panels[0][1]):
         return None
     import io
 
@@ -121,16 +140,18 @@ def plot_losses(run_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if train:
-        ax.plot(*zip(*train), label="train loss", color="tab:blue")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(Path(run_dir).name)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), dpi=110, squeeze=False)
+    for ax, (key, (train, evals)) in zip(axes[0], panels):
+        name = key.replace("_", " ")
+        if train:
+            ax.plot(*zip(*train), label=f"train {name}", color="tab:blue")
+        if evals:
+            ax.plot(*zip(*evals), "o-", label=f"eval {name}", color="tab:orange")
+        ax.set_xlabel("step")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(Path(run_dir).name)
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")

@@ -2,7 +2,8 @@
 
   1. what to compare: `eval.models` (base, adapter, merged, other run folders, model folders); by default
      the run's base, its adapter and, when present, its merged model
-  2. held-out loss and perplexity of each on the run's eval split (or `eval.data`, prepared the same way)
+  2. held-out loss and perplexity of each on the run's eval split (or `eval.data`, prepared the same way); for dpo,
+     kto and rm runs the held-out preference figures instead (qtune.evaluation.preference: reward accuracy and margin)
   3. with `eval.prompts`: each model answers every prompt (greedy, or `eval.repeats` sampled answers for
      consistency), timed (time to first token, tokens/s), scored against references (exact match, token
      F1, ROUGE-L) and, with `eval.judge_url`, by an LLM judge (1-5: accuracy, helpfulness, tone)
@@ -39,8 +40,12 @@ def run(cfg: Config):
         return evaluate_sweep(cfg, Path(cfg.run).expanduser())
     run = run_folder(cfg)
     rcfg = run_config(run, cfg)
+    stage = rcfg.train.stage
+    if stage == "rm" and cfg.eval.prompts:
+        raise ConfigError(f"eval.prompts: {run} is a reward model (train.stage=rm), which writes no answers; its eval "
+                          "is the pairwise accuracy on held-out pairs (the run's eval split, or eval.data)")
     prompts = load_prompts(Path(cfg.eval.prompts).expanduser()) if cfg.eval.prompts else []
-    candidates = _candidates(cfg, run)                                             # 1
+    candidates = _candidates(cfg, run, stage)                                      # 1
     judge = None
     if cfg.eval.judge_url:
         if not prompts:
@@ -52,18 +57,25 @@ def run(cfg: Config):
     device, dtype = pick_device(rcfg.train.device, rcfg.train.dtype)
     tokenizer, rows = _heldout(rcfg, cfg)
     out = Path(cfg.eval.output_dir).expanduser() if cfg.eval.output_dir else run / "eval"
-    results, summary = [], {}
-    for group in _load_groups(candidates):
+    results, summary, reference = [], {}, None
+    groups = _load_groups(candidates)
+    if stage in ("dpo", "kto") and rows and not any(c.kind != "model" for g in groups for c in g):
+        groups.insert(0, [Candidate("base", "base", None)])  # the reference the implicit rewards are measured against
+    for group in groups:
         loaded = _load(rcfg, group, tokenizer, device, dtype)
-        for cand in group:
+        if stage in ("dpo", "kto") and rows and group[0].kind != "model":
+            from qtune.evaluation.preference import answer_logps
+
+            with loaded.using("base"):
+                reference = answer_logps(loaded.model, rows)
+        for cand in (c for c in group if c in candidates):
             ui.info(f"evaluating {cand.name}")
             with loaded.using(cand.name):
-                loss = heldout_loss(loaded.model, rows) if rows else None            # 2
+                summary[cand.name] = _heldout_figures(rcfg, loaded, cand, rows, reference)   # 2
                 answers = [answer(loaded, p, cfg, rcfg, i) for i, p in enumerate(prompts)]   # 3
             for a in answers:
                 a["model"] = cand.name
             results += answers
-            summary[cand.name] = {"heldout_loss": loss, "perplexity": math.exp(loss) if loss is not None else None}
         del loaded
     unscored = _judge(judge, results) if judge else []
     for name in summary:
@@ -90,8 +102,11 @@ def evaluate_sweep(cfg: Config, folder: Path) -> list[dict]:
         jcfg.run, jcfg.eval.models, jcfg.eval.output_dir = str(job), ["adapter"], None
         report = run(jcfg)["models"]["adapter"]
         row.update({f"eval_{k}": report.get(k) for k in SWEEP_COLUMNS})
+    from qtune.stages import SWEEP_COLUMNS as STAGE_COLUMNS
+
+    trained = [c for c in STAGE_COLUMNS if c in (rows[0] if rows else {})]  # the training's own figures stay in the tables
     for row in rows:
-        for key in ("train_loss", "eval_loss", "seconds", "peak_memory_bytes"):
+        for key in ("train_loss", "eval_loss", "seconds", "peak_memory_bytes", *trained):
             row[key] = float(row[key]) if row.get(key) not in (None, "") else None
         row["job"] = int(row["job"])
         row["overrides"] = row["overrides"].split()
@@ -99,12 +114,12 @@ def evaluate_sweep(cfg: Config, folder: Path) -> list[dict]:
         for k in SWEEP_COLUMNS:
             v = row.get(f"eval_{k}")
             row[f"eval_{k}"] = float(v) if v not in (None, "") else None
-    extra = [f"eval_{k}" for k in SWEEP_COLUMNS]
+    extra = trained + [f"eval_{k}" for k in SWEEP_COLUMNS]
     ui.show_sweep_summary(write_summary(rows, folder, extra, shared_overrides_known=True), folder, extra)
     return rows
 
 
-SWEEP_COLUMNS = ("heldout_loss", "rouge_l", "judge_accuracy")
+SWEEP_COLUMNS = ("heldout_loss", "reward_accuracy", "reward_margin", "rouge_l", "judge_accuracy")
 
 
 # ---------------------------------------------------------------- inputs
@@ -131,8 +146,12 @@ def load_prompts(path: Path) -> list[dict]:
     return prompts
 
 
-def _candidates(cfg: Config, run: Path) -> list[Candidate]:
-    names = list(cfg.eval.models) or ["base", "adapter"] + (["merged"] if (run / "merged" / "config.json").is_file() else [])
+def _candidates(cfg: Config, run: Path, stage: str) -> list[Candidate]:
+    merged = ["merged"] if (run / "merged" / "config.json").is_file() else []
+    if stage == "rm" and "base" in cfg.eval.models:
+        raise ConfigError(f"eval.models: base: {run} is a reward model, and its base has no trained score head "
+                          "(the head is in the adapter); compare adapter and merged")
+    names = list(cfg.eval.models) or ([] if stage == "rm" else ["base"]) + ["adapter"] + merged
     out = _candidate_list(names, run)
     from qtune import integrity
     from qtune.runs import check_adapter
@@ -188,7 +207,7 @@ def _heldout(rcfg: Config, cfg: Config):
         data.path, data.sources, data.eval_path, data.val_size = cfg.eval.data, [], cfg.eval.data, 0.0
     elif not (data.eval_path or data.val_size):
         return tokenizer, []
-    prepared = prepare(data, tokenizer, rcfg.model.name, rcfg.model.chat_template)
+    prepared = prepare(data, tokenizer, rcfg.model.name, rcfg.model.chat_template, rcfg.train.stage)
     ds = prepared.load("eval")
     rows = [] if ds is None else [ds[i] for i in range(len(ds))]
     return tokenizer, rows[:cfg.eval.max_eval_rows] if cfg.eval.max_eval_rows else rows
@@ -210,6 +229,26 @@ def _load(rcfg: Config, group: list[Candidate], tokenizer, device: str, dtype):
     adapters = {c.name: c.path for c in group if c.kind == "adapter"}
     return Loaded(load_with_adapters(rcfg, adapters, device, dtype, warn=print_warning), tokenizer, template, "base",
                   adapters)
+
+
+def _heldout_figures(rcfg: Config, loaded, cand: Candidate, rows: list[dict], reference) -> dict:
+    """What the held-out rows say about one candidate: loss and perplexity (pt, sft), or the stage's preference
+    figures (qtune.evaluation.preference): for dpo and kto against the base, which has none of its own."""
+    stage = rcfg.train.stage
+    if not rows:
+        return {}
+    if stage in ("pt", "sft"):
+        loss = heldout_loss(loaded.model, rows)
+        return {"heldout_loss": loss, "perplexity": math.exp(loss)}
+    from qtune.evaluation import preference
+
+    if stage == "rm":
+        return preference.figures(preference.scores(loaded.model, rows, loaded.tokenizer.pad_token_id))
+    if cand.kind == "base":
+        return {"reward_accuracy": None, "reward_margin": None}
+    beta = rcfg.train.dpo.beta if stage == "dpo" else rcfg.train.kto.beta
+    rewards = beta * (preference.answer_logps(loaded.model, rows) - reference)
+    return preference.figures(rewards, [r.get("label") for r in rows])
 
 
 def heldout_loss(model, rows: list[dict]) -> float:

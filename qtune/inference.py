@@ -53,6 +53,8 @@ def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None =
     if use == "merged" and not (merged and (merged / "config.json").is_file()):
         raise ConfigError(f"chat.use=merged: {run}/merged does not exist; run `qtune merge run={run}` first")
     adapters = {name: adapter_folder(path, "serve.adapters") for name, path in (extra_adapters or {}).items()}
+    for where in [run / "adapter"] * (run is not None) + list(adapters.values()):
+        _refuse_reward_model(where)
     use_merged = merged is not None and (merged / "config.json").is_file() and use in ("auto", "merged") and not adapters
     if use_merged:
         from qtune import integrity
@@ -78,11 +80,26 @@ def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None =
     return Loaded(model, tokenizer, template, rcfg.model.name, adapters, label)
 
 
-def load_folder(path: Path, device: str, dtype):
-    """A whole model saved as a folder (a merged run, any transformers checkpoint), ready to generate."""
-    from transformers import AutoModelForCausalLM
+def _refuse_reward_model(adapter: Path) -> None:
+    """chat and serve write answers; a reward model's adapter (train.stage=rm) only scores them."""
+    import json
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device})
+    if json.loads((adapter / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS":
+        raise ConfigError(f"{adapter.parent if adapter.name == 'adapter' else adapter} is a reward model "
+                          "(train.stage=rm): it scores answers and writes none; measure it with `qtune eval`")
+
+
+def load_folder(path: Path, device: str, dtype):
+    """A whole model saved as a folder (a merged run, any transformers checkpoint), ready to generate; a merged reward
+    model (a sequence-classification checkpoint) loads as one, ready to score."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kinds = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
+    auto = AutoModelForSequenceClassification if any(k.endswith("ForSequenceClassification") for k in kinds) \
+        else AutoModelForCausalLM
+    model = auto.from_pretrained(path, dtype=dtype, device_map={"": device})
     model.eval()
     return model
 
@@ -92,9 +109,10 @@ def load_with_adapters(rcfg: Config, adapters: dict[str, Path], device: str, dty
     by name, the first one active; the bare base when there are none."""
     from qtune.hub import ensure_model
     from qtune.modeling.load import load_model
+    from qtune.stages import head
 
     base = load_model(ensure_model(rcfg.model, rcfg.download, rcfg.paths, warn=warn), rcfg.model, rcfg.quant,
-                      device, dtype, gradient_checkpointing=False)
+                      device, dtype, gradient_checkpointing=False, head=head(rcfg.train.stage))
     base.config.use_cache = True
     base.eval()
     if not adapters:

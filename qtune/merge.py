@@ -6,7 +6,7 @@ from pathlib import Path
 
 from qtune.config.schema import Config, QuantMethod
 from qtune.errors import ConfigError
-from qtune.merging import check_output, merge
+from qtune.merging import check_exports, check_output, merge
 from qtune.runs import run_config, run_folder
 
 
@@ -25,13 +25,17 @@ def run(cfg: Config):
     bad = [t for t in cfg.merge.gguf if t not in TYPES]
     if bad:
         raise ConfigError(f"merge.gguf={bad[0]}: valid: {', '.join(TYPES)}")
+    check_exports(rcfg, run / "adapter")
     if rcfg.quant.method is not QuantMethod.none:
         ui.print_warning(f"the adapter was trained on a {rcfg.quant.method} base; it is merged into the 16-bit "
                          "original weights, so the merged model can differ slightly from what training saw")
     result = merge(rcfg, run / "adapter", out, warn=ui.print_warning)
+    if rcfg.train.stage == "rm":
+        ui.info("a reward model: merged into a sequence-classification checkpoint with its score head "
+                "(load it with transformers' AutoModelForSequenceClassification)")
     ui.info(f"parity ({result['parity_dtype']}): max |logits(merged) - logits(base+adapter)| = "
             f"{result['max_abs_diff']:.3g} <= {cfg.merge.tolerance:g} on {result['prompts']} prompts")
-    if result["dtype"] != result["parity_dtype"]:
+    if "top1_agreement" in result:
         ui.info(f"saved in {result['dtype']}: next-token choice agrees with base+adapter at "
                 f"{result['top1_agreement']:.1%} of positions (largest logit change {result['cast_max_abs_diff']:.3g})")
     ui.info(f"merged model: {out}")

@@ -15,6 +15,9 @@ too large to hold in fp32.
 
 An adapter trained on a quantized (nf4/int8) base is merged into the 16-bit original weights; the output
 says so, since the training saw their quantized values.
+
+A reward model (train.stage=rm) merges into a sequence-classification checkpoint that keeps its trained score head
+(the adapter holds it); parity is checked on its scores. GGUF and 4-bit exports are for language models only.
 """
 from __future__ import annotations
 
@@ -43,14 +46,26 @@ def check_output(out: Path, overwrite: bool) -> None:
                           "or set merge.overwrite=true to replace them")
 
 
+def check_exports(cfg: Config, adapter: Path) -> None:
+    """GGUF and 4-bit exports are for language models: a reward model (train.stage=rm) is refused in one line."""
+    if cfg.train.stage == "rm" and (cfg.merge.gguf or cfg.merge.save_4bit):
+        raise ConfigError(f"merge.{'gguf' if cfg.merge.gguf else 'save_4bit'}: {adapter.parent} is a reward model "
+                          "(train.stage=rm), which merges into a sequence-classification checkpoint only; GGUF and 4-bit "
+                          "exports are for language models")
+
+
 def merge(cfg: Config, adapter: Path, out: Path, warn=None) -> dict:
     """Fold `adapter` into the base, check parity, save into `out` atomically; `warn` takes warnings (a verb's terminal)."""
+    from qtune.stages import head
+
+    scorer = head(cfg.train.stage) == "score"
+    check_exports(cfg, adapter)
     check_output(out, cfg.merge.overwrite)
     if cfg.merge.save_4bit:
         check_output(_nf4_dir(out), cfg.merge.overwrite)
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from qtune.hub import ensure_model
     from qtune.io import atomic_dir, atomic_write_json
@@ -61,8 +76,11 @@ def merge(cfg: Config, adapter: Path, out: Path, warn=None) -> dict:
             raise ConfigError(f"merge.{key}=auto: choose bf16, fp16 or fp32")
     folder = ensure_model(cfg.model, cfg.download, cfg.paths, warn=warn)
     tokenizer = load_tokenizer(cfg.model, cfg.paths)
-    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(cfg.merge.parity_dtype),
-                                                trust_remote_code=cfg.model.trust_remote_code)
+    auto, extra = (AutoModelForSequenceClassification, {"num_labels": 1}) if scorer else (AutoModelForCausalLM, {})
+    base = auto.from_pretrained(folder, dtype=torch_dtype(cfg.merge.parity_dtype),
+                                trust_remote_code=cfg.model.trust_remote_code, **extra)
+    if scorer:  # where the score is read (the last token that is not padding), as in training
+        base.config.pad_token_id = tokenizer.pad_token_id
     model = PeftModel.from_pretrained(base, adapter)
     model.eval()
     inputs = _parity_inputs(model, tokenizer, cfg)
@@ -81,8 +99,9 @@ def merge(cfg: Config, adapter: Path, out: Path, warn=None) -> dict:
             merged = merged.to(torch_dtype(cfg.merge.dtype))
             cast = [merged(**x).logits.float() for x in inputs]
             result["cast_max_abs_diff"] = max((a - b).abs().max().item() for a, b in zip(reference, cast))
-            agree = [(a.argmax(-1) == b.argmax(-1)).float().mean().item() for a, b in zip(reference, cast)]
-            result["top1_agreement"] = sum(agree) / len(agree)
+            if not scorer:  # (a score has no next-token choice)
+                agree = [(a.argmax(-1) == b.argmax(-1)).float().mean().item() for a, b in zip(reference, cast)]
+                result["top1_agreement"] = sum(agree) / len(agree)
     with atomic_dir(out, replace=True) as tmp:
         merged.save_pretrained(tmp, max_shard_size="2GB")
         tokenizer.save_pretrained(tmp)

@@ -14,13 +14,14 @@ def run(cfg: Config, dry_run: bool = False):
 
     tokenizer = load_tokenizer(cfg.model, cfg.paths)
     if dry_run:
-        shown, counts, rejected, warning = preview(cfg.data, tokenizer, cfg.model.name, cfg.model.chat_template)
+        shown, counts, rejected, warning = preview(cfg.data, tokenizer, cfg.model.name, cfg.model.chat_template,
+                                                   stage=cfg.train.stage)
         if warning:
             ui.print_warning(warning)
         ui.show_preview(shown, counts, rejected)
         return None
     with ui.status("preparing data"):
-        result = prepare(cfg.data, tokenizer, cfg.model.name, cfg.model.chat_template)
+        result = prepare(cfg.data, tokenizer, cfg.model.name, cfg.model.chat_template, cfg.train.stage)
     if not result.cache_hit:
         from qtune.runs import write_config
 

@@ -32,8 +32,9 @@ def saved_form(cfg: Config) -> dict:
     for holder, key in [(data, "path"), (data, "eval_path"), *[(src, "path") for src in data["sources"]]]:
         if holder[key] and not is_hub_dataset(holder[key]):
             holder[key] = _absolute(holder[key])
-    for group, key in (("data", "cache_dir"), ("model", "local_dir"), ("train", "output_dir")):
-        d[group][key] = _absolute(d[group][key])
+    for group, key in (("data", "cache_dir"), ("model", "local_dir"), ("train", "output_dir"), ("train", "init_adapter")):
+        if d[group][key]:
+            d[group][key] = _absolute(d[group][key])
     return d
 
 
@@ -52,7 +53,7 @@ def _plain(obj):
 
 
 # Settings a resumed run must share with the run it continues (anything else may change, e.g. train.max_steps).
-_RESUME_KEYS = ("model", "quant", "lora", "moe")
+_RESUME_KEYS = ("model", "quant", "lora", "moe", "train.stage", "train.init_adapter")
 
 
 def resume_point(out: Path, cfg: Config) -> Path | None:
@@ -144,9 +145,12 @@ def _check_same_settings(out: Path, cfg: Config) -> None:
     if not saved_path.is_file():
         return
     saved = yaml.safe_load(saved_path.read_text()) or {}
+    saved.setdefault("train", {}).setdefault("stage", "sft")  # (run folders from before stages)
     now = saved_form(cfg)
-    for group in _RESUME_KEYS:
-        diff = _first_difference(saved.get(group), now.get(group), group)
+    for key in _RESUME_KEYS:
+        group, _, leaf = key.partition(".")
+        old, new = saved.get(group) or {}, now.get(group) or {}
+        diff = _first_difference(old.get(leaf) if leaf else old, new.get(leaf) if leaf else new, key)
         if diff:
             key, old, new = diff
             raise ConfigError(f"{key}={new}: {out} was trained with {key}={old}; resume with the same setting, "

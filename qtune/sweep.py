@@ -19,6 +19,7 @@ ROW = "job.json"  # a job's row of the summary, in the job's folder
 def run(train, overrides: list[str], flags: dict, sweep_dir: str | None = None) -> list[dict]:
     """One `train(cfg)` a job of the sweep (the CLI passes qtune.train.run), then the summary."""
     from qtune.config.compose import check_sweep, multirun
+    from qtune.stages import SWEEP_COLUMNS
 
     check_sweep(overrides)
     folder = Path(sweep_dir or _sweep_dir(overrides))  # chosen here: the jobs may not run in this process
@@ -26,8 +27,8 @@ def run(train, overrides: list[str], flags: dict, sweep_dir: str | None = None) 
     if flags.get("dry_run"):
         return []
     rows = sorted((json.loads(p.read_text()) for p in folder.glob(f"*/{ROW}")), key=lambda r: r["job"])
-    if rows:
-        write_summary(rows, folder)
+    if rows:  # dpo, kto, rm: with the stage's own figures
+        write_summary(rows, folder, [c for c in SWEEP_COLUMNS if any(r.get(c) is not None for r in rows)])
     if rows and all(r["error"] for r in rows):
         raise QtuneError(f"every job of the sweep failed; see {folder / 'summary.md'}")
     return rows
@@ -66,6 +67,9 @@ def _job(train, cfg, flags: dict) -> dict:
     else:
         if isinstance(result, dict):
             row.update({k: result.get(k) for k in ("train_loss", "eval_loss", "seconds", "peak_memory_bytes")})
+            from qtune.stages import sweep_figures
+
+            row.update(sweep_figures(result))
     if not flags.get("dry_run"):
         from qtune.io import atomic_write_json
 

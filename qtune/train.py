@@ -1,12 +1,13 @@
-"""`qtune train`: LoRA / QLoRA with TRL's SFTTrainer into a run folder.
+"""`qtune train`: LoRA / QLoRA with TRL's trainers into a run folder, at the stage `train.stage` names (qtune.stages).
 
 The recipe, top to bottom:
   1. decide what the output folder means: a fresh run, a resume, or a refusal
-  2. tokenizer + prepared data (prepared now when the cache misses)
-  3. base model, quantized per `quant=`, frozen, activation checkpointing
-  4. LoRA on exactly the targets qtune.modeling.targets.match() names (the dry run shows the same list)
-  5. SFTTrainer on the packed, padding-free examples; callbacks write metrics.jsonl and loss.png,
-     show progress, stop on NaN and turn SIGINT/SIGTERM into a checkpoint and a clean exit
+  2. tokenizer + prepared data (prepared now when the cache misses), as the stage trains on it
+  3. base model, quantized per `quant=`, frozen, activation checkpointing (rm: under a new score head)
+  4. LoRA on exactly the targets qtune.modeling.targets.match() names (the dry run shows the same list), its weights
+     taken from train.init_adapter when set
+  5. the stage's TRL trainer (SFT, DPO, KTO, Reward); callbacks write metrics.jsonl and loss.png, show progress,
+     stop on NaN and turn SIGINT/SIGTERM into a checkpoint and a clean exit
   6. the final adapter, written atomically, and summary.json
 With several processes (train.nproc=N: qtune.launch; torchrun; accelerate launch) every process runs this recipe;
 rank 0 decides what the folder means and prepares the data first, and alone writes the run folder.
@@ -35,6 +36,9 @@ def run(cfg: Config, dry_run: bool = False):
     check_inputs(cfg.data)                       # cheap checks first: no model loads, no heavy imports for a typo
     from qtune import distributed as dist
     from qtune import launch, runs, ui
+
+    if cfg.train.init_adapter:
+        runs.adapter_folder(cfg.train.init_adapter, "train.init_adapter")
     from qtune.io import check_writable
     from qtune.modeling.load import pick_device, quiet_libraries
 
@@ -61,7 +65,8 @@ def run(cfg: Config, dry_run: bool = False):
         runs.write_config(out, cfg, setup.record())
     trainer, nan = _trainer(cfg, setup, model, tokenizer, prepared, out, resume)  # 5
     samples_before = _samples(cfg, trainer.model, tokenizer, out, "before") if resume is None and main else None
-    ui.info(f"training {cfg.model.name} ({cfg.quant.method}, LoRA r{cfg.lora.r}) on {device}: "
+    start = f", from {cfg.train.init_adapter}" if cfg.train.init_adapter else ""
+    ui.info(f"training {cfg.model.name} ({cfg.train.stage}, {cfg.quant.method}, LoRA r{cfg.lora.r}{start}) on {device}: "
             f"{matched.trainable:,} trainable parameters in {len(matched.targets)} targets -> {out}")
     ui.info(setup.describe())
     if resume:
@@ -173,7 +178,7 @@ def _data(cfg: Config, setup):
 
     tokenizer = load_tokenizer(cfg.model, cfg.paths)
     with ui.status("preparing data"), main_first(setup):  # prepared once: the others find it in the cache
-        prepared = prepare(cfg.data, tokenizer, cfg.model.name, cfg.model.chat_template)
+        prepared = prepare(cfg.data, tokenizer, cfg.model.name, cfg.model.chat_template, cfg.train.stage)
     for w in prepared.warnings:
         ui.print_warning(w)
     if not prepared.cache_hit:
@@ -196,9 +201,10 @@ def _expert_selection(cfg: Config, model, matched, out: Path, train_ds) -> dict:
         return {}
     selection = moe.load_selection(out)
     if selection is None:
+        from qtune.data.pairs import token_row
         from qtune.data.prepare import row_tensors
 
-        batches = [row_tensors(train_ds[i], model.device) for i in range(min(len(train_ds), 16))]
+        batches = [row_tensors(token_row(train_ds[i]), model.device) for i in range(min(len(train_ds), 16))]
         selection = moe.select_experts(model, matched, cfg.moe, batches)
         moe.save_selection(out, selection, cfg.moe)
     some = next(iter(selection.items()))
@@ -216,20 +222,22 @@ def _model(cfg: Config, setup, device: str, dtype, out: Path, train_ds):
     from qtune.modeling.targets import apply_dropout, check, match, peft_config, unmatched_message
 
     from qtune.modeling import fast as fastpath
+    from qtune.stages import compacts, head, lora_settings
 
     folder = ensure_model(cfg.model, cfg.download, cfg.paths, warn=ui.print_warning)
-    set_seed(cfg.train.seed)  # LoRA's A matrices are drawn now, before the trainer seeds anything
+    set_seed(cfg.train.seed)  # LoRA's A matrices (and rm's score head) are drawn now, before the trainer seeds anything
     fsdp = setup.strategy == "fsdp"
     fast = fastpath.decide(str(cfg.train.fast), device, fsdp=fsdp)
     with ui.status(f"loading {cfg.model.name}"):
         # under FSDP2 the sharding checkpoints activations (qtune.distributed.trainer_args) and the 4-bit weights are
         # stored in the model's dtype so that they shard
         model = load_model(folder, cfg.model, cfg.quant, device, dtype, cfg.train.gradient_checkpointing and not fsdp,
-                           experts_4bit=fast.on, quant_storage=dtype if fsdp else None)
+                           experts_4bit=fast.on, quant_storage=dtype if fsdp else None, head=head(cfg.train.stage))
     fastpath.apply_base(fast, model, device, cfg.train.gradient_checkpointing, cfg.train.liger,
                         cfg.train.offload_activations, cfg.data.max_length * cfg.train.batch_size)
-    matched = match(model, cfg.lora, cfg.moe)
-    check(matched, cfg.lora)
+    lora = lora_settings(cfg)
+    matched = match(model, lora, cfg.moe)
+    check(matched, lora)
     for pattern in matched.unmatched:
         ui.print_warning(unmatched_message(pattern, cfg.model.name, matched.is_moe))
     from peft import get_peft_model
@@ -238,13 +246,22 @@ def _model(cfg: Config, setup, device: str, dtype, out: Path, train_ds):
 
     with main_first(setup):  # rank 0 measures and keeps experts.json; the others read it
         selection = _expert_selection(cfg, model, matched, out, train_ds)
-    model = get_peft_model(model, peft_config(matched, cfg.lora, cfg.quant.method is not QuantMethod.none))
+    task = "SEQ_CLS" if head(cfg.train.stage) == "score" else "CAUSAL_LM"
+    model = get_peft_model(model, peft_config(matched, lora, cfg.quant.method is not QuantMethod.none, task))
+    if cfg.train.init_adapter:
+        from qtune.modeling.adapters import load_into
+        from qtune.runs import adapter_folder
+
+        n = load_into(model, adapter_folder(cfg.train.init_adapter, "train.init_adapter"))
+        ui.info(f"train.init_adapter: {n} tensors loaded from {cfg.train.init_adapter}")
     if cfg.lora.dropout and matched.names("lora_param"):
         n = apply_dropout(model, cfg.lora.dropout)
         ui.info(f"lora.dropout={cfg.lora.dropout:g} on {n} linear adapters; fused expert/router adapters train "
                 "without dropout (PEFT's ParamWrapper has none)")
     fastpath.apply_lora(fast, model, str(cfg.quant.method))
-    compacted = set(fastpath.compact_experts(fast, model, selection))
+    # dpo and kto keep full-size expert adapters (masked to the chosen experts): TRL copies the adapter it starts from
+    # as the reference, a copy that compacted tensors would not fit
+    compacted = set(fastpath.compact_experts(fast, model, selection)) if compacts(cfg.train.stage) else set()
     if selection:
         from qtune.modeling.moe import restrict
 
@@ -260,60 +277,29 @@ def _model(cfg: Config, setup, device: str, dtype, out: Path, train_ds):
     return model, matched
 
 
-def _training_args(cfg: Config, setup, out: Path, has_eval: bool, device: str, model_dtype):
-    import torch
-    from trl import SFTConfig
-
-    from qtune.distributed import trainer_args
-
-    t = cfg.train
-    eval_steps = t.eval_steps or t.save_steps
-    return SFTConfig(
-        output_dir=str(out / "checkpoints"),
-        seed=t.seed, data_seed=t.seed,
-        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.lr, num_train_epochs=t.epochs, max_steps=t.max_steps,
-        warmup_steps=t.warmup_ratio, lr_scheduler_type=t.scheduler, weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, optim=t.optim,
-        logging_steps=t.logging_steps, logging_first_step=True,
-        eval_strategy="steps" if has_eval else "no", eval_steps=eval_steps if has_eval else None,
-        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
-        metric_for_best_model="eval_loss" if has_eval else None, greater_is_better=False if has_eval else None,
-        bf16=model_dtype == torch.bfloat16 and device != "cpu", fp16=model_dtype == torch.float16,
-        use_cpu=device == "cpu",
-        gradient_checkpointing=False,  # done in prepare_for_training (non-reentrant, no upcast)
-        report_to=list(t.report_to), disable_tqdm=True,
-        max_length=None, packing=False, padding_free=cfg.data.packing,  # prepare() truncated and packed
-        router_aux_loss_coef=cfg.moe.aux_loss_coef if cfg.model.arch.num_experts else None,  # MoE balancing loss
-        dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
-        dataloader_num_workers=0, save_only_model=False,
-        **trainer_args(setup, t.gradient_checkpointing),  # DDP or FSDP2 with several processes
-    )
-
-
 def _trainer(cfg: Config, setup, model, tokenizer, prepared, out: Path, resume):
     import os
 
-    from trl import SFTTrainer
-
-    from qtune import ui
+    from qtune import stages, ui
     from qtune.callbacks import MetricsCallback, NanGuard, ProgressCallback, StopOnSignal, WorldRecord
-    from qtune.distributed import check_wrapped
-    from qtune.distributed import world
+    from qtune.distributed import check_wrapped, trainer_args, world
+    from qtune.modeling import fast
 
     train_ds = prepared.load("train")
     eval_ds = prepared.load("eval")
     base = model.get_base_model()
     device = str(next(base.parameters()).device.type)
     main = world().main
-    args = _training_args(cfg, setup, out, eval_ds is not None, device, base.dtype)
+    # how _model checkpoints (qtune.modeling.fast), which TRL repeats when it turns checkpointing back on
+    reentrant = fast.decide(str(cfg.train.fast), device, fsdp=setup.strategy == "fsdp").on
+    args = stages.training_args(cfg, out, eval_ds is not None, device, base.dtype, reentrant,
+                                evaluate_first=resume is None,
+                                extra=trainer_args(setup, cfg.train.gradient_checkpointing))  # DDP or FSDP2
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
-    metrics = MetricsCallback(out, resume_step=_step_of(resume))
+    metrics = MetricsCallback(out, resume_step=_step_of(resume), curve=stages.CURVE.get(cfg.train.stage))
     nan = NanGuard()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer,
-                         callbacks=[StopOnSignal(), nan, metrics, WorldRecord(**setup.record()),
+    trainer = stages.build_trainer(cfg, model, tokenizer, train_ds, eval_ds, args,
+                                   [StopOnSignal(), nan, metrics, WorldRecord(**setup.record()),
                                     ProgressCallback(ui.train_progress if ui.is_terminal() and main else None)])
     from transformers.trainer_callback import PrinterCallback
 
@@ -356,6 +342,7 @@ def _samples(cfg: Config, model, tokenizer, out: Path, when: str, write: bool = 
 
 def _finish(cfg: Config, setup, trainer, tokenizer, out: Path, seconds: float, samples_before,
             resumed_from: int | None) -> dict | None:
+    from qtune import stages
     from qtune.callbacks import peak_memory, plot_losses, training_peak_memory
     from qtune.distributed import adapter_state
     from qtune.distributed import world
@@ -374,14 +361,17 @@ def _finish(cfg: Config, setup, trainer, tokenizer, out: Path, seconds: float, s
         return None
     adapter = out / "adapter"
     with atomic_dir(adapter, replace=True) as tmp:
-        trainer.model.save_pretrained(tmp, **({"state_dict": state} if state is not None else {}))
+        # the trained adapter alone (with train.init_adapter, DPO and KTO hold a frozen "ref" copy beside it)
+        trainer.model.save_pretrained(tmp, selected_adapters=["default"],
+                                      **({"state_dict": state} if state is not None else {}))
         tokenizer.save_pretrained(tmp)
-    plot_losses(out)
+    plot_losses(out, stages.CURVE.get(cfg.train.stage))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train_losses = [r["loss"] for r in rows if r.get("loss") is not None]
     eval_losses = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
     summary = {
-        "run": str(out), "model": cfg.model.name, "quant": str(cfg.quant.method), "lora_r": cfg.lora.r,
+        "run": str(out), "model": cfg.model.name, "stage": cfg.train.stage, "init_adapter": cfg.train.init_adapter,
+        "quant": str(cfg.quant.method), "lora_r": cfg.lora.r,
         "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 3),
         "resumed_from": resumed_from, "steps_this_time": trainer.state.global_step - (resumed_from or 0),
         "first_loss": train_losses[0] if train_losses else None,
@@ -395,6 +385,7 @@ def _finish(cfg: Config, setup, trainer, tokenizer, out: Path, seconds: float, s
         "adapter": str(adapter),
         "samples": {"before": samples_before, "after": samples_after} if samples_after else None,
         "distributed": setup.record(),  # world size, strategy, global batch
+        **stages.figures(cfg.train.stage, rows),
     }
     atomic_write_json(out / "summary.json", summary)
     return summary

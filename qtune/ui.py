@@ -101,6 +101,8 @@ def show_data_stats(stats: dict, path, cache_hit: bool) -> None:
             L = s["length"]
             pack = (f", packed into {s['packed_rows']} rows of {s['max_length']} ({s['packing_efficiency']:.0%} full)"
                     if "packed_rows" in s else "")
+            if "truncated_prompts" in s:  # preference data: what truncation cut (the prompt's start, answers' ends)
+                pack += f" (prompts cut {s['truncated_prompts']}, answers cut {s['truncated_answers']})"
             console.print(f"{split}: length p50 {L['p50']} / p90 {L['p90']} / p99 {L['p99']} / max {L['max']}; "
                           f"truncated {s['truncated']}, dropped (no trainable token) {s['dropped_no_trainable']}{pack}")
     if stats.get("rejected"):
@@ -176,10 +178,14 @@ def show_lora_plan(cfg, matched, total_params: int, mem) -> None:
 
     for pattern in matched.unmatched:
         print_warning(unmatched_message(pattern, cfg.model.name, matched.is_moe))
+    stage = cfg.train.stage
+    rows = {"dpo": " × 2 (chosen and rejected), reference forwards without gradients",
+            "rm": " × 2 (chosen and rejected), one-output score head",
+            "kto": ", KL and reference forwards without gradients"}.get(stage, "")
     where = "GPU memory" if mem.world_size == 1 else \
         f"memory per GPU ({mem.strategy}, {mem.world_size} processes; train.distributed={cfg.train.distributed})"
-    show_memory(f"estimated {where} (quant={cfg.quant.method}, batch {cfg.train.batch_size} × "
-                f"{cfg.data.max_length} tokens, gradient checkpointing "
+    show_memory(f"estimated {where} (train.stage={stage}, quant={cfg.quant.method}, batch {cfg.train.batch_size} × "
+                f"{cfg.data.max_length} tokens{rows}, gradient checkpointing "
                 f"{'on' if cfg.train.gradient_checkpointing else 'off'})", mem.as_dict())
 
 

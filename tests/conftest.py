@@ -114,6 +114,18 @@ def tiny_run(tiny_qwen3, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_rm_run(tiny_qwen3, tmp_path_factory) -> Path:
+    """The tiny Qwen3 trained as a reward model (train.stage=rm) by the real CLI for 2 steps, on a 4-bit base (the
+    score head stays 16-bit): for the verbs that must refuse one (chat, serve) or treat it as one. Copy it before
+    changing anything in it."""
+    run = tmp_path_factory.mktemp("tiny-rm") / "run"
+    qtune("train", "model=tiny_qwen3", "quant=nf4", "train.stage=rm", f"data.path={REPO}/data/demo/preferences.jsonl",
+          "train.grad_accum=1", "train.max_steps=2", "train.save_steps=2", "train.report_to=[]",
+          f"train.output_dir={run}", check=True)
+    return run
+
+
+@pytest.fixture(scope="session")
 def smol_merged(smol_run) -> Path:
     """smol_run merged once into <run>/merged, with GGUF f16/q8_0 and the nf4 checkpoint: the export tests and
     eval's merged model share it (transformers' GGUF load-back is the slow part)."""

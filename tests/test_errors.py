@@ -1,7 +1,7 @@
 """Bad input gets one line naming the key, file or line and what is valid, and a non-zero exit — never a traceback.
 Tables: add a row for each new case (verb, overrides, the words the line must hold). CASES need nothing on disk;
-FILE_CASES first make what they name: `{tmp}` in an override is a fresh folder and `{run}` a copy of a real tiny run
-(conftest's tiny_run), which the row's `make` may damage. Most rows fail before torch loads: about a second each."""
+FILE_CASES first make what they name: `{tmp}` in an override is a fresh folder, `{run}` a copy of a real tiny run
+(conftest's tiny_run), which the row's `make` may damage, and `{rm}` a copy of a tiny reward-model run (tiny_rm_run). Most rows fail before torch loads: about a second each."""
 from __future__ import annotations
 
 import os
@@ -48,6 +48,22 @@ CASES = [
     ("serve", ["run=/nowhere/run"], "run=/nowhere/run: no adapter/ there"),
     ("eval", ["run=/nowhere/run"], "run=/nowhere/run: no adapter/ there"),
     ("prepare", ["data.path=/nowhere/chats.jsonl"], "/nowhere/chats.jsonl: no such file, folder or glob match"),
+    # training stages
+    ("train", ["train.stage=ppo"], "train.stage=ppo: TRL no longer ships PPO in its stable API; for preference tuning "
+     "use train.stage=dpo (chosen/rejected pairs) or train.stage=kto"),
+    ("train", ["train.stage=orpo"], "train.stage=orpo: valid: pt, sft, dpo, kto, rm"),
+    ("train", ["train.stage=kto"], "train.stage=kto needs train.batch_size >= 2 (got 1)"),
+    ("train", ["train.dpo.bta=0.2"], "train.dpo.bta: unknown key in 'train.dpo'; did you mean train.dpo.beta?"),
+    ("train", ["train.kto.weight=2"], "train.kto.weight: unknown key in 'train.kto'"),
+    ("train", ["train.dpo.loss_type=ppo"], "train.dpo.loss_type=ppo: invalid choice; valid: sigmoid, hinge, ipo"),
+    ("train", ["train.dpo.beta=0"], "train.dpo.beta=0: valid: > 0"),
+    ("train", ["train.dpo.label_smoothing=0.5"], "train.dpo.label_smoothing=0.5: valid: >= 0 and < 0.5"),
+    ("train", ["train.dpo.loss_type=exo_pair"], "train.dpo.loss_type=exo_pair needs train.dpo.label_smoothing > 0"),
+    ("train", ["train.kto.undesirable_weight=-1"], "train.kto.undesirable_weight=-1: valid: > 0"),
+    ("train", ["train.stage=rm", "train.sample_prompts=[hi]"], "train.sample_prompts: a reward model (train.stage=rm) "
+     "scores answers, it writes none"),
+    ("train", ["train.stage=dpo", f"data.path={REPO}/data/demo/preferences.jsonl", "train.init_adapter=/nowhere/run"],
+     "train.init_adapter: /nowhere/run is neither a run folder nor an adapter folder"),
     # several processes: refused before any starts
     ("train", ["model=tiny_qwen3", f"data.path={REPO / 'data' / 'demo' / 'captains_log.jsonl'}", "train.device=cpu",
                "train.nproc=2", "train.backend=nccl"], "train.backend=nccl: NCCL is unavailable (this run is on the CPU)"),
@@ -62,6 +78,7 @@ def test_bad_setting_is_one_line_naming_the_key(verb, overrides, words):
 
 
 DEMO = str(REPO / "data" / "demo" / "captains_log.jsonl")
+PAIRS = str(REPO / "data" / "demo" / "preferences.jsonl")
 TRAIN = ["model=tiny_qwen3", f"data.path={DEMO}"]
 # Root writes through chmod; without the capabilities that let it (setpriv), root meets read-only folders as anyone.
 NOT_ALL_POWERFUL = (("setpriv", "--bounding-set=-dac_override,-dac_read_search", "--")
@@ -166,6 +183,30 @@ FILE_CASES = [
                  marks=pytest.mark.skipif(NO_READ_ONLY, reason="root without setpriv writes into read-only folders")),
     pytest.param("merge", ["run={run}", "merge.output_dir={tmp}/ro/x"], "cannot be replaced", _read_only("ro", inside=True),
                  marks=pytest.mark.skipif(NO_READ_ONLY, reason="root without setpriv writes into read-only folders")),
+    # training stages: data of another stage, bad preference records, an adapter to start from that does not fit
+    ("train", [*TRAIN[:1], "train.stage=dpo", "data.path={tmp}/d.jsonl", "train.output_dir={tmp}/r"],
+     "d.jsonl:1: train.stage=dpo trains on preference pairs ({\"prompt\", \"chosen\", \"rejected\"}); this record is "
+     "messages", _write("d.jsonl", b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')),
+    ("prepare", ["train.stage=pt", "data.path={tmp}/d.jsonl"], "d.jsonl:2: train.stage=pt trains on raw text",
+     _write("d.jsonl", b'{"text": "a log"}\n{"prompt": "a", "completion": "b"}\n')),
+    ("prepare", ["train.stage=kto", "train.batch_size=2", "data.path={tmp}/d.jsonl"],
+     "d.jsonl:1: field 'label' must be true (a desirable answer) or false, got 'yes'",
+     _write("d.jsonl", b'{"prompt": "a", "completion": "b", "label": "yes"}\n')),
+    ("prepare", ["train.stage=rm", "data.path={tmp}/d.jsonl"], "d.jsonl:1: a preference pair needs its prompt",
+     _write("d.jsonl", b'{"question": "a", "chosen": "b", "rejected": "c"}\n')),
+    ("train", [*TRAIN[:1], "train.stage=dpo", f"data.path={PAIRS}", "train.init_adapter={run}", "lora=r8",
+               "train.output_dir={tmp}/r"],
+     "adapter: that adapter has r=16, this run would make r=8; set lora.r as it was trained", lambda tmp, run: None),
+    # a reward model (train.stage=rm) scores answers: the verbs that write them refuse it, eval and merge know it
+    ("chat", ["run={rm}", "--prompt", "hi"], "is a reward model (train.stage=rm): it scores answers and writes none",
+     lambda tmp, run: None),
+    ("serve", ["run={rm}"], "is a reward model (train.stage=rm): it scores answers and writes none", lambda tmp, run: None),
+    ("serve", ["run={run}", "serve.adapters={b: {rm}}"], "rm is a reward model (train.stage=rm)", lambda tmp, run: None),
+    ("eval", ["run={rm}", f"eval.prompts={REPO}/data/demo/eval_prompts.jsonl"],
+     "is a reward model (train.stage=rm), which writes no answers", lambda tmp, run: None),
+    ("eval", ["run={rm}", "eval.models=[base]"], "eval.models: base: ", lambda tmp, run: None),
+    ("merge", ["run={rm}", "merge.gguf=[f16]"], "is a reward model (train.stage=rm), which merges into a "
+     "sequence-classification checkpoint only", lambda tmp, run: None),
     # a resume that would change what a step means (qtune.distributed.check_resume; tiny_run: global batch 1)
     ("train", [*TRAIN, "train.output_dir={run}", "train.grad_accum=2"],
      "was trained with a global batch of 1 (1 × 1 × 1 process), this run's is 2; keep it (train.grad_accum=1 with 1 "
@@ -178,14 +219,17 @@ def _id(case) -> str:
     return f"{verb}:{words[:50]}"
 
 
-def _run_case(verb, overrides, make, tiny_run, tmp_path):
-    tmp, run = tmp_path / "tmp", tmp_path / "run"
+def _run_case(verb, overrides, make, tiny_run, tmp_path, request=None):
+    tmp, run, rm = tmp_path / "tmp", tmp_path / "run", tmp_path / "rm"
     tmp.mkdir()
     if any("{run}" in o for o in overrides):
         shutil.copytree(tiny_run, run)
+    if any("{rm}" in o for o in overrides):  # `{rm}`: a copy of a real tiny reward-model run (conftest's tiny_rm_run)
+        shutil.copytree(request.getfixturevalue("tiny_rm_run"), rm)
     make(tmp, run)
     try:
-        return qtune(verb, *[o.replace("{tmp}", str(tmp)).replace("{run}", str(run)) for o in overrides], cwd=tmp_path,
+        return qtune(verb, *[o.replace("{tmp}", str(tmp)).replace("{run}", str(run)).replace("{rm}", str(rm))
+                             for o in overrides], cwd=tmp_path,
                      prefix=NOT_ALL_POWERFUL if getattr(make, "read_only", False) else ())
     finally:
         for ro in tmp.glob("ro"):
@@ -193,8 +237,8 @@ def _run_case(verb, overrides, make, tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize("verb,overrides,words,make", FILE_CASES, ids=[_id(c) for c in FILE_CASES])
-def test_bad_file_or_folder_is_one_line_naming_it(verb, overrides, words, make, tiny_run, tmp_path):
-    p = _run_case(verb, overrides, make, tiny_run, tmp_path)
+def test_bad_file_or_folder_is_one_line_naming_it(verb, overrides, words, make, tiny_run, tmp_path, request):
+    p = _run_case(verb, overrides, make, tiny_run, tmp_path, request)
     line = only_line(p)
     assert words in line, p.stderr
     assert str(tmp_path) in line  # the file or folder, by name

@@ -347,3 +347,120 @@ def test_prepare_folder_holds_resolved_config(tmp_path, tiny_qwen3):
     saved = OmegaConf.load(next((tmp_path / "c").glob("*/*/config.yaml")))
     assert saved.data.max_length == 99 and saved.model.name == "tiny_qwen3"
     assert saved.data.train_on == "assistant" and saved.quant.method == "none"
+
+
+# ---------------------------------------------------------------- preference data (train.stage=dpo|kto|rm)
+
+
+def generation_prompt(tokenizer, messages) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+PAIRS = [
+    ("preference", {"prompt": "Capital of Peru?", "chosen": "Lima.", "rejected": "Cusco."},
+     [{"role": "user", "content": "Capital of Peru?"}], EMPTY_THINK + "Lima." + IM_END, EMPTY_THINK + "Cusco." + IM_END),
+    ("preference", {"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"}],
+                    "chosen": [{"role": "assistant", "content": "4", "reasoning_content": "Two and two."}],
+                    "rejected": {"role": "assistant", "content": "5"}},
+     [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"}],
+     "<think>\nTwo and two.\n</think>\n\n4" + IM_END, EMPTY_THINK + "5" + IM_END),
+    ("sharegpt_preference", {"conversations": [{"from": "human", "value": "Hi"}], "system": "S",
+                             "chosen": {"from": "gpt", "value": "Hello!"}, "rejected": {"from": "gpt", "value": "Go away."}},
+     [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}],
+     EMPTY_THINK + "Hello!" + IM_END, EMPTY_THINK + "Go away." + IM_END),
+]
+
+
+@pytest.mark.parametrize("fmt, record, prompt, chosen, rejected", PAIRS, ids=[f"{c[0]}{i}" for i, c in enumerate(PAIRS)])
+def test_pairs_render_prompt_and_answers_as_at_inference(tmp_path, qwen3_tokenizer, fmt, record, prompt, chosen, rejected):
+    """The prompt's tokens are exactly what chat and serve send (the generation prompt, tokenized alone); each answer
+    is what follows it, to the end of the assistant's turn (Qwen3's thinking block included)."""
+    p = prepare(data_cfg(tmp_path, write_jsonl(tmp_path / "d.jsonl", [record])), qwen3_tokenizer, "q", stage="dpo")
+    row = p.load("train")[0]
+    assert set(p.load("train").column_names) == {"prompt_ids", "chosen_ids", "rejected_ids"}
+    assert row["prompt_ids"] == qwen3_tokenizer(generation_prompt(qwen3_tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    assert qwen3_tokenizer.decode(row["chosen_ids"]) == chosen
+    assert qwen3_tokenizer.decode(row["rejected_ids"]) == rejected
+    assert p.stats["train"]["per_source"][0]["formats"] == {fmt: 1} and p.stats["stage"] == "dpo"
+
+
+def test_rm_rows_are_prompt_and_answer_sequences(tmp_path, qwen3_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [PAIRS[0][1]])
+    dpo = prepare(data_cfg(tmp_path, path), qwen3_tokenizer, "q", stage="dpo").load("train")[0]
+    rm = prepare(data_cfg(tmp_path, path), qwen3_tokenizer, "q", stage="rm").load("train")[0]
+    assert set(rm) == {"chosen_ids", "rejected_ids"}
+    assert rm["chosen_ids"] == dpo["prompt_ids"] + dpo["chosen_ids"]
+    assert rm["rejected_ids"] == dpo["prompt_ids"] + dpo["rejected_ids"]
+
+
+def test_kto_reads_labelled_answers_and_splits_pairs(tmp_path, qwen3_tokenizer):
+    records = [{"prompt": "Is water wet?", "completion": "Yes.", "label": True},
+               {"prompt": [{"role": "user", "content": "Sky colour?"}],
+                "completion": [{"role": "assistant", "content": "Green."}], "label": "false"},   # (as a CSV cell)
+               PAIRS[0][1]]
+    p = prepare(data_cfg(tmp_path, write_jsonl(tmp_path / "d.jsonl", records)), qwen3_tokenizer, "q", stage="kto")
+    ds = p.load("train")
+    assert set(ds.column_names) == {"prompt_ids", "completion_ids", "label"} and len(ds) == 4
+    got = sorted((qwen3_tokenizer.decode(r["completion_ids"]).removeprefix(EMPTY_THINK), r["label"]) for r in ds)
+    assert got == sorted([("Yes." + IM_END, True), ("Green." + IM_END, False), ("Lima." + IM_END, True),
+                          ("Cusco." + IM_END, False)])
+    assert p.stats["train"]["desirable"] == 2
+
+
+def test_truncation_keeps_the_prompts_end_and_the_answers_start(tmp_path, qwen3_tokenizer):
+    words = " ".join(f"w{i}" for i in range(200))
+    record = {"prompt": "START " + words + " END", "chosen": "first " + words, "rejected": "Short."}
+    full = prepare(data_cfg(tmp_path, write_jsonl(tmp_path / "a.jsonl", [record]), max_length=4096),
+                   qwen3_tokenizer, "q", stage="dpo").load("train")[0]
+    p = prepare(data_cfg(tmp_path, write_jsonl(tmp_path / "b.jsonl", [record]), max_length=300),
+                qwen3_tokenizer, "q", stage="dpo")
+    row = p.load("train")[0]
+    assert len(row["prompt_ids"]) + len(row["chosen_ids"]) == 300      # the longer answer fills the budget
+    assert len(row["prompt_ids"]) == 150                                # the prompt keeps at least half of it...
+    assert row["prompt_ids"] == full["prompt_ids"][-150:]               # ...from its end (the question and the header)
+    assert row["chosen_ids"] == full["chosen_ids"][:150]                # an answer keeps its start
+    assert row["rejected_ids"] == full["rejected_ids"]                  # and one that fits is whole
+    s = p.stats["train"]
+    assert (s["truncated"], s["truncated_prompts"], s["truncated_answers"]) == (1, 1, 1)
+
+
+def test_identical_pairs_are_left_out_counted_and_named(tmp_path, qwen3_tokenizer):
+    records = [PAIRS[0][1], {"prompt": "Q?", "chosen": "Same.", "rejected": "Same."},
+               {"prompt": "R?", "chosen": "Again.", "rejected": "Again."}]
+    p = prepare(data_cfg(tmp_path, write_jsonl(tmp_path / "d.jsonl", records)), qwen3_tokenizer, "q", stage="dpo")
+    assert len(p.load("train")) == 1
+    assert p.stats["identical_pairs"] == {"count": 2, "first": f"{tmp_path / 'd.jsonl'}:2"}
+    assert p.warnings == [f"{tmp_path / 'd.jsonl'}:2 and 1 more: chosen and rejected are the same answer; such pairs "
+                          "carry no preference and were left out (2)"]
+    again = prepare(data_cfg(tmp_path, tmp_path / "d.jsonl"), qwen3_tokenizer, "q", stage="dpo")
+    assert again.cache_hit and again.warnings == p.warnings  # a cache hit still says so
+
+
+BAD_PAIRS = [
+    ("dpo", {"prompt": "a", "chosen": "b"}, "d.jsonl:1: record of no known format (keys: chosen, prompt); expected one "
+     "of: preference, sharegpt_preference"),
+    ("dpo", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+     "d.jsonl:1: train.stage=dpo trains on preference pairs"),
+    ("pt", {"prompt": "a", "chosen": "b", "rejected": "c"}, "d.jsonl:1: train.stage=pt trains on raw text"),
+    ("sft", {"prompt": "a", "chosen": "b", "rejected": "c"}, "d.jsonl:1: train.stage=sft trains on conversations"),
+    ("rm", {"prompt": "a", "chosen": 5, "rejected": "c"},
+     "d.jsonl:1: field 'chosen' must be a string, a message or a list of messages, got int"),
+    ("dpo", {"chosen": "b", "rejected": "c", "input": "a"}, "d.jsonl:1: a preference pair needs its prompt"),
+    ("dpo", {"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}], "chosen": "b",
+             "rejected": "c"}, "d.jsonl:1: the prompt ends with an assistant turn"),
+    ("dpo", {"prompt": "a", "chosen": [{"role": "user", "content": "b"}], "rejected": "c"},
+     "d.jsonl:1: field 'chosen' must end with an assistant turn, not 'user'"),
+    ("dpo", {"conversations": [{"from": "human", "value": "a"}], "chosen": {"from": "human", "value": "b"},
+             "rejected": {"from": "gpt", "value": "c"}},
+     "d.jsonl:1: field 'chosen' must be the assistant's turn (from: gpt), not 'human'"),
+    ("kto", {"prompt": "a", "completion": "b", "label": "maybe"},
+     "d.jsonl:1: field 'label' must be true (a desirable answer) or false, got 'maybe'"),
+    ("kto", {"prompt": "a", "completion": "  ", "label": True}, "d.jsonl:1: field 'completion' is empty"),
+]
+
+
+@pytest.mark.parametrize("stage, record, message", BAD_PAIRS, ids=[m.split(": ", 1)[1][:40] for _, _, m in BAD_PAIRS])
+def test_bad_preference_records_name_file_line_and_field(tmp_path, qwen3_tokenizer, stage, record, message):
+    with pytest.raises(DataError) as e:
+        prepare(data_cfg(tmp_path, write_jsonl(tmp_path / "d.jsonl", [record])), qwen3_tokenizer, "q", stage=stage)
+    assert str(e.value).startswith(str(tmp_path / message)), str(e.value)

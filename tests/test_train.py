@@ -104,6 +104,15 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.1)
 
 
+def kill_once(args: list[str], path: Path) -> None:
+    """Run `qtune *args` and SIGKILL it as soon as `path` exists (a checkpoint written whole)."""
+    proc = subprocess.Popen([*QTUNE, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ.copy())
+    _wait_for(path, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, tiny_qwen3):
     """Same seed, same data: a run killed mid-way and resumed ends with the same losses and adapter
@@ -113,11 +122,7 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, tiny_qwen3
     assert qtune(*tiny(straight, *args)).returncode == 0
 
     resumed = tmp_path / "resumed"
-    proc = subprocess.Popen([*QTUNE, *tiny(resumed, *args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=os.environ.copy())
-    _wait_for(resumed / "checkpoints" / "checkpoint-4" / "trainer_state.json", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_once(tiny(resumed, *args), resumed / "checkpoints" / "checkpoint-4" / "trainer_state.json")
     assert not (resumed / "adapter").exists()
     p = qtune(*tiny(resumed, *args))
     assert p.returncode == 0, p.stdout + p.stderr

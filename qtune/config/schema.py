@@ -94,6 +94,30 @@ class TrainOn(_Choice):
     all = "all"                        # every token
 
 
+# TRL 1.16's DPOTrainer loss_type values (one at a time here)
+class DpoLoss(_Choice):
+    sigmoid = "sigmoid"
+    hinge = "hinge"
+    ipo = "ipo"
+    exo_pair = "exo_pair"
+    nca_pair = "nca_pair"
+    robust = "robust"
+    bco_pair = "bco_pair"
+    sppo_hard = "sppo_hard"
+    aot = "aot"
+    aot_unpaired = "aot_unpaired"
+    apo_zero = "apo_zero"
+    apo_down = "apo_down"
+    discopop = "discopop"
+    sft = "sft"
+    sigmoid_norm = "sigmoid_norm"
+
+
+class KtoLoss(_Choice):
+    kto = "kto"
+    apo_zero_unpaired = "apo_zero_unpaired"
+
+
 # `raise` is a keyword, so the functional form: members are named as users type them (data.on_error=raise).
 OnError = _Choice("OnError", [("raise", "raise"), ("skip", "skip")])
 
@@ -255,9 +279,58 @@ class DataConfig:
         _check_range("data", "num_proc", self.num_proc, low=0)
 
 
+# The stages train.stage names, each on TRL's stable trainer for it. A str, not an Enum, so that `ppo` gets a line of
+# its own (see TrainConfig.__post_init__).
+STAGES = ("pt", "sft", "dpo", "kto", "rm")
+
+
+@dataclass
+class DpoConfig:
+    """train.stage=dpo: TRL's DPOTrainer on preference pairs; the reference is the model the run starts from."""
+    beta: float = 0.1                   # how far the policy may move from the reference (higher: less)
+    loss_type: DpoLoss = DpoLoss.sigmoid
+    label_smoothing: float = 0.0        # robust and exo_pair losses: the share of pairs assumed flipped
+
+    def __post_init__(self) -> None:
+        _check_range("train.dpo", "beta", self.beta, low=0, low_open=True)
+        if isinstance(self.label_smoothing, float) and not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"train.dpo.label_smoothing={self.label_smoothing:g}: valid: >= 0 and < 0.5")
+        if self.loss_type is DpoLoss.exo_pair and self.label_smoothing == 0:
+            raise ValueError("train.dpo.loss_type=exo_pair needs train.dpo.label_smoothing > 0 (its paper uses 1e-3)")
+
+
+@dataclass
+class KtoConfig:
+    """train.stage=kto: TRL's KTOTrainer on answers marked desirable or not (pairs are split into two such answers)."""
+    beta: float = 0.1
+    loss_type: KtoLoss = KtoLoss.kto
+    desirable_weight: float = 1.0       # weights that balance unequal numbers of desirable and undesirable answers
+    undesirable_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_range("train.kto", "beta", self.beta, low=0, low_open=True)
+        _check_range("train.kto", "desirable_weight", self.desirable_weight, low=0, low_open=True)
+        _check_range("train.kto", "undesirable_weight", self.undesirable_weight, low=0, low_open=True)
+
+
+@dataclass
+class RmConfig:
+    """train.stage=rm: TRL's RewardTrainer; a one-output sequence-classification head on the base, with LoRA."""
+    center_rewards_coefficient: Optional[float] = None  # pulls rewards towards zero mean (TRL's option; 1e-2 is usual)
+
+    def __post_init__(self) -> None:
+        if self.center_rewards_coefficient is not None:
+            _check_range("train.rm", "center_rewards_coefficient", self.center_rewards_coefficient, low=0)
+
+
 @dataclass
 class TrainConfig:
     """The optimization run."""
+    stage: str = "sft"                 # pt | sft | dpo | kto | rm (STAGES)
+    init_adapter: Optional[str] = None # start from this adapter (a run folder or an adapter folder), e.g. SFT -> DPO
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    kto: KtoConfig = field(default_factory=KtoConfig)
+    rm: RmConfig = field(default_factory=RmConfig)
     output_dir: str = "runs/${run_name}"
     seed: int = 42
     batch_size: int = 1
@@ -298,6 +371,18 @@ class TrainConfig:
     sample_max_new_tokens: int = 48
 
     def __post_init__(self) -> None:
+        if self.stage == "ppo":
+            raise ValueError("train.stage=ppo: TRL no longer ships PPO in its stable API; for preference tuning use "
+                             "train.stage=dpo (chosen/rejected pairs) or train.stage=kto (answers marked good or bad)")
+        if self.stage not in STAGES:
+            raise ValueError(f"train.stage={self.stage}: valid: {', '.join(STAGES)}")
+        if self.stage == "kto" and self.kto.loss_type is KtoLoss.kto and isinstance(self.batch_size, int) \
+                and self.batch_size < 2:
+            raise ValueError(f"train.stage=kto needs train.batch_size >= 2 (got {self.batch_size}): its KL estimate "
+                             "pairs each answer with another prompt of the same batch")
+        if self.stage == "rm" and self.sample_prompts:
+            raise ValueError("train.sample_prompts: a reward model (train.stage=rm) scores answers, it writes none; "
+                             "leave train.sample_prompts empty")
         if isinstance(self.max_steps, int) and self.max_steps == 0:
             raise ValueError("train.max_steps must be -1 (use train.epochs) or a positive number of steps")
         _check_range("train", "lr", self.lr, low=0, low_open=True)

@@ -9,7 +9,11 @@ Accepted layouts (detected per record, overridable per source with `format=`):
   prompt_completion  {"prompt", "completion"}
   reasoning          a question, a thinking/reasoning field and an answer (rendered as Qwen3 <think> blocks)
   text               {"text"}: plain text for continued pre-training (no template, every token trained)
-Every error names `file:line` and the field.
+Preference records (train.stage=dpo|kto|rm; qtune.data.pairs normalizes them):
+  preference           {"prompt" | "messages", "chosen", "rejected"}: strings or message lists
+  sharegpt_preference  {"conversations", "chosen": {"from", "value"}, "rejected": {...}} (as LLaMA-Factory writes them)
+  kto                  {"prompt", "completion", "label": true|false}: strings or message lists
+Which formats a stage trains on: STAGE_FORMATS. Every error names `file:line` and the field.
 """
 from __future__ import annotations
 
@@ -25,7 +29,15 @@ from typing import Iterator
 
 from qtune.errors import DataError
 
-FORMATS = ("messages", "sharegpt", "alpaca", "input_output", "query_response", "prompt_completion", "reasoning", "text")
+LM_FORMATS = ("messages", "sharegpt", "alpaca", "input_output", "query_response", "prompt_completion", "reasoning", "text")
+PAIR_FORMATS = ("preference", "sharegpt_preference")
+FORMATS = LM_FORMATS + PAIR_FORMATS + ("kto",)
+STAGE_FORMATS = {"pt": ("text",), "sft": LM_FORMATS, "dpo": PAIR_FORMATS, "rm": PAIR_FORMATS,
+                 "kto": ("kto",) + PAIR_FORMATS}  # KTO splits a pair into a desirable and an undesirable answer
+STAGE_DATA = {"pt": 'raw text ({"text": ...})', "sft": "conversations or instructions (messages, sharegpt, alpaca, ...)",
+              "dpo": 'preference pairs ({"prompt", "chosen", "rejected"})',
+              "rm": 'preference pairs ({"prompt", "chosen", "rejected"})',
+              "kto": 'answers marked good or bad ({"prompt", "completion", "label"}) or preference pairs'}
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
                   "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system",
@@ -44,10 +56,13 @@ class Record:
 
 @dataclass
 class Example:
-    messages: list[dict] | None  # None for plain text
+    messages: list[dict] | None  # None for plain text; a preference record's prompt
     text: str | None
     format: str
     where: str
+    chosen: list[dict] | None = None    # preference records: the preferred answer's turns (kto: the answer)
+    rejected: list[dict] | None = None  # the other answer (pairs only)
+    label: bool | None = None           # kto: whether the answer is desirable
 
 
 def expand(path: str) -> list[Path]:
@@ -207,6 +222,12 @@ def _read_json(path: Path) -> Iterator[Record]:
 
 def detect(rec: dict) -> str | None:
     keys = set(rec)
+    if {"chosen", "rejected"} <= keys:
+        conv = rec.get("conversations")
+        first = conv[0] if isinstance(conv, list) and conv else {}
+        return "sharegpt_preference" if isinstance(first, dict) and "from" in first else "preference"
+    if {"prompt", "completion", "label"} <= keys:
+        return "kto"
     if "messages" in keys:
         return "messages"
     if "conversations" in keys:
@@ -228,15 +249,23 @@ def detect(rec: dict) -> str | None:
     return None
 
 
-def normalize(rec: Record, fmt: str = "auto") -> Example:
+def normalize(rec: Record, fmt: str = "auto", stage: str = "sft") -> Example:
     data, where = rec.data, rec.where
+    allowed = STAGE_FORMATS[stage]
     if fmt == "auto":
         fmt = detect(data)
         if fmt is None:
             raise DataError(f"{where}: record of no known format (keys: {', '.join(sorted(data)) or 'none'}); "
-                            f"expected one of: {', '.join(FORMATS)}")
+                            f"expected one of: {', '.join(allowed)}")
     elif fmt not in FORMATS:
         raise DataError(f"format={fmt!r} is not a known format; valid: auto, {', '.join(FORMATS)}")
+    if fmt not in allowed:
+        raise DataError(f"{where}: train.stage={stage} trains on {STAGE_DATA[stage]}; this record is {fmt} "
+                        f"(keys: {', '.join(sorted(data))})")
+    if fmt not in LM_FORMATS:
+        from qtune.data.pairs import normalize_preference  # (that module builds on this one's readers)
+
+        return normalize_preference(data, fmt, where)
     if fmt == "text":
         return Example(None, _text(data, "text", where), fmt, where)
     messages = _TO_MESSAGES[fmt](data, where)
@@ -274,8 +303,8 @@ def _history(data: dict, where: str) -> list[dict]:
     return out
 
 
-def _messages(data: dict, where: str) -> list[dict]:
-    key = "messages" if "messages" in data else "conversations"
+def _messages(data: dict, where: str, key: str | None = None) -> list[dict]:
+    key = key or ("messages" if "messages" in data else "conversations")
     msgs = data.get(key)
     if not isinstance(msgs, list) or not msgs:
         raise DataError(f"{where}: field '{key}' must be a non-empty list of messages")

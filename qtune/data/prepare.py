@@ -3,6 +3,8 @@
 The cache key covers the data bytes, the tokenizer, the chat template and every setting that changes
 the result, so a rerun is a hit and any change is a miss. The folder appears atomically.
 Layout: <cache>/<name>/<fingerprint>/{train,eval}/ (datasets), stats.json, rejects.jsonl.
+What a split holds follows train.stage (qtune.data.pairs.KINDS): input_ids + labels, packed (pt, sft); prompt_ids,
+chosen_ids, rejected_ids (dpo, rm); prompt_ids, completion_ids, label (kto).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from qtune.config.schema import DataConfig, OnError, SourceConfig, TrainOn
-from qtune.data import formats
+from qtune.data import formats, pairs
 from qtune.data.template import Markers, assistant_spans, label_mask, probe_markers, render, resolve_template
 from qtune.errors import DataError
 from qtune.io import atomic_dir, atomic_write_json
@@ -54,24 +56,26 @@ def check_inputs(data: DataConfig) -> None:
             formats.sniff(f)
 
 
-def _setup(data: DataConfig, tokenizer, model_name: str, chat_template: str | None):
+def _setup(data: DataConfig, tokenizer, model_name: str, chat_template: str | None, stage: str):
     """What prepare and preview both start from: sources, template (+ fallback warning), turn markers."""
     sources = sources_of(data)
     template, warning = resolve_template(tokenizer, chat_template, model_name)
-    markers = probe_markers(tokenizer, template) if data.train_on is not TrainOn.all else Markers("", "")
+    # preference answers end where the assistant's turn does, whatever data.train_on says
+    needs_markers = data.train_on is not TrainOn.all or pairs.KINDS[stage] != "lm"
+    markers = probe_markers(tokenizer, template) if needs_markers else Markers("", "")
     return sources, template, warning, markers
 
 
 # ---------------------------------------------------------------- loading and normalizing
 
 def load_examples(src: SourceConfig, on_error: OnError, rejects: list[dict],
-                  system_prompt: str | None = None) -> list[formats.Example]:
-    """A source's records as examples; `system_prompt` (data.system_prompt) opens every conversation that has no
-    system turn of its own."""
+                  system_prompt: str | None = None, stage: str = "sft") -> list[formats.Example]:
+    """A source's records as examples of what `stage` trains on; `system_prompt` (data.system_prompt) opens every
+    conversation that has no system turn of its own."""
     out = []
     for rec in _records(src):
         try:
-            ex = formats.normalize(rec, src.format)
+            ex = formats.normalize(rec, src.format, stage)
             if system_prompt and ex.messages is not None and not any(m["role"] == "system" for m in ex.messages):
                 ex.messages.insert(0, {"role": "system", "content": system_prompt})
             out.append(ex)
@@ -174,8 +178,10 @@ def tokenize(examples: list[tuple[int, formats.Example]], tokenizer, template: s
 
 # ---------------------------------------------------------------- the whole pipeline
 
-def fingerprint(data: DataConfig, sources: list[SourceConfig], tokenizer, template: str) -> str:
+def fingerprint(data: DataConfig, sources: list[SourceConfig], tokenizer, template: str, stage: str = "sft") -> str:
     h = hashlib.sha256(f"qtune-data-v{VERSION}".encode())
+    if stage != "sft":  # (sft data keeps the fingerprints it had before stages)
+        h.update(f"stage={stage}".encode())
     settings = {k: v for k, v in asdict(data).items() if k not in ("path", "sources", "cache_dir", "num_proc")}
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for src in sources:
@@ -206,27 +212,33 @@ def _tokenizer_digest(tokenizer) -> str:
     return digest
 
 
-def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | None = None) -> Prepared:
+def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | None = None,
+            stage: str = "sft") -> Prepared:
     import datasets
 
     datasets.disable_progress_bars()
-    sources, template, warning, markers = _setup(data, tokenizer, model_name, chat_template)
+    kind = pairs.KINDS[stage]
+    sources, template, warning, markers = _setup(data, tokenizer, model_name, chat_template, stage)
     warnings = [warning] if warning else []
-    fp = fingerprint(data, sources, tokenizer, template)
+    fp = fingerprint(data, sources, tokenizer, template, stage)
     name = (Path(sources[0].path.rstrip("/*")).stem or "data") if len(sources) == 1 else "mix"
     out = Path(data.cache_dir).expanduser() / f"{model_name}-{name}" / fp[:16]
     if (out / "stats.json").is_file():
-        return Prepared(out, json.loads((out / "stats.json").read_text()), True, warnings)
+        stats = json.loads((out / "stats.json").read_text())
+        return Prepared(out, stats, True, warnings + _identical_warning(stats.get("identical_pairs")))
 
     rejects: list[dict] = []
-    per_source = [load_examples(s, data.on_error, rejects, data.system_prompt) for s in sources]
+    identical: list[str] = []
+    per_source = [_informative(load_examples(s, data.on_error, rejects, data.system_prompt, stage), identical)
+                  for s in sources]
     for s, items in zip(sources, per_source):
         if not items:
             raise DataError(f"{s.path}: no usable records")
     mixed = mix(per_source, sources, data.seed)
 
     if data.eval_path:
-        held_out = load_examples(SourceConfig(path=data.eval_path), data.on_error, rejects, data.system_prompt)
+        held_out = _informative(load_examples(SourceConfig(path=data.eval_path), data.on_error, rejects,
+                                              data.system_prompt, stage), identical)
         eval_items = [(len(sources), ex) for ex in held_out]
         train_items = mixed
     else:
@@ -238,15 +250,25 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
     if data.max_eval_samples is not None:
         eval_items = eval_items[:data.max_eval_samples]
 
-    splits, stats = {}, {"fingerprint": fp, "sources": [asdict(s) for s in sources], "rejected": len(rejects)}
+    splits, stats = {}, {"fingerprint": fp, "stage": stage, "sources": [asdict(s) for s in sources],
+                         "rejected": len(rejects)}
+    if identical:
+        stats["identical_pairs"] = {"count": len(identical), "first": identical[0]}
+        warnings += _identical_warning(stats["identical_pairs"])
     for split, items in (("train", train_items), ("eval", eval_items)):
         if not items:
             continue
-        ds = tokenize(items, tokenizer, template, markers, data, f"{fp}-{split}")
+        if kind == "lm":
+            ds = tokenize(items, tokenizer, template, markers, data, f"{fp}-{split}")
+        else:
+            items = pairs.unpair(items, data.seed) if kind == "unpaired" else items
+            ds = pairs.tokenize(items, tokenizer, template, markers, data, f"{fp}-{split}", kind)
         kept = ds.filter(lambda t: [x > 0 for x in t], input_columns="trainable", batched=True,
                          new_fingerprint=hashlib.sha1(f"{fp}-{split}-kept".encode()).hexdigest())
         named = sources + [SourceConfig(path=data.eval_path)] if data.eval_path else sources
         stats[split] = split_stats(ds, kept, named, data.max_length)
+        if kind != "lm":
+            stats[split].update(pairs.pair_stats(ds))
         if not len(kept):
             raise DataError(f"data: no {split} example has a trainable token left "
                             f"(all {len(ds)} dropped; raise data.max_length or check data.train_on)")
@@ -256,8 +278,8 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
 
     with atomic_dir(out) as tmp:
         for split, ds in splits.items():
-            ds = ds.select_columns(["input_ids", "labels"])
-            if data.packing:
+            ds = ds.select_columns(pairs.model_columns(kind))
+            if data.packing and kind == "lm":
                 from trl import pack_dataset
 
                 ds = pack_dataset(ds, seq_length=data.max_length, strategy="bfd")
@@ -271,6 +293,25 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
                     f.write(json.dumps(r, default=str) + "\n")
         atomic_write_json(tmp / "stats.json", stats)
     return Prepared(out, stats, False, warnings)
+
+
+def _informative(examples: list, identical: list[str]) -> list:
+    """The examples less pairs whose chosen and rejected answers are the same (their places go to `identical`)."""
+    kept = []
+    for ex in examples:
+        if pairs.identical(ex):
+            identical.append(ex.where)
+        else:
+            kept.append(ex)
+    return kept
+
+
+def _identical_warning(found: dict | None) -> list[str]:
+    if not found:
+        return []
+    more = f" and {found['count'] - 1} more" if found["count"] > 1 else ""
+    return [f"{found['first']}{more}: chosen and rejected are the same answer; such pairs carry no preference and "
+            f"were left out ({found['count']})"]
 
 
 def row_tensors(row: dict, device, labels: bool = False) -> dict:
@@ -308,12 +349,15 @@ def split_stats(ds, kept, sources: list[SourceConfig], max_length: int) -> dict:
             "max_length": max_length, "per_source": per}
 
 
-def preview(data: DataConfig, tokenizer, model_name: str, chat_template: str | None, n: int = 3):
+def preview(data: DataConfig, tokenizer, model_name: str, chat_template: str | None, n: int = 3, stage: str = "sft"):
     """Normalize everything (so every error shows) and tokenize the first n examples: (segments, counts)."""
-    sources, template, warning, markers = _setup(data, tokenizer, model_name, chat_template)
+    sources, template, warning, markers = _setup(data, tokenizer, model_name, chat_template, stage)
     rejects: list[dict] = []
-    per_source = [load_examples(s, data.on_error, rejects, data.system_prompt) for s in sources]
+    per_source = [load_examples(s, data.on_error, rejects, data.system_prompt, stage) for s in sources]
     first = [(i, ex) for i, items in enumerate(per_source) for ex in items][:n]
+    counts = [(s.path, len(items)) for s, items in zip(sources, per_source)]
+    if pairs.KINDS[stage] != "lm":
+        return pairs.preview(first, tokenizer, template, markers, data), counts, len(rejects), warning
     enc = _tokenize_batch({"conv": [json.dumps(e.messages) if e.messages else None for _, e in first],
                            "text": [e.text for _, e in first]}, tokenizer, template, markers, data.max_length,
                           str(data.train_on), data.enable_thinking)
@@ -330,5 +374,4 @@ def preview(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
         if buf:
             segs.append((tokenizer.decode(buf), cur))
         shown.append((ex.where, ex.format, segs))
-    counts = [(s.path, len(items)) for s, items in zip(sources, per_source)]
     return shown, counts, len(rejects), warning

@@ -11,6 +11,7 @@ from qtune.config.schema import Config
 from qtune.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 METRICS = [("heldout_loss", "held-out loss", ".4f"), ("perplexity", "perplexity", ".2f"),
+           ("reward_accuracy", "held-out reward accuracy", ".3f"), ("reward_margin", "held-out reward margin", ".3f"),
            ("exact_match", "exact match", ".2f"), ("f1", "token F1", ".3f"), ("rouge_l", "ROUGE-L", ".3f"),
            ("consistency", "consistency", ".2f"), ("judge_accuracy", "judge accuracy", ".2f"),
            ("judge_helpfulness", "judge helpfulness", ".2f"), ("judge_tone", "judge tone", ".2f"),
@@ -47,8 +48,13 @@ def markdown(report: dict, results: list[dict]) -> str:
              "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for key, label, spec in _shown(summary):
         lines.append(f"| {label} | " + " | ".join(fmt(summary[n].get(key), spec) for n in names) + " |")
-    lines += ["", f"Held-out loss is the mean loss per trained token over {report['heldout_rows']} held-out rows; "
-              "lower is better."]
+    if any(v.get("reward_accuracy") is not None for v in summary.values()):
+        lines += ["", f"Over {report['heldout_rows']} held-out rows: reward accuracy is the share of pairs whose chosen "
+                  "answer gets the higher reward, reward margin the mean reward of chosen less rejected answers "
+                  "(dpo, kto: the implicit reward against the base; rm: the score head's output); higher is better."]
+    else:
+        lines += ["", f"Held-out loss is the mean loss per trained token over {report['heldout_rows']} held-out rows; "
+                  "lower is better."]
     if report["unscored"]:
         lines += ["", f"**The judge failed on {len(report['unscored'])} answers; these rows have no score:** "
                   + ", ".join(report["unscored"])]
@@ -112,9 +118,12 @@ def chart(path: Path, summary: dict) -> None:
     scores = [k for k in ("exact_match", "f1", "rouge_l", "consistency") if any(summary[n].get(k) is not None for n in names)]
     fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(10 if scores else 5, 4), dpi=110, squeeze=False)
     ax = axes[0][0]
-    losses = [summary[n].get("heldout_loss") or 0 for n in names]
+    key, title = (("heldout_loss", "held-out loss (lower is better)")
+                  if any(summary[n].get("heldout_loss") is not None for n in names)
+                  else ("reward_accuracy", "held-out reward accuracy (higher is better)"))
+    losses = [summary[n].get(key) or 0 for n in names]
     ax.bar(names, losses, color=["tab:gray", "tab:blue", "tab:green", "tab:orange", "tab:red"][:len(names)])
-    ax.set_title("held-out loss (lower is better)")
+    ax.set_title(title)
     for i, v in enumerate(losses):
         ax.text(i, v, f"{v:.3f}", ha="center", va="bottom")
     if scores:

@@ -28,10 +28,15 @@ def hf_config(arch: ArchConfig):
     return AutoConfig.for_model(arch.model_type, **kw)
 
 
-def meta_model(arch: ArchConfig):
-    """The full model built on the meta device: every module and shape, no memory, no weights."""
+def meta_model(arch: ArchConfig, head: str = "lm"):
+    """The full model built on the meta device: every module and shape, no memory, no weights. head="score": under a
+    one-output sequence-classification head (a reward model) instead of the language-model head."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    config = hf_config(arch)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config(arch))
+        if head == "score":
+            config.num_labels = 1
+            return AutoModelForSequenceClassification.from_config(config)
+        return AutoModelForCausalLM.from_config(config)

@@ -101,9 +101,10 @@ def base_bytes(model, quant: QuantConfig, dtype_bytes: int, experts4: bool = Fal
 
 
 def activation_bytes(arch: ArchConfig, tokens: int, gradient_checkpointing: bool, dtype_bytes: int,
-                     offload_inputs: bool = False) -> float:
+                     offload_inputs: bool = False, lm_head: bool = True) -> float:
     """Activations kept for backward for `tokens` tokens (SDPA/flash attention: no seq² term). offload_inputs: the
-    checkpointed layer inputs sit in host memory (train.offload_activations), two of them on the GPU at a time."""
+    checkpointed layer inputs sit in host memory (train.offload_activations), two of them on the GPU at a time.
+    lm_head=False: a reward model's one-output head instead of the vocabulary's."""
     h = arch.hidden_size
     q = arch.num_attention_heads * arch.head_dim
     kv = arch.num_key_value_heads * arch.head_dim
@@ -119,13 +120,13 @@ def activation_bytes(arch: ArchConfig, tokens: int, gradient_checkpointing: bool
         layers = arch.num_hidden_layers * per_layer
     # output head: TRL's fused head never materializes all logits in fp32; one 16-bit chunk-sized copy plus
     # the log-prob buffers remain
-    head = tokens * arch.vocab_size * dtype_bytes
+    head = tokens * arch.vocab_size * dtype_bytes if lm_head else 0
     return layers + head
 
 
 def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, tokens: int,
              gradient_checkpointing: bool, on_gpu: bool = True, offload_inputs: bool = False,
-             experts4: bool = False, compact: bool = False) -> Memory:
+             experts4: bool = False, compact: bool = False, lm_head: bool = True) -> Memory:
     """experts4: fused experts kept in 4 bits; compact: capped experts' adapters exist for the chosen ones only (both
     what the fast path does on CUDA)."""
     dtype_bytes = 2 if on_gpu else 4
@@ -134,7 +135,7 @@ def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, toke
     lora = sum((t.params if compact and t.how == "lora_param" else t.allocated)
                * (PARAM_DTYPE_COPIES * dtype_bytes if t.how in ("lora_param", "full") else LORA_BYTES_PER_PARAM)
                for t in matched.targets)
-    activations = activation_bytes(arch, tokens, gradient_checkpointing, dtype_bytes, offload_inputs)
+    activations = activation_bytes(arch, tokens, gradient_checkpointing, dtype_bytes, offload_inputs, lm_head)
     if experts4:  # one layer's experts dequantized to 16 bits for its matmuls (kept from recompute to backward)
         activations += arch.num_experts * 3 * arch.hidden_size * arch.moe_intermediate_size * dtype_bytes
     return Memory(base=base, base_quantized_params=q_params, base_16bit_params=other, lora=lora,

@@ -61,10 +61,11 @@ def pick_device(device: str, dtype: DType):
     return device, torch_dtype(dtype)
 
 
-def bnb_config(quant: QuantConfig, quant_storage=None):
+def bnb_config(quant: QuantConfig, quant_storage=None, keep: tuple[str, ...] = ()):
     """transformers' BitsAndBytesConfig for quant=nf4|fp4|int8; None for quant=none. quant_storage (FSDP2): the dtype
     the packed 4-bit weights are stored as, the model's own, so that FSDP can shard them like every other weight (the
-    FSDP-QLoRA recipe: it shards floating-point tensors only)."""
+    FSDP-QLoRA recipe: it shards floating-point tensors only). `keep`: more modules left unquantized (a reward model's
+    score head, trained whole)."""
     if quant.method is QuantMethod.none:
         return None
     try:
@@ -74,7 +75,7 @@ def bnb_config(quant: QuantConfig, quant_storage=None):
                          "install bitsandbytes>=0.45 or use quant=none") from None
     from transformers import BitsAndBytesConfig
 
-    skip = list(quant.skip_modules)
+    skip = [*quant.skip_modules, *keep]
     if quant.method is QuantMethod.int8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=str(quant.method),
@@ -85,26 +86,29 @@ def bnb_config(quant: QuantConfig, quant_storage=None):
 
 
 def load_model(folder: Path, model: ModelConfig, quant: QuantConfig, device: str, dtype, gradient_checkpointing: bool,
-               experts_4bit: bool = False, quant_storage=None):
+               experts_4bit: bool = False, quant_storage=None, head: str = "lm"):
     """The base model for training: quantized per `quant`, on `device`, SDPA (flash-attention when installed).
     experts_4bit (the fast path's MoE on CUDA with quant=nf4|fp4): fused expert tensors, which bitsandbytes leaves in
-    16 bits, become 4-bit one at a time as they load (qtune.modeling.fast.moe). quant_storage: see bnb_config."""
+    16 bits, become 4-bit one at a time as they load (qtune.modeling.fast.moe). quant_storage: see bnb_config.
+    head="score": the base under a new one-output sequence-classification head (a reward model, qtune.stages), drawn
+    from the current seed."""
     import contextlib
     import importlib.util
 
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     attn = "flash_attention_2" if device != "cpu" and importlib.util.find_spec("flash_attn") else "sdpa"
-    qconfig = bnb_config(quant, quant_storage)
+    qconfig = bnb_config(quant, quant_storage, keep=("score",) if head == "score" else ())
+    auto, extra = (AutoModelForSequenceClassification, {"num_labels": 1}) if head == "score" else (AutoModelForCausalLM, {})
     experts = contextlib.nullcontext()
     if experts_4bit and device.startswith("cuda") and quant.method in (QuantMethod.nf4, QuantMethod.fp4):
         from qtune.modeling.fast.moe import four_bit_while_loading
 
         experts = four_bit_while_loading(str(quant.method))
     with experts:
-        m = AutoModelForCausalLM.from_pretrained(
+        m = auto.from_pretrained(
             folder, dtype=dtype, quantization_config=qconfig, attn_implementation=attn,
-            device_map={"": device}, trust_remote_code=model.trust_remote_code)
+            device_map={"": device}, trust_remote_code=model.trust_remote_code, **extra)
     m.config.use_cache = False
     prepare_for_training(m, gradient_checkpointing)
     return m
@@ -123,8 +127,10 @@ def prepare_for_training(model, gradient_checkpointing: bool) -> None:
 def quiet_libraries(trl: bool = False) -> None:
     """Our progress and messages replace the libraries' bars, deprecation notes and advice. trl=True (train only:
     importing TRL costs seconds) also quiets TRL, whose loggers are set up when it is imported."""
+    import logging
     import warnings
 
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # e.g. its kernel-hub notice on AVX512-bf16 CPUs
     import transformers
 
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -133,8 +139,6 @@ def quiet_libraries(trl: bool = False) -> None:
     transformers.logging.disable_progress_bar()
     if not trl:
         return
-    import logging
-
     import trl.trainer.sft_trainer  # noqa: F401  (its loggers exist once imported)
 
     for name in list(logging.root.manager.loggerDict):

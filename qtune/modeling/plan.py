@@ -24,16 +24,19 @@ def plan(cfg: Config) -> Plan:
     from qtune.modeling.estimate import estimate, experts_4bit, per_process
     from qtune.modeling.fast import offloads
     from qtune.modeling.targets import match
+    from qtune.stages import compacts, head, lora_settings, sequences
 
-    model = meta_model(cfg.model.arch)
-    matched = match(model, cfg.lora, cfg.moe)
-    tokens = cfg.data.max_length * cfg.train.batch_size
     t = cfg.train
+    model = meta_model(cfg.model.arch, head(t.stage))
+    matched = match(model, lora_settings(cfg), cfg.moe)
+    # the tokens one micro-batch puts through a forward that keeps activations (dpo and rm: chosen and rejected)
+    tokens = cfg.data.max_length * t.batch_size * sequences(t.stage)
 
     def one_gpu(fast: str):
         return estimate(model, cfg.model.arch, matched, cfg.quant, tokens, t.gradient_checkpointing, on_gpu=True,
                         offload_inputs=offloads(fast, t.offload_activations, t.gradient_checkpointing, tokens),
-                        experts4=experts_4bit(fast, cfg.quant), compact=fast != "false")
+                        experts4=experts_4bit(fast, cfg.quant), compact=fast != "false" and compacts(t.stage),
+                        lm_head=head(t.stage) == "lm")
 
     single = one_gpu(str(t.fast))
     size = max(t.nproc, world().size)  # train.nproc, or the launcher's world under torchrun

@@ -85,8 +85,10 @@ def _is_linear(module) -> bool:
 
 
 def _output_head_names(model) -> set[str]:
+    """The language-model head, or a reward model's score head (trained whole, never given LoRA)."""
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {n for n, m in model.named_modules() if m is out} if out is not None else set()
+    heads = [m for m in (out, getattr(model, "score", None)) if m is not None]
+    return {n for n, m in model.named_modules() if any(m is h for h in heads)}
 
 
 def _suffix_match(name: str, entry: str) -> bool:
@@ -213,7 +215,7 @@ def check(matched: Matched, lora: LoraConfig) -> None:
                           "set lora.use_dora=false or moe=none")
 
 
-def peft_config(matched: Matched, lora: LoraConfig, quantized: bool):
+def peft_config(matched: Matched, lora: LoraConfig, quantized: bool, task_type: str = "CAUSAL_LM"):
     """The PEFT LoraConfig that adapts exactly `matched` (full names, not patterns)."""
     from peft import LoraConfig as PeftLoraConfig
 
@@ -234,7 +236,7 @@ def peft_config(matched: Matched, lora: LoraConfig, quantized: bool):
         target_modules=matched.names("lora") or None, target_parameters=params or None,
         use_rslora=lora.use_rslora, use_dora=lora.use_dora, init_lora_weights=init, bias=lora.bias,
         modules_to_save=[t.name for t in matched.targets if t.how == "full" and not t.name.endswith(".bias")] or None,
-        task_type="CAUSAL_LM", **kw)
+        task_type=task_type, **kw)
 
 
 def apply_dropout(peft_model, p: float) -> int:

@@ -1,0 +1,238 @@
+"""Preference data (train.stage=dpo|kto|rm): records -> a prompt and answers -> token ids, truncated.
+
+A record becomes the prompt's messages and the answers' turns (formats.Example: messages, chosen, rejected, label).
+Each is rendered with the chat template exactly as at inference: the prompt with the generation prompt (as chat and
+serve send it), each answer as the text that follows it, up to the end of the assistant turn. Prompt and answers are
+tokenized apart, as the model sees them at inference: prompt tokens, then the answer's tokens.
+
+When prompt + answer exceed data.max_length, the prompt keeps its end and each answer its start (the prompt keeps at
+least half the budget when an answer is long); stats.json counts what was cut. Pairs whose two answers are the same
+carry no preference: they are left out, counted, and named in a warning.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from qtune.data import formats
+from qtune.data.template import Markers, render
+from qtune.errors import DataError
+
+# What prepare builds per stage: packed token rows (lm); prompt, chosen and rejected ids (pairs); the same with the
+# prompt in front of each answer, whole sequences a reward model scores (scored); prompt, completion ids and label
+# (unpaired).
+KINDS = {"pt": "lm", "sft": "lm", "dpo": "pairs", "rm": "scored", "kto": "unpaired"}
+
+
+# ---------------------------------------------------------------- records
+
+
+def normalize_preference(data: dict, fmt: str, where: str) -> formats.Example:
+    if fmt == "kto":
+        prompt = _prompt(data, "prompt", where)
+        return formats.Example(prompt, None, fmt, where, chosen=_answer(data, "completion", where),
+                               label=_label(data.get("label"), where))
+    if fmt == "sharegpt_preference":
+        prompt = formats._sharegpt(data, where)
+        answers = {k: _sharegpt_turn(data.get(k), where, k) for k in ("chosen", "rejected")}
+    else:
+        key = next((k for k in ("prompt", "messages", "conversations") if k in data), None)
+        if key is None:
+            raise DataError(f"{where}: a preference pair needs its prompt: field 'prompt' (a string or messages) or "
+                            "'messages' next to 'chosen' and 'rejected'")
+        prompt = _prompt(data, key, where)
+        answers = {k: _answer(data, k, where) for k in ("chosen", "rejected")}
+    if prompt[-1]["role"] == "assistant":
+        raise DataError(f"{where}: the prompt ends with an assistant turn; the answers in 'chosen' and 'rejected' "
+                        "follow the prompt's last user turn")
+    return formats.Example(prompt, None, fmt, where, chosen=answers["chosen"], rejected=answers["rejected"])
+
+
+def _prompt(data: dict, key: str, where: str) -> list[dict]:
+    value = data.get(key)
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: field '{key}' is empty")
+        return [*formats._system(data, where), {"role": "user", "content": value}]
+    if isinstance(value, list):
+        return formats._messages(data, where, key)
+    raise DataError(f"{where}: field '{key}' must be a string or a list of messages, got {type(value).__name__}")
+
+
+def _answer(data: dict, key: str, where: str) -> list[dict]:
+    """An answer: a string, one assistant message, or the turns that follow the prompt (ending with the assistant's)."""
+    value = data.get(key)
+    if isinstance(value, str):
+        value = [{"role": "assistant", "content": value}]
+    elif isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field '{key}' must be a string, a message or a list of messages, "
+                        f"got {type(data.get(key)).__name__}")
+    turns = formats._messages({key: value}, where, key)
+    last = turns[-1]
+    if last["role"] != "assistant":
+        raise DataError(f"{where}: field '{key}' must end with an assistant turn, not {last['role']!r}")
+    if not last["content"].strip() and not last.get("reasoning_content"):
+        raise DataError(f"{where}: field '{key}' is empty")
+    return turns
+
+
+def _sharegpt_turn(value, where: str, key: str) -> list[dict]:
+    if not isinstance(value, dict) or "value" not in value:
+        raise DataError(f"{where}: field '{key}' must be a turn like {{\"from\": \"gpt\", \"value\": \"...\"}}")
+    role = formats.SHAREGPT_ROLES.get(value.get("from", "gpt"))
+    if role != "assistant":
+        raise DataError(f"{where}: field '{key}' must be the assistant's turn (from: gpt), not {value.get('from')!r}")
+    if not isinstance(value["value"], str) or not value["value"].strip():
+        raise DataError(f"{where}: field '{key}': 'value' must be a non-empty string")
+    return [{"role": "assistant", "content": value["value"]}]
+
+
+def _label(value, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):  # CSV cells are text
+        return value.strip().lower() == "true"
+    raise DataError(f"{where}: field 'label' must be true (a desirable answer) or false, got {value!r}")
+
+
+def identical(ex: formats.Example) -> bool:
+    return ex.rejected is not None and ex.chosen == ex.rejected
+
+
+def unpair(examples: list, seed: int) -> list:
+    """KTO: each pair as two answers, the chosen one desirable; the order shuffled again (KTO's batches are taken in
+    order, so a pair's two halves should not always sit side by side)."""
+    import random
+
+    out = []
+    for i, ex in examples:
+        if ex.rejected is None:
+            out.append((i, ex))
+            continue
+        for answer, label in ((ex.chosen, True), (ex.rejected, False)):
+            out.append((i, formats.Example(ex.messages, None, ex.format, ex.where, chosen=answer, label=label)))
+    random.Random(seed).shuffle(out)
+    return out
+
+
+# ---------------------------------------------------------------- rendering, tokenizing, truncating
+
+
+def render_parts(tokenizer, template: str, markers: Markers, prompt: list[dict], answer: list[dict],
+                 enable_thinking, where: str) -> tuple[str, str]:
+    """(prompt text, answer text): the prompt as sent at inference, the answer as what follows it, to its turn's end."""
+    head = render(tokenizer, template, prompt, add_generation_prompt=True, enable_thinking=enable_thinking)
+    full = render(tokenizer, template, prompt + answer, enable_thinking=enable_thinking)
+    if not full.startswith(head):
+        raise DataError(f"{where}: the chat template renders this prompt differently before an answer than as a "
+                        "generation prompt; set model.chat_template=chatml (or a .jinja path)")
+    tail = full[len(head):]
+    end = tail.rfind(markers.footer)
+    return head, tail[:end + len(markers.footer)] if markers.footer and end >= 0 else tail
+
+
+def truncate(prompt: list[int], answers: list[list[int]], max_length: int) -> tuple[list[int], list[list[int]], bool, bool]:
+    """Keep the prompt's end and each answer's start within max_length (prompt + answer); the prompt keeps at least
+    half the budget when an answer is long. Returns (prompt, answers, prompt cut, an answer cut)."""
+    longest = max(len(a) for a in answers)
+    if len(prompt) + longest <= max_length:
+        return prompt, answers, False, False
+    keep = min(len(prompt), max(max_length - longest, max_length // 2))
+    cut_prompt = keep < len(prompt)
+    prompt = prompt[len(prompt) - keep:]
+    room = max_length - len(prompt)
+    return prompt, [a[:room] for a in answers], cut_prompt, any(len(a) > room for a in answers)
+
+
+def _tokenize_batch(batch, tokenizer, template: str, markers: Markers, max_length: int, enable_thinking):
+    out = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "label", "length", "trainable", "truncated",
+                           "prompt_cut", "answer_cut")}
+    for prompt, chosen, rejected, label, where in zip(batch["prompt"], batch["chosen"], batch["rejected"],
+                                                      batch["label"], batch["where"]):
+        prompt = json.loads(prompt)
+        answers = [json.loads(a) for a in (chosen, rejected) if a is not None]
+        texts = [render_parts(tokenizer, template, markers, prompt, a, enable_thinking, where) for a in answers]
+        ids = tokenizer([texts[0][0]] + [t[1] for t in texts], add_special_tokens=False)["input_ids"]
+        p, answer_ids, cut_p, cut_a = truncate(ids[0], ids[1:], max_length)
+        out["prompt_ids"].append(p)
+        out["chosen_ids"].append(answer_ids[0])
+        out["rejected_ids"].append(answer_ids[1] if len(answer_ids) > 1 else None)
+        out["label"].append(label)
+        out["length"].append(len(p) + max(len(a) for a in answer_ids))
+        out["trainable"].append(sum(len(a) for a in answer_ids))
+        out["prompt_cut"].append(cut_p)
+        out["answer_cut"].append(cut_a)
+        out["truncated"].append(cut_p or cut_a)
+    return out
+
+
+def tokenize(examples: list[tuple[int, formats.Example]], tokenizer, template: str, markers: Markers, data, desc: str,
+             kind: str):
+    """The examples as a dataset: prompt_ids, chosen_ids and rejected_ids (pairs) or completion_ids and label (kto),
+    with per-row counts for stats (length, trainable, truncated, source, format)."""
+    import hashlib
+
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({
+        "prompt": [json.dumps(ex.messages) for _, ex in examples],
+        "chosen": [json.dumps(ex.chosen) for _, ex in examples],
+        "rejected": [json.dumps(ex.rejected) if ex.rejected is not None else None for _, ex in examples],
+        "label": [ex.label for _, ex in examples],
+        "where": [ex.where for _, ex in examples],
+        "source": [i for i, _ in examples],
+        "format": [ex.format for _, ex in examples],
+    })
+    ds = ds.map(_tokenize_batch, batched=True, batch_size=500, remove_columns=["prompt", "chosen", "rejected", "where"],
+                fn_kwargs=dict(tokenizer=tokenizer, template=template, markers=markers, max_length=data.max_length,
+                               enable_thinking=data.enable_thinking),
+                new_fingerprint=hashlib.sha1(desc.encode()).hexdigest(), desc=f"tokenizing {desc}")
+    if kind == "pairs":
+        return ds.remove_columns(["label"])
+    if kind == "scored":
+        return ds.map(lambda r: {k: r["prompt_ids"] + r[k] for k in ("chosen_ids", "rejected_ids")},
+                      remove_columns=["label"], desc="prompt + answer")
+    return ds.remove_columns(["rejected_ids"]).rename_column("chosen_ids", "completion_ids")
+
+
+def preview(first: list, tokenizer, template: str, markers: Markers, data) -> list:
+    """`prepare --dry-run`: each example's prompt (context) and its answers (trained on), rendered."""
+    shown = []
+    for _, ex in first:
+        segments = []
+        for name, answer in (("chosen", ex.chosen), ("rejected", ex.rejected)):
+            if answer is None:
+                continue
+            head, tail = render_parts(tokenizer, template, markers, ex.messages, answer, data.enable_thinking, ex.where)
+            if not segments:
+                segments.append((head, False))
+            label = name if ex.label is None else ("desirable" if ex.label else "undesirable")
+            segments += [(f"\n[{label}] ", False), (tail, True)]
+        shown.append((ex.where, ex.format, segments))
+    return shown
+
+
+def token_row(row: dict) -> dict:
+    """A prepared row of any kind as one token sequence the model reads (a preference row: its prompt and first
+    answer), e.g. to measure MoE routing on the training data."""
+    if "input_ids" in row:
+        return row
+    return {"input_ids": row.get("prompt_ids", []) + (row["chosen_ids"] if "chosen_ids" in row else row["completion_ids"])}
+
+
+def model_columns(kind: str) -> list[str]:
+    """What the trainer reads from a prepared split of this kind."""
+    return {"lm": ["input_ids", "labels"], "pairs": ["prompt_ids", "chosen_ids", "rejected_ids"],
+            "scored": ["chosen_ids", "rejected_ids"], "unpaired": ["prompt_ids", "completion_ids", "label"]}[kind]
+
+
+def pair_stats(ds) -> dict:
+    """What preference stats add to prepare's: how many prompts and answers truncation cut (kto: desirable share)."""
+    out = {"truncated_prompts": int(np.asarray(ds["prompt_cut"]).sum()),
+           "truncated_answers": int(np.asarray(ds["answer_cut"]).sum())}
+    if "label" in ds.column_names:
+        out["desirable"] = int(np.asarray(ds["label"]).sum())
+    return out
