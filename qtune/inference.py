@@ -53,7 +53,7 @@ def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None =
     if use == "merged" and not (merged and (merged / "config.json").is_file()):
         raise ConfigError(f"chat.use=merged: {run}/merged does not exist; run `qtune merge run={run}` first")
     adapters = {name: adapter_folder(path, "serve.adapters") for name, path in (extra_adapters or {}).items()}
-    for where in [run / "adapter"] * (run is not None) + list(adapters.values()):
+    for where in ([run / "adapter"] if run is not None else []) + list(adapters.values()):
         _refuse_reward_model(where)
     use_merged = merged is not None and (merged / "config.json").is_file() and use in ("auto", "merged") and not adapters
     if use_merged:
