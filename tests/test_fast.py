@@ -6,6 +6,7 @@ CUDA with liger-kernel's RMSNorm/RoPE/SwiGLU in the path; run them on a GPU mach
 from __future__ import annotations
 
 import json
+import zlib
 
 import pytest
 import torch
@@ -216,9 +217,8 @@ def _qwen3_parity(model_dir, device: str, dtype, kernels: bool, offload: str = "
         matched = match(m, cfg.lora, cfg.moe)
         m = get_peft_model(m, peft_config(matched, cfg.lora, False))
         for n, p in m.named_parameters():  # B starts at zero: give it values so dA is not zero either
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(hash(n) % 2**31)) \
-                    if p.device.type == "cpu" else p.data.normal_(std=0.02, generator=torch.Generator(p.device).manual_seed(hash(n) % 2**31))
+            if "lora_B" in n:  # seeded by the name's CRC (str's hash() changes from process to process)
+                p.data.normal_(std=0.02, generator=torch.Generator(p.device).manual_seed(zlib.crc32(n.encode())))
         fastpath.apply_lora(fp, m, "nf4" if experts_4bit else "none")
         return m, fp
 
