@@ -60,10 +60,10 @@ def run(cfg: Config, dry_run: bool = False):
     quiet_libraries(trl=True)                                                    # (seconds: after the checks)
     tokenizer, prepared = _data(cfg, setup)                                      # 2
     out.mkdir(parents=True, exist_ok=True)
-    model, matched = _model(cfg, setup, device, dtype, out, prepared.load("train"))  # 3, 4
+    model, matched, fast = _model(cfg, setup, device, dtype, out, prepared.load("train"))  # 3, 4
     if main:
         runs.write_config(out, cfg, setup.record())
-    trainer, nan = _trainer(cfg, setup, model, tokenizer, prepared, out, resume)  # 5
+    trainer, nan = _trainer(cfg, setup, model, tokenizer, prepared, out, resume, fast.on)  # 5
     samples_before = _samples(cfg, trainer.model, tokenizer, out, "before") if resume is None and main else None
     start = f", from {cfg.train.init_adapter}" if cfg.train.init_adapter else ""
     ui.info(f"training {cfg.model.name} ({cfg.train.stage}, {cfg.quant.method}, LoRA r{cfg.lora.r}{start}) on {device}: "
@@ -115,8 +115,7 @@ def _train(cfg: Config, trainer, nan, out: Path, resume) -> float:
 
 def _finished(trainer, checkpoint) -> bool:
     """Whether `checkpoint` is already at the step this run trains to (max_steps, or the epochs' steps)."""
-    done = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
-    return done >= trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+    return _step_of(checkpoint) >= trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
 
 
 def _merge_after(cfg: Config, out: Path) -> str:
@@ -274,24 +273,23 @@ def _model(cfg: Config, setup, device: str, dtype, out: Path, train_ds):
                    for t in matched.targets)
     if trainable != expected:  # the plan and PEFT must agree; a mismatch is a qtune bug
         raise RuntimeError(f"PEFT made {trainable} trainable parameters, the plan counted {expected}")
-    return model, matched
+    return model, matched, fast
 
 
-def _trainer(cfg: Config, setup, model, tokenizer, prepared, out: Path, resume):
+def _trainer(cfg: Config, setup, model, tokenizer, prepared, out: Path, resume, reentrant: bool):
+    """reentrant: _model checkpoints the fast path's way (qtune.modeling.fast), which TRL repeats when it turns
+    checkpointing back on."""
     import os
 
     from qtune import stages, ui
     from qtune.callbacks import MetricsCallback, NanGuard, ProgressCallback, StopOnSignal, WorldRecord
     from qtune.distributed import check_wrapped, trainer_args, world
-    from qtune.modeling import fast
 
     train_ds = prepared.load("train")
     eval_ds = prepared.load("eval")
     base = model.get_base_model()
     device = str(next(base.parameters()).device.type)
     main = world().main
-    # how _model checkpoints (qtune.modeling.fast), which TRL repeats when it turns checkpointing back on
-    reentrant = fast.decide(str(cfg.train.fast), device, fsdp=setup.strategy == "fsdp").on
     args = stages.training_args(cfg, out, eval_ds is not None, device, base.dtype, reentrant,
                                 evaluate_first=resume is None,
                                 extra=trainer_args(setup, cfg.train.gradient_checkpointing))  # DDP or FSDP2
