@@ -65,18 +65,17 @@ def merge(cfg: Config, adapter: Path, out: Path, warn=None) -> dict:
         check_output(_nf4_dir(out), cfg.merge.overwrite)
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from qtune.hub import ensure_model
     from qtune.io import atomic_dir, atomic_write_json
-    from qtune.modeling.load import load_tokenizer, torch_dtype
+    from qtune.modeling.load import load_tokenizer, model_class, torch_dtype
 
     for key in ("dtype", "parity_dtype"):
         if getattr(cfg.merge, key) is DType.auto:
             raise ConfigError(f"merge.{key}=auto: choose bf16, fp16 or fp32")
     folder = ensure_model(cfg.model, cfg.download, cfg.paths, warn=warn)
     tokenizer = load_tokenizer(cfg.model, cfg.paths)
-    auto, extra = (AutoModelForSequenceClassification, {"num_labels": 1}) if scorer else (AutoModelForCausalLM, {})
+    auto, extra = model_class(head(cfg.train.stage))
     base = auto.from_pretrained(folder, dtype=torch_dtype(cfg.merge.parity_dtype),
                                 trust_remote_code=cfg.model.trust_remote_code, **extra)
     if scorer:  # where the score is read (the last token that is not padding), as in training

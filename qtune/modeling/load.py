@@ -85,6 +85,14 @@ def bnb_config(quant: QuantConfig, quant_storage=None, keep: tuple[str, ...] = (
                               **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}))
 
 
+def model_class(head: str):
+    """The transformers class that loads a model ending in `head` ("lm", or "score": a one-output sequence-classification
+    head, a reward model's), with the keyword arguments it needs."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return (AutoModelForSequenceClassification, {"num_labels": 1}) if head == "score" else (AutoModelForCausalLM, {})
+
+
 def load_model(folder: Path, model: ModelConfig, quant: QuantConfig, device: str, dtype, gradient_checkpointing: bool,
                experts_4bit: bool = False, quant_storage=None, head: str = "lm"):
     """The base model for training: quantized per `quant`, on `device`, SDPA (flash-attention when installed).
@@ -95,11 +103,9 @@ def load_model(folder: Path, model: ModelConfig, quant: QuantConfig, device: str
     import contextlib
     import importlib.util
 
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     attn = "flash_attention_2" if device != "cpu" and importlib.util.find_spec("flash_attn") else "sdpa"
     qconfig = bnb_config(quant, quant_storage, keep=("score",) if head == "score" else ())
-    auto, extra = (AutoModelForSequenceClassification, {"num_labels": 1}) if head == "score" else (AutoModelForCausalLM, {})
+    auto, extra = model_class(head)
     experts = contextlib.nullcontext()
     if experts_4bit and device.startswith("cuda") and quant.method in (QuantMethod.nf4, QuantMethod.fp4):
         from qtune.modeling.fast.moe import four_bit_while_loading
