@@ -2,9 +2,9 @@
 
 Run on a GPU machine from the repository root:  python3 bench/train_gpu.py [ROW ...]
 Rows (issue #13's table):
-  nf4_2048   qtune (train.fast=false and true) and the seed recipe, nf4, batch 1 x 2048 tokens
+  nf4_2048   qtune (train.fast=false; true without and with CUDA graphs) and the seed recipe, nf4, 1 x 2048 tokens
   bf16_2048  the same in bf16 (quant=none)
-  nf4_8192   nf4 at 8192 tokens a step
+  nf4_8192   nf4 at 8192 tokens a step (layer inputs offloaded, and CUDA graphs without offloading)
   chat       real chat-length data (a log-normal length mix, median ~200 tokens): qtune trains packed 2048-token
              rows; the seed recipe trains one example a step, as its users do. Only real tokens are counted.
   oom        a deliberate CUDA out-of-memory: qtune must answer with one line and remedies
@@ -133,6 +133,7 @@ def main(which):
     long, xl = WORK / "long.jsonl", WORK / "xl.jsonl"
     if "nf4_2048" in which:
         keep(qtune_train("ref_nf4_2048", long, "quant=nf4", "train.fast=false"))
+        keep(qtune_train("eager_nf4_2048", long, "quant=nf4", "train.fast=true", "train.cuda_graphs=false"))
         keep(qtune_train("qtune_nf4_2048", long, "quant=nf4", "train.fast=true"))
         keep(seed("seed_nf4_2048", quant="nf4", seq=2048))
     if "bf16_2048" in which:
@@ -141,6 +142,8 @@ def main(which):
         keep(seed("seed_bf16_2048", quant="none", seq=2048))
     if "nf4_8192" in which:
         keep(qtune_train("qtune_nf4_8192", xl, "quant=nf4", "train.fast=true", steps=8, length=8192))
+        keep(qtune_train("graph_nf4_8192", xl, "quant=nf4", "train.fast=true", "train.offload_activations=false",
+                         steps=8, length=8192))
         keep(seed("seed_nf4_8192", quant="nf4", seq=8192, steps=4, warm=2))
     if "chat" in which:
         keep(qtune_train("qtune_chat", WORK / "chat.jsonl", "quant=nf4", "train.fast=true", steps=16))
@@ -152,7 +155,7 @@ def main(which):
     print("\n| row | qtune tok/s | seed tok/s | speed ratio | qtune peak GiB | seed peak GiB | memory ratio |")
     print("|---|---|---|---|---|---|---|")
     for row in ("nf4_2048", "bf16_2048", "nf4_8192", "chat"):
-        for side in ("ref", "qtune"):
+        for side in ("ref", "eager", "qtune", "graph"):
             a, b = by.get(f"{side}_{row}"), by.get(f"seed_{row}")
             if a and b and "tok_s" in a and "tok_s" in b:
                 print(f"| {side} {row} | {a['tok_s']} | {b['tok_s']} | {a['tok_s'] / b['tok_s']:.2f} | {a['peak_gib']} | "

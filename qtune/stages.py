@@ -134,14 +134,21 @@ def training_args(cfg: Config, out: Path, has_eval: bool, device: str, model_dty
 # ---------------------------------------------------------------- the trainer
 
 
-def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, args, callbacks: list):
-    """The stage's TRL trainer over the prepared splits."""
+def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, args, callbacks: list, graphs: bool = False):
+    """The stage's TRL trainer over the prepared splits. graphs: pt/sft micro-steps replay a CUDA graph
+    (qtune.modeling.fast.graph; the fast path decides)."""
     stage = cfg.train.stage
     kw = dict(model=model, args=args, processing_class=tokenizer, callbacks=callbacks)
     if stage in ("pt", "sft"):
         from trl import SFTTrainer
 
-        return SFTTrainer(train_dataset=train_ds, eval_dataset=eval_ds, **kw)
+        if not graphs:
+            return SFTTrainer(train_dataset=train_ds, eval_dataset=eval_ds, **kw)
+        from qtune.modeling.fast import graph
+
+        trainer = graph.trainer_class(SFTTrainer)(train_dataset=train_ds, eval_dataset=eval_ds, **kw)
+        graph.attach(trainer, cfg.data.max_length * cfg.train.batch_size, tokenizer)
+        return trainer
     if stage == "rm":
         from trl import RewardTrainer  # it reads tokenized chosen_ids/rejected_ids as they are
 

@@ -63,7 +63,7 @@ def run(cfg: Config, dry_run: bool = False):
     model, matched, fast = _model(cfg, setup, device, dtype, out, prepared.load("train"))  # 3, 4
     if main:
         runs.write_config(out, cfg, setup.record())
-    trainer, nan = _trainer(cfg, setup, model, tokenizer, prepared, out, resume, fast.on)  # 5
+    trainer, nan = _trainer(cfg, setup, model, tokenizer, prepared, out, resume, fast)  # 5
     samples_before = _samples(cfg, trainer.model, tokenizer, out, "before") if resume is None and main else None
     start = f", from {cfg.train.init_adapter}" if cfg.train.init_adapter else ""
     ui.info(f"training {cfg.model.name} ({cfg.train.stage}, {cfg.quant.method}, LoRA r{cfg.lora.r}{start}) on {device}: "
@@ -232,8 +232,15 @@ def _model(cfg: Config, setup, device: str, dtype, out: Path, train_ds):
         # stored in the model's dtype so that they shard
         model = load_model(folder, cfg.model, cfg.quant, device, dtype, cfg.train.gradient_checkpointing and not fsdp,
                            experts_4bit=fast.on, quant_storage=dtype if fsdp else None, head=head(cfg.train.stage))
+    tokens = cfg.data.max_length * cfg.train.batch_size
+    fastpath.decide_graphs(fast, str(cfg.train.cuda_graphs), device, stage=cfg.train.stage,
+                           moe=bool(cfg.model.arch.num_experts), processes=setup.world_size, packing=cfg.data.packing,
+                           offload=fastpath.offloads("true", str(cfg.train.offload_activations),
+                                                     cfg.train.gradient_checkpointing, tokens),
+                           liger=cfg.train.liger, dtype=dtype, dropout=cfg.lora.dropout,
+                           attention=getattr(model.config, "_attn_implementation", None) or "sdpa")
     fastpath.apply_base(fast, model, device, cfg.train.gradient_checkpointing, cfg.train.liger,
-                        cfg.train.offload_activations, cfg.data.max_length * cfg.train.batch_size)
+                        cfg.train.offload_activations, tokens)
     lora = lora_settings(cfg)
     matched = match(model, lora, cfg.moe)
     check(matched, lora)
@@ -276,9 +283,9 @@ def _model(cfg: Config, setup, device: str, dtype, out: Path, train_ds):
     return model, matched, fast
 
 
-def _trainer(cfg: Config, setup, model, tokenizer, prepared, out: Path, resume, reentrant: bool):
-    """reentrant: _model checkpoints the fast path's way (qtune.modeling.fast), which TRL repeats when it turns
-    checkpointing back on."""
+def _trainer(cfg: Config, setup, model, tokenizer, prepared, out: Path, resume, fast):
+    """fast: the fast path's decision (_model). With it on, the model checkpoints the fast path's way (reentrant),
+    which TRL repeats when it turns checkpointing back on; with fast.graphs, SFT steps replay a CUDA graph."""
     import os
 
     from qtune import stages, ui
@@ -290,7 +297,7 @@ def _trainer(cfg: Config, setup, model, tokenizer, prepared, out: Path, resume, 
     base = model.get_base_model()
     device = str(next(base.parameters()).device.type)
     main = world().main
-    args = stages.training_args(cfg, out, eval_ds is not None, device, base.dtype, reentrant,
+    args = stages.training_args(cfg, out, eval_ds is not None, device, base.dtype, fast.on,
                                 evaluate_first=resume is None,
                                 extra=trainer_args(setup, cfg.train.gradient_checkpointing))  # DDP or FSDP2
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
@@ -298,7 +305,8 @@ def _trainer(cfg: Config, setup, model, tokenizer, prepared, out: Path, resume, 
     nan = NanGuard()
     trainer = stages.build_trainer(cfg, model, tokenizer, train_ds, eval_ds, args,
                                    [StopOnSignal(), nan, metrics, WorldRecord(**setup.record()),
-                                    ProgressCallback(ui.train_progress if ui.is_terminal() and main else None)])
+                                    ProgressCallback(ui.train_progress if ui.is_terminal() and main else None)],
+                                   graphs=fast.graphs)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # ProgressCallback prints instead

@@ -86,7 +86,9 @@ def test_fused_lora_equals_peft_layer_by_layer(base):
 
 
 def test_fused_lora_dropout_gradients_follow_the_mask():
-    """With dropout the adapter sees x·mask; dA, dB and dX must be those of exactly that mask."""
+    """With dropout the adapter sees x·mask; dA, dB and dX must be those of exactly that mask, which the seed and the
+    projection's salt fix (the backward draws it again instead of saving it)."""
+    from qtune.modeling.fast import dropout
     from qtune.modeling.fast.lora import LoraLinear
 
     torch.manual_seed(1)
@@ -94,19 +96,50 @@ def test_fused_lora_dropout_gradients_follow_the_mask():
     A = torch.randn(4, 16, requires_grad=True)
     B = torch.randn(12, 4, requires_grad=True)
     x = torch.randn(2, 7, 16, requires_grad=True)
-    torch.manual_seed(5)
-    y = LoraLinear.apply(x, A, B, base, 0.5, 0.3)
+    seed = dropout.Seed(torch.device("cpu"))
+    seed.refresh()
+    y = LoraLinear.apply(x, A, B, base, 0.5, (seed, 3, 0.3))
     w = torch.randn_like(y)
     gx, gA, gB = torch.autograd.grad((y * w).sum(), (x, A, B))
 
-    torch.manual_seed(5)
-    mask = torch.empty(14, 16).bernoulli_(0.7).div_(0.7).view(2, 7, 16)
+    mask = dropout.apply(torch.ones(14, 16), seed, 3, 0.3).view(2, 7, 16)
+    assert torch.allclose(mask[mask != 0], torch.tensor(1 / 0.7)) and abs((mask == 0).float().mean().item() - 0.3) < 0.2
     ref = base(x) + 0.5 * ((x * mask) @ A.t()) @ B.t()
     rx, rA, rB = torch.autograd.grad((ref * w).sum(), (x, A, B))
     assert torch.allclose(y, ref, atol=1e-5)
     for got, want in ((gx, rx), (gA, rA), (gB, rB)):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
-    assert (mask == 0).any()  # the draw did drop something
+    assert not torch.equal(dropout.apply(torch.ones(14, 16), seed, 4, 0.3), mask.view(14, 16))   # another salt
+    old = seed.value
+    seed.refresh()
+    assert seed.value != old and not torch.equal(dropout.apply(torch.ones(14, 16), seed, 3, 0.3), mask.view(14, 16))
+
+
+def test_dropout_seed_is_refreshed_once_per_training_forward(tiny_qwen3):
+    """The backbone's hook draws a new seed for each training forward that keeps gradients, never for the checkpoint's
+    recompute (the layers, not the backbone) nor for no-grad or eval forwards."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qtune.modeling.fast import lora
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32)
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model = get_peft_model(m, LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj", "down_proj"]))
+    lora.patch(model)
+    seed = lora.seed_of(model)
+    seen = []
+    refresh = seed.refresh
+    seed.refresh = lambda: seen.append(1) or refresh()
+    ids = torch.randint(0, 100, (1, 12))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()      # forward + recompute in the backward: one refresh
+    assert len(seen) == 1
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.eval()
+    model(input_ids=ids)
+    assert len(seen) == 1
 
 
 class _MLP(torch.nn.Module):

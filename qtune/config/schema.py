@@ -355,6 +355,9 @@ class TrainConfig:
     # with the fast path and checkpointing: checkpointed layer inputs in pinned host memory.
     # auto: on CUDA from 8192 tokens a micro-batch (data.max_length x train.batch_size) on | true | false
     offload_activations: str = "auto"
+    # with the fast path: each micro-step's forward, loss and backward as one CUDA graph (qtune.modeling.fast.graph).
+    # auto: on CUDA for dense pt/sft runs with packed rows in one process, without offloading or liger | true | false
+    cuda_graphs: str = "auto"
     optim: str = "adamw_torch_fused"
     resume: str = "auto"               # auto | never | a checkpoint path
     overwrite: bool = False
@@ -393,7 +396,7 @@ class TrainConfig:
             value = getattr(self, key)
             if isinstance(value, int) and value <= 0:
                 raise ValueError(f"train.{key} must be a positive integer, got {value}")
-        for key in ("fast", "offload_activations"):  # str, not Enum: Hydra reads true/false as booleans
+        for key in ("fast", "offload_activations", "cuda_graphs"):  # str, not Enum: Hydra reads true/false as booleans
             value = getattr(self, key)
             if isinstance(value, str):
                 setattr(self, key, value.lower())

@@ -14,6 +14,9 @@ path (plain transformers + PEFT) by parity tests:
   - moe: every MoE expert block as one autograd function of grouped matmuls over the routed tokens, with the
     LoRA term split (x·Aᵀ)·Bᵀ instead of PEFT's full-size delta, and (quant=nf4|fp4 on CUDA) the fused expert
     tensors kept in 4 bits, which bitsandbytes leaves in 16 (qtune.modeling.fast.moe);
+  - graphs (`train.cuda_graphs`, auto: on where it applies): a micro-step's forward, loss and backward captured
+    once as a CUDA graph and replayed for every batch (qtune.modeling.fast.graph), which takes the host out of the
+    step; LoRA dropout is seeded for it (qtune.modeling.fast.dropout);
   - kernels (opt-in, `train.liger=true`): liger-kernel's Triton RMSNorm, RoPE and SwiGLU (CUDA only). They
     cut GPU time but add launch work on the host, so they pay only where the GPU is the bottleneck.
 The loss is TRL's fused output head either way (no full logits). `auto` turns the path on for CUDA; `true`
@@ -39,6 +42,7 @@ class FastPath:
     pieces: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)   # why a piece is not used
     offloader: object = None
+    graphs: bool = False                              # train.cuda_graphs applies (qtune.modeling.fast.graph)
 
     def describe(self) -> str:
         if not self.on:
@@ -64,6 +68,51 @@ def decide(setting: str, device: str, fsdp: bool = False) -> FastPath:
     return FastPath(True)
 
 
+def decide_graphs(fast: FastPath, setting: str, device: str, *, stage: str, moe: bool, processes: int,
+                  packing: bool, offload: bool, liger: bool, dtype, dropout: float, attention: str) -> None:
+    """train.cuda_graphs: sets fast.graphs, with the piece or (auto) the reason it is off; `true` where it cannot
+    apply is a one-line ConfigError naming why."""
+    import torch
+
+    if setting == "false" or (setting == "auto" and not fast.on):
+        return
+    why = None
+    if not device.startswith("cuda"):
+        why = "it needs CUDA"
+    elif not fast.on:
+        why = "it needs the fast path (" + "; ".join(fast.notes) + ")"
+    elif stage not in ("pt", "sft"):
+        why = f"train.stage={stage} runs several forwards a step (pt and sft only)"
+    elif moe:
+        why = "MoE expert blocks use grouped matmuls, which torch cannot capture yet"
+    elif processes > 1:
+        why = "one process only"
+    elif not packing:
+        why = "it needs data.packing=true (rows of one fixed size)"
+    elif offload:
+        why = "train.offload_activations copies layer inputs to the host"
+    elif liger:
+        why = "not used with train.liger=true"
+    elif dtype != torch.bfloat16:
+        why = f"bf16 only (the model is {str(dtype).replace('torch.', '')})"
+    elif attention not in ("sdpa", "eager"):
+        why = f"attention {attention} (sdpa or eager only)"
+    elif dropout > 0:
+        from qtune.modeling.fast.dropout import triton_ok
+
+        if not triton_ok():
+            why = "LoRA dropout in a graph needs Triton (or lora.dropout=0)"
+    if why is None:
+        fast.graphs = True
+        fast.pieces.append("CUDA graph per micro-step")
+    elif setting == "true":
+        from qtune.errors import ConfigError
+
+        raise ConfigError(f"train.cuda_graphs=true: {why}; use train.cuda_graphs=auto or false")
+    elif device.startswith("cuda"):
+        fast.notes.append(f"no CUDA graph: {why}")
+
+
 def apply_base(fast: FastPath, model, device: str, gradient_checkpointing: bool, liger: bool,
                offload: str = "false", tokens: int = 0) -> None:
     """The base model's part (before PEFT): reentrant checkpointing, offloaded layer inputs, liger-kernel."""
@@ -71,7 +120,7 @@ def apply_base(fast: FastPath, model, device: str, gradient_checkpointing: bool,
         return
     if gradient_checkpointing:
         model.gradient_checkpointing_disable()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(fast))
         fast.pieces.append("reentrant checkpointing")
     if offload == "true" and not gradient_checkpointing:
         fast.notes.append("train.offload_activations needs train.gradient_checkpointing=true")
@@ -86,6 +135,12 @@ def apply_base(fast: FastPath, model, device: str, gradient_checkpointing: bool,
             fast.pieces.append("layer inputs offloaded to pinned host memory")
     if liger:
         _liger(fast, model, device)
+
+
+def checkpoint_kwargs(fast: FastPath) -> dict:
+    """Reentrant checkpointing; in a CUDA graph without saving the RNG's state around each layer (a replay could not
+    restore it, and the seeded dropout does not need it: nothing else in a layer draws random numbers then)."""
+    return {"use_reentrant": True, "preserve_rng_state": False} if fast.graphs else {"use_reentrant": True}
 
 
 def _liger(fast: FastPath, model, device: str) -> None:

@@ -12,6 +12,9 @@ gate, up, SiLU(gate)·up and down in one autograd node and keeps only gate's and
 The modules stay PEFT's (same parameters, names, save/load, merge); only forwards are replaced, and they fall
 back to PEFT's own forward whenever a call is not plain LoRA (adapters disabled or merged, several adapters,
 DoRA or another variant, per-call adapter names).
+
+Dropout is seeded (qtune.modeling.fast.dropout): each projection has its own salt, the step its seed, and the mask is
+regenerated from the two in the checkpoint's recompute and in the backward instead of being saved.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import types
 
 import torch
 import torch.nn.functional as F
+
+from qtune.modeling.fast import dropout
 
 
 def _weight(base, dtype: torch.dtype) -> torch.Tensor:
@@ -36,10 +41,10 @@ class _Proj:
     """One LoRA projection's forward and backward math on 2-D inputs (N, in); the autograd functions below
     call it so a single projection and a whole MLP block share the same arithmetic."""
 
-    __slots__ = ("base", "a", "b", "s", "p", "dtypes", "xd", "xa", "mask")
+    __slots__ = ("base", "a", "b", "s", "drop", "dtypes", "xd", "xa")
 
-    def __init__(self, base, A, B, scaling: float, p: float, dtype):
-        self.base, self.s, self.p = base, scaling, p
+    def __init__(self, base, A, B, scaling: float, drop, dtype):
+        self.base, self.s, self.drop = base, scaling, drop    # drop: (Seed, salt, p) or None
         self.a, self.b = A.to(dtype), B.to(dtype)
         self.dtypes = (A.dtype, B.dtype)
 
@@ -47,20 +52,15 @@ class _Proj:
         y = x2 @ _weight(self.base, x2.dtype).t()
         if self.base.bias is not None:
             y += self.base.bias.to(y.dtype)
-        self.mask = None
-        if self.p > 0:
-            self.mask = torch.empty_like(x2).bernoulli_(1 - self.p).div_(1 - self.p)
-            self.xd = x2 * self.mask
-        else:
-            self.xd = x2
+        self.xd = dropout.apply(x2, *self.drop) if self.drop else x2
         self.xa = self.xd @ self.a.t()
         return y.addmm_(self.xa, self.b.t(), alpha=self.s)
 
     def tensors(self):
-        return [self.xd, self.xa, self.a, self.b, self.mask]
+        return [self.xd, self.xa, self.a, self.b]
 
     def restore(self, tensors):
-        self.xd, self.xa, self.a, self.b, self.mask = tensors
+        self.xd, self.xa, self.a, self.b = tensors
 
     def backward(self, dy2, need_x: bool, need_a: bool, need_b: bool):
         s = self.s
@@ -70,20 +70,20 @@ class _Proj:
         dx = None
         if need_x:
             dx = dy2 @ _weight(self.base, self.xd.dtype)
-            if self.mask is None:
+            if self.drop is None:
                 dx.addmm_(dyb, self.a, alpha=s)
-            else:
-                dx.add_((dyb @ self.a).mul_(self.mask), alpha=s)
+            else:                                                            # the same mask, drawn again
+                dx.add_(dropout.apply(dyb @ self.a, *self.drop), alpha=s)
         return dx, dA, dB
 
 
 class LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, A, B, base, scaling: float, p: float):
-        proj = _Proj(base, A, B, scaling, p, x.dtype)
+    def forward(ctx, x, A, B, base, scaling: float, drop):
+        proj = _Proj(base, A, B, scaling, drop, x.dtype)
         y = proj.forward(x.reshape(-1, x.shape[-1]))
         ctx.save_for_backward(*proj.tensors())
-        proj.restore([None] * 5)
+        proj.restore([None] * 4)
         ctx.proj, ctx.shape = proj, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -100,10 +100,10 @@ class LoraSwiGLU(torch.autograd.Function):
     """down(SiLU(gate(x)) · up(x)) with LoRA on all three projections, as one autograd node."""
 
     @staticmethod
-    def forward(ctx, x, Ag, Bg, Au, Bu, Ad, Bd, bases, scalings, ps):
+    def forward(ctx, x, Ag, Bg, Au, Bu, Ad, Bd, bases, scalings, drops):
         dtype = x.dtype
-        projs = [_Proj(base, A, B, s, p, dtype) for base, A, B, s, p in
-                 zip(bases, (Ag, Au, Ad), (Bg, Bu, Bd), scalings, ps)]
+        projs = [_Proj(base, A, B, s, d, dtype) for base, A, B, s, d in
+                 zip(bases, (Ag, Au, Ad), (Bg, Bu, Bd), scalings, drops)]
         x2 = x.reshape(-1, x.shape[-1])
         g = projs[0].forward(x2)
         u = projs[1].forward(x2)
@@ -111,7 +111,7 @@ class LoraSwiGLU(torch.autograd.Function):
         saved = [g, u]
         for proj in projs:
             saved += proj.tensors()
-            proj.restore([None] * 5)
+            proj.restore([None] * 4)
         ctx.save_for_backward(*saved)
         ctx.projs, ctx.shape = projs, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -121,7 +121,7 @@ class LoraSwiGLU(torch.autograd.Function):
         g, u, *rest = ctx.saved_tensors
         projs = ctx.projs
         for i, proj in enumerate(projs):
-            proj.restore(rest[5 * i:5 * i + 5])
+            proj.restore(rest[4 * i:4 * i + 4])
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(g.dtype)
         dh, dAd, dBd = projs[2].backward(dy2, True, need[5], need[6])
@@ -159,6 +159,11 @@ def _dtype(x):
     return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
+def _drop(module, p: float):
+    """The seeded dropout of a patched module's call: (seed, salt, p), or None without dropout."""
+    return (module._qtune_seed, module._qtune_salt, p) if p > 0 else None
+
+
 def _forward(self, x, *args, **kwargs):
     plain = _plain(self, args, kwargs)
     if plain is None:
@@ -167,7 +172,7 @@ def _forward(self, x, *args, **kwargs):
     dtype = _dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         return LoraLinear.apply(x.to(dtype), self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer,
-                                float(self.scaling[name]), float(p))
+                                float(self.scaling[name]), _drop(self, p))
 
 
 def _mlp_forward(self, x):
@@ -180,7 +185,7 @@ def _mlp_forward(self, x):
     with torch.autocast(x.device.type, enabled=False):
         return LoraSwiGLU.apply(x.to(dtype), *[t for m in mods for t in (m.lora_A[name].weight, m.lora_B[name].weight)],
                                 tuple(m.base_layer for m in mods), tuple(float(m.scaling[name]) for m in mods),
-                                tuple(float(pl[1]) for pl in plains))
+                                tuple(_drop(m, pl[1]) for m, pl in zip(mods, plains)))
 
 
 def _swiglu_mlp(module) -> bool:
@@ -193,16 +198,40 @@ def _swiglu_mlp(module) -> bool:
 
 def patch(peft_model) -> tuple[int, int]:
     """Give every supported LoRA linear layer the fused forward, and every SwiGLU MLP whose projections all carry
-    LoRA the fused block; returns (linear layers, MLP blocks) patched."""
+    LoRA the fused block; returns (linear layers, MLP blocks) patched. Each patched layer gets a dropout salt, and the
+    model one dropout seed, refreshed at the start of every training forward that keeps gradients (`seed_of`)."""
     layers = blocks = 0
+    seed = seed_of(peft_model)
     for module in peft_model.modules():
         if supported(module):
             module.forward = types.MethodType(_forward, module)
+            module._qtune_seed, module._qtune_salt = seed, layers
             layers += 1
         elif _swiglu_mlp(module):
             module.forward = types.MethodType(_mlp_forward, module)
             blocks += 1
     return layers, blocks
+
+
+def seed_of(peft_model) -> dropout.Seed:
+    """The model's dropout seed (made, with the hook that refreshes it, on first use). The hook sits on the backbone
+    (the decoder stack), which every training forward calls once and a checkpoint's recompute never calls, so the
+    recompute and the backward see the forward's seed."""
+    seed = getattr(peft_model, "_qtune_dropout_seed", None)
+    if seed is None:
+        device = next(peft_model.parameters()).device
+        seed = dropout.Seed(device)
+        base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+        backbone = getattr(base, getattr(base, "base_model_prefix", ""), None)
+        target = backbone if isinstance(backbone, torch.nn.Module) else base
+
+        def refresh(module, args):
+            if module.training and torch.is_grad_enabled():
+                seed.refresh()
+
+        target.register_forward_pre_hook(refresh)
+        peft_model._qtune_dropout_seed = seed
+    return seed
 
 
 def unpatch(peft_model) -> None:
