@@ -78,13 +78,14 @@ def fused_head_step(model, seq: int, vocab: int = 151936):
 
 
 def qtune_train(name: str, out: Path, model_args: list, data, length: int, steps: int, home: Path, *overrides,
-                fmt: str = "text") -> dict:
+                fmt: str = "text", log_every: int = 1) -> dict:
     """Run `qtune train` (a bench-sized run: one log row a step, no eval, no saving) and read back tokens/s (the median
     of the logged steps after the third, and their spread), the training and whole-process peak memory, the first and
     last loss, the wall time and the fast path's line. A failed run is its last line of output. `fmt`: data.format
-    (auto for preference pairs)."""
+    (auto for preference pairs). `log_every`: train.logging_steps (a log reads the step's results back from the GPU,
+    so logging every step makes the host wait for it each step; users log every 10)."""
     cmd = [sys.executable, "-m", "qtune", "train", *model_args, f"data.path={data}", f"data.format={fmt}",
-           f"data.max_length={length}", "data.val_size=0", f"train.max_steps={steps}", "train.logging_steps=1",
+           f"data.max_length={length}", "data.val_size=0", f"train.max_steps={steps}", f"train.logging_steps={log_every}",
            "train.grad_accum=1", "train.save_steps=1000", "train.warmup_ratio=0", "train.report_to=[]",
            f"train.output_dir={out}", "train.overwrite=true", f"paths.home={home}", *overrides]
     t = time.time()
@@ -93,7 +94,7 @@ def qtune_train(name: str, out: Path, model_args: list, data, length: int, steps
     if p.returncode != 0:
         return dict(name=name, error=(p.stderr or p.stdout).strip().splitlines()[-1][:400], rc=p.returncode)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > 3]
+    tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > max(3, log_every)]
     summary = json.loads((out / "summary.json").read_text())
     losses = [r["loss"] for r in rows if "loss" in r]
     fast = next((x for x in p.stdout.splitlines() if "train.fast" in x), "")

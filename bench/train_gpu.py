@@ -54,12 +54,12 @@ def write_data():
             f.write(json.dumps({"text": words(rng, max(4, int(n / per_word)))}) + "\n")
 
 
-def qtune_train(name, data, *overrides, steps=12, length=2048):
+def qtune_train(name, data, *overrides, steps=12, length=2048, log_every=1):
     from common import qtune_train as run
     from randckpt import PATH
 
     r = run(name, WORK / name, ["model=qwen3_8b", "model.source=local", f"model.local_dir={PATH}"], data, length, steps,
-            WORK / "home", *overrides)
+            WORK / "home", *overrides, log_every=log_every)
     if "process_peak_gib" in r:  # this table's peak is the whole process's, loading included
         r["peak_gib"] = r["process_peak_gib"]
     return r
@@ -136,6 +136,9 @@ def main(which):
         keep(qtune_train("eager_nf4_2048", long, "quant=nf4", "train.fast=true", "train.cuda_graphs=false"))
         keep(qtune_train("qtune_nf4_2048", long, "quant=nf4", "train.fast=true"))
         keep(seed("seed_nf4_2048", quant="nf4", seq=2048))
+    if "nf4_2048_log4" in which:  # as users run it: a log (which waits for the GPU) every few steps, not every step
+        keep(qtune_train("log4_nf4_2048", long, "quant=nf4", "train.fast=true", steps=24, log_every=4))
+        keep(seed("seed_nf4_2048", quant="nf4", seq=2048))
     if "bf16_2048" in which:
         keep(qtune_train("ref_bf16_2048", long, "quant=none", "train.fast=false"))
         keep(qtune_train("qtune_bf16_2048", long, "quant=none", "train.fast=true"))
@@ -155,7 +158,7 @@ def main(which):
     print("\n| row | qtune tok/s | seed tok/s | speed ratio | qtune peak GiB | seed peak GiB | memory ratio |")
     print("|---|---|---|---|---|---|---|")
     for row in ("nf4_2048", "bf16_2048", "nf4_8192", "chat"):
-        for side in ("ref", "eager", "qtune", "graph"):
+        for side in ("ref", "eager", "qtune", "graph", "log4"):
             a, b = by.get(f"{side}_{row}"), by.get(f"seed_{row}")
             if a and b and "tok_s" in a and "tok_s" in b:
                 print(f"| {side} {row} | {a['tok_s']} | {b['tok_s']} | {a['tok_s'] / b['tok_s']:.2f} | {a['peak_gib']} | "

@@ -96,6 +96,8 @@ def training_args(cfg: Config, out: Path, has_eval: bool, device: str, model_dty
         warmup_steps=t.warmup_ratio, lr_scheduler_type=t.scheduler, weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, optim=t.optim,
         logging_steps=t.logging_steps, logging_first_step=True,
+        # NanGuard stops on a non-finite loss, which the filter would hide; it also costs a host sync every micro-step
+        logging_nan_inf_filter=False,
         eval_strategy="steps" if has_eval else "no", eval_steps=eval_steps if has_eval else None,
         eval_on_start=has_eval and evaluate_first and stage in CURVE,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
