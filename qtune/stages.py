@@ -136,9 +136,10 @@ def training_args(cfg: Config, out: Path, has_eval: bool, device: str, model_dty
 # ---------------------------------------------------------------- the trainer
 
 
-def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, args, callbacks: list, graphs: bool = False):
+def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, args, callbacks: list, graphs: bool = False,
+                  note=print):
     """The stage's TRL trainer over the prepared splits. graphs: pt/sft micro-steps replay a CUDA graph
-    (qtune.modeling.fast.graph; the fast path decides)."""
+    (qtune.modeling.fast.graph; the fast path decides), and `note(line)` says when a batch cannot."""
     stage = cfg.train.stage
     kw = dict(model=model, args=args, processing_class=tokenizer, callbacks=callbacks)
     if stage in ("pt", "sft"):
@@ -149,7 +150,7 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, args, callba
         from qtune.modeling.fast import graph
 
         trainer = graph.trainer_class(SFTTrainer)(train_dataset=train_ds, eval_dataset=eval_ds, **kw)
-        graph.attach(trainer, cfg.data.max_length * cfg.train.batch_size, tokenizer)
+        graph.attach(trainer, cfg.data.max_length * cfg.train.batch_size, tokenizer, note)
         return trainer
     if stage == "rm":
         from trl import RewardTrainer  # it reads tokenized chosen_ids/rejected_ids as they are

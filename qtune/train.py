@@ -306,7 +306,7 @@ def _trainer(cfg: Config, setup, model, tokenizer, prepared, out: Path, resume, 
     trainer = stages.build_trainer(cfg, model, tokenizer, train_ds, eval_ds, args,
                                    [StopOnSignal(), nan, metrics, WorldRecord(**setup.record()),
                                     ProgressCallback(ui.train_progress if ui.is_terminal() and main else None)],
-                                   graphs=fast.graphs)
+                                   graphs=fast.graphs, note=ui.info)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # ProgressCallback prints instead

@@ -179,9 +179,7 @@ def trainer_class(base):
             if why is not None:
                 if graph is not None and why not in self.qtune_notes:
                     self.qtune_notes.add(why)
-                    from qtune import ui
-
-                    ui.info(f"train.cuda_graphs: {why} runs without the graph")
+                    self.qtune_note(f"train.cuda_graphs: {why} runs without the graph")
                 return super().training_step(model, inputs, num_items_in_batch)
             model.train()
             if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
@@ -213,10 +211,11 @@ def trainer_class(base):
     return Graphed
 
 
-def attach(trainer, tokens: int, tokenizer) -> None:
-    """Give a trainer_class() trainer its GraphedStep (captured at the first batch it fits)."""
+def attach(trainer, tokens: int, tokenizer, note=print) -> None:
+    """Give a trainer_class() trainer its GraphedStep (captured at the first batch it fits); `note(line)` tells, once
+    per reason, why a batch ran without it."""
     from qtune.modeling.fast.lora import seed_of
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    trainer.qtune_notes = set()
+    trainer.qtune_notes, trainer.qtune_note = set(), note
     trainer.qtune_graph = GraphedStep(trainer.model, tokens, seed_of(trainer.model), pad)  # bf16: decide_graphs
