@@ -265,6 +265,7 @@ def _model(cfg: Config, setup, device: str, dtype, out: Path, train_ds):
         ui.info(f"lora.dropout={cfg.lora.dropout:g} on {n} linear adapters; fused expert/router adapters train "
                 "without dropout (PEFT's ParamWrapper has none)")
     fastpath.apply_lora(fast, model, str(cfg.quant.method))
+    fastpath.embeddings_to_host(fast, model)
     # dpo and kto keep full-size expert adapters (masked to the chosen experts): TRL copies the adapter it starts from
     # as the reference, a copy that compacted tensors would not fit
     compacted = set(fastpath.compact_experts(fast, model, selection)) if compacts(cfg.train.stage) else set()

@@ -84,7 +84,7 @@ def test_gpu_triton_dropout_is_one_mask_per_seed_and_salt_also_in_a_graph():
     assert not torch.equal(captured == 0, a == 0)
 
 
-def _fast_model(model_dir, dropout: float):
+def _fast_model(model_dir, dropout: float, tied: bool = True):
     """The tiny Qwen3 in bf16 on CUDA as `qtune train` builds it with graphs on: fused LoRA (non-zero B), reentrant
     checkpointing without RNG state, TRL's fused head."""
     import zlib
@@ -100,7 +100,8 @@ def _fast_model(model_dir, dropout: float):
 
     cfg = to_object(compose(["model=tiny_qwen3", f"lora.dropout={dropout}"]))
     torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa").to("cuda")
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa",
+                                             **({} if tied else {"tie_word_embeddings": False})).to("cuda")
     m.config.use_cache = False
     prepare_for_training(m, gradient_checkpointing=True)
     fp = fastpath.decide("true", "cuda")
@@ -184,6 +185,37 @@ def test_gpu_graph_step_equals_the_eager_step(tiny_qwen3, dropout):
     half = step.step(batch, torch.tensor(2.0 * (batch["labels"][0, 1:] != -100).sum().item(), device="cuda"), 1.0,
                      accumulating=False).item()
     assert abs(half - results[11][0] / 2) <= 2e-3 * abs(results[11][0])
+
+
+@pytest.mark.gpu
+def test_gpu_input_embeddings_read_from_host_memory(tiny_qwen3):
+    """An untied embedding table moved to pinned host memory: the same loss and gradients bit for bit, eagerly and in
+    a replayed graph, with the table's bytes off the GPU's allocator; a tied one stays where it is."""
+    from qtune.modeling.fast.graph import GraphedStep, embeddings_to_host
+    from qtune.modeling.fast.lora import seed_of
+
+    assert embeddings_to_host(_fast_model(tiny_qwen3, 0.0)) == 0                   # tied: the head needs it
+    model = _fast_model(tiny_qwen3, 0.0, tied=False)
+    batch = _batch(100)
+    want_loss, want = _eager(model, batch, 11)
+    model.zero_grad(set_to_none=True)
+    emb = model.get_input_embeddings()
+    table = emb.weight.numel() * emb.weight.element_size()
+    before = torch.cuda.memory_allocated()
+    assert embeddings_to_host(model) == table
+    assert emb.weight.is_cuda and before - torch.cuda.memory_allocated() >= table
+    loss, got = _eager(model, batch, 11)
+    assert loss == want_loss and all(torch.equal(got[n], want[n]) for n in want)
+    model.zero_grad(set_to_none=True)
+    step = GraphedStep(model, 128, seed_of(model), pad_id=0)
+    step.step(batch, None, 1.0, accumulating=False)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(11)
+    loss = step.step(batch, None, 1.0, accumulating=False).item()
+    assert abs(loss - want_loss) <= 2e-3 * abs(want_loss)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert _cos(p.grad.float(), want[n]) >= 0.999, n
 
 
 def _finals(tmp_path, *extra) -> dict:

@@ -126,12 +126,16 @@ def activation_bytes(arch: ArchConfig, tokens: int, gradient_checkpointing: bool
 
 def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, tokens: int,
              gradient_checkpointing: bool, on_gpu: bool = True, offload_inputs: bool = False,
-             experts4: bool = False, compact: bool = False, lm_head: bool = True) -> Memory:
+             experts4: bool = False, compact: bool = False, lm_head: bool = True,
+             embed_on_host: bool = False) -> Memory:
     """experts4: fused experts kept in 4 bits; compact: capped experts' adapters exist for the chosen ones only (both
-    what the fast path does on CUDA)."""
+    what the fast path does on CUDA); embed_on_host: an untied input embedding table in host memory (with CUDA
+    graphs)."""
     dtype_bytes = 2 if on_gpu else 4
     experts4 = experts4 and on_gpu and bool(arch.num_experts)
     base, q_params, other = base_bytes(model, quant, dtype_bytes, experts4)
+    if embed_on_host and on_gpu and not arch.tie_word_embeddings:
+        base -= arch.vocab_size * arch.hidden_size * dtype_bytes
     lora = sum((t.params if compact and t.how == "lora_param" else t.allocated)
                * (PARAM_DTYPE_COPIES * dtype_bytes if t.how in ("lora_param", "full") else LORA_BYTES_PER_PARAM)
                for t in matched.targets)

@@ -22,7 +22,7 @@ def plan(cfg: Config) -> Plan:
     from qtune.distributed import strategy, world
     from qtune.modeling.arch import meta_model
     from qtune.modeling.estimate import estimate, experts_4bit, per_process
-    from qtune.modeling.fast import offloads
+    from qtune.modeling.fast import graphs_expected, offloads
     from qtune.modeling.targets import match
     from qtune.stages import compacts, head, lora_settings, sequences
 
@@ -36,7 +36,9 @@ def plan(cfg: Config) -> Plan:
         return estimate(model, cfg.model.arch, matched, cfg.quant, tokens, t.gradient_checkpointing, on_gpu=True,
                         offload_inputs=offloads(fast, t.offload_activations, t.gradient_checkpointing, tokens),
                         experts4=experts_4bit(fast, cfg.quant), compact=fast != "false" and compacts(t.stage),
-                        lm_head=head(t.stage) == "lm")
+                        lm_head=head(t.stage) == "lm", embed_on_host=fast != "false" and graphs)
+
+    graphs = graphs_expected(cfg)
 
     single = one_gpu(str(t.fast))
     size = max(t.nproc, world().size)  # train.nproc, or the launcher's world under torchrun

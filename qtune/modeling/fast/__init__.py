@@ -187,6 +187,40 @@ def apply_lora(fast: FastPath, peft_model, quant: str = "none") -> None:
                 fast.notes.append("4-bit experts need CUDA; experts stay 16-bit")
 
 
+def embeddings_to_host(fast: FastPath, peft_model) -> None:
+    """With CUDA graphs (where the host is idle during the step): the input embedding table in pinned host memory,
+    looked up over the bus (qtune.modeling.fast.graph.embeddings_to_host)."""
+    if not fast.graphs:
+        return
+    from qtune.modeling.fast.graph import embeddings_to_host as move
+
+    freed = move(peft_model)
+    if freed:
+        fast.pieces.append(f"input embeddings in host memory ({freed / 2**30:.2f} GiB off the GPU)")
+
+
+def graphs_expected(cfg) -> bool:
+    """Whether a CUDA run of this config would use CUDA graphs (the dry run's estimate): decide_graphs with what a
+    GPU run would find (bf16, sdpa, Triton)."""
+    import torch
+
+    from qtune.distributed import world
+    from qtune.errors import ConfigError
+
+    t = cfg.train
+    fast = decide(str(t.fast), "cuda")
+    tokens = cfg.data.max_length * t.batch_size
+    try:
+        decide_graphs(fast, str(t.cuda_graphs), "cuda", stage=t.stage, moe=bool(cfg.model.arch.num_experts),
+                      processes=max(t.nproc, world().size), packing=cfg.data.packing,
+                      offload=offloads(str(t.fast), str(t.offload_activations), t.gradient_checkpointing, tokens),
+                      liger=t.liger, dtype=torch.bfloat16 if str(t.dtype) in ("auto", "bf16") else torch.float16,
+                      dropout=0.0, attention="sdpa")
+    except ConfigError:
+        return False
+    return fast.graphs
+
+
 def compact_experts(fast: FastPath, peft_model, selection: dict[str, list[int]]) -> list[str]:
     """moe.max_experts on the fast path: adapters (and their gradients and optimizer state) for the chosen experts
     only, in every expert block the grouped function runs; returns those blocks (the rest keep gradient masks)."""
