@@ -26,6 +26,7 @@ VARIANTS = {  # name: (train.fast, liger, reentrant checkpointing, torch.compile
     "fast_liger": ("true", True, True, False, "true"),       # + train.liger=true
     "lora_only": ("true", False, False, False, "false"),     # the fused LoRA functions alone (non-reentrant)
     "fast_compile": ("true", False, True, True, "true"),     # + torch.compile of each decoder layer (tried)
+    "graph": ("true", False, True, False, "false"),          # train.cuda_graphs: the step replayed as one CUDA graph
 }
 
 
@@ -45,11 +46,15 @@ def build(quant: str, variant: str):
     torch.manual_seed(0)
     model = load_model(Path(PATH), cfg.model, cfg.quant, "cuda", torch.bfloat16, True)
     fp = fastpath.decide(fast_setting, "cuda")
+    if variant == "graph":
+        fastpath.decide_graphs(fp, "true", "cuda", stage="sft", moe=False, processes=1, packing=True, offload=False,
+                               liger=False, dtype=torch.bfloat16, dropout=cfg.lora.dropout, attention="sdpa")
     fastpath.apply_base(fp, model, "cuda", reentrant, liger, offload)
     add_fused_lm_head(model)
     matched = match(model, cfg.lora, cfg.moe)
     model = get_peft_model(model, peft_config(matched, cfg.lora, quant != "none"))
     fastpath.apply_lora(fp, model)
+    fastpath.embeddings_to_host(fp, model)
     if variant == "fast_linear":
         for module in model.modules():
             if type(module).__name__.endswith("MLP") and "forward" in vars(module):
@@ -58,6 +63,21 @@ def build(quant: str, variant: str):
         for layer in model.get_base_model().model.layers:
             layer.compile()
     return model, fp
+
+
+def graph_step(model, seq: int, vocab: int = 151936):
+    """The same step as common.fused_head_step, captured once as a CUDA graph (qtune.modeling.fast.graph) and
+    replayed: what `qtune train` runs with train.cuda_graphs on."""
+    import torch
+
+    from qtune.modeling.fast.graph import GraphedStep
+    from qtune.modeling.fast.lora import seed_of
+
+    model.train()
+    ids = torch.randint(0, vocab, (1, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    batch = dict(input_ids=ids, labels=ids, position_ids=torch.arange(seq, device="cuda").unsqueeze(0))
+    graph = GraphedStep(model, seq, seed_of(model), pad_id=0)
+    return lambda: graph.step(batch, None, 1.0, accumulating=False)
 
 
 def main(quant="nf4", seq=2048, variants=("ref", "fast")):
@@ -73,7 +93,7 @@ def main(quant="nf4", seq=2048, variants=("ref", "fast")):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         model, fp = build(quant, setting)
-        step = fused_head_step(model, seq)
+        step = graph_step(model, seq) if fp.graphs else fused_head_step(model, seq)
         t0 = time.time()
         try:
             step()
