@@ -303,21 +303,26 @@ def test_tiny_qwen3_moe_grouped_experts_match_the_reference(tiny_qwen3_moe, moe,
         assert torch.allclose(g[name], ref_g[name], rtol=1e-3, atol=1e-6), name
 
 
-def _fifty_step_finals(tmp_path, *extra: str) -> dict:
-    """The real CLI, 50 steps with train.fast=false and true on the same data: the mean of each run's last 5 losses."""
+def _fifty_step_finals(tmp_path, *extra: str, key: str = "train.fast", settings=("false", "true"),
+                       marker: str = "fused LoRA on", grad_accum: int = 1, rows_of: dict | None = None) -> dict:
+    """The real CLI, 50 steps with `key` at each of `settings` on the same data (the last setting's run must print
+    `marker`, the first's must not): the mean of each run's last 5 losses. `rows_of`: filled with each run's
+    metrics.jsonl rows."""
     finals = {}
-    for setting in ("false", "true"):
+    for setting in settings:
         out = tmp_path / setting
         p = qtune("train", "model=tiny_qwen3", f"data.path={REPO}/data/demo/captains_log.jsonl", "data.val_size=0",
-                  "data.max_length=256", "train.grad_accum=1", "train.logging_steps=1", "train.warmup_ratio=0",
-                  "train.report_to=[]", f"train.output_dir={out}", "train.max_steps=50", "train.save_steps=50",
-                  "train.lr=2e-3", f"train.fast={setting}", *extra)
+                  "data.max_length=256", f"train.grad_accum={grad_accum}", "train.logging_steps=1",
+                  "train.warmup_ratio=0", "train.report_to=[]", f"train.output_dir={out}", "train.max_steps=50",
+                  "train.save_steps=50", "train.lr=2e-3", f"{key}={setting}", *extra)
         assert p.returncode == 0, p.stdout + p.stderr
-        assert ("fused LoRA on" in p.stdout) == (setting == "true"), p.stdout
+        assert (marker in p.stdout) == (setting == settings[-1]), p.stdout
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         losses = [r["loss"] for r in rows if "loss" in r]
         assert len(losses) == 50
         finals[setting] = sum(losses[-5:]) / 5
+        if rows_of is not None:
+            rows_of[setting] = rows
     return finals
 
 

@@ -4,13 +4,11 @@ salt) in the forward, the checkpoint's recompute, the backward and a replay. The
 (`pytest -m gpu`); the CPU tests check where graphs are refused and why."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from conftest import REPO, qtune
-from test_fast import _cos
+from test_fast import _cos, _fifty_step_finals
 
 
 def _decide(**over):
@@ -218,30 +216,16 @@ def test_gpu_input_embeddings_read_from_host_memory(tiny_qwen3):
             assert _cos(p.grad.float(), want[n]) >= 0.999, n
 
 
-def _finals(tmp_path, *extra) -> dict:
-    finals = {}
-    for setting in ("false", "auto"):
-        out = tmp_path / setting
-        p = qtune("train", "model=tiny_qwen3", f"data.path={REPO}/data/demo/captains_log.jsonl", "data.val_size=0",
-                  "data.max_length=256", "train.grad_accum=2", "train.logging_steps=1", "train.warmup_ratio=0",
-                  "train.report_to=[]", f"train.output_dir={out}", "train.max_steps=50", "train.save_steps=50",
-                  "train.lr=2e-3", "train.device=cuda", f"train.cuda_graphs={setting}", *extra)
-        assert p.returncode == 0, p.stdout + p.stderr
-        assert ("CUDA graph per micro-step" in p.stdout) == (setting == "auto"), p.stdout
-        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        losses = [r["loss"] for r in rows if "loss" in r]
-        assert len(losses) == 50
-        train = [r for r in rows if "loss" in r]  # the graph's in-graph metrics reach the log as TRL's do
-        assert all(0 <= r["accuracy"] <= 1 and r["tokens"] > 0 for r in train), train[:2]
-        assert train[-1]["tokens"] > train[0]["tokens"]
-        finals[setting] = sum(losses[-5:]) / 5
-    return finals
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 def test_gpu_fifty_steps_with_and_without_graphs_end_at_the_same_loss(tmp_path, tiny_qwen3, quant):
     """The real CLI, LoRA dropout on (seeded, so the masks differ between the runs but not in distribution),
     gradient accumulation 2: with the graph and without, the last losses agree within 2 %."""
-    finals = _finals(tmp_path, f"quant={quant}")
+    rows = {}
+    finals = _fifty_step_finals(tmp_path, f"quant={quant}", "train.device=cuda", key="train.cuda_graphs",
+                                settings=("false", "auto"), marker="CUDA graph per micro-step", grad_accum=2,
+                                rows_of=rows)
     assert abs(finals["auto"] - finals["false"]) <= 0.02 * finals["false"], finals
+    train = [r for r in rows["auto"] if "loss" in r]  # the graph's in-graph metrics reach the log as TRL's do
+    assert all(0 <= r["accuracy"] <= 1 and r["tokens"] > 0 for r in train), train[:2]
+    assert train[-1]["tokens"] > train[0]["tokens"]
