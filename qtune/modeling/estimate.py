@@ -31,6 +31,7 @@ class Memory:
     activations: float
     overhead: float
     experts_4bit: bool = False
+    host_embedding: float = 0.0  # bytes of the input embedding table kept in host memory (CUDA graphs), not counted
     world_size: int = 1        # per_process(): what each of this many GPUs holds
     strategy: str = "single"
 
@@ -42,7 +43,8 @@ class Memory:
         return {"base_bytes": int(self.base), "lora_bytes": int(self.lora), "activation_bytes": int(self.activations),
                 "overhead_bytes": int(self.overhead), "total_bytes": int(self.total),
                 "quantized_params": self.base_quantized_params, "unquantized_params": self.base_16bit_params,
-                "experts_4bit": self.experts_4bit, "world_size": self.world_size, "strategy": self.strategy}
+                "experts_4bit": self.experts_4bit, "host_embedding_bytes": int(self.host_embedding),
+                "world_size": self.world_size, "strategy": self.strategy}
 
 
 def per_process(m: Memory, strategy: str, world_size: int, layers: int) -> Memory:
@@ -134,8 +136,9 @@ def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, toke
     dtype_bytes = 2 if on_gpu else 4
     experts4 = experts4 and on_gpu and bool(arch.num_experts)
     base, q_params, other = base_bytes(model, quant, dtype_bytes, experts4)
-    if embed_on_host and on_gpu and not arch.tie_word_embeddings:
-        base -= arch.vocab_size * arch.hidden_size * dtype_bytes
+    host = arch.vocab_size * arch.hidden_size * dtype_bytes if embed_on_host and on_gpu and not arch.tie_word_embeddings \
+        else 0
+    base -= host
     lora = sum((t.params if compact and t.how == "lora_param" else t.allocated)
                * (PARAM_DTYPE_COPIES * dtype_bytes if t.how in ("lora_param", "full") else LORA_BYTES_PER_PARAM)
                for t in matched.targets)
@@ -143,4 +146,5 @@ def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, toke
     if experts4:  # one layer's experts dequantized to 16 bits for its matmuls (kept from recompute to backward)
         activations += arch.num_experts * 3 * arch.hidden_size * arch.moe_intermediate_size * dtype_bytes
     return Memory(base=base, base_quantized_params=q_params, base_16bit_params=other, lora=lora,
-                  activations=activations, overhead=CUDA_OVERHEAD if on_gpu else 0.0, experts_4bit=experts4)
+                  activations=activations, overhead=CUDA_OVERHEAD if on_gpu else 0.0, experts_4bit=experts4,
+                  host_embedding=host)
