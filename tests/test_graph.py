@@ -55,6 +55,43 @@ def test_cuda_graphs_setting_is_checked_in_one_line(tmp_path):
     assert "Traceback" not in p.stdout + p.stderr
 
 
+def test_a_failed_capture_goes_on_eagerly_with_one_line():
+    """A step torch cannot capture: the trainer says so once and trains that batch and the rest without the graph."""
+    from types import SimpleNamespace
+
+    from qtune.modeling.fast import graph
+
+    class Base:  # the trainer's own step, as TRL's would run it
+        calls = 0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            self.calls += 1
+            return torch.tensor(1.0)
+
+    class Uncapturable:
+        graph = None
+
+        def fits(self, inputs):
+            return None
+
+        def step(self, *args, **kwargs):
+            raise RuntimeError("operation not permitted when stream is capturing\n(the rest of torch's message)")
+
+    trainer = graph.trainer_class(Base)()
+    notes = []
+    trainer.qtune_graph, trainer.qtune_notes, trainer.qtune_note = Uncapturable(), set(), notes.append
+    trainer.optimizer, trainer.loss_is_scaled_for_ga, trainer.compute_loss_func = None, None, None
+    trainer.model_accepts_loss_kwargs, trainer.current_gradient_accumulation_steps = True, 1
+    trainer.args = SimpleNamespace(gradient_accumulation_steps=1)
+    trainer._prepare_inputs = lambda inputs: inputs
+    model = torch.nn.Linear(2, 2)
+    assert trainer.training_step(model, {"input_ids": torch.zeros(1, 4)}).item() == 1.0
+    assert trainer.training_step(model, {"input_ids": torch.zeros(1, 4)}).item() == 1.0
+    assert trainer.calls == 2 and trainer.qtune_graph is None
+    assert notes == ["train.cuda_graphs: the capture failed (RuntimeError: operation not permitted when stream is "
+                     "capturing); training goes on without the graph"]
+
+
 # ---------------------------------------------------------------- on the GPU (pytest -m gpu)
 
 

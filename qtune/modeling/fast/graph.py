@@ -192,8 +192,19 @@ def trainer_class(base):
                 scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) \
                     or self.compute_loss_func is not None
             steps = self.current_gradient_accumulation_steps
-            loss = graph.step(inputs, num_items_in_batch, 1.0 if scaled else 1.0 / steps,
-                              accumulating=self.args.gradient_accumulation_steps > 1)
+            try:
+                loss = graph.step(inputs, num_items_in_batch, 1.0 if scaled else 1.0 / steps,
+                                  accumulating=self.args.gradient_accumulation_steps > 1)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 (a step torch cannot capture: the run goes on eagerly)
+                if graph.graph is not None:
+                    raise               # a failing replay is not a capture problem
+                self.qtune_graph = None
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                self.qtune_note(f"train.cuda_graphs: the capture failed ({type(e).__name__}: {first[:200]}); "
+                                "training goes on without the graph")
+                return super().training_step(model, inputs, num_items_in_batch)
             entropy, accuracy = graph.metrics()
             self._metrics["train"]["entropy"].append(entropy.clone())
             self._metrics["train"]["mean_token_accuracy"].append(accuracy.clone())
