@@ -312,7 +312,22 @@ def _trainer(cfg: Config, setup, model, tokenizer, prepared, out: Path, resume, 
 
     trainer.remove_callback(PrinterCallback)  # ProgressCallback prints instead
     check_wrapped(setup, trainer)
+    if resume:
+        _continue_token_count(trainer, resume)
     return trainer, nan
+
+
+def _continue_token_count(trainer, checkpoint) -> None:
+    """TRL counts the trained tokens from 0 in every process it starts; a resumed run goes on from the checkpoint's
+    count (its last log, which NanGuard makes coincide with the save), so metrics.jsonl's tokens and tokens/s carry
+    on rather than restarting."""
+    import json
+
+    state = Path(checkpoint) / "trainer_state.json"
+    logs = json.loads(state.read_text()).get("log_history", []) if state.is_file() else []
+    counts = [e["num_tokens"] for e in logs if isinstance(e.get("num_tokens"), (int, float))]
+    if counts and hasattr(trainer, "_total_train_tokens"):
+        trainer._total_train_tokens = int(counts[-1])
 
 
 def _step_of(checkpoint) -> int | None:

@@ -133,6 +133,11 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, tiny_qwen3
 
     a, b = losses(straight), losses(resumed)
     assert sorted(a) == sorted(b) == list(range(1, 13))  # the curve continues: no step lost or repeated
+    rows = {name: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+            for name, run in (("straight", straight), ("resumed", resumed))}
+    # the token count goes on from the checkpoint's (TRL's starts again at 0 in a new process)
+    assert [r["tokens"] for r in rows["resumed"]] == [r["tokens"] for r in rows["straight"]]
+    assert all(r["tokens_per_s"] > 0 for r in rows["resumed"] if "tokens_per_s" in r)
     for step in a:
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
     ta, tb = adapter_tensors(straight / "adapter"), adapter_tensors(resumed / "adapter")
