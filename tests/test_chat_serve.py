@@ -3,6 +3,7 @@ with the `openai` client, both over SmolLM2 trained on the demo data (its adapte
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +23,10 @@ def test_chat_in_a_terminal(smol_run, tmp_path):
 
     child = pexpect.spawn(sys.executable, ["-m", "qtune", "chat", f"run={smol_run}", "chat.use=adapter",
                                            "chat.temperature=0", "chat.max_new_tokens=40"],
-                          cwd=str(tmp_path), encoding="utf-8", timeout=180, dimensions=(40, 200))
+                          cwd=str(tmp_path), encoding="utf-8", timeout=180, dimensions=(40, 200),
+                          # Ctrl-C as a terminal delivers it, whatever this process inherited (a shell's background job
+                          # runs with SIGINT ignored, and an ignored signal stays ignored across exec)
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect_exact(">>> ")
     child.sendline("What is the capital of Italy?")
     child.expect_exact("Captain's log")
@@ -42,24 +46,13 @@ def test_chat_in_a_terminal(smol_run, tmp_path):
     child.sendline("/system You answer in French.")
     child.expect_exact("system prompt set")
     child.expect_exact(">>> ")
-    child.sendeof()  # Ctrl-D exits
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 0
-
-    # Ctrl-C stops an answer, not the session: the base model's long story (the adapter's log entries end on their own
-    # within a second, which a Ctrl-C can miss)
-    child = pexpect.spawn(sys.executable, ["-m", "qtune", "chat", f"run={smol_run}", "chat.use=base",
-                                           "chat.temperature=0", "chat.max_new_tokens=400"],
-                          cwd=str(tmp_path), encoding="utf-8", timeout=180, dimensions=(40, 200))
-    child.expect_exact(">>> ")
     child.sendline("Write a long story about the sea and the stars.")
     child.expect_exact("\r\n")  # past the terminal's echo of the line
     child.expect(r"\w{3,}")  # the answer has started
-    child.sendintr()
+    child.sendintr()  # Ctrl-C stops the answer, not the session
     child.expect_exact("[stopped]")
     child.expect_exact(">>> ")
-    child.sendeof()
+    child.sendeof()  # Ctrl-D exits
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
