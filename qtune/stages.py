@@ -137,7 +137,7 @@ def training_args(cfg: Config, out: Path, has_eval: bool, device: str, model_dty
 
 
 def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, args, callbacks: list, graphs: bool = False,
-                  note=print):
+                  note=None):
     """The stage's TRL trainer over the prepared splits. graphs: pt/sft micro-steps replay a CUDA graph
     (qtune.modeling.fast.graph; the fast path decides), and `note(line)` says when a batch cannot."""
     stage = cfg.train.stage

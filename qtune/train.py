@@ -233,11 +233,8 @@ def _model(cfg: Config, setup, device: str, dtype, out: Path, train_ds):
         model = load_model(folder, cfg.model, cfg.quant, device, dtype, cfg.train.gradient_checkpointing and not fsdp,
                            experts_4bit=fast.on, quant_storage=dtype if fsdp else None, head=head(cfg.train.stage))
     tokens = cfg.data.max_length * cfg.train.batch_size
-    fastpath.decide_graphs(fast, str(cfg.train.cuda_graphs), device, stage=cfg.train.stage,
-                           moe=bool(cfg.model.arch.num_experts), processes=setup.world_size, packing=cfg.data.packing,
-                           offload=fastpath.offloads("true", str(cfg.train.offload_activations),
-                                                     cfg.train.gradient_checkpointing, tokens),
-                           liger=cfg.train.liger, dtype=dtype, dropout=cfg.lora.dropout,
+    fastpath.decide_graphs(fast, str(cfg.train.cuda_graphs), device, **fastpath.graph_settings(cfg, setup.world_size),
+                           dtype=dtype, dropout=cfg.lora.dropout,
                            attention=getattr(model.config, "_attn_implementation", None) or "sdpa")
     fastpath.apply_base(fast, model, device, cfg.train.gradient_checkpointing, cfg.train.liger,
                         cfg.train.offload_activations, tokens)
@@ -321,8 +318,6 @@ def _continue_token_count(trainer, checkpoint) -> None:
     """TRL counts the trained tokens from 0 in every process it starts; a resumed run goes on from the checkpoint's
     count (its last log, which NanGuard makes coincide with the save), so metrics.jsonl's tokens and tokens/s carry
     on rather than restarting."""
-    import json
-
     state = Path(checkpoint) / "trainer_state.json"
     logs = json.loads(state.read_text()).get("log_history", []) if state.is_file() else []
     counts = [e["num_tokens"] for e in logs if isinstance(e.get("num_tokens"), (int, float))]

@@ -31,14 +31,13 @@ def plan(cfg: Config) -> Plan:
     matched = match(model, lora_settings(cfg), cfg.moe)
     # the tokens one micro-batch puts through a forward that keeps activations (dpo and rm: chosen and rejected)
     tokens = cfg.data.max_length * t.batch_size * sequences(t.stage)
+    graphs = graphs_expected(cfg)  # with them, the untied input embeddings are in host memory
 
     def one_gpu(fast: str):
         return estimate(model, cfg.model.arch, matched, cfg.quant, tokens, t.gradient_checkpointing, on_gpu=True,
                         offload_inputs=offloads(fast, t.offload_activations, t.gradient_checkpointing, tokens),
                         experts4=experts_4bit(fast, cfg.quant), compact=fast != "false" and compacts(t.stage),
                         lm_head=head(t.stage) == "lm", embed_on_host=fast != "false" and graphs)
-
-    graphs = graphs_expected(cfg)
 
     single = one_gpu(str(t.fast))
     size = max(t.nproc, world().size)  # train.nproc, or the launcher's world under torchrun

@@ -209,16 +209,21 @@ def graphs_expected(cfg) -> bool:
 
     t = cfg.train
     fast = decide(str(t.fast), "cuda")
-    tokens = cfg.data.max_length * t.batch_size
     try:
-        decide_graphs(fast, str(t.cuda_graphs), "cuda", stage=t.stage, moe=bool(cfg.model.arch.num_experts),
-                      processes=max(t.nproc, world().size), packing=cfg.data.packing,
-                      offload=offloads(str(t.fast), str(t.offload_activations), t.gradient_checkpointing, tokens),
-                      liger=t.liger, dtype=torch.bfloat16 if str(t.dtype) in ("auto", "bf16") else torch.float16,
+        decide_graphs(fast, str(t.cuda_graphs), "cuda", **graph_settings(cfg, max(t.nproc, world().size)),
+                      dtype=torch.bfloat16 if str(t.dtype) in ("auto", "bf16") else torch.float16,
                       dropout=0.0, attention="sdpa")
     except ConfigError:
         return False
     return fast.graphs
+
+
+def graph_settings(cfg, processes: int) -> dict:
+    """decide_graphs' inputs that the config fixes (a run adds its device, dtype, dropout and attention)."""
+    t = cfg.train
+    tokens = cfg.data.max_length * t.batch_size
+    return dict(stage=t.stage, moe=bool(cfg.model.arch.num_experts), processes=processes, packing=cfg.data.packing,
+                offload=offloads("true", str(t.offload_activations), t.gradient_checkpointing, tokens), liger=t.liger)
 
 
 def compact_experts(fast: FastPath, peft_model, selection: dict[str, list[int]]) -> list[str]:

@@ -222,7 +222,7 @@ def trainer_class(base):
     return Graphed
 
 
-def attach(trainer, tokens: int, tokenizer, note=print) -> None:
+def attach(trainer, tokens: int, tokenizer, note) -> None:
     """Give a trainer_class() trainer its GraphedStep (captured at the first batch it fits); `note(line)` tells, once
     per reason, why a batch ran without it."""
     from qtune.modeling.fast.lora import seed_of
