@@ -32,7 +32,7 @@ def build(path: str, variant: str):
     torch.manual_seed(0)
     model = load_model(Path(path), cfg.model, cfg.quant, "cuda", torch.bfloat16, True)
     fp = fastpath.decide("true", "cuda")
-    fastpath.apply_base(fp, model, "cuda", True, False, "auto", 2048)
+    fastpath.apply_base(fp, model, "cuda", True, "false", "auto", 2048)
     add_fused_lm_head(model)
     matched = match(model, cfg.lora, cfg.moe)
     model = get_peft_model(model, peft_config(matched, cfg.lora, True))

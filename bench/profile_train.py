@@ -18,15 +18,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
 
 
-VARIANTS = {  # name: (train.fast, liger, reentrant checkpointing, torch.compile of each decoder layer, offload)
-    "ref": ("false", False, False, False, "false"),
-    "fast": ("true", False, True, False, "true"),            # what train.fast=auto does on CUDA
-    "fast_keep": ("true", False, True, False, "false"),      # without offloading the layer inputs
-    "fast_linear": ("true", False, True, False, "false"),    # per-projection functions only (no SwiGLU block)
-    "fast_liger": ("true", True, True, False, "true"),       # + train.liger=true
-    "lora_only": ("true", False, False, False, "false"),     # the fused LoRA functions alone (non-reentrant)
-    "fast_compile": ("true", False, True, True, "true"),     # + torch.compile of each decoder layer (tried)
-    "graph": ("true", False, True, False, "false"),          # train.cuda_graphs: the step replayed as one CUDA graph
+VARIANTS = {  # name: (train.fast, liger, reentrant checkpointing, torch.compile of each decoder layer, offload, CUDA graph,
+    #               varlen attention for packed rows)
+    "ref": ("false", False, False, False, "false", False, False),
+    "fast": ("true", False, True, False, "true", False, False),            # train.fast=auto on CUDA before graphs
+    "fast_keep": ("true", False, True, False, "false", False, False),      # without offloading the layer inputs
+    "fast_linear": ("true", False, True, False, "false", False, False),    # per-projection functions only (no SwiGLU block)
+    "fast_liger": ("true", True, True, False, "true", False, False),       # + train.liger=true
+    "lora_only": ("true", False, False, False, "false", False, False),     # the fused LoRA functions alone (non-reentrant)
+    "fast_compile": ("true", False, True, True, "true", False, False),     # + torch.compile of each decoder layer (tried)
+    "graph_sdpa": ("true", False, True, False, "false", True, False),      # train.cuda_graphs, attention through sdpa
+    "graph": ("true", False, True, False, "false", True, True),            # + varlen attention: what train.fast=auto does
+    "graph_liger": ("true", True, True, False, "false", True, True),       # + train.liger=true (patches the process: last)
 }
 
 
@@ -41,15 +44,17 @@ def build(quant: str, variant: str):
     from qtune.modeling.targets import match, peft_config
     from randckpt import PATH
 
-    fast_setting, liger, reentrant, compiled, offload = VARIANTS[variant]
+    fast_setting, liger, reentrant, compiled, offload, graphs, varlen = VARIANTS[variant]
     cfg = to_object(compose(["model=qwen3_8b", f"quant={quant}"]))
     torch.manual_seed(0)
     model = load_model(Path(PATH), cfg.model, cfg.quant, "cuda", torch.bfloat16, True)
     fp = fastpath.decide(fast_setting, "cuda")
-    if variant == "graph":
-        fastpath.decide_graphs(fp, "true", "cuda", stage="sft", moe=False, processes=1, packing=True, offload=False,
-                               liger=False, dtype=torch.bfloat16, dropout=cfg.lora.dropout, attention="sdpa")
-    fastpath.apply_base(fp, model, "cuda", reentrant, liger, offload)
+    if graphs:
+        fastpath.decide_graphs(fp, "true", "cuda", stage="sft", processes=1, packing=True, offload=False,
+                               dtype=torch.bfloat16, dropout=cfg.lora.dropout, attention="sdpa")
+    fastpath.apply_base(fp, model, "cuda", reentrant, str(liger).lower(), offload)
+    if varlen:
+        fastpath.packed_attention(fp, model, "cuda", torch.bfloat16, True)
     add_fused_lm_head(model)
     matched = match(model, cfg.lora, cfg.moe)
     model = get_peft_model(model, peft_config(matched, cfg.lora, quant != "none"))
@@ -75,8 +80,11 @@ def graph_step(model, seq: int, vocab: int = 151936):
 
     model.train()
     ids = torch.randint(0, vocab, (1, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    batch = dict(input_ids=ids, labels=ids, position_ids=torch.arange(seq, device="cuda").unsqueeze(0))
-    graph = GraphedStep(model, seq, seed_of(model), pad_id=0)
+    batch = dict(input_ids=ids, labels=ids, position_ids=torch.arange(seq, device="cuda").unsqueeze(0),
+                 cu_seq_lens_q=torch.tensor([0, seq], dtype=torch.int32, device="cuda"))
+    batch["cu_seq_lens_k"] = batch["cu_seq_lens_q"]
+    varlen = model.config._attn_implementation != "sdpa"
+    graph = GraphedStep(model, seq, seed_of(model), pad_id=0, sequences=2 if varlen else 0)
     return lambda: graph.step(batch, None, 1.0, accumulating=False)
 
 
@@ -105,7 +113,7 @@ def main(quant="nf4", seq=2048, variants=("ref", "fast")):
         first = time.time() - t0
         m = time_and_profile(step, model, timed=8, skip=3)
         report(lines, f"{quant} seq {seq} {setting} [{fp.describe()}]", m, 10, first=f"first step {first:.1f} s, ")
-        del model
+        del model, step  # the step holds the model (and a graph its memory pool): the next variant's peak is its own
     (OUT / f"profile_{quant}_{seq}.txt").write_text("\n".join(lines))
 
 

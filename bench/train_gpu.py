@@ -4,7 +4,7 @@ Run on a GPU machine from the repository root:  python3 bench/train_gpu.py [ROW 
 Rows (issue #13's table):
   nf4_2048   qtune (train.fast=false; true without and with CUDA graphs) and the seed recipe, nf4, 1 x 2048 tokens
   bf16_2048  the same in bf16 (quant=none)
-  nf4_8192   nf4 at 8192 tokens a step (layer inputs offloaded, and CUDA graphs without offloading)
+  nf4_8192   nf4 at 8192 tokens a step (layer inputs offloaded; the same with liger; CUDA graphs without offloading)
   chat       real chat-length data (a log-normal length mix, median ~200 tokens): qtune trains packed 2048-token
              rows; the seed recipe trains one example a step, as its users do. Only real tokens are counted.
   oom        a deliberate CUDA out-of-memory: qtune must answer with one line and remedies
@@ -147,6 +147,8 @@ def main(which):
         keep(qtune_train("qtune_nf4_8192", xl, "quant=nf4", "train.fast=true", steps=8, length=8192))
         keep(qtune_train("graph_nf4_8192", xl, "quant=nf4", "train.fast=true", "train.offload_activations=false",
                          steps=8, length=8192))
+        keep(qtune_train("liger_nf4_8192", xl, "quant=nf4", "train.fast=true", "train.liger=true", steps=8,
+                         length=8192))
         keep(seed("seed_nf4_8192", quant="nf4", seq=8192, steps=4, warm=2))
     if "chat" in which:
         keep(qtune_train("qtune_chat", WORK / "chat.jsonl", "quant=nf4", "train.fast=true", steps=16))
@@ -158,7 +160,7 @@ def main(which):
     print("\n| row | qtune tok/s | seed tok/s | speed ratio | qtune peak GiB | seed peak GiB | memory ratio |")
     print("|---|---|---|---|---|---|---|")
     for row in ("nf4_2048", "bf16_2048", "nf4_8192", "chat"):
-        for side in ("ref", "eager", "qtune", "graph", "log4"):
+        for side in ("ref", "eager", "qtune", "graph", "liger", "log4"):
             a, b = by.get(f"{side}_{row}"), by.get(f"seed_{row}")
             if a and b and "tok_s" in a and "tok_s" in b:
                 print(f"| {side} {row} | {a['tok_s']} | {b['tok_s']} | {a['tok_s'] / b['tok_s']:.2f} | {a['peak_gib']} | "

@@ -4,7 +4,9 @@ Run on a GPU machine from the repository root:  python3 bench/train_moe_gpu.py L
 e.g. `python3 bench/train_moe_gpu.py 6 12`. Checkpoints come from the seed benchmark's `make()` (bench/seed is a
 copy of ../shared/bench): 128 experts of 2048 x 768, top-8, full vocabulary, LAYERS of the real 48.
 Rows (all nf4, LoRA r16/alpha 32 on attention + the fused experts, router frozen, gradient checkpointing):
-  all      qtune, moe=expert_only, batch 1 x 2048
+  all      qtune, moe=expert_only, batch 1 x 2048 (the defaults: CUDA graph, varlen attention, liger)
+  eager    the same without the graph (train.cuda_graphs=false)
+  noliger  the same with the graph but without liger's kernels (train.liger=false)
   top32    the same with moe.max_experts=32 moe.expert_selection=load
   all8192  the first row at batch 1 x 8192
   ref      qtune with train.fast=false (PEFT's ParamWrapper; issue #14's "today")
@@ -28,7 +30,7 @@ sys.path.insert(0, str(HERE / "seed"))
 sys.path.insert(0, str(HERE))
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
 WORK = Path("/tmp/qtune-bench-moe")
-ROWS = ["all", "top32", "all8192", "ref", "seed"]
+ROWS = ["all", "eager", "noliger", "top32", "all8192", "ref", "seed"]
 
 from common import environment, random_checkpoint, words  # noqa: E402 (bench/ is on the path from here)
 
@@ -99,6 +101,10 @@ def main(nums, which):
         ckpt = seed_recipe_moe.make(n) if MODEL == "qwen3_30b_a3b" else random_checkpoint(MODEL, n)
         if "all" in which:
             keep(qtune_train(f"all_L{n}", ckpt, long))
+        if "eager" in which:
+            keep(qtune_train(f"eager_L{n}", ckpt, long, "train.cuda_graphs=false"))
+        if "noliger" in which:
+            keep(qtune_train(f"noliger_L{n}", ckpt, long, "train.liger=false"))
         if "top32" in which:
             keep(qtune_train(f"top32_L{n}", ckpt, long, "moe.max_experts=32", "moe.expert_selection=load"))
         if "all8192" in which:

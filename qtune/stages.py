@@ -150,7 +150,7 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, args, callba
         from qtune.modeling.fast import graph
 
         trainer = graph.trainer_class(SFTTrainer)(train_dataset=train_ds, eval_dataset=eval_ds, **kw)
-        graph.attach(trainer, cfg.data.max_length * cfg.train.batch_size, tokenizer, note)
+        graph.attach(trainer, cfg.train.batch_size, cfg.data.max_length, tokenizer, note)
         return trainer
     if stage == "rm":
         from trl import RewardTrainer  # it reads tokenized chosen_ids/rejected_ids as they are

@@ -238,6 +238,7 @@ def _model(cfg: Config, setup, device: str, dtype, out: Path, train_ds):
                            attention=getattr(model.config, "_attn_implementation", None) or "sdpa")
     fastpath.apply_base(fast, model, device, cfg.train.gradient_checkpointing, cfg.train.liger,
                         cfg.train.offload_activations, tokens)
+    fastpath.packed_attention(fast, model, device, dtype, cfg.data.packing)
     lora = lora_settings(cfg)
     matched = match(model, lora, cfg.moe)
     check(matched, lora)

@@ -351,12 +351,14 @@ class TrainConfig:
     # function runs on CPU too); false: the reference path (plain transformers + PEFT). A str, not an Enum:
     # Hydra reads `true`/`false` as booleans.
     fast: str = "auto"
-    liger: bool = False                # with the fast path: liger-kernel's RMSNorm/RoPE/SwiGLU (CUDA; pays when GPU-bound)
+    # with the fast path: liger-kernel's RMSNorm/RoPE/SwiGLU (CUDA). They cut GPU time, which pays where the GPU sets the
+    # pace. auto: dense models with CUDA graphs (train.cuda_graphs) or from 8192 tokens a micro-batch | true | false
+    liger: str = "auto"
     # with the fast path and checkpointing: checkpointed layer inputs in pinned host memory.
     # auto: on CUDA from 8192 tokens a micro-batch (data.max_length x train.batch_size) on | true | false
     offload_activations: str = "auto"
     # with the fast path: each micro-step's forward, loss and backward as one CUDA graph (qtune.modeling.fast.graph).
-    # auto: on CUDA for dense pt/sft runs with packed rows in one process, without offloading or liger | true | false
+    # auto: on CUDA for pt/sft runs (dense and MoE) with packed rows in one process, without offloading | true | false
     cuda_graphs: str = "auto"
     optim: str = "adamw_torch_fused"
     resume: str = "auto"               # auto | never | a checkpoint path
@@ -396,7 +398,7 @@ class TrainConfig:
             value = getattr(self, key)
             if isinstance(value, int) and value <= 0:
                 raise ValueError(f"train.{key} must be a positive integer, got {value}")
-        for key in ("fast", "offload_activations", "cuda_graphs"):  # str, not Enum: Hydra reads true/false as booleans
+        for key in ("fast", "liger", "offload_activations", "cuda_graphs"):  # str, not Enum: Hydra reads true/false as booleans
             value = getattr(self, key)
             if isinstance(value, str):
                 setattr(self, key, value.lower())

@@ -102,11 +102,18 @@ def base_bytes(model, quant: QuantConfig, dtype_bytes: int, experts4: bool = Fal
     return q_bytes + other * dtype_bytes, q_params, other
 
 
+# TRL's fused output head (every stage with a vocabulary head: pt, sft, dpo, kto) projects at most this many tokens
+# onto this many vocabulary rows at a time (trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE and
+# trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.16)
+FUSED_HEAD_TILE = (4096, 32768)
+
+
 def activation_bytes(arch: ArchConfig, tokens: int, gradient_checkpointing: bool, dtype_bytes: int,
                      offload_inputs: bool = False, lm_head: bool = True) -> float:
     """Activations kept for backward for `tokens` tokens (SDPA/flash attention: no seq² term). offload_inputs: the
     checkpointed layer inputs sit in host memory (train.offload_activations), two of them on the GPU at a time.
-    lm_head=False: a reward model's one-output head instead of the vocabulary's."""
+    lm_head: TRL's fused vocabulary head, which keeps one tile of logits and an fp32 gradient of the hidden states, never
+    all logits; False: a reward model's one-output head."""
     h = arch.hidden_size
     q = arch.num_attention_heads * arch.head_dim
     kv = arch.num_key_value_heads * arch.head_dim
@@ -120,9 +127,10 @@ def activation_bytes(arch: ArchConfig, tokens: int, gradient_checkpointing: bool
         layers = kept * tokens * h * dtype_bytes + per_layer  # inputs kept, one layer live
     else:
         layers = arch.num_hidden_layers * per_layer
-    # output head: TRL's fused head never materializes all logits in fp32; one 16-bit chunk-sized copy plus
-    # the log-prob buffers remain
-    head = tokens * arch.vocab_size * dtype_bytes if lm_head else 0
+    head = 0
+    if lm_head:
+        rows, cols = FUSED_HEAD_TILE
+        head = min(tokens, rows) * min(cols, arch.vocab_size) * dtype_bytes + tokens * h * 4
     return layers + head
 
 

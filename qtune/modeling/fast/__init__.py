@@ -14,11 +14,14 @@ path (plain transformers + PEFT) by parity tests:
   - moe: every MoE expert block as one autograd function of grouped matmuls over the routed tokens, with the
     LoRA term split (x·Aᵀ)·Bᵀ instead of PEFT's full-size delta, and (quant=nf4|fp4 on CUDA) the fused expert
     tensors kept in 4 bits, which bitsandbytes leaves in 16 (qtune.modeling.fast.moe);
+  - attention: packed rows (data.packing) through flash attention's varlen kernel, each example attending to itself
+    without a mask (qtune.modeling.fast.attention);
   - graphs (`train.cuda_graphs`, auto: on where it applies): a micro-step's forward, loss and backward captured
     once as a CUDA graph and replayed for every batch (qtune.modeling.fast.graph), which takes the host out of the
     step; LoRA dropout is seeded for it (qtune.modeling.fast.dropout);
-  - kernels (opt-in, `train.liger=true`): liger-kernel's Triton RMSNorm, RoPE and SwiGLU (CUDA only). They
-    cut GPU time but add launch work on the host, so they pay only where the GPU is the bottleneck.
+  - kernels (`train.liger`, auto: where the GPU sets the pace): liger-kernel's Triton RMSNorm, RoPE and SwiGLU (CUDA
+    only). They cut GPU time (a quarter of a graphed 8B QLoRA step) but add launch work on the host, so they pay in a
+    CUDA graph or a long eager step, not in a short eager step that Python bounds (`gpu_bound`).
 The loss is TRL's fused output head either way (no full logits). `auto` turns the path on for CUDA; `true`
 also on CPU (the LoRA function runs there; liger needs CUDA); `false` is the reference path.
 """
@@ -68,8 +71,8 @@ def decide(setting: str, device: str, fsdp: bool = False) -> FastPath:
     return FastPath(True)
 
 
-def decide_graphs(fast: FastPath, setting: str, device: str, *, stage: str, moe: bool, processes: int,
-                  packing: bool, offload: bool, liger: bool, dtype, dropout: float, attention: str) -> None:
+def decide_graphs(fast: FastPath, setting: str, device: str, *, stage: str, processes: int,
+                  packing: bool, offload: bool, dtype, dropout: float, attention: str) -> None:
     """train.cuda_graphs: sets fast.graphs, with the piece or (auto) the reason it is off; `true` where it cannot
     apply is a one-line ConfigError naming why."""
     import torch
@@ -83,16 +86,12 @@ def decide_graphs(fast: FastPath, setting: str, device: str, *, stage: str, moe:
         why = "it needs the fast path (" + "; ".join(fast.notes) + ")"
     elif stage not in ("pt", "sft"):
         why = f"train.stage={stage} runs several forwards a step (pt and sft only)"
-    elif moe:
-        why = "MoE expert blocks use grouped matmuls, which torch cannot capture yet"
     elif processes > 1:
         why = "one process only"
     elif not packing:
         why = "it needs data.packing=true (rows of one fixed size)"
     elif offload:
         why = "train.offload_activations copies layer inputs to the host"
-    elif liger:
-        why = "not used with train.liger=true"
     elif dtype != torch.bfloat16:
         why = f"bf16 only (the model is {str(dtype).replace('torch.', '')})"
     elif attention not in ("sdpa", "eager"):
@@ -113,7 +112,7 @@ def decide_graphs(fast: FastPath, setting: str, device: str, *, stage: str, moe:
         fast.notes.append(f"no CUDA graph: {why}")
 
 
-def apply_base(fast: FastPath, model, device: str, gradient_checkpointing: bool, liger: bool,
+def apply_base(fast: FastPath, model, device: str, gradient_checkpointing: bool, liger: str,
                offload: str = "false", tokens: int = 0) -> None:
     """The base model's part (before PEFT): reentrant checkpointing, offloaded layer inputs, liger-kernel."""
     if not fast.on:
@@ -133,8 +132,30 @@ def apply_base(fast: FastPath, model, device: str, gradient_checkpointing: bool,
 
             fast.offloader = install(getattr(model, model.base_model_prefix))
             fast.pieces.append("layer inputs offloaded to pinned host memory")
-    if liger:
+    if liger == "true" or (liger == "auto" and gpu_bound(fast, model, device, tokens)):
         _liger(fast, model, device)
+
+
+def gpu_bound(fast: FastPath, model, device: str, tokens: int) -> bool:
+    """Whether the GPU, not Python, sets the pace of a step (train.liger=auto turns the kernels on then): a step
+    replayed as a CUDA graph, or a dense model's eager one of at least OFFLOAD_FROM_TOKENS tokens a micro-batch (an
+    eager MoE step is bound by the host even then: docs/benchmarks.md)."""
+    dense = not getattr(model.config, "num_experts", 0)
+    return device.startswith("cuda") and (fast.graphs or (dense and tokens >= OFFLOAD_FROM_TOKENS))
+
+
+def packed_attention(fast: FastPath, model, device: str, dtype, packing: bool) -> None:
+    """Packed rows (data.packing) attend through flash attention's varlen kernel (qtune.modeling.fast.attention)."""
+    if not fast.on or not packing:
+        return
+    from qtune.modeling.fast import attention
+
+    why = attention.unavailable(device, dtype, getattr(model.config, "_attn_implementation", None) or "sdpa")
+    if why is None:
+        attention.install(model)
+        fast.pieces.append("varlen flash attention for packed rows")
+    elif device.startswith("cuda"):
+        fast.notes.append(f"packed rows attend through sdpa: {why}")
 
 
 def checkpoint_kwargs(fast: FastPath) -> dict:
@@ -222,8 +243,8 @@ def graph_settings(cfg, processes: int) -> dict:
     """decide_graphs' inputs that the config fixes (a run adds its device, dtype, dropout and attention)."""
     t = cfg.train
     tokens = cfg.data.max_length * t.batch_size
-    return dict(stage=t.stage, moe=bool(cfg.model.arch.num_experts), processes=processes, packing=cfg.data.packing,
-                offload=offloads("true", str(t.offload_activations), t.gradient_checkpointing, tokens), liger=t.liger)
+    return dict(stage=t.stage, processes=processes, packing=cfg.data.packing,
+                offload=offloads("true", str(t.offload_activations), t.gradient_checkpointing, tokens))
 
 
 def compact_experts(fast: FastPath, peft_model, selection: dict[str, list[int]]) -> list[str]:

@@ -8,7 +8,7 @@ recompute would silently draw other masks than the forward. Here the forward, th
 backward (which needs the mask again for dX) all regenerate the same mask from (seed, salt), and a replayed graph
 reads the seed from device memory, which is refreshed before every step.
 
-On CUDA the mask is drawn by a Triton kernel (Philox, `tl.rand`) that applies it in the same pass; elsewhere, and
+On CUDA the mask is drawn by a Triton kernel (Philox, four numbers a call) that applies it in the same pass; elsewhere, and
 when Triton is missing, by torch's generator seeded from (seed, salt). The two give different masks with the same
 distribution; a CUDA graph needs the Triton kernel (it reads the seed on the device).
 """
@@ -60,20 +60,8 @@ def triton_ok() -> bool:
     return True
 
 
-@functools.cache
 def _kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def dropout_kernel(x_ptr, out_ptr, seed_ptr, salt, n, p, scale, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < n
-        seed = tl.load(seed_ptr) + salt
-        r = tl.rand(seed, offs.to(tl.int32))
-        x = tl.load(x_ptr + offs, mask=inside, other=0.0)
-        y = tl.where(r >= p, x.to(tl.float32) * scale, 0.0)
-        tl.store(out_ptr + offs, y.to(x.dtype), mask=inside)
+    from qtune.modeling.fast._triton_dropout import dropout_kernel  # imports Triton: only on CUDA
 
     return dropout_kernel
 
@@ -82,11 +70,11 @@ BLOCK = 1024
 
 
 def _triton_apply(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
-    if x.numel() >= 2**31:  # Philox's counter is the element's int32 index
-        raise ValueError(f"seeded dropout takes at most 2^31 - 1 elements a call, got {x.numel()}")
+    if x.numel() >= 2**33:  # Philox's counter is an int32 index of a group of four elements
+        raise ValueError(f"seeded dropout takes fewer than 2^33 elements a call, got {x.numel()}")
     x = x.contiguous()
     out = torch.empty_like(x)
     n = x.numel()
     with torch.cuda.device(x.device):
-        _kernel()[((n + BLOCK - 1) // BLOCK,)](x, out, seed, salt, n, p, 1.0 / (1.0 - p), BLOCK=BLOCK)
+        _kernel()[((n + 4 * BLOCK - 1) // (4 * BLOCK),)](x, out, seed, salt, n, p, 1.0 / (1.0 - p), BLOCK=BLOCK)
     return out

@@ -9,6 +9,8 @@ the host stay where they are; the same tensor saved again (RoPE's cos/sin, passe
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 MIN_BYTES = 1 << 20   # below 1 MiB the copy costs more than the memory is worth
@@ -17,15 +19,21 @@ MIN_BYTES = 1 << 20   # below 1 MiB the copy costs more than the memory is worth
 class Offloader:
     def __init__(self, device: torch.device):
         self.stream = torch.cuda.Stream(device)
-        self.copies: dict = {}   # (data_ptr, shape, version) -> packed, within one forward
+        # (data_ptr, shape, strides, version) -> (the tensor, weakly; its packed copy), within one forward. The weak
+        # reference tells the same tensor saved again from a new one that the allocator put where a freed one was
+        # (same address, shape and version 0): a layer's input is freed once the next layer has it, and a later
+        # layer's input of the same shape lands in its block. Matched by the key alone, that later layer would get
+        # the earlier one's copy back and be recomputed from the wrong input.
+        self.copies: dict = {}
         self.bytes = 0
 
     def pack(self, t: torch.Tensor):
         if not t.is_cuda or t.numel() * t.element_size() < MIN_BYTES:
             return t
         key = (t.data_ptr(), tuple(t.shape), t.stride(), t._version)
-        if key in self.copies:
-            return self.copies[key]
+        seen = self.copies.get(key)
+        if seen is not None and seen[0]() is t:
+            return seen[1]
         host = torch.empty(t.shape, dtype=t.dtype, layout=t.layout, pin_memory=True)
         self.stream.wait_stream(torch.cuda.current_stream(t.device))
         with torch.cuda.stream(self.stream):
@@ -34,7 +42,7 @@ class Offloader:
         done = torch.cuda.Event()
         done.record(self.stream)
         packed = (host, done, t.device)
-        self.copies[key] = packed
+        self.copies[key] = (weakref.ref(t), packed)
         self.bytes += host.numel() * host.element_size()
         return packed
 
