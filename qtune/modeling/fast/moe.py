@@ -174,22 +174,57 @@ def _plain(wrappers: dict) -> str | None:
 
 
 def route(top_k_index: torch.Tensor, experts: int):
-    """(row of each (token, choice) pair in expert order, each row's token, group ends per expert) without a
-    host sync."""
+    """(the (token, choice) pair at each row in expert order, that order's inverse permutation, group ends per expert)
+    without a host sync."""
     flat = top_k_index.reshape(-1)
     ids, order = torch.sort(flat, stable=True)
     ends = torch.searchsorted(ids, torch.arange(experts, device=ids.device, dtype=ids.dtype), right=True)
-    return order, order // top_k_index.shape[-1], ends.to(torch.int32)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return order, inverse, ends.to(torch.int32)
+
+
+class _Dispatch(torch.autograd.Function):
+    """Each token's row once per choice, in expert order: x (T, H) -> (T·k, H). The backward gathers the rows back to
+    (token, choice) order with the inverse permutation and sums each token's k rows, where autograd's indexing would
+    scatter-add them with atomics (slower, and summed in another order each run)."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse, k: int):
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, order // k)
+
+    @staticmethod
+    def backward(ctx, g):
+        (inverse,) = ctx.saved_tensors
+        return g.index_select(0, inverse).view(-1, ctx.k, g.shape[-1]).sum(1), None, None, None
+
+
+class _Unsort(torch.autograd.Function):
+    """Rows in expert order back to (token, choice) order: a permutation, so the backward is the opposite gather."""
+
+    @staticmethod
+    def forward(ctx, y, order, inverse):
+        ctx.save_for_backward(order)
+        return y.index_select(0, inverse)
+
+    @staticmethod
+    def backward(ctx, g):
+        (order,) = ctx.saved_tensors
+        return g.index_select(0, order), None, None
 
 
 def _compute(experts, hidden_states, top_k_index, top_k_weights, lora=(None,) * 4, scales=(0.0, 0.0)):
-    order, token, offs = route(top_k_index, experts.gate_up_proj.shape[0])  # the 4-bit stub keeps the shape
+    order, inverse, offs = route(top_k_index, experts.gate_up_proj.shape[0])  # the 4-bit stub keeps the shape
+    k = top_k_index.shape[-1]
     dtype = (torch.get_autocast_dtype(hidden_states.device.type)
              if torch.is_autocast_enabled(hidden_states.device.type) else hidden_states.dtype)
     with torch.autocast(hidden_states.device.type, enabled=False):
-        y = ExpertsLoRA.apply(hidden_states[token].to(dtype), offs, *lora, experts, *scales)
-        y = y * top_k_weights.reshape(-1)[order, None].to(y.dtype)
-        return torch.zeros_like(hidden_states).index_add_(0, token, y.to(hidden_states.dtype))
+        y = ExpertsLoRA.apply(_Dispatch.apply(hidden_states.to(dtype), order, inverse, k), offs, *lora, experts,
+                              *scales)
+        y = _Unsort.apply(y, order, inverse) * top_k_weights.reshape(-1, 1).to(y.dtype)
+        # each token's k expert outputs, weighted and summed (a gather and a sum: no atomics)
+        return y.view(-1, k, y.shape[-1]).sum(1).to(hidden_states.dtype)
 
 
 def forward(self, hidden_states, top_k_index, top_k_weights):
