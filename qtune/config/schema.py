@@ -352,7 +352,8 @@ class TrainConfig:
     # Hydra reads `true`/`false` as booleans.
     fast: str = "auto"
     # with the fast path: liger-kernel's RMSNorm/RoPE/SwiGLU (CUDA). They cut GPU time, which pays where the GPU sets the
-    # pace. auto: dense models with CUDA graphs (train.cuda_graphs) or from 8192 tokens a micro-batch | true | false
+    # pace. auto: steps in a CUDA graph (train.cuda_graphs), or dense models' eager steps from 8192 tokens a
+    # micro-batch | true | false
     liger: str = "auto"
     # with the fast path and checkpointing: checkpointed layer inputs in pinned host memory.
     # auto: on CUDA from 8192 tokens a micro-batch (data.max_length x train.batch_size) on | true | false
