@@ -1,5 +1,6 @@
 """What the GPU benchmarks share: filler text, one real `qtune train` run and what its files say, a step timer."""
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -78,18 +79,19 @@ def fused_head_step(model, seq: int, vocab: int = 151936):
 
 
 def qtune_train(name: str, out: Path, model_args: list, data, length: int, steps: int, home: Path, *overrides,
-                fmt: str = "text", log_every: int = 1) -> dict:
+                fmt: str = "text", log_every: int = 1, env: dict | None = None) -> dict:
     """Run `qtune train` (a bench-sized run: one log row a step, no eval, no saving) and read back tokens/s (the median
     of the logged steps after the third, and their spread), the training and whole-process peak memory, the first and
     last loss, the wall time and the fast path's line. A failed run is its last line of output. `fmt`: data.format
     (auto for preference pairs). `log_every`: train.logging_steps (a log reads the step's results back from the GPU,
-    so logging every step makes the host wait for it each step; users log every 10)."""
+    so logging every step makes the host wait for it each step; users log every 10). `env`: added to the run's
+    environment (bench/trace's step trace)."""
     cmd = [sys.executable, "-m", "qtune", "train", *model_args, f"data.path={data}", f"data.format={fmt}",
            f"data.max_length={length}", "data.val_size=0", f"train.max_steps={steps}", f"train.logging_steps={log_every}",
            "train.grad_accum=1", "train.save_steps=1000", "train.warmup_ratio=0", "train.report_to=[]",
            f"train.output_dir={out}", "train.overwrite=true", f"paths.home={home}", *overrides]
     t = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     wall = time.time() - t
     if p.returncode != 0:
         return dict(name=name, error=(p.stderr or p.stdout).strip().splitlines()[-1][:400], rc=p.returncode)
@@ -104,11 +106,12 @@ def qtune_train(name: str, out: Path, model_args: list, data, length: int, steps
                 loss_first=round(losses[0], 3), loss_last=round(losses[-1], 3), wall_s=round(wall, 1), fast=fast.strip())
 
 
-def time_and_profile(step, model, timed: int, skip: int) -> dict:
+def time_and_profile(step, model, timed: int, skip: int, ops: bool = False) -> dict:
     """`timed` synchronized calls of step() (a forward and backward) after one untimed: the median step and the median
     host time to issue one (until step() returns, the GPU not waited on), over the calls after the first `skip`; then
-    two steps under torch.profiler: the GPU's kernel time per step and the top kernels' table; `line` sums them up
-    with the allocator's peak."""
+    two steps under torch.profiler: the GPU's kernel time per step and the top kernels' table (ops: then the operators
+    that launched them, by input shapes, CUDA time including their children); `line` sums them up with the
+    allocator's peak."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -121,7 +124,7 @@ def time_and_profile(step, model, timed: int, skip: int) -> dict:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         model.zero_grad(set_to_none=True)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=ops) as prof:
         for _ in range(2):
             step()
             model.zero_grad(set_to_none=True)
@@ -130,6 +133,10 @@ def time_and_profile(step, model, timed: int, skip: int) -> dict:
     gpu_ms = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3 / 2
     m = dict(step_ms=statistics.median(times[skip:]) * 1e3, issue_ms=statistics.median(issue[skip:]) * 1e3,
              gpu_ms=gpu_ms, table=events.table(sort_by="self_device_time_total", row_limit=30))
+    if ops:
+        cpu = prof.key_averages(group_by_input_shape=True)
+        m["table"] += "\n" + cpu.table(sort_by="device_time_total", row_limit=70, max_name_column_width=40,
+                                       max_shapes_column_width=90)
     m["line"] = (f"step {m['step_ms']:.0f} ms, host issue {m['issue_ms']:.0f} ms, GPU kernels {m['gpu_ms']:.0f} ms/step, "
                  f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     return m

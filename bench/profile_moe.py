@@ -2,8 +2,10 @@
 LAYERS layers (bench/seed/seed_recipe_moe.py's make()), nf4, moe=expert_only, LoRA r16, batch 1 x SEQ, checkpointing.
 
 Run on a GPU machine:  python3 bench/profile_moe.py [LAYERS] [SEQ] [VARIANT,...]
-Variants: fast (what train.fast=auto does), redequant (the backward dequantizes the experts again instead of
-keeping the recompute's copy). The model is built as `qtune train` builds it; the loss is TRL's fused head; the
+Variants: graph (what train.fast=auto does: a CUDA graph per micro-step, liger's RMSNorm/RoPE, varlen attention),
+eager (the same model stepped eagerly on a row of two sequences, with a second table of the operators, by input
+shapes, that launched the kernels: a graph's replay hides them), fast (eager, no liger, sdpa), redequant (fast, the
+backward dequantizing the experts again instead of keeping the recompute's copy). The model is built as `qtune train` builds it; the loss is TRL's fused head; the
 optimizer step is left out. Per variant: the median step (synchronized), the host time to issue a step, the GPU's
 kernel time per step and the top kernels. Writes $OUT/profile_moe_<layers>_<seq>.txt.
 """
@@ -32,19 +34,28 @@ def build(path: str, variant: str):
     torch.manual_seed(0)
     model = load_model(Path(path), cfg.model, cfg.quant, "cuda", torch.bfloat16, True)
     fp = fastpath.decide("true", "cuda")
-    fastpath.apply_base(fp, model, "cuda", True, "false", "auto", 2048)
+    if variant in ("graph", "eager"):
+        fastpath.decide_graphs(fp, "true", "cuda", stage="sft", processes=1, packing=True, offload=False,
+                               dtype=torch.bfloat16, dropout=0.0, attention="sdpa")
+    fastpath.apply_base(fp, model, "cuda", True, "true" if fp.graphs else "false", "auto", 2048)
+    if fp.graphs:
+        fastpath.packed_attention(fp, model, "cuda", torch.bfloat16, True)
     add_fused_lm_head(model)
     matched = match(model, cfg.lora, cfg.moe)
     model = get_peft_model(model, peft_config(matched, cfg.lora, True))
     fastpath.apply_lora(fp, model, "nf4")
+    fastpath.embeddings_to_host(fp, model)
+    if variant == "eager":
+        fp.graphs = False
     return model, fp
 
 
-def main(layers=6, seq=2048, variants=("fast", "redequant")):
+def main(layers=6, seq=2048, variants=("graph", "eager")):
     import torch
 
     import seed_recipe_moe
     from common import fused_head_step, report, time_and_profile
+    from profile_train import graph_step, varlen_step
 
     path = seed_recipe_moe.make(layers)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -53,11 +64,12 @@ def main(layers=6, seq=2048, variants=("fast", "redequant")):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         model, fp = build(path, setting)
-        step = fused_head_step(model, seq)
+        step = graph_step(model, seq) if fp.graphs else varlen_step(model, seq) if setting == "eager" \
+            else fused_head_step(model, seq)
         step()
         model.zero_grad(set_to_none=True)
         torch.cuda.reset_peak_memory_stats()
-        m = time_and_profile(step, model, timed=6, skip=2)
+        m = time_and_profile(step, model, timed=6, skip=2, ops=setting == "eager")
         report(lines, f"L{layers} seq {seq} {setting} [{fp.describe()}]", m, 22)
         del model
     (OUT / f"profile_moe_{layers}_{seq}.txt").write_text("\n".join(lines))
@@ -65,4 +77,4 @@ def main(layers=6, seq=2048, variants=("fast", "redequant")):
 
 if __name__ == "__main__":
     main(int(sys.argv[1]) if len(sys.argv) > 1 else 6, int(sys.argv[2]) if len(sys.argv) > 2 else 2048,
-         sys.argv[3].split(",") if len(sys.argv) > 3 else ("fast", "redequant"))
+         sys.argv[3].split(",") if len(sys.argv) > 3 else ("graph", "eager"))

@@ -30,6 +30,9 @@ VARIANTS = {  # name: (train.fast, liger, reentrant checkpointing, torch.compile
     "graph_sdpa": ("true", False, True, False, "false", True, False),      # train.cuda_graphs, attention through sdpa
     "graph": ("true", False, True, False, "false", True, True),            # + varlen attention: what train.fast=auto does
     "graph_liger": ("true", True, True, False, "false", True, True),       # + train.liger=true (patches the process: last)
+    # graph_liger's model stepped eagerly on a row of two sequences (so varlen attention runs outside a graph), with a
+    # second table of the operators (and their shapes) that launched the kernels: the graph's replay hides them
+    "eager_liger": ("true", True, True, False, "false", False, True),
 }
 
 
@@ -88,6 +91,26 @@ def graph_step(model, seq: int, vocab: int = 151936):
     return lambda: graph.step(batch, None, 1.0, accumulating=False)
 
 
+def varlen_step(model, seq: int, vocab: int = 151936):
+    """fused_head_step on a packed row of two sequences (seq - 1 and 1 tokens) with their boundaries, as TRL's
+    padding-free collator gives them."""
+    import torch
+
+    model.train()
+    ids = torch.randint(0, vocab, (1, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    cu = torch.tensor([0, seq - 1, seq], dtype=torch.int32, device="cuda")
+    pos = torch.cat([torch.arange(seq - 1, device="cuda"), torch.zeros(1, dtype=torch.long, device="cuda")])[None]
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(input_ids=ids, labels=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                        max_length_q=seq - 1, max_length_k=seq - 1, fused_lm_head=True)
+        loss = -out.log_probs.sum() / out.label_mask.sum()
+        loss.backward()
+        return loss
+    return step
+
+
 def main(quant="nf4", seq=2048, variants=("ref", "fast")):
     import torch
 
@@ -101,7 +124,8 @@ def main(quant="nf4", seq=2048, variants=("ref", "fast")):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         model, fp = build(quant, setting)
-        step = graph_step(model, seq) if fp.graphs else fused_head_step(model, seq)
+        step = graph_step(model, seq) if fp.graphs else varlen_step(model, seq) if setting == "eager_liger" \
+            else fused_head_step(model, seq)
         t0 = time.time()
         try:
             step()
@@ -111,7 +135,7 @@ def main(quant="nf4", seq=2048, variants=("ref", "fast")):
             continue
         model.zero_grad(set_to_none=True)
         first = time.time() - t0
-        m = time_and_profile(step, model, timed=8, skip=3)
+        m = time_and_profile(step, model, timed=8, skip=3, ops=setting.startswith("eager"))
         report(lines, f"{quant} seq {seq} {setting} [{fp.describe()}]", m, 10, first=f"first step {first:.1f} s, ")
         del model, step  # the step holds the model (and a graph its memory pool): the next variant's peak is its own
     (OUT / f"profile_{quant}_{seq}.txt").write_text("\n".join(lines))

@@ -54,12 +54,12 @@ def write_data():
             f.write(json.dumps({"text": words(rng, max(4, int(n / per_word)))}) + "\n")
 
 
-def qtune_train(name, data, *overrides, steps=12, length=2048, log_every=1):
+def qtune_train(name, data, *overrides, steps=12, length=2048, log_every=1, env=None):
     from common import qtune_train as run
     from randckpt import PATH
 
     r = run(name, WORK / name, ["model=qwen3_8b", "model.source=local", f"model.local_dir={PATH}"], data, length, steps,
-            WORK / "home", *overrides, log_every=log_every)
+            WORK / "home", *overrides, log_every=log_every, env=env)
     if "process_peak_gib" in r:  # this table's peak is the whole process's, loading included
         r["peak_gib"] = r["process_peak_gib"]
     return r
@@ -139,6 +139,10 @@ def main(which):
     if "nf4_2048_log4" in which:  # as users run it: a log (which waits for the GPU) every few steps, not every step
         keep(qtune_train("log4_nf4_2048", long, "quant=nf4", "train.fast=true", steps=24, log_every=4))
         keep(seed("seed_nf4_2048", quant="nf4", seq=2048))
+    if "trace" in which:  # nf4_2048_log4 with steps 13-16 traced (bench/trace): where a step's wall time goes
+        trace = dict(PYTHONPATH=f"{Path(__file__).resolve().parent / 'trace'}:{os.environ.get('PYTHONPATH', '')}",
+                     QTUNE_TRACE_STEPS="13:16", QTUNE_TRACE_OUT=str(OUT / "trace_nf4_2048.txt"))
+        keep(qtune_train("trace_nf4_2048", long, "quant=nf4", "train.fast=true", steps=20, log_every=4, env=trace))
     if "bf16_2048" in which:
         keep(qtune_train("ref_bf16_2048", long, "quant=none", "train.fast=false"))
         keep(qtune_train("qtune_bf16_2048", long, "quant=none", "train.fast=true"))

@@ -107,7 +107,12 @@ def training_args(cfg: Config, out: Path, has_eval: bool, device: str, model_dty
         gradient_checkpointing=False,  # done in prepare_for_training (non-reentrant, no upcast) or by the fast path
         gradient_checkpointing_kwargs={"use_reentrant": reentrant},
         report_to=list(t.report_to), disable_tqdm=True,
-        remove_unused_columns=False, dataloader_num_workers=0, save_only_model=False, **(extra or {}),
+        remove_unused_columns=False, dataloader_num_workers=0, save_only_model=False,
+        # batches are pinned (dataloader_pin_memory); copied without blocking, the host does not wait at each batch for
+        # the GPU to finish the step before: it launches the next step meanwhile (a CUDA graph's launch alone takes
+        # ~15 ms of host time on Qwen3-8B, which a blocking copy left the GPU idle through: docs/benchmarks.md)
+        dataloader_pin_memory=True, accelerator_config={"non_blocking": device.startswith("cuda")},
+        **(extra or {}),
     )
     aux = cfg.moe.aux_loss_coef if cfg.model.arch.num_experts else None  # MoE balancing loss
     if stage in ("pt", "sft"):

@@ -377,14 +377,20 @@ def test_gpu_moe_graph_step_equals_the_eager_step(tiny_qwen3_moe, what):
 
 
 @pytest.mark.gpu
-def test_gpu_varlen_attention_equals_sdpa_with_the_block_mask():
+@pytest.mark.parametrize("native_gqa", [False, True], ids=["repeated_heads", "native_gqa"])
+def test_gpu_varlen_attention_equals_sdpa_with_the_block_mask(monkeypatch, native_gqa):
     """The varlen kernel on a packed row (grouped-query heads, sequences of 100, 150 and 50 tokens, then empty ones as
-    a CUDA graph's buffer pads them) against sdpa with the block-diagonal causal mask: outputs and dq, dk, dv."""
+    a CUDA graph's buffer pads them) against sdpa with the block-diagonal causal mask: outputs and dq, dk, dv; with
+    the key/value heads repeated, and given as they are where this torch's kernel takes grouped-query heads."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from qtune.modeling.fast import attention
 
     assert attention.unavailable("cuda", torch.bfloat16, "sdpa") is None
+    device = str(torch.device("cuda", torch.cuda.current_device()))
+    if native_gqa and not attention._probe_gqa(torch.device(device)):
+        pytest.skip(f"torch {torch.__version__}'s varlen_attn does not take grouped-query heads")
+    monkeypatch.setitem(attention._NATIVE_GQA, device, native_gqa)
     g = torch.Generator("cuda").manual_seed(0)
     n, d = 300, 64
     q = torch.randn(1, 8, n, d, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()

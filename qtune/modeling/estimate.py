@@ -137,10 +137,11 @@ def activation_bytes(arch: ArchConfig, tokens: int, gradient_checkpointing: bool
 def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, tokens: int,
              gradient_checkpointing: bool, on_gpu: bool = True, offload_inputs: bool = False,
              experts4: bool = False, compact: bool = False, lm_head: bool = True,
-             embed_on_host: bool = False) -> Memory:
+             embed_on_host: bool = False, keep_dequantized: bool = False) -> Memory:
     """experts4: fused experts kept in 4 bits; compact: capped experts' adapters exist for the chosen ones only (both
     what the fast path does on CUDA); embed_on_host: an untied input embedding table in host memory (with CUDA
-    graphs)."""
+    graphs); keep_dequantized: a 4-bit layer's linear weights, dequantized in its checkpoint's recompute, are kept for
+    its backward (the fast path's LoRA functions)."""
     dtype_bytes = 2 if on_gpu else 4
     experts4 = experts4 and on_gpu and bool(arch.num_experts)
     base, q_params, other = base_bytes(model, quant, dtype_bytes, experts4)
@@ -151,6 +152,10 @@ def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, toke
                * (PARAM_DTYPE_COPIES * dtype_bytes if t.how in ("lora_param", "full") else LORA_BYTES_PER_PARAM)
                for t in matched.targets)
     activations = activation_bytes(arch, tokens, gradient_checkpointing, dtype_bytes, offload_inputs, lm_head)
+    if keep_dequantized and gradient_checkpointing and on_gpu and quant.method in (QuantMethod.nf4, QuantMethod.fp4):
+        q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
+        dense_ffn = 0 if arch.num_experts else 3 * arch.hidden_size * arch.intermediate_size
+        activations += (2 * arch.hidden_size * q + 2 * arch.hidden_size * kv + dense_ffn) * dtype_bytes
     if experts4:  # one layer's experts dequantized to 16 bits for its matmuls (kept from recompute to backward)
         activations += arch.num_experts * 3 * arch.hidden_size * arch.moe_intermediate_size * dtype_bytes
     return Memory(base=base, base_quantized_params=q_params, base_16bit_params=other, lora=lora,

@@ -31,6 +31,33 @@ def _varlen():
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
+_NATIVE_GQA: dict[str, bool] = {}  # device -> whether varlen_attn takes fewer key/value heads than query heads
+
+
+def _probe_gqa(device: torch.device) -> bool:
+    """Whether this torch's varlen_attn computes grouped-query attention itself (FlashAttention-2's varlen kernel does,
+    given fewer key/value heads) with the same output and gradients as with each key/value head repeated. Run once, at
+    install, outside any CUDA graph capture."""
+    varlen_attn, params = _varlen()
+    g = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(24, h, 64, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
+               for h in (4, 2, 2))
+    cu = torch.tensor([0, 10, 24], dtype=torch.int32, device=device)
+    extra = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    try:
+        out = varlen_attn(q, k, v, cu, cu, 14, 14, **extra)
+        out.float().square().sum().backward()
+    except Exception:  # noqa: BLE001 (refused: repeat the heads)
+        return False
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ref = varlen_attn(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), cu, cu, 14, 14, **extra)
+    ref.float().square().sum().backward()
+    close = [torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2) for a, b in zip(grads, (q.grad, k.grad, v.grad))]
+    return out.shape == ref.shape and torch.allclose(out.float(), ref.float(), atol=2e-2, rtol=2e-2) and all(close)
+
+
 def unavailable(device: str, dtype, attention: str) -> str | None:
     """Why packed rows cannot use the varlen kernel on this run, or None."""
     if not device.startswith("cuda"):
@@ -52,6 +79,9 @@ def install(model) -> None:
     if NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
         AttentionInterface.register(NAME, attention)
         AttentionMaskInterface.register(NAME, sdpa_mask)
+    device = next(model.parameters()).device
+    if device.type == "cuda" and str(device) not in _NATIVE_GQA and "enable_gqa" not in _varlen()[1]:
+        _NATIVE_GQA[str(device)] = _probe_gqa(device)
     model.set_attn_implementation(NAME)
 
 
@@ -76,10 +106,12 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout: 
     if key.shape[1] != heads:
         if "enable_gqa" in params:
             extra["enable_gqa"] = True
-        else:  # an older varlen_attn without GQA: each key/value head repeated for its group of query heads
+        elif not _NATIVE_GQA.get(str(query.device)):  # each key/value head repeated for its group of query heads
             key = key.repeat_interleave(heads // key.shape[1], dim=1)
             value = value.repeat_interleave(heads // value.shape[1], dim=1)
-    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))     # (S, H, D)
+    # (S, H, D): transformers' (1, H, S, D) are transposed views of (1, S, H, D) projections, so this copies nothing;
+    # squeeze, not [0], whose backward would write a zero-filled copy of each gradient
+    q, k, v = (t.squeeze(0).transpose(0, 1).contiguous() for t in (query, key, value))
     cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
     longest = int(max_length_q) if max_length_q is not None else s
     out = varlen_attn(q, k, v, cu, cu, longest, longest, **extra)

@@ -5,8 +5,10 @@ Why: PEFT's LoRA forward on a bitsandbytes layer is a dozen small operations and
 per projection (input casts, a defensive clone, the 4-bit matmul's own autograd node, two adapter linears, a
 scale, an add), repeated for 7 projections x 36 layers x (forward, recompute, backward). At 2048 tokens a step
 that Python, not the GPU, sets the pace (docs/benchmarks.md). Here a projection is: dequantize W (bitsandbytes'
-own kernel), one matmul, one small matmul and one fused add-matmul (addmm) for the adapter; the backward
-dequantizes W again instead of keeping it and computes dX, dA and dB with four matmuls. The MLP function does
+own kernel), one matmul, one small matmul and one fused add-matmul (addmm) for the adapter; the backward computes
+dX, dA and dB with four matmuls. A 4-bit W dequantized in a checkpoint's recompute is kept for the backward that
+follows at once (one layer's 16-bit weights held for a moment); dequantized in a plain forward it is not kept, and
+the backward dequantizes it again. The MLP function does
 gate, up, SiLU(gate)·up and down in one autograd node and keeps only gate's and up's outputs for the backward.
 
 The modules stay PEFT's (same parameters, names, save/load, merge); only forwards are replaced, and they fall
@@ -25,6 +27,11 @@ import torch.nn.functional as F
 
 from qtune.modeling.fast import dropout
 
+# Keep a 4-bit W dequantized in a checkpoint's recompute for the backward (a third of the dequantizing gone, one
+# layer's 16-bit weights held for a moment: 0.39 GiB for Qwen3-8B). Off: dequantize again in the backward.
+KEEP_RECOMPUTED = True
+N_SAVED = 5  # tensors a projection saves: xd, xa, A, B, W (or None)
+
 
 def _weight(base, dtype: torch.dtype) -> torch.Tensor:
     """The base layer's weight (out, in) in `dtype`: 4-bit weights dequantized by bitsandbytes."""
@@ -41,7 +48,7 @@ class _Proj:
     """One LoRA projection's forward and backward math on 2-D inputs (N, in); the autograd functions below
     call it so a single projection and a whole MLP block share the same arithmetic."""
 
-    __slots__ = ("base", "a", "b", "s", "drop", "dtypes", "xd", "xa")
+    __slots__ = ("base", "a", "b", "s", "drop", "dtypes", "xd", "xa", "w")
 
     def __init__(self, base, A, B, scaling: float, drop, dtype):
         self.base, self.s, self.drop = base, scaling, drop    # drop: (Seed, salt, p) or None
@@ -49,7 +56,11 @@ class _Proj:
         self.dtypes = (A.dtype, B.dtype)
 
     def forward(self, x2):
-        y = x2 @ _weight(self.base, x2.dtype).t()
+        w = _weight(self.base, x2.dtype)
+        # Inside a backward (reentrant checkpointing's recompute) this layer's backward comes next: keep W. A 16-bit
+        # W is the parameter itself and always kept.
+        self.w = w if (w is self.base.weight or KEEP_RECOMPUTED and torch._C._current_graph_task_id() != -1) else None
+        y = x2 @ w.t()
         if self.base.bias is not None:
             y += self.base.bias.to(y.dtype)
         self.xd = dropout.apply(x2, *self.drop) if self.drop else x2
@@ -57,10 +68,10 @@ class _Proj:
         return y.addmm_(self.xa, self.b.t(), alpha=self.s)
 
     def tensors(self):
-        return [self.xd, self.xa, self.a, self.b]
+        return [self.xd, self.xa, self.a, self.b, self.w]
 
     def restore(self, tensors):
-        self.xd, self.xa, self.a, self.b = tensors
+        self.xd, self.xa, self.a, self.b, self.w = tensors
 
     def backward(self, dy2, need_x: bool, need_a: bool, need_b: bool):
         s = self.s
@@ -69,7 +80,7 @@ class _Proj:
         dA = (dyb.t() @ self.xd).mul_(s).to(self.dtypes[0]) if need_a else None
         dx = None
         if need_x:
-            dx = dy2 @ _weight(self.base, self.xd.dtype)
+            dx = dy2 @ (self.w if self.w is not None else _weight(self.base, self.xd.dtype))
             if self.drop is None:
                 dx.addmm_(dyb, self.a, alpha=s)
             else:                                                            # the same mask, drawn again
@@ -83,7 +94,7 @@ class LoraLinear(torch.autograd.Function):
         proj = _Proj(base, A, B, scaling, drop, x.dtype)
         y = proj.forward(x.reshape(-1, x.shape[-1]))
         ctx.save_for_backward(*proj.tensors())
-        proj.restore([None] * 4)
+        proj.restore([None] * N_SAVED)
         ctx.proj, ctx.shape = proj, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -111,7 +122,7 @@ class LoraSwiGLU(torch.autograd.Function):
         saved = [g, u]
         for proj in projs:
             saved += proj.tensors()
-            proj.restore([None] * 4)
+            proj.restore([None] * N_SAVED)
         ctx.save_for_backward(*saved)
         ctx.projs, ctx.shape = projs, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -121,7 +132,7 @@ class LoraSwiGLU(torch.autograd.Function):
         g, u, *rest = ctx.saved_tensors
         projs = ctx.projs
         for i, proj in enumerate(projs):
-            proj.restore(rest[4 * i:4 * i + 4])
+            proj.restore(rest[N_SAVED * i:N_SAVED * (i + 1)])
         need = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1]).to(g.dtype)
         dh, dAd, dBd = projs[2].backward(dy2, True, need[5], need[6])

@@ -4,8 +4,8 @@ With activation checkpointing, what stays on the GPU between the forward and the
 layer's input: layers x tokens x hidden x 2 bytes (2.25 GiB for Qwen3-8B at 8192 tokens). While the decoder
 stack runs forward, saved tensors above a size go to pinned host memory on a side stream (the GPU keeps
 computing; the caching allocator keeps each source alive until its copy is done), and come back on the compute
-stream when the backward needs them, just before that layer is recomputed. Small tensors and tensors already on
-the host stay where they are; the same tensor saved again (RoPE's cos/sin, passed to every layer) is copied once.
+stream when the backward needs them, just before that layer is recomputed. Small tensors, parameters and tensors
+already on the host stay where they are; the same tensor saved again (RoPE's cos/sin, passed to every layer) is copied once.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ class Offloader:
         self.bytes = 0
 
     def pack(self, t: torch.Tensor):
-        if not t.is_cuda or t.numel() * t.element_size() < MIN_BYTES:
-            return t
+        if not t.is_cuda or t.numel() * t.element_size() < MIN_BYTES or isinstance(t, torch.nn.Parameter):
+            return t                             # (a weight saved for the backward stays where it lives)
         key = (t.data_ptr(), tuple(t.shape), t.stride(), t._version)
         seen = self.copies.get(key)
         if seen is not None and seen[0]() is t:
