@@ -5,6 +5,7 @@ Rows (issue #13's table):
   nf4_2048   qtune (train.fast=false; true without and with CUDA graphs) and the seed recipe, nf4, 1 x 2048 tokens
   bf16_2048  the same in bf16 (quant=none)
   nf4_8192   nf4 at 8192 tokens a step (layer inputs offloaded; the same with liger; CUDA graphs without offloading)
+  nf4_8192_default   the default nf4 8192 row alone, beside the seed recipe
   chat       real chat-length data (a log-normal length mix, median ~200 tokens): qtune trains packed 2048-token
              rows; the seed recipe trains one example a step, as its users do. Only real tokens are counted.
   oom        a deliberate CUDA out-of-memory: qtune must answer with one line and remedies
@@ -147,12 +148,15 @@ def main(which):
         keep(qtune_train("ref_bf16_2048", long, "quant=none", "train.fast=false"))
         keep(qtune_train("qtune_bf16_2048", long, "quant=none", "train.fast=true"))
         keep(seed("seed_bf16_2048", quant="none", seq=2048))
-    if "nf4_8192" in which:
+    if "nf4_8192" in which and "nf4_8192_default" not in which:
         keep(qtune_train("qtune_nf4_8192", xl, "quant=nf4", "train.fast=true", steps=8, length=8192))
         keep(qtune_train("graph_nf4_8192", xl, "quant=nf4", "train.fast=true", "train.offload_activations=false",
                          steps=8, length=8192))
         keep(qtune_train("liger_nf4_8192", xl, "quant=nf4", "train.fast=true", "train.liger=true", steps=8,
                          length=8192))
+        keep(seed("seed_nf4_8192", quant="nf4", seq=8192, steps=4, warm=2))
+    if "nf4_8192_default" in which:  # the default row alone, beside the seed recipe
+        keep(qtune_train("qtune_nf4_8192", xl, "quant=nf4", "train.fast=true", steps=8, length=8192))
         keep(seed("seed_nf4_8192", quant="nf4", seq=8192, steps=4, warm=2))
     if "chat" in which:
         keep(qtune_train("qtune_chat", WORK / "chat.jsonl", "quant=nf4", "train.fast=true", steps=16))

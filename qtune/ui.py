@@ -202,6 +202,9 @@ def show_memory(title: str, m: dict) -> None:
                f"{m['base_bytes'] / 2**30:.2f}")
     mt.add_row("LoRA weights + gradients + AdamW states (fp32; fused experts' in 16-bit)", f"{m['lora_bytes'] / 2**30:.2f}")
     mt.add_row("activations (one micro-batch)", f"{m['activation_bytes'] / 2**30:.2f}")
+    if m.get("dequantized_bytes"):
+        mt.add_row("one layer's 4-bit weights dequantized to 16-bit (recompute to backward)",
+                   f"{m['dequantized_bytes'] / 2**30:.2f}")
     mt.add_row("CUDA context and workspace", f"{m['overhead_bytes'] / 2**30:.2f}")
     mt.add_section()
     mt.add_row("[bold]total (estimate)[/]", f"[bold]{m['total_bytes'] / 2**30:.2f}[/]")

@@ -98,14 +98,14 @@ def test_fused_lora_keeps_the_recomputed_4bit_weights_for_the_backward(device, m
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = _tiny_lora_model("nf4", 0.1, device, dtype)
     model.train()
-    lora.patch(model)
     calls = []
     weight = lora._weight
     monkeypatch.setattr(lora, "_weight", lambda base, dt: calls.append(base) or weight(base, dt))
     x = torch.randn(4, 16, 64, device=device, dtype=dtype)
     results = {}
     for keep in (False, True):
-        monkeypatch.setattr(lora, "KEEP_RECOMPUTED", keep)
+        lora.unpatch(model)
+        lora.patch(model, keep_recomputed=keep)
         calls.clear()
         model.zero_grad(set_to_none=True)
         xr = x.clone().requires_grad_(True)
@@ -131,7 +131,7 @@ def test_fused_lora_dropout_gradients_follow_the_mask():
     x = torch.randn(2, 7, 16, requires_grad=True)
     seed = dropout.Seed(torch.device("cpu"))
     seed.refresh()
-    y = LoraLinear.apply(x, A, B, base, 0.5, (seed, 3, 0.3))
+    y = LoraLinear.apply(x, A, B, base, 0.5, (seed, 3, 0.3), True)
     w = torch.randn_like(y)
     gx, gA, gB = torch.autograd.grad((y * w).sum(), (x, A, B))
 

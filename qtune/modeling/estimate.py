@@ -31,17 +31,19 @@ class Memory:
     activations: float
     overhead: float
     experts_4bit: bool = False
+    dequantized: float = 0.0   # one layer's 4-bit weights in 16 bits, held from its recompute through its backward
     host_embedding: float = 0.0  # bytes of the input embedding table kept in host memory (CUDA graphs), not counted
     world_size: int = 1        # per_process(): what each of this many GPUs holds
     strategy: str = "single"
 
     @property
     def total(self) -> float:
-        return self.base + self.lora + self.activations + self.overhead
+        return self.base + self.lora + self.activations + self.dequantized + self.overhead
 
     def as_dict(self) -> dict:
         return {"base_bytes": int(self.base), "lora_bytes": int(self.lora), "activation_bytes": int(self.activations),
-                "overhead_bytes": int(self.overhead), "total_bytes": int(self.total),
+                "dequantized_bytes": int(self.dequantized), "overhead_bytes": int(self.overhead),
+                "total_bytes": int(self.total),
                 "quantized_params": self.base_quantized_params, "unquantized_params": self.base_16bit_params,
                 "experts_4bit": self.experts_4bit, "host_embedding_bytes": int(self.host_embedding),
                 "world_size": self.world_size, "strategy": self.strategy}
@@ -152,12 +154,13 @@ def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, toke
                * (PARAM_DTYPE_COPIES * dtype_bytes if t.how in ("lora_param", "full") else LORA_BYTES_PER_PARAM)
                for t in matched.targets)
     activations = activation_bytes(arch, tokens, gradient_checkpointing, dtype_bytes, offload_inputs, lm_head)
+    dequantized = 0
     if keep_dequantized and gradient_checkpointing and on_gpu and quant.method in (QuantMethod.nf4, QuantMethod.fp4):
         q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
         dense_ffn = 0 if arch.num_experts else 3 * arch.hidden_size * arch.intermediate_size
-        activations += (2 * arch.hidden_size * q + 2 * arch.hidden_size * kv + dense_ffn) * dtype_bytes
+        dequantized += (2 * arch.hidden_size * q + 2 * arch.hidden_size * kv + dense_ffn) * dtype_bytes
     if experts4:  # one layer's experts dequantized to 16 bits for its matmuls (kept from recompute to backward)
-        activations += arch.num_experts * 3 * arch.hidden_size * arch.moe_intermediate_size * dtype_bytes
+        dequantized += arch.num_experts * 3 * arch.hidden_size * arch.moe_intermediate_size * dtype_bytes
     return Memory(base=base, base_quantized_params=q_params, base_16bit_params=other, lora=lora,
                   activations=activations, overhead=CUDA_OVERHEAD if on_gpu else 0.0, experts_4bit=experts4,
-                  host_embedding=host)
+                  host_embedding=host, dequantized=dequantized)

@@ -38,7 +38,8 @@ def plan(cfg: Config) -> Plan:
                         offload_inputs=offloads(fast, t.offload_activations, t.gradient_checkpointing, tokens),
                         experts4=experts_4bit(fast, cfg.quant), compact=fast != "false" and compacts(t.stage),
                         lm_head=head(t.stage) == "lm", embed_on_host=fast != "false" and graphs,
-                        keep_dequantized=fast != "false")
+                        keep_dequantized=fast != "false"
+                        and not offloads(fast, t.offload_activations, t.gradient_checkpointing, tokens))
 
     single = one_gpu(str(t.fast))
     size = max(t.nproc, world().size)  # train.nproc, or the launcher's world under torchrun

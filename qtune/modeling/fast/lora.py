@@ -27,9 +27,6 @@ import torch.nn.functional as F
 
 from qtune.modeling.fast import dropout
 
-# Keep a 4-bit W dequantized in a checkpoint's recompute for the backward (a third of the dequantizing gone, one
-# layer's 16-bit weights held for a moment: 0.39 GiB for Qwen3-8B). Off: dequantize again in the backward.
-KEEP_RECOMPUTED = True
 N_SAVED = 5  # tensors a projection saves: xd, xa, A, B, W (or None)
 
 
@@ -48,10 +45,10 @@ class _Proj:
     """One LoRA projection's forward and backward math on 2-D inputs (N, in); the autograd functions below
     call it so a single projection and a whole MLP block share the same arithmetic."""
 
-    __slots__ = ("base", "a", "b", "s", "drop", "dtypes", "xd", "xa", "w")
+    __slots__ = ("base", "a", "b", "s", "drop", "keep", "dtypes", "xd", "xa", "w")
 
-    def __init__(self, base, A, B, scaling: float, drop, dtype):
-        self.base, self.s, self.drop = base, scaling, drop    # drop: (Seed, salt, p) or None
+    def __init__(self, base, A, B, scaling: float, drop, dtype, keep: bool):
+        self.base, self.s, self.drop, self.keep = base, scaling, drop, keep    # drop: (Seed, salt, p) or None
         self.a, self.b = A.to(dtype), B.to(dtype)
         self.dtypes = (A.dtype, B.dtype)
 
@@ -59,7 +56,7 @@ class _Proj:
         w = _weight(self.base, x2.dtype)
         # Inside a backward (reentrant checkpointing's recompute) this layer's backward comes next: keep W. A 16-bit
         # W is the parameter itself and always kept.
-        self.w = w if (w is self.base.weight or KEEP_RECOMPUTED and torch._C._current_graph_task_id() != -1) else None
+        self.w = w if (w is self.base.weight or self.keep and torch._C._current_graph_task_id() != -1) else None
         y = x2 @ w.t()
         if self.base.bias is not None:
             y += self.base.bias.to(y.dtype)
@@ -90,8 +87,8 @@ class _Proj:
 
 class LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, A, B, base, scaling: float, drop):
-        proj = _Proj(base, A, B, scaling, drop, x.dtype)
+    def forward(ctx, x, A, B, base, scaling: float, drop, keep: bool):
+        proj = _Proj(base, A, B, scaling, drop, x.dtype, keep)
         y = proj.forward(x.reshape(-1, x.shape[-1]))
         ctx.save_for_backward(*proj.tensors())
         proj.restore([None] * N_SAVED)
@@ -104,16 +101,16 @@ class LoraLinear(torch.autograd.Function):
         proj.restore(ctx.saved_tensors)
         dy2 = dy.reshape(-1, dy.shape[-1]).to(proj.xd.dtype)
         dx, dA, dB = proj.backward(dy2, *ctx.needs_input_grad[:3])
-        return (dx.view(ctx.shape) if dx is not None else None), dA, dB, None, None, None
+        return (dx.view(ctx.shape) if dx is not None else None), dA, dB, None, None, None, None
 
 
 class LoraSwiGLU(torch.autograd.Function):
     """down(SiLU(gate(x)) · up(x)) with LoRA on all three projections, as one autograd node."""
 
     @staticmethod
-    def forward(ctx, x, Ag, Bg, Au, Bu, Ad, Bd, bases, scalings, drops):
+    def forward(ctx, x, Ag, Bg, Au, Bu, Ad, Bd, bases, scalings, drops, keep: bool):
         dtype = x.dtype
-        projs = [_Proj(base, A, B, s, d, dtype) for base, A, B, s, d in
+        projs = [_Proj(base, A, B, s, d, dtype, keep) for base, A, B, s, d in
                  zip(bases, (Ag, Au, Ad), (Bg, Bu, Bd), scalings, drops)]
         x2 = x.reshape(-1, x.shape[-1])
         g = projs[0].forward(x2)
@@ -141,7 +138,7 @@ class LoraSwiGLU(torch.autograd.Function):
         dxg, dAg, dBg = projs[0].backward(dg, need[0], need[1], need[2])
         dxu, dAu, dBu = projs[1].backward(du, need[0], need[3], need[4])
         dx = dxg.add_(dxu).view(ctx.shape) if need[0] else None
-        return dx, dAg, dBg, dAu, dBu, dAd, dBd, None, None, None
+        return dx, dAg, dBg, dAu, dBu, dAd, dBd, None, None, None, None
 
 
 def supported(module) -> bool:
@@ -183,7 +180,7 @@ def _forward(self, x, *args, **kwargs):
     dtype = _dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         return LoraLinear.apply(x.to(dtype), self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer,
-                                float(self.scaling[name]), _drop(self, p))
+                                float(self.scaling[name]), _drop(self, p), self._qtune_keep)
 
 
 def _mlp_forward(self, x):
@@ -196,7 +193,7 @@ def _mlp_forward(self, x):
     with torch.autocast(x.device.type, enabled=False):
         return LoraSwiGLU.apply(x.to(dtype), *[t for m in mods for t in (m.lora_A[name].weight, m.lora_B[name].weight)],
                                 tuple(m.base_layer for m in mods), tuple(float(m.scaling[name]) for m in mods),
-                                tuple(_drop(m, pl[1]) for m, pl in zip(mods, plains)))
+                                tuple(_drop(m, pl[1]) for m, pl in zip(mods, plains)), self.down_proj._qtune_keep)
 
 
 def _swiglu_mlp(module) -> bool:
@@ -207,16 +204,19 @@ def _swiglu_mlp(module) -> bool:
             and "forward" not in vars(module))  # a forward patched already (liger's SwiGLU) is left alone
 
 
-def patch(peft_model) -> tuple[int, int]:
+def patch(peft_model, keep_recomputed: bool = True) -> tuple[int, int]:
     """Give every supported LoRA linear layer the fused forward, and every SwiGLU MLP whose projections all carry
     LoRA the fused block; returns (linear layers, MLP blocks) patched. Each patched layer gets a dropout salt, and the
-    model one dropout seed, refreshed at the start of every training forward that keeps gradients (`seed_of`)."""
+    model one dropout seed, refreshed at the start of every training forward that keeps gradients (`seed_of`).
+    keep_recomputed: a 4-bit W dequantized in a checkpoint's recompute is kept for the backward (a third of the
+    dequantizing gone, one layer's 16-bit weights held for a moment: 0.39 GiB for Qwen3-8B); off where memory is
+    what counts (offloaded activations), the backward dequantizes again."""
     layers = blocks = 0
     seed = seed_of(peft_model)
     for module in peft_model.modules():
         if supported(module):
             module.forward = types.MethodType(_forward, module)
-            module._qtune_seed, module._qtune_salt = seed, layers
+            module._qtune_seed, module._qtune_salt, module._qtune_keep = seed, layers, keep_recomputed
             layers += 1
         elif _swiglu_mlp(module):
             module.forward = types.MethodType(_mlp_forward, module)
