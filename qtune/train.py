@@ -235,7 +235,7 @@ def _model(cfg: Config, setup, device: str, dtype, out: Path, train_ds):
     tokens = cfg.data.max_length * cfg.train.batch_size
     fastpath.decide_graphs(fast, str(cfg.train.cuda_graphs), device, **fastpath.graph_settings(cfg, setup.world_size),
                            dtype=dtype, dropout=cfg.lora.dropout,
-                           attention=getattr(model.config, "_attn_implementation", None) or "sdpa")
+                           attention=fastpath.attention_of(model))
     fastpath.apply_base(fast, model, device, cfg.train.gradient_checkpointing, cfg.train.liger,
                         cfg.train.offload_activations, tokens)
     fastpath.packed_attention(fast, model, device, dtype, cfg.data.packing)

@@ -187,10 +187,13 @@ def test_gpu_triton_dropout_is_one_mask_per_seed_and_salt_also_in_a_graph():
     assert not torch.equal(captured == 0, a == 0)
 
 
-def _fast_model(model_dir, dropout: float, tied: bool = True, varlen: bool = False, liger: bool = False):
+def _fast_model(model_dir, dropout: float, tied: bool = True, varlen: bool = False, liger: bool = False,
+                model: str = "tiny_qwen3", moe: str = "expert_only", quant: str = "none"):
     """The tiny Qwen3 in bf16 on CUDA as `qtune train` builds it with graphs on: fused LoRA (non-zero B), reentrant
     checkpointing without RNG state, TRL's fused head; `varlen`: packed rows attend through the varlen kernel;
-    `liger`: liger-kernel's RMSNorm/RoPE/SwiGLU (which patch transformers' Qwen3 module for the process)."""
+    `liger`: liger-kernel's RMSNorm/RoPE/SwiGLU (which patch transformers' Qwen3 module for the process).
+    `model_dir` may also be a function (dtype, device) -> model; `model` names its config (LoRA targets, moe scope);
+    `quant=nf4` keeps MoE experts in 4 bits."""
     import zlib
 
     from peft import get_peft_model
@@ -202,10 +205,13 @@ def _fast_model(model_dir, dropout: float, tied: bool = True, varlen: bool = Fal
     from qtune.modeling.load import prepare_for_training
     from qtune.modeling.targets import apply_dropout, match, peft_config
 
-    cfg = to_object(compose(["model=tiny_qwen3", f"lora.dropout={dropout}"]))
+    cfg = to_object(compose([f"model={model}", f"moe={moe}", f"lora.dropout={dropout}"]))
     torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa",
-                                             **({} if tied else {"tie_word_embeddings": False})).to("cuda")
+    if callable(model_dir):
+        m = model_dir(torch.bfloat16, "cuda")
+    else:
+        m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa",
+                                                 **({} if tied else {"tie_word_embeddings": False})).to("cuda")
     m.config.use_cache = False
     prepare_for_training(m, gradient_checkpointing=True)
     fp = fastpath.decide("true", "cuda")
@@ -224,7 +230,7 @@ def _fast_model(model_dir, dropout: float, tied: bool = True, varlen: bool = Fal
     for n, p in m.named_parameters():
         if "lora_B" in n:
             p.data.normal_(std=0.02, generator=torch.Generator(p.device).manual_seed(zlib.crc32(n.encode())))
-    fastpath.apply_lora(fp, m)
+    fastpath.apply_lora(fp, m, quant)
     m.train()
     return m
 
@@ -324,42 +330,15 @@ def test_gpu_moe_graph_step_equals_the_eager_step(tiny_qwen3_moe, what):
     """An MoE micro-step captured as a graph — grouped-matmul experts with split LoRA (on a 2-layer Qwen3-30B-A3B shape
     with the experts in nf4), varlen attention, and the load-balancing loss TRL adds — equals the eager step: loss
     within 0.2 %, every LoRA gradient at cosine >= 0.995; the balancing loss reaches the trainer's metrics."""
-    import zlib
-
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-    from trl.trainer.utils import add_fused_lm_head
-
-    from qtune.config import compose, to_object
-    from qtune.modeling import fast as fastpath
+    from qtune.modeling.fast import moe as fast_moe
     from qtune.modeling.fast.graph import GraphedStep
     from qtune.modeling.fast.lora import seed_of
-    from qtune.modeling.load import prepare_for_training
-    from qtune.modeling.targets import match, peft_config
     from test_fast import _a3b
 
-    name = "tiny_qwen3_moe" if what == "tiny" else "qwen3_30b_a3b"
-    cfg = to_object(compose([f"model={name}", "moe=expert_only", "lora.dropout=0"]))
-    torch.manual_seed(0)
-    if what == "tiny":
-        m = AutoModelForCausalLM.from_pretrained(tiny_qwen3_moe, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
-    else:
-        m = _a3b(2)(torch.bfloat16, "cuda")
-    m.config.use_cache = False
-    prepare_for_training(m, gradient_checkpointing=True)
-    fp = fastpath.decide("true", "cuda")
-    fastpath.decide_graphs(fp, "true", "cuda", stage="sft", processes=1, packing=True, offload=False,
-                           dtype=torch.bfloat16, dropout=0.0, attention="sdpa")
-    fastpath.apply_base(fp, m, "cuda", gradient_checkpointing=True, liger="false")
-    fastpath.packed_attention(fp, m, "cuda", torch.bfloat16, packing=True)
-    add_fused_lm_head(m, outputs=("log_probs", "entropy", "is_top1"))
-    m = get_peft_model(m, peft_config(match(m, cfg.lora, cfg.moe), cfg.lora, False))
-    for n, p in m.named_parameters():
-        if "lora_B" in n:
-            p.data.normal_(std=0.02, generator=torch.Generator(p.device).manual_seed(zlib.crc32(n.encode())))
-    fastpath.apply_lora(fp, m, "nf4" if what == "a3b_nf4" else "none")
-    assert any("grouped-matmul experts" in p for p in fp.pieces), fp.describe()
-    m.train()
+    m = _fast_model(tiny_qwen3_moe if what == "tiny" else _a3b(2), 0.0, varlen=True,
+                    model="tiny_qwen3_moe" if what == "tiny" else "qwen3_30b_a3b",
+                    quant="nf4" if what == "a3b_nf4" else "none")
+    assert any(getattr(mod.forward, "__func__", None) is fast_moe.forward for mod in m.modules())  # grouped experts
     coef = 0.01
     batch = _batch(100, bounds=True)
     want_loss, want = _eager(m, batch, 11, aux=coef)

@@ -144,13 +144,18 @@ def gpu_bound(fast: FastPath, model, device: str, tokens: int) -> bool:
     return device.startswith("cuda") and (fast.graphs or (dense and tokens >= OFFLOAD_FROM_TOKENS))
 
 
+def attention_of(model) -> str:
+    """The attention implementation the model runs (transformers' default: sdpa)."""
+    return getattr(model.config, "_attn_implementation", None) or "sdpa"
+
+
 def packed_attention(fast: FastPath, model, device: str, dtype, packing: bool) -> None:
     """Packed rows (data.packing) attend through flash attention's varlen kernel (qtune.modeling.fast.attention)."""
     if not fast.on or not packing:
         return
     from qtune.modeling.fast import attention
 
-    why = attention.unavailable(device, dtype, getattr(model.config, "_attn_implementation", None) or "sdpa")
+    why = attention.unavailable(device, dtype, attention_of(model))
     if why is None:
         attention.install(model)
         fast.pieces.append("varlen flash attention for packed rows")

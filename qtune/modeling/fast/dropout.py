@@ -60,12 +60,6 @@ def triton_ok() -> bool:
     return True
 
 
-def _kernel():
-    from qtune.modeling.fast._triton_dropout import dropout_kernel  # imports Triton: only on CUDA
-
-    return dropout_kernel
-
-
 BLOCK = 1024
 
 
@@ -75,6 +69,8 @@ def _triton_apply(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> t
     x = x.contiguous()
     out = torch.empty_like(x)
     n = x.numel()
+    from qtune.modeling.fast._triton_dropout import dropout_kernel  # imports Triton: only on CUDA
+
     with torch.cuda.device(x.device):
-        _kernel()[((n + 4 * BLOCK - 1) // (4 * BLOCK),)](x, out, seed, salt, n, p, 1.0 / (1.0 - p), BLOCK=BLOCK)
+        dropout_kernel[((n + 4 * BLOCK - 1) // (4 * BLOCK),)](x, out, seed, salt, n, p, 1.0 / (1.0 - p), BLOCK=BLOCK)
     return out

@@ -126,8 +126,9 @@ class GraphedStep:
         loss = -out.log_probs.sum() / count
         balance = None
         if self.aux is not None:
-            balance = out.aux_loss.float().detach()
-            loss = loss + self.aux * out.aux_loss.float()
+            aux_loss = out.aux_loss.float()
+            balance = aux_loss.detach()
+            loss = loss + self.aux * aux_loss
         loss = loss * self.scale
         loss.backward()
         entropy = out.entropy.detach().sum() if out.entropy is not None else torch.zeros_like(count)
