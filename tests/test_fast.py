@@ -86,9 +86,10 @@ def test_fused_lora_equals_peft_layer_by_layer(base):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_fused_lora_keeps_the_recomputed_4bit_weights_for_the_backward(device, monkeypatch):
+def test_fused_lora_keeps_the_recomputed_4bit_weights_unless_lean(device, monkeypatch):
     """Under reentrant checkpointing a 4-bit W dequantized in the recompute serves the backward that follows: two
-    dequantizations per projection a step instead of three, and the same gradients bit for bit."""
+    dequantizations per projection a step instead of three. `lean` (offloaded activations) dequantizes again and keeps
+    dropout's input instead of its output, drawing the mask again; the gradients are the same bit for bit."""
     if device == "cuda" and not CUDA:
         pytest.skip("no GPU")
     from torch.utils.checkpoint import checkpoint
@@ -103,16 +104,21 @@ def test_fused_lora_keeps_the_recomputed_4bit_weights_for_the_backward(device, m
     monkeypatch.setattr(lora, "_weight", lambda base, dt: calls.append(base) or weight(base, dt))
     x = torch.randn(4, 16, 64, device=device, dtype=dtype)
     results = {}
-    for keep in (False, True):
+    for lean in (True, False):
         lora.unpatch(model)
-        lora.patch(model, keep_recomputed=keep)
+        lora.patch(model, lean=lean)
         calls.clear()
         model.zero_grad(set_to_none=True)
         xr = x.clone().requires_grad_(True)
         out = checkpoint(model, xr, use_reentrant=True)
         (out.float() * torch.linspace(-1, 1, out.shape[-1], device=device)).sum().backward()
-        results[keep] = [xr.grad] + [p.grad for p in model.parameters() if p.grad is not None]
-        assert len(calls) == (4 if keep else 6), len(calls)  # 2 projections x (forward, recompute[, backward])
+        results[lean] = [xr.grad] + [p.grad for p in model.parameters() if p.grad is not None]
+        assert len(calls) == (6 if lean else 4), len(calls)  # 2 projections x (forward, recompute[, backward])
+        # what the first projection keeps for dA: its input itself when lean, else the dropped-out copy
+        first = model.base_model.model[0]
+        y = first(xr)
+        kept = y.grad_fn.saved_tensors[0]
+        assert (kept.data_ptr() == xr.data_ptr()) == lean
     assert len(results[True]) == 5
     for a, b in zip(results[False], results[True]):
         assert torch.equal(a, b)

@@ -197,7 +197,7 @@ def apply_lora(fast: FastPath, peft_model, quant: str = "none") -> None:
     from qtune.modeling.fast import lora
     from qtune.modeling.fast import moe
 
-    layers, blocks = lora.patch(peft_model, keep_recomputed=fast.offloader is None)
+    layers, blocks = lora.patch(peft_model, lean=fast.offloader is not None)
     if layers:
         fast.pieces.append(f"fused LoRA on {layers} linear layers" + (f" and {blocks} SwiGLU MLP blocks" if blocks else ""))
     else:

@@ -45,10 +45,11 @@ class _Proj:
     """One LoRA projection's forward and backward math on 2-D inputs (N, in); the autograd functions below
     call it so a single projection and a whole MLP block share the same arithmetic."""
 
-    __slots__ = ("base", "a", "b", "s", "drop", "keep", "dtypes", "xd", "xa", "w")
+    __slots__ = ("base", "a", "b", "s", "drop", "lean", "redraw", "dtypes", "xd", "xa", "w")
 
-    def __init__(self, base, A, B, scaling: float, drop, dtype, keep: bool):
-        self.base, self.s, self.drop, self.keep = base, scaling, drop, keep    # drop: (Seed, salt, p) or None
+    def __init__(self, base, A, B, scaling: float, drop, dtype, lean: bool):
+        self.base, self.s, self.drop, self.lean = base, scaling, drop, lean    # drop: (Seed, salt, p) or None
+        self.redraw = lean and drop is not None   # keep dropout's input (xd holds x), draw its output again
         self.a, self.b = A.to(dtype), B.to(dtype)
         self.dtypes = (A.dtype, B.dtype)
 
@@ -56,12 +57,13 @@ class _Proj:
         w = _weight(self.base, x2.dtype)
         # Inside a backward (reentrant checkpointing's recompute) this layer's backward comes next: keep W. A 16-bit
         # W is the parameter itself and always kept.
-        self.w = w if (w is self.base.weight or self.keep and torch._C._current_graph_task_id() != -1) else None
+        self.w = w if (w is self.base.weight or not self.lean and torch._C._current_graph_task_id() != -1) else None
         y = x2 @ w.t()
         if self.base.bias is not None:
             y += self.base.bias.to(y.dtype)
-        self.xd = dropout.apply(x2, *self.drop) if self.drop else x2
-        self.xa = self.xd @ self.a.t()
+        xd = dropout.apply(x2, *self.drop) if self.drop else x2
+        self.xa = xd @ self.a.t()
+        self.xd = x2 if self.redraw else xd
         return y.addmm_(self.xa, self.b.t(), alpha=self.s)
 
     def tensors(self):
@@ -74,7 +76,9 @@ class _Proj:
         s = self.s
         dyb = dy2 @ self.b                                                   # (N, r)
         dB = (dy2.t() @ self.xa).mul_(s).to(self.dtypes[1]) if need_b else None
-        dA = (dyb.t() @ self.xd).mul_(s).to(self.dtypes[0]) if need_a else None
+        xd = dropout.apply(self.xd, *self.drop) if self.redraw else self.xd
+        dA = (dyb.t() @ xd).mul_(s).to(self.dtypes[0]) if need_a else None
+        del xd
         dx = None
         if need_x:
             dx = dy2 @ (self.w if self.w is not None else _weight(self.base, self.xd.dtype))
@@ -87,8 +91,8 @@ class _Proj:
 
 class LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, A, B, base, scaling: float, drop, keep: bool):
-        proj = _Proj(base, A, B, scaling, drop, x.dtype, keep)
+    def forward(ctx, x, A, B, base, scaling: float, drop, lean: bool):
+        proj = _Proj(base, A, B, scaling, drop, x.dtype, lean)
         y = proj.forward(x.reshape(-1, x.shape[-1]))
         ctx.save_for_backward(*proj.tensors())
         proj.restore([None] * N_SAVED)
@@ -108,9 +112,9 @@ class LoraSwiGLU(torch.autograd.Function):
     """down(SiLU(gate(x)) · up(x)) with LoRA on all three projections, as one autograd node."""
 
     @staticmethod
-    def forward(ctx, x, Ag, Bg, Au, Bu, Ad, Bd, bases, scalings, drops, keep: bool):
+    def forward(ctx, x, Ag, Bg, Au, Bu, Ad, Bd, bases, scalings, drops, lean: bool):
         dtype = x.dtype
-        projs = [_Proj(base, A, B, s, d, dtype, keep) for base, A, B, s, d in
+        projs = [_Proj(base, A, B, s, d, dtype, lean) for base, A, B, s, d in
                  zip(bases, (Ag, Au, Ad), (Bg, Bu, Bd), scalings, drops)]
         x2 = x.reshape(-1, x.shape[-1])
         g = projs[0].forward(x2)
@@ -180,7 +184,7 @@ def _forward(self, x, *args, **kwargs):
     dtype = _dtype(x)
     with torch.autocast(x.device.type, enabled=False):
         return LoraLinear.apply(x.to(dtype), self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer,
-                                float(self.scaling[name]), _drop(self, p), self._qtune_keep)
+                                float(self.scaling[name]), _drop(self, p), self._qtune_lean)
 
 
 def _mlp_forward(self, x):
@@ -193,7 +197,7 @@ def _mlp_forward(self, x):
     with torch.autocast(x.device.type, enabled=False):
         return LoraSwiGLU.apply(x.to(dtype), *[t for m in mods for t in (m.lora_A[name].weight, m.lora_B[name].weight)],
                                 tuple(m.base_layer for m in mods), tuple(float(m.scaling[name]) for m in mods),
-                                tuple(_drop(m, pl[1]) for m, pl in zip(mods, plains)), self.down_proj._qtune_keep)
+                                tuple(_drop(m, pl[1]) for m, pl in zip(mods, plains)), self.down_proj._qtune_lean)
 
 
 def _swiglu_mlp(module) -> bool:
@@ -204,19 +208,21 @@ def _swiglu_mlp(module) -> bool:
             and "forward" not in vars(module))  # a forward patched already (liger's SwiGLU) is left alone
 
 
-def patch(peft_model, keep_recomputed: bool = True) -> tuple[int, int]:
+def patch(peft_model, lean: bool = False) -> tuple[int, int]:
     """Give every supported LoRA linear layer the fused forward, and every SwiGLU MLP whose projections all carry
     LoRA the fused block; returns (linear layers, MLP blocks) patched. Each patched layer gets a dropout salt, and the
     model one dropout seed, refreshed at the start of every training forward that keeps gradients (`seed_of`).
-    keep_recomputed: a 4-bit W dequantized in a checkpoint's recompute is kept for the backward (a third of the
-    dequantizing gone, one layer's 16-bit weights held for a moment: 0.39 GiB for Qwen3-8B); off where memory is
-    what counts (offloaded activations), the backward dequantizes again."""
+    By default a 4-bit W dequantized in a checkpoint's recompute is kept for the backward (a third of the dequantizing
+    gone, one layer's 16-bit weights held for a moment: 0.36 GiB for Qwen3-8B), and dropout's output is kept for dA.
+    lean (where memory is what counts: offloaded activations): the backward dequantizes W again, and each projection
+    keeps dropout's input instead of its output (one tensor shared by the projections reading the same input, where
+    each kept its own output) and draws the mask again."""
     layers = blocks = 0
     seed = seed_of(peft_model)
     for module in peft_model.modules():
         if supported(module):
             module.forward = types.MethodType(_forward, module)
-            module._qtune_seed, module._qtune_salt, module._qtune_keep = seed, layers, keep_recomputed
+            module._qtune_seed, module._qtune_salt, module._qtune_lean = seed, layers, lean
             layers += 1
         elif _swiglu_mlp(module):
             module.forward = types.MethodType(_mlp_forward, module)
