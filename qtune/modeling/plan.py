@@ -34,12 +34,11 @@ def plan(cfg: Config) -> Plan:
     graphs = graphs_expected(cfg)  # with them, the untied input embeddings are in host memory
 
     def one_gpu(fast: str):
+        offload = offloads(fast, t.offload_activations, t.gradient_checkpointing, tokens)
         return estimate(model, cfg.model.arch, matched, cfg.quant, tokens, t.gradient_checkpointing, on_gpu=True,
-                        offload_inputs=offloads(fast, t.offload_activations, t.gradient_checkpointing, tokens),
-                        experts4=experts_4bit(fast, cfg.quant), compact=fast != "false" and compacts(t.stage),
-                        lm_head=head(t.stage) == "lm", embed_on_host=fast != "false" and graphs,
-                        keep_dequantized=fast != "false"
-                        and not offloads(fast, t.offload_activations, t.gradient_checkpointing, tokens))
+                        offload_inputs=offload, experts4=experts_4bit(fast, cfg.quant),
+                        compact=fast != "false" and compacts(t.stage), lm_head=head(t.stage) == "lm",
+                        embed_on_host=fast != "false" and graphs, keep_dequantized=fast != "false" and not offload)
 
     single = one_gpu(str(t.fast))
     size = max(t.nproc, world().size)  # train.nproc, or the launcher's world under torchrun

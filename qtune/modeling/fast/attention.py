@@ -31,6 +31,11 @@ def _varlen():
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
+def _causal(params) -> dict:
+    """varlen_attn's keywords for causal attention in this torch's signature."""
+    return {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+
+
 _NATIVE_GQA: dict[str, bool] = {}  # device -> whether varlen_attn takes fewer key/value heads than query heads
 
 
@@ -43,7 +48,7 @@ def _probe_gqa(device: torch.device) -> bool:
     q, k, v = (torch.randn(24, h, 64, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
                for h in (4, 2, 2))
     cu = torch.tensor([0, 10, 24], dtype=torch.int32, device=device)
-    extra = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    extra = _causal(params)
     try:
         out = varlen_attn(q, k, v, cu, cu, 14, 14, **extra)
         out.float().square().sum().backward()
@@ -100,7 +105,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout: 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       sliding_window=sliding_window, **kwargs)
     varlen_attn, params = found
-    extra = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    extra = _causal(params)
     if "scale" in params and scaling is not None:
         extra["scale"] = scaling
     if key.shape[1] != heads:

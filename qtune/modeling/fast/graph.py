@@ -267,13 +267,13 @@ def trainer_class(base):
 def attach(trainer, rows: int, row_length: int, tokenizer, note) -> None:
     """Give a trainer_class() trainer its GraphedStep (captured at the first batch it fits) for batches of `rows` packed
     rows of `row_length` tokens; `note(line)` tells, once per reason, why a batch ran without it."""
-    from qtune.modeling.fast import attention
+    from qtune.modeling.fast import attention, attention_of
     from qtune.modeling.fast.lora import seed_of
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     trainer.qtune_notes, trainer.qtune_note = set(), note
     model = trainer.model
-    varlen = getattr(model.config, "_attn_implementation", None) == attention.NAME
+    varlen = attention_of(model) == attention.NAME
     sequences = rows * most_sequences(trainer.train_dataset) + 1 if varlen else 0  # + 1: the padding
     trainer.qtune_graph = GraphedStep(model, rows * row_length, seed_of(model), pad,  # bf16: decide_graphs
                                       sequences=sequences, aux=bool(getattr(trainer, "aux_loss_enabled", False)))

@@ -7,8 +7,8 @@ scale, an add), repeated for 7 projections x 36 layers x (forward, recompute, ba
 that Python, not the GPU, sets the pace (docs/benchmarks.md). Here a projection is: dequantize W (bitsandbytes'
 own kernel), one matmul, one small matmul and one fused add-matmul (addmm) for the adapter; the backward computes
 dX, dA and dB with four matmuls. A 4-bit W dequantized in a checkpoint's recompute is kept for the backward that
-follows at once (one layer's 16-bit weights held for a moment); dequantized in a plain forward it is not kept, and
-the backward dequantizes it again. The MLP function does
+follows at once (one layer's 16-bit weights held for a moment); dequantized in a plain forward, or under `lean`
+(patch), it is not kept, and the backward dequantizes it again. The MLP function does
 gate, up, SiLU(gate)·up and down in one autograd node and keeps only gate's and up's outputs for the backward.
 
 The modules stay PEFT's (same parameters, names, save/load, merge); only forwards are replaced, and they fall
@@ -76,9 +76,11 @@ class _Proj:
         s = self.s
         dyb = dy2 @ self.b                                                   # (N, r)
         dB = (dy2.t() @ self.xa).mul_(s).to(self.dtypes[1]) if need_b else None
-        xd = dropout.apply(self.xd, *self.drop) if self.redraw else self.xd
-        dA = (dyb.t() @ xd).mul_(s).to(self.dtypes[0]) if need_a else None
-        del xd
+        dA = None
+        if need_a:
+            xd = dropout.apply(self.xd, *self.drop) if self.redraw else self.xd
+            dA = (dyb.t() @ xd).mul_(s).to(self.dtypes[0])
+            del xd
         dx = None
         if need_x:
             dx = dy2 @ (self.w if self.w is not None else _weight(self.base, self.xd.dtype))
