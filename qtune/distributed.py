@@ -83,15 +83,6 @@ def setup(train: TrainConfig, quant: QuantMethod, device: str, need_bytes: Calla
     if size == 1 and not (launched() and train.distributed is Distributed.fsdp):
         return Setup(1, "single", None, train.batch_size, train.grad_accum)
     how = strategy(train.distributed, device, size, need_bytes) if size > 1 else "fsdp"
-    if how == "fsdp" and device.startswith("cuda"):
-        # Measured, not assumed: on an H100 (torch 2.11, accelerate 1.15, transformers 5.24) the first step after a
-        # checkpoint that follows an evaluation failed ("aten.embedding got mixed torch.Tensor and DTensor"), 16-bit and
-        # 4-bit alike. Until that is fixed FSDP2 runs only in the CPU tests; a run is refused before it starts.
-        why = "" if train.distributed is Distributed.fsdp else " (train.distributed=auto chose it: the model needs " \
-            "more memory than one GPU offers)"
-        raise ConfigError(f"train.distributed=fsdp{why}: FSDP2 on GPUs is not available in this qtune yet (it failed on "
-                          "the GPU after a checkpoint); use train.distributed=ddp, which needs the whole model on each "
-                          "GPU (quant=nf4, a smaller lora.r or data.max_length lower the need)")
     if how == "fsdp" and quant is QuantMethod.int8:
         raise ConfigError("quant=int8: FSDP2 shards floating-point weights only and bitsandbytes keeps int8 weights as "
                           "int8; use quant=nf4 (stored in the model's dtype for FSDP) or train.distributed=ddp")
@@ -194,6 +185,57 @@ def trainer_args(s: Setup, gradient_checkpointing: bool) -> dict:
         args["fsdp_config"] = {"version": 2, "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT",
                                "activation_checkpointing": gradient_checkpointing, "cpu_ram_efficient_loading": False}
     return args
+
+
+def unshard_skipped_units(model, modules=None) -> int:
+    """Under FSDP2: before each forward of the input embeddings, the output head and the final norm, gather their
+    weights when FSDP has left them sharded. Returns how many modules got the hook.
+
+    Why (found on an H100 with torch 2.11, accelerate 1.15, TRL 1.16: "aten.embedding.default got mixed torch.Tensor
+    and DTensor" at the first step after a checkpoint that follows an evaluation). accelerate shards a tied input
+    embedding and output head as one unit, fully_shard([embed_tokens, lm_head]) with reshard_after_forward=False
+    (accelerate/utils/fsdp_utils.py, fsdp2_prepare_model). TRL's fused LM head reads lm_head.weight and never calls
+    lm_head, so the unit's forward never completes: torch before pytorch#180426/#180428 (in 2.13, not in 2.11) gathers
+    a grouped unit only in the pre-hook of the first of its modules to run while its set of modules still to run is
+    empty, and empties that set only when all of them ran or in the last backward's final callback. A training step
+    has a backward, which empties it; an evaluation has none, so the set stays {lm_head} with the weights gathered.
+    A checkpoint's state dict then puts the sharded weights back (FSDP2's state-dict pre-hook, _to_sharded), and the
+    next forward skips the gather: embed_tokens looks up a sharded DTensor. Generation after the final evaluation and
+    the adapter's gather would hit the same. This hook runs after FSDP's own (which it prepends), and gathers through
+    the public FSDPModule.unshard() only when FSDP did not; resharding stays FSDP's (after the next backward, or at the
+    next state dict). Where torch completes such units itself, the weights are gathered already and it does nothing."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    def unshard_if_skipped(module, args):
+        if isinstance(module, FSDPModule) and any(isinstance(p, DTensor) for p in module.parameters(recurse=False)):
+            module.unshard()
+
+    if modules is None:
+        modules = _edge_modules(model)
+    seen = []
+    for m in modules:
+        if m is not None and not any(m is s for s in seen):
+            m.register_forward_pre_hook(unshard_if_skipped)
+            seen.append(m)
+    return len(seen)
+
+
+def _edge_modules(model) -> list:
+    """The modules accelerate may shard together outside the decoder layers: the input embeddings, the output head
+    and the final norm (a child of the backbone whose class name holds "Norm", as accelerate finds it)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = []
+    for name in ("get_input_embeddings", "get_output_embeddings"):  # (a reward model has no output head: None)
+        try:
+            out.append(getattr(base, name)())
+        except (AttributeError, NotImplementedError):
+            pass
+    backbone = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    if backbone is not None and hasattr(backbone, "named_children"):
+        norms = [m for _, m in backbone.named_children() if "Norm" in type(m).__name__]
+        out.append(norms[-1] if norms else None)
+    return out
 
 
 def check_wrapped(s: Setup, trainer) -> None:

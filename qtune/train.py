@@ -271,6 +271,10 @@ def _model(cfg: Config, setup, device: str, dtype, out: Path, train_ds):
         from qtune.modeling.moe import restrict
 
         restrict(model, selection)  # blocks the fast path did not compact keep all experts' adapters, masked
+    if fsdp:  # the units TRL's fused LM head leaves half-run (qtune.distributed.unshard_skipped_units)
+        from qtune.distributed import unshard_skipped_units
+
+        unshard_skipped_units(model)
     ui.info(fast.describe())
     trainable, _ = model.get_nb_trainable_parameters()
     from qtune.modeling.moe import block_of
