@@ -4,11 +4,13 @@ LAYERS layers (bench/seed/seed_recipe_moe.py's make()), nf4, moe=expert_only, Lo
 Run on a GPU machine:  python3 bench/profile_moe.py [LAYERS] [SEQ] [VARIANT,...]
 Variants: graph (what train.fast=auto does: a CUDA graph per micro-step, liger's RMSNorm/RoPE, varlen attention),
 eager (the same model stepped eagerly on a row of two sequences, with a second table of the operators, by input
-shapes, that launched the kernels: a graph's replay hides them), fast (eager, no liger, sdpa), redequant (fast, the
-backward dequantizing the experts again instead of keeping the recompute's copy). The model is built as `qtune train` builds it; the loss is TRL's fused head; the
+shapes, that launched the kernels: a graph's replay hides them), graph_dequant (graph, the 4-bit experts dequantized
+before torch's grouped_mm instead of read by qtune's 4-bit grouped matmul), fast (eager, no liger, sdpa, dequantizing),
+redequant (fast, the backward dequantizing the experts again instead of keeping the recompute's copy). The model is built as `qtune train` builds it; the loss is TRL's fused head; the
 optimizer step is left out. Per variant: the median step (synchronized), the host time to issue a step, the GPU's
 kernel time per step and the top kernels. Writes $OUT/profile_moe_<layers>_<seq>.txt.
 """
+import json
 import os
 import sys
 from pathlib import Path
@@ -30,11 +32,18 @@ def build(path: str, variant: str):
     from qtune.modeling.targets import match, peft_config
 
     moe.KEEP_RECOMPUTED = variant != "redequant"
+    moe.FUSED_4BIT = variant not in ("graph_dequant", "fast", "redequant")
+    tuned = OUT / "nf4_gmm_microbench.json"  # the microbenchmark's best tiles, when it ran first in this call
+    if tuned.exists():
+        from qtune.modeling.fast import nf4_gmm
+
+        best = json.loads(tuned.read_text())["best"]
+        nf4_gmm.FORWARD, nf4_gmm.TRANSPOSED = tuple(best["forward"]), tuple(best["transposed"])
     cfg = to_object(compose(["model=qwen3_30b_a3b", "quant=nf4", "moe=expert_only", "lora.dropout=0"]))
     torch.manual_seed(0)
     model = load_model(Path(path), cfg.model, cfg.quant, "cuda", torch.bfloat16, True)
     fp = fastpath.decide("true", "cuda")
-    if variant in ("graph", "eager"):
+    if variant in ("graph", "graph_dequant", "eager"):
         fastpath.decide_graphs(fp, "true", "cuda", stage="sft", processes=1, packing=True, offload=False,
                                dtype=torch.bfloat16, dropout=0.0, attention="sdpa")
     fastpath.apply_base(fp, model, "cuda", True, "true" if fp.graphs else "false", "auto", 2048)

@@ -1,6 +1,6 @@
 """qtune's whole FSDP2 path on CPU processes (tests/fsdp_on_cpu's switch) with torch's grouped fully_shard hooks as
 in torch 2.11 (old_torch.py; EMULATE_OLD=0 keeps this torch's own). Python imports this at start-up when this folder
-is first on PYTHONPATH; see FSDP_FINDINGS.md for the commands."""
+is first on PYTHONPATH; see docs/fsdp_tied_head.md for the commands."""
 import os
 from pathlib import Path
 

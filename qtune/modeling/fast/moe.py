@@ -14,8 +14,10 @@ loading, `PeftModel.from_pretrained` and merging stay PEFT's.
 
 4-bit experts (`quant=nf4|fp4` on CUDA): bitsandbytes leaves fused 3-D expert tensors in 16 bits (its layers are
 nn.Linear only), which is most of an MoE model. `quantize_experts` keeps them as bitsandbytes blockwise 4-bit
-(blocks of 64 along each expert's rows) and the function dequantizes one tensor just before its grouped matmul,
-again in the backward, instead of keeping a 16-bit copy.
+(blocks of 64 along each expert's rows). Where Triton runs, the base products x·W_eᵀ and dY·W_e are grouped matmuls
+that read the 4-bit weights in their loads (qtune.modeling.fast.nf4_gmm): no 16-bit copy of an expert is written.
+Elsewhere the function dequantizes one tensor just before its grouped matmul (and again, or from the recompute's
+copy, in the backward).
 """
 from __future__ import annotations
 
@@ -29,8 +31,11 @@ from qtune.modeling.moe import selected_block
 
 PARAMS = ("gate_up_proj", "down_proj")
 
-# Keep a layer's dequantized experts from its checkpoint recompute for its backward, which follows at once
-# (one layer's 16-bit experts held for a moment; saves a third of the dequantizing). Off: dequantize again.
+# 4-bit experts: grouped matmuls that read the 4-bit weights in their loads (qtune.modeling.fast.nf4_gmm) where Triton
+# runs, so no 16-bit copy is written. Off, or without Triton: dequantize a tensor, then grouped_mm.
+FUSED_4BIT = True
+# Dequantizing: keep a layer's dequantized experts from its checkpoint recompute for its backward, which follows at
+# once (one layer's 16-bit experts held for a moment; saves a third of the dequantizing). Off: dequantize again.
 KEEP_RECOMPUTED = True
 
 
@@ -50,6 +55,28 @@ def _grad_b(db3: torch.Tensor) -> torch.Tensor:
     """(E, out, r) -> lora_B's layout (out, r·E)."""
     e, out, r = db3.shape
     return db3.permute(1, 2, 0).reshape(out, r * e)
+
+
+def fused(experts, name: str, x: torch.Tensor):
+    """(packed, state) of a 4-bit expert tensor when the grouped matmul can read it directly, else None."""
+    q = vars(experts).get("_qtune_4bit", {}).get(name)
+    if q is None or not FUSED_4BIT:
+        return None
+    from qtune.modeling.fast import nf4_gmm
+
+    return q if nf4_gmm.supports(x, q[1]) else None
+
+
+def base_mm(experts, name: str, x: torch.Tensor, offs: torch.Tensor, transposed: bool = False, kept=None):
+    """x·W_eᵀ (x·W_e transposed) over the groups, W = experts.<name>: straight from its 4-bit copy where the fused
+    kernel runs, else from `kept` or a dequantized copy. Returns (product, the 16-bit W it used or None)."""
+    q = None if kept is not None else fused(experts, name, x)
+    if q is not None:
+        from qtune.modeling.fast.nf4_gmm import nf4_gmm
+
+        return nf4_gmm(x, *q, offs, transposed=transposed), None
+    w = kept if kept is not None else base_weight(experts, name, x.dtype)
+    return gmm(x, w if transposed else w.transpose(1, 2), offs), w
 
 
 def base_weight(experts, name: str, dtype: torch.dtype) -> torch.Tensor:
@@ -73,8 +100,7 @@ class ExpertsLoRA(torch.autograd.Function):
         dt = x.dtype
         # Inside a backward (reentrant checkpointing's recompute) this layer's backward comes next: keep the weights.
         keep = KEEP_RECOMPUTED and torch._C._current_graph_task_id() != -1
-        w1 = base_weight(experts, "gate_up_proj", dt)
-        h = gmm(x, w1.transpose(1, 2), offs)
+        h, w1 = base_mm(experts, "gate_up_proj", x, offs)
         ctx.w = [w1 if keep else None, None]
         del w1
         A1 = B1 = xa1 = A2 = B2 = xa2 = None
@@ -84,8 +110,7 @@ class ExpertsLoRA(torch.autograd.Function):
             h.add_(gmm(xa1, B1.transpose(1, 2), offs), alpha=s1)
         g, u = h.chunk(2, dim=-1)
         act = F.silu(g).mul_(u)
-        w2 = base_weight(experts, "down_proj", dt)
-        y = gmm(act, w2.transpose(1, 2), offs)
+        y, w2 = base_mm(experts, "down_proj", act, offs)
         ctx.w[1] = w2 if keep else None
         del w2
         if a2 is not None:
@@ -113,10 +138,8 @@ class ExpertsLoRA(torch.autograd.Function):
             dxa2 = gmm(dy, B2, offs).mul_(s2)
             grads[2] = gmm(dxa2.t(), act, offs).flatten(0, 1)
             del act
-        w2 = ctx.w[1] if ctx.w[1] is not None else base_weight(ctx.experts, "down_proj", dt)
+        da, _ = base_mm(ctx.experts, "down_proj", dy, offs, transposed=True, kept=ctx.w[1])
         ctx.w[1] = None
-        da = gmm(dy, w2, offs)
-        del w2
         if A2 is not None:
             da.add_(gmm(dxa2, A2, offs))
         # d/dg SiLU(g)·u = u·σ(g)·(1 + g·(1 − σ(g)))
@@ -128,9 +151,7 @@ class ExpertsLoRA(torch.autograd.Function):
             grads[0] = gmm(dxa1.t(), x, offs).flatten(0, 1)
         dx = None
         if ctx.needs_input_grad[0]:
-            w1 = ctx.w[0] if ctx.w[0] is not None else base_weight(ctx.experts, "gate_up_proj", dt)
-            dx = gmm(dh, w1, offs)
-            del w1
+            dx, _ = base_mm(ctx.experts, "gate_up_proj", dh, offs, transposed=True, kept=ctx.w[0])
             if A1 is not None:
                 dx.add_(gmm(dxa1, A1, offs))
         ctx.w = None
