@@ -127,6 +127,8 @@ def test_gpu_fused_4bit_experts_equal_the_dequantizing_path():
             torch.nn.init.normal_(p, std=0.02, generator=torch.Generator("cuda").manual_seed(3))
     block = m.base_model.model.model.layers[0].mlp
     x0 = torch.randn(1, 1024, 2048, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(4))
+    experts = block.experts.base_layer.base_layer
+    assert all(moe.fused(experts, n, x0) is not None for n in moe.PARAMS)  # the kernel takes both expert tensors
     results = {}
     for fused in (True, False):
         moe.FUSED_4BIT = fused

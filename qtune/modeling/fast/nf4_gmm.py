@@ -20,18 +20,27 @@ TRANSPOSED = (128, 128, 64, 4, 3)
 @functools.cache
 def available() -> bool:
     try:
-        import triton  # noqa: F401
         import triton.language as tl
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
     except Exception:  # noqa: BLE001 (no Triton for this machine: dequantize + grouped_mm instead)
         return False
-    return hasattr(tl, "interleave")
+    return hasattr(tl, "interleave") and hasattr(tl, "gather")
+
+
+@functools.cache
+def _hopper_or_later(index: int) -> bool:
+    """The kernel's loads go through the tensor-memory accelerator, and it was built and measured on Hopper (sm_90)."""
+    return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
 def supports(x: torch.Tensor, state) -> bool:
-    """Whether the kernel can take these weights: NF4/FP4 on CUDA, blocks of 64 that never cross a row (C % 64 == 0)
-    and double-quantized absmax, as qtune.modeling.fast.moe.quantize_experts keeps them."""
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and getattr(state, "nested", False)
-            and state.blocksize == 64 and len(state.shape) == 3 and state.shape[2] % 64 == 0 and available())
+    """Whether the kernel can take these weights: NF4 on a Hopper-or-later GPU, blocks of 64 that never cross a row
+    (C % 64 == 0) and double-quantized absmax, as qtune.modeling.fast.moe.quantize_experts keeps them, and rows of
+    16-byte multiples for the tensor-memory accelerator (R % 8 == 0). Anything else is dequantized instead."""
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and getattr(state, "quant_type", None) == "nf4"
+            and getattr(state, "nested", False) and state.blocksize == 64 and len(state.shape) == 3
+            and state.shape[2] % 64 == 0 and state.shape[1] % 8 == 0 and available()
+            and _hopper_or_later(x.device.index if x.device.index is not None else torch.cuda.current_device()))
 
 
 def _offset(state) -> float:
@@ -64,6 +73,8 @@ def nf4_gmm(x: torch.Tensor, packed: torch.Tensor, state, ends: torch.Tensor, tr
     bm, bn, bk, warps, stages = config or (TRANSPOSED if transposed else FORWARD)
     bn, bk = _fit(bn, bk, c, transposed)
     x = x.contiguous()
+    if x.data_ptr() % 16:  # a view at an odd offset: the tensor-memory accelerator reads from 16-byte boundaries
+        x = x.clone()
     width = c if transposed else r
     out = torch.empty(x.shape[0], width, dtype=x.dtype, device=x.device)
     # the weight tile: (BK rows r, BN columns c) transposed, else (BN rows, BK columns), as packed bytes
