@@ -5,10 +5,11 @@ Run on a GPU machine:  python3 bench/profile_moe.py [LAYERS] [SEQ] [VARIANT,...]
 Variants: graph (what train.fast=auto does: a CUDA graph per micro-step, liger's RMSNorm/RoPE, varlen attention),
 eager (the same model stepped eagerly on a row of two sequences, with a second table of the operators, by input
 shapes, that launched the kernels: a graph's replay hides them), graph_dequant (graph, the 4-bit experts dequantized
-before torch's grouped_mm instead of read by qtune's 4-bit grouped matmul), fast (eager, no liger, sdpa, dequantizing),
-redequant (fast, the backward dequantizing the experts again instead of keeping the recompute's copy). The model is built as `qtune train` builds it; the loss is TRL's fused head; the
-optimizer step is left out. Per variant: the median step (synchronized), the host time to issue a step, the GPU's
-kernel time per step and the top kernels. Writes $OUT/profile_moe_<layers>_<seq>.txt.
+before torch's grouped_mm instead of read by qtune's 4-bit grouped matmul), fast (eager, no liger, sdpa,
+dequantizing), redequant (fast, the backward dequantizing the experts again instead of keeping the recompute's copy).
+The model is built as `qtune train` builds it; the loss is TRL's fused head; the optimizer step is left out. Per
+variant: the median step (synchronized), the host time to issue a step, the GPU's kernel time per step and the top
+kernels. Writes $OUT/profile_moe_<layers>_<seq>.txt.
 """
 import json
 import os

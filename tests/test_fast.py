@@ -489,11 +489,9 @@ def test_gpu_grouped_experts_match_the_reference_in_bf16(tiny_qwen3_moe, monkeyp
         assert _cos(g[name], ref_g[name]) >= 0.99, (name, _cos(g[name], ref_g[name]))
 
 
-@pytest.mark.gpu
-def test_gpu_nf4_experts_stay_close_to_16_bit():
-    """A full-size A3B expert block with its experts in nf4: the same output as the 16-bit function on the rounded
-    weights (dequantized back), an output within nf4's rounding of the 16-bit block's, and most expert memory freed."""
-    import bitsandbytes.functional as bnbf
+def _a3b_block():
+    """A 1-layer A3B-shaped bf16 model on the GPU with LoRA on its experts (frozen base, moe.patch applied): the
+    PEFT model and its expert block (mlp), 16-bit experts."""
     from peft import get_peft_model
 
     from qtune.config import compose, to_object
@@ -506,7 +504,18 @@ def test_gpu_nf4_experts_stay_close_to_16_bit():
         p.requires_grad_(False)
     m = get_peft_model(m, peft_config(match(m, cfg.lora, cfg.moe), cfg.lora, False))
     assert moe.patch(m) == 1
-    block = m.base_model.model.model.layers[0].mlp
+    return m, m.base_model.model.model.layers[0].mlp
+
+
+@pytest.mark.gpu
+def test_gpu_nf4_experts_stay_close_to_16_bit():
+    """A full-size A3B expert block with its experts in nf4: the same output as the 16-bit function on the rounded
+    weights (dequantized back), an output within nf4's rounding of the 16-bit block's, and most expert memory freed."""
+    import bitsandbytes.functional as bnbf
+
+    from qtune.modeling.fast import moe
+
+    m, block = _a3b_block()
     experts = block.experts.base_layer.base_layer
     x = torch.randn(1, 2048, 2048, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():

@@ -44,7 +44,8 @@ for C in (192, 256):
     for transposed in (False, True):
         for config in ((16, 32, 64, 4, 1), (32, 64, 128, 4, 1), (16, 128, 128, 4, 1)):
             x = torch.randn(m, 96 if transposed else C, generator=torch.Generator().manual_seed(1))
-            got, want = nf4_gmm(x, q, st, ends, transposed=transposed, config=config), _reference(x, wd, ends, transposed)
+            got = nf4_gmm(x, q, st, ends, transposed=transposed, config=config)
+            want = _reference(x, wd, ends, transposed)
             err = (got - want).abs().max().item()
             assert got.shape == want.shape and err < 1e-4 * want.abs().max().item(), (C, transposed, config, err)
 print("ok")
@@ -103,43 +104,30 @@ def test_gpu_nf4_gmm_replays_in_a_cuda_graph_with_new_routing():
 
 
 @pytest.mark.gpu
-def test_gpu_fused_4bit_experts_equal_the_dequantizing_path():
+def test_gpu_fused_4bit_experts_equal_the_dequantizing_path(monkeypatch):
     """The expert function on 4-bit experts through the fused kernel and through dequantize + grouped_mm (the path
     without Triton): same output and same input and LoRA gradients up to the order of bf16 sums, on A3B shapes."""
+    from test_fast import _a3b_block, _cos
+
     from qtune.modeling.fast import moe
 
-    from test_fast import _a3b, _cos
-
-    from peft import get_peft_model
-
-    from qtune.config import compose, to_object
-    from qtune.modeling.targets import match, peft_config
-
-    cfg = to_object(compose(["model=qwen3_30b_a3b", "moe=expert_only", "lora.dropout=0"]))
-    m = _a3b(1)(torch.bfloat16, "cuda")
-    for p in m.parameters():
-        p.requires_grad_(False)
-    m = get_peft_model(m, peft_config(match(m, cfg.lora, cfg.moe), cfg.lora, False))
-    moe.patch(m)
+    m, block = _a3b_block()
     moe.quantize_experts(m, "nf4")
     for n, p in m.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.02, generator=torch.Generator("cuda").manual_seed(3))
-    block = m.base_model.model.model.layers[0].mlp
-    x0 = torch.randn(1, 1024, 2048, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(4))
+    g = torch.Generator("cuda").manual_seed(4)
+    x0 = torch.randn(1, 1024, 2048, device="cuda", dtype=torch.bfloat16, generator=g)
     experts = block.experts.base_layer.base_layer
     assert all(moe.fused(experts, n, x0) is not None for n in moe.PARAMS)  # the kernel takes both expert tensors
     results = {}
     for fused in (True, False):
-        moe.FUSED_4BIT = fused
-        try:
-            m.zero_grad(set_to_none=True)
-            x = x0.clone().requires_grad_(True)
-            y = block(x)
-            (y.float() * torch.linspace(-1, 1, y.shape[-1], device="cuda")).sum().backward()
-            results[fused] = (y.detach(), x.grad, {n: p.grad for n, p in m.named_parameters() if p.grad is not None})
-        finally:
-            moe.FUSED_4BIT = True
+        monkeypatch.setattr(moe, "FUSED_4BIT", fused)
+        m.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        y = block(x)
+        (y.float() * torch.linspace(-1, 1, y.shape[-1], device="cuda")).sum().backward()
+        results[fused] = (y.detach(), x.grad, {n: p.grad for n, p in m.named_parameters() if p.grad is not None})
     (y1, dx1, g1), (y0, dx0, g0) = results[True], results[False]
     assert _rel(y1, y0) < 1e-2, _rel(y1, y0)
     assert _cos(dx1, dx0) > 0.999, _cos(dx1, dx0)

@@ -142,8 +142,8 @@ def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, toke
              embed_on_host: bool = False, keep_dequantized: bool = False, experts_direct: bool = False) -> Memory:
     """experts4: fused experts kept in 4 bits; compact: capped experts' adapters exist for the chosen ones only (both
     what the fast path does on CUDA); experts_direct: the 4-bit experts' grouped matmuls read the 4 bits directly, so
-    no layer of them is dequantized (qtune.modeling.fast.nf4_gmm, with Triton on CUDA); embed_on_host: an untied input embedding table in host memory (with CUDA
-    graphs); keep_dequantized: a 4-bit layer's linear weights, dequantized in its checkpoint's recompute, are kept for
+    no layer of them is dequantized (qtune.modeling.fast.nf4_gmm, with Triton on CUDA); embed_on_host: an untied input
+    embedding table in host memory (with CUDA graphs); keep_dequantized: a 4-bit layer's linear weights, dequantized in its checkpoint's recompute, are kept for
     its backward (the fast path's LoRA functions)."""
     dtype_bytes = 2 if on_gpu else 4
     experts4 = experts4 and on_gpu and bool(arch.num_experts)
@@ -160,7 +160,7 @@ def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, toke
         q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
         dense_ffn = 0 if arch.num_experts else 3 * arch.hidden_size * arch.intermediate_size
         dequantized += (2 * arch.hidden_size * q + 2 * arch.hidden_size * kv + dense_ffn) * dtype_bytes
-    if experts4 and not experts_direct:  # a layer's experts dequantized for its matmuls (kept from recompute to backward)
+    if experts4 and not experts_direct:  # a layer's experts dequantized for its matmuls (recompute to backward)
         dequantized += arch.num_experts * 3 * arch.hidden_size * arch.moe_intermediate_size * dtype_bytes
     return Memory(base=base, base_quantized_params=q_params, base_16bit_params=other, lora=lora,
                   activations=activations, overhead=CUDA_OVERHEAD if on_gpu else 0.0, experts_4bit=experts4,

@@ -35,10 +35,11 @@ def plan(cfg: Config) -> Plan:
 
     def one_gpu(fast: str):
         offload = offloads(fast, t.offload_activations, t.gradient_checkpointing, tokens)
+        experts4 = experts_4bit(fast, cfg.quant)
         return estimate(model, cfg.model.arch, matched, cfg.quant, tokens, t.gradient_checkpointing, on_gpu=True,
-                        offload_inputs=offload, experts4=experts_4bit(fast, cfg.quant),
+                        offload_inputs=offload, experts4=experts4,
                         # CUDA builds of torch bring Triton, which the 4-bit grouped matmul needs
-                        experts_direct=experts_4bit(fast, cfg.quant),
+                        experts_direct=experts4,
                         compact=fast != "false" and compacts(t.stage), lm_head=head(t.stage) == "lm",
                         embed_on_host=fast != "false" and graphs, keep_dequantized=fast != "false" and not offload)
 

@@ -57,9 +57,14 @@ def _grad_b(db3: torch.Tensor) -> torch.Tensor:
     return db3.permute(1, 2, 0).reshape(out, r * e)
 
 
+def _four_bit(experts, name: str):
+    """(packed, state) of an expert tensor kept in 4 bits (quantize_experts), else None."""
+    return vars(experts).get("_qtune_4bit", {}).get(name)
+
+
 def fused(experts, name: str, x: torch.Tensor):
     """(packed, state) of a 4-bit expert tensor when the grouped matmul can read it directly, else None."""
-    q = vars(experts).get("_qtune_4bit", {}).get(name)
+    q = _four_bit(experts, name)
     if q is None or not FUSED_4BIT:
         return None
     from qtune.modeling.fast import nf4_gmm
@@ -81,7 +86,7 @@ def base_mm(experts, name: str, x: torch.Tensor, offs: torch.Tensor, transposed:
 
 def base_weight(experts, name: str, dtype: torch.dtype) -> torch.Tensor:
     """An expert tensor (E, out, in) in `dtype`: dequantized when it is kept in 4 bits."""
-    q = vars(experts).get("_qtune_4bit", {}).get(name)
+    q = _four_bit(experts, name)
     if q is not None:
         import bitsandbytes.functional as bnbf
 
@@ -430,7 +435,7 @@ def quantize_experts(peft_model, quant_type: str = "nf4") -> tuple[int, int]:
         experts, _ = _chain(wrapper)
         for name in PARAMS:
             p = getattr(experts, name)
-            if name in vars(experts).get("_qtune_4bit", {}) or not _expert_tensor(experts, name, p):
+            if _four_bit(experts, name) is not None or not _expert_tensor(experts, name, p):
                 continue
             nbytes = p.numel() * p.element_size()
             setattr(experts, name, _to_4bit(experts, name, p, quant_type))

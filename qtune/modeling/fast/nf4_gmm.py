@@ -1,4 +1,4 @@
-"""Grouped matmuls that read bitsandbytes 4-bit experts in their loads (the kernel: qtune.modeling.fast._triton_nf4_gmm).
+"""Grouped matmuls that read bitsandbytes 4-bit experts in their loads (kernel: qtune.modeling.fast._triton_nf4_gmm).
 
 Dequantizing a layer's experts before `grouped_mm` writes 1.2 GB of 16 bits for Qwen3-30B-A3B and reads it back, in
 the forward, the checkpoint's recompute and the backward; with ~128 routed rows an expert those matmuls are bound by
