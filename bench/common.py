@@ -101,8 +101,10 @@ def qtune_train(name: str, out: Path, model_args: list, data, length: int, steps
     losses = [r["loss"] for r in rows if "loss" in r]
     fast = next((x for x in p.stdout.splitlines() if "train.fast" in x), "")
     train_peak = summary.get("train_peak_memory_bytes") or summary["peak_memory_bytes"]
+    reserved = summary.get("train_reserved_peak_bytes")
     return dict(name=name, tok_s=round(statistics.median(tps)), tok_s_spread=[round(min(tps)), round(max(tps))],
-                train_peak_gib=round(train_peak / 2**30, 2), process_peak_gib=round(summary["peak_memory_bytes"] / 2**30, 2),
+                train_peak_gib=round(train_peak / 2**30, 2),
+                **({"train_reserved_gib": round(reserved / 2**30, 2)} if reserved else {}), process_peak_gib=round(summary["peak_memory_bytes"] / 2**30, 2),
                 loss_first=round(losses[0], 3), loss_last=round(losses[-1], 3), wall_s=round(wall, 1), fast=fast.strip())
 
 

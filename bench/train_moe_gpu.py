@@ -8,6 +8,7 @@ Rows (all nf4, LoRA r16/alpha 32 on attention + the fused experts, router frozen
   eager    the same without the graph (train.cuda_graphs=false)
   noliger  the same with the graph but without liger's kernels (train.liger=false)
   top32    the same with moe.max_experts=32 moe.expert_selection=load
+  top32host  top32 with the output head in host memory (train.head_on_host=true)
   all8192  the first row at batch 1 x 8192
   ref      qtune with train.fast=false (PEFT's ParamWrapper; issue #14's "today")
   seed     the seed recipe's MoE baseline (LORA_DROPOUT=0: it crashes at its default 0.05)
@@ -30,7 +31,7 @@ sys.path.insert(0, str(HERE / "seed"))
 sys.path.insert(0, str(HERE))
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
 WORK = Path("/tmp/qtune-bench-moe")
-ROWS = ["all", "eager", "noliger", "top32", "all8192", "ref", "seed"]
+ROWS = ["all", "eager", "noliger", "top32", "top32host", "all8192", "ref", "seed"]
 
 from common import environment, random_checkpoint, words  # noqa: E402 (bench/ is on the path from here)
 
@@ -66,7 +67,7 @@ def extrapolate(results, layers):
         if not (a and b and "tok_s" in a and "tok_s" in b) or lo == hi:
             continue
         est = {}
-        for key in ("peak_gib", "process_peak_gib"):
+        for key in ("peak_gib", "train_reserved_gib", "process_peak_gib"):
             if key in a and key in b:
                 est[key] = round(b[key] + (b[key] - a[key]) / (hi - lo) * (FULL_LAYERS - hi), 1)
         tokens = 8192 if row == "all8192" else 2048
@@ -107,6 +108,9 @@ def main(nums, which):
             keep(qtune_train(f"noliger_L{n}", ckpt, long, "train.liger=false"))
         if "top32" in which:
             keep(qtune_train(f"top32_L{n}", ckpt, long, "moe.max_experts=32", "moe.expert_selection=load"))
+        if "top32host" in which:
+            keep(qtune_train(f"top32host_L{n}", ckpt, long, "moe.max_experts=32", "moe.expert_selection=load",
+                             "train.head_on_host=true"))
         if "all8192" in which:
             keep(qtune_train(f"all8192_L{n}", ckpt, xl, steps=7, length=8192))
         if "ref" in which:
@@ -118,11 +122,13 @@ def main(nums, which):
             keep(r)
     at48 = extrapolate(results, layers)
     seed48 = at48.get("seed", {})
-    print(f"\n| row ({FULL_LAYERS} layers, extrapolated) | tok/s | vs seed | training peak GiB | process peak GiB |")
-    print("|---|---|---|---|---|")
+    print(f"\n| row ({FULL_LAYERS} layers, extrapolated) | tok/s | vs seed | training peak GiB | training reserved GiB "
+          "| process peak GiB |")
+    print("|---|---|---|---|---|---|")
     for row, est in at48.items():
         ratio = f"{est['tok_s'] / seed48['tok_s']:.2f}x" if seed48.get("tok_s") else "-"
-        print(f"| {row} | {est['tok_s']} | {ratio} | {est.get('peak_gib', '-')} | {est.get('process_peak_gib', '-')} |")
+        print(f"| {row} | {est['tok_s']} | {ratio} | {est.get('peak_gib', '-')} | {est.get('train_reserved_gib', '-')} "
+              f"| {est.get('process_peak_gib', '-')} |")
 
 
 if __name__ == "__main__":

@@ -95,7 +95,18 @@ def start_training_peak() -> None:
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         _SETUP_PEAK[0] = max(_SETUP_PEAK[0], int(torch.cuda.max_memory_allocated()))
+        torch.cuda.empty_cache()  # loading's cached blocks go back to the GPU: training's reserved peak is its own
         torch.cuda.reset_peak_memory_stats()
+
+
+def training_reserved_peak() -> int | None:
+    """The most the GPU allocator held from the GPU since training began, cached blocks and CUDA graph pools included
+    (what the GPU must have; None on CPU)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_reserved())
+    return None
 
 
 def training_peak_memory() -> int | None:

@@ -264,6 +264,11 @@ def _model(cfg: Config, setup, device: str, dtype, out: Path, train_ds):
                 "without dropout (PEFT's ParamWrapper has none)")
     fastpath.apply_lora(fast, model, str(cfg.quant.method))
     fastpath.embeddings_to_host(fast, model)
+    setting = str(cfg.train.head_on_host)
+    if fast.on and device.startswith("cuda") and head(cfg.train.stage) == "lm" and setting != "false":
+        from qtune.modeling.plan import plan as make_plan
+
+        fastpath.head_to_host(fast, model, setting, setting == "true" or make_plan(cfg).head_on_host)
     # dpo and kto keep full-size expert adapters (masked to the chosen experts): TRL copies the adapter it starts from
     # as the reference, a copy that compacted tensors would not fit
     compacted = set(fastpath.compact_experts(fast, model, selection)) if compacts(cfg.train.stage) else set()
@@ -365,7 +370,7 @@ def _samples(cfg: Config, model, tokenizer, out: Path, when: str, write: bool = 
 def _finish(cfg: Config, setup, trainer, tokenizer, out: Path, seconds: float, samples_before,
             resumed_from: int | None) -> dict | None:
     from qtune import stages
-    from qtune.callbacks import peak_memory, plot_losses, training_peak_memory
+    from qtune.callbacks import peak_memory, plot_losses, training_peak_memory, training_reserved_peak
     from qtune.distributed import adapter_state
     from qtune.distributed import world
     from qtune.io import atomic_dir, atomic_write_json
@@ -402,7 +407,7 @@ def _finish(cfg: Config, setup, trainer, tokenizer, out: Path, seconds: float, s
         "best_eval_loss": min(eval_losses) if eval_losses else None,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "seconds": round(seconds, 1), "peak_memory_bytes": peak_memory(),
-        "train_peak_memory_bytes": training_peak_memory(),
+        "train_peak_memory_bytes": training_peak_memory(), "train_reserved_peak_bytes": training_reserved_peak(),
         "tokens": next((r["tokens"] for r in reversed(rows) if "tokens" in r), None),
         "adapter": str(adapter),
         "samples": {"before": samples_before, "after": samples_after} if samples_after else None,

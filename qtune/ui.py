@@ -196,9 +196,11 @@ def show_memory(title: str, m: dict) -> None:
     mt = Table(title=title, title_justify="left")
     mt.add_column("part")
     mt.add_column("GiB", justify="right")
-    host = m.get("host_embedding_bytes", 0)
+    host, head = m.get("host_embedding_bytes", 0), m.get("host_head_bytes", 0)
     mt.add_row(f"base weights ({m['quantized_params']:,} quantized, {m['unquantized_params']:,} in 16-bit"
-               + (f"; the input embeddings' {host / 2**30:.2f} GiB in host memory with CUDA graphs" if host else "") + ")",
+               + (f"; the input embeddings' {host / 2**30:.2f} GiB in host memory with CUDA graphs" if host else "")
+               + (f"; the output head's {head / 2**30:.2f} GiB in host memory (train.head_on_host), its GPU copy"
+                  " under activations" if head else "") + ")",
                f"{m['base_bytes'] / 2**30:.2f}")
     mt.add_row("LoRA weights + gradients + AdamW states (fp32; fused experts' in 16-bit)", f"{m['lora_bytes'] / 2**30:.2f}")
     mt.add_row("activations (one micro-batch)", f"{m['activation_bytes'] / 2**30:.2f}")

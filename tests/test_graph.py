@@ -63,7 +63,7 @@ def test_liger_auto_is_on_where_the_gpu_sets_the_pace():
 
 
 def test_cuda_graphs_setting_is_checked_in_one_line(tmp_path):
-    for key in ("cuda_graphs", "liger"):
+    for key in ("cuda_graphs", "liger", "head_on_host"):
         p = qtune("train", "model=tiny_qwen3", f"train.{key}=sometimes", "--dry-run")
         assert p.returncode != 0 and f"train.{key}=sometimes: valid: auto, true, false" in p.stdout + p.stderr
     p = qtune("train", "model=tiny_qwen3", "train.cuda_graphs=true", f"data.path={REPO}/data/demo/captains_log.jsonl",
@@ -395,7 +395,8 @@ def test_gpu_varlen_attention_equals_sdpa_with_the_block_mask(monkeypatch, nativ
 def test_gpu_input_embeddings_read_from_host_memory(tiny_qwen3):
     """An untied embedding table moved to pinned host memory: the same loss and gradients bit for bit, eagerly and in
     a replayed graph, with the table's bytes off the GPU's allocator; a tied one stays where it is."""
-    from qtune.modeling.fast.graph import GraphedStep, embeddings_to_host
+    from qtune.modeling.fast.graph import GraphedStep
+    from qtune.modeling.fast.host import embeddings_to_host
     from qtune.modeling.fast.lora import seed_of
 
     assert embeddings_to_host(_fast_model(tiny_qwen3, 0.0)) == 0                   # tied: the head needs it
@@ -420,6 +421,72 @@ def test_gpu_input_embeddings_read_from_host_memory(tiny_qwen3):
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert _cos(p.grad.float(), want[n]) >= 0.999, n
+
+
+@pytest.mark.gpu
+def test_gpu_output_head_in_host_memory_is_copied_for_the_loss_and_freed_after_its_backward(tiny_qwen3):
+    """train.head_on_host: an untied output head moved to pinned host memory (with the input embeddings, as training
+    does it). The same loss and gradients bit for bit eagerly and in a replayed graph; the head's bytes are off the GPU
+    after a step; a step's peak is lower by the head's size less what its copy overlaps; the module called outside a
+    forward gives what the GPU weight gave; a tied head stays."""
+    from qtune.modeling.fast.graph import GraphedStep
+    from trl.trainer.utils import add_fused_lm_head
+
+    from qtune.modeling.fast.host import HostedHead, embeddings_to_host, head_to_host
+    from qtune.modeling.fast.lora import seed_of
+
+    assert head_to_host(_fast_model(tiny_qwen3, 0.0)) == (0, "the output head is tied to the input embeddings")
+    model = _fast_model(tiny_qwen3, 0.0, tied=False)
+    embeddings_to_host(model)
+    batch = _batch(100)
+    _eager(model, batch, 11)  # warm: allocator and kernels
+    model.zero_grad(set_to_none=True)
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    want_loss, want = _eager(model, batch, 11)
+    peak_before = torch.cuda.max_memory_allocated() - start
+    model.zero_grad(set_to_none=True)
+    head = model.get_base_model().get_output_embeddings()
+    x = torch.randn(3, head.in_features, device="cuda", dtype=torch.bfloat16)
+    want_out = head(x)
+    table = head.weight.numel() * head.weight.element_size()
+    before = torch.cuda.memory_allocated()
+    assert head_to_host(model) == (table, "")
+    # as in training: TRL's trainer puts its fused head's forward on the model after qtune built it
+    add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy", "is_top1"))
+    assert isinstance(head, HostedHead) and head.weight.is_cuda
+    assert before - torch.cuda.memory_allocated() >= table
+    assert torch.equal(head(x), want_out)
+    assert set(model.state_dict()) >= {"base_model.model.lm_head.weight"}
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    copies = head.__dict__["_qtune_copies"]
+    loss, got = _eager(model, batch, 11)
+    peak_after = torch.cuda.max_memory_allocated() - start
+    assert head.__dict__["_qtune_copies"] == copies + 1  # one copy a forward, read by the loss and its backward
+    assert loss == want_loss and all(torch.equal(got[n], want[n]) for n in want)
+    assert head.__dict__["_qtune_copy"] is None and not head.__dict__["_qtune_armed"]
+    del got
+    model.zero_grad(set_to_none=True)
+    assert torch.cuda.memory_allocated() == start  # the copy went with the head's backward
+    # the copy is live from the last layer's forward to the head's backward: the step's own peak grows by at most the
+    # table, and the resident memory drops by all of it
+    assert peak_after <= peak_before + table, (peak_before, peak_after, table)
+    step = GraphedStep(model, 128, seed_of(model), pad_id=0)
+    step.step(batch, None, 1.0, accumulating=False)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(11)
+    loss = step.step(batch, None, 1.0, accumulating=False).item()
+    assert abs(loss - want_loss) <= 2e-3 * abs(want_loss)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert _cos(p.grad.float(), want[n]) >= 0.999, n
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):  # evaluation: no backward releases the copy
+        model(**batch, fused_lm_head=True)
+    assert head.__dict__["_qtune_copy"] is not None
+    model.zero_grad(set_to_none=True)
+    _eager(model, batch, 11)                                # the next forward replaces it, its backward releases it
+    assert head.__dict__["_qtune_copy"] is None
 
 
 @pytest.mark.gpu

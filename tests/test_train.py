@@ -315,6 +315,30 @@ def test_memory_estimate_orders_quant_methods():
     assert gib["nf4"] - base("quant=nf4") == pytest.approx(151936 * 4096 * 2 / 2**30)
 
 
+def test_output_head_in_host_memory_in_the_estimate():
+    """train.head_on_host: true moves the untied head's bytes from the base weights to a copy among the activations
+    (live from the loss to its backward, so it overlaps a layer's backward); false leaves it; auto decides on the
+    estimate against 90 % of the GPU (80 GiB assumed where there is none); a tied head never moves."""
+    from qtune.config import compose, to_object
+    from qtune.modeling.plan import plan
+
+    def memory(model, *over):
+        p = plan(to_object(compose([f"model={model}", "quant=nf4", *over])))
+        return p.single, p.head_on_host
+
+    head = 151936 * 4096 * 2
+    off, hosted = memory("qwen3_8b", "train.head_on_host=false")
+    on, hosted_on = memory("qwen3_8b", "train.head_on_host=true")
+    assert (hosted, hosted_on) == (False, True) and off.host_head == 0 and on.host_head == head
+    assert off.base - on.base == head
+    assert 0 < on.activations - off.activations <= head
+    assert on.total < off.total
+    assert memory("qwen3_8b")[1] is False                                  # auto: 8B in nf4 fits an 80 GiB GPU
+    assert memory("qwen3_235b_a22b")[1] is True                            # auto: 235B does not, so every byte counts
+    tied, tied_on = memory("qwen3_4b", "train.head_on_host=true")
+    assert tied.host_head == 0 and tied_on is False
+
+
 # ---------------------------------------------------------------- errors: one line, non-zero exit
 
 

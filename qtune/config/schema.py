@@ -361,6 +361,10 @@ class TrainConfig:
     # with the fast path: each micro-step's forward, loss and backward as one CUDA graph (qtune.modeling.fast.graph).
     # auto: on CUDA for pt/sft runs (dense and MoE) with packed rows in one process, without offloading | true | false
     cuda_graphs: str = "auto"
+    # with the fast path on CUDA: the frozen output head in pinned host memory, copied to the GPU for each forward's
+    # loss and freed after its backward (one transfer over the bus a forward). auto: where the dry run's estimate
+    # with it on the GPU exceeds 90 % of the GPU's memory | true | false
+    head_on_host: str = "auto"
     optim: str = "adamw_torch_fused"
     resume: str = "auto"               # auto | never | a checkpoint path
     overwrite: bool = False
@@ -399,7 +403,7 @@ class TrainConfig:
             value = getattr(self, key)
             if isinstance(value, int) and value <= 0:
                 raise ValueError(f"train.{key} must be a positive integer, got {value}")
-        for key in ("fast", "liger", "offload_activations", "cuda_graphs"):  # str, not Enum: Hydra reads true/false as booleans
+        for key in ("fast", "liger", "offload_activations", "cuda_graphs", "head_on_host"):  # str, not Enum: Hydra reads true/false as booleans
             value = getattr(self, key)
             if isinstance(value, str):
                 setattr(self, key, value.lower())

@@ -33,6 +33,7 @@ class Memory:
     experts_4bit: bool = False
     dequantized: float = 0.0   # one layer's 4-bit weights in 16 bits, held from its recompute through its backward
     host_embedding: float = 0.0  # bytes of the input embedding table kept in host memory (CUDA graphs), not counted
+    host_head: float = 0.0     # bytes of the output head kept in host memory (train.head_on_host), in the activations
     world_size: int = 1        # per_process(): what each of this many GPUs holds
     strategy: str = "single"
 
@@ -46,6 +47,7 @@ class Memory:
                 "total_bytes": int(self.total),
                 "quantized_params": self.base_quantized_params, "unquantized_params": self.base_16bit_params,
                 "experts_4bit": self.experts_4bit, "host_embedding_bytes": int(self.host_embedding),
+                "host_head_bytes": int(self.host_head),
                 "world_size": self.world_size, "strategy": self.strategy}
 
 
@@ -111,11 +113,12 @@ FUSED_HEAD_TILE = (4096, 32768)
 
 
 def activation_bytes(arch: ArchConfig, tokens: int, gradient_checkpointing: bool, dtype_bytes: int,
-                     offload_inputs: bool = False, lm_head: bool = True) -> float:
+                     offload_inputs: bool = False, lm_head: bool = True, head_copy: float = 0.0) -> float:
     """Activations kept for backward for `tokens` tokens (SDPA/flash attention: no seq² term). offload_inputs: the
     checkpointed layer inputs sit in host memory (train.offload_activations), two of them on the GPU at a time.
     lm_head: TRL's fused vocabulary head, which keeps one tile of logits and an fp32 gradient of the hidden states, never
-    all logits; False: a reward model's one-output head."""
+    all logits; False: a reward model's one-output head. head_copy: the bytes of the output head's GPU copy
+    (train.head_on_host), live with the layer inputs from the loss to its backward but not with a layer's backward."""
     h = arch.hidden_size
     q = arch.num_attention_heads * arch.head_dim
     kv = arch.num_key_value_heads * arch.head_dim
@@ -126,12 +129,14 @@ def activation_bytes(arch: ArchConfig, tokens: int, gradient_checkpointing: bool
         per_layer += tokens * arch.num_experts * 4  # router logits
     if gradient_checkpointing:
         kept = 2 if offload_inputs else arch.num_hidden_layers
-        layers = kept * tokens * h * dtype_bytes + per_layer  # inputs kept, one layer live
+        layers = kept * tokens * h * dtype_bytes + max(per_layer, head_copy)  # inputs kept, one layer live
     else:
-        layers = arch.num_hidden_layers * per_layer
+        layers = arch.num_hidden_layers * per_layer + head_copy
     head = 0
     if lm_head:
         rows, cols = FUSED_HEAD_TILE
+        if head_copy:  # qtune.modeling.fast.host.HEAD_VOCAB_ROWS
+            cols = 8192
         head = min(tokens, rows) * min(cols, arch.vocab_size) * dtype_bytes + tokens * h * 4
     return layers + head
 
@@ -139,22 +144,27 @@ def activation_bytes(arch: ArchConfig, tokens: int, gradient_checkpointing: bool
 def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, tokens: int,
              gradient_checkpointing: bool, on_gpu: bool = True, offload_inputs: bool = False,
              experts4: bool = False, compact: bool = False, lm_head: bool = True,
-             embed_on_host: bool = False, keep_dequantized: bool = False, experts_direct: bool = False) -> Memory:
+             embed_on_host: bool = False, keep_dequantized: bool = False, experts_direct: bool = False,
+             head_on_host: bool = False) -> Memory:
     """experts4: fused experts kept in 4 bits; compact: capped experts' adapters exist for the chosen ones only (both
     what the fast path does on CUDA); experts_direct: the 4-bit experts' grouped matmuls read the 4 bits directly, so
     no layer of them is dequantized (qtune.modeling.fast.nf4_gmm, with Triton on CUDA); embed_on_host: an untied input
     embedding table in host memory (with CUDA graphs); keep_dequantized: a 4-bit layer's linear weights, dequantized in its checkpoint's recompute, are kept for
-    its backward (the fast path's LoRA functions)."""
+    its backward (the fast path's LoRA functions); head_on_host: an untied output head in host memory, copied to the
+    GPU for the loss (train.head_on_host)."""
     dtype_bytes = 2 if on_gpu else 4
     experts4 = experts4 and on_gpu and bool(arch.num_experts)
     base, q_params, other = base_bytes(model, quant, dtype_bytes, experts4)
     host = arch.vocab_size * arch.hidden_size * dtype_bytes if embed_on_host and on_gpu and not arch.tie_word_embeddings \
         else 0
     base -= host
+    head = arch.vocab_size * arch.hidden_size * dtype_bytes \
+        if head_on_host and on_gpu and lm_head and not arch.tie_word_embeddings else 0
+    base -= head
     lora = sum((t.params if compact and t.how == "lora_param" else t.allocated)
                * (PARAM_DTYPE_COPIES * dtype_bytes if t.how in ("lora_param", "full") else LORA_BYTES_PER_PARAM)
                for t in matched.targets)
-    activations = activation_bytes(arch, tokens, gradient_checkpointing, dtype_bytes, offload_inputs, lm_head)
+    activations = activation_bytes(arch, tokens, gradient_checkpointing, dtype_bytes, offload_inputs, lm_head, head)
     dequantized = 0
     if keep_dequantized and gradient_checkpointing and on_gpu and quant.method in (QuantMethod.nf4, QuantMethod.fp4):
         q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
@@ -164,4 +174,4 @@ def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, toke
         dequantized += arch.num_experts * 3 * arch.hidden_size * arch.moe_intermediate_size * dtype_bytes
     return Memory(base=base, base_quantized_params=q_params, base_16bit_params=other, lora=lora,
                   activations=activations, overhead=CUDA_OVERHEAD if on_gpu else 0.0, experts_4bit=experts4,
-                  host_embedding=host, dequantized=dequantized)
+                  host_embedding=host, host_head=head, dequantized=dequantized)

@@ -16,13 +16,14 @@ class Plan:
     total: int             # the model's parameters
     memory: Memory         # the estimate per GPU for one micro-batch of this config, its world size and strategy
     single: Memory         # the same on one GPU (what train.distributed=auto compares with a GPU's memory)
+    head_on_host: bool = False  # train.head_on_host's decision for one GPU of this machine (auto: on this estimate)
 
 
 def plan(cfg: Config) -> Plan:
-    from qtune.distributed import strategy, world
+    from qtune.distributed import gpu_bytes, strategy, world
     from qtune.modeling.arch import meta_model
     from qtune.modeling.estimate import estimate, experts_4bit, per_process
-    from qtune.modeling.fast import graphs_expected, offloads
+    from qtune.modeling.fast import graphs_expected, head_on_host, offloads
     from qtune.modeling.targets import match
     from qtune.stages import compacts, head, lora_settings, sequences
 
@@ -33,7 +34,10 @@ def plan(cfg: Config) -> Plan:
     tokens = cfg.data.max_length * t.batch_size * sequences(t.stage)
     graphs = graphs_expected(cfg)  # with them, the untied input embeddings are in host memory
 
-    def one_gpu(fast: str):
+    def one_gpu(fast: str, hosted: bool | None = None):
+        if hosted is None:  # train.head_on_host: auto decides on this estimate with the head on the GPU
+            hosted = head_on_host(str(t.head_on_host), "cuda", fast != "false",
+                                  lambda: one_gpu(fast, False).total, gpu_bytes)
         offload = offloads(fast, t.offload_activations, t.gradient_checkpointing, tokens)
         experts4 = experts_4bit(fast, cfg.quant)
         return estimate(model, cfg.model.arch, matched, cfg.quant, tokens, t.gradient_checkpointing, on_gpu=True,
@@ -41,11 +45,13 @@ def plan(cfg: Config) -> Plan:
                         # CUDA builds of torch bring Triton, which the 4-bit grouped matmul needs
                         experts_direct=experts4,
                         compact=fast != "false" and compacts(t.stage), lm_head=head(t.stage) == "lm",
-                        embed_on_host=fast != "false" and graphs, keep_dequantized=fast != "false" and not offload)
+                        embed_on_host=fast != "false" and graphs, keep_dequantized=fast != "false" and not offload,
+                        head_on_host=hosted)
 
     single = one_gpu(str(t.fast))
     size = max(t.nproc, world().size)  # train.nproc, or the launcher's world under torchrun
     how = strategy(t.distributed, "cuda", size, lambda: single.total)
     # under FSDP2 training takes the reference path (qtune.modeling.fast.decide): no 4-bit experts, no compaction
     memory = per_process(one_gpu("false") if how == "fsdp" else single, how, size, cfg.model.arch.num_hidden_layers)
-    return Plan(model, matched, sum(p.numel() for p in model.parameters()), memory, single)
+    return Plan(model, matched, sum(p.numel() for p in model.parameters()), memory, single,
+                head_on_host=single.host_head > 0)

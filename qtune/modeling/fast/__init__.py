@@ -28,6 +28,7 @@ also on CPU (the LoRA function runs there; liger needs CUDA); `false` is the ref
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 # train.offload_activations=auto offloads from this many tokens per micro-batch on: at 2048 tokens the copies cost
 # ~15 % of the step for ~0.3 GiB (bench/profile_train.py on an H100), at 8192 they save 2.25 GiB of an 8B model.
@@ -218,11 +219,33 @@ def embeddings_to_host(fast: FastPath, peft_model) -> None:
     looked up over the bus (qtune.modeling.fast.graph.embeddings_to_host)."""
     if not fast.graphs:
         return
-    from qtune.modeling.fast.graph import embeddings_to_host as move
+    from qtune.modeling.fast.host import embeddings_to_host as move
 
     freed = move(peft_model)
     if freed:
         fast.pieces.append(f"input embeddings in host memory ({freed / 2**30:.2f} GiB off the GPU)")
+
+
+def head_on_host(setting: str, device: str, fast_on: bool, need: Callable[[], float], have: Callable[[], float]) -> bool:
+    """train.head_on_host: whether the output head goes to host memory (qtune.modeling.fast.host.head_to_host). auto:
+    where the estimate with it on the GPU (`need()`, bytes) exceeds what the GPU offers (`have()`)."""
+    if setting == "false" or not fast_on or not device.startswith("cuda"):
+        return False
+    return setting == "true" or need() > have()
+
+
+def head_to_host(fast: FastPath, peft_model, setting: str, on: bool) -> None:
+    """The output head in pinned host memory, copied to the GPU for each forward's loss (train.head_on_host; `on`:
+    head_on_host's decision)."""
+    if not on:
+        return
+    from qtune.modeling.fast.host import head_to_host as move
+
+    freed, why = move(peft_model)
+    if freed:
+        fast.pieces.append(f"output head in host memory ({freed / 2**30:.2f} GiB off the GPU between losses)")
+    else:
+        fast.notes.append(f"train.head_on_host={setting}: the head stays on the GPU ({why})")
 
 
 def graphs_expected(cfg) -> bool:

@@ -151,6 +151,10 @@ class GraphedStep:
             torch.cuda.current_stream().wait_stream(side)
             for p in self.params:
                 p.grad = None
+            # the warm-up steps' blocks, cached by the allocator, go back to the GPU so that the graph's own pool can
+            # take that memory (else a step holds both)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
             graph = torch.cuda.CUDAGraph()
             self.seed.frozen = True  # a refresh now would bake one seed into every replay
             try:
@@ -288,45 +292,3 @@ def most_sequences(dataset) -> int:
 
     most = pc.max(pc.list_value_length(dataset.data.column("seq_lengths"))).as_py()
     return max(int(most or 1), 1)
-
-
-def embeddings_to_host(model) -> int:
-    """Keep the input embedding's weight in pinned host memory, read by the GPU over the bus; returns the GPU bytes
-    freed (0: left as it was). A step looks up one row per token (16 MB at 2048 tokens of Qwen3-8B, ~1 ms over
-    PCIe) of a table of 1.16 GiB, so the table need not take GPU memory. The weight stays a CUDA tensor to every
-    reader — the lookup, a CUDA graph, state_dict — only its storage is host memory mapped into the GPU's address space
-    (unified addressing). Left alone: tied embeddings (the output head needs the same weights every step), trainable
-    ones, anything but a plain nn.Embedding, and any machine where a probe lookup does not match the GPU copy."""
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if (type(emb) is not torch.nn.Embedding or emb.weight.device.type != "cuda" or emb.weight.requires_grad
-            or (head is not None and head.weight is emb.weight)):
-        return 0
-    weight = emb.weight
-    try:
-        view = _mapped(weight.detach().to("cpu").pin_memory(), weight.device)
-        probe = torch.randint(0, weight.shape[0], (256,), device=weight.device)
-        same = torch.equal(torch.nn.functional.embedding(probe, view), torch.nn.functional.embedding(probe, weight))
-    except Exception:  # noqa: BLE001 (no unified addressing here: the table stays on the GPU)
-        return 0
-    if not same:
-        return 0
-    emb.weight = torch.nn.Parameter(view, requires_grad=False)
-    return weight.numel() * weight.element_size()
-
-
-class _HostArray:
-    """A pinned host tensor presented through the CUDA array interface (the pointer is valid on the GPU too)."""
-
-    INT = {1: (torch.int8, "|i1"), 2: (torch.int16, "<i2"), 4: (torch.int32, "<i4"), 8: (torch.int64, "<i8")}
-
-    def __init__(self, host: torch.Tensor):
-        self.host = host  # kept alive as long as the CUDA view
-        raw_dtype, typestr = self.INT[host.element_size()]
-        raw = host.view(raw_dtype)
-        self.__cuda_array_interface__ = {"shape": tuple(raw.shape), "typestr": typestr, "data": (raw.data_ptr(), False),
-                                         "version": 3, "strides": None}
-
-
-def _mapped(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    with torch.cuda.device(device):
-        return torch.as_tensor(_HostArray(host), device=device).view(host.dtype)
