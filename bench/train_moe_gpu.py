@@ -9,7 +9,8 @@ Rows (all nf4, LoRA r16/alpha 32 on attention + the fused experts, router frozen
   noliger  the same with the graph but without liger's kernels (train.liger=false)
   top32    the same with moe.max_experts=32 moe.expert_selection=load
   top32host  top32 with the output head in host memory (train.head_on_host=true)
-  all8192  the first row at batch 1 x 8192
+  all8192  the first row at batch 1 x 8192 (train.offload_activations=auto offloads there, so no CUDA graph)
+  all8192g  all8192 without the offload (train.offload_activations=false), so with the graph
   ref      qtune with train.fast=false (PEFT's ParamWrapper; issue #14's "today")
   seed     the seed recipe's MoE baseline (LORA_DROPOUT=0: it crashes at its default 0.05)
 MODEL=qwen3_235b_a22b runs the `all` rows on Qwen3-235B-A22B-shaped checkpoints (hidden 4096, 128 experts of
@@ -31,7 +32,7 @@ sys.path.insert(0, str(HERE / "seed"))
 sys.path.insert(0, str(HERE))
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
 WORK = Path("/tmp/qtune-bench-moe")
-ROWS = ["all", "eager", "noliger", "top32", "top32host", "all8192", "ref", "seed"]
+ROWS = ["all", "eager", "noliger", "top32", "top32host", "all8192", "all8192g", "ref", "seed"]
 
 from common import environment, random_checkpoint, words  # noqa: E402 (bench/ is on the path from here)
 
@@ -70,7 +71,7 @@ def extrapolate(results, layers):
         for key in ("peak_gib", "train_reserved_gib", "process_peak_gib"):
             if key in a and key in b:
                 est[key] = round(b[key] + (b[key] - a[key]) / (hi - lo) * (FULL_LAYERS - hi), 1)
-        tokens = 8192 if row == "all8192" else 2048
+        tokens = 8192 if row.startswith("all8192") else 2048
         sa, sb = tokens / a["tok_s"], tokens / b["tok_s"]  # seconds a step are linear in layers
         est["tok_s"] = round(tokens / (sb + (sb - sa) / (hi - lo) * (FULL_LAYERS - hi)))
         table[row] = est
@@ -113,6 +114,8 @@ def main(nums, which):
                              "train.head_on_host=true"))
         if "all8192" in which:
             keep(qtune_train(f"all8192_L{n}", ckpt, xl, steps=7, length=8192))
+        if "all8192g" in which:
+            keep(qtune_train(f"all8192g_L{n}", ckpt, xl, "train.offload_activations=false", steps=7, length=8192))
         if "ref" in which:
             keep(qtune_train(f"ref_L{n}", ckpt, long, "train.fast=false", steps=6))
         if "seed" in which and MODEL == "qwen3_30b_a3b":

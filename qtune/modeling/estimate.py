@@ -135,8 +135,6 @@ def activation_bytes(arch: ArchConfig, tokens: int, gradient_checkpointing: bool
     head = 0
     if lm_head:
         rows, cols = FUSED_HEAD_TILE
-        if head_copy:  # qtune.modeling.fast.host.HEAD_VOCAB_ROWS
-            cols = 8192
         head = min(tokens, rows) * min(cols, arch.vocab_size) * dtype_bytes + tokens * h * 4
     return layers + head
 

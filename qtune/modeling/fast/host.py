@@ -66,21 +66,7 @@ def head_to_host(model) -> tuple[int, str]:
     # on the model after qtune has built it, and that forward calls the backbone, then reads `lm_head.weight`
     backbone.register_forward_pre_hook(lambda module, args: head.arm())
     backbone.register_forward_hook(lambda module, args, out: head.release_after_backward(out))
-    _smaller_head_tiles()
     return weight.numel() * weight.element_size(), ""
-
-
-# With the head copied for the loss, the step's peak is the head's backward: the copy and TRL's tile of logits. TRL's
-# tile is (tokens, 32768 vocabulary rows), 0.125 GiB at 2048 tokens; 8192 rows keep it at 32 MB, still large matmuls.
-HEAD_VOCAB_ROWS = 8192
-
-
-def _smaller_head_tiles() -> None:
-    """TRL's fused head projects onto HEAD_VOCAB_ROWS vocabulary rows at a time (its chunk size is read at each call,
-    for every model of this process; the loss is the same up to fp32 summation order)."""
-    import trl.trainer.utils as trl_utils
-
-    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = min(trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, HEAD_VOCAB_ROWS)
 
 
 class HostedHead(torch.nn.Linear):
