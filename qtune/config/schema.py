@@ -356,7 +356,7 @@ class TrainConfig:
     # micro-batch | true | false
     liger: str = "auto"
     # with the fast path and checkpointing: checkpointed layer inputs in pinned host memory.
-    # auto: on CUDA from 8192 tokens a micro-batch (data.max_length x train.batch_size) on | true | false
+    # auto: on CUDA from 8192 tokens a micro-batch (data.max_length x train.batch_size) on, for dense models | true | false
     offload_activations: str = "auto"
     # with the fast path: each micro-step's forward, loss and backward as one CUDA graph (qtune.modeling.fast.graph).
     # auto: on CUDA for pt/sft runs (dense and MoE) with packed rows in one process, without offloading | true | false

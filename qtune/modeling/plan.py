@@ -38,7 +38,7 @@ def plan(cfg: Config) -> Plan:
         if hosted is None:  # train.head_on_host: auto decides on this estimate with the head on the GPU
             hosted = head_on_host(str(t.head_on_host), "cuda", fast != "false",
                                   lambda: one_gpu(fast, False).total, gpu_bytes)
-        offload = offloads(fast, t.offload_activations, t.gradient_checkpointing, tokens)
+        offload = offloads(fast, t.offload_activations, t.gradient_checkpointing, tokens, bool(cfg.model.arch.num_experts))
         experts4 = experts_4bit(fast, cfg.quant)
         return estimate(model, cfg.model.arch, matched, cfg.quant, tokens, t.gradient_checkpointing, on_gpu=True,
                         offload_inputs=offload, experts4=experts4,
