@@ -16,7 +16,11 @@ class Plan:
     total: int             # the model's parameters
     memory: Memory         # the estimate per GPU for one micro-batch of this config, its world size and strategy
     single: Memory         # the same on one GPU (what train.distributed=auto compares with a GPU's memory)
-    head_on_host: bool = False  # train.head_on_host's decision for one GPU of this machine (auto: on this estimate)
+
+    @property
+    def head_on_host(self) -> bool:
+        """train.head_on_host's decision for one GPU of this machine (auto: on this estimate)."""
+        return self.single.host_head > 0
 
 
 def plan(cfg: Config) -> Plan:
@@ -36,8 +40,7 @@ def plan(cfg: Config) -> Plan:
 
     def one_gpu(fast: str, hosted: bool | None = None):
         if hosted is None:  # train.head_on_host: auto decides on this estimate with the head on the GPU
-            hosted = head_on_host(str(t.head_on_host), "cuda", fast != "false",
-                                  lambda: one_gpu(fast, False).total, gpu_bytes)
+            hosted = head_on_host(str(t.head_on_host), fast != "false", lambda: one_gpu(fast, False).total, gpu_bytes)
         offload = offloads(fast, t.offload_activations, t.gradient_checkpointing, tokens, bool(cfg.model.arch.num_experts))
         experts4 = experts_4bit(fast, cfg.quant)
         return estimate(model, cfg.model.arch, matched, cfg.quant, tokens, t.gradient_checkpointing, on_gpu=True,
@@ -53,5 +56,4 @@ def plan(cfg: Config) -> Plan:
     how = strategy(t.distributed, "cuda", size, lambda: single.total)
     # under FSDP2 training takes the reference path (qtune.modeling.fast.decide): no 4-bit experts, no compaction
     memory = per_process(one_gpu("false") if how == "fsdp" else single, how, size, cfg.model.arch.num_hidden_layers)
-    return Plan(model, matched, sum(p.numel() for p in model.parameters()), memory, single,
-                head_on_host=single.host_head > 0)
+    return Plan(model, matched, sum(p.numel() for p in model.parameters()), memory, single)

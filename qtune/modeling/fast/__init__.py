@@ -229,10 +229,11 @@ def embeddings_to_host(fast: FastPath, peft_model) -> None:
         fast.pieces.append(f"input embeddings in host memory ({freed / 2**30:.2f} GiB off the GPU)")
 
 
-def head_on_host(setting: str, device: str, fast_on: bool, need: Callable[[], float], have: Callable[[], float]) -> bool:
-    """train.head_on_host: whether the output head goes to host memory (qtune.modeling.fast.host.head_to_host). auto:
-    where the estimate with it on the GPU (`need()`, bytes) exceeds what the GPU offers (`have()`)."""
-    if setting == "false" or not fast_on or not device.startswith("cuda"):
+def head_on_host(setting: str, fast_on: bool, need: Callable[[], float], have: Callable[[], float]) -> bool:
+    """train.head_on_host on a CUDA GPU: whether the output head goes to host memory
+    (qtune.modeling.fast.host.head_to_host). auto: where the estimate with it on the GPU (`need()`, bytes) exceeds what
+    the GPU offers (`have()`)."""
+    if setting == "false" or not fast_on:
         return False
     return setting == "true" or need() > have()
 
