@@ -14,7 +14,7 @@ from qtune.config.schema import Config
 
 def inspect(cfg: Config) -> dict:
     """The whole report as plain data (what `--json` prints)."""
-    from qtune.modeling.plan import plan
+    from qtune.modeling.plan import fits, plan
     from qtune.modeling.targets import param_kind
 
     arch = cfg.model.arch
@@ -41,7 +41,20 @@ def inspect(cfg: Config) -> dict:
         "unmatched": matched.unmatched,
         "params": {"total": total, "trainable": matched.trainable, "allocated": matched.allocated, "by_kind": kinds},
         "memory": mem.as_dict(),
+        "fits": fits(cfg, _gpus()),
     }
+
+
+def _gpus() -> tuple:
+    """The GPUs the report weighs the settings against: common ones, and this machine's first where it has one."""
+    import torch
+
+    from qtune.modeling.plan import GPUS
+
+    if not torch.cuda.is_available():
+        return GPUS
+    props = torch.cuda.get_device_properties(0)
+    return ((f"this machine's {props.name}", props.total_memory), *GPUS)
 
 
 def run(cfg: Config, json: bool = False, dry_run: bool = True) -> dict:

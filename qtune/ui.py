@@ -202,11 +202,16 @@ def show_memory(title: str, m: dict) -> None:
                + (f"; the output head's {head / 2**30:.2f} GiB in host memory (train.head_on_host), its GPU copy"
                   " under activations" if head else "") + ")",
                f"{m['base_bytes'] / 2**30:.2f}")
-    mt.add_row("LoRA weights + gradients + AdamW states (fp32; fused experts' in 16-bit)", f"{m['lora_bytes'] / 2**30:.2f}")
+    mt.add_row("LoRA weights + gradients + AdamW states ("
+               + ("bf16, as TRL keeps a quantized model's adapters" if m.get("quantized_params") else
+                  "fp32; fused experts' in 16-bit") + ")", f"{m['lora_bytes'] / 2**30:.2f}")
     mt.add_row("activations (one micro-batch)", f"{m['activation_bytes'] / 2**30:.2f}")
     if m.get("dequantized_bytes"):
         mt.add_row("one layer's 4-bit weights dequantized to 16-bit (recompute to backward)",
                    f"{m['dequantized_bytes'] / 2**30:.2f}")
+    if m.get("delta_bytes"):
+        mt.add_row("one layer's fused expert deltas, full size (PEFT's reference path: train.fast=false or FSDP2)",
+                   f"{m['delta_bytes'] / 2**30:.2f}")
     mt.add_row("CUDA context and workspace", f"{m['overhead_bytes'] / 2**30:.2f}")
     mt.add_section()
     mt.add_row("[bold]total (estimate)[/]", f"[bold]{m['total_bytes'] / 2**30:.2f}[/]")
@@ -351,6 +356,28 @@ def show_moe_report(r: dict) -> None:
     else:
         experts = "; fused experts in 16-bit (bitsandbytes leaves them; train.fast keeps them in 4-bit)"
     show_memory(f"estimated GPU memory (quant={s['quant']}{experts})", r["memory"])
+    show_fits(r["fits"])
+
+
+def show_fits(rows: list[dict]) -> None:
+    """inspect-moe's answer to "which GPU does this need" (qtune.modeling.plan.fits)."""
+    from rich.table import Table
+
+    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    ft = Table(title="where it fits (estimates; 90 % of a GPU's memory usable, as train.distributed=auto counts)",
+               title_justify="left")
+    for col in ("GPU", "usable", "one GPU", "several GPUs of it (FSDP2)", "on one GPU instead"):
+        ft.add_column(col)
+    for f in rows:
+        several = "" if f["fits_one"] else (
+            f"{f['fsdp_gpus']} ({gib(f['fsdp_bytes_per_gpu'])} each)" if f["fsdp_gpus"]
+            else f"[red]not on 8[/] ({gib(f['fsdp_bytes_per_gpu'])} each)")
+        instead = "" if f["fits_one"] else (f"{f['on_one_instead']} ({gib(f['on_one_instead_bytes'])})"
+                                             if f["on_one_instead"] else "[dim]nothing smaller fits[/]")
+        ft.add_row(f["gpu"], gib(f["usable_bytes"]),
+                   f"[green]fits[/] ({gib(f['one_gpu_bytes'])})" if f["fits_one"]
+                   else f"[red]no[/] ({gib(f['one_gpu_bytes'])})", several, instead)
+    console.print(ft)
 
 
 # ---------------------------------------------------------------- eval

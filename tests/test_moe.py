@@ -4,7 +4,6 @@ for bit after training and merging)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -66,7 +65,7 @@ def test_inspect_moe_cli_tables_and_json(tmp_path):
               env={"QTUNE_HOME": str(tmp_path)})
     assert p.returncode == 0, p.stderr
     assert "0-47" in p.stdout and "128 of 128 experts" in p.stdout and "gate_up_proj 128×1536×2048" in p.stdout
-    assert "estimated GPU memory" in p.stdout
+    assert "estimated GPU memory" in p.stdout and "where it fits" in p.stdout
     # target_modules' MLP names find nothing on an MoE model (its experts are fused): said, not hidden
     assert "'gate_proj' matches nothing" in p.stderr
     j = qtune("inspect-moe", "model=qwen3_235b_a22b", "moe=all", "moe.max_experts=16", "lora=r8", "--json",
@@ -75,7 +74,40 @@ def test_inspect_moe_cli_tables_and_json(tmp_path):
     data = json.loads(j.stdout)
     assert data["params"]["trainable"] == closed_form(arch_of("qwen3_235b_a22b"), 8, "all", "lora", 16)
     assert data["layers"][93]["experts"]["experts_adapted"] == 16
+    assert {r["gpu"] for r in data["fits"]} >= {"H100 (80 GB)", "H200 (141 GB)"}
     assert not (tmp_path / "models").exists()  # config only: nothing fetched
+
+
+def test_inspect_moe_says_where_235b_fits():
+    """The 235B with LoRA on every expert at r16: more than one 141 GB GPU holds with 4-bit experts; eight of them
+    hold it under FSDP2; on one, the most experts per layer whose estimate fits (one more does not); and each answer
+    is the plan's own estimate for those settings (what `train --dry-run` prints)."""
+    from dataclasses import replace
+
+    from qtune.config import compose, to_object
+    from qtune.config.schema import Distributed
+    from qtune.modeling.plan import GPUS, plan
+
+    cfg = to_object(compose(["model=qwen3_235b_a22b", "quant=nf4"]))
+    rows = {r["gpu"]: r for r in report("model=qwen3_235b_a22b", "quant=nf4")["fits"]}
+    assert list(rows) == [name for name, _ in GPUS]
+    h200 = rows["H200 (141 GB)"]
+    usable = 0.9 * 143771 * 2**20
+    assert h200["usable_bytes"] == int(usable)
+    assert not h200["fits_one"] and h200["one_gpu_bytes"] == int(plan(cfg, usable).memory.total) > usable
+    eight = plan(replace(cfg, train=replace(cfg.train, nproc=8, distributed=Distributed.fsdp)), usable).memory
+    assert h200["fsdp_gpus"] == 8 and h200["fsdp_bytes_per_gpu"] == int(eight.total) <= usable
+    assert eight.strategy == "fsdp" and eight.delta > 0  # FSDP2 runs the reference path: PEFT's full-size deltas
+    k = int(h200["on_one_instead"].removeprefix("moe.max_experts="))
+
+    def one(n):
+        return plan(replace(cfg, moe=replace(cfg.moe, max_experts=n)), usable).memory.total
+
+    assert 0 < k < 128 and one(k) <= usable < one(k + 1)
+    h100 = rows["H100 (80 GB)"]  # 16-bit experts over eight (FSDP2) and 4-bit ones with attention LoRA alone: too big
+    assert not h100["fits_one"] and h100["fsdp_gpus"] is None and h100["on_one_instead"] is None
+    small = {r["gpu"]: r for r in report("model=qwen3_30b_a3b", "quant=nf4")["fits"]}
+    assert all(small[g]["fits_one"] and small[g]["fsdp_gpus"] is None for g in ("L40S (48 GB)", "H100 (80 GB)"))
 
 
 def test_a_pattern_that_matches_nothing_is_reported(tmp_path):
@@ -267,6 +299,72 @@ def test_fast_path_max_experts_allocates_only_the_chosen_experts(tmp_path, tiny_
 
 
 @pytest.mark.slow
+def live_bytes():
+    """A dispatch mode counting the bytes of tensor storage made by torch ops and still alive, and their peak (`.peak`):
+    what CUDA's allocated-bytes counter would show for the same ops (the CPU keeps no allocator statistics)."""
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class LiveBytes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.alive: set[int] = set()
+            self.now = self.peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.alive:
+                    storage = t.untyped_storage()
+                    key, n = storage.data_ptr(), storage.nbytes()
+                    self.alive.add(key)
+                    self.now += n
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(storage, self._free, key, n)
+            return out
+
+        def _free(self, key: int, n: int) -> None:
+            self.alive.discard(key)
+            self.now -= n
+
+    return LiveBytes()
+
+
+def test_the_reference_paths_full_size_expert_deltas_are_in_the_estimate():
+    """Off the fast path (train.fast=false, FSDP2) PEFT's ParamWrapper builds each adapted fused tensor's full-size delta
+    and W + delta on every forward: the estimate's `delta` term covers what a Qwen3-MoE block holds at once through its
+    forward and backward (at a size where the weights dwarf the activations and LoRA), without overcounting it by more
+    than 15 %."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from qtune.config import compose, to_object
+    from qtune.modeling.estimate import PARAM_WRAPPER_COPIES, delta_params
+    from qtune.modeling.targets import match, peft_config
+    from qtune.stages import lora_settings
+
+    cfg = to_object(compose(["model=tiny_qwen3_moe"]))
+    config = Qwen3MoeConfig(vocab_size=256, hidden_size=1024, moe_intermediate_size=512, num_experts=8,
+                            num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=16, intermediate_size=128, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    matched = match(model, lora_settings(cfg), cfg.moe)
+    block = get_peft_model(model, peft_config(matched, lora_settings(cfg), False, "CAUSAL_LM")).base_model.model \
+        .model.layers[0].mlp
+    x = torch.randn(1, 8, 1024, requires_grad=True)
+    with live_bytes() as live:
+        y = block(x)
+        (y[0] if isinstance(y, tuple) else y).sum().backward()
+    estimated = PARAM_WRAPPER_COPIES * 4 * delta_params(matched)
+    assert delta_params(matched) == 8 * 3 * 1024 * 512
+    assert 0.85 * estimated <= live.peak <= estimated, (live.peak / estimated)
+
+
 def test_merge_cli_parity_and_plain_transformers_load(tmp_path, tiny_qwen3):
     run = tmp_path / "run"
     t = qtune("train", "model=tiny_qwen3", *DEMO, *FAST, f"train.output_dir={run}", "train.max_steps=2",

@@ -229,6 +229,26 @@ def test_reward_model_plan_equals_peft(tiny_qwen3):
     assert plan(cfg)["trainable_params"] == trainable
 
 
+def test_a_quantized_models_adapters_are_estimated_as_trl_keeps_them(tiny_rm_run):
+    """TRL casts a quantized model's trainable weights to bf16 (QLoRA's recipe) and AdamW keeps its moments in their
+    dtype: the estimate's adapter bytes equal the real run's weights, gradients and optimizer moments (the score head
+    stays in the model's dtype, fp32 on a CPU, as the estimate's on_gpu=False counts it)."""
+    import torch
+
+    from qtune.config import compose, to_object
+    from qtune.modeling.estimate import estimate
+    from qtune.modeling.plan import plan
+
+    cfg = to_object(compose(["model=tiny_qwen3", "quant=nf4", "train.stage=rm"]))
+    p = plan(cfg)
+    m = estimate(p.model, cfg.model.arch, p.matched, cfg.quant, cfg.data.max_length, True, on_gpu=False)
+    state = torch.load(sorted((tiny_rm_run / "checkpoints").glob("checkpoint-*"))[-1] / "optimizer.pt", weights_only=True)["state"]
+    moments = [s[k] for s in state.values() for k in ("exp_avg", "exp_avg_sq")]
+    assert {t.dtype for t in moments} == {torch.bfloat16, torch.float32}  # the adapters, the score head
+    # each weight and its gradient have its moments' dtype and size
+    assert m.lora == 2 * sum(t.numel() * t.element_size() for t in moments)
+
+
 def test_dry_run_names_the_stage():
     p = qtune("train", "--dry-run", "model=qwen3_8b", "quant=nf4", "train.stage=dpo")
     assert p.returncode == 0, p.stderr

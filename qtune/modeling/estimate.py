@@ -15,10 +15,17 @@ from qtune.modeling.targets import Matched
 # 256 absmax when double-quantized). LLM.int8(): 1 byte per weight + one fp32 scale per output row.
 NF4_BYTES = {True: 0.5 + 1 / 64 + 4 / (64 * 256), False: 0.5 + 4 / 64}
 LORA_BYTES_PER_PARAM = 4 + 4 + 8   # fp32 weight + fp32 gradient + AdamW's two fp32 moments
+# TRL's trainers cast a quantized model's trainable weights to bf16 (QLoRA's recipe; trl.SFTTrainer and the other
+# stages, `_is_quantized_model`), and AdamW keeps its moments in the weight's dtype: four bf16 copies
+QLORA_BYTES_PER_PARAM = 2 + 2 + 4
 # PEFT keeps adapters of fused tensors (experts, router) in the parameter's own dtype, and so do their gradient and
 # AdamW moments: four copies of the 16-bit parameter
 PARAM_DTYPE_COPIES = 4
 EXPERT_TENSORS = ("experts.gate_up_proj", "experts.down_proj")
+# PEFT's ParamWrapper (the reference path for adapters on fused expert and router tensors) builds a layer's full-size
+# delta and the sum W + delta on every forward, and the sum's gradient in the backward: at most 2.39 copies of the
+# layer's adapted tensors live at once, measured on a Qwen3-MoE block (tests/test_moe.py)
+PARAM_WRAPPER_COPIES = 2.5
 CUDA_OVERHEAD = 0.6 * 2**30        # CUDA context, cuBLAS workspaces, allocator slack
 
 
@@ -32,6 +39,7 @@ class Memory:
     overhead: float
     experts_4bit: bool = False
     dequantized: float = 0.0   # one layer's 4-bit weights in 16 bits, held from its recompute through its backward
+    delta: float = 0.0         # the reference path's full-size deltas of one layer's fused tensors (PEFT's ParamWrapper)
     host_embedding: float = 0.0  # bytes of the input embedding table kept in host memory (CUDA graphs), not counted
     host_head: float = 0.0     # bytes of the output head kept in host memory (train.head_on_host), in the activations
     world_size: int = 1        # per_process(): what each of this many GPUs holds
@@ -39,11 +47,12 @@ class Memory:
 
     @property
     def total(self) -> float:
-        return self.base + self.lora + self.activations + self.dequantized + self.overhead
+        return self.base + self.lora + self.activations + self.dequantized + self.delta + self.overhead
 
     def as_dict(self) -> dict:
         return {"base_bytes": int(self.base), "lora_bytes": int(self.lora), "activation_bytes": int(self.activations),
-                "dequantized_bytes": int(self.dequantized), "overhead_bytes": int(self.overhead),
+                "dequantized_bytes": int(self.dequantized), "delta_bytes": int(self.delta),
+                "overhead_bytes": int(self.overhead),
                 "total_bytes": int(self.total),
                 "quantized_params": self.base_quantized_params, "unquantized_params": self.base_16bit_params,
                 "experts_4bit": self.experts_4bit, "host_embedding_bytes": int(self.host_embedding),
@@ -143,13 +152,14 @@ def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, toke
              gradient_checkpointing: bool, on_gpu: bool = True, offload_inputs: bool = False,
              experts4: bool = False, compact: bool = False, lm_head: bool = True,
              embed_on_host: bool = False, keep_dequantized: bool = False, experts_direct: bool = False,
-             head_on_host: bool = False) -> Memory:
+             head_on_host: bool = False, grouped_experts: bool = False) -> Memory:
     """experts4: fused experts kept in 4 bits; compact: capped experts' adapters exist for the chosen ones only (both
     what the fast path does on CUDA); experts_direct: the 4-bit experts' grouped matmuls read the 4 bits directly, so
     no layer of them is dequantized (qtune.modeling.fast.nf4_gmm, with Triton on CUDA); embed_on_host: an untied input
     embedding table in host memory (with CUDA graphs); keep_dequantized: a 4-bit layer's linear weights, dequantized in its checkpoint's recompute, are kept for
     its backward (the fast path's LoRA functions); head_on_host: an untied output head in host memory, copied to the
-    GPU for the loss (train.head_on_host)."""
+    GPU for the loss (train.head_on_host); grouped_experts: fused expert and router adapters run split, as grouped
+    matmuls (the fast path), never as PEFT's full-size deltas."""
     dtype_bytes = 2 if on_gpu else 4
     experts4 = experts4 and on_gpu and bool(arch.num_experts)
     base, q_params, other = base_bytes(model, quant, dtype_bytes, experts4)
@@ -159,8 +169,9 @@ def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, toke
     head = arch.vocab_size * arch.hidden_size * dtype_bytes \
         if head_on_host and on_gpu and lm_head and not arch.tie_word_embeddings else 0
     base -= head
+    linear = LORA_BYTES_PER_PARAM if quant.method is QuantMethod.none else QLORA_BYTES_PER_PARAM
     lora = sum((t.params if compact and t.how == "lora_param" else t.allocated)
-               * (PARAM_DTYPE_COPIES * dtype_bytes if t.how in ("lora_param", "full") else LORA_BYTES_PER_PARAM)
+               * (PARAM_DTYPE_COPIES * dtype_bytes if t.how in ("lora_param", "full") else linear)
                for t in matched.targets)
     activations = activation_bytes(arch, tokens, gradient_checkpointing, dtype_bytes, offload_inputs, lm_head, head)
     dequantized = 0
@@ -170,6 +181,19 @@ def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, toke
         dequantized += (2 * arch.hidden_size * q + 2 * arch.hidden_size * kv + dense_ffn) * dtype_bytes
     if experts4 and not experts_direct:  # a layer's experts dequantized for its matmuls (recompute to backward)
         dequantized += arch.num_experts * 3 * arch.hidden_size * arch.moe_intermediate_size * dtype_bytes
+    delta = 0.0 if grouped_experts else PARAM_WRAPPER_COPIES * dtype_bytes * delta_params(matched)
     return Memory(base=base, base_quantized_params=q_params, base_16bit_params=other, lora=lora,
                   activations=activations, overhead=CUDA_OVERHEAD if on_gpu else 0.0, experts_4bit=experts4,
-                  host_embedding=host, host_head=head, dequantized=dequantized)
+                  host_embedding=host, host_head=head, dequantized=dequantized, delta=delta)
+
+
+def delta_params(matched: Matched) -> int:
+    """The most elements of fused (3-D expert, router) tensors with adapters in one layer: what PEFT's ParamWrapper
+    materializes as a full-size delta while that layer runs."""
+    import math
+
+    per_layer: dict = {}
+    for t in matched.targets:
+        if t.how == "lora_param":
+            per_layer[t.layer] = per_layer.get(t.layer, 0) + math.prod(t.shape)
+    return max(per_layer.values(), default=0)

@@ -23,7 +23,9 @@ class Plan:
         return self.single.host_head > 0
 
 
-def plan(cfg: Config) -> Plan:
+def plan(cfg: Config, usable: float | None = None) -> Plan:
+    """usable: the bytes one GPU offers training (default: qtune.distributed.gpu_bytes(), this machine's or an 80 GiB
+    one's), which train.head_on_host=auto weighs."""
     from qtune.distributed import gpu_bytes, strategy, world
     from qtune.modeling.arch import meta_model
     from qtune.modeling.estimate import estimate, experts_4bit, per_process
@@ -40,7 +42,8 @@ def plan(cfg: Config) -> Plan:
 
     def one_gpu(fast: str, hosted: bool | None = None):
         if hosted is None:  # train.head_on_host: auto decides on this estimate with the head on the GPU
-            hosted = head_on_host(str(t.head_on_host), fast != "false", lambda: one_gpu(fast, False).total, gpu_bytes)
+            hosted = head_on_host(str(t.head_on_host), fast != "false", lambda: one_gpu(fast, False).total,
+                                  gpu_bytes if usable is None else lambda: usable)
         offload = offloads(fast, t.offload_activations, t.gradient_checkpointing, tokens, bool(cfg.model.arch.num_experts))
         experts4 = experts_4bit(fast, cfg.quant)
         return estimate(model, cfg.model.arch, matched, cfg.quant, tokens, t.gradient_checkpointing, on_gpu=True,
@@ -49,7 +52,7 @@ def plan(cfg: Config) -> Plan:
                         experts_direct=experts4,
                         compact=fast != "false" and compacts(t.stage), lm_head=head(t.stage) == "lm",
                         embed_on_host=fast != "false" and graphs, keep_dequantized=fast != "false" and not offload,
-                        head_on_host=hosted)
+                        head_on_host=hosted, grouped_experts=fast != "false")
 
     single = one_gpu(str(t.fast))
     size = max(t.nproc, world().size)  # train.nproc, or the launcher's world under torchrun
@@ -57,3 +60,69 @@ def plan(cfg: Config) -> Plan:
     # under FSDP2 training takes the reference path (qtune.modeling.fast.decide): no 4-bit experts, no compaction
     memory = per_process(one_gpu("false") if how == "fsdp" else single, how, size, cfg.model.arch.num_hidden_layers)
     return Plan(model, matched, sum(p.numel() for p in model.parameters()), memory, single)
+
+
+# GPUs `inspect-moe` says a config fits or not: their memory as CUDA reports it (nvidia-smi's MiB)
+GPUS = (("RTX 4090 (24 GB)", 24564 * 2**20), ("L40S (48 GB)", 46068 * 2**20), ("H100 (80 GB)", 81559 * 2**20),
+        ("H200 (141 GB)", 143771 * 2**20))
+WORLD_SIZES = (2, 4, 8)   # the processes (GPUs of one host) tried under FSDP2 when one GPU is too small
+
+
+def fits(cfg: Config, gpus=GPUS) -> list[dict]:
+    """For each (name, bytes) GPU, with 90 % of it usable as train.distributed=auto counts (qtune.distributed.gpu_bytes):
+    whether these settings train on one; if not, the fewest GPUs of that kind that hold them under FSDP2 (WORLD_SIZES),
+    and what would fit on one instead: the most experts per layer (moe.max_experts, where the fast path cuts the
+    adapters to them) or, failing that, LoRA on attention only (moe=none)."""
+    from dataclasses import replace
+
+    from qtune.config.schema import Distributed
+
+    def with_(n: int, moe=None) -> Config:
+        train = replace(cfg.train, nproc=n, distributed=Distributed.fsdp if n > 1 else Distributed.auto)
+        return replace(cfg, train=train, moe=moe or cfg.moe)
+
+    rows = []
+    for name, total in gpus:
+        usable = 0.9 * total
+        one = plan(with_(1), usable).memory.total
+        row = {"gpu": name, "memory_bytes": total, "usable_bytes": usable, "one_gpu_bytes": one,
+               "fits_one": one <= usable, "fsdp_gpus": None, "fsdp_bytes_per_gpu": None, "on_one_instead": None,
+               "on_one_instead_bytes": None}
+        if not row["fits_one"]:
+            for n in WORLD_SIZES:
+                per_gpu = plan(with_(n), usable).memory.total
+                row["fsdp_bytes_per_gpu"] = per_gpu
+                if per_gpu <= usable:
+                    row["fsdp_gpus"] = n
+                    break
+            row["on_one_instead"], row["on_one_instead_bytes"] = _on_one(cfg, usable, with_)
+        rows.append({k: int(v) if isinstance(v, float) else v for k, v in row.items()})
+    return rows
+
+
+def _on_one(cfg: Config, usable: float, with_) -> tuple[str | None, float | None]:
+    """The largest moe.max_experts whose estimate fits `usable` on one GPU, else moe=none where that fits."""
+    from dataclasses import replace
+
+    from qtune.config.schema import MoeScope, RouterMode
+
+    def need(moe) -> float:
+        return plan(with_(1, moe), usable).memory.total
+
+    experts = cfg.model.arch.num_experts or 0
+    if not experts or cfg.moe.scope is MoeScope.none:
+        return None, None
+    attention_only = need(replace(cfg.moe, scope=MoeScope.none, router_mode=RouterMode.frozen, max_experts=None))
+    if attention_only > usable:  # the least an MoE adapter can be
+        return None, None
+    if cfg.moe.scope in (MoeScope.expert_only, MoeScope.all):
+        low, high = 0, min(cfg.moe.max_experts or experts, experts) - 1  # the most that fit lies in [low, high]
+        while low < high:
+            mid = (low + high + 1) // 2
+            if need(replace(cfg.moe, max_experts=mid)) <= usable:
+                low = mid
+            else:
+                high = mid - 1
+        if low:
+            return f"moe.max_experts={low}", need(replace(cfg.moe, max_experts=low))
+    return "moe=none", attention_only
