@@ -110,6 +110,28 @@ def test_inspect_moe_says_where_235b_fits():
     assert all(small[g]["fits_one"] and small[g]["fsdp_gpus"] is None for g in ("L40S (48 GB)", "H100 (80 GB)"))
 
 
+def test_the_estimate_dequantizes_a_layer_where_the_4bit_kernel_does_not_run(monkeypatch):
+    """The 4-bit grouped matmul reads NF4 on Hopper or later (qtune.modeling.fast.nf4_gmm.supports); elsewhere, and for
+    fp4, a layer's experts are dequantized to 16 bits for their matmuls, and the estimate counts that layer."""
+    import torch
+
+    from qtune.config import compose, to_object
+    from qtune.modeling.fast import nf4_gmm
+    from qtune.modeling.plan import plan
+
+    def dequantized(*overrides):
+        return plan(to_object(compose(["model=qwen3_30b_a3b", *overrides]))).memory.dequantized
+
+    layer = 128 * 3 * 2048 * 768 * 2  # one layer's experts in bf16
+    assert dequantized("quant.method=fp4") - dequantized("quant=nf4") == layer  # no GPU here: planned for an H100
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(nf4_gmm, "available", lambda: True)
+    for capability, direct in (((8, 0), False), ((9, 0), True)):  # an A100, an H100
+        monkeypatch.setattr(nf4_gmm, "_hopper_or_later", lambda index, c=capability: c >= (9, 0))
+        assert nf4_gmm.expected("nf4") is direct and not nf4_gmm.expected("fp4")
+
+
 def test_a_pattern_that_matches_nothing_is_reported(tmp_path):
     p = qtune("inspect-moe", "model=tiny_qwen3_moe", "moe.expert_patterns=[mlp\\.experts\\.nope$]",
               env={"QTUNE_HOME": str(tmp_path)})

@@ -30,6 +30,7 @@ def plan(cfg: Config, usable: float | None = None) -> Plan:
     from qtune.modeling.arch import meta_model
     from qtune.modeling.estimate import estimate, experts_4bit, per_process
     from qtune.modeling.fast import graphs_expected, head_on_host, offloads
+    from qtune.modeling.fast.nf4_gmm import expected as direct_expected
     from qtune.modeling.targets import match
     from qtune.stages import compacts, head, lora_settings, sequences
 
@@ -48,8 +49,7 @@ def plan(cfg: Config, usable: float | None = None) -> Plan:
         experts4 = experts_4bit(fast, cfg.quant)
         return estimate(model, cfg.model.arch, matched, cfg.quant, tokens, t.gradient_checkpointing, on_gpu=True,
                         offload_inputs=offload, experts4=experts4,
-                        # CUDA builds of torch bring Triton, which the 4-bit grouped matmul needs
-                        experts_direct=experts4,
+                        experts_direct=experts4 and direct_expected(str(cfg.quant.method)),
                         compact=fast != "false" and compacts(t.stage), lm_head=head(t.stage) == "lm",
                         embed_on_host=fast != "false" and graphs, keep_dequantized=fast != "false" and not offload,
                         head_on_host=hosted, grouped_experts=fast != "false")

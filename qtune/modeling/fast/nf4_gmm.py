@@ -33,6 +33,17 @@ def _hopper_or_later(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
+def expected(method: str) -> bool:
+    """Whether a training run on this machine's GPU would read its `quant.method` experts in 4 bits (the dry run's
+    estimate): NF4, with Triton and a Hopper-or-later GPU. A machine without one is taken to be planning for an H100
+    (with Triton, as CUDA builds of torch bring it), the 80 GiB GPU qtune.distributed assumes there."""
+    if method != "nf4":
+        return False
+    if not torch.cuda.is_available():
+        return True
+    return available() and _hopper_or_later(torch.cuda.current_device())
+
+
 def supports(x: torch.Tensor, state) -> bool:
     """Whether the kernel can take these weights: NF4 on a Hopper-or-later GPU, blocks of 64 that never cross a row
     (C % 64 == 0) and double-quantized absmax, as qtune.modeling.fast.moe.quantize_experts keeps them, and rows of
