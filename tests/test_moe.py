@@ -81,33 +81,37 @@ def test_inspect_moe_cli_tables_and_json(tmp_path):
 def test_inspect_moe_says_where_235b_fits():
     """The 235B with LoRA on every expert at r16: more than one 141 GB GPU holds with 4-bit experts; eight of them
     hold it under FSDP2; on one, the most experts per layer whose estimate fits (one more does not); and each answer
-    is the plan's own estimate for those settings (what `train --dry-run` prints)."""
+    is the plan's own estimate for those settings (what `train --dry-run` prints on such a GPU)."""
     from dataclasses import replace
 
     from qtune.config import compose, to_object
     from qtune.config.schema import Distributed
-    from qtune.modeling.plan import GPUS, plan
+    from qtune.modeling.plan import GPUS, fits, plan
 
     cfg = to_object(compose(["model=qwen3_235b_a22b", "quant=nf4"]))
-    rows = {r["gpu"]: r for r in report("model=qwen3_235b_a22b", "quant=nf4")["fits"]}
-    assert list(rows) == [name for name, _ in GPUS]
+    rows = {r["gpu"]: r for r in fits(cfg)}
+    assert list(rows) == [name for name, _, _ in GPUS]
     h200 = rows["H200 (141 GB)"]
-    usable = 0.9 * 143771 * 2**20
+    usable, hopper = 0.9 * 139.80 * 2**30, (9, 0)
     assert h200["usable_bytes"] == int(usable)
-    assert not h200["fits_one"] and h200["one_gpu_bytes"] == int(plan(cfg, usable).memory.total) > usable
-    eight = plan(replace(cfg, train=replace(cfg.train, nproc=8, distributed=Distributed.fsdp)), usable).memory
+    assert not h200["fits_one"] and h200["one_gpu_bytes"] == int(plan(cfg, usable, hopper).memory.total) > usable
+    eight = plan(replace(cfg, train=replace(cfg.train, nproc=8, distributed=Distributed.fsdp)), usable, hopper).memory
     assert h200["fsdp_gpus"] == 8 and h200["fsdp_bytes_per_gpu"] == int(eight.total) <= usable
     assert eight.strategy == "fsdp" and eight.delta > 0  # FSDP2 runs the reference path: PEFT's full-size deltas
     k = int(h200["on_one_instead"].removeprefix("moe.max_experts="))
 
     def one(n):
-        return plan(replace(cfg, moe=replace(cfg.moe, max_experts=n)), usable).memory.total
+        return plan(replace(cfg, moe=replace(cfg.moe, max_experts=n)), usable, hopper).memory.total
 
     assert 0 < k < 128 and one(k) <= usable < one(k + 1)
     h100 = rows["H100 (80 GB)"]  # 16-bit experts over eight (FSDP2) and 4-bit ones with attention LoRA alone: too big
     assert not h100["fits_one"] and h100["fsdp_gpus"] is None and h100["on_one_instead"] is None
-    small = {r["gpu"]: r for r in report("model=qwen3_30b_a3b", "quant=nf4")["fits"]}
+    # before Hopper the 4-bit kernel does not run: a layer's experts are dequantized, and counted
+    assert rows["L40S (48 GB)"]["one_gpu_bytes"] > rows["H100 (80 GB)"]["one_gpu_bytes"]
+    small = {r["gpu"]: r for r in fits(to_object(compose(["model=qwen3_30b_a3b", "quant=nf4"])))}
     assert all(small[g]["fits_one"] and small[g]["fsdp_gpus"] is None for g in ("L40S (48 GB)", "H100 (80 GB)"))
+    int8 = fits(to_object(compose(["model=qwen3_235b_a22b", "quant=int8"])))  # FSDP2 cannot shard int8 weights
+    assert all(r["fsdp_gpus"] is None and r["fsdp_bytes_per_gpu"] is None for r in int8)
 
 
 def test_the_estimate_dequantizes_a_layer_where_the_4bit_kernel_does_not_run(monkeypatch):
@@ -123,7 +127,9 @@ def test_the_estimate_dequantizes_a_layer_where_the_4bit_kernel_does_not_run(mon
         return plan(to_object(compose(["model=qwen3_30b_a3b", *overrides]))).memory.dequantized
 
     layer = 128 * 3 * 2048 * 768 * 2  # one layer's experts in bf16
-    assert dequantized("quant.method=fp4") - dequantized("quant=nf4") == layer  # no GPU here: planned for an H100
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no GPU: planned for an H100
+    assert dequantized("quant.method=fp4") - dequantized("quant=nf4") == layer
+    assert not nf4_gmm.expected("nf4", (8, 9)) and nf4_gmm.expected("nf4", (9, 0))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(nf4_gmm, "available", lambda: True)
@@ -320,7 +326,6 @@ def test_fast_path_max_experts_allocates_only_the_chosen_experts(tmp_path, tiny_
             assert param.shape[0] == 2 * r, name   # two experts' rows, nothing for the other six
 
 
-@pytest.mark.slow
 def live_bytes():
     """A dispatch mode counting the bytes of tensor storage made by torch ops and still alive, and their peak (`.peak`):
     what CUDA's allocated-bytes counter would show for the same ops (the CPU keeps no allocator statistics)."""
@@ -387,6 +392,7 @@ def test_the_reference_paths_full_size_expert_deltas_are_in_the_estimate():
     assert 0.85 * estimated <= live.peak <= estimated, (live.peak / estimated)
 
 
+@pytest.mark.slow
 def test_merge_cli_parity_and_plain_transformers_load(tmp_path, tiny_qwen3):
     run = tmp_path / "run"
     t = qtune("train", "model=tiny_qwen3", *DEMO, *FAST, f"train.output_dir={run}", "train.max_steps=2",

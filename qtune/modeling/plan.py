@@ -23,9 +23,10 @@ class Plan:
         return self.single.host_head > 0
 
 
-def plan(cfg: Config, usable: float | None = None) -> Plan:
-    """usable: the bytes one GPU offers training (default: qtune.distributed.gpu_bytes(), this machine's or an 80 GiB
-    one's), which train.head_on_host=auto weighs."""
+def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] | None = None) -> Plan:
+    """For one GPU that offers training `usable` bytes (which train.head_on_host=auto weighs) and has this compute
+    capability (whether the 4-bit expert kernel runs); by default this machine's GPU, or an 80 GiB H100 without one
+    (qtune.distributed.gpu_bytes, qtune.modeling.fast.nf4_gmm.expected)."""
     from qtune.distributed import gpu_bytes, strategy, world
     from qtune.modeling.arch import meta_model
     from qtune.modeling.estimate import estimate, experts_4bit, per_process
@@ -49,7 +50,7 @@ def plan(cfg: Config, usable: float | None = None) -> Plan:
         experts4 = experts_4bit(fast, cfg.quant)
         return estimate(model, cfg.model.arch, matched, cfg.quant, tokens, t.gradient_checkpointing, on_gpu=True,
                         offload_inputs=offload, experts4=experts4,
-                        experts_direct=experts4 and direct_expected(str(cfg.quant.method)),
+                        experts_direct=experts4 and direct_expected(str(cfg.quant.method), capability),
                         compact=fast != "false" and compacts(t.stage), lm_head=head(t.stage) == "lm",
                         embed_on_host=fast != "false" and graphs, keep_dequantized=fast != "false" and not offload,
                         head_on_host=hosted, grouped_experts=fast != "false")
@@ -62,52 +63,55 @@ def plan(cfg: Config, usable: float | None = None) -> Plan:
     return Plan(model, matched, sum(p.numel() for p in model.parameters()), memory, single)
 
 
-# GPUs `inspect-moe` says a config fits or not: their memory as CUDA reports it (nvidia-smi's MiB)
-GPUS = (("RTX 4090 (24 GB)", 24564 * 2**20), ("L40S (48 GB)", 46068 * 2**20), ("H100 (80 GB)", 81559 * 2**20),
-        ("H200 (141 GB)", 143771 * 2**20))
+# GPUs `inspect-moe` says a config fits or not: (name, memory as torch reports it — the "total capacity" of CUDA's
+# out-of-memory messages, ~0.5 GiB under nvidia-smi's figure —, compute capability)
+GPUS = (("RTX 4090 (24 GB)", 23.55 * 2**30, (8, 9)), ("L40S (48 GB)", 44.39 * 2**30, (8, 9)),
+        ("H100 (80 GB)", 79.15 * 2**30, (9, 0)), ("H200 (141 GB)", 139.80 * 2**30, (9, 0)))
 WORLD_SIZES = (2, 4, 8)   # the processes (GPUs of one host) tried under FSDP2 when one GPU is too small
 
 
 def fits(cfg: Config, gpus=GPUS) -> list[dict]:
-    """For each (name, bytes) GPU, with 90 % of it usable as train.distributed=auto counts (qtune.distributed.gpu_bytes):
-    whether these settings train on one; if not, the fewest GPUs of that kind that hold them under FSDP2 (WORLD_SIZES),
-    and what would fit on one instead: the most experts per layer (moe.max_experts, where the fast path cuts the
-    adapters to them) or, failing that, LoRA on attention only (moe=none)."""
+    """For each (name, bytes, capability) GPU, with 90 % of it usable as train.distributed=auto counts
+    (qtune.distributed.gpu_bytes): whether these settings train on one; if not, the fewest GPUs of that kind that hold
+    them under FSDP2 (WORLD_SIZES; never for quant=int8, which FSDP2 cannot shard), and what would fit on one instead:
+    the most experts per layer (moe.max_experts, where the fast path cuts the adapters to them) or, failing that, LoRA
+    on attention only (moe=none)."""
     from dataclasses import replace
 
-    from qtune.config.schema import Distributed
+    from qtune.config.schema import Distributed, QuantMethod
 
     def with_(n: int, moe=None) -> Config:
         train = replace(cfg.train, nproc=n, distributed=Distributed.fsdp if n > 1 else Distributed.auto)
         return replace(cfg, train=train, moe=moe or cfg.moe)
 
     rows = []
-    for name, total in gpus:
+    for name, total, capability in gpus:
         usable = 0.9 * total
-        one = plan(with_(1), usable).memory.total
+
+        def need(n: int, moe=None) -> float:
+            return plan(with_(n, moe), usable, capability).memory.total
+
+        one = need(1)
         row = {"gpu": name, "memory_bytes": total, "usable_bytes": usable, "one_gpu_bytes": one,
                "fits_one": one <= usable, "fsdp_gpus": None, "fsdp_bytes_per_gpu": None, "on_one_instead": None,
                "on_one_instead_bytes": None}
         if not row["fits_one"]:
-            for n in WORLD_SIZES:
-                per_gpu = plan(with_(n), usable).memory.total
-                row["fsdp_bytes_per_gpu"] = per_gpu
-                if per_gpu <= usable:
+            for n in WORLD_SIZES if cfg.quant.method is not QuantMethod.int8 else ():
+                row["fsdp_bytes_per_gpu"] = need(n)
+                if row["fsdp_bytes_per_gpu"] <= usable:
                     row["fsdp_gpus"] = n
                     break
-            row["on_one_instead"], row["on_one_instead_bytes"] = _on_one(cfg, usable, with_)
+            row["on_one_instead"], row["on_one_instead_bytes"] = _on_one(cfg, usable, lambda moe: need(1, moe))
         rows.append({k: int(v) if isinstance(v, float) else v for k, v in row.items()})
     return rows
 
 
-def _on_one(cfg: Config, usable: float, with_) -> tuple[str | None, float | None]:
-    """The largest moe.max_experts whose estimate fits `usable` on one GPU, else moe=none where that fits."""
+def _on_one(cfg: Config, usable: float, need) -> tuple[str | None, float | None]:
+    """The largest moe.max_experts whose estimate (`need(moe)`, one GPU) fits `usable`, else moe=none where that
+    fits."""
     from dataclasses import replace
 
     from qtune.config.schema import MoeScope, RouterMode
-
-    def need(moe) -> float:
-        return plan(with_(1, moe), usable).memory.total
 
     experts = cfg.model.arch.num_experts or 0
     if not experts or cfg.moe.scope is MoeScope.none:

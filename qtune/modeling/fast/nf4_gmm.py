@@ -33,12 +33,14 @@ def _hopper_or_later(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
-def expected(method: str) -> bool:
-    """Whether a training run on this machine's GPU would read its `quant.method` experts in 4 bits (the dry run's
-    estimate): NF4, with Triton and a Hopper-or-later GPU. A machine without one is taken to be planning for an H100
-    (with Triton, as CUDA builds of torch bring it), the 80 GiB GPU qtune.distributed assumes there."""
+def expected(method: str, capability: tuple[int, int] | None = None) -> bool:
+    """Whether a training run would read its `quant.method` experts in 4 bits (the dry run's estimate): NF4, with
+    Triton and a Hopper-or-later GPU. capability: that GPU's (CUDA builds of torch bring Triton); None: this machine's
+    GPU, or, on a machine without one, an H100 (the 80 GiB GPU qtune.distributed assumes there)."""
     if method != "nf4":
         return False
+    if capability is not None:
+        return capability >= (9, 0)
     if not torch.cuda.is_available():
         return True
     return available() and _hopper_or_later(torch.cuda.current_device())
