@@ -96,6 +96,12 @@ def test_the_plan_gives_memory_per_gpu_for_the_world_and_strategy(tmp_path):
     assert fsdp["base_bytes"] == pytest.approx(one["base_bytes"] / 4 + 2 * one["base_bytes"] / 64)
     assert fsdp["lora_bytes"] == pytest.approx(one["lora_bytes"] / 4) and fsdp["total_bytes"] < one["total_bytes"] / 2
     assert mem("train.nproc=4")["strategy"] == "ddp"
+    # adapters per parameter: bf16 weights, gradients and AdamW moments under quantization (TRL's cast), and under FSDP2
+    # of a 16-bit model fp32 for the fused experts' too (accelerate's master weights); sharded over the four
+    params = plan(to_object(compose(["model=qwen3_30b_a3b"])))["trainable_params"]
+    for quant, per_param in (("quant=nf4", 8), ("quant=none", 16)):
+        moe = plan(to_object(compose(["model=qwen3_30b_a3b", quant, "train.nproc=4", "train.distributed=fsdp"])))
+        assert moe["memory"]["lora_bytes"] == pytest.approx(params * per_param / 4)
     big = plan(to_object(compose(["model=qwen3_235b_a22b", "quant=nf4", "train.nproc=8"])))["memory"]
     assert big["strategy"] == "fsdp" and big["world_size"] == 8
     p = qtune("train", "--dry-run", "model=qwen3_32b", "quant=nf4", "train.nproc=4", "train.distributed=fsdp",

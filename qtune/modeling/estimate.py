@@ -152,14 +152,15 @@ def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, toke
              gradient_checkpointing: bool, on_gpu: bool = True, offload_inputs: bool = False,
              experts4: bool = False, compact: bool = False, lm_head: bool = True,
              embed_on_host: bool = False, keep_dequantized: bool = False, experts_direct: bool = False,
-             head_on_host: bool = False, grouped_experts: bool = False) -> Memory:
+             head_on_host: bool = False, grouped_experts: bool = False, adapters_fp32: bool = False) -> Memory:
     """experts4: fused experts kept in 4 bits; compact: capped experts' adapters exist for the chosen ones only (both
     what the fast path does on CUDA); experts_direct: the 4-bit experts' grouped matmuls read the 4 bits directly, so
     no layer of them is dequantized (qtune.modeling.fast.nf4_gmm, with Triton on CUDA); embed_on_host: an untied input
     embedding table in host memory (with CUDA graphs); keep_dequantized: a 4-bit layer's linear weights, dequantized in its checkpoint's recompute, are kept for
     its backward (the fast path's LoRA functions); head_on_host: an untied output head in host memory, copied to the
     GPU for the loss (train.head_on_host); grouped_experts: fused expert and router adapters run split, as grouped
-    matmuls (the fast path), never as PEFT's full-size deltas."""
+    matmuls (the fast path), never as PEFT's full-size deltas; adapters_fp32: every trainable parameter in fp32, fused
+    ones too (FSDP2 of a model without 4-bit weights)."""
     dtype_bytes = 2 if on_gpu else 4
     experts4 = experts4 and on_gpu and bool(arch.num_experts)
     base, q_params, other = base_bytes(model, quant, dtype_bytes, experts4)
@@ -170,8 +171,9 @@ def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, toke
         if head_on_host and on_gpu and lm_head and not arch.tie_word_embeddings else 0
     base -= head
     linear = LORA_BYTES_PER_PARAM if quant.method is QuantMethod.none else QLORA_BYTES_PER_PARAM
+    fused = PARAM_DTYPE_COPIES * (4 if adapters_fp32 else dtype_bytes)
     lora = sum((t.params if compact and t.how == "lora_param" else t.allocated)
-               * (PARAM_DTYPE_COPIES * dtype_bytes if t.how in ("lora_param", "full") else linear)
+               * (fused if t.how in ("lora_param", "full") else linear)
                for t in matched.targets)
     activations = activation_bytes(arch, tokens, gradient_checkpointing, dtype_bytes, offload_inputs, lm_head, head)
     dequantized = 0

@@ -32,6 +32,7 @@ def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] |
     from qtune.modeling.estimate import estimate, experts_4bit, per_process
     from qtune.modeling.fast import graphs_expected, head_on_host, offloads
     from qtune.modeling.fast.nf4_gmm import expected as direct_expected
+    from qtune.config.schema import QuantMethod
     from qtune.modeling.targets import match
     from qtune.stages import compacts, head, lora_settings, sequences
 
@@ -42,7 +43,7 @@ def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] |
     tokens = cfg.data.max_length * t.batch_size * sequences(t.stage)
     graphs = graphs_expected(cfg)  # with them, the untied input embeddings are in host memory
 
-    def one_gpu(fast: str, hosted: bool | None = None):
+    def one_gpu(fast: str, hosted: bool | None = None, fsdp: bool = False):
         if hosted is None:  # train.head_on_host: auto decides on this estimate with the head on the GPU
             hosted = head_on_host(str(t.head_on_host), fast != "false", lambda: one_gpu(fast, False).total,
                                   gpu_bytes if usable is None else lambda: usable)
@@ -53,13 +54,17 @@ def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] |
                         experts_direct=experts4 and direct_expected(str(cfg.quant.method), capability),
                         compact=fast != "false" and compacts(t.stage), lm_head=head(t.stage) == "lm",
                         embed_on_host=fast != "false" and graphs, keep_dequantized=fast != "false" and not offload,
-                        head_on_host=hosted, grouped_experts=fast != "false")
+                        head_on_host=hosted, grouped_experts=fast != "false",
+                        # accelerate's FSDP2 preparation turns a model without 4-bit weights' trainable parameters to
+                        # fp32 master weights (fsdp2_prepare_model, mixed precision on)
+                        adapters_fp32=fsdp and cfg.quant.method is QuantMethod.none)
 
     single = one_gpu(str(t.fast))
     size = max(t.nproc, world().size)  # train.nproc, or the launcher's world under torchrun
     how = strategy(t.distributed, "cuda", size, lambda: single.total)
     # under FSDP2 training takes the reference path (qtune.modeling.fast.decide): no 4-bit experts, no compaction
-    memory = per_process(one_gpu("false") if how == "fsdp" else single, how, size, cfg.model.arch.num_hidden_layers)
+    memory = per_process(one_gpu("false", False, fsdp=True) if how == "fsdp" else single, how, size,
+                         cfg.model.arch.num_hidden_layers)
     return Plan(model, matched, sum(p.numel() for p in model.parameters()), memory, single)
 
 
