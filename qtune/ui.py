@@ -204,7 +204,8 @@ def show_memory(title: str, m: dict) -> None:
                f"{m['base_bytes'] / 2**30:.2f}")
     mt.add_row("LoRA weights + gradients + AdamW states ("
                + ("bf16, as TRL keeps a quantized model's adapters" if m.get("quantized_params") else
-                  "fp32; fused experts' in 16-bit") + ")", f"{m['lora_bytes'] / 2**30:.2f}")
+                  "fp32" if m.get("strategy") == "fsdp" else "fp32; fused experts' in 16-bit") + ")",
+               f"{m['lora_bytes'] / 2**30:.2f}")
     mt.add_row("activations (one micro-batch)", f"{m['activation_bytes'] / 2**30:.2f}")
     if m.get("dequantized_bytes"):
         mt.add_row("one layer's 4-bit weights dequantized to 16-bit (recompute to backward)",
