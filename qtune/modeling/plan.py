@@ -23,21 +23,22 @@ class Plan:
         return self.single.host_head > 0
 
 
-def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] | None = None) -> Plan:
+def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] | None = None, model=None) -> Plan:
     """For one GPU that offers training `usable` bytes (which train.head_on_host=auto weighs) and has this compute
     capability (whether the 4-bit expert kernel runs); by default this machine's GPU, or an 80 GiB H100 without one
-    (qtune.distributed.gpu_bytes, qtune.modeling.fast.nf4_gmm.expected)."""
+    (qtune.distributed.gpu_bytes, qtune.modeling.fast.nf4_gmm.expected). model: this config's meta-device model, if
+    already built (fits() plans many variants of one model)."""
+    from qtune.config.schema import QuantMethod
     from qtune.distributed import gpu_bytes, strategy, world
     from qtune.modeling.arch import meta_model
     from qtune.modeling.estimate import estimate, experts_4bit, per_process
     from qtune.modeling.fast import graphs_expected, head_on_host, offloads
     from qtune.modeling.fast.nf4_gmm import expected as direct_expected
-    from qtune.config.schema import QuantMethod
     from qtune.modeling.targets import match
     from qtune.stages import compacts, head, lora_settings, sequences
 
     t = cfg.train
-    model = meta_model(cfg.model.arch, head(t.stage))
+    model = model if model is not None else meta_model(cfg.model.arch, head(t.stage))
     matched = match(model, lora_settings(cfg), cfg.moe)
     # the tokens one micro-batch puts through a forward that keeps activations (dpo and rm: chosen and rejected)
     tokens = cfg.data.max_length * t.batch_size * sequences(t.stage)
@@ -84,6 +85,10 @@ def fits(cfg: Config, gpus=GPUS) -> list[dict]:
     from dataclasses import replace
 
     from qtune.config.schema import Distributed, QuantMethod
+    from qtune.modeling.arch import meta_model
+    from qtune.stages import head
+
+    model = meta_model(cfg.model.arch, head(cfg.train.stage))  # one build: the variants differ in settings only
 
     def with_(n: int, moe=None) -> Config:
         train = replace(cfg.train, nproc=n, distributed=Distributed.fsdp if n > 1 else Distributed.auto)
@@ -94,7 +99,7 @@ def fits(cfg: Config, gpus=GPUS) -> list[dict]:
         usable = 0.9 * total
 
         def need(n: int, moe=None) -> float:
-            return plan(with_(n, moe), usable, capability).memory.total
+            return plan(with_(n, moe), usable, capability, model).memory.total
 
         one = need(1)
         row = {"gpu": name, "memory_bytes": total, "usable_bytes": usable, "one_gpu_bytes": one,
