@@ -54,7 +54,8 @@ def _gpus() -> tuple:
     if not torch.cuda.is_available():
         return GPUS
     props = torch.cuda.get_device_properties(0)
-    return ((f"this machine's {props.name}", props.total_memory, (props.major, props.minor)), *GPUS)
+    # capability None: this machine's own test (its Triton too), as `train --dry-run` here makes it
+    return ((f"this machine's {props.name}", props.total_memory, None), *GPUS)
 
 
 def run(cfg: Config, json: bool = False, dry_run: bool = True) -> dict:

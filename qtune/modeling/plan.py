@@ -71,13 +71,13 @@ def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] |
 
 # GPUs `inspect-moe` says a config fits or not: (name, memory as torch reports it — the "total capacity" of CUDA's
 # out-of-memory messages, ~0.5 GiB under nvidia-smi's figure —, compute capability)
-GPUS = (("RTX 4090 (24 GB)", 23.55 * 2**30, (8, 9)), ("L40S (48 GB)", 44.39 * 2**30, (8, 9)),
+GPUS = (("RTX 4090 (24 GB)", 23.64 * 2**30, (8, 9)), ("L40S (48 GB)", 44.39 * 2**30, (8, 9)),
         ("H100 (80 GB)", 79.15 * 2**30, (9, 0)), ("H200 (141 GB)", 139.80 * 2**30, (9, 0)))
 WORLD_SIZES = (2, 4, 8)   # the processes (GPUs of one host) tried under FSDP2 when one GPU is too small
 
 
 def fits(cfg: Config, gpus=GPUS) -> list[dict]:
-    """For each (name, bytes, capability) GPU, with 90 % of it usable as train.distributed=auto counts
+    """For each (name, bytes, compute capability or None for this machine's GPU) GPU, with 90 % of it usable as train.distributed=auto counts
     (qtune.distributed.gpu_bytes): whether these settings train on one; if not, the fewest GPUs of that kind that hold
     them under FSDP2 (WORLD_SIZES; never for quant=int8, which FSDP2 cannot shard), and what would fit on one instead:
     the most experts per layer (moe.max_experts, where the fast path cuts the adapters to them) or, failing that, LoRA
