@@ -372,6 +372,7 @@ def show_fits(rows: list[dict]) -> None:
     for f in rows:
         several = "" if f["fits_one"] else (
             f"{f['fsdp_gpus']} ({gib(f['fsdp_bytes_per_gpu'])} each)" if f["fsdp_gpus"]
+            else f"[dim]{f['fsdp_refused']}[/]" if f["fsdp_refused"]
             else f"[red]not on 8[/] ({gib(f['fsdp_bytes_per_gpu'])} each)")
         instead = "" if f["fits_one"] else (f"{f['on_one_instead']} ({gib(f['on_one_instead_bytes'])})"
                                              if f["on_one_instead"] else "[dim]nothing smaller fits[/]")

@@ -75,6 +75,8 @@ def test_inspect_moe_cli_tables_and_json(tmp_path):
     assert data["params"]["trainable"] == closed_form(arch_of("qwen3_235b_a22b"), 8, "all", "lora", 16)
     assert data["layers"][93]["experts"]["experts_adapted"] == 16
     assert {r["gpu"] for r in data["fits"]} >= {"H100 (80 GB)", "H200 (141 GB)"}
+    p = qtune("inspect-moe", "model=qwen3_235b_a22b", "quant=int8", env={"QTUNE_HOME": str(tmp_path)})  # no FSDP2 row
+    assert p.returncode == 0 and "FSDP2 cannot shard int8" in " ".join(p.stdout.split()), p.stdout + p.stderr
     assert not (tmp_path / "models").exists()  # config only: nothing fetched
 
 
@@ -111,7 +113,8 @@ def test_inspect_moe_says_where_235b_fits():
     small = {r["gpu"]: r for r in fits(to_object(compose(["model=qwen3_30b_a3b", "quant=nf4"])))}
     assert all(small[g]["fits_one"] and small[g]["fsdp_gpus"] is None for g in ("L40S (48 GB)", "H100 (80 GB)"))
     int8 = fits(to_object(compose(["model=qwen3_235b_a22b", "quant=int8"])))  # FSDP2 cannot shard int8 weights
-    assert all(r["fsdp_gpus"] is None and r["fsdp_bytes_per_gpu"] is None for r in int8)
+    assert all(r["fsdp_gpus"] is None and r["fsdp_bytes_per_gpu"] is None and "int8" in r["fsdp_refused"]
+               for r in int8)
 
 
 def test_the_estimate_dequantizes_a_layer_where_the_4bit_kernel_does_not_run(monkeypatch):

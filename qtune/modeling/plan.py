@@ -103,10 +103,12 @@ def fits(cfg: Config, gpus=GPUS) -> list[dict]:
 
         one = need(1)
         row = {"gpu": name, "memory_bytes": total, "usable_bytes": usable, "one_gpu_bytes": one,
-               "fits_one": one <= usable, "fsdp_gpus": None, "fsdp_bytes_per_gpu": None, "on_one_instead": None,
-               "on_one_instead_bytes": None}
+               "fits_one": one <= usable, "fsdp_gpus": None, "fsdp_bytes_per_gpu": None, "fsdp_refused": None,
+               "on_one_instead": None, "on_one_instead_bytes": None}
         if not row["fits_one"]:
-            for n in WORLD_SIZES if cfg.quant.method is not QuantMethod.int8 else ():
+            if cfg.quant.method is QuantMethod.int8:
+                row["fsdp_refused"] = "FSDP2 cannot shard int8 weights (quant=nf4 can)"
+            for n in WORLD_SIZES if row["fsdp_refused"] is None else ():
                 row["fsdp_bytes_per_gpu"] = need(n)
                 if row["fsdp_bytes_per_gpu"] <= usable:
                     row["fsdp_gpus"] = n
