@@ -104,13 +104,17 @@ def strategy(choice: Distributed, device: str, size: int, need_bytes: Callable[[
 ASSUMED_GPU_BYTES = 80 * 2**30
 
 
+# What one GPU offers training, of its memory: the allocator's slack and fragmentation take the rest
+USABLE_SHARE = 0.9
+
+
 def gpu_bytes() -> float:
-    """What one GPU offers training: 90 % of its memory (the allocator's slack and fragmentation take the rest)."""
+    """What this machine's GPU offers training (USABLE_SHARE of its memory)."""
     import torch
 
     total = torch.cuda.get_device_properties(world().local_rank).total_memory if torch.cuda.is_available() \
         else ASSUMED_GPU_BYTES
-    return 0.9 * total
+    return USABLE_SHARE * total
 
 
 def backend(choice: Backend, device: str) -> str:

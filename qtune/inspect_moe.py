@@ -41,7 +41,7 @@ def inspect(cfg: Config) -> dict:
         "unmatched": matched.unmatched,
         "params": {"total": total, "trainable": matched.trainable, "allocated": matched.allocated, "by_kind": kinds},
         "memory": mem.as_dict(),
-        "fits": fits(cfg, _gpus()),
+        "fits": fits(cfg, _gpus(), model),
     }
 
 

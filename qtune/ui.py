@@ -364,8 +364,12 @@ def show_fits(rows: list[dict]) -> None:
     """inspect-moe's answer to "which GPU does this need" (qtune.modeling.plan.fits)."""
     from rich.table import Table
 
+    from qtune.distributed import USABLE_SHARE
+    from qtune.modeling.plan import WORLD_SIZES
+
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
-    ft = Table(title="where it fits (estimates; 90 % of a GPU's memory usable, as train.distributed=auto counts)",
+    ft = Table(title=f"where it fits (estimates; {USABLE_SHARE:.0%} of a GPU's memory usable, as "
+                     "train.distributed=auto counts)",
                title_justify="left")
     for col in ("GPU", "usable", "one GPU", "several GPUs of it (FSDP2)", "on one GPU instead"):
         ft.add_column(col)
@@ -373,7 +377,7 @@ def show_fits(rows: list[dict]) -> None:
         several = "" if f["fits_one"] else (
             f"{f['fsdp_gpus']} ({gib(f['fsdp_bytes_per_gpu'])} each)" if f["fsdp_gpus"]
             else f"[dim]{f['fsdp_refused']}[/]" if f["fsdp_refused"]
-            else f"[red]not on 8[/] ({gib(f['fsdp_bytes_per_gpu'])} each)")
+            else f"[red]not on {WORLD_SIZES[-1]}[/] ({gib(f['fsdp_bytes_per_gpu'])} each)")
         instead = "" if f["fits_one"] else (f"{f['on_one_instead']} ({gib(f['on_one_instead_bytes'])})"
                                              if f["on_one_instead"] else "[dim]nothing smaller fits[/]")
         ft.add_row(f["gpu"], gib(f["usable_bytes"]),

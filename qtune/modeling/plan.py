@@ -76,19 +76,22 @@ GPUS = (("RTX 4090 (24 GB)", 23.64 * 2**30, (8, 9)), ("L40S (48 GB)", 44.39 * 2*
 WORLD_SIZES = (2, 4, 8)   # the processes (GPUs of one host) tried under FSDP2 when one GPU is too small
 
 
-def fits(cfg: Config, gpus=GPUS) -> list[dict]:
-    """For each (name, bytes, compute capability or None for this machine's GPU) GPU, with 90 % of it usable as train.distributed=auto counts
-    (qtune.distributed.gpu_bytes): whether these settings train on one; if not, the fewest GPUs of that kind that hold
+def fits(cfg: Config, gpus=GPUS, model=None) -> list[dict]:
+    """For each (name, bytes, compute capability or None for this machine's GPU) GPU, with the share of it usable that
+    train.distributed=auto counts (qtune.distributed.USABLE_SHARE): whether these settings train on one; if not, the fewest GPUs of that kind that hold
     them under FSDP2 (WORLD_SIZES; never for quant=int8, which FSDP2 cannot shard), and what would fit on one instead:
     the most experts per layer (moe.max_experts, where the fast path cuts the adapters to them) or, failing that, LoRA
-    on attention only (moe=none)."""
+    on attention only (moe=none). model: this config's meta-device model, if already built; the variants share it
+    (they differ in settings only)."""
     from dataclasses import replace
 
     from qtune.config.schema import Distributed, QuantMethod
+    from qtune.distributed import USABLE_SHARE
     from qtune.modeling.arch import meta_model
     from qtune.stages import head
 
-    model = meta_model(cfg.model.arch, head(cfg.train.stage))  # one build: the variants differ in settings only
+    if model is None:
+        model = meta_model(cfg.model.arch, head(cfg.train.stage))
 
     def with_(n: int, moe=None) -> Config:
         train = replace(cfg.train, nproc=n, distributed=Distributed.fsdp if n > 1 else Distributed.auto)
@@ -96,7 +99,7 @@ def fits(cfg: Config, gpus=GPUS) -> list[dict]:
 
     rows = []
     for name, total, capability in gpus:
-        usable = 0.9 * total
+        usable = USABLE_SHARE * total
 
         def need(n: int, moe=None) -> float:
             return plan(with_(n, moe), usable, capability, model).memory.total
