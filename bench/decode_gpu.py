@@ -5,9 +5,9 @@ Variants (32-token prompt, NEW new tokens, min_new_tokens so all produce the sam
 at the same length, so compilation and cache sizing stay outside the clock):
   plain            model.generate(), dynamic cache (what a transformers user gets)
   static           generate with cache_implementation="static" (transformers compiles the step)
-  qtune_graph      qtune.inference.Generation, greedy: qtune.decoding, one CUDA graph a token (chat/serve default)
+  qtune_graph      qtune.inference.load.Generation, greedy: qtune.inference.decoding, one CUDA graph a token (chat/serve default)
   qtune_graph_chat the same with chat's sampling defaults (temperature 0.7, top-p 0.9, top-k 20, penalty 1.05)
-  qtune_static     qtune.inference.Generation with chat.cache=static (the path before qtune.decoding)
+  qtune_static     qtune.inference.load.Generation with chat.cache=static (the path before qtune.inference.decoding)
   graph_replay     the captured step alone, replayed back to back: the GPU's time a token, no Python at all
   seed_nf4_adapter the seed recipe's chat: nf4 base + unmerged LoRA adapter, plain generate
 Correctness: the tokens greedy graph decoding chose, and those plain and static generate chose, are checked
@@ -105,7 +105,7 @@ def run_group(group):
             print(checks[name], flush=True)
             save()
 
-    from qtune.inference import Generation, Loaded, Sampling
+    from qtune.inference.load import Generation, Loaded, Sampling
 
     loaded = Loaded(model, tok, tok.chat_template, "bench")
     prompt = tok.decode(ids[0])

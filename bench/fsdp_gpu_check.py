@@ -8,7 +8,7 @@ Qwen3 (tied embeddings, built locally into a temporary QTUNE_HOME):
           got mixed torch.Tensor and DTensor"), then the final adapter gathered and a sample generated under FSDP
   resume  the same command after adapter/, summary.json and checkpoint-4 are removed: it resumes from checkpoint-2
           (saved right after an evaluation) and must give the fresh run's losses at steps 3 and 4
---without-fix launches qtune with qtune.distributed.unshard_skipped_units turned into a no-op (the code before the
+--without-fix launches qtune with qtune.training.distributed.unshard_skipped_units turned into a no-op (the code before the
 fix, less its refusal): on torch before pytorch#180426/#180428 (2.11) the fresh case must fail with that error, which
 this script then reports as REPRODUCED. NVLink multicast stays off (the device machine's rule). Exit status 1 when a
 case fails.
@@ -31,7 +31,7 @@ ARGS = [f"data.path={REPO}/data/demo/captains_log.jsonl", f"data.eval_path={REPO
         "train.warmup_ratio=0", "train.report_to=[]", "train.grad_accum=1", "train.lr=5e-3", "lora.dropout=0",
         "train.sample_prompts=[Hello]", "train.sample_max_new_tokens=3", "train.distributed=fsdp"]
 WITHOUT_FIX = """import runpy, sys
-import qtune.distributed as d
+import qtune.training.distributed as d
 d.unshard_skipped_units = lambda *a, **k: 0  # the code before the fix (its CUDA refusal aside)
 sys.argv[0] = "qtune"
 runpy.run_module("qtune", run_name="__main__")

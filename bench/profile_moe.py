@@ -28,7 +28,7 @@ def build(path: str, variant: str):
 
     from qtune.config import compose, to_object
     from qtune.modeling import fast as fastpath
-    from qtune.modeling.fast import moe
+    from qtune.modeling.fast import experts as moe
     from qtune.modeling.load import load_model
     from qtune.modeling.targets import match, peft_config
 

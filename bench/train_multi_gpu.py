@@ -9,7 +9,7 @@ Rows (random checkpoints shaped as qtune's model configs; speed and memory do no
            train.distributed=fsdp (FSDP2 over the 4-bit weights stored in bf16) against ddp: tokens/s and the
            per-GPU peak (FSDP's should be about the 4-bit weights / N plus two layers, ddp's the whole model)
   sweep    four 8B nf4 jobs (lora=r8,r16,r32,r64) through hydra/launcher=joblib with n_jobs=4: each job must take a
-           GPU of its own (qtune.launch.claim_gpus); a sampler reads nvidia-smi every 2 s for the GPUs that ran
+           GPU of its own (qtune.training.launch.claim_gpus); a sampler reads nvidia-smi every 2 s for the GPUs that ran
            qtune processes; reports the sweep's wall time against the sum of its jobs' times
 qtune trains through its real CLI (bench/common.py's qtune_train: median tokens/s of the logged steps after the
 third, from metrics.jsonl; peaks from summary.json, which rank 0 writes). NVLink multicast stays off (the device

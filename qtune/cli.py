@@ -1,7 +1,7 @@
 """The `qtune` command: one thin function per verb.
 
 Each verb takes Hydra overrides as trailing arguments, composes the config, and calls its module's `run`
-(`qtune train` -> `qtune.train.run`, imported inside the function below that names the verb). torch/transformers
+(`qtune train` -> `qtune.commands.train.run`, imported inside the function below that names the verb). torch/transformers
 load inside the verbs, so `qtune --help` is instant.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _dispatch(run, overrides: Optional[List[str]], show_cfg: bool, multirun: boo
 
     overrides = list(overrides or [])
     if multirun:
-        from qtune import sweep
+        from qtune.commands import sweep
 
         sweep.run(run, overrides, flags)
         return
@@ -55,7 +55,7 @@ def download(overrides: Overrides = None, cfg: ShowCfg = False, dry_run: DryRun 
     Examples: `qtune download model=qwen3_8b` · `qtune download model=qwen3_8b model.revision=<sha> --dry-run` ·
     `qtune download` (the embedded SmolLM2, converted locally from its GGUF file; no network)
     """
-    from qtune.download import run
+    from qtune.commands.download import run
 
     _dispatch(run, overrides, cfg, dry_run=dry_run)
 
@@ -66,7 +66,7 @@ def prepare(overrides: Overrides = None, cfg: ShowCfg = False, dry_run: DryRun =
 
     Examples: `qtune prepare data.path=chats.jsonl` · `qtune prepare model=qwen3_8b data.path=alpaca.json data.max_length=4096 --dry-run`
     """
-    from qtune.prepare import run
+    from qtune.commands.prepare import run
 
     _dispatch(run, overrides, cfg, dry_run=dry_run)
 
@@ -77,7 +77,7 @@ def inspect_moe(overrides: Overrides = None, cfg: ShowCfg = False, dry_run: DryR
 
     Examples: `qtune inspect-moe model=qwen3_30b_a3b moe=expert_only lora=r16` · `qtune inspect-moe model=qwen3_235b_a22b moe=all moe.max_experts=16 --json`
     """
-    from qtune.inspect_moe import run
+    from qtune.commands.inspect_moe import run
 
     _dispatch(run, overrides, cfg, json=json, dry_run=dry_run)
 
@@ -89,7 +89,7 @@ def train(overrides: Overrides = None, cfg: ShowCfg = False, multirun: Multirun 
     Examples: `qtune train model=qwen3_8b quant=nf4 lora=r64 data.path=chats.jsonl` ·
     `qtune train --dry-run model=qwen3_30b_a3b quant=nf4` · `qtune train -m lora=r16,r64 train.lr=1e-4,2e-4`
     """
-    from qtune.train import run
+    from qtune.commands.train import run
 
     _dispatch(run, overrides, cfg, multirun, dry_run=dry_run)
 
@@ -100,7 +100,7 @@ def merge(overrides: Overrides = None, cfg: ShowCfg = False) -> None:
 
     Examples: `qtune merge run=runs/my-run` · `qtune merge run=runs/my-run merge.gguf=[f16,q8_0]`
     """
-    from qtune.merge import run
+    from qtune.commands.merge import run
 
     _dispatch(run, overrides, cfg)
 
@@ -112,7 +112,7 @@ def chat(overrides: Overrides = None, cfg: ShowCfg = False,
 
     Examples: `qtune chat run=runs/my-run` · `qtune chat --prompt "Hello" chat.temperature=0`
     """
-    from qtune.chat import run
+    from qtune.commands.chat import run
 
     _dispatch(run, overrides, cfg, prompt=prompt)
 
@@ -123,7 +123,7 @@ def serve(overrides: Overrides = None, cfg: ShowCfg = False) -> None:
 
     Examples: `qtune serve run=runs/my-run` · `qtune serve serve.port=9000 serve.api_key=secret`
     """
-    from qtune.serve import run
+    from qtune.commands.serve import run
 
     _dispatch(run, overrides, cfg)
 
@@ -134,7 +134,7 @@ def eval_(overrides: Overrides = None, cfg: ShowCfg = False) -> None:
 
     Examples: `qtune eval run=runs/my-run eval.prompts=prompts.jsonl`
     """
-    from qtune.eval import run
+    from qtune.commands.eval import run
 
     _dispatch(run, overrides, cfg)
 

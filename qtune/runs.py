@@ -13,7 +13,7 @@ from qtune.io import atomic_write_text
 
 def write_config(folder: Path, cfg: Config, distributed: dict | None = None) -> Path:
     """Save the fully resolved config as `config.yaml` in folder (atomically); `distributed`: what a training run was
-    launched as (qtune.distributed.Setup.record(): world size, strategy, global batch), kept beside it."""
+    launched as (qtune.training.distributed.Setup.record(): world size, strategy, global batch), kept beside it."""
     import yaml
 
     path = Path(folder) / "config.yaml"
@@ -116,7 +116,7 @@ def _started_by_qtune(out: Path) -> bool:
     except (OSError, yaml.YAMLError):
         return False
     ours = {"config.yaml", "checkpoints", "tensorboard", "metrics.jsonl", "samples.jsonl", "loss.png", "experts.json",
-            "job.json"}  # job.json: a sweep job's row (qtune.sweep)
+            "job.json"}  # job.json: a sweep job's row (qtune.commands.sweep)
     return (isinstance(saved, dict) and {"model", "train", "lora"} <= saved.keys()
             and all(p.name in ours or p.name.startswith(".") for p in out.iterdir()))
 

@@ -178,7 +178,7 @@ def test_serve_answers_eight_concurrent_clients(server):
 
 def test_vllm_engine_builds_its_command(tmp_path):
     from qtune.config import compose, to_object
-    from qtune.serve import vllm_command
+    from qtune.commands.serve import vllm_command
 
     run = tmp_path / "myrun"
     (run / "adapter").mkdir(parents=True)
@@ -221,7 +221,7 @@ def test_qwen3_moe_gguf_in_llama_cpp_layout_loads_back(tmp_path, tiny_qwen3_moe)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qtune.gguf_export import export, verify
+    from qtune.export.gguf import export, verify
 
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen3_moe, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tiny_qwen3_moe)
@@ -247,7 +247,7 @@ def test_qwen3_moe_gguf_in_llama_cpp_layout_loads_back(tmp_path, tiny_qwen3_moe)
 
 def test_gguf_refusals_are_one_line(tmp_path):
     from qtune.errors import ConfigError
-    from qtune.gguf_export import export
+    from qtune.export.gguf import export
 
     class Cfg:
         model_type = "mixtral"

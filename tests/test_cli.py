@@ -16,7 +16,7 @@ VERBS = ["download", "prepare", "inspect-moe", "train", "merge", "chat", "serve"
 
 def test_the_cli_has_exactly_the_eight_verbs_each_calling_its_module():
     """The registered commands are the eight verbs (no more, none missing), `--help` lists them, and each command
-    calls its own module's run (qtune inspect-moe -> qtune.inspect_moe.run)."""
+    calls its own module's run (qtune inspect-moe -> qtune.commands.inspect_moe.run)."""
     import inspect
 
     from qtune.cli import app
@@ -27,7 +27,7 @@ def test_the_cli_has_exactly_the_eight_verbs_each_calling_its_module():
     assert all(verb in out for verb in VERBS)
     for c in app.registered_commands:
         module = (c.name or c.callback.__name__).replace("-", "_")
-        assert f"from qtune.{module} import run" in inspect.getsource(c.callback), module
+        assert f"from qtune.commands.{module} import run" in inspect.getsource(c.callback), module
 
 
 @pytest.mark.parametrize("verb", VERBS)

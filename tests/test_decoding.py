@@ -1,4 +1,4 @@
-"""qtune.decoding's step, run eagerly on CPU, against transformers' generate (the GPU graph path is benchmarked
+"""qtune.inference.decoding's step, run eagerly on CPU, against transformers' generate (the GPU graph path is benchmarked
 and checked token by token against eager logits in bench/decode_gpu.py)."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def model(tiny_qwen3):
 
 
 def decode(model, ids, n, **kw):
-    from qtune.decoding import GraphDecoder
+    from qtune.inference.decoding import GraphDecoder
 
     out: list[int] = []
     count, reason = GraphDecoder(model, graph=False, compile=False).generate(ids, n, out.append, **kw)
@@ -56,7 +56,7 @@ def test_stops_at_end_of_text_and_when_asked(model):
     finally:
         model.generation_config.eos_token_id = [7, 11]
     seen: list[int] = []
-    from qtune.decoding import GraphDecoder
+    from qtune.inference.decoding import GraphDecoder
 
     count, reason = GraphDecoder(model, graph=False, compile=False).generate(
         ids, 40, seen.append, should_stop=lambda: len(seen) >= 3, min_new_tokens=40)
@@ -65,7 +65,7 @@ def test_stops_at_end_of_text_and_when_asked(model):
 
 @pytest.mark.parametrize("top_k", [5, 0])
 def test_sampling_follows_the_filtered_distribution(model, top_k):
-    from qtune.decoding import _Step
+    from qtune.inference.decoding import _Step
 
     step = _Step(model, 64, sample=True, top_k=top_k, eos=[], graph=False)
     logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0] + [-30.0] * (step.seen.numel() - 5))
@@ -89,7 +89,7 @@ def test_chat_streams_the_same_text_through_the_decoder(smol, smollm2):
     from transformers import AutoTokenizer
 
     from qtune.config.schema import ChatConfig
-    from qtune.inference import Generation, Loaded
+    from qtune.inference.load import Generation, Loaded
 
     tok = AutoTokenizer.from_pretrained(smollm2)
     loaded = Loaded(smol, tok, tok.chat_template, "smol")
@@ -106,7 +106,7 @@ def test_chat_streams_the_same_text_through_the_decoder(smol, smollm2):
 def test_graph_decoding_is_refused_for_unmerged_adapters(model):
     from peft import LoraConfig, get_peft_model
 
-    from qtune.decoding import cache_length, supported
+    from qtune.inference.decoding import cache_length, supported
 
     assert supported(model) is None
     peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
@@ -116,7 +116,7 @@ def test_graph_decoding_is_refused_for_unmerged_adapters(model):
 
         from qtune.errors import ConfigError
         from qtune.config.schema import ChatConfig
-        from qtune.inference import Generation, Loaded
+        from qtune.inference.load import Generation, Loaded
 
         tok = AutoTokenizer.from_pretrained(model.name_or_path)
         with pytest.raises(ConfigError, match="chat.cache=graph: cannot decode an unmerged adapter"):
@@ -132,7 +132,7 @@ _GENERATE = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from qtune.config.schema import ChatConfig
-from qtune.inference import Generation, Loaded
+from qtune.inference.load import Generation, Loaded
 path, cache = sys.argv[1:]
 tok = AutoTokenizer.from_pretrained(path)
 if cache == "nf4+adapter":

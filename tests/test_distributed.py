@@ -80,7 +80,7 @@ def test_the_plan_gives_memory_per_gpu_for_the_world_and_strategy(tmp_path):
     (plus the two layers being gathered); auto picks DDP while one GPU holds the run (a 32B in nf4), FSDP2 when it
     cannot (a 32B in 16-bit needs ~66 GiB, over 90 % of the 80 GiB assumed without a GPU: here, DDP; 235B: FSDP2)."""
     from qtune.config import compose, to_object
-    from qtune.train import plan
+    from qtune.commands.train import plan
 
     def mem(*overrides):
         return plan(to_object(compose(["model=qwen3_32b", "quant=nf4", *overrides])))["memory"]
@@ -253,7 +253,7 @@ def test_torchrun_one_gpu_nf4(tmp_path, tiny_qwen3):
 def test_fsdp2_on_one_gpu_trains_through_a_checkpoint_after_an_evaluation_and_resumes(tmp_path, tiny_qwen3, quant):
     """FSDP2 under torchrun with one process, 16-bit and 4-bit: an evaluation then a checkpoint at step 2, and the step
     after them (it failed with "aten.embedding.default got mixed torch.Tensor and DTensor" before
-    qtune.distributed.unshard_skipped_units, on torch 2.11); the adapter gathered and a sample generated after the last
+    qtune.training.distributed.unshard_skipped_units, on torch 2.11); the adapter gathered and a sample generated after the last
     evaluation; then a resume from that checkpoint gives the same losses. bench/fsdp_gpu_check.py runs the same by
     hand (and, with --without-fix, shows the failure)."""
     import math

@@ -103,7 +103,7 @@ def test_errors_are_one_line(hub, tmp_path, overrides, endpoint, fragment):
 
 
 def test_missing_shard_is_caught(tmp_path, tiny_qwen3):
-    from qtune.hub import verify
+    from qtune.modeling.hub import verify
     from qtune.errors import DownloadError
 
     local = tmp_path / "m"

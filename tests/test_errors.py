@@ -207,7 +207,7 @@ FILE_CASES = [
     ("eval", ["run={rm}", "eval.models=[base]"], "eval.models: base: ", lambda tmp, run: None),
     ("merge", ["run={rm}", "merge.gguf=[f16]"], "is a reward model (train.stage=rm), which merges into a "
      "sequence-classification checkpoint only", lambda tmp, run: None),
-    # a resume that would change what a step means (qtune.distributed.check_resume; tiny_run: global batch 1)
+    # a resume that would change what a step means (qtune.training.distributed.check_resume; tiny_run: global batch 1)
     ("train", [*TRAIN, "train.output_dir={run}", "train.grad_accum=2"],
      "was trained with a global batch of 1 (1 × 1 × 1 process), this run's is 2; keep it (train.grad_accum=1 with 1 "
      "process)", _resumable()),

@@ -326,7 +326,7 @@ def test_tiny_qwen3_loss_and_gradients_match_the_reference(tiny_qwen3):
 @pytest.mark.parametrize("moe", ["expert_only", "all"])
 def test_tiny_qwen3_moe_grouped_experts_match_the_reference(tiny_qwen3_moe, moe, monkeypatch):
     """Grouped expert matmuls with split LoRA against PEFT's full-delta ParamWrapper: experts, router and attention."""
-    from qtune.modeling.fast import moe as fast_moe
+    from qtune.modeling.fast import experts as fast_moe
 
     calls = []
     monkeypatch.setattr(fast_moe.ExpertsLoRA, "forward", staticmethod(
@@ -495,7 +495,7 @@ def _a3b_block():
     from peft import get_peft_model
 
     from qtune.config import compose, to_object
-    from qtune.modeling.fast import moe
+    from qtune.modeling.fast import experts as moe
     from qtune.modeling.targets import match, peft_config
 
     cfg = to_object(compose(["model=qwen3_30b_a3b", "moe=expert_only", "lora.dropout=0"]))
@@ -513,7 +513,7 @@ def test_gpu_nf4_experts_stay_close_to_16_bit():
     weights (dequantized back), an output within nf4's rounding of the 16-bit block's, and most expert memory freed."""
     import bitsandbytes.functional as bnbf
 
-    from qtune.modeling.fast import moe
+    from qtune.modeling.fast import experts as moe
 
     m, block = _a3b_block()
     experts = block.experts.base_layer.base_layer
@@ -550,7 +550,7 @@ def test_gpu_experts_become_4bit_while_loading(tmp_path):
     from peft import get_peft_model
 
     from qtune.config import compose, to_object
-    from qtune.modeling.fast import moe
+    from qtune.modeling.fast import experts as moe
     from qtune.modeling.load import load_model
     from qtune.modeling.targets import match, peft_config
 

@@ -330,7 +330,7 @@ def test_gpu_moe_graph_step_equals_the_eager_step(tiny_qwen3_moe, what):
     """An MoE micro-step captured as a graph — grouped-matmul experts with split LoRA (on a 2-layer Qwen3-30B-A3B shape
     with the experts in nf4), varlen attention, and the load-balancing loss TRL adds — equals the eager step: loss
     within 0.2 %, every LoRA gradient at cosine >= 0.995; the balancing loss reaches the trainer's metrics."""
-    from qtune.modeling.fast import moe as fast_moe
+    from qtune.modeling.fast import experts as fast_moe
     from qtune.modeling.fast.graph import GraphedStep
     from qtune.modeling.fast.lora import seed_of
     from test_fast import _a3b

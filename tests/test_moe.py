@@ -17,7 +17,7 @@ FAST = ["train.grad_accum=1", "train.logging_steps=1", "train.warmup_ratio=0", "
 
 def report(*overrides: str) -> dict:
     from qtune.config import compose, to_object
-    from qtune.inspect_moe import inspect
+    from qtune.commands.inspect_moe import inspect
 
     return inspect(to_object(compose(list(overrides))))
 
@@ -180,7 +180,7 @@ def test_each_scope_trains_exactly_what_it_names(tmp_path, tiny_qwen3_moe, overr
     import torch
 
     from qtune.config import compose, to_object
-    from qtune.merging import merge
+    from qtune.export.merging import merge
     from qtune.runs import run_config
     from qtune.modeling.arch import meta_model
     from qtune.modeling.targets import match
@@ -239,9 +239,9 @@ def test_fast_path_adapter_is_peft_format_and_merges_exactly(tmp_path, tiny_qwen
     from transformers import AutoModelForCausalLM
 
     from qtune.config import compose, to_object
-    from qtune.merging import merge
+    from qtune.export.merging import merge
     from qtune.runs import run_config
-    from qtune.modeling.fast import lora, moe
+    from qtune.modeling.fast import experts as moe, lora
 
     run = tmp_path / "run"
     p = qtune("train", "model=tiny_qwen3_moe", *DEMO, *FAST, f"train.output_dir={run}", "train.max_steps=3",
@@ -294,7 +294,7 @@ def test_fast_path_max_experts_allocates_only_the_chosen_experts(tmp_path, tiny_
     from transformers import AutoModelForCausalLM
 
     from qtune.config import compose, to_object
-    from qtune.modeling.fast import moe
+    from qtune.modeling.fast import experts as moe
     from qtune.modeling.targets import match, peft_config
 
     run = tmp_path / "run"
@@ -375,7 +375,7 @@ def test_the_reference_paths_full_size_expert_deltas_are_in_the_estimate():
     from qtune.config import compose, to_object
     from qtune.modeling.estimate import PARAM_WRAPPER_COPIES, delta_params
     from qtune.modeling.targets import match, peft_config
-    from qtune.stages import lora_settings
+    from qtune.training.trainers import lora_settings
 
     cfg = to_object(compose(["model=tiny_qwen3_moe"]))
     config = Qwen3MoeConfig(vocab_size=256, hidden_size=1024, moe_intermediate_size=512, num_experts=8,

@@ -109,7 +109,7 @@ def test_gpu_fused_4bit_experts_equal_the_dequantizing_path(monkeypatch):
     without Triton): same output and same input and LoRA gradients up to the order of bf16 sums, on A3B shapes."""
     from test_fast import _a3b_block, _cos
 
-    from qtune.modeling.fast import moe
+    from qtune.modeling.fast import experts as moe
 
     m, block = _a3b_block()
     moe.quantize_experts(m, "nf4")

@@ -195,7 +195,7 @@ def test_dpo_sweep_summary_shows_the_reward_figures(tmp_path, tiny_qwen3):
 
 def test_the_plan_counts_pairs_twice_and_a_reward_models_score_head():
     from qtune.config import compose, to_object
-    from qtune.train import plan
+    from qtune.commands.train import plan
 
     def p(*o):
         return plan(to_object(compose(["model=qwen3_8b", "quant=nf4", *o])))
@@ -218,8 +218,8 @@ def test_reward_model_plan_equals_peft(tiny_qwen3):
 
     from qtune.config import compose, to_object
     from qtune.modeling.targets import match, peft_config
-    from qtune.stages import lora_settings
-    from qtune.train import plan
+    from qtune.training.trainers import lora_settings
+    from qtune.commands.train import plan
 
     cfg = to_object(compose(["model=tiny_qwen3", "train.stage=rm", "lora=all_linear"]))
     model = AutoModelForSequenceClassification.from_pretrained(tiny_qwen3, num_labels=1, dtype=torch.float32)

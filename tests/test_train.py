@@ -276,7 +276,7 @@ def test_dry_run_counts_equal_peft(model_name, overrides, request):
 
     from qtune.config import compose, to_object
     from qtune.modeling.targets import match, peft_config
-    from qtune.train import plan
+    from qtune.commands.train import plan
 
     folder = request.getfixturevalue({"smollm2_135m": "smollm2"}.get(model_name, model_name))
     cfg = to_object(compose([f"model={model_name}", *overrides]))
@@ -304,7 +304,7 @@ def test_dry_run_prints_targets_and_memory_without_weights(tmp_path):
 
 def test_memory_estimate_orders_quant_methods():
     from qtune.config import compose, to_object
-    from qtune.train import plan
+    from qtune.commands.train import plan
 
     def base(*over):
         return plan(to_object(compose(["model=qwen3_8b", *over])))["memory"]["base_bytes"] / 2**30

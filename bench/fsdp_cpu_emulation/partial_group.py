@@ -4,7 +4,7 @@ head (as TRL's fused LM head), two training steps, an evaluation (no_grad forwar
 a training step.   python3 bench/fsdp_cpu_emulation/partial_group.py native|old|old+fix
   native   this torch as it is (2.13: passes)
   old      grouped hooks as in torch 2.11 (old_torch.py): "aten.embedding.default got mixed torch.Tensor and DTensor"
-  old+fix  the same with qtune.distributed.unshard_skipped_units on the unit's modules: passes"""
+  old+fix  the same with qtune.training.distributed.unshard_skipped_units on the unit's modules: passes"""
 import os
 import sys
 from pathlib import Path
@@ -49,7 +49,7 @@ for layer in m.layers:
 fully_shard([m.embed, m.head], reshard_after_forward=False)
 fully_shard(m)
 if mode == "old+fix":
-    from qtune.distributed import unshard_skipped_units
+    from qtune.training.distributed import unshard_skipped_units
 
     unshard_skipped_units(m, [m.embed, m.head])
 opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)

@@ -370,7 +370,7 @@ class TrainConfig:
     overwrite: bool = False
     merge_after: bool = False
     device: str = "auto"               # auto | cpu | cuda
-    # Several processes (qtune.distributed): nproc > 1 starts them through torch's elastic launcher (torchrun's
+    # Several processes (qtune.training.distributed): nproc > 1 starts them through torch's elastic launcher (torchrun's
     # engine), one per GPU; under torchrun or `accelerate launch` the launcher's world size applies instead.
     nproc: int = 1
     distributed: Distributed = Distributed.auto
@@ -423,7 +423,7 @@ class ChatConfig:
     top_k: int = 20
     repetition_penalty: float = 1.05
     enable_thinking: bool = False
-    # auto: on a GPU, CUDA-graph decoding (qtune.decoding) for 16-bit models without unmerged adapters, else a
+    # auto: on a GPU, CUDA-graph decoding (qtune.inference.decoding) for 16-bit models without unmerged adapters, else a
     # static cache that transformers compiles; dynamic on CPU | dynamic | static | graph
     cache: str = "auto"
 

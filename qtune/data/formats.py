@@ -9,7 +9,7 @@ Accepted layouts (detected per record, overridable per source with `format=`):
   prompt_completion  {"prompt", "completion"}
   reasoning          a question, a thinking/reasoning field and an answer (rendered as Qwen3 <think> blocks)
   text               {"text"}: plain text for continued pre-training (no template, every token trained)
-Preference records (train.stage=dpo|kto|rm; qtune.data.pairs normalizes them):
+Preference records (train.stage=dpo|kto|rm; qtune.data.preference normalizes them):
   preference           {"prompt" | "messages", "chosen", "rejected"}: strings or message lists
   sharegpt_preference  {"conversations", "chosen": {"from", "value"}, "rejected": {...}} (as LLaMA-Factory writes them)
   kto                  {"prompt", "completion", "label": true|false}: strings or message lists
@@ -263,7 +263,7 @@ def normalize(rec: Record, fmt: str = "auto", stage: str = "sft") -> Example:
         raise DataError(f"{where}: train.stage={stage} trains on {STAGE_DATA[stage]}; this record is {fmt} "
                         f"(keys: {', '.join(sorted(data))})")
     if fmt not in LM_FORMATS:
-        from qtune.data.pairs import normalize_preference  # (that module builds on this one's readers)
+        from qtune.data.preference import normalize_preference  # (that module builds on this one's readers)
 
         return normalize_preference(data, fmt, where)
     if fmt == "text":

@@ -3,7 +3,7 @@
 The cache key covers the data bytes, the tokenizer, the chat template and every setting that changes
 the result, so a rerun is a hit and any change is a miss. The folder appears atomically.
 Layout: <cache>/<name>/<fingerprint>/{train,eval}/ (datasets), stats.json, rejects.jsonl.
-What a split holds follows train.stage (qtune.data.pairs.KINDS): input_ids + labels, packed (pt, sft); prompt_ids,
+What a split holds follows train.stage (qtune.data.preference.KINDS): input_ids + labels, packed (pt, sft); prompt_ids,
 chosen_ids, rejected_ids (dpo, rm); prompt_ids, completion_ids, label (kto).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from qtune.config.schema import DataConfig, OnError, SourceConfig, TrainOn
-from qtune.data import formats, pairs
+from qtune.data import formats, preference
 from qtune.data.template import Markers, assistant_spans, label_mask, probe_markers, render, resolve_template
 from qtune.errors import DataError
 from qtune.io import atomic_dir, atomic_write_json
@@ -61,7 +61,7 @@ def _setup(data: DataConfig, tokenizer, model_name: str, chat_template: str | No
     sources = sources_of(data)
     template, warning = resolve_template(tokenizer, chat_template, model_name)
     # preference answers end where the assistant's turn does, whatever data.train_on says
-    needs_markers = data.train_on is not TrainOn.all or pairs.KINDS[stage] != "lm"
+    needs_markers = data.train_on is not TrainOn.all or preference.KINDS[stage] != "lm"
     markers = probe_markers(tokenizer, template) if needs_markers else Markers("", "")
     return sources, template, warning, markers
 
@@ -217,7 +217,7 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
     import datasets
 
     datasets.disable_progress_bars()
-    kind = pairs.KINDS[stage]
+    kind = preference.KINDS[stage]
     sources, template, warning, markers = _setup(data, tokenizer, model_name, chat_template, stage)
     warnings = [warning] if warning else []
     fp = fingerprint(data, sources, tokenizer, template, stage)
@@ -261,14 +261,14 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
         if kind == "lm":
             ds = tokenize(items, tokenizer, template, markers, data, f"{fp}-{split}")
         else:
-            items = pairs.unpair(items, data.seed) if kind == "unpaired" else items
-            ds = pairs.tokenize(items, tokenizer, template, markers, data, f"{fp}-{split}", kind)
+            items = preference.unpair(items, data.seed) if kind == "unpaired" else items
+            ds = preference.tokenize(items, tokenizer, template, markers, data, f"{fp}-{split}", kind)
         kept = ds.filter(lambda t: [x > 0 for x in t], input_columns="trainable", batched=True,
                          new_fingerprint=hashlib.sha1(f"{fp}-{split}-kept".encode()).hexdigest())
         named = sources + [SourceConfig(path=data.eval_path)] if data.eval_path else sources
         stats[split] = split_stats(ds, kept, named, data.max_length)
         if kind != "lm":
-            stats[split].update(pairs.pair_stats(ds))
+            stats[split].update(preference.pair_stats(ds))
         if not len(kept):
             raise DataError(f"data: no {split} example has a trainable token left "
                             f"(all {len(ds)} dropped; raise data.max_length or check data.train_on)")
@@ -278,7 +278,7 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
 
     with atomic_dir(out) as tmp:
         for split, ds in splits.items():
-            ds = ds.select_columns(pairs.model_columns(kind))
+            ds = ds.select_columns(preference.model_columns(kind))
             if data.packing and kind == "lm":
                 from trl import pack_dataset
 
@@ -299,7 +299,7 @@ def _informative(examples: list, identical: list[str]) -> list:
     """The examples less pairs whose chosen and rejected answers are the same (their places go to `identical`)."""
     kept = []
     for ex in examples:
-        if pairs.identical(ex):
+        if preference.identical(ex):
             identical.append(ex.where)
         else:
             kept.append(ex)
@@ -356,8 +356,8 @@ def preview(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
     per_source = [load_examples(s, data.on_error, rejects, data.system_prompt, stage) for s in sources]
     first = [(i, ex) for i, items in enumerate(per_source) for ex in items][:n]
     counts = [(s.path, len(items)) for s, items in zip(sources, per_source)]
-    if pairs.KINDS[stage] != "lm":
-        return pairs.preview(first, tokenizer, template, markers, data), counts, len(rejects), warning
+    if preference.KINDS[stage] != "lm":
+        return preference.preview(first, tokenizer, template, markers, data), counts, len(rejects), warning
     enc = _tokenize_batch({"conv": [json.dumps(e.messages) if e.messages else None for _, e in first],
                            "text": [e.text for _, e in first]}, tokenizer, template, markers, data.max_length,
                           str(data.train_on), data.enable_thinking)

@@ -89,7 +89,7 @@ def experts_4bit(fast: str, quant: QuantConfig) -> bool:
 
 def base_bytes(model, quant: QuantConfig, dtype_bytes: int, experts4: bool = False) -> tuple[float, int, int]:
     """(bytes, quantized params, 16-bit params) of the frozen base as it will sit in memory. experts4: fused expert
-    tensors in bitsandbytes 4-bit blocks of 64 with double-quantized absmax (qtune.modeling.fast.moe)."""
+    tensors in bitsandbytes 4-bit blocks of 64 with double-quantized absmax (qtune.modeling.fast.experts)."""
     seen: set[int] = set()
     q_bytes, q_params, other = 0.0, 0, 0
     if experts4:

@@ -19,14 +19,14 @@ def load_tokenizer(model: ModelConfig, paths: PathsConfig):
         if model.source is ModelSource.hub:
             from huggingface_hub import snapshot_download
 
-            from qtune.hub import explain_hub_error
+            from qtune.modeling.hub import explain_hub_error
 
             try:
                 snapshot_download(model.repo_id, revision=model.revision, local_dir=local, allow_patterns=TOKENIZER_FILES)
             except Exception as e:
                 raise QtuneError(explain_hub_error(e, model)) from None
         else:
-            from qtune.hub import ensure_model
+            from qtune.modeling.hub import ensure_model
 
             ensure_model(model, paths=paths)
     tok = AutoTokenizer.from_pretrained(local, trust_remote_code=model.trust_remote_code)
@@ -97,8 +97,8 @@ def load_model(folder: Path, model: ModelConfig, quant: QuantConfig, device: str
                experts_4bit: bool = False, quant_storage=None, head: str = "lm"):
     """The base model for training: quantized per `quant`, on `device`, SDPA (flash-attention when installed).
     experts_4bit (the fast path's MoE on CUDA with quant=nf4|fp4): fused expert tensors, which bitsandbytes leaves in
-    16 bits, become 4-bit one at a time as they load (qtune.modeling.fast.moe). quant_storage: see bnb_config.
-    head="score": the base under a new one-output sequence-classification head (a reward model, qtune.stages), drawn
+    16 bits, become 4-bit one at a time as they load (qtune.modeling.fast.experts). quant_storage: see bnb_config.
+    head="score": the base under a new one-output sequence-classification head (a reward model, qtune.training.trainers), drawn
     from the current seed."""
     import contextlib
     import importlib.util
@@ -108,7 +108,7 @@ def load_model(folder: Path, model: ModelConfig, quant: QuantConfig, device: str
     auto, extra = model_class(head)
     experts = contextlib.nullcontext()
     if experts_4bit and device.startswith("cuda") and quant.method in (QuantMethod.nf4, QuantMethod.fp4):
-        from qtune.modeling.fast.moe import four_bit_while_loading
+        from qtune.modeling.fast.experts import four_bit_while_loading
 
         experts = four_bit_while_loading(str(quant.method))
     with experts:

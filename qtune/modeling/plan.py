@@ -26,16 +26,16 @@ class Plan:
 def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] | None = None, model=None) -> Plan:
     """For one GPU that offers training `usable` bytes (which train.head_on_host=auto weighs) and has this compute
     capability (whether the 4-bit expert kernel runs); by default this machine's GPU, or an 80 GiB H100 without one
-    (qtune.distributed.gpu_bytes, qtune.modeling.fast.nf4_gmm.expected). model: this config's meta-device model, if
+    (qtune.training.distributed.gpu_bytes, qtune.modeling.fast.nf4_gmm.expected). model: this config's meta-device model, if
     already built (fits() plans many variants of one model)."""
     from qtune.config.schema import QuantMethod
-    from qtune.distributed import gpu_bytes, strategy, world
+    from qtune.training.distributed import gpu_bytes, strategy, world
     from qtune.modeling.arch import meta_model
     from qtune.modeling.estimate import estimate, experts_4bit, per_process
     from qtune.modeling.fast import graphs_expected, head_on_host, offloads
     from qtune.modeling.fast.nf4_gmm import expected as direct_expected
     from qtune.modeling.targets import match
-    from qtune.stages import compacts, head, lora_settings, sequences
+    from qtune.training.trainers import compacts, head, lora_settings, sequences
 
     t = cfg.train
     model = model if model is not None else meta_model(cfg.model.arch, head(t.stage))
@@ -78,7 +78,7 @@ WORLD_SIZES = (2, 4, 8)   # the processes (GPUs of one host) tried under FSDP2 w
 
 def fits(cfg: Config, gpus=GPUS, model=None) -> list[dict]:
     """For each (name, bytes, compute capability or None for this machine's GPU) GPU, with the share of it usable that
-    train.distributed=auto counts (qtune.distributed.USABLE_SHARE): whether these settings train on one; if not, the fewest GPUs of that kind that hold
+    train.distributed=auto counts (qtune.training.distributed.USABLE_SHARE): whether these settings train on one; if not, the fewest GPUs of that kind that hold
     them under FSDP2 (WORLD_SIZES; never for quant=int8, which FSDP2 cannot shard), and what would fit on one instead:
     the most experts per layer (moe.max_experts, where the fast path cuts the adapters to them) or, failing that, LoRA
     on attention only (moe=none). model: this config's meta-device model, if already built; the variants share it
@@ -86,9 +86,9 @@ def fits(cfg: Config, gpus=GPUS, model=None) -> list[dict]:
     from dataclasses import replace
 
     from qtune.config.schema import Distributed, QuantMethod
-    from qtune.distributed import USABLE_SHARE
+    from qtune.training.distributed import USABLE_SHARE
     from qtune.modeling.arch import meta_model
-    from qtune.stages import head
+    from qtune.training.trainers import head
 
     if model is None:
         model = meta_model(cfg.model.arch, head(cfg.train.stage))

@@ -13,7 +13,7 @@ path (plain transformers + PEFT) by parity tests:
     for the backward (qtune.modeling.fast.offload);
   - moe: every MoE expert block as one autograd function of grouped matmuls over the routed tokens, with the
     LoRA term split (x·Aᵀ)·Bᵀ instead of PEFT's full-size delta, and (quant=nf4|fp4 on CUDA) the fused expert
-    tensors kept in 4 bits, which bitsandbytes leaves in 16 (qtune.modeling.fast.moe);
+    tensors kept in 4 bits, which bitsandbytes leaves in 16 (qtune.modeling.fast.experts);
   - attention: packed rows (data.packing) through flash attention's varlen kernel, each example attending to itself
     without a mask (qtune.modeling.fast.attention);
   - graphs (`train.cuda_graphs`, auto: on where it applies): a micro-step's forward, loss and backward captured
@@ -198,19 +198,18 @@ def apply_lora(fast: FastPath, peft_model, quant: str = "none") -> None:
     expert function on every MoE expert block (after PEFT); `quant` nf4|fp4 on CUDA keeps experts in 4 bits."""
     if not fast.on:
         return
-    from qtune.modeling.fast import lora
-    from qtune.modeling.fast import moe
+    from qtune.modeling.fast import experts as grouped, lora
 
     layers, blocks = lora.patch(peft_model, lean=fast.offloader is not None)
     if layers:
         fast.pieces.append(f"fused LoRA on {layers} linear layers" + (f" and {blocks} SwiGLU MLP blocks" if blocks else ""))
     else:
         fast.notes.append("no LoRA linear layer the fused function supports")
-    experts = moe.patch(peft_model)
+    experts = grouped.patch(peft_model)
     if experts:
         fast.pieces.append(f"grouped-matmul experts with split LoRA in {experts} MoE blocks")
         if quant in ("nf4", "fp4"):
-            _, kept = moe.quantize_experts(peft_model, quant)
+            _, kept = grouped.quantize_experts(peft_model, quant)
             if kept:
                 fast.pieces.append(f"experts kept in {quant} ({kept / 2**30:.2f} GiB)")
             else:
@@ -257,7 +256,7 @@ def graphs_expected(cfg) -> bool:
     GPU run would find (bf16, sdpa, Triton)."""
     import torch
 
-    from qtune.distributed import world
+    from qtune.training.distributed import world
     from qtune.errors import ConfigError
 
     t = cfg.train
@@ -285,9 +284,9 @@ def compact_experts(fast: FastPath, peft_model, selection: dict[str, list[int]])
     only, in every expert block the grouped function runs; returns those blocks (the rest keep gradient masks)."""
     if not fast.on or not selection:
         return []
-    from qtune.modeling.fast import moe
+    from qtune.modeling.fast import experts
 
-    blocks = moe.compact(peft_model, selection)
+    blocks = experts.compact(peft_model, selection)
     if blocks:
         n = len(next(iter(selection.values())))
         fast.pieces.append(f"adapters for the {n} chosen experts only in {len(blocks)} MoE blocks")

@@ -1,6 +1,6 @@
 """The Triton kernel behind qtune.modeling.fast.nf4_gmm (imported only where it runs: it imports Triton).
 
-Expert weights W (E, R, C) stay as bitsandbytes packs them (qtune.modeling.fast.moe.quantize_experts): the tensor
+Expert weights W (E, R, C) stay as bitsandbytes packs them (qtune.modeling.fast.experts.quantize_experts): the tensor
 flattened row by row, two 4-bit codes a byte (the first in the high nibble), one absmax a block of 64 elements, itself
 kept in 8 bits (double quantization: code2[absmax8] · nested[block // 256] + offset). C is a multiple of 64, so a block
 never crosses a row.

@@ -17,7 +17,7 @@ What it takes, and what this module does about it:
     (one accumulation step) or are added to them (gradient accumulation), as autograd would have.
   - attention: with varlen attention (qtune.modeling.fast.attention) the batch's sequence boundaries go into a buffer
     of the graph's, sized for the most sequences a prepared row holds, padded with empty sequences;
-  - MoE: the grouped-matmul experts (qtune.modeling.fast.moe) route without a host sync and grouped matmuls capture,
+  - MoE: the grouped-matmul experts (qtune.modeling.fast.experts) route without a host sync and grouped matmuls capture,
     so an MoE step is captured the same way; the router's load-balancing loss is added as TRL adds it.
 What stays outside the graph: the data loader, the optimizer step, gradient clipping, the scheduler and logging,
 all once a step rather than once a layer. TRL's per-step metrics (entropy, token accuracy) are computed in the
@@ -208,7 +208,7 @@ class GraphedStep:
 
 def trainer_class(base):
     """`base` (TRL's SFTTrainer) replaying a GraphedStep for every batch it fits; the others run as `base` runs them.
-    The trainer's `qtune_graph` is set after construction (qtune.stages.build_trainer)."""
+    The trainer's `qtune_graph` is set after construction (qtune.training.trainers.build_trainer)."""
 
     class Graphed(base):
         qtune_graph: GraphedStep | None = None

@@ -36,7 +36,7 @@ def _hopper_or_later(index: int) -> bool:
 def expected(method: str, capability: tuple[int, int] | None = None) -> bool:
     """Whether a training run would read its `quant.method` experts in 4 bits (the dry run's estimate): NF4, with
     Triton and a Hopper-or-later GPU. capability: that GPU's (CUDA builds of torch bring Triton); None: this machine's
-    GPU, or, on a machine without one, an H100 (the 80 GiB GPU qtune.distributed assumes there)."""
+    GPU, or, on a machine without one, an H100 (the 80 GiB GPU qtune.training.distributed assumes there)."""
     if method != "nf4":
         return False
     if capability is not None:
@@ -48,7 +48,7 @@ def expected(method: str, capability: tuple[int, int] | None = None) -> bool:
 
 def supports(x: torch.Tensor, state) -> bool:
     """Whether the kernel can take these weights: NF4 on a Hopper-or-later GPU, blocks of 64 that never cross a row
-    (C % 64 == 0) and double-quantized absmax, as qtune.modeling.fast.moe.quantize_experts keeps them, and rows of
+    (C % 64 == 0) and double-quantized absmax, as qtune.modeling.fast.experts.quantize_experts keeps them, and rows of
     16-byte multiples for the tensor-memory accelerator (R % 8 == 0). Anything else is dequantized instead."""
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and getattr(state, "quant_type", None) == "nf4"
             and getattr(state, "nested", False) and state.blocksize == 64 and len(state.shape) == 3

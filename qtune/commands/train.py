@@ -1,4 +1,4 @@
-"""`qtune train`: LoRA / QLoRA with TRL's trainers into a run folder, at the stage `train.stage` names (qtune.stages).
+"""`qtune train`: LoRA / QLoRA with TRL's trainers into a run folder, at the stage `train.stage` names (qtune.training.trainers).
 
 The recipe, top to bottom:
   1. decide what the output folder means: a fresh run, a resume, or a refusal
@@ -9,7 +9,7 @@ The recipe, top to bottom:
   5. the stage's TRL trainer (SFT, DPO, KTO, Reward); callbacks write metrics.jsonl and loss.png, show progress,
      stop on NaN and turn SIGINT/SIGTERM into a checkpoint and a clean exit
   6. the final adapter, written atomically, and summary.json
-With several processes (train.nproc=N: qtune.launch; torchrun; accelerate launch) every process runs this recipe;
+With several processes (train.nproc=N: qtune.training.launch; torchrun; accelerate launch) every process runs this recipe;
 rank 0 decides what the folder means and prepares the data first, and alone writes the run folder.
 Run folder: config.yaml, checkpoints/checkpoint-N/, adapter/, metrics.jsonl, loss.png, tensorboard/,
 samples.jsonl, summary.json.
@@ -34,8 +34,9 @@ def run(cfg: Config, dry_run: bool = False):
     from qtune.data.prepare import check_inputs
 
     check_inputs(cfg.data)                       # cheap checks first: no model loads, no heavy imports for a typo
-    from qtune import distributed as dist
-    from qtune import launch, runs, ui
+    from qtune.training import distributed as dist
+    from qtune.training import launch
+    from qtune import runs, ui
 
     if cfg.train.init_adapter:
         runs.adapter_folder(cfg.train.init_adapter, "train.init_adapter")
@@ -86,7 +87,7 @@ def _train(cfg: Config, trainer, nan, out: Path, resume) -> float:
     """Run the trainer; returns its seconds. Every way a run stops short ends here: out of memory and a non-finite
     loss as a TrainingError, a signal as a saved checkpoint and exit status 130/143."""
     from qtune import ui
-    from qtune.callbacks import GracefulStop
+    from qtune.training.callbacks import GracefulStop
 
     if resume and _finished(trainer, resume):
         # transformers' loop takes a step before it checks max_steps, so resuming from the last step's checkpoint (a
@@ -123,7 +124,7 @@ def _merge_after(cfg: Config, out: Path) -> str:
     import gc
 
     from qtune import ui
-    from qtune.merging import merge
+    from qtune.export.merging import merge
 
     gc.collect()
     result = merge(cfg, out / "adapter", out / "merged", warn=ui.print_warning)
@@ -155,8 +156,8 @@ def plan(cfg: Config, show: bool = False) -> dict:
 
 
 def _setup(cfg: Config, device: str):
-    """What the processes ask of the engines (qtune.distributed.Setup), their process group joined (one process: none)."""
-    from qtune import distributed as dist
+    """What the processes ask of the engines (qtune.training.distributed.Setup), their process group joined (one process: none)."""
+    from qtune.training import distributed as dist
 
     def one_gpu_bytes() -> float:
         from qtune.modeling.plan import plan as make_plan
@@ -172,7 +173,7 @@ def _setup(cfg: Config, device: str):
 def _data(cfg: Config, setup):
     from qtune import ui
     from qtune.data.prepare import prepare
-    from qtune.distributed import check_rows, main_first
+    from qtune.training.distributed import check_rows, main_first
     from qtune.modeling.load import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model, cfg.paths)
@@ -200,7 +201,7 @@ def _expert_selection(cfg: Config, model, matched, out: Path, train_ds) -> dict:
         return {}
     selection = moe.load_selection(out)
     if selection is None:
-        from qtune.data.pairs import token_row
+        from qtune.data.preference import token_row
         from qtune.data.prepare import row_tensors
 
         batches = [row_tensors(token_row(train_ds[i]), model.device) for i in range(min(len(train_ds), 16))]
@@ -216,19 +217,19 @@ def _model(cfg: Config, setup, device: str, dtype, out: Path, train_ds):
     from transformers import set_seed
 
     from qtune import ui
-    from qtune.hub import ensure_model
+    from qtune.modeling.hub import ensure_model
     from qtune.modeling.load import load_model
     from qtune.modeling.targets import apply_dropout, check, match, peft_config, unmatched_message
 
     from qtune.modeling import fast as fastpath
-    from qtune.stages import compacts, head, lora_settings
+    from qtune.training.trainers import compacts, head, lora_settings
 
     folder = ensure_model(cfg.model, cfg.download, cfg.paths, warn=ui.print_warning)
     set_seed(cfg.train.seed)  # LoRA's A matrices (and rm's score head) are drawn now, before the trainer seeds anything
     fsdp = setup.strategy == "fsdp"
     fast = fastpath.decide(str(cfg.train.fast), device, fsdp=fsdp)
     with ui.status(f"loading {cfg.model.name}"):
-        # under FSDP2 the sharding checkpoints activations (qtune.distributed.trainer_args) and the 4-bit weights are
+        # under FSDP2 the sharding checkpoints activations (qtune.training.distributed.trainer_args) and the 4-bit weights are
         # stored in the model's dtype so that they shard
         model = load_model(folder, cfg.model, cfg.quant, device, dtype, cfg.train.gradient_checkpointing and not fsdp,
                            experts_4bit=fast.on, quant_storage=dtype if fsdp else None, head=head(cfg.train.stage))
@@ -246,7 +247,7 @@ def _model(cfg: Config, setup, device: str, dtype, out: Path, train_ds):
         ui.print_warning(unmatched_message(pattern, cfg.model.name, matched.is_moe))
     from peft import get_peft_model
 
-    from qtune.distributed import main_first
+    from qtune.training.distributed import main_first
 
     with main_first(setup):  # rank 0 measures and keeps experts.json; the others read it
         selection = _expert_selection(cfg, model, matched, out, train_ds)
@@ -276,8 +277,8 @@ def _model(cfg: Config, setup, device: str, dtype, out: Path, train_ds):
         from qtune.modeling.moe import restrict
 
         restrict(model, selection)  # blocks the fast path did not compact keep all experts' adapters, masked
-    if fsdp:  # the units TRL's fused LM head leaves half-run (qtune.distributed.unshard_skipped_units)
-        from qtune.distributed import unshard_skipped_units
+    if fsdp:  # the units TRL's fused LM head leaves half-run (qtune.training.distributed.unshard_skipped_units)
+        from qtune.training.distributed import unshard_skipped_units
 
         unshard_skipped_units(model)
     ui.info(fast.describe())
@@ -296,9 +297,10 @@ def _trainer(cfg: Config, setup, model, tokenizer, prepared, out: Path, resume, 
     which TRL repeats when it turns checkpointing back on; with fast.graphs, SFT steps replay a CUDA graph."""
     import os
 
-    from qtune import stages, ui
-    from qtune.callbacks import MetricsCallback, NanGuard, ProgressCallback, StopOnSignal, WorldRecord
-    from qtune.distributed import check_wrapped, trainer_args, world
+    from qtune.training import trainers as stages
+    from qtune import ui
+    from qtune.training.callbacks import MetricsCallback, NanGuard, ProgressCallback, StopOnSignal, WorldRecord
+    from qtune.training.distributed import check_wrapped, trainer_args, world
 
     train_ds = prepared.load("train")
     eval_ds = prepared.load("eval")
@@ -348,7 +350,7 @@ def _samples(cfg: Config, model, tokenizer, out: Path, when: str, write: bool = 
     if not cfg.train.sample_prompts:
         return None
     from qtune.data.template import resolve_template
-    from qtune.inference import answer, prompt_tensors
+    from qtune.inference.load import answer, prompt_tensors
 
     template, _ = resolve_template(tokenizer, cfg.model.chat_template, cfg.model.name)
     rows = []
@@ -369,10 +371,10 @@ def _samples(cfg: Config, model, tokenizer, out: Path, when: str, write: bool = 
 
 def _finish(cfg: Config, setup, trainer, tokenizer, out: Path, seconds: float, samples_before,
             resumed_from: int | None) -> dict | None:
-    from qtune import stages
-    from qtune.callbacks import peak_memory, plot_losses, training_peak_memory, training_reserved_peak
-    from qtune.distributed import adapter_state
-    from qtune.distributed import world
+    from qtune.training import trainers as stages
+    from qtune.training.callbacks import peak_memory, plot_losses, training_peak_memory, training_reserved_peak
+    from qtune.training.distributed import adapter_state
+    from qtune.training.distributed import world
     from qtune.io import atomic_dir, atomic_write_json
 
     # First what every process takes part in (collectives): the final evaluation, the adapter gathered from FSDP's

@@ -25,7 +25,7 @@ class Loaded:
     base_name: str                # the name requests use for the base model
     adapters: dict[str, Path] = field(default_factory=dict)
     label: str = ""               # what was loaded, for people
-    decoder: object = None        # a GraphDecoder, made on first use where one can run (qtune.decoding)
+    decoder: object = None        # a GraphDecoder, made on first use where one can run (qtune.inference.decoding)
     notice: object = None         # where one-off notes go (a verb passes its terminal's; else the `qtune` logger)
 
     def names(self) -> list[str]:
@@ -107,9 +107,9 @@ def load_folder(path: Path, device: str, dtype):
 def load_with_adapters(rcfg: Config, adapters: dict[str, Path], device: str, dtype, warn=None):
     """A run's base loaded as it was trained (quant=nf4 stays 4-bit) with every adapter in `adapters` loaded
     by name, the first one active; the bare base when there are none."""
-    from qtune.hub import ensure_model
+    from qtune.modeling.hub import ensure_model
     from qtune.modeling.load import load_model
-    from qtune.stages import head
+    from qtune.training.trainers import head
 
     base = load_model(ensure_model(rcfg.model, rcfg.download, rcfg.paths, warn=warn), rcfg.model, rcfg.quant,
                       device, dtype, gradient_checkpointing=False, head=head(rcfg.train.stage))
@@ -189,13 +189,13 @@ class Generation:
                            repetition_penalty=sampling.repetition_penalty, streamer=self.streamer,
                            stopping_criteria=StoppingCriteriaList([_Stop()]),
                            pad_token_id=tok.pad_token_id, use_cache=True)
-        # On a GPU, a 16-bit model without unmerged adapters decodes through qtune.decoding (one CUDA graph a
+        # On a GPU, a 16-bit model without unmerged adapters decodes through qtune.inference.decoding (one CUDA graph a
         # token); other GPU models through generate's static cache, which transformers compiles; on CPU the
         # compilation costs more than it saves (docs/benchmarks.md).
         self.sampling = sampling
         self.decoder = None
         if sampling.cache == "graph" or (sampling.cache == "auto" and device.type == "cuda"):
-            from qtune import decoding
+            from qtune.inference import decoding
 
             why = decoding.supported(loaded.model)
             if why is None:

@@ -49,7 +49,7 @@ class MetricsCallback(TrainerCallback):
         self.run_dir = Path(run_dir)
         self.curve = curve
         self._last = None  # (time, tokens) at the previous training log
-        from qtune.distributed import world
+        from qtune.training.distributed import world
 
         if not world().main:  # one writer: rank 0 (its logs carry the losses and token counts of all processes)
             return
@@ -274,7 +274,7 @@ class GracefulStop:
         return self
 
     def _handle(self, signum, frame):
-        from qtune.distributed import world
+        from qtune.training.distributed import world
 
         say = world().main  # every process of a run gets the signal; one says so
         if self.signal is not None:  # asked twice: stop without saving
@@ -295,7 +295,7 @@ class GracefulStop:
 
 class StopOnSignal(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
-        from qtune.distributed import any_rank
+        from qtune.training.distributed import any_rank
 
         stop = GracefulStop.current
         # processes get a signal at slightly different steps; they must save (a collective under FSDP) at the same one
@@ -306,7 +306,7 @@ class StopOnSignal(TrainerCallback):
 
 
 class WorldRecord(TrainerCallback, ExportableState):
-    """Keeps the run's qtune.distributed.Setup in every checkpoint's trainer_state.json (the Trainer saves the state of
+    """Keeps the run's qtune.training.distributed.Setup in every checkpoint's trainer_state.json (the Trainer saves the state of
     ExportableState callbacks), so a resume can tell whether the checkpoint still means the same there."""
 
     def __init__(self, **setup):

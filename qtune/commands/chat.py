@@ -21,7 +21,7 @@ DIM, RESET, BOLD = "\x1b[2m", "\x1b[0m", "\x1b[1m"
 
 def run(cfg: Config, prompt: str | None = None):
     from qtune import ui
-    from qtune.inference import load
+    from qtune.inference.load import load
 
     with ui.status("loading"):
         loaded = load(cfg, use=cfg.chat.use)
@@ -49,7 +49,7 @@ class Session:
 
     def ask(self, text: str, out=sys.stdout, color: bool = True) -> str:
         """Stream the answer to `text` into `out`; Ctrl-C stops it and keeps what was written."""
-        from qtune.inference import Generation, render
+        from qtune.inference.load import Generation, render
 
         self.history.append({"role": "user", "content": text})
         shown = _ThinkingSplitter(out, color)

@@ -56,7 +56,7 @@ def check_exports(cfg: Config, adapter: Path) -> None:
 
 def merge(cfg: Config, adapter: Path, out: Path, warn=None) -> dict:
     """Fold `adapter` into the base, check parity, save into `out` atomically; `warn` takes warnings (a verb's terminal)."""
-    from qtune.stages import head
+    from qtune.training.trainers import head
 
     scorer = head(cfg.train.stage) == "score"
     check_exports(cfg, adapter)
@@ -66,7 +66,7 @@ def merge(cfg: Config, adapter: Path, out: Path, warn=None) -> dict:
     import torch
     from peft import PeftModel
 
-    from qtune.hub import ensure_model
+    from qtune.modeling.hub import ensure_model
     from qtune.io import atomic_dir, atomic_write_json
     from qtune.modeling.load import load_tokenizer, model_class, torch_dtype
 
@@ -118,7 +118,7 @@ GGUF_MIN_AGREEMENT = {"f16": 0.98, "q8_0": 0.8}
 
 
 def _gguf(merged, tokenizer, tmp: Path, out: Path, qtype: str, inputs) -> dict:
-    from qtune.gguf_export import export, verify
+    from qtune.export.gguf import export, verify
 
     name = f"{out.name}-{qtype}.gguf"
     export(merged, tokenizer, tmp / name, qtype)
@@ -161,7 +161,7 @@ def _cuda() -> bool:
 
 def _parity_inputs(model, tokenizer, cfg: Config) -> list[dict]:
     from qtune.data.template import resolve_template
-    from qtune.inference import prompt_tensors
+    from qtune.inference.load import prompt_tensors
 
     template, _ = resolve_template(tokenizer, cfg.model.chat_template, cfg.model.name)
     return [prompt_tensors(model, tokenizer, template, [{"role": "user", "content": p}], None) for p in PARITY_PROMPTS]

@@ -1,7 +1,7 @@
 """Training on several processes, through the engines made for it.
 
-- The processes: `train.nproc=N` starts them (qtune.launch, through torch's elastic launcher, the engine behind
-  `torchrun`); under torchrun or `accelerate launch` they are the launcher's. Each runs the same `qtune.train.run(cfg)`
+- The processes: `train.nproc=N` starts them (qtune.training.launch, through torch's elastic launcher, the engine behind
+  `torchrun`); under torchrun or `accelerate launch` they are the launcher's. Each runs the same `qtune.commands.train.run(cfg)`
   and reads where it stands from the variables every torch launcher sets (RANK, LOCAL_RANK, WORLD_SIZE).
 - transformers' Trainer, through accelerate, wraps the model (DDP, or FSDP2), gives each process its own shard of the
   batches, and counts the loss's tokens over all processes (average_tokens_across_devices), so the loss per token is
@@ -24,7 +24,7 @@ from qtune.errors import ConfigError, DataError
 # How long a process waits for the others at a collective: rank 0 prepares the data while the others wait at a
 # barrier, which can take long on a big data set (torch's default, 30 minutes, would cut it short).
 TIMEOUT_S = 3 * 3600
-RECORD = "WorldRecord"  # the callback (qtune.callbacks) whose state each checkpoint's trainer_state.json keeps
+RECORD = "WorldRecord"  # the callback (qtune.training.callbacks) whose state each checkpoint's trainer_state.json keeps
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ def evaluate_sweep(cfg: Config, folder: Path) -> list[dict]:
         jcfg.run, jcfg.eval.models, jcfg.eval.output_dir = str(job), ["adapter"], None
         report = run(jcfg)["models"]["adapter"]
         row.update({f"eval_{k}": report.get(k) for k in SWEEP_COLUMNS})
-    from qtune.stages import SWEEP_COLUMNS as STAGE_COLUMNS
+    from qtune.training.trainers import SWEEP_COLUMNS as STAGE_COLUMNS
 
     trained = [c for c in STAGE_COLUMNS if c in (rows[0] if rows else {})]  # the training's own figures stay in the tables
     for row in rows:
@@ -220,7 +220,7 @@ def _load(rcfg: Config, group: list[Candidate], tokenizer, device: str, dtype):
     """One model for the group (inference's loaders): a model folder, or the base with the group's adapters, where
     `using("base")` switches the adapters off."""
     from qtune.data.template import resolve_template
-    from qtune.inference import Loaded, load_folder, load_with_adapters
+    from qtune.inference.load import Loaded, load_folder, load_with_adapters
     from qtune.ui import print_warning
 
     template, _ = resolve_template(tokenizer, rcfg.model.chat_template, rcfg.model.name)
@@ -276,7 +276,7 @@ def answer(loaded, prompt: dict, cfg: Config, rcfg: Config, index: int) -> dict:
     import torch
 
     from qtune.evaluation.metrics import consistency, reference_scores
-    from qtune.inference import answer as generate, prompt_tensors
+    from qtune.inference.load import answer as generate, prompt_tensors
 
     messages = ([{"role": "system", "content": prompt["system"]}] if prompt["system"] else []) + \
         [{"role": "user", "content": prompt["prompt"]}]

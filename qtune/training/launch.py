@@ -1,6 +1,6 @@
 """Starting the processes of a run: `train.nproc=N` as `torchrun --standalone --nproc_per_node N` starts them (torch's
 elastic launcher: a rendezvous on a free local port, the environment, failure handling), and GPUs of their own for the
-jobs of a parallel sweep. What the processes then ask of the engines is qtune.distributed's.
+jobs of a parallel sweep. What the processes then ask of the engines is qtune.training.distributed's.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from qtune.config.schema import TrainConfig
-from qtune.distributed import launched, world
+from qtune.training.distributed import launched, world
 from qtune.errors import ConfigError, QtuneError
 
 # After SIGINT/SIGTERM the launcher waits this long for the processes to save a checkpoint before it kills them.
@@ -115,7 +115,7 @@ def start(fn: Callable, cfg, nproc: int, **flags):
         job = Path(tmp) / "job.pkl"
         job.write_bytes(pickle.dumps((fn, cfg, flags)))  # fn by reference: the processes import it
         try:
-            elastic_launch(config, sys.executable)("-m", "qtune.launch", str(job))
+            elastic_launch(config, sys.executable)("-m", "qtune.training.launch", str(job))
         except ChildFailedError as e:
             raise _failure(Path(tmp), e) from None
         except SignalException as e:  # the processes got the signal too and saved what they could

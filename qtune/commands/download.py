@@ -1,4 +1,4 @@
-"""`qtune download`: put a model's files in `model.local_dir`, complete and verified (qtune.hub does the work)."""
+"""`qtune download`: put a model's files in `model.local_dir`, complete and verified (qtune.modeling.hub does the work)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,7 @@ from qtune.config.schema import Config
 
 def run(cfg: Config, dry_run: bool = False) -> Path | None:
     from qtune import ui
-    from qtune.hub import ensure_model, plan_download
+    from qtune.modeling.hub import ensure_model, plan_download
 
     if dry_run:
         plan = plan_download(cfg.model, cfg.download)

@@ -1,12 +1,12 @@
 """`qtune merge`: fold a run's adapter into 16-bit base weights, save a standalone model, prove parity (the work is
-qtune.merging's; this verb reads the run, checks the output folder and reports)."""
+qtune.export.merging's; this verb reads the run, checks the output folder and reports)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from qtune.config.schema import Config, QuantMethod
 from qtune.errors import ConfigError
-from qtune.merging import check_exports, check_output, merge
+from qtune.export.merging import check_exports, check_output, merge
 from qtune.runs import run_config, run_folder
 
 
@@ -20,7 +20,7 @@ def run(cfg: Config):
     from qtune.modeling.load import quiet_libraries
 
     quiet_libraries()
-    from qtune.gguf_export import TYPES
+    from qtune.export.gguf import TYPES
 
     bad = [t for t in cfg.merge.gguf if t not in TYPES]
     if bad:

@@ -8,7 +8,7 @@
            answer's neighbour in its batch, as TRL builds them
   rm       RewardTrainer on prompt+chosen and prompt+rejected ids; the model is the base with a one-output
            sequence-classification head (`score`), trained whole next to the LoRA layers and saved in the adapter
-qtune.data.prepare has rendered, tokenized and truncated the records (qtune.data.pairs), so the trainers' own dataset
+qtune.data.prepare has rendered, tokenized and truncated the records (qtune.data.preference), so the trainers' own dataset
 passes are skipped. The losses are TRL's own.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from qtune.config.schema import Config, LoraConfig
 
 SCORE_HEAD = "score"  # transformers' name for the sequence-classification head of Qwen3 and Llama models
 
-# the figure loss.png plots beside the loss, per stage (metrics.jsonl's names, see qtune.callbacks.METRIC_NAMES)
+# the figure loss.png plots beside the loss, per stage (metrics.jsonl's names, see qtune.training.callbacks.METRIC_NAMES)
 CURVE = {"dpo": "reward_margin", "kto": "reward_margin", "rm": "reward_accuracy"}
 
 # the stage's own figures that summary.json and a sweep's summary carry (the last eval value, else the last train one)
@@ -82,7 +82,7 @@ def training_args(cfg: Config, out: Path, has_eval: bool, device: str, model_dty
     """The stage's TRL config. `reentrant`: how the model checkpoints activations (TRL switches checkpointing off for
     reference forwards and back on with these kwargs). `evaluate_first`: a preference stage's first eval runs before
     any step, so metrics.jsonl shows where its figures started (fresh runs only: a resume would log it twice).
-    `extra`: more TrainingArguments (several processes: qtune.distributed.trainer_args)."""
+    `extra`: more TrainingArguments (several processes: qtune.training.distributed.trainer_args)."""
     import torch
 
     t, stage = cfg.train, cfg.train.stage

@@ -92,7 +92,7 @@ def run(cfg: Config):
     import uvicorn
 
     from qtune import ui
-    from qtune.inference import load
+    from qtune.inference.load import load
 
     with ui.status("loading"):
         loaded = load(cfg, use="adapter", extra_adapters=dict(cfg.serve.adapters))
@@ -191,7 +191,7 @@ def build_app(loaded, cfg: Config):
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from qtune.inference import Generation, render
+    from qtune.inference.load import Generation, render
 
     app = FastAPI(title="qtune serve")
     app.add_middleware(Guard, limit=cfg.serve.max_body_bytes, api_key=cfg.serve.api_key)
@@ -428,7 +428,7 @@ def _text_chunk(rid, model, piece, first=False, finish=None):
 
 def vllm_command(cfg: Config) -> list[str]:
     """vLLM's OpenAI server over the run's base with its adapter(s) as LoRA modules."""
-    from qtune.hub import ensure_model
+    from qtune.modeling.hub import ensure_model
     from qtune.ui import print_warning
     from qtune.runs import adapter_folder, run_config, run_folder
 

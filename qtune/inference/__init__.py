@@ -1,0 +1,1 @@
+"""Inference: a run's base + adapters loaded, generation, CUDA-graph decoding."""

@@ -1,0 +1,1 @@
+"""Training glue: the trainers' wiring, callbacks, several processes and their launch."""
