@@ -33,6 +33,7 @@ def main(rows: int) -> None:
     from qtune.config.schema import DataConfig
     from qtune.data.prepare import prepare
     from qtune.modeling.assets import qwen3_tokenizer
+    from qtune.stages import get
 
     home = Path(os.environ.get("QTUNE_HOME", Path.home() / ".cache" / "qtune"))
     tok = qwen3_tokenizer(home)
@@ -41,10 +42,10 @@ def main(rows: int) -> None:
         make_rows(rows, src)
         cfg = DataConfig(path=str(src), cache_dir=str(Path(tmp) / "cache"), val_size=0.01)
         t = time.perf_counter()
-        res = prepare(cfg, tok, "qwen3")
+        res = prepare(cfg, tok, "qwen3", None, get("sft").data)
         cold = time.perf_counter() - t
         t = time.perf_counter()
-        assert prepare(cfg, tok, "qwen3").cache_hit
+        assert prepare(cfg, tok, "qwen3", None, get("sft").data).cache_hit
         hit = time.perf_counter() - t
     s = res.stats["train"]
     print(json.dumps({"bench": "prepare_alpaca", "rows": rows, "seconds_cold": round(cold, 1),

@@ -178,10 +178,9 @@ def show_lora_plan(cfg, matched, total_params: int, mem) -> None:
 
     for pattern in matched.unmatched:
         print_warning(unmatched_message(pattern, cfg.model.name, matched.is_moe))
-    stage = cfg.train.stage
-    rows = {"dpo": " × 2 (chosen and rejected), reference forwards without gradients",
-            "rm": " × 2 (chosen and rejected), one-output score head",
-            "kto": ", KL and reference forwards without gradients"}.get(stage, "")
+    from qtune.stages import get
+
+    stage, rows = cfg.train.stage, get(cfg.train.stage).forwards
     where = "GPU memory" if mem.world_size == 1 else \
         f"memory per GPU ({mem.strategy}, {mem.world_size} processes; train.distributed={cfg.train.distributed})"
     show_memory(f"estimated {where} (train.stage={stage}, quant={cfg.quant.method}, batch {cfg.train.batch_size} × "

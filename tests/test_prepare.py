@@ -8,8 +8,14 @@ from pathlib import Path
 import pytest
 
 from qtune.config.schema import DataConfig, OnError, SourceConfig, TrainOn
-from qtune.data.prepare import prepare
+from qtune.data import prepare as data_prepare
 from qtune.errors import DataError
+from qtune.stages import get
+
+
+def prepare(data, tokenizer, model_name, chat_template=None, stage="sft"):
+    """qtune.data.prepare.prepare for the stage `train.stage=stage` names."""
+    return data_prepare.prepare(data, tokenizer, model_name, chat_template, get(stage).data)
 
 from conftest import qtune
 

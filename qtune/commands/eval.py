@@ -13,14 +13,12 @@ comparison loads its weights once, plus the merged model if there is one.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from qtune import stages
 from qtune.config.schema import Config
-from qtune.errors import ConfigError, DataError
+from qtune.errors import ConfigError
 
 
 @dataclass
@@ -32,6 +30,8 @@ class Candidate:
 
 def run(cfg: Config):
     from qtune import ui
+    from qtune.evaluation import heldout
+    from qtune.evaluation.answers import aggregate, answer, load_prompts
     from qtune.evaluation.report import write_report
     from qtune.runs import run_config, run_folder
     from qtune.modeling.load import pick_device, quiet_libraries
@@ -40,9 +40,9 @@ def run(cfg: Config):
         return evaluate_sweep(cfg, Path(cfg.run).expanduser())
     run = run_folder(cfg)
     rcfg = run_config(run, cfg)
-    stage = rcfg.train.stage
-    if stage == "rm" and cfg.eval.prompts:
-        raise ConfigError(f"eval.prompts: {run} is a reward model (train.stage=rm), which writes no answers; its eval "
+    stage = stages.get(rcfg.train.stage)
+    if not stage.writes and cfg.eval.prompts:
+        raise ConfigError(f"eval.prompts: {run} is a reward model (train.stage={stage.name}), which writes no answers; its eval "
                           "is the pairwise accuracy on held-out pairs (the run's eval split, or eval.data)")
     prompts = load_prompts(Path(cfg.eval.prompts).expanduser()) if cfg.eval.prompts else []
     candidates = _candidates(cfg, run, stage)                                      # 1
@@ -59,11 +59,11 @@ def run(cfg: Config):
     out = Path(cfg.eval.output_dir).expanduser() if cfg.eval.output_dir else run / "eval"
     results, summary, reference = [], {}, None
     groups = _load_groups(candidates)
-    if stage in ("dpo", "kto") and rows and not any(c.kind != "model" for g in groups for c in g):
+    if heldout.needs_reference(stage) and rows and not any(c.kind != "model" for g in groups for c in g):
         groups.insert(0, [Candidate("base", "base", None)])  # the reference the implicit rewards are measured against
     for group in groups:
         loaded = _load(rcfg, group, tokenizer, device, dtype)
-        if stage in ("dpo", "kto") and rows and group[0].kind != "model":
+        if heldout.needs_reference(stage) and rows and group[0].kind != "model":
             from qtune.evaluation.preference import answer_logps
 
             with loaded.using("base"):
@@ -71,7 +71,8 @@ def run(cfg: Config):
         for cand in (c for c in group if c in candidates):
             ui.info(f"evaluating {cand.name}")
             with loaded.using(cand.name):
-                summary[cand.name] = _heldout_figures(rcfg, loaded, cand, rows, reference)   # 2
+                summary[cand.name] = heldout.figures(stage, loaded, cand.kind == "base", rows, reference,  # 2
+                                                     stage.beta(rcfg.train))
                 answers = [answer(loaded, p, cfg, rcfg, i) for i, p in enumerate(prompts)]   # 3
             for a in answers:
                 a["model"] = cand.name
@@ -79,7 +80,7 @@ def run(cfg: Config):
         del loaded
     unscored = _judge(judge, results) if judge else []
     for name in summary:
-        summary[name].update(_aggregate([r for r in results if r["model"] == name]))
+        summary[name].update(aggregate([r for r in results if r["model"] == name]))
     report = write_report(out, run, cfg, summary, results, unscored, len(rows))  # 4
     ui.show_eval_summary(summary, out, unscored)
     return report
@@ -102,7 +103,7 @@ def evaluate_sweep(cfg: Config, folder: Path) -> list[dict]:
         jcfg.run, jcfg.eval.models, jcfg.eval.output_dir = str(job), ["adapter"], None
         report = run(jcfg)["models"]["adapter"]
         row.update({f"eval_{k}": report.get(k) for k in SWEEP_COLUMNS})
-    from qtune.training.trainers import SWEEP_COLUMNS as STAGE_COLUMNS
+    from qtune.stages import SWEEP_COLUMNS as STAGE_COLUMNS
 
     trained = [c for c in STAGE_COLUMNS if c in (rows[0] if rows else {})]  # the training's own figures stay in the tables
     for row in rows:
@@ -125,33 +126,16 @@ SWEEP_COLUMNS = ("heldout_loss", "reward_accuracy", "reward_margin", "rouge_l", 
 # ---------------------------------------------------------------- inputs
 
 
-def load_prompts(path: Path) -> list[dict]:
-    """The prompt set: records (JSONL, JSON, CSV, Parquet) with "prompt" and optional "system", "reference"."""
-    from qtune.data.formats import read_records
-
-    if not path.is_file():
-        raise DataError(f"eval.prompts={path}: no such file")
-    prompts = []
-    for rec in read_records(path):  # malformed lines stop with file:line
-        data = rec.data
-        if not isinstance(data.get("prompt"), str) or not data["prompt"].strip():
-            raise DataError(f'{rec.where}: each line needs a non-empty "prompt" string (optional: "system", "reference")')
-        for key in ("system", "reference"):
-            if data.get(key) is not None and not isinstance(data[key], str):
-                raise DataError(f"{rec.where}: {key!r} must be a string")
-        prompts.append({"prompt": data["prompt"], "system": data.get("system"), "reference": data.get("reference"),
-                        "where": rec.where.rsplit("/", 1)[-1]})
-    if not prompts:
-        raise DataError(f"eval.prompts={path}: no prompts in the file")
-    return prompts
 
 
-def _candidates(cfg: Config, run: Path, stage: str) -> list[Candidate]:
+
+def _candidates(cfg: Config, run: Path, stage) -> list[Candidate]:
     merged = ["merged"] if (run / "merged" / "config.json").is_file() else []
-    if stage == "rm" and "base" in cfg.eval.models:
+    scorer = stage.head == "score"  # a new score head, trained in the adapter: the base has none worth measuring
+    if scorer and "base" in cfg.eval.models:
         raise ConfigError(f"eval.models: base: {run} is a reward model, and its base has no trained score head "
                           "(the head is in the adapter); compare adapter and merged")
-    names = list(cfg.eval.models) or ([] if stage == "rm" else ["base"]) + ["adapter"] + merged
+    names = list(cfg.eval.models) or ([] if scorer else ["base"]) + ["adapter"] + merged
     out = _candidate_list(names, run)
     from qtune import integrity
     from qtune.runs import check_adapter
@@ -207,7 +191,7 @@ def _heldout(rcfg: Config, cfg: Config):
         data.path, data.sources, data.eval_path, data.val_size = cfg.eval.data, [], cfg.eval.data, 0.0
     elif not (data.eval_path or data.val_size):
         return tokenizer, []
-    prepared = prepare(data, tokenizer, rcfg.model.name, rcfg.model.chat_template, rcfg.train.stage)
+    prepared = prepare(data, tokenizer, rcfg.model.name, rcfg.model.chat_template, stages.get(rcfg.train.stage).data)
     ds = prepared.load("eval")
     rows = [] if ds is None else [ds[i] for i in range(len(ds))]
     return tokenizer, rows[:cfg.eval.max_eval_rows] if cfg.eval.max_eval_rows else rows
@@ -231,138 +215,17 @@ def _load(rcfg: Config, group: list[Candidate], tokenizer, device: str, dtype):
                   adapters)
 
 
-def _heldout_figures(rcfg: Config, loaded, cand: Candidate, rows: list[dict], reference) -> dict:
-    """What the held-out rows say about one candidate: loss and perplexity (pt, sft), or the stage's preference
-    figures (qtune.evaluation.preference): for dpo and kto against the base, which has none of its own."""
-    stage = rcfg.train.stage
-    if not rows:
-        return {}
-    if stage in ("pt", "sft"):
-        loss = heldout_loss(loaded.model, rows)
-        return {"heldout_loss": loss, "perplexity": math.exp(loss)}
-    from qtune.evaluation import preference
-
-    if stage == "rm":
-        return preference.figures(preference.scores(loaded.model, rows, loaded.tokenizer.pad_token_id))
-    if cand.kind == "base":
-        return {"reward_accuracy": None, "reward_margin": None}
-    beta = rcfg.train.dpo.beta if stage == "dpo" else rcfg.train.kto.beta
-    rewards = beta * (preference.answer_logps(loaded.model, rows) - reference)
-    return preference.figures(rewards, [r.get("label") for r in rows])
-
-
-def heldout_loss(model, rows: list[dict]) -> float:
-    """Mean loss per trained token over the held-out rows (packed rows keep their sequence boundaries)."""
-    import torch
-
-    from qtune.data.prepare import row_tensors
-
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for row in rows:
-            batch = row_tensors(row, device, labels=True)
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            if n == 0:
-                continue
-            loss = model(**batch, use_cache=False).loss
-            total += loss.item() * n
-            count += n
-    return total / count if count else float("nan")
-
-
-def answer(loaded, prompt: dict, cfg: Config, rcfg: Config, index: int) -> dict:
-    """The model's answer(s) to one prompt, timed, with reference metrics."""
-    import torch
-
-    from qtune.evaluation.metrics import consistency, reference_scores
-    from qtune.inference.load import answer as generate, prompt_tensors
-
-    messages = ([{"role": "system", "content": prompt["system"]}] if prompt["system"] else []) + \
-        [{"role": "user", "content": prompt["prompt"]}]
-    inputs = prompt_tensors(loaded.model, loaded.tokenizer, loaded.template, messages, cfg.chat.enable_thinking)
-    sample = cfg.eval.repeats > 1
-    # one answer is greedy; `eval.repeats` answers are drawn with the chat settings (both keep its repetition penalty)
-    sampling = cfg.chat if sample else dataclasses.replace(cfg.chat, temperature=0)
-    answers, timings = [], []
-    for k in range(cfg.eval.repeats):
-        torch.manual_seed(rcfg.train.seed + 1000 * index + k)
-        clock = _Clock()
-        text, n_new = generate(loaded.model, loaded.tokenizer, inputs, cfg.eval.max_new_tokens, sampling, streamer=clock)
-        answers.append(text)
-        timings.append(clock.result(n_new))
-    row = {"prompt_id": index, "where": prompt["where"], "prompt": prompt["prompt"], "reference": prompt["reference"],
-           "answer": answers[0], "answers": answers if sample else None,
-           "consistency": consistency(answers) if sample else None,
-           "ttft_s": _median([t[0] for t in timings]), "tok_s": _median([t[1] for t in timings]),
-           "new_tokens": timings[0][2], "judge": None, "judge_error": None}
-    scores = [reference_scores(a, prompt["reference"]) for a in answers]
-    for key in ("exact_match", "f1", "rouge_l"):
-        row[key] = sum(s[key] for s in scores) / len(scores) if scores and key in scores[0] else None
-    return row
-
-
-class _Clock:
-    """A generate() streamer that only keeps time: the prompt arrives first, then each new token."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.first = None
-        self.stop = None
-        self.calls = 0
-
-    def put(self, value):
-        self.calls += 1
-        if self.calls == 2:
-            self.first = time.perf_counter()
-
-    def end(self):
-        self.stop = time.perf_counter()
-
-    def result(self, n_new: int) -> tuple[float, float | None, int]:
-        self.stop = self.stop or time.perf_counter()
-        first = self.first or self.stop
-        rate = (n_new - 1) / (self.stop - first) if n_new > 1 and self.stop > first else None
-        return first - self.start, rate, n_new
-
-
-def _median(xs):
-    xs = sorted(x for x in xs if x is not None)
-    return xs[len(xs) // 2] if xs else None
-
-
 # ---------------------------------------------------------------- judge and aggregates
 
 
 def _judge(judge, results: list[dict]) -> list[str]:
-    """Score every answer; a failure leaves that row unscored (with its error) and the rest intact."""
+    """Every answer scored by the judge (qtune.evaluation.judge.score_all); the unscored rows named in a warning."""
     from qtune import ui
+    from qtune.evaluation.judge import score_all
 
-    unscored = []
     with ui.status(f"judging {len(results)} answers with {judge.model}"):
-        for r in results:
-            try:
-                r["judge"] = judge.score(r["prompt"], r["answer"], r["reference"])
-            except Exception as e:
-                r["judge_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                unscored.append(f"{r['model']} / {r['where']}")
+        unscored = score_all(judge, results)
     if unscored:
         ui.print_warning(f"the judge failed on {len(unscored)} of {len(results)} answers; those rows have no score: "
                          + ", ".join(unscored[:10]) + (" …" if len(unscored) > 10 else ""))
     return unscored
-
-
-def _aggregate(rows: list[dict]) -> dict:
-    def mean(key, sub=None):
-        vals = [(r[key] or {}).get(sub) if sub else r[key] for r in rows]
-        vals = [v for v in vals if v is not None]
-        return sum(vals) / len(vals) if vals else None
-
-    out = {k: mean(k) for k in ("exact_match", "f1", "rouge_l", "consistency")}
-    out["ttft_s"] = _median([r["ttft_s"] for r in rows])
-    out["tok_s"] = _median([r["tok_s"] for r in rows])
-    for c in ("accuracy", "helpfulness", "tone"):
-        out[f"judge_{c}"] = mean("judge", c)
-    out["prompts"] = len(rows)
-    out["unscored"] = sum(1 for r in rows if r["judge"] is None and r["judge_error"])
-    return out

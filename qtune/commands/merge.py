@@ -8,6 +8,7 @@ from qtune.config.schema import Config, QuantMethod
 from qtune.errors import ConfigError
 from qtune.export.merging import check_exports, check_output, merge
 from qtune.runs import run_config, run_folder
+from qtune.stages import get
 
 
 def run(cfg: Config):
@@ -30,7 +31,7 @@ def run(cfg: Config):
         ui.print_warning(f"the adapter was trained on a {rcfg.quant.method} base; it is merged into the 16-bit "
                          "original weights, so the merged model can differ slightly from what training saw")
     result = merge(rcfg, run / "adapter", out, warn=ui.print_warning)
-    if rcfg.train.stage == "rm":
+    if get(rcfg.train.stage).head == "score":
         ui.info("a reward model: merged into a sequence-classification checkpoint with its score head "
                 "(load it with transformers' AutoModelForSequenceClassification)")
     ui.info(f"parity ({result['parity_dtype']}): max |logits(merged) - logits(base+adapter)| = "

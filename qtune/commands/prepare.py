@@ -11,17 +11,19 @@ def run(cfg: Config, dry_run: bool = False):
     from qtune import ui
     from qtune.data.prepare import prepare, preview
     from qtune.modeling.load import load_tokenizer
+    from qtune.stages import get
 
+    trains = get(cfg.train.stage).data
     tokenizer = load_tokenizer(cfg.model, cfg.paths)
     if dry_run:
         shown, counts, rejected, warning = preview(cfg.data, tokenizer, cfg.model.name, cfg.model.chat_template,
-                                                   stage=cfg.train.stage)
+                                                   trains)
         if warning:
             ui.print_warning(warning)
         ui.show_preview(shown, counts, rejected)
         return None
     with ui.status("preparing data"):
-        result = prepare(cfg.data, tokenizer, cfg.model.name, cfg.model.chat_template, cfg.train.stage)
+        result = prepare(cfg.data, tokenizer, cfg.model.name, cfg.model.chat_template, trains)
     if not result.cache_hit:
         from qtune.runs import write_config
 

@@ -19,7 +19,7 @@ ROW = "job.json"  # a job's row of the summary, in the job's folder
 def run(train, overrides: list[str], flags: dict, sweep_dir: str | None = None) -> list[dict]:
     """One `train(cfg)` a job of the sweep (the CLI passes qtune.commands.train.run), then the summary."""
     from qtune.config.compose import check_sweep, multirun
-    from qtune.training.trainers import SWEEP_COLUMNS
+    from qtune.stages import SWEEP_COLUMNS
 
     check_sweep(overrides)
     folder = Path(sweep_dir or _sweep_dir(overrides))  # chosen here: the jobs may not run in this process
@@ -67,7 +67,7 @@ def _job(train, cfg, flags: dict) -> dict:
     else:
         if isinstance(result, dict):
             row.update({k: result.get(k) for k in ("train_loss", "eval_loss", "seconds", "peak_memory_bytes")})
-            from qtune.training.trainers import sweep_figures
+            from qtune.stages import sweep_figures
 
             row.update(sweep_figures(result))
     if not flags.get("dry_run"):

@@ -1,4 +1,4 @@
-"""`qtune train`: LoRA / QLoRA with TRL's trainers into a run folder, at the stage `train.stage` names (qtune.training.trainers).
+"""`qtune train`: LoRA / QLoRA with TRL's trainers into a run folder, at the stage `train.stage` names (qtune.stages).
 
 The recipe, top to bottom:
   1. decide what the output folder means: a fresh run, a resume, or a refusal
@@ -175,10 +175,11 @@ def _data(cfg: Config, setup):
     from qtune.data.prepare import prepare
     from qtune.training.distributed import check_rows, main_first
     from qtune.modeling.load import load_tokenizer
+    from qtune.stages import get
 
     tokenizer = load_tokenizer(cfg.model, cfg.paths)
     with ui.status("preparing data"), main_first(setup):  # prepared once: the others find it in the cache
-        prepared = prepare(cfg.data, tokenizer, cfg.model.name, cfg.model.chat_template, cfg.train.stage)
+        prepared = prepare(cfg.data, tokenizer, cfg.model.name, cfg.model.chat_template, get(cfg.train.stage).data)
     for w in prepared.warnings:
         ui.print_warning(w)
     if not prepared.cache_hit:
@@ -222,7 +223,8 @@ def _model(cfg: Config, setup, device: str, dtype, out: Path, train_ds):
     from qtune.modeling.targets import apply_dropout, check, match, peft_config, unmatched_message
 
     from qtune.modeling import fast as fastpath
-    from qtune.training.trainers import compacts, head, lora_settings
+    from qtune.modeling.targets import lora_settings
+    from qtune.stages import get
 
     folder = ensure_model(cfg.model, cfg.download, cfg.paths, warn=ui.print_warning)
     set_seed(cfg.train.seed)  # LoRA's A matrices (and rm's score head) are drawn now, before the trainer seeds anything
@@ -232,7 +234,7 @@ def _model(cfg: Config, setup, device: str, dtype, out: Path, train_ds):
         # under FSDP2 the sharding checkpoints activations (qtune.training.distributed.trainer_args) and the 4-bit weights are
         # stored in the model's dtype so that they shard
         model = load_model(folder, cfg.model, cfg.quant, device, dtype, cfg.train.gradient_checkpointing and not fsdp,
-                           experts_4bit=fast.on, quant_storage=dtype if fsdp else None, head=head(cfg.train.stage))
+                           experts_4bit=fast.on, quant_storage=dtype if fsdp else None, head=get(cfg.train.stage).head)
     tokens = cfg.data.max_length * cfg.train.batch_size
     fastpath.decide_graphs(fast, str(cfg.train.cuda_graphs), device, **fastpath.graph_settings(cfg, setup.world_size),
                            dtype=dtype, dropout=cfg.lora.dropout,
@@ -251,7 +253,7 @@ def _model(cfg: Config, setup, device: str, dtype, out: Path, train_ds):
 
     with main_first(setup):  # rank 0 measures and keeps experts.json; the others read it
         selection = _expert_selection(cfg, model, matched, out, train_ds)
-    task = "SEQ_CLS" if head(cfg.train.stage) == "score" else "CAUSAL_LM"
+    task = "SEQ_CLS" if get(cfg.train.stage).head == "score" else "CAUSAL_LM"
     model = get_peft_model(model, peft_config(matched, lora, cfg.quant.method is not QuantMethod.none, task))
     if cfg.train.init_adapter:
         from qtune.modeling.adapters import load_into
@@ -266,13 +268,13 @@ def _model(cfg: Config, setup, device: str, dtype, out: Path, train_ds):
     fastpath.apply_lora(fast, model, str(cfg.quant.method))
     fastpath.embeddings_to_host(fast, model)
     setting = str(cfg.train.head_on_host)
-    if fast.on and device.startswith("cuda") and head(cfg.train.stage) == "lm" and setting != "false":
+    if fast.on and device.startswith("cuda") and get(cfg.train.stage).head == "lm" and setting != "false":
         from qtune.modeling.plan import plan as make_plan
 
         fastpath.head_to_host(fast, model, setting, setting == "true" or make_plan(cfg).head_on_host)
     # dpo and kto keep full-size expert adapters (masked to the chosen experts): TRL copies the adapter it starts from
     # as the reference, a copy that compacted tensors would not fit
-    compacted = set(fastpath.compact_experts(fast, model, selection)) if compacts(cfg.train.stage) else set()
+    compacted = set(fastpath.compact_experts(fast, model, selection)) if get(cfg.train.stage).compacts else set()
     if selection:
         from qtune.modeling.moe import restrict
 
@@ -297,8 +299,9 @@ def _trainer(cfg: Config, setup, model, tokenizer, prepared, out: Path, resume, 
     which TRL repeats when it turns checkpointing back on; with fast.graphs, SFT steps replay a CUDA graph."""
     import os
 
-    from qtune.training import trainers as stages
     from qtune import ui
+    from qtune.stages import get
+    from qtune.training import trainers
     from qtune.training.callbacks import MetricsCallback, NanGuard, ProgressCallback, StopOnSignal, WorldRecord
     from qtune.training.distributed import check_wrapped, trainer_args, world
 
@@ -307,13 +310,13 @@ def _trainer(cfg: Config, setup, model, tokenizer, prepared, out: Path, resume, 
     base = model.get_base_model()
     device = str(next(base.parameters()).device.type)
     main = world().main
-    args = stages.training_args(cfg, out, eval_ds is not None, device, base.dtype, fast.on,
+    args = trainers.training_args(cfg, out, eval_ds is not None, device, base.dtype, fast.on,
                                 evaluate_first=resume is None,
                                 extra=trainer_args(setup, cfg.train.gradient_checkpointing))  # DDP or FSDP2
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
-    metrics = MetricsCallback(out, resume_step=_step_of(resume), curve=stages.CURVE.get(cfg.train.stage))
+    metrics = MetricsCallback(out, resume_step=_step_of(resume), curve=get(cfg.train.stage).curve)
     nan = NanGuard()
-    trainer = stages.build_trainer(cfg, model, tokenizer, train_ds, eval_ds, args,
+    trainer = trainers.build_trainer(cfg, model, tokenizer, train_ds, eval_ds, args,
                                    [StopOnSignal(), nan, metrics, WorldRecord(**setup.record()),
                                     ProgressCallback(ui.train_progress if ui.is_terminal() and main else None)],
                                    graphs=fast.graphs, note=ui.info)
@@ -371,7 +374,7 @@ def _samples(cfg: Config, model, tokenizer, out: Path, when: str, write: bool = 
 
 def _finish(cfg: Config, setup, trainer, tokenizer, out: Path, seconds: float, samples_before,
             resumed_from: int | None) -> dict | None:
-    from qtune.training import trainers as stages
+    from qtune import stages
     from qtune.training.callbacks import peak_memory, plot_losses, training_peak_memory, training_reserved_peak
     from qtune.training.distributed import adapter_state
     from qtune.training.distributed import world
@@ -394,7 +397,8 @@ def _finish(cfg: Config, setup, trainer, tokenizer, out: Path, seconds: float, s
         trainer.model.save_pretrained(tmp, selected_adapters=["default"],
                                       **({"state_dict": state} if state is not None else {}))
         tokenizer.save_pretrained(tmp)
-    plot_losses(out, stages.CURVE.get(cfg.train.stage))
+    stage = stages.get(cfg.train.stage)
+    plot_losses(out, stage.curve)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train_losses = [r["loss"] for r in rows if r.get("loss") is not None]
     eval_losses = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
@@ -414,7 +418,7 @@ def _finish(cfg: Config, setup, trainer, tokenizer, out: Path, seconds: float, s
         "adapter": str(adapter),
         "samples": {"before": samples_before, "after": samples_after} if samples_after else None,
         "distributed": setup.record(),  # world size, strategy, global batch
-        **stages.figures(cfg.train.stage, rows),
+        **stages.figures(stage, rows),
     }
     atomic_write_json(out / "summary.json", summary)
     return summary

@@ -279,11 +279,6 @@ class DataConfig:
         _check_range("data", "num_proc", self.num_proc, low=0)
 
 
-# The stages train.stage names, each on TRL's stable trainer for it. A str, not an Enum, so that `ppo` gets a line of
-# its own (see TrainConfig.__post_init__).
-STAGES = ("pt", "sft", "dpo", "kto", "rm")
-
-
 @dataclass
 class DpoConfig:
     """train.stage=dpo: TRL's DPOTrainer on preference pairs; the reference is the model the run starts from."""
@@ -326,7 +321,9 @@ class RmConfig:
 @dataclass
 class TrainConfig:
     """The optimization run."""
-    stage: str = "sft"                 # pt | sft | dpo | kto | rm (STAGES)
+    # pt | sft | dpo | kto | rm: the stages qtune.stages registers, each on TRL's stable trainer for it. A str, not an
+    # Enum, so that a retired stage (ppo) gets a line of its own
+    stage: str = "sft"
     init_adapter: Optional[str] = None # start from this adapter (a run folder or an adapter folder), e.g. SFT -> DPO
     dpo: DpoConfig = field(default_factory=DpoConfig)
     kto: KtoConfig = field(default_factory=KtoConfig)
@@ -381,18 +378,9 @@ class TrainConfig:
     sample_max_new_tokens: int = 48
 
     def __post_init__(self) -> None:
-        if self.stage == "ppo":
-            raise ValueError("train.stage=ppo: TRL no longer ships PPO in its stable API; for preference tuning use "
-                             "train.stage=dpo (chosen/rejected pairs) or train.stage=kto (answers marked good or bad)")
-        if self.stage not in STAGES:
-            raise ValueError(f"train.stage={self.stage}: valid: {', '.join(STAGES)}")
-        if self.stage == "kto" and self.kto.loss_type is KtoLoss.kto and isinstance(self.batch_size, int) \
-                and self.batch_size < 2:
-            raise ValueError(f"train.stage=kto needs train.batch_size >= 2 (got {self.batch_size}): its KL estimate "
-                             "pairs each answer with another prompt of the same batch")
-        if self.stage == "rm" and self.sample_prompts:
-            raise ValueError("train.sample_prompts: a reward model (train.stage=rm) scores answers, it writes none; "
-                             "leave train.sample_prompts empty")
+        from qtune import stages
+
+        stages.check(self)  # the name, and what the stage asks of train.*
         if isinstance(self.max_steps, int) and self.max_steps == 0:
             raise ValueError("train.max_steps must be -1 (use train.epochs) or a positive number of steps")
         _check_range("train", "lr", self.lr, low=0, low_open=True)

@@ -13,7 +13,8 @@ Preference records (train.stage=dpo|kto|rm; qtune.data.preference normalizes the
   preference           {"prompt" | "messages", "chosen", "rejected"}: strings or message lists
   sharegpt_preference  {"conversations", "chosen": {"from", "value"}, "rejected": {...}} (as LLaMA-Factory writes them)
   kto                  {"prompt", "completion", "label": true|false}: strings or message lists
-Which formats a stage trains on: STAGE_FORMATS. Every error names `file:line` and the field.
+Which formats a stage trains on: its `Trains` (qtune.stages declares one a stage). Every error names `file:line` and
+the field.
 """
 from __future__ import annotations
 
@@ -32,12 +33,20 @@ from qtune.errors import DataError
 LM_FORMATS = ("messages", "sharegpt", "alpaca", "input_output", "query_response", "prompt_completion", "reasoning", "text")
 PAIR_FORMATS = ("preference", "sharegpt_preference")
 FORMATS = LM_FORMATS + PAIR_FORMATS + ("kto",)
-STAGE_FORMATS = {"pt": ("text",), "sft": LM_FORMATS, "dpo": PAIR_FORMATS, "rm": PAIR_FORMATS,
-                 "kto": ("kto",) + PAIR_FORMATS}  # KTO splits a pair into a desirable and an undesirable answer
-STAGE_DATA = {"pt": 'raw text ({"text": ...})', "sft": "conversations or instructions (messages, sharegpt, alpaca, ...)",
-              "dpo": 'preference pairs ({"prompt", "chosen", "rejected"})',
-              "rm": 'preference pairs ({"prompt", "chosen", "rejected"})',
-              "kto": 'answers marked good or bad ({"prompt", "completion", "label"}) or preference pairs'}
+
+
+@dataclass(frozen=True)
+class Trains:
+    """What a stage trains on, as the data layer reads it (each stage in qtune.stages declares one): the stage's name
+    (in messages and the cache key), the kind of rows it makes (lm: input_ids + labels; pairs: prompt, chosen and
+    rejected ids; scored: the same for a reward model; unpaired: prompt and completion ids with a label) and the record
+    formats it accepts, described in a few words for error lines."""
+    stage: str
+    kind: str
+    formats: tuple[str, ...]
+    describes: str
+
+
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
                   "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system",
@@ -249,9 +258,9 @@ def detect(rec: dict) -> str | None:
     return None
 
 
-def normalize(rec: Record, fmt: str = "auto", stage: str = "sft") -> Example:
+def normalize(rec: Record, fmt: str, trains: Trains) -> Example:
     data, where = rec.data, rec.where
-    allowed = STAGE_FORMATS[stage]
+    allowed = trains.formats
     if fmt == "auto":
         fmt = detect(data)
         if fmt is None:
@@ -260,7 +269,7 @@ def normalize(rec: Record, fmt: str = "auto", stage: str = "sft") -> Example:
     elif fmt not in FORMATS:
         raise DataError(f"format={fmt!r} is not a known format; valid: auto, {', '.join(FORMATS)}")
     if fmt not in allowed:
-        raise DataError(f"{where}: train.stage={stage} trains on {STAGE_DATA[stage]}; this record is {fmt} "
+        raise DataError(f"{where}: train.stage={trains.stage} trains on {trains.describes}; this record is {fmt} "
                         f"(keys: {', '.join(sorted(data))})")
     if fmt not in LM_FORMATS:
         from qtune.data.preference import normalize_preference  # (that module builds on this one's readers)

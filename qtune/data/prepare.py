@@ -3,8 +3,8 @@
 The cache key covers the data bytes, the tokenizer, the chat template and every setting that changes
 the result, so a rerun is a hit and any change is a miss. The folder appears atomically.
 Layout: <cache>/<name>/<fingerprint>/{train,eval}/ (datasets), stats.json, rejects.jsonl.
-What a split holds follows train.stage (qtune.data.preference.KINDS): input_ids + labels, packed (pt, sft); prompt_ids,
-chosen_ids, rejected_ids (dpo, rm); prompt_ids, completion_ids, label (kto).
+What a split holds follows the stage's kind of rows (formats.Trains.kind): input_ids + labels, packed (pt, sft);
+prompt_ids, chosen_ids, rejected_ids (dpo, rm); prompt_ids, completion_ids, label (kto).
 """
 from __future__ import annotations
 
@@ -56,12 +56,12 @@ def check_inputs(data: DataConfig) -> None:
             formats.sniff(f)
 
 
-def _setup(data: DataConfig, tokenizer, model_name: str, chat_template: str | None, stage: str):
+def _setup(data: DataConfig, tokenizer, model_name: str, chat_template: str | None, trains: formats.Trains):
     """What prepare and preview both start from: sources, template (+ fallback warning), turn markers."""
     sources = sources_of(data)
     template, warning = resolve_template(tokenizer, chat_template, model_name)
     # preference answers end where the assistant's turn does, whatever data.train_on says
-    needs_markers = data.train_on is not TrainOn.all or preference.KINDS[stage] != "lm"
+    needs_markers = data.train_on is not TrainOn.all or trains.kind != "lm"
     markers = probe_markers(tokenizer, template) if needs_markers else Markers("", "")
     return sources, template, warning, markers
 
@@ -69,13 +69,13 @@ def _setup(data: DataConfig, tokenizer, model_name: str, chat_template: str | No
 # ---------------------------------------------------------------- loading and normalizing
 
 def load_examples(src: SourceConfig, on_error: OnError, rejects: list[dict],
-                  system_prompt: str | None = None, stage: str = "sft") -> list[formats.Example]:
-    """A source's records as examples of what `stage` trains on; `system_prompt` (data.system_prompt) opens every
+                  system_prompt: str | None, trains: formats.Trains) -> list[formats.Example]:
+    """A source's records as examples of what a stage trains on (`trains`); `system_prompt` (data.system_prompt) opens every
     conversation that has no system turn of its own."""
     out = []
     for rec in _records(src):
         try:
-            ex = formats.normalize(rec, src.format, stage)
+            ex = formats.normalize(rec, src.format, trains)
             if system_prompt and ex.messages is not None and not any(m["role"] == "system" for m in ex.messages):
                 ex.messages.insert(0, {"role": "system", "content": system_prompt})
             out.append(ex)
@@ -178,7 +178,7 @@ def tokenize(examples: list[tuple[int, formats.Example]], tokenizer, template: s
 
 # ---------------------------------------------------------------- the whole pipeline
 
-def fingerprint(data: DataConfig, sources: list[SourceConfig], tokenizer, template: str, stage: str = "sft") -> str:
+def fingerprint(data: DataConfig, sources: list[SourceConfig], tokenizer, template: str, stage: str) -> str:
     h = hashlib.sha256(f"qtune-data-v{VERSION}".encode())
     if stage != "sft":  # (sft data keeps the fingerprints it had before stages)
         h.update(f"stage={stage}".encode())
@@ -212,15 +212,16 @@ def _tokenizer_digest(tokenizer) -> str:
     return digest
 
 
-def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | None = None,
-            stage: str = "sft") -> Prepared:
+def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | None,
+            trains: formats.Trains) -> Prepared:
+    """`trains`: what the stage trains on (qtune.stages.get(name).data)."""
     import datasets
 
     datasets.disable_progress_bars()
-    kind = preference.KINDS[stage]
-    sources, template, warning, markers = _setup(data, tokenizer, model_name, chat_template, stage)
+    kind = trains.kind
+    sources, template, warning, markers = _setup(data, tokenizer, model_name, chat_template, trains)
     warnings = [warning] if warning else []
-    fp = fingerprint(data, sources, tokenizer, template, stage)
+    fp = fingerprint(data, sources, tokenizer, template, trains.stage)
     name = (Path(sources[0].path.rstrip("/*")).stem or "data") if len(sources) == 1 else "mix"
     out = Path(data.cache_dir).expanduser() / f"{model_name}-{name}" / fp[:16]
     if (out / "stats.json").is_file():
@@ -229,7 +230,7 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
 
     rejects: list[dict] = []
     identical: list[str] = []
-    per_source = [_informative(load_examples(s, data.on_error, rejects, data.system_prompt, stage), identical)
+    per_source = [_informative(load_examples(s, data.on_error, rejects, data.system_prompt, trains), identical)
                   for s in sources]
     for s, items in zip(sources, per_source):
         if not items:
@@ -238,7 +239,7 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
 
     if data.eval_path:
         held_out = _informative(load_examples(SourceConfig(path=data.eval_path), data.on_error, rejects,
-                                              data.system_prompt, stage), identical)
+                                              data.system_prompt, trains), identical)
         eval_items = [(len(sources), ex) for ex in held_out]
         train_items = mixed
     else:
@@ -250,7 +251,7 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
     if data.max_eval_samples is not None:
         eval_items = eval_items[:data.max_eval_samples]
 
-    splits, stats = {}, {"fingerprint": fp, "stage": stage, "sources": [asdict(s) for s in sources],
+    splits, stats = {}, {"fingerprint": fp, "stage": trains.stage, "sources": [asdict(s) for s in sources],
                          "rejected": len(rejects)}
     if identical:
         stats["identical_pairs"] = {"count": len(identical), "first": identical[0]}
@@ -349,14 +350,15 @@ def split_stats(ds, kept, sources: list[SourceConfig], max_length: int) -> dict:
             "max_length": max_length, "per_source": per}
 
 
-def preview(data: DataConfig, tokenizer, model_name: str, chat_template: str | None, n: int = 3, stage: str = "sft"):
+def preview(data: DataConfig, tokenizer, model_name: str, chat_template: str | None, trains: formats.Trains,
+            n: int = 3):
     """Normalize everything (so every error shows) and tokenize the first n examples: (segments, counts)."""
-    sources, template, warning, markers = _setup(data, tokenizer, model_name, chat_template, stage)
+    sources, template, warning, markers = _setup(data, tokenizer, model_name, chat_template, trains)
     rejects: list[dict] = []
-    per_source = [load_examples(s, data.on_error, rejects, data.system_prompt, stage) for s in sources]
+    per_source = [load_examples(s, data.on_error, rejects, data.system_prompt, trains) for s in sources]
     first = [(i, ex) for i, items in enumerate(per_source) for ex in items][:n]
     counts = [(s.path, len(items)) for s, items in zip(sources, per_source)]
-    if preference.KINDS[stage] != "lm":
+    if trains.kind != "lm":
         return preference.preview(first, tokenizer, template, markers, data), counts, len(rejects), warning
     enc = _tokenize_batch({"conv": [json.dumps(e.messages) if e.messages else None for _, e in first],
                            "text": [e.text for _, e in first]}, tokenizer, template, markers, data.max_length,

@@ -59,3 +59,16 @@ def parse(text: str) -> dict:
         out[c] = v
     out["rationale"] = str(data.get("rationale", ""))
     return out
+
+
+def score_all(judge: Judge, results: list[dict]) -> list[str]:
+    """Score every answer row in place; a failure leaves that row unscored (with its error) and the rest intact.
+    Returns the unscored rows as "model / where"."""
+    unscored = []
+    for r in results:
+        try:
+            r["judge"] = judge.score(r["prompt"], r["answer"], r["reference"])
+        except Exception as e:
+            r["judge_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            unscored.append(f"{r['model']} / {r['where']}")
+    return unscored

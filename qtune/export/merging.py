@@ -25,6 +25,7 @@ from pathlib import Path
 
 from qtune.config.schema import Config, DType, QuantMethod
 from qtune.errors import ConfigError, QtuneError
+from qtune.stages import get
 
 PARITY_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "2 + 2 ="]
 
@@ -48,7 +49,7 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 def check_exports(cfg: Config, adapter: Path) -> None:
     """GGUF and 4-bit exports are for language models: a reward model (train.stage=rm) is refused in one line."""
-    if cfg.train.stage == "rm" and (cfg.merge.gguf or cfg.merge.save_4bit):
+    if not get(cfg.train.stage).writes and (cfg.merge.gguf or cfg.merge.save_4bit):
         raise ConfigError(f"merge.{'gguf' if cfg.merge.gguf else 'save_4bit'}: {adapter.parent} is a reward model "
                           "(train.stage=rm), which merges into a sequence-classification checkpoint only; GGUF and 4-bit "
                           "exports are for language models")
@@ -56,9 +57,7 @@ def check_exports(cfg: Config, adapter: Path) -> None:
 
 def merge(cfg: Config, adapter: Path, out: Path, warn=None) -> dict:
     """Fold `adapter` into the base, check parity, save into `out` atomically; `warn` takes warnings (a verb's terminal)."""
-    from qtune.training.trainers import head
-
-    scorer = head(cfg.train.stage) == "score"
+    scorer = get(cfg.train.stage).head == "score"
     check_exports(cfg, adapter)
     check_output(out, cfg.merge.overwrite)
     if cfg.merge.save_4bit:
@@ -75,7 +74,7 @@ def merge(cfg: Config, adapter: Path, out: Path, warn=None) -> dict:
             raise ConfigError(f"merge.{key}=auto: choose bf16, fp16 or fp32")
     folder = ensure_model(cfg.model, cfg.download, cfg.paths, warn=warn)
     tokenizer = load_tokenizer(cfg.model, cfg.paths)
-    auto, extra = model_class(head(cfg.train.stage))
+    auto, extra = model_class(get(cfg.train.stage).head)
     base = auto.from_pretrained(folder, dtype=torch_dtype(cfg.merge.parity_dtype),
                                 trust_remote_code=cfg.model.trust_remote_code, **extra)
     if scorer:  # where the score is read (the last token that is not padding), as in training

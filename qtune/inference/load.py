@@ -109,10 +109,10 @@ def load_with_adapters(rcfg: Config, adapters: dict[str, Path], device: str, dty
     by name, the first one active; the bare base when there are none."""
     from qtune.modeling.hub import ensure_model
     from qtune.modeling.load import load_model
-    from qtune.training.trainers import head
+    from qtune.stages import get
 
     base = load_model(ensure_model(rcfg.model, rcfg.download, rcfg.paths, warn=warn), rcfg.model, rcfg.quant,
-                      device, dtype, gradient_checkpointing=False, head=head(rcfg.train.stage))
+                      device, dtype, gradient_checkpointing=False, head=get(rcfg.train.stage).head)
     base.config.use_cache = True
     base.eval()
     if not adapters:

@@ -34,14 +34,14 @@ def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] |
     from qtune.modeling.estimate import estimate, experts_4bit, per_process
     from qtune.modeling.fast import graphs_expected, head_on_host, offloads
     from qtune.modeling.fast.nf4_gmm import expected as direct_expected
-    from qtune.modeling.targets import match
-    from qtune.training.trainers import compacts, head, lora_settings, sequences
+    from qtune.modeling.targets import lora_settings, match
+    from qtune.stages import get
 
-    t = cfg.train
-    model = model if model is not None else meta_model(cfg.model.arch, head(t.stage))
+    t, stage = cfg.train, get(cfg.train.stage)
+    model = model if model is not None else meta_model(cfg.model.arch, stage.head)
     matched = match(model, lora_settings(cfg), cfg.moe)
     # the tokens one micro-batch puts through a forward that keeps activations (dpo and rm: chosen and rejected)
-    tokens = cfg.data.max_length * t.batch_size * sequences(t.stage)
+    tokens = cfg.data.max_length * t.batch_size * stage.sequences
     graphs = graphs_expected(cfg)  # with them, the untied input embeddings are in host memory
 
     def one_gpu(fast: str, hosted: bool | None = None, fsdp: bool = False):
@@ -53,7 +53,7 @@ def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] |
         return estimate(model, cfg.model.arch, matched, cfg.quant, tokens, t.gradient_checkpointing, on_gpu=True,
                         offload_inputs=offload, experts4=experts4,
                         experts_direct=experts4 and direct_expected(str(cfg.quant.method), capability),
-                        compact=fast != "false" and compacts(t.stage), lm_head=head(t.stage) == "lm",
+                        compact=fast != "false" and stage.compacts, lm_head=stage.head == "lm",
                         embed_on_host=fast != "false" and graphs, keep_dequantized=fast != "false" and not offload,
                         head_on_host=hosted, grouped_experts=fast != "false",
                         # accelerate's FSDP2 preparation turns a model without 4-bit weights' trainable parameters to
@@ -88,10 +88,10 @@ def fits(cfg: Config, gpus=GPUS, model=None) -> list[dict]:
     from qtune.config.schema import Distributed, QuantMethod
     from qtune.training.distributed import USABLE_SHARE
     from qtune.modeling.arch import meta_model
-    from qtune.training.trainers import head
+    from qtune.stages import get
 
     if model is None:
-        model = meta_model(cfg.model.arch, head(cfg.train.stage))
+        model = meta_model(cfg.model.arch, get(cfg.train.stage).head)
 
     def with_(n: int, moe=None) -> Config:
         train = replace(cfg.train, nproc=n, distributed=Distributed.fsdp if n > 1 else Distributed.auto)

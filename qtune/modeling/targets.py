@@ -104,6 +104,17 @@ def lora_params(shape: tuple[int, ...], r: int, dora: bool = False) -> int:
     return r * (inp + out) + (out if dora else 0)
 
 
+def lora_settings(cfg) -> LoraConfig:
+    """The LoRA settings as the run's stage applies them: modules the stage trains whole beside the adapter (a reward
+    model's new score head) added to lora.modules_to_save."""
+    import dataclasses
+
+    from qtune.stages import get
+
+    extra = [m for m in get(cfg.train.stage).keeps if m not in cfg.lora.modules_to_save]
+    return dataclasses.replace(cfg.lora, modules_to_save=[*cfg.lora.modules_to_save, *extra]) if extra else cfg.lora
+
+
 def match(model, lora: LoraConfig, moe: MoeConfig) -> Matched:
     """Every module/parameter that `lora` + `moe` reach in `model`; patterns that reach nothing are listed."""
     heads = _output_head_names(model)

@@ -75,7 +75,7 @@ def decide(setting: str, device: str, fsdp: bool = False) -> FastPath:
     return FastPath(True)
 
 
-def decide_graphs(fast: FastPath, setting: str, device: str, *, stage: str, processes: int,
+def decide_graphs(fast: FastPath, setting: str, device: str, *, stage, processes: int,
                   packing: bool, offload: bool, dtype, dropout: float, attention: str) -> None:
     """train.cuda_graphs: sets fast.graphs, with the piece or (auto) the reason it is off; `true` where it cannot
     apply is a one-line ConfigError naming why."""
@@ -88,8 +88,8 @@ def decide_graphs(fast: FastPath, setting: str, device: str, *, stage: str, proc
         why = "it needs CUDA"
     elif not fast.on:
         why = "it needs the fast path (" + "; ".join(fast.notes) + ")"
-    elif stage not in ("pt", "sft"):
-        why = f"train.stage={stage} runs several forwards a step (pt and sft only)"
+    elif not stage.graphs:
+        why = f"train.stage={stage.name} runs several forwards a step (pt and sft only)"
     elif processes > 1:
         why = "one process only"
     elif not packing:
@@ -272,9 +272,11 @@ def graphs_expected(cfg) -> bool:
 
 def graph_settings(cfg, processes: int) -> dict:
     """decide_graphs' inputs that the config fixes (a run adds its device, dtype, dropout and attention)."""
+    from qtune.stages import get
+
     t = cfg.train
     tokens = cfg.data.max_length * t.batch_size
-    return dict(stage=t.stage, processes=processes, packing=cfg.data.packing,
+    return dict(stage=get(t.stage), processes=processes, packing=cfg.data.packing,
                 offload=offloads("true", str(t.offload_activations), t.gradient_checkpointing, tokens,
                                  bool(cfg.model.arch.num_experts)))
 

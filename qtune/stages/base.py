@@ -1,0 +1,65 @@
+"""A training stage: what the rest of qtune reads of one (qtune.stages registers them)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from qtune.data.formats import Trains
+
+if TYPE_CHECKING:
+    from qtune.config.schema import Config, TrainConfig
+
+SCORE_HEAD = "score"  # transformers' name for the sequence-classification head of Qwen3 and Llama models
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    data: Trains                      # what the data layer reads and makes for it
+    summary: str                      # one line: the trainer and what it learns from
+    head: str = "lm"                  # what the model ends in: the language-model head, or a one-output "score" head
+    sequences: int = 1                # sequences a micro-batch row becomes in the forward that keeps activations
+    forwards: str = ""                # the dry run's note on that forward (e.g. " × 2 (chosen and rejected)")
+    # whether the fast path may cut capped MoE expert adapters to the chosen experts (moe.max_experts)
+    compacts: bool = True
+    graphs: bool = False              # whether a micro-step (one forward and backward) can replay as a CUDA graph
+    curve: str | None = None          # the figure loss.png plots beside the loss (metrics.jsonl's name)
+    figures: tuple[str, ...] = ()     # the stage's own figures in summary.json (the last eval value, else train)
+    # what `qtune eval` measures on held-out rows (qtune.evaluation.heldout): loss (pt, sft), implicit_reward against
+    # the base (dpo, kto), score (rm)
+    measure: str = "loss"
+    writes: bool = True               # it writes answers (chat, serve, samples, eval prompts, GGUF exports)
+    keeps: tuple[str, ...] = field(default=())  # modules trained whole beside the adapter (rm: the score head)
+
+    def check(self, train: "TrainConfig") -> None:
+        """Cross-field checks of train.* for this stage (raise ValueError naming the key)."""
+
+    def trl_config(self, cfg: "Config", common: dict, aux_loss: float | None):
+        """TRL's config class for this stage over the arguments every stage shares (`common`); `aux_loss`: the MoE
+        router's balancing loss coefficient, None for dense models."""
+        raise NotImplementedError
+
+    def trainer_class(self):
+        """TRL's trainer class for this stage (reading qtune's prepared ids as they are)."""
+        raise NotImplementedError
+
+    def datasets(self, train_ds, eval_ds, batch_size: int):
+        """The prepared splits as the trainer takes them."""
+        return train_ds, eval_ds
+
+    def after_init(self, trainer, cfg: "Config") -> None:
+        """What the stage adjusts once its trainer is built."""
+
+    def beta(self, train: "TrainConfig") -> float | None:
+        """The implicit reward's scale (measure implicit_reward)."""
+        return None
+
+
+def tokenized(trainer_class):
+    """`trainer_class` reading qtune's prepared ids as they are (its own pass would look for text to tokenize)."""
+    class Trainer(trainer_class):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    Trainer.__name__ = trainer_class.__name__
+    return Trainer
