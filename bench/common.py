@@ -61,16 +61,18 @@ def random_checkpoint(model: str, layers: int) -> str:
     return path
 
 
-def fused_head_step(model, seq: int, vocab: int = 151936):
-    """One forward and backward as training does it (train mode, bf16 autocast, TRL's fused output head: no full
-    logits) on a fixed random row of `seq` tokens."""
+def fused_head_step(model, seq: int, vocab: int | None = None):
+    """One forward and backward as training does it (train mode, bf16 autocast on a GPU, TRL's fused output head: no
+    full logits) on a fixed random row of `seq` tokens (below `vocab`: the model's vocabulary)."""
     import torch
 
     model.train()
-    ids = torch.randint(0, vocab, (1, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    device = next(model.parameters()).device
+    vocab = vocab or model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, seq), device=device, generator=torch.Generator(device).manual_seed(0))
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = model(input_ids=ids, labels=ids, fused_lm_head=True)
         loss = -out.log_probs.sum() / out.label_mask.sum()
         loss.backward()

@@ -1,8 +1,8 @@
 """Batch-1 decoding speed on a merged 16-bit Qwen3-8B-shaped model, qtune's paths vs plain generate.
 
 Run on a GPU machine from the repository root:  python3 bench/decode_gpu.py
-Variants (32-token prompt, NEW new tokens, min_new_tokens so all produce the same count; each warmed up once
-at the same length, so compilation and cache sizing stay outside the clock):
+Variants (32-token prompt, NEW new tokens, min_new_tokens so generate's variants produce the same count, qtune's counted
+as they come; each warmed up once at the same length, so compilation and cache sizing stay outside the clock):
   plain            model.generate(), dynamic cache (what a transformers user gets)
   static           generate with cache_implementation="static" (transformers compiles the step)
   qtune_graph      qtune.inference.load.Generation, greedy: qtune.inference.decoding, one CUDA graph a token (chat/serve default)
@@ -37,12 +37,13 @@ T0 = time.time()
 
 
 def timed(fn, n=NEW):
+    """Tokens a second of fn(n), which returns how many tokens it made (None: n)."""
     fn(n)
     torch.cuda.synchronize()
     t = time.perf_counter()
-    fn(n)
+    made = fn(n)
     torch.cuda.synchronize()
-    return n / (time.perf_counter() - t)
+    return (n if made is None else made) / (time.perf_counter() - t)
 
 
 def run_group(group):
@@ -105,16 +106,21 @@ def run_group(group):
             print(checks[name], flush=True)
             save()
 
-    from qtune.inference.load import Generation, Loaded, Sampling
+    import dataclasses
+
+    from qtune.config.schema import ChatConfig
+    from qtune.inference.load import Generation, Loaded
 
     loaded = Loaded(model, tok, tok.chat_template, "bench")
     prompt = tok.decode(ids[0])
 
     def q(cache, **sampling):
         def run(n):
-            s = Sampling(max_new_tokens=n, cache=cache, min_new_tokens=n, **sampling)
-            for _ in Generation(loaded, prompt, s):
+            generation = Generation(loaded, prompt, dataclasses.replace(ChatConfig(), max_new_tokens=n, cache=cache,
+                                                                        **sampling))
+            for _ in generation:
                 pass
+            return generation.completion_tokens  # an end-of-text token may come first
         return run
 
     greedy = dict(temperature=0, repetition_penalty=1.0)
@@ -166,6 +172,20 @@ def seed(path, attempt):
     attempt("seed_nf4_adapter", run, n=32)
 
 
+def check() -> None:
+    """What CI runs (no GPU): the names this script takes from qtune exist and take what it passes."""
+    import dataclasses
+
+    from qtune.config.schema import ChatConfig
+    from qtune.inference.decoding import GraphDecoder
+    from qtune.inference.load import Generation, Loaded
+
+    dataclasses.replace(ChatConfig(), max_new_tokens=8, cache="graph", temperature=0, repetition_penalty=1.0)
+    import inspect
+
+    assert Loaded and Generation and "min_new_tokens" in inspect.signature(GraphDecoder.generate).parameters
+
+
 def main():
     """Each group in its own process, so that a crash in one is reported and the others still run."""
     from randckpt import make_checkpoint
@@ -197,4 +217,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_group(sys.argv[1]) if len(sys.argv) > 1 else main()
+    check() if sys.argv[1:] == ["--check"] else run_group(sys.argv[1]) if len(sys.argv) > 1 else main()

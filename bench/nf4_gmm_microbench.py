@@ -57,12 +57,12 @@ def main(rows=16384):
                 wd = bnbf.dequantize_4bit(q, st)
                 return F.grouped_mm(x, wd if trans else wd.transpose(1, 2), offs=ends)
             want = ref().float()
-            wd = bnbf.dequantize_4bit(q, st)
+            dq = bnbf.dequantize_4bit(q, st)
+            alone = timeit(lambda: F.grouped_mm(x, dq if trans else dq.transpose(1, 2), offs=ends))
+            dq = None
             row = {"R": R, "C": C, "transposed": trans, "dequantize+grouped_mm_ms": timeit(ref),
-                   "grouped_mm_alone_ms": timeit(lambda: F.grouped_mm(x, wd if trans else wd.transpose(1, 2),
-                                                                      offs=ends)),
+                   "grouped_mm_alone_ms": alone,
                    "dequantize_alone_ms": timeit(lambda: bnbf.dequantize_4bit(q, st)), "configs": []}
-            del wd
             for cfg in CONFIGS:
                 try:
                     got = nf4_gmm(x, q, st, ends, transposed=trans, config=cfg).float()

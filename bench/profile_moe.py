@@ -21,16 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
 
 
-def build(path: str, variant: str):
+def build(path: str, variant: str, seq: int = 2048, model: str = "qwen3_30b_a3b", device: str = "cuda"):
+    """The variant's model as `qtune train` builds it (qtune.modeling.builder), with TRL's fused head."""
     import torch
-    from peft import get_peft_model
     from trl.trainer.utils import add_fused_lm_head
 
     from qtune.config import compose, to_object
-    from qtune.modeling import fast as fastpath
+    from qtune.modeling import builder
     from qtune.modeling.fast import experts as moe
-    from qtune.modeling.load import load_model
-    from qtune.modeling.targets import match, peft_config
 
     moe.KEEP_RECOMPUTED = variant != "redequant"
     moe.FUSED_4BIT = variant not in ("graph_dequant", "fast", "redequant")
@@ -40,24 +38,17 @@ def build(path: str, variant: str):
 
         best = json.loads(tuned.read_text())["best"]
         nf4_gmm.FORWARD, nf4_gmm.TRANSPOSED = tuple(best["forward"]), tuple(best["transposed"])
-    cfg = to_object(compose(["model=qwen3_30b_a3b", "quant=nf4", "moe=expert_only", "lora.dropout=0"]))
+    graphs = variant in ("graph", "graph_dequant", "eager")
+    cfg = to_object(compose([f"model={model}", "quant=nf4", "moe=expert_only", "lora.dropout=0", "train.fast=true",
+                             f"data.max_length={seq}", "train.offload_activations=false",
+                             f"train.cuda_graphs={str(graphs).lower()}", f"data.packing={str(graphs).lower()}",
+                             f"train.liger={str(graphs).lower()}"]))
     torch.manual_seed(0)
-    model = load_model(Path(path), cfg.model, cfg.quant, "cuda", torch.bfloat16, True)
-    fp = fastpath.decide("true", "cuda")
-    if variant in ("graph", "graph_dequant", "eager"):
-        fastpath.decide_graphs(fp, "true", "cuda", stage="sft", processes=1, packing=True, offload=False,
-                               dtype=torch.bfloat16, dropout=0.0, attention="sdpa")
-    fastpath.apply_base(fp, model, "cuda", True, "true" if fp.graphs else "false", "auto", 2048)
-    if fp.graphs:
-        fastpath.packed_attention(fp, model, "cuda", torch.bfloat16, True)
-    add_fused_lm_head(model)
-    matched = match(model, cfg.lora, cfg.moe)
-    model = get_peft_model(model, peft_config(matched, cfg.lora, True))
-    fastpath.apply_lora(fp, model, "nf4")
-    fastpath.embeddings_to_host(fp, model)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    built = builder.build(cfg, Path(path), device, dtype, between=add_fused_lm_head)
     if variant == "eager":
-        fp.graphs = False
-    return model, fp
+        built.fast.graphs = False
+    return built.model, built.fast
 
 
 def main(layers=6, seq=2048, variants=("graph", "eager")):
@@ -73,7 +64,7 @@ def main(layers=6, seq=2048, variants=("graph", "eager")):
     for setting in variants:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        model, fp = build(path, setting)
+        model, fp = build(path, setting, seq)
         step = graph_step(model, seq) if fp.graphs else varlen_step(model, seq) if setting == "eager" \
             else fused_head_step(model, seq)
         step()

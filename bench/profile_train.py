@@ -2,7 +2,7 @@
 checkpoint (bench/seed/randckpt.py), batch 1 x SEQ tokens, LoRA r16 on the 7 projections, checkpointing.
 
 Run on a GPU machine:  python3 bench/profile_train.py [nf4|none] [SEQ]
-The model is built as `qtune train` builds it (qtune.modeling.load + qtune.modeling.fast + PEFT), the loss is
+The model is built as `qtune train` builds it (qtune.modeling.builder), the loss is
 TRL's fused head as in training; the optimizer step is left out. Per path: the median step (synchronized),
 the host time to issue a step's work (wall time until backward() returns, when the GPU is not waited on),
 the GPU's busy time per step (sum of kernel times in torch.profiler) and the top kernels. Writes
@@ -18,51 +18,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
 
 
-VARIANTS = {  # name: (train.fast, liger, reentrant checkpointing, torch.compile of each decoder layer, offload, CUDA graph,
-    #               varlen attention for packed rows)
-    "ref": ("false", False, False, False, "false", False, False),
-    "fast": ("true", False, True, False, "true", False, False),            # train.fast=auto on CUDA before graphs
-    "fast_keep": ("true", False, True, False, "false", False, False),      # without offloading the layer inputs
-    "fast_linear": ("true", False, True, False, "false", False, False),    # per-projection functions only (no SwiGLU block)
-    "fast_liger": ("true", True, True, False, "true", False, False),       # + train.liger=true
-    "lora_only": ("true", False, False, False, "false", False, False),     # the fused LoRA functions alone (non-reentrant)
-    "fast_compile": ("true", False, True, True, "true", False, False),     # + torch.compile of each decoder layer (tried)
-    "graph_sdpa": ("true", False, True, False, "false", True, False),      # train.cuda_graphs, attention through sdpa
-    "graph": ("true", False, True, False, "false", True, True),            # + varlen attention: what train.fast=auto does
-    "graph_liger": ("true", True, True, False, "false", True, True),       # + train.liger=true (patches the process: last)
+# name: the settings that make it (train.* and data.packing overrides to `qtune train`'s own), torch.compile of each
+# decoder layer
+FAST = ["train.fast=true", "train.liger=false", "train.cuda_graphs=false", "data.packing=false"]
+VARIANTS = {
+    "ref": (["train.fast=false"], False),
+    "fast": (FAST + ["train.offload_activations=true"], False),   # train.fast=auto on CUDA before graphs
+    "fast_keep": (FAST + ["train.offload_activations=false"], False),  # without offloading the layer inputs
+    "fast_linear": (FAST + ["train.offload_activations=false"], False),  # per-projection functions only (no SwiGLU block)
+    "fast_liger": (FAST[:1] + ["train.liger=true", "train.cuda_graphs=false", "data.packing=false",
+                               "train.offload_activations=true"], False),  # + train.liger=true
+    "fast_compile": (FAST + ["train.offload_activations=true"], True),  # + torch.compile of each decoder layer (tried)
+    # train.cuda_graphs with varlen attention for packed rows: what train.fast=auto does
+    "graph": (["train.fast=true", "train.liger=false", "train.cuda_graphs=true", "train.offload_activations=false"],
+              False),
+    "graph_liger": (["train.fast=true", "train.liger=true", "train.cuda_graphs=true",
+                     "train.offload_activations=false"], False),  # + train.liger=true (patches the process: last)
     # graph_liger's model stepped eagerly on a row of two sequences (so varlen attention runs outside a graph), with a
     # second table of the operators (and their shapes) that launched the kernels: the graph's replay hides them
-    "eager_liger": ("true", True, True, False, "false", False, True),
+    "eager_liger": (["train.fast=true", "train.liger=true", "train.cuda_graphs=true",
+                     "train.offload_activations=false"], False),
 }
 
 
-def build(quant: str, variant: str):
+def build(quant: str, variant: str, seq: int = 2048, model: str = "qwen3_8b", folder=None, device: str = "cuda"):
+    """The variant's model as `qtune train` builds it (qtune.modeling.builder), with TRL's fused head; the random
+    checkpoint unless `folder` names another (the CPU check builds the tiny Qwen3 so)."""
     import torch
-    from peft import get_peft_model
     from trl.trainer.utils import add_fused_lm_head
 
     from qtune.config import compose, to_object
-    from qtune.modeling import fast as fastpath
-    from qtune.modeling.load import load_model
-    from qtune.modeling.targets import match, peft_config
-    from randckpt import PATH
+    from qtune.modeling import builder
 
-    fast_setting, liger, reentrant, compiled, offload, graphs, varlen = VARIANTS[variant]
-    cfg = to_object(compose(["model=qwen3_8b", f"quant={quant}"]))
+    overrides, compiled = VARIANTS[variant]
+    cfg = to_object(compose([f"model={model}", f"quant={quant}", f"data.max_length={seq}", *overrides]))
+    if folder is None:
+        from randckpt import PATH
+
+        folder = PATH
     torch.manual_seed(0)
-    model = load_model(Path(PATH), cfg.model, cfg.quant, "cuda", torch.bfloat16, True)
-    fp = fastpath.decide(fast_setting, "cuda")
-    if graphs:
-        fastpath.decide_graphs(fp, "true", "cuda", stage="sft", processes=1, packing=True, offload=False,
-                               dtype=torch.bfloat16, dropout=cfg.lora.dropout, attention="sdpa")
-    fastpath.apply_base(fp, model, "cuda", reentrant, str(liger).lower(), offload)
-    if varlen:
-        fastpath.packed_attention(fp, model, "cuda", torch.bfloat16, True)
-    add_fused_lm_head(model)
-    matched = match(model, cfg.lora, cfg.moe)
-    model = get_peft_model(model, peft_config(matched, cfg.lora, quant != "none"))
-    fastpath.apply_lora(fp, model)
-    fastpath.embeddings_to_host(fp, model)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    built = builder.build(cfg, Path(folder), device, dtype, between=add_fused_lm_head)
+    model = built.model
     if variant == "fast_linear":
         for module in model.modules():
             if type(module).__name__.endswith("MLP") and "forward" in vars(module):
@@ -70,7 +67,7 @@ def build(quant: str, variant: str):
     if compiled:
         for layer in model.get_base_model().model.layers:
             layer.compile()
-    return model, fp
+    return model, built.fast
 
 
 def graph_step(model, seq: int, vocab: int = 151936):
@@ -123,7 +120,7 @@ def main(quant="nf4", seq=2048, variants=("ref", "fast")):
     for setting in variants:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        model, fp = build(quant, setting)
+        model, fp = build(quant, setting, seq)
         step = graph_step(model, seq) if fp.graphs else varlen_step(model, seq) if setting == "eager_liger" \
             else fused_head_step(model, seq)
         t0 = time.time()
@@ -131,13 +128,13 @@ def main(quant="nf4", seq=2048, variants=("ref", "fast")):
             step()
         except Exception as e:  # noqa: BLE001 (a variant that fails is reported, the others still run)
             print(f"{setting}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            del model
+            model = step = None
             continue
         model.zero_grad(set_to_none=True)
         first = time.time() - t0
         m = time_and_profile(step, model, timed=8, skip=3, ops=setting.startswith("eager"))
         report(lines, f"{quant} seq {seq} {setting} [{fp.describe()}]", m, 10, first=f"first step {first:.1f} s, ")
-        del model, step  # the step holds the model (and a graph its memory pool): the next variant's peak is its own
+        model = step = None  # the step holds the model (and a graph its memory pool): the next variant's peak is its own
     (OUT / f"profile_{quant}_{seq}.txt").write_text("\n".join(lines))
 
 

@@ -363,7 +363,7 @@ def show_fits(rows: list[dict]) -> None:
     """inspect-moe's answer to "which GPU does this need" (qtune.modeling.plan.fits)."""
     from rich.table import Table
 
-    from qtune.training.distributed import USABLE_SHARE
+    from qtune.modeling.world import USABLE_SHARE
     from qtune.modeling.plan import WORLD_SIZES
 
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731

@@ -343,16 +343,19 @@ def test_offload_auto_is_for_dense_models():
     """train.offload_activations=auto offloads from 8192 tokens a micro-batch for dense models only: an MoE model's step
     then runs in a CUDA graph instead (faster and smaller for Qwen3-30B-A3B, docs/benchmarks.md); true still offloads."""
     from qtune.config import compose, to_object
-    from qtune.modeling.fast import graphs_expected, offloads
+    from qtune.modeling.fast import expected
+    from qtune.modeling.fast import offloads
 
     assert offloads("auto", "auto", True, 8192) and not offloads("auto", "auto", True, 8192, moe=True)
     assert offloads("auto", "true", True, 8192, moe=True) and not offloads("auto", "auto", True, 4096)
 
-    def graphs(model, *over):
-        return graphs_expected(to_object(compose([f"model={model}", "quant=nf4", "data.max_length=8192", *over])))
+    def decided(model, *over):
+        return expected(to_object(compose([f"model={model}", "quant=nf4", "data.max_length=8192", *over])))
 
-    assert graphs("qwen3_30b_a3b") and not graphs("qwen3_8b")
-    assert not graphs("qwen3_30b_a3b", "train.offload_activations=true")
+    assert decided("qwen3_30b_a3b").graphs and not decided("qwen3_30b_a3b").offload
+    assert not decided("qwen3_8b").graphs and decided("qwen3_8b").offload
+    assert not decided("qwen3_30b_a3b", "train.offload_activations=true").graphs
+    assert not decided("qwen3_8b", "train.fast=false").offload
 
 
 # ---------------------------------------------------------------- errors: one line, non-zero exit

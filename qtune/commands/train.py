@@ -37,13 +37,14 @@ def run(cfg: Config, dry_run: bool = False):
     from qtune.training import distributed as dist
     from qtune.training import launch
     from qtune import runs, ui
+    from qtune.modeling.world import world
 
     if cfg.train.init_adapter:
         runs.adapter_folder(cfg.train.init_adapter, "train.init_adapter")
     from qtune.io import check_writable
     from qtune.modeling.load import pick_device, quiet_libraries
 
-    main = dist.world().main
+    main = world().main
     if not main:
         ui.silence()
     out = Path(cfg.train.output_dir).expanduser()
@@ -157,6 +158,7 @@ def plan(cfg: Config, show: bool = False) -> dict:
 
 def _setup(cfg: Config, device: str):
     """What the processes ask of the engines (qtune.training.distributed.Setup), their process group joined (one process: none)."""
+    from qtune.modeling.world import world
     from qtune.training import distributed as dist
 
     def one_gpu_bytes() -> float:
@@ -164,7 +166,7 @@ def _setup(cfg: Config, device: str):
 
         return make_plan(cfg).single.total
 
-    dist.check_devices(device, dist.world().local_size, cfg.train.backend)
+    dist.check_devices(device, world().local_size, cfg.train.backend)
     setup = dist.setup(cfg.train, cfg.quant.method, device, need_bytes=one_gpu_bytes)
     dist.init(setup, device)
     return setup
@@ -193,105 +195,29 @@ def _data(cfg: Config, setup):
     return tokenizer, prepared
 
 
-def _expert_selection(cfg: Config, model, matched, out: Path, train_ds) -> dict:
-    """moe.max_experts: which experts of each MoE block get adapters (kept in experts.json for resumes)."""
-    from qtune import ui
-    from qtune.modeling import moe
-
-    if not moe.capped(matched, cfg.moe):
-        return {}
-    selection = moe.load_selection(out)
-    if selection is None:
-        from qtune.data.preference import token_row
-        from qtune.data.prepare import row_tensors
-
-        batches = [row_tensors(token_row(train_ds[i]), model.device) for i in range(min(len(train_ds), 16))]
-        selection = moe.select_experts(model, matched, cfg.moe, batches)
-        moe.save_selection(out, selection, cfg.moe)
-    some = next(iter(selection.items()))
-    ui.info(f"moe.max_experts={cfg.moe.max_experts} ({cfg.moe.expert_selection}): adapters on experts "
-            f"{some[1]} of {some[0]}, … (all in {out / 'experts.json'})")
-    return selection
-
-
 def _model(cfg: Config, setup, device: str, dtype, out: Path, train_ds):
+    """Steps 3 and 4: the training model as qtune.modeling.builder builds it."""
     from transformers import set_seed
 
     from qtune import ui
+    from qtune.modeling import builder
     from qtune.modeling.hub import ensure_model
-    from qtune.modeling.load import load_model
-    from qtune.modeling.targets import apply_dropout, check, match, peft_config, unmatched_message
-
-    from qtune.modeling import fast as fastpath
-    from qtune.modeling.targets import lora_settings
-    from qtune.stages import get
+    from qtune.training.distributed import main_first
 
     folder = ensure_model(cfg.model, cfg.download, cfg.paths, warn=ui.print_warning)
     set_seed(cfg.train.seed)  # LoRA's A matrices (and rm's score head) are drawn now, before the trainer seeds anything
     fsdp = setup.strategy == "fsdp"
-    fast = fastpath.decide(str(cfg.train.fast), device, fsdp=fsdp)
     with ui.status(f"loading {cfg.model.name}"):
-        # under FSDP2 the sharding checkpoints activations (qtune.training.distributed.trainer_args) and the 4-bit weights are
-        # stored in the model's dtype so that they shard
-        model = load_model(folder, cfg.model, cfg.quant, device, dtype, cfg.train.gradient_checkpointing and not fsdp,
-                           experts_4bit=fast.on, quant_storage=dtype if fsdp else None, head=get(cfg.train.stage).head)
-    tokens = cfg.data.max_length * cfg.train.batch_size
-    fastpath.decide_graphs(fast, str(cfg.train.cuda_graphs), device, **fastpath.graph_settings(cfg, setup.world_size),
-                           dtype=dtype, dropout=cfg.lora.dropout,
-                           attention=fastpath.attention_of(model))
-    fastpath.apply_base(fast, model, device, cfg.train.gradient_checkpointing, cfg.train.liger,
-                        cfg.train.offload_activations, tokens)
-    fastpath.packed_attention(fast, model, device, dtype, cfg.data.packing)
-    lora = lora_settings(cfg)
-    matched = match(model, lora, cfg.moe)
-    check(matched, lora)
-    for pattern in matched.unmatched:
-        ui.print_warning(unmatched_message(pattern, cfg.model.name, matched.is_moe))
-    from peft import get_peft_model
-
-    from qtune.training.distributed import main_first
-
-    with main_first(setup):  # rank 0 measures and keeps experts.json; the others read it
-        selection = _expert_selection(cfg, model, matched, out, train_ds)
-    task = "SEQ_CLS" if get(cfg.train.stage).head == "score" else "CAUSAL_LM"
-    model = get_peft_model(model, peft_config(matched, lora, cfg.quant.method is not QuantMethod.none, task))
-    if cfg.train.init_adapter:
-        from qtune.modeling.adapters import load_into
-        from qtune.runs import adapter_folder
-
-        n = load_into(model, adapter_folder(cfg.train.init_adapter, "train.init_adapter"))
-        ui.info(f"train.init_adapter: {n} tensors loaded from {cfg.train.init_adapter}")
-    if cfg.lora.dropout and matched.names("lora_param"):
-        n = apply_dropout(model, cfg.lora.dropout)
-        ui.info(f"lora.dropout={cfg.lora.dropout:g} on {n} linear adapters; fused expert/router adapters train "
-                "without dropout (PEFT's ParamWrapper has none)")
-    fastpath.apply_lora(fast, model, str(cfg.quant.method))
-    fastpath.embeddings_to_host(fast, model)
-    setting = str(cfg.train.head_on_host)
-    if fast.on and device.startswith("cuda") and get(cfg.train.stage).head == "lm" and setting != "false":
-        from qtune.modeling.plan import plan as make_plan
-
-        fastpath.head_to_host(fast, model, setting, setting == "true" or make_plan(cfg).head_on_host)
-    # dpo and kto keep full-size expert adapters (masked to the chosen experts): TRL copies the adapter it starts from
-    # as the reference, a copy that compacted tensors would not fit
-    compacted = set(fastpath.compact_experts(fast, model, selection)) if get(cfg.train.stage).compacts else set()
-    if selection:
-        from qtune.modeling.moe import restrict
-
-        restrict(model, selection)  # blocks the fast path did not compact keep all experts' adapters, masked
+        model, fast = builder.before_peft(cfg, folder, device, dtype, fsdp=fsdp, processes=setup.world_size)
+    # rank 0 measures and keeps experts.json (moe.max_experts); the others read it
+    built = builder.after_peft(cfg, model, fast, device, out=out, train_ds=train_ds, coordinate=lambda: main_first(setup),
+                               say=ui.info, warn=ui.print_warning)
     if fsdp:  # the units TRL's fused LM head leaves half-run (qtune.training.distributed.unshard_skipped_units)
         from qtune.training.distributed import unshard_skipped_units
 
-        unshard_skipped_units(model)
+        unshard_skipped_units(built.model)
     ui.info(fast.describe())
-    trainable, _ = model.get_nb_trainable_parameters()
-    from qtune.modeling.moe import block_of
-
-    expected = sum(t.params if t.how == "lora_param" and block_of(t.name) in compacted else t.allocated
-                   for t in matched.targets)
-    if trainable != expected:  # the plan and PEFT must agree; a mismatch is a qtune bug
-        raise RuntimeError(f"PEFT made {trainable} trainable parameters, the plan counted {expected}")
-    return model, matched, fast
+    return built.model, built.matched, fast
 
 
 def _trainer(cfg: Config, setup, model, tokenizer, prepared, out: Path, resume, fast):
@@ -303,7 +229,8 @@ def _trainer(cfg: Config, setup, model, tokenizer, prepared, out: Path, resume, 
     from qtune.stages import get
     from qtune.training import trainers
     from qtune.training.callbacks import MetricsCallback, NanGuard, ProgressCallback, StopOnSignal, WorldRecord
-    from qtune.training.distributed import check_wrapped, trainer_args, world
+    from qtune.modeling.world import world
+    from qtune.training.distributed import check_wrapped, trainer_args
 
     train_ds = prepared.load("train")
     eval_ds = prepared.load("eval")
@@ -377,7 +304,7 @@ def _finish(cfg: Config, setup, trainer, tokenizer, out: Path, seconds: float, s
     from qtune import stages
     from qtune.training.callbacks import peak_memory, plot_losses, training_peak_memory, training_reserved_peak
     from qtune.training.distributed import adapter_state
-    from qtune.training.distributed import world
+    from qtune.modeling.world import world
     from qtune.io import atomic_dir, atomic_write_json
 
     # First what every process takes part in (collectives): the final evaluation, the adapter gathered from FSDP's

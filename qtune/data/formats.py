@@ -13,8 +13,8 @@ Preference records (train.stage=dpo|kto|rm; qtune.data.preference normalizes the
   preference           {"prompt" | "messages", "chosen", "rejected"}: strings or message lists
   sharegpt_preference  {"conversations", "chosen": {"from", "value"}, "rejected": {...}} (as LLaMA-Factory writes them)
   kto                  {"prompt", "completion", "label": true|false}: strings or message lists
-Which formats a stage trains on: its `Trains` (qtune.stages declares one a stage). Every error names `file:line` and
-the field.
+Which formats a stage trains on: the family its `Trains` names (FAMILIES). Every error names `file:line` and the
+field.
 """
 from __future__ import annotations
 
@@ -34,19 +34,9 @@ LM_FORMATS = ("messages", "sharegpt", "alpaca", "input_output", "query_response"
 PAIR_FORMATS = ("preference", "sharegpt_preference")
 FORMATS = LM_FORMATS + PAIR_FORMATS + ("kto",)
 
-
-@dataclass(frozen=True)
-class Trains:
-    """What a stage trains on, as the data layer reads it (each stage in qtune.stages declares one): the stage's name
-    (in messages and the cache key), the kind of rows it makes (lm: input_ids + labels; pairs: prompt, chosen and
-    rejected ids; scored: the same for a reward model; unpaired: prompt and completion ids with a label) and the record
-    formats it accepts, described in a few words for error lines."""
-    stage: str
-    kind: str
-    formats: tuple[str, ...]
-    describes: str
-
-
+# The formats a stage's records may take, by the family name a stage declares (qtune.stages: Trains.formats).
+FAMILIES = {"text": ("text",), "lm": LM_FORMATS, "pairs": PAIR_FORMATS,
+            "kto": ("kto",) + PAIR_FORMATS}  # KTO splits a pair into a desirable and an undesirable answer
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
                   "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system",
@@ -258,9 +248,10 @@ def detect(rec: dict) -> str | None:
     return None
 
 
-def normalize(rec: Record, fmt: str, trains: Trains) -> Example:
+def normalize(rec: Record, fmt: str, trains) -> Example:
+    """`trains`: what the stage trains on (qtune.stages.base.Trains)."""
     data, where = rec.data, rec.where
-    allowed = trains.formats
+    allowed = FAMILIES[trains.formats]
     if fmt == "auto":
         fmt = detect(data)
         if fmt is None:

@@ -19,7 +19,7 @@ from qtune.data import formats
 from qtune.data.template import Markers, render
 from qtune.errors import DataError
 
-# What prepare builds for a stage's kind of rows (formats.Trains.kind): packed token rows (lm); prompt, chosen and
+# What prepare builds for a stage's kind of rows (qtune.stages.base.Trains.kind): packed token rows (lm); prompt, chosen and
 # rejected ids (pairs); the same with the prompt in front of each answer, whole sequences a reward model scores
 # (scored); prompt, completion ids and label (unpaired).
 KINDS = ("lm", "pairs", "scored", "unpaired")

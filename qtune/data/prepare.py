@@ -3,8 +3,8 @@
 The cache key covers the data bytes, the tokenizer, the chat template and every setting that changes
 the result, so a rerun is a hit and any change is a miss. The folder appears atomically.
 Layout: <cache>/<name>/<fingerprint>/{train,eval}/ (datasets), stats.json, rejects.jsonl.
-What a split holds follows the stage's kind of rows (formats.Trains.kind): input_ids + labels, packed (pt, sft);
-prompt_ids, chosen_ids, rejected_ids (dpo, rm); prompt_ids, completion_ids, label (kto).
+What a split holds follows the stage's kind of rows (qtune.stages.base.Trains.kind): input_ids + labels, packed
+(pt, sft); prompt_ids, chosen_ids, rejected_ids (dpo, rm); prompt_ids, completion_ids, label (kto).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from qtune.data import formats, preference
 from qtune.data.template import Markers, assistant_spans, label_mask, probe_markers, render, resolve_template
 from qtune.errors import DataError
 from qtune.io import atomic_dir, atomic_write_json
+
+if TYPE_CHECKING:
+    from qtune.stages.base import Trains  # what a stage trains on (the data layer reads its fields)
 
 VERSION = 2  # bump when the output of this module changes for the same inputs
 
@@ -56,7 +60,7 @@ def check_inputs(data: DataConfig) -> None:
             formats.sniff(f)
 
 
-def _setup(data: DataConfig, tokenizer, model_name: str, chat_template: str | None, trains: formats.Trains):
+def _setup(data: DataConfig, tokenizer, model_name: str, chat_template: str | None, trains: Trains):
     """What prepare and preview both start from: sources, template (+ fallback warning), turn markers."""
     sources = sources_of(data)
     template, warning = resolve_template(tokenizer, chat_template, model_name)
@@ -69,7 +73,7 @@ def _setup(data: DataConfig, tokenizer, model_name: str, chat_template: str | No
 # ---------------------------------------------------------------- loading and normalizing
 
 def load_examples(src: SourceConfig, on_error: OnError, rejects: list[dict],
-                  system_prompt: str | None, trains: formats.Trains) -> list[formats.Example]:
+                  system_prompt: str | None, trains: Trains) -> list[formats.Example]:
     """A source's records as examples of what a stage trains on (`trains`); `system_prompt` (data.system_prompt) opens every
     conversation that has no system turn of its own."""
     out = []
@@ -213,7 +217,7 @@ def _tokenizer_digest(tokenizer) -> str:
 
 
 def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | None,
-            trains: formats.Trains) -> Prepared:
+            trains: Trains) -> Prepared:
     """`trains`: what the stage trains on (qtune.stages.get(name).data)."""
     import datasets
 
@@ -350,7 +354,7 @@ def split_stats(ds, kept, sources: list[SourceConfig], max_length: int) -> dict:
             "max_length": max_length, "per_source": per}
 
 
-def preview(data: DataConfig, tokenizer, model_name: str, chat_template: str | None, trains: formats.Trains,
+def preview(data: DataConfig, tokenizer, model_name: str, chat_template: str | None, trains: Trains,
             n: int = 3):
     """Normalize everything (so every error shows) and tokenize the first n examples: (segments, counts)."""
     sources, template, warning, markers = _setup(data, tokenizer, model_name, chat_template, trains)

@@ -82,9 +82,9 @@ def quantizable(name: str, module, quant: QuantConfig) -> bool:
                                                      for s in quant.skip_modules)
 
 
-def experts_4bit(fast: str, quant: QuantConfig) -> bool:
+def experts_4bit(fast_on: bool, quant: QuantConfig) -> bool:
     """Whether a CUDA run keeps fused MoE experts in 4 bits (the fast path does, under quant=nf4|fp4)."""
-    return str(fast) != "false" and quant.method in (QuantMethod.nf4, QuantMethod.fp4)
+    return fast_on and quant.method in (QuantMethod.nf4, QuantMethod.fp4)
 
 
 def base_bytes(model, quant: QuantConfig, dtype_bytes: int, experts4: bool = False) -> tuple[float, int, int]:

@@ -26,15 +26,16 @@ class Plan:
 def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] | None = None, model=None) -> Plan:
     """For one GPU that offers training `usable` bytes (which train.head_on_host=auto weighs) and has this compute
     capability (whether the 4-bit expert kernel runs); by default this machine's GPU, or an 80 GiB H100 without one
-    (qtune.training.distributed.gpu_bytes, qtune.modeling.fast.nf4_gmm.expected). model: this config's meta-device model, if
+    (qtune.modeling.world.gpu_bytes, qtune.modeling.fast.nf4_gmm.expected). model: this config's meta-device model, if
     already built (fits() plans many variants of one model)."""
     from qtune.config.schema import QuantMethod
-    from qtune.training.distributed import gpu_bytes, strategy, world
     from qtune.modeling.arch import meta_model
+    from qtune.modeling.fast import expected
     from qtune.modeling.estimate import estimate, experts_4bit, per_process
-    from qtune.modeling.fast import graphs_expected, head_on_host, offloads
+    from qtune.modeling.fast import head_on_host
     from qtune.modeling.fast.nf4_gmm import expected as direct_expected
     from qtune.modeling.targets import lora_settings, match
+    from qtune.modeling.world import gpu_bytes, strategy, world
     from qtune.stages import get
 
     t, stage = cfg.train, get(cfg.train.stage)
@@ -42,30 +43,30 @@ def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] |
     matched = match(model, lora_settings(cfg), cfg.moe)
     # the tokens one micro-batch puts through a forward that keeps activations (dpo and rm: chosen and rejected)
     tokens = cfg.data.max_length * t.batch_size * stage.sequences
-    graphs = graphs_expected(cfg)  # with them, the untied input embeddings are in host memory
+    size = max(t.nproc, world().size)  # train.nproc, or the launcher's world under torchrun
 
-    def one_gpu(fast: str, hosted: bool | None = None, fsdp: bool = False):
+    def one_gpu(fast, hosted: bool | None = None, fsdp: bool = False):
+        """fast: the builder's decisions for a CUDA run (qtune.modeling.builder.expected)."""
         if hosted is None:  # train.head_on_host: auto decides on this estimate with the head on the GPU
-            hosted = head_on_host(str(t.head_on_host), fast != "false", lambda: one_gpu(fast, False).total,
+            hosted = head_on_host(str(t.head_on_host), fast.on, lambda: one_gpu(fast, False).total,
                                   gpu_bytes if usable is None else lambda: usable)
-        offload = offloads(fast, t.offload_activations, t.gradient_checkpointing, tokens, bool(cfg.model.arch.num_experts))
-        experts4 = experts_4bit(fast, cfg.quant)
+        experts4 = experts_4bit(fast.on, cfg.quant)
         return estimate(model, cfg.model.arch, matched, cfg.quant, tokens, t.gradient_checkpointing, on_gpu=True,
-                        offload_inputs=offload, experts4=experts4,
+                        offload_inputs=fast.offload, experts4=experts4,
                         experts_direct=experts4 and direct_expected(str(cfg.quant.method), capability),
-                        compact=fast != "false" and stage.compacts, lm_head=stage.head == "lm",
-                        embed_on_host=fast != "false" and graphs, keep_dequantized=fast != "false" and not offload,
-                        head_on_host=hosted, grouped_experts=fast != "false",
+                        compact=fast.on and stage.compacts, lm_head=stage.head == "lm",
+                        # with graphs, the untied input embeddings are in host memory
+                        embed_on_host=fast.on and fast.graphs, keep_dequantized=fast.on and not fast.offload,
+                        head_on_host=hosted, grouped_experts=fast.on,
                         # accelerate's FSDP2 preparation turns a model without 4-bit weights' trainable parameters to
                         # fp32 master weights (fsdp2_prepare_model, mixed precision on)
                         adapters_fp32=fsdp and cfg.quant.method is QuantMethod.none)
 
-    single = one_gpu(str(t.fast))
-    size = max(t.nproc, world().size)  # train.nproc, or the launcher's world under torchrun
+    single = one_gpu(expected(cfg, size))
     how = strategy(t.distributed, "cuda", size, lambda: single.total)
     # under FSDP2 training takes the reference path (qtune.modeling.fast.decide): no 4-bit experts, no compaction
-    memory = per_process(one_gpu("false", False, fsdp=True) if how == "fsdp" else single, how, size,
-                         cfg.model.arch.num_hidden_layers)
+    memory = per_process(one_gpu(expected(cfg, size, fsdp=True), False, fsdp=True) if how == "fsdp" else single, how,
+                         size, cfg.model.arch.num_hidden_layers)
     return Plan(model, matched, sum(p.numel() for p in model.parameters()), memory, single)
 
 
@@ -78,7 +79,7 @@ WORLD_SIZES = (2, 4, 8)   # the processes (GPUs of one host) tried under FSDP2 w
 
 def fits(cfg: Config, gpus=GPUS, model=None) -> list[dict]:
     """For each (name, bytes, compute capability or None for this machine's GPU) GPU, with the share of it usable that
-    train.distributed=auto counts (qtune.training.distributed.USABLE_SHARE): whether these settings train on one; if not, the fewest GPUs of that kind that hold
+    train.distributed=auto counts (qtune.modeling.world.USABLE_SHARE): whether these settings train on one; if not, the fewest GPUs of that kind that hold
     them under FSDP2 (WORLD_SIZES; never for quant=int8, which FSDP2 cannot shard), and what would fit on one instead:
     the most experts per layer (moe.max_experts, where the fast path cuts the adapters to them) or, failing that, LoRA
     on attention only (moe=none). model: this config's meta-device model, if already built; the variants share it
@@ -86,7 +87,7 @@ def fits(cfg: Config, gpus=GPUS, model=None) -> list[dict]:
     from dataclasses import replace
 
     from qtune.config.schema import Distributed, QuantMethod
-    from qtune.training.distributed import USABLE_SHARE
+    from qtune.modeling.world import USABLE_SHARE
     from qtune.modeling.arch import meta_model
     from qtune.stages import get
 

@@ -4,12 +4,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from qtune.data.formats import Trains
-
 if TYPE_CHECKING:
     from qtune.config.schema import Config, TrainConfig
 
 SCORE_HEAD = "score"  # transformers' name for the sequence-classification head of Qwen3 and Llama models
+
+
+@dataclass(frozen=True)
+class Trains:
+    """What a stage trains on, as the data layer reads it: the stage's name (in messages and the cache key), the kind
+    of rows it makes (qtune.data.preference.KINDS: lm, input_ids + labels; pairs, prompt, chosen and rejected ids;
+    scored, the same for a reward model; unpaired, prompt and completion ids with a label), the family of record
+    formats it accepts (qtune.data.formats.FAMILIES) and those in a few words for error lines."""
+    stage: str
+    kind: str
+    formats: str
+    describes: str
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,7 @@ with the adapter switched off, or, with train.init_adapter, a frozen copy of tha
 copy of the adapter's weights, never of the model's)."""
 from __future__ import annotations
 
-from qtune.data.formats import PAIR_FORMATS, Trains
-from qtune.stages.base import Stage, tokenized
+from qtune.stages.base import Stage, Trains, tokenized
 
 
 class Dpo(Stage):
@@ -37,7 +36,7 @@ def drop_fresh_reference(trainer, cfg) -> None:
 
 # compacts=False: TRL copies a PEFT model's adapter as its frozen reference (qtune deletes the copy of a fresh one), and
 # the copy is made at the adapter's full size
-DPO = Dpo("dpo", Trains("dpo", "pairs", PAIR_FORMATS, 'preference pairs ({"prompt", "chosen", "rejected"})'),
+DPO = Dpo("dpo", Trains("dpo", "pairs", "pairs", 'preference pairs ({"prompt", "chosen", "rejected"})'),
           "direct preference optimization on chosen/rejected pairs", sequences=2,
           forwards=" × 2 (chosen and rejected), reference forwards without gradients", compacts=False,
           curve="reward_margin", figures=("reward_accuracy", "reward_margin"), measure="implicit_reward")

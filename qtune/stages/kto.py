@@ -3,8 +3,7 @@ answer's neighbour in its batch, as TRL builds them. Preference pairs are split 
 answer."""
 from __future__ import annotations
 
-from qtune.data.formats import PAIR_FORMATS, Trains
-from qtune.stages.base import Stage, tokenized
+from qtune.stages.base import Stage, Trains, tokenized
 from qtune.stages.dpo import drop_fresh_reference
 
 
@@ -50,7 +49,7 @@ def _with_kl_completions(ds, batch_size: int):
     return ds.map(rotate, batched=True, batch_size=batch_size, keep_in_memory=True)
 
 
-KTO = Kto("kto", Trains("kto", "unpaired", ("kto",) + PAIR_FORMATS,
+KTO = Kto("kto", Trains("kto", "unpaired", "kto",
                         'answers marked good or bad ({"prompt", "completion", "label"}) or preference pairs'),
           "Kahneman-Tversky optimization on answers marked good or bad",
           forwards=", KL and reference forwards without gradients", compacts=False,

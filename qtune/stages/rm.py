@@ -2,8 +2,7 @@
 sequence-classification head (`score`), trained whole next to the LoRA layers and saved in the adapter."""
 from __future__ import annotations
 
-from qtune.data.formats import PAIR_FORMATS, Trains
-from qtune.stages.base import SCORE_HEAD, Stage
+from qtune.stages.base import SCORE_HEAD, Stage, Trains
 
 
 class Rm(Stage):
@@ -32,7 +31,7 @@ class Rm(Stage):
                 p.data = p.data.to(dtype)
 
 
-RM = Rm("rm", Trains("rm", "scored", PAIR_FORMATS, 'preference pairs ({"prompt", "chosen", "rejected"})'),
+RM = Rm("rm", Trains("rm", "scored", "pairs", 'preference pairs ({"prompt", "chosen", "rejected"})'),
         "a reward model: a one-output score head trained on chosen/rejected pairs", head="score", sequences=2,
         forwards=" × 2 (chosen and rejected), one-output score head", curve="reward_accuracy",
         figures=("reward_accuracy", "reward_margin"), measure="score", writes=False, keeps=(SCORE_HEAD,))

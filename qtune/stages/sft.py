@@ -1,8 +1,7 @@
 """pt and sft: TRL's SFTTrainer on packed input_ids + labels (pt: raw text, every token trained)."""
 from __future__ import annotations
 
-from qtune.data.formats import LM_FORMATS, Trains
-from qtune.stages.base import Stage
+from qtune.stages.base import Stage, Trains
 
 
 class _Sft(Stage):
@@ -18,7 +17,7 @@ class _Sft(Stage):
         return SFTTrainer
 
 
-PT = _Sft("pt", Trains("pt", "lm", ("text",), 'raw text ({"text": ...})'),
+PT = _Sft("pt", Trains("pt", "lm", "text", 'raw text ({"text": ...})'),
           "continued pre-training on raw text: every token trained", graphs=True)
-SFT = _Sft("sft", Trains("sft", "lm", LM_FORMATS, "conversations or instructions (messages, sharegpt, alpaca, ...)"),
+SFT = _Sft("sft", Trains("sft", "lm", "lm", "conversations or instructions (messages, sharegpt, alpaca, ...)"),
            "supervised fine-tuning on conversations: the assistant turns trained", graphs=True)

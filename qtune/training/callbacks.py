@@ -49,7 +49,7 @@ class MetricsCallback(TrainerCallback):
         self.run_dir = Path(run_dir)
         self.curve = curve
         self._last = None  # (time, tokens) at the previous training log
-        from qtune.training.distributed import world
+        from qtune.modeling.world import world
 
         if not world().main:  # one writer: rank 0 (its logs carry the losses and token counts of all processes)
             return
@@ -274,7 +274,7 @@ class GracefulStop:
         return self
 
     def _handle(self, signum, frame):
-        from qtune.training.distributed import world
+        from qtune.modeling.world import world
 
         say = world().main  # every process of a run gets the signal; one says so
         if self.signal is not None:  # asked twice: stop without saving

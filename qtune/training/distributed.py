@@ -20,30 +20,12 @@ from typing import Callable
 
 from qtune.config.schema import Backend, Distributed, QuantMethod, TrainConfig
 from qtune.errors import ConfigError, DataError
+from qtune.modeling.world import strategy, world
 
 # How long a process waits for the others at a collective: rank 0 prepares the data while the others wait at a
 # barrier, which can take long on a big data set (torch's default, 30 minutes, would cut it short).
 TIMEOUT_S = 3 * 3600
 RECORD = "WorldRecord"  # the callback (qtune.training.callbacks) whose state each checkpoint's trainer_state.json keeps
-
-
-@dataclass(frozen=True)
-class World:
-    """Where this process stands, from the variables torch's launchers set (one process without them)."""
-    rank: int = 0
-    local_rank: int = 0
-    size: int = 1
-    local_size: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def world() -> World:
-    env = os.environ
-    size = int(env.get("WORLD_SIZE", 1))
-    return World(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), size, int(env.get("LOCAL_WORLD_SIZE", size)))
 
 
 def launched() -> bool:
@@ -87,34 +69,6 @@ def setup(train: TrainConfig, quant: QuantMethod, device: str, need_bytes: Calla
         raise ConfigError("quant=int8: FSDP2 shards floating-point weights only and bitsandbytes keeps int8 weights as "
                           "int8; use quant=nf4 (stored in the model's dtype for FSDP) or train.distributed=ddp")
     return Setup(size, how, backend(train.backend, device), train.batch_size, train.grad_accum)
-
-
-def strategy(choice: Distributed, device: str, size: int, need_bytes: Callable[[], float] | None = None) -> str:
-    """auto: DDP when the model fits one GPU, else FSDP2 (CPU processes: DDP, the only one accelerate runs there)."""
-    if size == 1:
-        return "single"
-    if choice is not Distributed.auto:
-        return str(choice)
-    if not device.startswith("cuda") or need_bytes is None:
-        return "ddp"
-    return "fsdp" if need_bytes() > gpu_bytes() else "ddp"
-
-
-# A dry run on a machine without a GPU judges "fits one GPU" against an 80 GiB one (H100, A100-80G).
-ASSUMED_GPU_BYTES = 80 * 2**30
-
-
-# What one GPU offers training, of its memory: the allocator's slack and fragmentation take the rest
-USABLE_SHARE = 0.9
-
-
-def gpu_bytes() -> float:
-    """What this machine's GPU offers training (USABLE_SHARE of its memory)."""
-    import torch
-
-    total = torch.cuda.get_device_properties(world().local_rank).total_memory if torch.cuda.is_available() \
-        else ASSUMED_GPU_BYTES
-    return USABLE_SHARE * total
 
 
 def backend(choice: Backend, device: str) -> str:

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 from qtune.config.schema import TrainConfig
-from qtune.training.distributed import launched, world
+from qtune.modeling.world import world
+from qtune.training.distributed import launched
 from qtune.errors import ConfigError, QtuneError
 
 # After SIGINT/SIGTERM the launcher waits this long for the processes to save a checkpoint before it kills them.

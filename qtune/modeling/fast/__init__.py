@@ -47,6 +47,7 @@ class FastPath:
     notes: list[str] = field(default_factory=list)   # why a piece is not used
     offloader: object = None
     graphs: bool = False                              # train.cuda_graphs applies (qtune.modeling.fast.graph)
+    offload: bool = False                             # checkpointed layer inputs go to host memory
 
     def describe(self) -> str:
         if not self.on:
@@ -135,6 +136,7 @@ def apply_base(fast: FastPath, model, device: str, gradient_checkpointing: bool,
             from qtune.modeling.fast.offload import install
 
             fast.offloader = install(getattr(model, model.base_model_prefix))
+            fast.offload = True
             fast.pieces.append("layer inputs offloaded to pinned host memory")
     if liger == "true" or (liger == "auto" and gpu_bound(fast, model, device, tokens)):
         _liger(fast, model, device)
@@ -251,23 +253,30 @@ def head_to_host(fast: FastPath, peft_model, setting: str, on: bool) -> None:
         fast.notes.append(f"train.head_on_host={setting}: the head stays on the GPU ({why})")
 
 
-def graphs_expected(cfg) -> bool:
-    """Whether a CUDA run of this config would use CUDA graphs (the dry run's estimate): decide_graphs with what a
-    GPU run would find (bf16, sdpa, Triton)."""
+def expected(cfg, processes: int = 1, fsdp: bool = False) -> FastPath:
+    """The decisions a CUDA run of this config would make, from the config alone (the dry run's plan counts them): what
+    before_peft decides on a GPU that finds bf16 (or the asked fp16), sdpa attention and Triton; `offload` set as
+    apply_base would set it. (qtune.modeling.builder makes the same decisions on the real device and model.)"""
     import torch
 
-    from qtune.training.distributed import world
     from qtune.errors import ConfigError
 
     t = cfg.train
-    fast = decide(str(t.fast), "cuda")
+    fast = decide(str(t.fast), "cuda", fsdp=fsdp)
     try:
-        decide_graphs(fast, str(t.cuda_graphs), "cuda", **graph_settings(cfg, max(t.nproc, world().size)),
+        decide_graphs(fast, str(t.cuda_graphs), "cuda", **graph_settings(cfg, processes),
                       dtype=torch.bfloat16 if str(t.dtype) in ("auto", "bf16") else torch.float16,
                       dropout=0.0, attention="sdpa")
-    except ConfigError:
-        return False
-    return fast.graphs
+    except ConfigError:  # train.cuda_graphs=true where graphs cannot run: the run itself says so in one line
+        fast.graphs = False
+    fast.offload = fast.on and offloads("true", str(t.offload_activations), t.gradient_checkpointing,
+                                        micro_batch_tokens(cfg), bool(cfg.model.arch.num_experts))
+    return fast
+
+
+def micro_batch_tokens(cfg) -> int:
+    """The tokens one micro-batch puts through the model: data.max_length x train.batch_size."""
+    return cfg.data.max_length * cfg.train.batch_size
 
 
 def graph_settings(cfg, processes: int) -> dict:
@@ -275,7 +284,7 @@ def graph_settings(cfg, processes: int) -> dict:
     from qtune.stages import get
 
     t = cfg.train
-    tokens = cfg.data.max_length * t.batch_size
+    tokens = micro_batch_tokens(cfg)
     return dict(stage=get(t.stage), processes=processes, packing=cfg.data.packing,
                 offload=offloads("true", str(t.offload_activations), t.gradient_checkpointing, tokens,
                                  bool(cfg.model.arch.num_experts)))
