@@ -1,4 +1,5 @@
-"""Atomic writes: a file or folder either appears complete or not at all."""
+"""Atomic writes: a file or folder either appears complete or not at all. And what a data path names: local files, or
+a Hub dataset."""
 from __future__ import annotations
 
 import contextlib
@@ -89,3 +90,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+# The data files qtune reads (qtune.data.formats)
+EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".tsv")
+
+
+def is_hub_dataset(path: str) -> bool:
+    """Whether a data path (data.path, a source's path) names a Hub dataset (`org/name`, `hf://...`), not local files."""
+    return path.startswith("hf://") or (not Path(path).expanduser().exists() and path.count("/") == 1
+                                         and not any(c in path for c in "*?[") and Path(path).suffix not in EXTENSIONS)

@@ -25,7 +25,7 @@ def write_config(folder: Path, cfg: Config, distributed: dict | None = None) -> 
 def saved_form(cfg: Config) -> dict:
     """The config as a run folder keeps it: plain values, and local paths made absolute, so that
     `qtune eval run=/abs/run` (or merge, chat, serve) finds the run's data and model from any folder."""
-    from qtune.data.formats import is_hub_dataset
+    from qtune.io import is_hub_dataset
 
     d = _plain(asdict(cfg))
     data = d["data"]

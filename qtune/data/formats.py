@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from qtune.errors import DataError
+from qtune.io import EXTENSIONS
 
 LM_FORMATS = ("messages", "sharegpt", "alpaca", "input_output", "query_response", "prompt_completion", "reasoning", "text")
 PAIR_FORMATS = ("preference", "sharegpt_preference")
@@ -44,7 +45,6 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 THINK_KEYS = ("reasoning_content", "reasoning", "thinking", "thought", "cot", "chain_of_thought")
 QUESTION_KEYS = ("question", "problem", "prompt", "instruction", "query", "input")
 ANSWER_KEYS = ("answer", "response", "output", "solution", "completion")
-EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".tsv")
 
 
 @dataclass
@@ -78,11 +78,6 @@ def expand(path: str) -> list[Path]:
     if not files:
         raise DataError(f"{path}: no data files ({', '.join(EXTENSIONS)}) found")
     return files
-
-
-def is_hub_dataset(path: str) -> bool:
-    return path.startswith("hf://") or (not Path(path).expanduser().exists() and path.count("/") == 1
-                                         and not any(c in path for c in "*?[") and Path(path).suffix not in EXTENSIONS)
 
 
 # Byte-order marks, longest first (UTF-32 LE starts with UTF-16 LE's): a file with one is read in its encoding.

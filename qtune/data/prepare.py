@@ -14,7 +14,6 @@ import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,10 +21,7 @@ from qtune.config.schema import DataConfig, OnError, SourceConfig, TrainOn
 from qtune.data import formats, preference
 from qtune.data.template import Markers, assistant_spans, label_mask, probe_markers, render, resolve_template
 from qtune.errors import DataError
-from qtune.io import atomic_dir, atomic_write_json
-
-if TYPE_CHECKING:
-    from qtune.stages.base import Trains  # what a stage trains on (the data layer reads its fields)
+from qtune.io import atomic_dir, atomic_write_json, is_hub_dataset
 
 VERSION = 2  # bump when the output of this module changes for the same inputs
 
@@ -54,13 +50,13 @@ def sources_of(data: DataConfig) -> list[SourceConfig]:
 
 def check_inputs(data: DataConfig) -> None:
     """Fail before anything heavy loads: every local source and the eval file exist and look readable."""
-    paths = [src.path for src in sources_of(data) if not formats.is_hub_dataset(src.path)]
+    paths = [src.path for src in sources_of(data) if not is_hub_dataset(src.path)]
     for path in paths + ([data.eval_path] if data.eval_path else []):
         for f in formats.expand(path):
             formats.sniff(f)
 
 
-def _setup(data: DataConfig, tokenizer, model_name: str, chat_template: str | None, trains: Trains):
+def _setup(data: DataConfig, tokenizer, model_name: str, chat_template: str | None, trains):
     """What prepare and preview both start from: sources, template (+ fallback warning), turn markers."""
     sources = sources_of(data)
     template, warning = resolve_template(tokenizer, chat_template, model_name)
@@ -73,7 +69,7 @@ def _setup(data: DataConfig, tokenizer, model_name: str, chat_template: str | No
 # ---------------------------------------------------------------- loading and normalizing
 
 def load_examples(src: SourceConfig, on_error: OnError, rejects: list[dict],
-                  system_prompt: str | None, trains: Trains) -> list[formats.Example]:
+                  system_prompt: str | None, trains) -> list[formats.Example]:
     """A source's records as examples of what a stage trains on (`trains`); `system_prompt` (data.system_prompt) opens every
     conversation that has no system turn of its own."""
     out = []
@@ -91,7 +87,7 @@ def load_examples(src: SourceConfig, on_error: OnError, rejects: list[dict],
 
 
 def _records(src: SourceConfig):
-    if formats.is_hub_dataset(src.path):
+    if is_hub_dataset(src.path):
         from datasets import load_dataset
 
         name = src.path.removeprefix("hf://")
@@ -190,7 +186,7 @@ def fingerprint(data: DataConfig, sources: list[SourceConfig], tokenizer, templa
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for src in sources:
         h.update(json.dumps(asdict(src), sort_keys=True, default=str).encode())
-        if formats.is_hub_dataset(src.path):
+        if is_hub_dataset(src.path):
             continue
         for f in formats.expand(src.path):
             h.update(str(f.name).encode())
@@ -217,8 +213,9 @@ def _tokenizer_digest(tokenizer) -> str:
 
 
 def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | None,
-            trains: Trains) -> Prepared:
-    """`trains`: what the stage trains on (qtune.stages.get(name).data)."""
+            trains) -> Prepared:
+    """`trains`: what the stage trains on (qtune.stages.get(name).data, a qtune.stages.base.Trains: its name, kind of
+    rows, family of formats)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -354,8 +351,7 @@ def split_stats(ds, kept, sources: list[SourceConfig], max_length: int) -> dict:
             "max_length": max_length, "per_source": per}
 
 
-def preview(data: DataConfig, tokenizer, model_name: str, chat_template: str | None, trains: Trains,
-            n: int = 3):
+def preview(data: DataConfig, tokenizer, model_name: str, chat_template: str | None, trains, n: int = 3):
     """Normalize everything (so every error shows) and tokenize the first n examples: (segments, counts)."""
     sources, template, warning, markers = _setup(data, tokenizer, model_name, chat_template, trains)
     rejects: list[dict] = []

@@ -10,13 +10,8 @@ config, which Hydra needs whole at compose time.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from qtune.stages import dpo, kto, rm, sft
 from qtune.stages.base import SCORE_HEAD, Stage
-
-if TYPE_CHECKING:
-    from qtune.config.schema import TrainConfig
 
 __all__ = ["SCORE_HEAD", "STAGES", "Stage", "check", "figures", "get", "sweep_figures"]
 
@@ -37,7 +32,7 @@ RETIRED = {"ppo": "TRL no longer ships PPO in its stable API; for preference tun
                   "(chosen/rejected pairs) or train.stage=kto (answers marked good or bad)"}
 
 
-def check(train: "TrainConfig") -> None:
+def check(train) -> None:
     """train.stage names a stage, and train.* suits it (the schema's check at compose time)."""
     if train.stage in RETIRED:
         raise ValueError(f"train.stage={train.stage}: {RETIRED[train.stage]}")

@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from qtune.config.schema import Config, TrainConfig
 
 SCORE_HEAD = "score"  # transformers' name for the sequence-classification head of Qwen3 and Llama models
 
@@ -41,10 +37,10 @@ class Stage:
     writes: bool = True               # it writes answers (chat, serve, samples, eval prompts, GGUF exports)
     keeps: tuple[str, ...] = field(default=())  # modules trained whole beside the adapter (rm: the score head)
 
-    def check(self, train: "TrainConfig") -> None:
+    def check(self, train) -> None:
         """Cross-field checks of train.* for this stage (raise ValueError naming the key)."""
 
-    def trl_config(self, cfg: "Config", common: dict, aux_loss: float | None):
+    def trl_config(self, cfg, common: dict, aux_loss: float | None):
         """TRL's config class for this stage over the arguments every stage shares (`common`); `aux_loss`: the MoE
         router's balancing loss coefficient, None for dense models."""
         raise NotImplementedError
@@ -57,10 +53,10 @@ class Stage:
         """The prepared splits as the trainer takes them."""
         return train_ds, eval_ds
 
-    def after_init(self, trainer, cfg: "Config") -> None:
+    def after_init(self, trainer, cfg) -> None:
         """What the stage adjusts once its trainer is built."""
 
-    def beta(self, train: "TrainConfig") -> float | None:
+    def beta(self, train) -> float | None:
         """The implicit reward's scale (measure implicit_reward)."""
         return None
 
