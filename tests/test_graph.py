@@ -14,11 +14,14 @@ from test_fast import _cos, _fifty_step_finals
 def _decide(**over):
     from qtune.modeling import fast as fastpath
 
+    from qtune.stages import get
+
     kw = dict(stage="sft", processes=1, packing=True, offload=False, dtype=torch.bfloat16,
               dropout=0.0, attention="sdpa")
     device = over.pop("device", "cuda")
     setting = over.pop("setting", "auto")
     kw.update(over)
+    kw["stage"] = get(kw["stage"])
     fp = fastpath.decide("true", device)
     fastpath.decide_graphs(fp, setting, device, **kw)
     return fp
@@ -39,9 +42,10 @@ def test_graphs_apply_only_where_a_step_has_one_shape_and_no_host_syncs():
     assert not _decide(device="cpu").graphs and not _decide(device="cpu").notes  # nothing to say on a CPU run
     assert not _decide(setting="false").graphs
     from qtune.modeling import fast as fastpath
+    from qtune.stages import get
 
     with pytest.raises(ConfigError, match="needs the fast path"):
-        fastpath.decide_graphs(fastpath.decide("false", "cuda"), "true", "cuda", stage="sft", processes=1,
+        fastpath.decide_graphs(fastpath.decide("false", "cuda"), "true", "cuda", stage=get("sft"), processes=1,
                                packing=True, offload=False, dtype=torch.bfloat16, dropout=0.0,
                                attention="sdpa")
 
@@ -202,6 +206,7 @@ def _fast_model(model_dir, dropout: float, tied: bool = True, varlen: bool = Fal
 
     from qtune.config import compose, to_object
     from qtune.modeling import fast as fastpath
+    from qtune.stages import get
     from qtune.modeling.load import prepare_for_training
     from qtune.modeling.targets import apply_dropout, match, peft_config
 
@@ -215,7 +220,7 @@ def _fast_model(model_dir, dropout: float, tied: bool = True, varlen: bool = Fal
     m.config.use_cache = False
     prepare_for_training(m, gradient_checkpointing=True)
     fp = fastpath.decide("true", "cuda")
-    fastpath.decide_graphs(fp, "true", "cuda", stage="sft", processes=1, packing=True, offload=False,
+    fastpath.decide_graphs(fp, "true", "cuda", stage=get("sft"), processes=1, packing=True, offload=False,
                            dtype=torch.bfloat16, dropout=dropout, attention="sdpa")
     fastpath.apply_base(fp, m, "cuda", gradient_checkpointing=True, liger="auto" if liger else "false")
     assert ("liger RMSNorm/RoPE/SwiGLU" in fp.pieces) == liger, fp.describe()

@@ -375,7 +375,7 @@ def test_the_reference_paths_full_size_expert_deltas_are_in_the_estimate():
     from qtune.config import compose, to_object
     from qtune.modeling.estimate import PARAM_WRAPPER_COPIES, delta_params
     from qtune.modeling.targets import match, peft_config
-    from qtune.training.trainers import lora_settings
+    from qtune.modeling.targets import lora_settings
 
     cfg = to_object(compose(["model=tiny_qwen3_moe"]))
     config = Qwen3MoeConfig(vocab_size=256, hidden_size=1024, moe_intermediate_size=512, num_experts=8,

@@ -218,7 +218,7 @@ def test_reward_model_plan_equals_peft(tiny_qwen3):
 
     from qtune.config import compose, to_object
     from qtune.modeling.targets import match, peft_config
-    from qtune.training.trainers import lora_settings
+    from qtune.modeling.targets import lora_settings
     from qtune.commands.train import plan
 
     cfg = to_object(compose(["model=tiny_qwen3", "train.stage=rm", "lora=all_linear"]))
