@@ -42,6 +42,11 @@ class Wanted(NamedTuple):
     controls: object    # qtune.inference.Controls
 
 
+class Message(BaseModel):
+    role: str
+    content: Union[str, List[Union[str, dict]], None] = None
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -61,11 +66,6 @@ class Sampled(BaseModel):
     logit_bias: Optional[Dict[str, float]] = None    # token id -> -100..100, checked against the model's vocabulary
     presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
-
-
-class Message(BaseModel):
-    role: str
-    content: Union[str, List[Union[str, dict]], None] = None
 
 
 class ChatRequest(Sampled):
