@@ -11,7 +11,8 @@ One request must not hold the server: bodies are counted as they arrive (chunked
 serve.max_body_bytes; a prompt that with max_tokens exceeds the model's context (or serve.max_prompt_tokens)
 is refused before it queues; a client that goes away cancels its generation, streamed or not; SIGTERM stops
 running generations and the server within a few seconds. Parameters qtune cannot honour (logprobs, tools,
-image parts) are refused with 400 rather than silently ignored.
+image parts, response_format other than text) are refused with 400 rather than silently ignored; seed,
+logit_bias, presence/frequency penalties, stop strings and stream_options.include_usage are honoured as OpenAI does.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import socket
 import threading
 import time
 import uuid
-from typing import List, NamedTuple, Optional, Union
+from typing import Dict, List, NamedTuple, Optional, Union
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,9 +36,10 @@ from qtune.errors import QtuneError
 
 
 class Wanted(NamedTuple):
-    """What one request asks for: the chat settings it changes, and where its text stops."""
+    """What one request asks for: the chat settings it changes, where its text stops, its seed, bias and penalties."""
     chat: ChatConfig
     stop: list[str]
+    controls: object    # qtune.inference.load.Controls
 
 
 class Message(BaseModel):
@@ -45,31 +47,37 @@ class Message(BaseModel):
     content: Union[str, List[Union[str, dict]], None] = None
 
 
-class ChatRequest(BaseModel):
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Sampled(BaseModel):
+    """The OpenAI parameters both endpoints share beyond the prompt (ranges as OpenAI's)."""
     model_config = ConfigDict(extra="allow")  # unknown parameters are checked against UNSUPPORTED, others ignored
     model: str
-    messages: List[Message] = Field(min_length=1)
     max_tokens: Optional[int] = Field(default=None, ge=1)
-    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
     temperature: Optional[float] = Field(default=None, ge=0, le=2)
     top_p: Optional[float] = Field(default=None, gt=0, le=1)
     stream: bool = False
+    stream_options: Optional[StreamOptions] = None
     stop: Union[str, List[str], None] = None
     n: int = Field(default=1, ge=1, le=1)
+    seed: Optional[int] = Field(default=None, ge=-2 ** 63, lt=2 ** 64)
+    logit_bias: Optional[Dict[str, float]] = None    # token id -> -100..100, checked against the model's vocabulary
+    presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+
+
+class ChatRequest(Sampled):
+    messages: List[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    response_format: Optional[dict] = None    # {"type": "text"} only: qtune has no constrained decoding
     enable_thinking: Optional[bool] = None  # Qwen3: also accepted as chat_template_kwargs.enable_thinking
     chat_template_kwargs: Optional[dict] = None
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str
+class CompletionRequest(Sampled):
     prompt: Union[str, List[str]]
-    max_tokens: Optional[int] = Field(default=None, ge=1)
-    temperature: Optional[float] = Field(default=None, ge=0, le=2)
-    top_p: Optional[float] = Field(default=None, gt=0, le=1)
-    stream: bool = False
-    stop: Union[str, List[str], None] = None
-    n: int = Field(default=1, ge=1, le=1)
 
 
 # OpenAI parameters qtune's generation cannot honour: a request that asks for one gets 400, not a silent default.
@@ -191,7 +199,7 @@ def build_app(loaded, cfg: Config):
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from qtune.inference.load import Generation, render
+    from qtune.inference.load import Controls, Generation, render
 
     app = FastAPI(title="qtune serve")
     app.add_middleware(Guard, limit=cfg.serve.max_body_bytes, api_key=cfg.serve.api_key)
@@ -210,15 +218,17 @@ def build_app(loaded, cfg: Config):
 
     app.state.stop_all = stop_all
 
-    def error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
-        return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": None,
+    def error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
+              param: str | None = None):
+        return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
                                                                    "code": code}})
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return error(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}")
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        return error(400, f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}",
+                     param=loc[0] if loc else None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):
@@ -243,7 +253,23 @@ def build_app(loaded, cfg: Config):
         for name, absent in UNSUPPORTED[kind]:
             if name in extra and extra[name] not in absent:
                 return error(400, f"{name} is not supported by qtune serve (serve.engine=vllm supports more of the "
-                                  "OpenAI API)", code="unsupported_parameter")
+                                  "OpenAI API)", code="unsupported_parameter", param=name)
+        wanted = (getattr(req, "response_format", None) or {"type": "text"}).get("type")
+        if wanted != "text":
+            return error(400, f"response_format: type {wanted!r} is not supported by qtune serve, which has no "
+                              "constrained decoding; valid: text (serve.engine=vllm supports json_object and "
+                              "json_schema)", code="unsupported_parameter", param="response_format")
+        if req.stream_options is not None and not req.stream:
+            return error(400, "stream_options: only allowed when stream is true", param="stream_options")
+        vocab = getattr(config, "vocab_size", None)
+        for token, value in (req.logit_bias or {}).items():
+            if not token.strip().lstrip("-").isdigit():
+                return error(400, f"logit_bias: key {token!r} is not a token id (an integer)", param="logit_bias")
+            if int(token) < 0 or (vocab and int(token) >= vocab):
+                return error(400, f"logit_bias: token id {token} is not in this model's vocabulary (ids 0 to "
+                                  f"{vocab - 1 if vocab else '...'})", param="logit_bias")
+            if not -100 <= value <= 100:
+                return error(400, f"logit_bias[{token!r}]={value:g}: valid: -100 to 100", param="logit_bias")
         return None
 
     def too_long(prompt: str, s: Wanted):
@@ -258,19 +284,21 @@ def build_app(loaded, cfg: Config):
         return None
 
     def sampling(req, max_tokens: Optional[int]) -> Wanted:
-        """The chat group's settings with what the request sets (its ranges were checked by its schema)."""
+        """The chat group's settings with what the request sets (its ranges were checked by its schema and check)."""
         chat = cfg.chat
         return Wanted(dataclasses.replace(
             chat, max_new_tokens=min(max_tokens or chat.max_new_tokens, settings.max_tokens_limit),
             temperature=chat.temperature if req.temperature is None else req.temperature,
             top_p=chat.top_p if req.top_p is None else req.top_p),
-            [req.stop] if isinstance(req.stop, str) else list(req.stop or []))
+            [req.stop] if isinstance(req.stop, str) else list(req.stop or []),
+            Controls(seed=req.seed, logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
+                     presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0))
 
     def generation(prompt: str, s: Wanted, cancelled: threading.Event):
         """A Generation under the lock, registered for shutdown; None when cancelled while it waited its turn."""
         if cancelled.is_set() or closing.is_set():
             return None
-        gen = Generation(loaded, prompt, s.chat, s.stop)
+        gen = Generation(loaded, prompt, s.chat, s.stop, s.controls)
         active.add(gen)
         if cancelled.is_set() or closing.is_set():
             gen.stop()
@@ -330,19 +358,27 @@ def build_app(loaded, cfg: Config):
 
         threading.Thread(target=produce, daemon=True).start()
 
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def sse(obj) -> str:   # with include_usage every chunk says usage: null, as OpenAI's
+            return _sse({**obj, "usage": None} if usage else obj)
+
         async def events():
             try:
-                yield _sse(chunk(rid, req.model, None, first=True))
+                yield sse(chunk(rid, req.model, None, first=True))
                 while True:
                     item = await queue.get()
                     if isinstance(item, tuple) and item and item[0] is done:
                         gen = item[1]
-                        yield _sse(chunk(rid, req.model, None, finish=gen.finish_reason if gen else "stop"))
+                        yield sse(chunk(rid, req.model, None, finish=gen.finish_reason if gen else "stop"))
+                        if usage and gen is not None:   # the last chunk: no choices, the whole request's usage
+                            yield _sse({**chunk(rid, req.model, None, finish="stop"), "choices": [],
+                                        "usage": _usage(gen)})
                         break
                     if isinstance(item, BaseException):
                         yield _sse({"error": {"message": str(item), "type": "server_error"}})
                         break
-                    yield _sse(chunk(rid, req.model, item))
+                    yield sse(chunk(rid, req.model, item))
                 yield "data: [DONE]\n\n"
             finally:
                 cancelled.set()  # the client went away: let the generation end

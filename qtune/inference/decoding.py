@@ -7,8 +7,10 @@ fuses the small ops, coordinate-descent tuned) and captured once as a CUDA graph
 `graph.replay()`. The CPU reads token k only after step k+1 is queued, so the GPU never waits for Python.
 
 Graphs are kept per (cache length, greedy or sampled, top-k); cache lengths are powers of two, so a chat
-whose history grows recompiles a handful of times at most. Temperature, top-p, the penalty and the end-of-text
-ban (for min_new_tokens) are tensors the graph reads, so changing them costs nothing.
+whose history grows recompiles a handful of times at most. Temperature, top-p, the penalties, the logit bias and
+the end-of-text ban (for min_new_tokens) are tensors the graph reads, so changing them costs nothing. A draw with a
+generation's own torch.Generator (a seeded request) runs the step eagerly, outside the graph, which reads the
+default generator.
 
 `graph=False` runs the same step eagerly — what the tests compare against `generate` on CPU.
 """
@@ -54,6 +56,12 @@ class _Step:
         vocab = model.get_output_embeddings().weight.shape[0]
         self.token = torch.zeros((1, 1), dtype=torch.long, device=dev)
         self.seen = torch.zeros(vocab, dtype=torch.bool, device=dev)
+        self.counts = torch.zeros(vocab, device=dev)                   # each token's count in the generated text
+        self.bias = torch.zeros(vocab, device=dev)                     # logit_bias
+        self.presence = torch.zeros((), device=dev)
+        self.frequency = torch.zeros((), device=dev)
+        self.one = torch.ones(1, device=dev)
+        self.generator = None                                          # set: draws with it, eagerly
         self.has_eos = bool(eos)
         self.eos = torch.tensor(eos or [0], dtype=torch.long, device=dev)
         self.eos_ban = torch.zeros(len(eos or [0]), device=dev)        # -inf while min_new_tokens is not reached
@@ -76,6 +84,8 @@ class _Step:
         # repetition penalty as transformers applies it: divide positive logits, multiply negative ones
         penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
         logits = torch.where(self.seen, penalised, logits)
+        # OpenAI's logit_bias, presence and frequency penalties (over the generated tokens)
+        logits = logits + self.bias - self.counts * self.frequency - (self.counts > 0).float() * self.presence
         logits = logits.index_add(0, self.eos, self.eos_ban)
         if not self.sample:
             nxt = logits.argmax().view(1)
@@ -90,11 +100,14 @@ class _Step:
             drop = probs.cumsum(-1) - probs > self.top_p
             probs = probs.masked_fill(drop, 0.0)
             # a draw by the exponential race: argmax(p / E), E ~ Exp(1), is a sample from p (graph-safe, no sync)
-            nxt = index.gather(0, (probs / torch.empty_like(probs).exponential_()).argmax().view(1))
+            noise = torch.empty_like(probs).exponential_(generator=self.generator)
+            nxt = index.gather(0, (probs / noise).argmax().view(1))
         self.seen.index_fill_(0, nxt, True)
+        self.counts.index_add_(0, nxt, self.one)
         return nxt
 
-    def start(self, input_ids: torch.Tensor, temperature: float, top_p: float, penalty: float) -> int:
+    def start(self, input_ids: torch.Tensor, temperature: float, top_p: float, penalty: float,
+              logit_bias: dict | None = None, presence: float = 0.0, frequency: float = 0.0, generator=None) -> int:
         """Prefill the prompt (eagerly) and pick the first token; returns it."""
         for layer in self.cache.layers:
             if layer.is_initialized:
@@ -104,6 +117,13 @@ class _Step:
         self.penalty.fill_(penalty)
         self.seen.zero_()
         self.seen[input_ids[0]] = True
+        self.counts.zero_()
+        self.bias.zero_()
+        for token, value in (logit_bias or {}).items():
+            self.bias[int(token)] = value
+        self.presence.fill_(presence)
+        self.frequency.fill_(frequency)
+        self.generator = generator if self.sample else None
         logits = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True).logits[0, -1]
         first = self.pick(logits)
         self.token.copy_(first.view(1, 1))
@@ -113,6 +133,9 @@ class _Step:
         self.eos_ban.fill_(float("-inf") if ban and self.has_eos else 0.0)
 
     def step(self) -> None:
+        if self.generator is not None:   # the graph draws from the default generator
+            self.body()
+            return
         if self.use_graph and self.graph is None:
             self._capture()
         if self.graph is not None:
@@ -123,7 +146,7 @@ class _Step:
     def _capture(self) -> None:
         # warm up (compiles) on a side stream, capture, then put the cache, the token and `seen` back as they were
         saved = [layer.cumulative_length.clone() for layer in self.cache.layers]
-        token, seen = self.token.clone(), self.seen.clone()
+        token, seen, counts = self.token.clone(), self.seen.clone(), self.counts.clone()
         graph = torch.cuda.CUDAGraph()
         try:
             stream = torch.cuda.Stream()
@@ -143,6 +166,7 @@ class _Step:
                 layer.cumulative_length.copy_(length)
             self.token.copy_(token)
             self.seen.copy_(seen)
+            self.counts.copy_(counts)
 
 
 class GraphDecoder:
@@ -177,12 +201,17 @@ class GraphDecoder:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, on_token: Callable[[int], None],
                  should_stop: Callable[[], bool] = lambda: False, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, repetition_penalty: float = 1.0, min_new_tokens: int = 0) -> tuple[int, str]:
-        """Decode up to max_new_tokens after input_ids [1, n]; on_token(id) for each. -> (count, finish reason)."""
+                 top_k: int = 0, repetition_penalty: float = 1.0, min_new_tokens: int = 0,
+                 logit_bias: dict | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                 generator: torch.Generator | None = None) -> tuple[int, str]:
+        """Decode up to max_new_tokens after input_ids [1, n]; on_token(id) for each. -> (count, finish reason).
+        logit_bias (token id -> added to its logit) and the presence/frequency penalties are OpenAI's; a generator
+        (on the model's device) makes the draws its own, repeatable by its seed."""
         sample = temperature > 0
         step = self._step_for(cache_length(input_ids.shape[1] + max_new_tokens), sample, top_k)
         step.ban_eos(min_new_tokens > 0)
-        token = step.start(input_ids, temperature, top_p if sample else 1.0, repetition_penalty)
+        token = step.start(input_ids, temperature, top_p if sample else 1.0, repetition_penalty, logit_bias,
+                           presence_penalty, frequency_penalty, generator)
         host = torch.empty(max_new_tokens, dtype=torch.long, pin_memory=step.token.is_cuda)
         pending: deque[tuple[int, torch.cuda.Event | None]] = deque()
         count, launched = 0, 1

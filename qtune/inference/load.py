@@ -3,7 +3,8 @@
 Sources, from a run folder by default: the merged model when <run>/merged exists (chat.use=auto), else
 the base loaded as it was trained (quant=nf4 stays 4-bit) with the run's adapter; without a run, the
 `model=` base alone. Generation streams text pieces from a worker thread and stops early when asked
-(Ctrl-C in chat, a closed connection in serve).
+(Ctrl-C in chat, a closed connection in serve). Sampled generations draw with their own torch.Generator (seeded
+by serve's `seed`, else at random), so a seeded answer does not depend on what ran before it.
 """
 from __future__ import annotations
 
@@ -160,13 +161,66 @@ def answer(model, tokenizer, inputs: dict, max_new_tokens: int, sampling: ChatCo
     return tokenizer.decode(new, skip_special_tokens=True).strip(), len(new)
 
 
+@dataclass(frozen=True)
+class Controls:
+    """What an OpenAI request adds to the chat settings (serve checks the ranges): the seed of its draws, a bias added
+    to the logits of token ids, and penalties over the tokens generated so far (OpenAI's: each token's logit less
+    frequency_penalty x its count, less presence_penalty once it has appeared)."""
+    seed: int | None = None
+    logit_bias: dict = field(default_factory=dict)    # token id -> -100..100
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def shapes_logits(self) -> bool:
+        return bool(self.logit_bias) or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
+
+def _processors(sampling: ChatConfig, controls: Controls, prompt_tokens: int, generator):
+    """`generate`'s logits processors for `controls`, and when sampling, temperature, top-k, top-p and a draw with
+    `generator` (generate then runs greedy: the draw leaves one token standing). After generate's own processors
+    (the repetition penalty), as its sampling would run them."""
+    import torch
+    from transformers import LogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    class Shape(LogitsProcessor):
+        def __init__(self):
+            self.bias = None
+
+        def __call__(self, input_ids, scores):
+            if self.bias is None:
+                self.bias = torch.zeros(scores.shape[-1], dtype=scores.dtype, device=scores.device)
+                for token, value in controls.logit_bias.items():
+                    self.bias[token] = value
+            counts = torch.zeros_like(scores).scatter_add_(
+                1, input_ids[:, prompt_tokens:], torch.ones_like(input_ids[:, prompt_tokens:], dtype=scores.dtype))
+            return (scores + self.bias - controls.frequency_penalty * counts
+                    - controls.presence_penalty * (counts > 0).to(scores.dtype))
+
+    class Draw(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            token = torch.multinomial(scores.float().softmax(-1), 1, generator=generator)
+            return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
+
+    out = [Shape()] if controls.shapes_logits() else []
+    if sampling.temperature > 0:
+        out.append(TemperatureLogitsWarper(sampling.temperature))
+        if sampling.top_k:
+            out.append(TopKLogitsWarper(sampling.top_k))
+        if sampling.top_p < 1:
+            out.append(TopPLogitsWarper(sampling.top_p))
+        out.append(Draw())
+    return out
+
+
 class Generation:
     """One streamed generation: iterate for text pieces; stop() ends it early; counts tokens. `sampling` is the
-    chat group's settings (serve fills a copy from each request); text stops at the first of `stop`."""
+    chat group's settings (serve fills a copy from each request, and `controls` from its OpenAI parameters); text
+    stops exactly before the first of `stop` to appear (text that could begin one is held back until it cannot)."""
 
-    def __init__(self, loaded: Loaded, prompt: str, sampling: ChatConfig, stop: list[str] = ()):
+    def __init__(self, loaded: Loaded, prompt: str, sampling: ChatConfig, stop: list[str] = (),
+                 controls: Controls | None = None):
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         tok = loaded.tokenizer
         device = next(loaded.model.parameters()).device
@@ -182,10 +236,18 @@ class Generation:
             def __call__(self, input_ids, scores, **kwargs):
                 return torch.full((input_ids.shape[0],), outer._stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
-        sample = sampling.temperature > 0
-        self.kwargs = dict(**self.inputs, max_new_tokens=sampling.max_new_tokens, do_sample=sample,
-                           temperature=sampling.temperature if sample else None,
-                           top_p=sampling.top_p if sample else None, top_k=sampling.top_k if sample else None,
+        self.controls = controls = controls or Controls()
+        self.generator = None
+        if sampling.temperature > 0:   # this generation's own draws: the same seed, the same answer
+            self.generator = torch.Generator(device)
+            if controls.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(controls.seed)
+        self.kwargs = dict(**self.inputs, max_new_tokens=sampling.max_new_tokens, do_sample=False,
+                           temperature=None, top_p=None, top_k=None,
+                           logits_processor=LogitsProcessorList(
+                               _processors(sampling, controls, self.prompt_tokens, self.generator)),
                            repetition_penalty=sampling.repetition_penalty, streamer=self.streamer,
                            stopping_criteria=StoppingCriteriaList([_Stop()]),
                            pad_token_id=tok.pad_token_id, use_cache=True)
@@ -242,35 +304,55 @@ class Generation:
             self.completion_tokens, self.finish_reason = self.decoder.generate(
                 self.inputs["input_ids"], s.max_new_tokens, lambda t: self.streamer.put(torch.tensor([t])),
                 self._stop.is_set, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                repetition_penalty=s.repetition_penalty)
+                repetition_penalty=s.repetition_penalty, logit_bias=self.controls.logit_bias,
+                presence_penalty=self.controls.presence_penalty, frequency_penalty=self.controls.frequency_penalty,
+                generator=self.generator)
         finally:
             self.streamer.end()
 
     def __iter__(self):
         thread = threading.Thread(target=self._run, daemon=True)
         thread.start()
-        text = ""
+        held = ""   # text not yet given out: it contains no stop string, and it is all the start of one
+        stopped = False
         try:
             for piece in self.streamer:
-                if self.stops:
-                    text += piece
-                    hit = min((text.find(s) for s in self.stops if s in text), default=-1)
-                    if hit >= 0:
-                        cut = hit - (len(text) - len(piece))
-                        if cut > 0:
-                            yield piece[:cut]
-                        self.stop()
-                        self.finish_reason = "stop"
-                        break
-                yield piece
+                if not self.stops:
+                    yield piece
+                    continue
+                held += piece
+                hit = min((held.find(s) for s in self.stops if s in held), default=-1)
+                if hit >= 0:
+                    if hit > 0:
+                        yield held[:hit]
+                    held = ""
+                    stopped = True
+                    self.stop()
+                    break
+                keep = _stop_prefix(held, self.stops)
+                if keep < len(held):
+                    yield held[:len(held) - keep]
+                    held = held[len(held) - keep:]
+            if held:
+                yield held    # the generation ended before the stop string it could have begun
         finally:
             self.stop()
             thread.join()
+            if stopped:       # after the worker's own count (which may have reached max_new_tokens too)
+                self.finish_reason = "stop"
         if self.error is not None:
             raise self.error
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _stop_prefix(text: str, stops: list[str]) -> int:
+    """The length of the longest end of `text` that is the start of one of `stops` (0 when none is)."""
+    for n in range(min(len(text), max(map(len, stops)) - 1), 0, -1):
+        if any(s.startswith(text[-n:]) for s in stops):
+            return n
+    return 0
 
 
 def _share_cudagraph_state():
