@@ -172,3 +172,42 @@ def test_gpu_chat_generation_through_every_cache(tiny_qwen3):
     same = [{k: got[c][k] for k in ("text", "tokens", "finish")} for c in ("dynamic", "static", "graph")]
     assert same[0] == same[1] == same[2] and same[0]["tokens"] == 24 and same[0]["finish"] == "length", got
     assert (got["nf4+adapter"]["tokens"], got["nf4+adapter"]["finish"]) == (24, "length"), got
+
+
+_CONTROLS = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+from qtune.inference.decoding import GraphDecoder
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).cuda().eval()
+model.generation_config.eos_token_id = None
+ids = torch.tensor([[11, 12, 13, 14, 15]], device="cuda")
+kw = dict(logit_bias={7: 4.0, 9: -100.0}, presence_penalty=1.5, frequency_penalty=0.5)
+graphed = GraphDecoder(model, graph=True, compile=True)
+
+def run(decoder, **extra):
+    out = []
+    decoder.generate(ids, 24, out.append, **kw, **extra)
+    return out
+
+seeded = lambda s: torch.Generator("cuda").manual_seed(s)
+print(json.dumps({"graph": run(graphed), "eager": run(GraphDecoder(model, graph=False, compile=False)),
+                  "captured": bool(graphed.steps) and all(s.graph is not None for s in graphed.steps.values()),
+                  "seed1": run(graphed, temperature=0.8, generator=seeded(1)),
+                  "seed1_again": run(graphed, temperature=0.8, generator=seeded(1)),
+                  "seed2": run(graphed, temperature=0.8, generator=seeded(2))}))
+"""
+
+
+@pytest.mark.gpu
+def test_gpu_graph_decoding_reads_logit_bias_and_penalties_and_seeded_draws_repeat(tiny_qwen3):
+    """serve's logit_bias and presence/frequency penalties are tensors the captured step reads: its greedy tokens equal
+    the eager step's; a seeded request (its own generator, drawn eagerly) repeats exactly and differs by seed."""
+    import json
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", _CONTROLS, str(tiny_qwen3)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["captured"] and got["graph"] == got["eager"] and 9 not in got["graph"], got
+    assert got["seed1"] == got["seed1_again"] != got["seed2"], got
