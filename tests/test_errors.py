@@ -28,6 +28,10 @@ CASES = [
     ("serve", ["serve.port=0"], "serve.port=0: valid: >= 1 and <= 65535"),
     ("inspect-moe", ["model=qwen3_30b_a3b", "moe.max_experts=-1"], "moe.max_experts=-1: valid: >= 1"),
     ("inspect-moe", ["model=qwen3_30b_a3b", "moe.max_experts=0"], "moe.max_experts=0: valid: >= 1"),
+    ("train", ["lora.alpha=0"], "lora.alpha=0: valid: > 0 (the adapter's output is scaled by lora.alpha / lora.r"),
+    ("train", ["lora.alpha=-16"], "lora.alpha=-16: valid: > 0"),
+    ("train", ["lora.r=0"], "lora.r must be a positive integer, got 0"),
+    ("train", ["lora.dropout=1"], "lora.dropout must be in [0, 1), got 1.0"),
     # unknown names, keys and shapes
     ("train", ["model=qwen3_9b"], "model=qwen3_9b: no such option; valid: qwen3_0_6b"),
     ("download", ["model=llama_7b"], "model=llama_7b: no such option; valid:"),
