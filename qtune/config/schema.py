@@ -268,6 +268,7 @@ class DataConfig:
     seed: int = 42
     num_proc: int = 0                        # 0 = one worker per core, up to 8
     cache_dir: str = "${paths.data}"
+    rebuild_cache: bool = False              # prepare again even when the cache holds this data (not in its key)
 
     def __post_init__(self) -> None:
         _check_range("data", "max_length", self.max_length, low=1)
