@@ -72,3 +72,52 @@ def check_model(folder: Path, remedy: str) -> None:
 def check_checkpoint(folder: Path, remedy: str) -> None:
     """A trainer checkpoint: every JSON, safetensors and torch file in it (adapter, optimizer, scheduler, RNG)."""
     check([p for p in sorted(folder.iterdir()) if p.suffix in (".json", ".safetensors", ".pt", ".pth", ".bin")], remedy)
+
+
+# ---------------------------------------------------------------- folders with a manifest (the prepared-data cache)
+
+MANIFEST = "manifest.json"
+
+
+def _digest(path: Path) -> str:
+    """xxh3-128 of a file: 4-5 GB/s on one core, four times sha256 here (the manifest guards against bit-rot and
+    truncation, not an attacker, who could rewrite the manifest too). datasets depends on xxhash."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Every file under folder with its size and checksum, in folder/manifest.json (written atomically; write it last,
+    inside the atomic folder, so that both appear together)."""
+    from qtune.io import atomic_write_json
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    atomic_write_json(folder / MANIFEST, {"algorithm": "xxh3_128", "files": {
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "xxh3_128": _digest(p)} for p in files}})
+
+
+def manifest_problem(folder: Path) -> str | None:
+    """What is wrong with a folder that write_manifest described, or None: each file it lists present, of its size
+    and checksum (files added later, such as a config beside the data, are not checked)."""
+    try:
+        listed = json.loads((folder / MANIFEST).read_bytes())["files"]
+        entries = [(name, int(e["bytes"]), str(e["xxh3_128"])) for name, e in listed.items()]
+    except FileNotFoundError:
+        return f"no {MANIFEST}"
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        return f"{MANIFEST} is not valid"
+    for name, size, _ in entries:  # sizes first: a cut file costs no reading
+        p = folder / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != size:
+            return f"{name} has {p.stat().st_size:,} of its {size:,} bytes"
+    for name, _, digest in entries:
+        if _digest(folder / name) != digest:
+            return f"{name} differs from its checksum"
+    return None

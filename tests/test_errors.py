@@ -28,6 +28,10 @@ CASES = [
     ("serve", ["serve.port=0"], "serve.port=0: valid: >= 1 and <= 65535"),
     ("inspect-moe", ["model=qwen3_30b_a3b", "moe.max_experts=-1"], "moe.max_experts=-1: valid: >= 1"),
     ("inspect-moe", ["model=qwen3_30b_a3b", "moe.max_experts=0"], "moe.max_experts=0: valid: >= 1"),
+    ("train", ["lora.alpha=0"], "lora.alpha=0: valid: > 0 (the adapter's output is scaled by lora.alpha / lora.r"),
+    ("train", ["lora.alpha=-16"], "lora.alpha=-16: valid: > 0"),
+    ("train", ["lora.r=0"], "lora.r must be a positive integer, got 0"),
+    ("train", ["lora.dropout=1"], "lora.dropout must be in [0, 1), got 1.0"),
     # unknown names, keys and shapes
     ("train", ["model=qwen3_9b"], "model=qwen3_9b: no such option; valid: qwen3_0_6b"),
     ("download", ["model=llama_7b"], "model=llama_7b: no such option; valid:"),
@@ -144,6 +148,19 @@ FILE_CASES = [
     ("prepare", ["data.path={tmp}"], "no data files (.jsonl, .json, .csv, .parquet, .tsv) found", _write("notes.md", b"x")),
     ("prepare", ["model=tiny_qwen3", "data.path={tmp}/d.jsonl"], "d.jsonl:2: malformed JSON",
      _write("d.jsonl", b'{"input": "a", "output": "b"}\n{"input": oops}\n')),
+    ("prepare", ["model=tiny_qwen3", "data.path={tmp}/d.jsonl"], "d.jsonl:2: messages[1]: field 'tool_calls': tool calls "
+     "are not supported yet", _write("d.jsonl", b'{"input": "a", "output": "b"}\n{"messages": [{"role": "user", '
+                                     b'"content": "Weather?"}, {"role": "assistant", "content": null, "tool_calls": '
+                                     b'[{"type": "function", "function": {"name": "w", "arguments": "{}"}}]}]}\n')),
+    ("prepare", ["model=tiny_qwen3", "data.path={tmp}/d.jsonl"], "d.jsonl:1: key 'output' appears twice in one JSON "
+     "object", _write("d.jsonl", b'{"input": "a", "output": "b", "output": "c"}\n')),
+    ("prepare", ["model=tiny_qwen3", "data.path={tmp}/d.json"], "d.json:1: field 'output' holds a lone surrogate \\ud83d",
+     _write("d.json", b'[{"input": "a", "output": "\\ud83d"}]')),
+    ("prepare", ["model=tiny_qwen3", "data.path={tmp}/d.jsonl"], "d.jsonl:1: the conversation opens with an assistant "
+     "turn", _write("d.jsonl", b'{"conversations": [{"from": "gpt", "value": "Hi"}, {"from": "human", "value": "a"}, '
+                    b'{"from": "gpt", "value": "b"}]}\n')),
+    ("prepare", ["model=tiny_qwen3", "train.stage=dpo", "data.path={tmp}/d.jsonl"], "d.jsonl: no usable records: in "
+     "all 1 pair", _write("d.jsonl", b'{"prompt": "a", "chosen": "b", "rejected": "b"}\n')),
     ("eval", ["run={run}", "eval.prompts={tmp}/p.jsonl"], "p.jsonl: binary data (NUL bytes)", _write("p.jsonl", UTF16)),
     # damaged files in a run
     ("chat", ["run={run}", "--prompt", "hi"], "adapter/adapter_model.safetensors is damaged (truncated: 100 bytes",

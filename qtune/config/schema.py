@@ -203,6 +203,9 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if isinstance(self.r, int) and self.r <= 0:
             raise ValueError(f"lora.r must be a positive integer, got {self.r}")
+        if isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and self.alpha <= 0:
+            raise ValueError(f"lora.alpha={self.alpha:g}: valid: > 0 (the adapter's output is scaled by "
+                             "lora.alpha / lora.r, so 0 leaves it without effect; 2 x lora.r is usual)")
         if isinstance(self.dropout, float) and not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
         import re
@@ -265,6 +268,7 @@ class DataConfig:
     seed: int = 42
     num_proc: int = 0                        # 0 = one worker per core, up to 8
     cache_dir: str = "${paths.data}"
+    rebuild_cache: bool = False              # prepare again even when the cache holds this data (not in its key)
 
     def __post_init__(self) -> None:
         _check_range("data", "max_length", self.max_length, low=1)

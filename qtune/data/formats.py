@@ -15,6 +15,8 @@ Preference records (train.stage=dpo|kto|rm; qtune.data.preference normalizes the
   kto                  {"prompt", "completion", "label": true|false}: strings or message lists
 Which formats a stage trains on: the family its `Trains` names (FAMILIES). Every error names `file:line` and the
 field.
+Tool calling is not trained yet: a message with tool_calls, a record with `tools` or a tool turn is refused (in one
+line), not rendered without its calls.
 """
 from __future__ import annotations
 
@@ -38,10 +40,13 @@ FORMATS = LM_FORMATS + PAIR_FORMATS + ("kto",)
 # The formats a stage's records may take, by the family name a stage declares (qtune.stages: Trains.formats).
 FAMILIES = {"text": ("text",), "lm": LM_FORMATS, "pairs": PAIR_FORMATS,
             "kto": ("kto",) + PAIR_FORMATS}  # KTO splits a pair into a desirable and an undesirable answer
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
-                  "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system",
-                  "observation": "tool", "function_response": "tool", "tool": "tool"}
+                  "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system"}
+# Tool calling is not trained yet: records with these are refused (not rendered without their calls).
+TOOL_ROLES = ("tool", "function")                                                      # OpenAI messages
+SHAREGPT_TOOL_ROLES = ("function_call", "observation", "function_response", "tool")     # LLaMA-Factory sharegpt
+TOOL_KEYS = ("tool_calls", "function_call")                                            # on an assistant message
 THINK_KEYS = ("reasoning_content", "reasoning", "thinking", "thought", "cot", "chain_of_thought")
 QUESTION_KEYS = ("question", "problem", "prompt", "instruction", "query", "input")
 ANSWER_KEYS = ("answer", "response", "output", "solution", "completion")
@@ -156,9 +161,13 @@ def read_records(path: Path) -> Iterator[Record]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+            except _DuplicateKey as e:
+                raise DataError(f"{path}:{n}: {e}") from None
+            if _SURROGATE_ESCAPE.search(line):
+                _check_surrogates(obj, line, path, n)
             yield _as_record(obj, f"{path}:{n}")
     elif suffix == ".json":
         yield from _read_json(path)
@@ -182,6 +191,52 @@ def read_records(path: Path) -> Iterator[Record]:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .csv, .tsv or .parquet")
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json's object_pairs_hook: a key given twice in one object is an error (json keeps the last value silently)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateKey(f"key {key!r} appears twice in one JSON object (only the last value would be kept); "
+                            "keep one")
+    return obj
+
+
+# A \uD800-\uDFFF escape: half of a UTF-16 pair. JSON decodes a lone one into a str that no UTF-8 writer accepts.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_LONE_SURROGATE = re.compile(r"(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+                             r"|\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})")
+
+
+def _check_surrogates(obj, text: str, path: Path, line: int) -> None:
+    """A DataError naming the line, column and field when a string of obj (parsed from text, which starts at `line`
+    of `path`) holds a lone surrogate."""
+    def walk(value, name):
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                where, at = f"{path}:{line}", ""
+                if m := _LONE_SURROGATE.search(text):
+                    n, column = line + text.count("\n", 0, m.start()), m.start() - text.rfind("\n", 0, m.start())
+                    where, at = f"{path}:{n}", f" at column {column}"
+                char = f"\\u{ord(value[e.start]):04x}"
+                raise DataError(f"{where}: field '{name}' holds a lone surrogate {char}{at}, half of a UTF-16 pair and "
+                                "not a character; fix or remove that escape") from None
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(k, f"{name} (a key)")
+                walk(v, f"{name}.{k}" if name else k)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{name}[{i}]")
+    walk(obj, "")
+
+
 def _as_record(obj, where: str) -> Record:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object per record, got {type(obj).__name__}")
@@ -191,25 +246,43 @@ def _as_record(obj, where: str) -> Record:
 def _read_json(path: Path) -> Iterator[Record]:
     text = _read_text(path)
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys)
+        duplicate = None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    except _DuplicateKey as e:  # found again below, record by record, to name its line
+        data, duplicate = json.loads(text), e
+    surrogates = _SURROGATE_ESCAPE.search(text) is not None
     if isinstance(data, dict):  # {"data": [...]} / {"train": [...]} wrappers
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) == 1:
             data = lists[0]
         else:
+            if duplicate:
+                raise DataError(f"{path}:1: {duplicate}")
+            if surrogates:
+                _check_surrogates(data, text, path, 1)
             yield _as_record(data, f"{path}:1")
             return
     if not isinstance(data, list):
         raise DataError(f"{path}:1: expected a list of records")
     # Line numbers of top-level records, for error messages.
-    decoder, lines, idx = json.JSONDecoder(), [], text.index("[") + 1
+    decoder, lines, idx = json.JSONDecoder(object_pairs_hook=_unique_keys), [], text.index("[") + 1
+    line, counted = 1, 0
     for _ in data:
         while text[idx] in " \t\r\n,":
             idx += 1
-        lines.append(text.count("\n", 0, idx) + 1)
-        _, idx = decoder.raw_decode(text, idx)
+        line, counted = line + text.count("\n", counted, idx), idx  # (counted on from the last record: linear)
+        lines.append(line)
+        start = idx
+        try:
+            _, idx = decoder.raw_decode(text, idx)
+        except _DuplicateKey as e:
+            raise DataError(f"{path}:{lines[-1]}: {e}") from None
+        if surrogates:
+            _check_surrogates(data[len(lines) - 1], text[start:idx], path, lines[-1])
+    if duplicate:  # in the wrapper, not in a record
+        raise DataError(f"{path}:1: {duplicate}")
     for obj, line in zip(data, lines):
         yield _as_record(obj, f"{path}:{line}")
 
@@ -257,6 +330,8 @@ def normalize(rec: Record, fmt: str, trains) -> Example:
     if fmt not in allowed:
         raise DataError(f"{where}: train.stage={trains.stage} trains on {trains.describes}; this record is {fmt} "
                         f"(keys: {', '.join(sorted(data))})")
+    if data.get("tools") not in (None, "", "[]", [], {}):
+        raise tool_calls(where, "field 'tools'")
     if fmt not in LM_FORMATS:
         from qtune.data.preference import normalize_preference  # (that module builds on this one's readers)
 
@@ -309,6 +384,9 @@ def _messages(data: dict, where: str, key: str | None = None) -> list[dict]:
             raise DataError(f"{where}: {key}[{i}] must be an object with 'role' and 'content'")
         if "role" not in m:
             raise DataError(f"{where}: {key}[{i}]: field 'role' missing")
+        calls = next((k for k in TOOL_KEYS if m.get(k)), None)
+        if calls or m["role"] in TOOL_ROLES:
+            raise tool_calls(where, f"{key}[{i}]: " + (f"field '{calls}'" if calls else f"role {m['role']!r}"))
         if "content" not in m:
             raise DataError(f"{where}: {key}[{i}]: field 'content' missing")
         role, content = m["role"], m["content"]
@@ -345,6 +423,8 @@ def _sharegpt(data: dict, where: str) -> list[dict]:
     for i, m in enumerate(conv):
         if not isinstance(m, dict) or "from" not in m:
             raise DataError(f"{where}: conversations[{i}]: field 'from' missing")
+        if m["from"] in SHAREGPT_TOOL_ROLES:
+            raise tool_calls(where, f"conversations[{i}]: from {m['from']!r}")
         if "value" not in m:
             raise DataError(f"{where}: conversations[{i}]: field 'value' missing")
         role = SHAREGPT_ROLES.get(m["from"])
@@ -385,9 +465,23 @@ _TO_MESSAGES = {"messages": _messages, "sharegpt": _sharegpt, "alpaca": _alpaca,
                 "reasoning": _reasoning}
 
 
+def tool_calls(where: str, what: str) -> DataError:
+    return DataError(f"{where}: {what}: tool calls are not supported yet; leave such records out "
+                     "(data.on_error=skip skips them)")
+
+
+def check_opening(messages: list[dict], where: str) -> None:
+    """A conversation's first turn after the system prompt is the user's."""
+    i = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
+    if i is not None and messages[i]["role"] == "assistant":
+        raise DataError(f"{where}: the conversation opens with an assistant turn (message {i}) before any user turn; "
+                        "start it with the user's message")
+
+
 def _check_messages(messages: list[dict], where: str) -> None:
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant turn to learn from")
+    check_opening(messages, where)
     for i, m in enumerate(messages):
         if m["role"] in ("user", "assistant") and not m["content"].strip() and not m.get("reasoning_content"):
             raise DataError(f"{where}: empty content in message {i} ({m['role']})")

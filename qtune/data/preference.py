@@ -16,7 +16,7 @@ import json
 import numpy as np
 
 from qtune.data import formats
-from qtune.data.template import Markers, render
+from qtune.data.template import Markers, encode, escape, render, unescape
 from qtune.errors import DataError
 
 # What prepare builds for a stage's kind of rows (qtune.stages.base.Trains.kind): packed token rows (lm); prompt, chosen and
@@ -56,7 +56,9 @@ def _prompt(data: dict, key: str, where: str) -> list[dict]:
             raise DataError(f"{where}: field '{key}' is empty")
         return [*formats._system(data, where), {"role": "user", "content": value}]
     if isinstance(value, list):
-        return formats._messages(data, where, key)
+        messages = formats._messages(data, where, key)
+        formats.check_opening(messages, where)
+        return messages
     raise DataError(f"{where}: field '{key}' must be a string or a list of messages, got {type(value).__name__}")
 
 
@@ -82,6 +84,8 @@ def _answer(data: dict, key: str, where: str) -> list[dict]:
 def _sharegpt_turn(value, where: str, key: str) -> list[dict]:
     if not isinstance(value, dict) or "value" not in value:
         raise DataError(f"{where}: field '{key}' must be a turn like {{\"from\": \"gpt\", \"value\": \"...\"}}")
+    if value.get("from") in formats.SHAREGPT_TOOL_ROLES:
+        raise formats.tool_calls(where, f"field '{key}': from {value['from']!r}")
     role = formats.SHAREGPT_ROLES.get(value.get("from", "gpt"))
     if role != "assistant":
         raise DataError(f"{where}: field '{key}' must be the assistant's turn (from: gpt), not {value.get('from')!r}")
@@ -152,10 +156,11 @@ def _tokenize_batch(batch, tokenizer, template: str, markers: Markers, max_lengt
                            "prompt_cut", "answer_cut")}
     for prompt, chosen, rejected, label, where in zip(batch["prompt"], batch["chosen"], batch["rejected"],
                                                       batch["label"], batch["where"]):
-        prompt = json.loads(prompt)
-        answers = [json.loads(a) for a in (chosen, rejected) if a is not None]
+        parts = [json.loads(m) for m in (prompt, chosen, rejected) if m is not None]
+        (prompt, *answers), esc = escape(tokenizer, parts)
         texts = [render_parts(tokenizer, template, markers, prompt, a, enable_thinking, where) for a in answers]
-        ids = tokenizer([texts[0][0]] + [t[1] for t in texts], add_special_tokens=False)["input_ids"]
+        pieces = [texts[0][0]] + [t[1] for t in texts]
+        ids = encode(tokenizer, pieces, [esc] * len(pieces))[0]   # control tokens only where the template put them
         p, answer_ids, cut_p, cut_a = truncate(ids[0], ids[1:], max_length)
         out["prompt_ids"].append(p)
         out["chosen_ids"].append(answer_ids[0])
@@ -203,14 +208,15 @@ def preview(first: list, tokenizer, template: str, markers: Markers, data) -> li
     shown = []
     for _, ex in first:
         segments = []
-        for name, answer in (("chosen", ex.chosen), ("rejected", ex.rejected)):
+        (prompt, chosen, rejected), esc = escape(tokenizer, [ex.messages, ex.chosen, ex.rejected])
+        for name, answer in (("chosen", chosen), ("rejected", rejected)):
             if answer is None:
                 continue
-            head, tail = render_parts(tokenizer, template, markers, ex.messages, answer, data.enable_thinking, ex.where)
+            head, tail = render_parts(tokenizer, template, markers, prompt, answer, data.enable_thinking, ex.where)
             if not segments:
-                segments.append((head, False))
+                segments.append((unescape(head, esc), False))
             label = name if ex.label is None else ("desirable" if ex.label else "undesirable")
-            segments += [(f"\n[{label}] ", False), (tail, True)]
+            segments += [(f"\n[{label}] ", False), (unescape(tail, esc), True)]
         shown.append((ex.where, ex.format, segments))
     return shown
 

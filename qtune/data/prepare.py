@@ -1,8 +1,10 @@
 """Data files -> tokenized, loss-masked, truncated, packed datasets, cached under a fingerprint.
 
 The cache key covers the data bytes, the tokenizer, the chat template and every setting that changes
-the result, so a rerun is a hit and any change is a miss. The folder appears atomically.
-Layout: <cache>/<name>/<fingerprint>/{train,eval}/ (datasets), stats.json, rejects.jsonl.
+the result, so a rerun is a hit and any change is a miss. The folder appears atomically, with a manifest of its
+files' sizes and checksums (qtune.integrity) that a hit verifies first: a damaged cache is rebuilt, with a warning.
+data.rebuild_cache=true rebuilds it in any case.
+Layout: <cache>/<name>/<fingerprint>/{train,eval}/ (datasets), stats.json, rejects.jsonl, manifest.json.
 What a split holds follows the stage's kind of rows (qtune.stages.base.Trains.kind): input_ids + labels, packed
 (pt, sft); prompt_ids, chosen_ids, rejected_ids (dpo, rm); prompt_ids, completion_ids, label (kto).
 """
@@ -19,11 +21,13 @@ import numpy as np
 
 from qtune.config.schema import DataConfig, OnError, SourceConfig, TrainOn
 from qtune.data import formats, preference
-from qtune.data.template import Markers, assistant_spans, label_mask, probe_markers, render, resolve_template
+from qtune.data.template import (Markers, assistant_spans, encode, escape, label_mask, probe_markers, render,
+                                  resolve_template)
 from qtune.errors import DataError
+from qtune.integrity import manifest_problem, write_manifest
 from qtune.io import atomic_dir, atomic_write_json, is_hub_dataset
 
-VERSION = 2  # bump when the output of this module changes for the same inputs
+VERSION = 3  # bump when the output of this module changes for the same inputs
 
 
 @dataclass
@@ -133,19 +137,28 @@ def mix(per_source: list[list], sources: list[SourceConfig], seed: int) -> list[
 
 def _tokenize_batch(batch, tokenizer, template: str, markers: Markers, max_length: int, train_on: str,
                     enable_thinking):
-    texts, spans = [], []
-    for conv, text in zip(batch["conv"], batch["text"]):
+    """Render, tokenize and mask a batch; data text that spells a control token stays text (template.escape)."""
+    texts, spans, escapes = [], [], []
+    for conv, text, where in zip(batch["conv"], batch["text"], batch["where"]):
         if conv is None:
+            text, esc = escape(tokenizer, text)
             texts.append(text + (tokenizer.eos_token or ""))
             spans.append([(0, len(texts[-1]))])
+            escapes.append(esc)
             continue
-        rendered = render(tokenizer, template, json.loads(conv), enable_thinking=enable_thinking)
+        messages, esc = escape(tokenizer, json.loads(conv))
+        rendered = render(tokenizer, template, messages, enable_thinking=enable_thinking)
         s = [(0, len(rendered))] if train_on == "all" else assistant_spans(rendered, markers)
+        if train_on != "all" and len(s) > sum(m["role"] == "assistant" for m in messages):
+            # (a header of plain text, no control token in it, spelled inside a message)
+            raise DataError(f"{where}: a message holds the chat template's assistant header {markers.header!r}; "
+                            "only the template may open an assistant turn")
         texts.append(rendered)
         spans.append(s[-1:] if train_on == "last_assistant" else s)
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        escapes.append(esc)
+    all_ids, all_offsets = encode(tokenizer, texts, escapes)
     out = {"input_ids": [], "labels": [], "length": [], "trainable": [], "truncated": []}
-    for ids, offsets, sp in zip(enc["input_ids"], enc["offset_mapping"], spans):
+    for ids, offsets, sp in zip(all_ids, all_offsets, spans):
         mask = label_mask(offsets, sp)
         truncated = len(ids) > max_length
         ids, mask = ids[:max_length], mask[:max_length]
@@ -165,12 +178,14 @@ def tokenize(examples: list[tuple[int, formats.Example]], tokenizer, template: s
     ds = Dataset.from_dict({
         "conv": [json.dumps(ex.messages) if ex.messages is not None else None for _, ex in examples],
         "text": [ex.text for _, ex in examples],
+        "where": [ex.where for _, ex in examples],
         "source": [i for i, _ in examples],
         "format": [ex.format for _, ex in examples],
     })
     nproc = data.num_proc or min(os.cpu_count() or 1, 8)
     nproc = 1 if len(ds) < 4000 else nproc
-    return ds.map(_tokenize_batch, batched=True, batch_size=500, num_proc=nproc, remove_columns=["conv", "text"],
+    return ds.map(_tokenize_batch, batched=True, batch_size=500, num_proc=nproc,
+                  remove_columns=["conv", "text", "where"],
                   fn_kwargs=dict(tokenizer=tokenizer, template=template, markers=markers, max_length=data.max_length,
                                  train_on=str(data.train_on), enable_thinking=data.enable_thinking),
                   new_fingerprint=hashlib.sha1(desc.encode()).hexdigest(), desc=f"tokenizing {desc}")
@@ -182,7 +197,8 @@ def fingerprint(data: DataConfig, sources: list[SourceConfig], tokenizer, templa
     h = hashlib.sha256(f"qtune-data-v{VERSION}".encode())
     if stage != "sft":  # (sft data keeps the fingerprints it had before stages)
         h.update(f"stage={stage}".encode())
-    settings = {k: v for k, v in asdict(data).items() if k not in ("path", "sources", "cache_dir", "num_proc")}
+    settings = {k: v for k, v in asdict(data).items()
+                if k not in ("path", "sources", "cache_dir", "num_proc", "rebuild_cache")}
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for src in sources:
         h.update(json.dumps(asdict(src), sort_keys=True, default=str).encode())
@@ -221,21 +237,31 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
     datasets.disable_progress_bars()
     kind = trains.kind
     sources, template, warning, markers = _setup(data, tokenizer, model_name, chat_template, trains)
-    warnings = [warning] if warning else []
+    warnings = ([warning] if warning else []) + _eval_overlap(data, sources)
     fp = fingerprint(data, sources, tokenizer, template, trains.stage)
     name = (Path(sources[0].path.rstrip("/*")).stem or "data") if len(sources) == 1 else "mix"
     out = Path(data.cache_dir).expanduser() / f"{model_name}-{name}" / fp[:16]
-    if (out / "stats.json").is_file():
-        stats = json.loads((out / "stats.json").read_text())
-        return Prepared(out, stats, True, warnings + _identical_warning(stats.get("identical_pairs")))
+    rebuild = out.exists()
+    if rebuild and not (data.rebuild_cache and _main_process()):
+        damage = manifest_problem(out)
+        if damage is None:
+            stats = json.loads((out / "stats.json").read_text())
+            return Prepared(out, stats, True, warnings + _identical_warning(stats.get("identical_pairs")))
+        warnings.append(f"{out}: the prepared-data cache is damaged ({damage}); rebuilding it")
 
     rejects: list[dict] = []
     identical: list[str] = []
-    per_source = [_informative(load_examples(s, data.on_error, rejects, data.system_prompt, trains), identical)
-                  for s in sources]
-    for s, items in zip(sources, per_source):
+    per_source = []
+    for s in sources:
+        before = len(identical)
+        items = _informative(load_examples(s, data.on_error, rejects, data.system_prompt, trains), identical)
+        if not items and len(identical) > before:
+            n = len(identical) - before
+            raise DataError(f"{s.path}: no usable records: in all {n} pair{'s' * (n > 1)} (from {identical[before]}) "
+                            "chosen and rejected are the same answer, which carries no preference")
         if not items:
             raise DataError(f"{s.path}: no usable records")
+        per_source.append(items)
     mixed = mix(per_source, sources, data.seed)
 
     if data.eval_path:
@@ -278,7 +304,7 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
     if "train" not in splits:
         raise DataError("data: the dataset is empty")
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=rebuild) as tmp:
         for split, ds in splits.items():
             ds = ds.select_columns(preference.model_columns(kind))
             if data.packing and kind == "lm":
@@ -294,7 +320,28 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
                 for r in rejects:
                     f.write(json.dumps(r, default=str) + "\n")
         atomic_write_json(tmp / "stats.json", stats)
+        write_manifest(tmp)
     return Prepared(out, stats, False, warnings)
+
+
+def _main_process() -> bool:
+    """Not one of a multi-process run's other ranks, which find the cache that rank 0 has just (re)built
+    (qtune.training.distributed.main_first) and must not rebuild it again under data.rebuild_cache=true."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def _eval_overlap(data: DataConfig, sources: list[SourceConfig]) -> list[str]:
+    """A warning when data.eval_path names files that the training sources hold too."""
+    if not data.eval_path or formats.is_hub_dataset(data.eval_path):
+        return []
+    train = {f.resolve() for s in sources if not formats.is_hub_dataset(s.path) for f in formats.expand(s.path)}
+    both = [f for f in formats.expand(data.eval_path) if f.resolve() in train]
+    if not both:
+        return []
+    key = "data.sources" if data.sources else "data.path"
+    more = f" and {len(both) - 1} more" if len(both) > 1 else ""
+    return [f"data.eval_path={data.eval_path}: {both[0]}{more} is also in {key}: the eval loss would measure examples "
+            "the model trains on; hold out other data (or leave data.eval_path unset: data.val_size splits one off)"]
 
 
 def _informative(examples: list, identical: list[str]) -> list:
@@ -361,7 +408,8 @@ def preview(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
     if trains.kind != "lm":
         return preference.preview(first, tokenizer, template, markers, data), counts, len(rejects), warning
     enc = _tokenize_batch({"conv": [json.dumps(e.messages) if e.messages else None for _, e in first],
-                           "text": [e.text for _, e in first]}, tokenizer, template, markers, data.max_length,
+                           "text": [e.text for _, e in first], "where": [e.where for _, e in first]},
+                          tokenizer, template, markers, data.max_length,
                           str(data.train_on), data.enable_thinking)
     shown = []
     for (_, ex), ids, labels in zip(first, enc["input_ids"], enc["labels"]):

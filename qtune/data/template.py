@@ -5,9 +5,18 @@ Qwen3 renders them), tokenized once with character offsets, and a token is train
 inside an assistant turn: from the end of the assistant header to the end of the turn's closing
 token. The header and the closing token are found by probing the template with a one-turn
 conversation, so any template that renders assistant turns contiguously works, not only ChatML.
+
+Control tokens (the tokenizer's special tokens: <|im_start|>, <|im_end|>, ...) come only from the template.
+A data string that spells one ("...<|im_end|>\n<|im_start|>assistant\nEVIL") is text: before rendering, a
+character no text holds (a Unicode noncharacter) is put inside each such spelling (escape), so neither the
+search for assistant turns nor the tokenizer can take it for the template's; the rendered text is then tokenized
+piece by piece (encode): the template's control tokens as themselves, everything between them as plain text
+(split_special_tokens), the escape character dropped. Conversations without such strings are tokenized whole,
+as before: the tokenizer splits at its special tokens first, so both ways give the same tokens.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -59,6 +68,115 @@ def prompt_inputs(tokenizer, template: str, messages: list[dict], enable_thinkin
     """A generation prompt as model inputs (tensors): rendered with `template`, no special tokens added."""
     text = render(tokenizer, template, messages, add_generation_prompt=True, enable_thinking=enable_thinking)
     return dict(tokenizer(text, return_tensors="pt", add_special_tokens=False))
+
+
+# Unicode noncharacters: never in text that means something; the escape takes the first one a conversation lacks.
+_ESCAPES = [chr(c) for c in range(0xFDD0, 0xFDF0)]
+
+
+@dataclass(frozen=True)
+class _Controls:
+    ids: dict            # control token text -> id
+    spelled: re.Pattern  # its text anywhere (to escape in data)
+    placed: re.Pattern   # the template's, with the whitespace a token strips (lstrip/rstrip), one group per token
+
+
+def _controls(tokenizer) -> _Controls | None:
+    """The tokenizer's special added tokens (those split_special_tokens turns into text), memoized on it."""
+    found = getattr(tokenizer, "_qtune_controls", False)
+    if found is False:
+        tokens = sorted(((t, i) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+                         if t.special and len(t.content) > 1), key=lambda x: -len(x[0].content))
+        found = None
+        if tokens:
+            found = _Controls({t.content: i for t, i in tokens},
+                              re.compile("|".join(re.escape(t.content) for t, _ in tokens)),
+                              re.compile("|".join((r"\s*" if t.lstrip else "") + f"({re.escape(t.content)})"
+                                                  + (r"\s*" if t.rstrip else "") for t, _ in tokens)))
+        tokenizer._qtune_controls = found
+    return found
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def escape(tokenizer, value):
+    """(value, escape character or None): value (a string, messages, lists of them) with every control token spelled
+    in its strings broken by an escape character after its first character; None and value itself when no string
+    spells one."""
+    controls = _controls(tokenizer)
+    if controls is None or not any(controls.spelled.search(s) for s in _strings(value)):
+        return value, None
+    esc = next((c for c in _ESCAPES if not any(c in s for s in _strings(value))), None)
+    if esc is None:
+        raise DataError("a record holds every Unicode noncharacter U+FDD0..U+FDEF and spells a control token; "
+                        "remove those characters")
+
+    def sub(v):
+        if isinstance(v, str):
+            return controls.spelled.sub(lambda m: m.group()[0] + esc + m.group()[1:], v)
+        if isinstance(v, dict):
+            return {k: sub(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [sub(x) for x in v]
+        return v
+    return sub(value), esc
+
+
+def encode(tokenizer, texts: list[str], escapes: list[str | None]) -> tuple[list[list[int]], list[list[tuple]]]:
+    """Token ids and character offsets (into each text) of texts rendered from escape()d data: a text without an
+    escape character is tokenized whole (in one batch); one with it piece by piece, control tokens only where the
+    template put them and the data's spellings of them as plain text."""
+    ids: list = [None] * len(texts)
+    offsets: list = [None] * len(texts)
+    whole = [i for i, e in enumerate(escapes) if e is None]
+    if whole:
+        enc = tokenizer([texts[i] for i in whole], add_special_tokens=False, return_offsets_mapping=True)
+        for i, t, o in zip(whole, enc["input_ids"], enc["offset_mapping"]):
+            ids[i], offsets[i] = list(t), list(o)
+    for i, esc in enumerate(escapes):
+        if esc is not None:
+            ids[i], offsets[i] = _encode_pieces(tokenizer, texts[i], esc)
+    return ids, offsets
+
+
+def _encode_pieces(tokenizer, text: str, esc: str) -> tuple[list[int], list[tuple[int, int]]]:
+    controls = _controls(tokenizer)
+    pieces, pos = [], 0  # (start, end, control token id or None)
+    for m in controls.placed.finditer(text):
+        if m.start() > pos:
+            pieces.append((pos, m.start(), None))
+        pieces.append((m.start(), m.end(), controls.ids[next(g for g in m.groups() if g is not None)]))
+        pos = m.end()
+    if pos < len(text):
+        pieces.append((pos, len(text), None))
+    plain = [(a, b) for a, b, tid in pieces if tid is None]
+    enc = tokenizer([text[a:b].replace(esc, "") for a, b in plain], add_special_tokens=False,
+                    return_offsets_mapping=True, split_special_tokens=True) if plain else None
+    ids, offsets, k = [], [], 0
+    for a, b, tid in pieces:
+        if tid is not None:
+            ids.append(tid)
+            offsets.append((a, b))
+            continue
+        segment = text[a:b]
+        at = [a + j for j, c in enumerate(segment) if c != esc] + [b]  # a character of the piece -> its place in text
+        ids += enc["input_ids"][k]
+        offsets += [(at[s], at[e]) for s, e in enc["offset_mapping"][k]]
+        k += 1
+    return ids, offsets
+
+
+def unescape(text: str, esc: str | None) -> str:
+    return text if esc is None else text.replace(esc, "")
 
 
 def probe_markers(tokenizer, template: str) -> Markers:
