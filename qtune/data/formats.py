@@ -316,8 +316,10 @@ def detect(rec: dict) -> str | None:
     return None
 
 
-def normalize(rec: Record, fmt: str, trains) -> Example:
-    """`trains`: what the stage trains on (qtune.stages.base.Trains)."""
+def resolve(rec: Record, fmt: str, trains) -> str:
+    """The record's format (`fmt`, or detected where it is auto), checked against what the stage trains on (`trains`,
+    a qtune.stages.base.Trains). An LM format then becomes an Example through lm_example; a preference format through
+    qtune.data.preference.normalize_preference, which builds on this module's readers."""
     data, where = rec.data, rec.where
     allowed = FAMILIES[trains.formats]
     if fmt == "auto":
@@ -332,10 +334,11 @@ def normalize(rec: Record, fmt: str, trains) -> Example:
                         f"(keys: {', '.join(sorted(data))})")
     if data.get("tools") not in (None, "", "[]", [], {}):
         raise tool_calls(where, "field 'tools'")
-    if fmt not in LM_FORMATS:
-        from qtune.data.preference import normalize_preference  # (that module builds on this one's readers)
+    return fmt
 
-        return normalize_preference(data, fmt, where)
+
+def lm_example(data: dict, fmt: str, where: str) -> Example:
+    """A record of an LM format (LM_FORMATS) as an Example: raw text, or chat messages."""
     if fmt == "text":
         return Example(None, _text(data, "text", where), fmt, where)
     messages = _TO_MESSAGES[fmt](data, where)
@@ -356,7 +359,7 @@ def _text(data: dict, key: str, where: str, required: bool = True) -> str | None
     return value
 
 
-def _system(data: dict, where: str) -> list[dict]:
+def system_messages(data: dict, where: str) -> list[dict]:
     s = _text(data, "system", where, required=False)
     return [{"role": "system", "content": s}] if s else []
 
@@ -373,12 +376,12 @@ def _history(data: dict, where: str) -> list[dict]:
     return out
 
 
-def _messages(data: dict, where: str, key: str | None = None) -> list[dict]:
+def messages_of(data: dict, where: str, key: str | None = None) -> list[dict]:
     key = key or ("messages" if "messages" in data else "conversations")
     msgs = data.get(key)
     if not isinstance(msgs, list) or not msgs:
         raise DataError(f"{where}: field '{key}' must be a non-empty list of messages")
-    out = _system(data, where) if not any(isinstance(m, dict) and m.get("role") == "system" for m in msgs) else []
+    out = system_messages(data, where) if not any(isinstance(m, dict) and m.get("role") == "system" for m in msgs) else []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise DataError(f"{where}: {key}[{i}] must be an object with 'role' and 'content'")
@@ -415,11 +418,11 @@ def _text_parts(parts: list, where: str) -> str:
     return "".join(texts)
 
 
-def _sharegpt(data: dict, where: str) -> list[dict]:
+def sharegpt_messages(data: dict, where: str) -> list[dict]:
     conv = data.get("conversations")
     if not isinstance(conv, list) or not conv:
         raise DataError(f"{where}: field 'conversations' must be a non-empty list")
-    out = _system(data, where)
+    out = system_messages(data, where)
     for i, m in enumerate(conv):
         if not isinstance(m, dict) or "from" not in m:
             raise DataError(f"{where}: conversations[{i}]: field 'from' missing")
@@ -441,13 +444,13 @@ def _alpaca(data: dict, where: str) -> list[dict]:
     instruction = _text(data, "instruction", where)
     extra = _text(data, "input", where, required=False)
     prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
-    return [*_system(data, where), *_history(data, where), {"role": "user", "content": prompt},
+    return [*system_messages(data, where), *_history(data, where), {"role": "user", "content": prompt},
             {"role": "assistant", "content": _text(data, "output", where)}]
 
 
 def _pair(q: str, a: str):
     def convert(data: dict, where: str) -> list[dict]:
-        return [*_system(data, where), *_history(data, where), {"role": "user", "content": _text(data, q, where)},
+        return [*system_messages(data, where), *_history(data, where), {"role": "user", "content": _text(data, q, where)},
                 {"role": "assistant", "content": _text(data, a, where)}]
     return convert
 
@@ -456,11 +459,11 @@ def _reasoning(data: dict, where: str) -> list[dict]:
     q = next(k for k in QUESTION_KEYS if k in data)
     a = next(k for k in ANSWER_KEYS if k in data and k != q)
     t = next(k for k in THINK_KEYS if k in data)
-    return [*_system(data, where), {"role": "user", "content": _text(data, q, where)},
+    return [*system_messages(data, where), {"role": "user", "content": _text(data, q, where)},
             {"role": "assistant", "content": _text(data, a, where), "reasoning_content": _text(data, t, where)}]
 
 
-_TO_MESSAGES = {"messages": _messages, "sharegpt": _sharegpt, "alpaca": _alpaca, "input_output": _pair("input", "output"),
+_TO_MESSAGES = {"messages": messages_of, "sharegpt": sharegpt_messages, "alpaca": _alpaca, "input_output": _pair("input", "output"),
                 "query_response": _pair("query", "response"), "prompt_completion": _pair("prompt", "completion"),
                 "reasoning": _reasoning}
 

@@ -34,7 +34,7 @@ def normalize_preference(data: dict, fmt: str, where: str) -> formats.Example:
         return formats.Example(prompt, None, fmt, where, chosen=_answer(data, "completion", where),
                                label=_label(data.get("label"), where))
     if fmt == "sharegpt_preference":
-        prompt = formats._sharegpt(data, where)
+        prompt = formats.sharegpt_messages(data, where)
         answers = {k: _sharegpt_turn(data.get(k), where, k) for k in ("chosen", "rejected")}
     else:
         key = next((k for k in ("prompt", "messages", "conversations") if k in data), None)
@@ -54,9 +54,9 @@ def _prompt(data: dict, key: str, where: str) -> list[dict]:
     if isinstance(value, str):
         if not value.strip():
             raise DataError(f"{where}: field '{key}' is empty")
-        return [*formats._system(data, where), {"role": "user", "content": value}]
+        return [*formats.system_messages(data, where), {"role": "user", "content": value}]
     if isinstance(value, list):
-        messages = formats._messages(data, where, key)
+        messages = formats.messages_of(data, where, key)
         formats.check_opening(messages, where)
         return messages
     raise DataError(f"{where}: field '{key}' must be a string or a list of messages, got {type(value).__name__}")
@@ -72,7 +72,7 @@ def _answer(data: dict, key: str, where: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: field '{key}' must be a string, a message or a list of messages, "
                         f"got {type(data.get(key)).__name__}")
-    turns = formats._messages({key: value}, where, key)
+    turns = formats.messages_of({key: value}, where, key)
     last = turns[-1]
     if last["role"] != "assistant":
         raise DataError(f"{where}: field '{key}' must end with an assistant turn, not {last['role']!r}")

@@ -72,6 +72,14 @@ def _setup(data: DataConfig, tokenizer, model_name: str, chat_template: str | No
 
 # ---------------------------------------------------------------- loading and normalizing
 
+def _example(rec: formats.Record, fmt: str, trains) -> formats.Example:
+    """One record as what the stage trains on: its format resolved and checked, then read as LM data or a preference."""
+    fmt = formats.resolve(rec, fmt, trains)
+    if fmt in formats.LM_FORMATS:
+        return formats.lm_example(rec.data, fmt, rec.where)
+    return preference.normalize_preference(rec.data, fmt, rec.where)
+
+
 def load_examples(src: SourceConfig, on_error: OnError, rejects: list[dict],
                   system_prompt: str | None, trains) -> list[formats.Example]:
     """A source's records as examples of what a stage trains on (`trains`); `system_prompt` (data.system_prompt) opens every
@@ -79,7 +87,7 @@ def load_examples(src: SourceConfig, on_error: OnError, rejects: list[dict],
     out = []
     for rec in _records(src):
         try:
-            ex = formats.normalize(rec, src.format, trains)
+            ex = _example(rec, src.format, trains)
             if system_prompt and ex.messages is not None and not any(m["role"] == "system" for m in ex.messages):
                 ex.messages.insert(0, {"role": "system", "content": system_prompt})
             out.append(ex)
