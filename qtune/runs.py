@@ -1,13 +1,15 @@
 """Run folders: every verb that writes output leaves the resolved config beside it."""
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
 
 from qtune import integrity
 from qtune.config.schema import Config
-from qtune.errors import ConfigError
+from qtune.errors import ConfigError, InUse
 from qtune.io import atomic_write_text
 
 
@@ -52,6 +54,131 @@ def _plain(obj):
     return obj.value if isinstance(obj, Enum) else obj
 
 
+# ---------------------------------------------------------------- one process trains into a run folder at a time
+
+LOCK = ".lock"  # in a run folder, while a process trains into it: flock'ed, naming that process (pid, host, start)
+_HELD = "QTUNE_RUN_LOCK"  # the run folder this process holds, for the processes it launches (train.nproc)
+
+
+@contextmanager
+def hold(out: Path, warn=None):
+    """An exclusive lock on the run folder `out` while this process trains into it (fcntl.flock on <out>/.lock, which
+    names the process). The system drops a flock when its process ends, however it ends, so a lock file left by a
+    killed process is found free and taken over (`warn` says so). Another live holder: InUse, naming its pid.
+    The processes a launcher started for the run (train.nproc) work under their launcher's lock; under torchrun or
+    `accelerate launch`, rank 0 takes it and the others, which write nothing into the folder, take none."""
+    from qtune.distributed import launched, world
+
+    out = Path(os.path.abspath(Path(out).expanduser()))
+    if launched() and (not world().main or os.environ.get(_HELD) == str(out)):
+        yield
+        return
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    f, previous = _take(out / LOCK)
+    if previous is not None and warn:
+        warn(f"train.output_dir={out}: took over {LOCK} from {_holder(previous)}, which no longer holds it (it ended "
+             "without releasing the folder, e.g. killed)")
+    before = os.environ.get(_HELD)
+    os.environ[_HELD] = str(out)  # inherited by the processes this run starts (qtune.launch)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_HELD, None)
+        else:
+            os.environ[_HELD] = before
+        try:  # removed while still held, so that a process that opened it meanwhile sees it gone and starts over
+            if os.stat(out / LOCK).st_ino == os.fstat(f.fileno()).st_ino:
+                (out / LOCK).unlink()
+        except OSError:
+            pass
+        f.close()
+        if made:  # a run refused before it wrote anything leaves no folder behind
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+
+
+def _take(path: Path):
+    """Lock `path` (made if missing) and write this process into it; returns the open file and what a previous
+    holder that is gone left in it (None when nobody had)."""
+    import fcntl
+    import json
+    import socket
+    import time
+
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = _holder(f.read())
+            f.close()
+            raise InUse(f"train.output_dir={path.parent} is in use: {holder} is training into it (it holds {path}); "
+                        "wait for it to end or stop it, or choose another train.output_dir") from None
+        except OSError:  # a file system without flock: the pid in the file decides
+            f.seek(0)
+            text = f.read()
+            if _alive(text, me["host"]):
+                f.close()
+                raise InUse(f"train.output_dir={path.parent} is in use: {_holder(text)} is training into it (it holds "
+                            f"{path}); wait for it to end or stop it, or choose another train.output_dir (or delete "
+                            f"{path} if that process has ended)") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its holder removed it as this process opened it: take the new one
+            f.close()
+            continue
+        f.seek(0)
+        previous = f.read()
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(me) + "\n")
+        f.flush()
+        return f, (previous if previous.strip() else None)
+
+
+def _holder(text: str) -> str:
+    """'process 1234 (on host, since 2026-01-01 12:00:00)' from a lock file's text."""
+    import json
+    import socket
+
+    try:
+        h = json.loads(text)
+        where = "" if h.get("host") == socket.gethostname() else f"on {h.get('host')}, "
+        return f"process {int(h['pid'])} ({where}since {h.get('started')})"
+    except (ValueError, TypeError, KeyError):
+        return "another process" + (" (it has just started)" if not text.strip() else "")
+
+
+def _alive(text: str, host: str) -> bool:
+    """Whether the process a lock file names may still run (another host's: assumed so)."""
+    import json
+
+    try:
+        h = json.loads(text)
+        pid = int(h["pid"])
+    except (ValueError, TypeError, KeyError):
+        return False
+    if h.get("host") != host:
+        return True
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 # Settings a resumed run must share with the run it continues (anything else may change, e.g. train.max_steps).
 _RESUME_KEYS = ("model", "quant", "lora", "moe", "train.stage", "train.init_adapter")
 
@@ -67,8 +194,10 @@ def resume_point(out: Path, cfg: Config) -> Path | None:
     from qtune.errors import ConfigError
 
     t = cfg.train
-    if t.overwrite and out.exists():
-        shutil.rmtree(out)
+    if t.overwrite and out.exists():  # (all but the lock this run holds: hold())
+        for p in out.iterdir():
+            if p.name != LOCK:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     if t.resume not in ("auto", "never"):
         ck = Path(t.resume).expanduser()
         if not (ck / "trainer_state.json").is_file():

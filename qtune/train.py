@@ -35,18 +35,26 @@ def run(cfg: Config, dry_run: bool = False):
 
     check_inputs(cfg.data)                       # cheap checks first: no model loads, no heavy imports for a typo
     from qtune import distributed as dist
-    from qtune import launch, runs, ui
+    from qtune import runs, ui
 
     if cfg.train.init_adapter:
         runs.adapter_folder(cfg.train.init_adapter, "train.init_adapter")
     from qtune.io import check_writable
-    from qtune.modeling.load import pick_device, quiet_libraries
 
     main = dist.world().main
     if not main:
         ui.silence()
     out = Path(cfg.train.output_dir).expanduser()
     check_writable(out, "train.output_dir")
+    with runs.hold(out, warn=ui.print_warning):  # one process trains into a run folder at a time
+        return _run(cfg, out, main)
+
+
+def _run(cfg: Config, out: Path, main: bool):
+    from qtune import distributed as dist
+    from qtune import launch, runs, ui
+    from qtune.modeling.load import pick_device, quiet_libraries
+
     device, dtype = pick_device(cfg.train.device, cfg.train.dtype)
     if launch.needed(cfg.train):                 # train.nproc=N: this same run in N processes
         dist.check_devices(device, cfg.train.nproc, cfg.train.backend)

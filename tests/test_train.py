@@ -432,3 +432,46 @@ def test_resume_refuses_other_lora_settings(tmp_path):
 def test_moe_router_settings_that_contradict_are_refused():
     line = one_line_error(qtune("train", "--cfg", "model=tiny_qwen3_moe", "moe=expert_only", "moe.router_mode=full"))
     assert "moe.router_mode=full" in line
+
+
+# ---------------------------------------------------------------- one run folder, one process; resumes on the same data
+
+
+@pytest.mark.slow
+def test_a_second_train_into_a_folder_in_use_is_one_line_naming_the_first(tmp_path, tiny_qwen3):
+    """Two `qtune train` on one folder would mix metrics.jsonl, config.yaml, checkpoints and the adapter: the second
+    is refused while the first trains (train.overwrite=true too, deleting nothing), and a lock file that a process
+    left when it died is taken over with a warning."""
+    import socket
+
+    run = tmp_path / "run"
+    args = tiny(run, "train.max_steps=200", "train.save_steps=1000")
+    proc = subprocess.Popen([*QTUNE, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ.copy())
+    try:
+        deadline = time.time() + 300
+        while not (run / "metrics.jsonl").exists() or '"loss"' not in (run / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+            time.sleep(0.1)
+        assert json.loads((run / ".lock").read_text())["pid"] == proc.pid
+        for extra in ([], ["train.overwrite=true"]):
+            line = one_line_error(qtune(*args, *extra))
+            assert f"train.output_dir={run} is in use: process {proc.pid} " in line, line
+            assert proc.poll() is None and (run / "config.yaml").is_file() and '"loss"' in (run / "metrics.jsonl").read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out
+    assert not (run / ".lock").exists()  # released on the way out
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / ".lock").write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "started": "then"}))
+    p = qtune(*tiny(stale, "train.max_steps=1", "train.save_steps=1"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    warnings = [x for x in p.stderr.splitlines() if x.startswith("warning:")]
+    assert warnings == [f"warning: train.output_dir={stale}: took over .lock from process {gone.pid} (since then), "
+                        "which no longer holds it (it ended without releasing the folder, e.g. killed)"], p.stderr
+    assert (stale / "adapter").is_dir() and not (stale / ".lock").exists()
