@@ -13,13 +13,15 @@ from qtune.errors import ConfigError, InUse
 from qtune.io import atomic_write_text
 
 
-def write_config(folder: Path, cfg: Config, distributed: dict | None = None) -> Path:
+def write_config(folder: Path, cfg: Config, distributed: dict | None = None, data_digest: str | None = None) -> Path:
     """Save the fully resolved config as `config.yaml` in folder (atomically); `distributed`: what a training run was
-    launched as (qtune.distributed.Setup.record(): world size, strategy, global batch), kept beside it."""
+    launched as (qtune.distributed.Setup.record(): world size, strategy, global batch), kept beside it, and
+    `data_digest`: the digest of the examples it trains on (qtune.data.prepare.digests), which a resume compares."""
     import yaml
 
     path = Path(folder) / "config.yaml"
-    saved = saved_form(cfg) | ({"distributed": distributed} if distributed else {})
+    saved = saved_form(cfg) | ({"distributed": distributed} if distributed else {}) | \
+        ({"data_digest": data_digest} if data_digest else {})
     atomic_write_text(path, yaml.safe_dump(saved, sort_keys=False))
     return path
 
@@ -187,7 +189,8 @@ def resume_point(out: Path, cfg: Config) -> Path | None:
     """What an existing output folder means for `train`: None (start fresh) or the checkpoint to resume.
 
     A finished run (adapter/) or a folder of checkpoints with train.resume=never is refused unless
-    train.overwrite=true; resuming with different model/quant/lora/moe settings is refused too.
+    train.overwrite=true; resuming with different model/quant/lora/moe settings is refused too (and with other data:
+    check_same_data, once the data is prepared).
     """
     import shutil
 
@@ -284,6 +287,50 @@ def _check_same_settings(out: Path, cfg: Config) -> None:
             key, old, new = diff
             raise ConfigError(f"{key}={new}: {out} was trained with {key}={old}; resume with the same setting, "
                               "choose another train.output_dir, or set train.overwrite=true")
+
+
+# What the examples are made of: data settings a resume compares (the others only say how to prepare them)
+_DATA_IGNORED = ("cache_dir", "num_proc", "on_error")
+
+
+def check_same_data(out: Path, cfg: Config, digest: str) -> None:
+    """A resumed run goes on with the examples it was trained on: the digest of its prepared data (config.yaml's
+    data_digest) must be this run's. The digest, not the paths: the same files moved or renamed still resume, and
+    files changed in place do not. A run folder from before the digest: its data settings must be the same."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return
+    old, new = saved.get("data") or {}, saved_form(cfg)["data"]
+    changed = [d for d in _differences(old, new, "data") if d[0].split(".")[1] not in _DATA_IGNORED]
+    recorded = saved.get("data_digest")
+    if (recorded == digest) if recorded else not changed:
+        return
+    if not changed:  # the settings are the same: the files are not
+        what = f"{_data_key(cfg)}: the data changed since {out} was trained on it (same settings, other contents)"
+    else:
+        what = (f"{out} was trained on other examples: " +
+                ", ".join(f"{k}={_shown(n)} (was {_shown(o)})" for k, o, n in changed))
+    raise ConfigError(f"{what}; resume with the data it was trained on, or start a new run: another "
+                      "train.output_dir (or run_name=...), or train.overwrite=true to replace this one")
+
+
+def _shown(value) -> str:
+    return "null" if value is None else str(value)
+
+
+def _data_key(cfg: Config) -> str:
+    d = cfg.data
+    return f"data.path={d.path}" if d.path else "data.sources"
+
+
+def _differences(a, b, key: str) -> list:
+    """Every (key, old, new) where a and b differ (dicts by key; lists as wholes)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{key}.{k}")]
+    return [] if a == b else [(key, a, b)]
 
 
 def _first_difference(a, b, key: str):

@@ -67,10 +67,12 @@ def _run(cfg: Config, out: Path, main: bool):
         dist.check_resume(resume, setup)
     quiet_libraries(trl=True)                                                    # (seconds: after the checks)
     tokenizer, prepared = _data(cfg, setup)                                      # 2
+    if resume:
+        runs.check_same_data(out, cfg, prepared.digest)
     out.mkdir(parents=True, exist_ok=True)
     model, matched, fast = _model(cfg, setup, device, dtype, out, prepared.load("train"))  # 3, 4
     if main:
-        runs.write_config(out, cfg, setup.record())
+        runs.write_config(out, cfg, setup.record(), prepared.digest)
     trainer, nan = _trainer(cfg, setup, model, tokenizer, prepared, out, resume, fast)  # 5
     samples_before = _samples(cfg, trainer.model, tokenizer, out, "before") if resume is None and main else None
     start = f", from {cfg.train.init_adapter}" if cfg.train.init_adapter else ""

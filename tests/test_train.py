@@ -475,3 +475,31 @@ def test_a_second_train_into_a_folder_in_use_is_one_line_naming_the_first(tmp_pa
     assert warnings == [f"warning: train.output_dir={stale}: took over .lock from process {gone.pid} (since then), "
                         "which no longer holds it (it ended without releasing the folder, e.g. killed)"], p.stderr
     assert (stale / "adapter").is_dir() and not (stale / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_a_resume_compares_the_data_by_its_digest_not_its_path(tmp_path, tiny_run):
+    """The same files moved resume; a run folder from before the digest compares the data settings instead."""
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "adapter")
+    (run / "summary.json").unlink()
+    moved = tmp_path / "elsewhere" / "logs.jsonl"
+    moved.parent.mkdir()
+    shutil.copy(REPO / "data" / "demo" / "captains_log.jsonl", moved)
+    same = ["train", "model=tiny_qwen3", "data=demo", f"data.path={moved}", "train.grad_accum=1", "train.max_steps=2",
+            f"data.eval_path={REPO}/data/demo/held_out.jsonl", "train.report_to=[]", f"train.output_dir={run}"]
+    p = qtune(*same)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "resuming from" in p.stdout and (run / "adapter").is_dir()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["path"] == str(moved) and saved["data_digest"]
+
+    shutil.rmtree(run / "adapter")
+    del saved["data_digest"]  # a run folder written before the digest
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    line = one_line_error(qtune(*same, "data.train_on=all"))
+    assert f"{run} was trained on other examples: data.train_on=all (was assistant)" in line, line
+    assert qtune(*same).returncode == 0
