@@ -188,9 +188,10 @@ _RESUME_KEYS = ("model", "quant", "lora", "moe", "train.stage", "train.init_adap
 def resume_point(out: Path, cfg: Config) -> Path | None:
     """What an existing output folder means for `train`: None (start fresh) or the checkpoint to resume.
 
-    A finished run (adapter/) or a folder of checkpoints with train.resume=never is refused unless
-    train.overwrite=true; resuming with different model/quant/lora/moe settings is refused too (and with other data:
-    check_same_data, once the data is prepared).
+    A finished run (adapter/) is refused unless train.resume=continue (trains it on from its last checkpoint) or
+    train.overwrite=true, a folder of checkpoints with train.resume=never unless train.overwrite=true; resuming with
+    different model/quant/lora/moe settings is refused too (and with other data: check_same_data, once the data is
+    prepared). train.resume=continue is auto otherwise.
     """
     import shutil
 
@@ -201,21 +202,20 @@ def resume_point(out: Path, cfg: Config) -> Path | None:
         for p in out.iterdir():
             if p.name != LOCK:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    if t.resume not in ("auto", "never"):
+    if t.resume not in ("auto", "never", "continue"):
         ck = Path(t.resume).expanduser()
         if not (ck / "trainer_state.json").is_file():
             raise ConfigError(f"train.resume={t.resume}: not a checkpoint folder (no trainer_state.json); "
-                              f"valid: auto, never, or a path like {out / 'checkpoints' / 'checkpoint-100'}")
+                              f"valid: auto, never, continue, or a path like {out / 'checkpoints' / 'checkpoint-100'}")
         _check_same_settings(out, cfg)
         integrity.check_checkpoint(ck, "choose another checkpoint with train.resume=<path>, or train.resume=auto")
         return ck
     # Hidden entries are others' bookkeeping (Hydra writes .hydra/ into each sweep job's folder first).
     if not out.exists() or not any(not p.name.startswith(".") for p in out.iterdir()):
         return None
-    if (out / "adapter").is_dir():
-        raise ConfigError(f"train.output_dir={out} holds a finished run (adapter/); choose another "
-                          "train.output_dir (or run_name=...) or set train.overwrite=true")
     checkpoints = latest_checkpoints(out)
+    if (out / "adapter").is_dir():
+        return _continued(out, cfg, checkpoints)
     if not checkpoints:
         if _started_by_qtune(out):
             # a run stopped (killed, failed) before its first complete checkpoint: nothing to resume, so the same
@@ -235,6 +235,39 @@ def resume_point(out: Path, cfg: Config) -> Path | None:
     then = f"it resumes from {checkpoints[-2].name}" if len(checkpoints) > 1 else "it starts afresh"
     integrity.check_checkpoint(checkpoints[-1], f"delete that checkpoint and run the same command again ({then}), "
                                                 "or set train.overwrite=true to start over")
+    return checkpoints[-1]
+
+
+def _continued(out: Path, cfg: Config, checkpoints: list[Path]) -> Path:
+    """A finished run (adapter/): with train.resume=continue, the checkpoint it trains on from (to a larger
+    train.max_steps or train.epochs: the schedule is laid out again for the new length, from the step it reached);
+    otherwise refused, with the ways on."""
+    import json
+
+    t = cfg.train
+    try:
+        steps = int(json.loads((out / "summary.json").read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        steps = None
+    trained = f"{steps} steps" if steps is not None else "its steps"
+    if t.resume != "continue":
+        more = t.max_steps > 0 and steps is not None and t.max_steps > steps
+        ask = f"train.max_steps={t.max_steps}" if more else "a larger train.max_steps (or train.epochs)"
+        raise ConfigError(f"train.output_dir={out} holds a finished run (adapter/, {trained}); to train it on to "
+                          f"{ask} from its last checkpoint set train.resume=continue; to keep it and start another "
+                          "choose another train.output_dir (or run_name=...); train.overwrite=true discards it")
+    if not checkpoints:
+        raise ConfigError(f"train.resume=continue: {out} has no checkpoint to continue from (checkpoints/ is empty); "
+                          "train it again with train.overwrite=true, or start another run from its adapter with "
+                          f"train.init_adapter={out} and another train.output_dir")
+    last = int(checkpoints[-1].name.rsplit("-", 1)[-1])
+    if t.max_steps > 0 and last >= t.max_steps:
+        raise ConfigError(f"train.resume=continue: {out} already trained {max(last, steps or 0)} steps and "
+                          f"train.max_steps={t.max_steps} asks for no more; set a larger train.max_steps (or "
+                          "train.epochs with train.max_steps=-1)")
+    _check_same_settings(out, cfg)
+    integrity.check_checkpoint(checkpoints[-1], "delete that checkpoint to continue from the one before, or set "
+                                                "train.overwrite=true to start over")
     return checkpoints[-1]
 
 

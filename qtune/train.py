@@ -99,6 +99,13 @@ def _train(cfg: Config, trainer, nan, out: Path, resume) -> float:
     from qtune.callbacks import GracefulStop
 
     if resume and _finished(trainer, resume):
+        if cfg.train.resume == "continue" and (out / "adapter").is_dir():
+            from qtune.errors import ConfigError
+
+            t = cfg.train
+            asked = f"train.max_steps={t.max_steps}" if t.max_steps > 0 else f"train.epochs={t.epochs:g}"
+            raise ConfigError(f"train.resume=continue: {out} already trained {_step_of(resume)} steps, which {asked} "
+                              "does not pass; ask for more (a larger train.epochs, or train.max_steps)")
         # transformers' loop takes a step before it checks max_steps, so resuming from the last step's checkpoint (a
         # finished run whose adapter/ is gone) would train one step too many: load that checkpoint instead
         from transformers import TrainerState

@@ -232,6 +232,13 @@ FILE_CASES = [
      "was trained on other examples: data.path=", _resumable(_write("d.jsonl", b'{"input": "a", "output": "b"}\n'))),
     ("train", [*TINY_RUN, "data.path={tmp}/d.jsonl", "train.output_dir={run}", "train.max_steps=2"],
      "d.jsonl: the data changed since", _data_changed_in_place),
+    # a finished run asked for more steps: how to go on with it (train.resume=continue), not only how to discard it
+    ("train", [*TINY_RUN, "train.output_dir={run}", "train.max_steps=4"],
+     "holds a finished run (adapter/, 2 steps); to train it on to train.max_steps=4 from its last checkpoint set "
+     "train.resume=continue; to keep it and start another choose another train.output_dir", lambda tmp, run: None),
+    ("train", [*TINY_RUN, "train.output_dir={run}", "train.max_steps=2", "train.resume=continue"],
+     "already trained 2 steps and train.max_steps=2 asks for no more; set a larger train.max_steps",
+     lambda tmp, run: None),
     # a resume that would change what a step means (qtune.distributed.check_resume; tiny_run: global batch 1)
     ("train", [*TRAIN, "train.output_dir={run}", "train.grad_accum=2"],
      "was trained with a global batch of 1 (1 × 1 × 1 process), this run's is 2; keep it (train.grad_accum=1 with 1 "

@@ -503,3 +503,28 @@ def test_a_resume_compares_the_data_by_its_digest_not_its_path(tmp_path, tiny_ru
     line = one_line_error(qtune(*same, "data.train_on=all"))
     assert f"{run} was trained on other examples: data.train_on=all (was assistant)" in line, line
     assert qtune(*same).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_finished_run_continues_to_more_steps_like_one_run_straight_through(tmp_path, tiny_qwen3):
+    """train.resume=continue: a finished run of 4 steps trained on to train.max_steps=8 from its last checkpoint ends
+    with the losses and adapter of an 8-step run (a constant schedule: a decaying one is laid out again for the new
+    length); train.resume=auto says how to do it instead of only how to discard the run."""
+    args = ["train.save_steps=4", "train.lr=5e-3", "train.scheduler=constant"]
+    straight = tmp_path / "straight"
+    assert qtune(*tiny(straight, *args, "train.max_steps=8")).returncode == 0
+    run = tmp_path / "run"
+    assert qtune(*tiny(run, *args, "train.max_steps=4")).returncode == 0
+    line = one_line_error(qtune(*tiny(run, *args, "train.max_steps=8")))
+    assert "to train it on to train.max_steps=8 from its last checkpoint set train.resume=continue" in line, line
+    p = qtune(*tiny(run, *args, "train.max_steps=8", "train.resume=continue"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "done: 8 steps (4 this time, resumed from step 4) in" in p.stdout, p.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["steps"], summary["resumed_from"]) == (8, 4)
+    a, b = losses(straight), losses(run)
+    assert sorted(a) == sorted(b) == list(range(1, 9))  # the curve continues: no step lost or repeated
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    ta, tb = adapter_tensors(straight / "adapter"), adapter_tensors(run / "adapter")
+    assert ta.keys() == tb.keys() and all((ta[k] - tb[k]).abs().max() < 1e-5 for k in ta)
