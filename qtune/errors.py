@@ -33,3 +33,7 @@ class DownloadError(QtuneError):
 class DamagedFile(QtuneError):
     """A file qtune wrote (an adapter, a checkpoint, a merged model, a run's config) is truncated or corrupt;
     the message names it and what to do."""
+
+
+class InUse(QtuneError):
+    """A folder another live process is writing (a run being trained into); the message names that process."""

@@ -19,10 +19,13 @@ def atomic_dir(target: Path, replace: bool = False) -> Iterator[Path]:
     replace=True (outputs rewritten on purpose): the new folder is complete before anything is touched, then the
     old one is renamed aside, the new one renamed in, and only then is the old one removed, so a crash at any
     moment leaves either the old output or the new one in place, never neither.
+    The temporary folders carry their process in their name and are locked by it (owned_temp), so what a killed
+    process left beside `target` is found and removed here (remove_stale_temps), and a live one's never is.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    remove_stale_temps(target)
+    tmp, lock = owned_temp(target, ".tmp")
     try:
         yield tmp
         tmp.chmod(0o755)
@@ -36,13 +39,118 @@ def atomic_dir(target: Path, replace: bool = False) -> Iterator[Path]:
         elif not replace:
             shutil.rmtree(tmp)
         else:
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, old / "x")       # aside, on the same file system: a rename, not a copy
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            old, old_lock = owned_temp(target, ".old")
+            try:
+                os.replace(target, old / "x")       # aside, on the same file system: a rename, not a copy
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            finally:
+                os.close(old_lock)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(lock)
+
+
+def _owner() -> str:
+    import socket
+
+    return f"{os.getpid()}@{socket.gethostname().replace(os.sep, '_')}"
+
+
+def owned_temp(target: Path, suffix: str) -> tuple[Path, int]:
+    """A new hidden folder beside `target`, `.<name>.<pid>@<host>.<random><suffix>`, and an open descriptor holding an
+    exclusive flock on it: the system drops the lock when this process ends, however it ends, which is how
+    remove_stale_temps tells a killed process's folder from a live one's (the pid names it; on a file system without
+    flock, the pid decides). The caller closes the descriptor when done."""
+    import fcntl
+
+    while True:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.{_owner()}.", suffix=suffix, dir=target.parent))
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # (blocks only while a cleaner that found it first removes it)
+        except OSError:
+            return tmp, fd
+        try:
+            if os.stat(tmp).st_ino == os.fstat(fd).st_ino:
+                return tmp, fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # removed by a cleaner in the instant before the lock: make another
+
+
+def remove_stale_temps(target: Path) -> tuple[int, int, list[int]]:
+    """Remove the temporary folders (owned_temp) beside `target` whose process is gone: a write killed midway (kill
+    -9, a crash, the machine stopping) leaves a full-size copy there that nothing else would remove. Returns how many
+    were removed, their bytes and their pids. Folders a live process holds are left alone, and so are those whose name
+    carries no owner (made before temporaries had one: their owner cannot be told)."""
+    import fcntl
+    import socket
+
+    target = Path(target)
+    prefix = f".{target.name}."
+    here = socket.gethostname().replace(os.sep, "_")
+    count, freed, pids = 0, 0, []
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return 0, 0, []
+    for e in sorted(entries, key=lambda e: not e.name.endswith(".old")):  # an old output first (it may go back)
+        if not (e.name.startswith(prefix) and e.name.endswith((".tmp", ".old"))):
+            continue
+        owner = e.name[len(prefix):-4].rsplit(".", 1)[0]
+        pid, _, host = owner.partition("@")
+        if not (pid.isdigit() and host) or not e.is_dir(follow_symlinks=False):
+            continue
+        try:
+            fd = os.open(e.path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its process is alive
+            except OSError:  # no flock here: the pid decides (another host's cannot be told)
+                if host != here or _alive(int(pid)):
+                    continue
+            restored = e.name.endswith(".old") and not target.exists() and os.path.isdir(os.path.join(e.path, "x"))
+            if restored:  # killed between moving the old output aside and the new one in: the old one goes back
+                os.replace(os.path.join(e.path, "x"), target)
+            size = tree_bytes(Path(e.path))
+            shutil.rmtree(e.path, ignore_errors=True)
+            if not os.path.exists(e.path) and not restored:
+                count, freed = count + 1, freed + size
+                pids.append(int(pid))
+        finally:
+            os.close(fd)
+    return count, freed, pids
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def tree_bytes(path: Path) -> int:
+    """The bytes of the files under `path` (links not followed)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 def check_writable(path: Path, key: str, beside: bool = False) -> None:

@@ -1,23 +1,27 @@
 """Run folders: every verb that writes output leaves the resolved config beside it."""
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
 
 from qtune import integrity
 from qtune.config.schema import Config
-from qtune.errors import ConfigError
+from qtune.errors import ConfigError, InUse
 from qtune.io import atomic_write_text
 
 
-def write_config(folder: Path, cfg: Config, distributed: dict | None = None) -> Path:
+def write_config(folder: Path, cfg: Config, distributed: dict | None = None, data_digest: str | None = None) -> Path:
     """Save the fully resolved config as `config.yaml` in folder (atomically); `distributed`: what a training run was
-    launched as (qtune.training.distributed.Setup.record(): world size, strategy, global batch), kept beside it."""
+    launched as (qtune.training.distributed.Setup.record(): world size, strategy, global batch), kept beside it, and
+    `data_digest`: the digest of the examples it trains on (qtune.data.prepare.digests), which a resume compares."""
     import yaml
 
     path = Path(folder) / "config.yaml"
-    saved = saved_form(cfg) | ({"distributed": distributed} if distributed else {})
+    saved = saved_form(cfg) | ({"distributed": distributed} if distributed else {}) | \
+        ({"data_digest": data_digest} if data_digest else {})
     atomic_write_text(path, yaml.safe_dump(saved, sort_keys=False))
     return path
 
@@ -52,6 +56,131 @@ def _plain(obj):
     return obj.value if isinstance(obj, Enum) else obj
 
 
+# ---------------------------------------------------------------- one process trains into a run folder at a time
+
+LOCK = ".lock"  # in a run folder, while a process trains into it: flock'ed, naming that process (pid, host, start)
+_HELD = "QTUNE_RUN_LOCK"  # the run folder this process holds, for the processes it launches (train.nproc)
+
+
+@contextmanager
+def hold(out: Path, warn=None):
+    """An exclusive lock on the run folder `out` while this process trains into it (fcntl.flock on <out>/.lock, which
+    names the process). The system drops a flock when its process ends, however it ends, so a lock file left by a
+    killed process is found free and taken over (`warn` says so). Another live holder: InUse, naming its pid.
+    The processes a launcher started for the run (train.nproc) work under their launcher's lock; under torchrun or
+    `accelerate launch`, rank 0 takes it and the others, which write nothing into the folder, take none."""
+    from qtune.training.distributed import launched, world
+
+    out = Path(os.path.abspath(Path(out).expanduser()))
+    if launched() and (not world().main or os.environ.get(_HELD) == str(out)):
+        yield
+        return
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    f, previous = _take(out / LOCK)
+    if previous is not None and warn:
+        warn(f"train.output_dir={out}: took over {LOCK} from {_holder(previous)}, which no longer holds it (it ended "
+             "without releasing the folder, e.g. killed)")
+    before = os.environ.get(_HELD)
+    os.environ[_HELD] = str(out)  # inherited by the processes this run starts (qtune.training.launch)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_HELD, None)
+        else:
+            os.environ[_HELD] = before
+        try:  # removed while still held, so that a process that opened it meanwhile sees it gone and starts over
+            if os.stat(out / LOCK).st_ino == os.fstat(f.fileno()).st_ino:
+                (out / LOCK).unlink()
+        except OSError:
+            pass
+        f.close()
+        if made:  # a run refused before it wrote anything leaves no folder behind
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+
+
+def _take(path: Path):
+    """Lock `path` (made if missing) and write this process into it; returns the open file and what a previous
+    holder that is gone left in it (None when nobody had)."""
+    import fcntl
+    import json
+    import socket
+    import time
+
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = _holder(f.read())
+            f.close()
+            raise InUse(f"train.output_dir={path.parent} is in use: {holder} is training into it (it holds {path}); "
+                        "wait for it to end or stop it, or choose another train.output_dir") from None
+        except OSError:  # a file system without flock: the pid in the file decides
+            f.seek(0)
+            text = f.read()
+            if _alive(text, me["host"]):
+                f.close()
+                raise InUse(f"train.output_dir={path.parent} is in use: {_holder(text)} is training into it (it holds "
+                            f"{path}); wait for it to end or stop it, or choose another train.output_dir (or delete "
+                            f"{path} if that process has ended)") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its holder removed it as this process opened it: take the new one
+            f.close()
+            continue
+        f.seek(0)
+        previous = f.read()
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(me) + "\n")
+        f.flush()
+        return f, (previous if previous.strip() else None)
+
+
+def _holder(text: str) -> str:
+    """'process 1234 (on host, since 2026-01-01 12:00:00)' from a lock file's text."""
+    import json
+    import socket
+
+    try:
+        h = json.loads(text)
+        where = "" if h.get("host") == socket.gethostname() else f"on {h.get('host')}, "
+        return f"process {int(h['pid'])} ({where}since {h.get('started')})"
+    except (ValueError, TypeError, KeyError):
+        return "another process" + (" (it has just started)" if not text.strip() else "")
+
+
+def _alive(text: str, host: str) -> bool:
+    """Whether the process a lock file names may still run (another host's: assumed so)."""
+    import json
+
+    try:
+        h = json.loads(text)
+        pid = int(h["pid"])
+    except (ValueError, TypeError, KeyError):
+        return False
+    if h.get("host") != host:
+        return True
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 # Settings a resumed run must share with the run it continues (anything else may change, e.g. train.max_steps).
 _RESUME_KEYS = ("model", "quant", "lora", "moe", "train.stage", "train.init_adapter")
 
@@ -59,31 +188,34 @@ _RESUME_KEYS = ("model", "quant", "lora", "moe", "train.stage", "train.init_adap
 def resume_point(out: Path, cfg: Config) -> Path | None:
     """What an existing output folder means for `train`: None (start fresh) or the checkpoint to resume.
 
-    A finished run (adapter/) or a folder of checkpoints with train.resume=never is refused unless
-    train.overwrite=true; resuming with different model/quant/lora/moe settings is refused too.
+    A finished run (adapter/) is refused unless train.resume=continue (trains it on from its last checkpoint) or
+    train.overwrite=true, a folder of checkpoints with train.resume=never unless train.overwrite=true; resuming with
+    different model/quant/lora/moe settings is refused too (and with other data: check_same_data, once the data is
+    prepared). train.resume=continue is auto otherwise.
     """
     import shutil
 
     from qtune.errors import ConfigError
 
     t = cfg.train
-    if t.overwrite and out.exists():
-        shutil.rmtree(out)
-    if t.resume not in ("auto", "never"):
+    if t.overwrite and out.exists():  # (all but the lock this run holds: hold())
+        for p in out.iterdir():
+            if p.name != LOCK:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    if t.resume not in ("auto", "never", "continue"):
         ck = Path(t.resume).expanduser()
         if not (ck / "trainer_state.json").is_file():
             raise ConfigError(f"train.resume={t.resume}: not a checkpoint folder (no trainer_state.json); "
-                              f"valid: auto, never, or a path like {out / 'checkpoints' / 'checkpoint-100'}")
+                              f"valid: auto, never, continue, or a path like {out / 'checkpoints' / 'checkpoint-100'}")
         _check_same_settings(out, cfg)
         integrity.check_checkpoint(ck, "choose another checkpoint with train.resume=<path>, or train.resume=auto")
         return ck
     # Hidden entries are others' bookkeeping (Hydra writes .hydra/ into each sweep job's folder first).
     if not out.exists() or not any(not p.name.startswith(".") for p in out.iterdir()):
         return None
-    if (out / "adapter").is_dir():
-        raise ConfigError(f"train.output_dir={out} holds a finished run (adapter/); choose another "
-                          "train.output_dir (or run_name=...) or set train.overwrite=true")
     checkpoints = latest_checkpoints(out)
+    if (out / "adapter").is_dir():
+        return _continued(out, cfg, checkpoints)
     if not checkpoints:
         if _started_by_qtune(out):
             # a run stopped (killed, failed) before its first complete checkpoint: nothing to resume, so the same
@@ -103,6 +235,39 @@ def resume_point(out: Path, cfg: Config) -> Path | None:
     then = f"it resumes from {checkpoints[-2].name}" if len(checkpoints) > 1 else "it starts afresh"
     integrity.check_checkpoint(checkpoints[-1], f"delete that checkpoint and run the same command again ({then}), "
                                                 "or set train.overwrite=true to start over")
+    return checkpoints[-1]
+
+
+def _continued(out: Path, cfg: Config, checkpoints: list[Path]) -> Path:
+    """A finished run (adapter/): with train.resume=continue, the checkpoint it trains on from (to a larger
+    train.max_steps or train.epochs: the schedule is laid out again for the new length, from the step it reached);
+    otherwise refused, with the ways on."""
+    import json
+
+    t = cfg.train
+    try:
+        steps = int(json.loads((out / "summary.json").read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        steps = None
+    trained = f"{steps} steps" if steps is not None else "its steps"
+    if t.resume != "continue":
+        more = t.max_steps > 0 and steps is not None and t.max_steps > steps
+        ask = f"train.max_steps={t.max_steps}" if more else "a larger train.max_steps (or train.epochs)"
+        raise ConfigError(f"train.output_dir={out} holds a finished run (adapter/, {trained}); to train it on to "
+                          f"{ask} from its last checkpoint set train.resume=continue; to keep it and start another "
+                          "choose another train.output_dir (or run_name=...); train.overwrite=true discards it")
+    if not checkpoints:
+        raise ConfigError(f"train.resume=continue: {out} has no checkpoint to continue from (checkpoints/ is empty); "
+                          "train it again with train.overwrite=true, or start another run from its adapter with "
+                          f"train.init_adapter={out} and another train.output_dir")
+    last = int(checkpoints[-1].name.rsplit("-", 1)[-1])
+    if t.max_steps > 0 and last >= t.max_steps:
+        raise ConfigError(f"train.resume=continue: {out} already trained {max(last, steps or 0)} steps and "
+                          f"train.max_steps={t.max_steps} asks for no more; set a larger train.max_steps (or "
+                          "train.epochs with train.max_steps=-1)")
+    _check_same_settings(out, cfg)
+    integrity.check_checkpoint(checkpoints[-1], "delete that checkpoint to continue from the one before, or set "
+                                                "train.overwrite=true to start over")
     return checkpoints[-1]
 
 
@@ -155,6 +320,50 @@ def _check_same_settings(out: Path, cfg: Config) -> None:
             key, old, new = diff
             raise ConfigError(f"{key}={new}: {out} was trained with {key}={old}; resume with the same setting, "
                               "choose another train.output_dir, or set train.overwrite=true")
+
+
+# What the examples are made of: data settings a resume compares (the others only say how to prepare them)
+_DATA_IGNORED = ("cache_dir", "num_proc", "on_error")
+
+
+def check_same_data(out: Path, cfg: Config, digest: str) -> None:
+    """A resumed run goes on with the examples it was trained on: the digest of its prepared data (config.yaml's
+    data_digest) must be this run's. The digest, not the paths: the same files moved or renamed still resume, and
+    files changed in place do not. A run folder from before the digest: its data settings must be the same."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((out / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return
+    old, new = saved.get("data") or {}, saved_form(cfg)["data"]
+    changed = [d for d in _differences(old, new, "data") if d[0].split(".")[1] not in _DATA_IGNORED]
+    recorded = saved.get("data_digest")
+    if (recorded == digest) if recorded else not changed:
+        return
+    if not changed:  # the settings are the same: the files are not
+        what = f"{_data_key(cfg)}: the data changed since {out} was trained on it (same settings, other contents)"
+    else:
+        what = (f"{out} was trained on other examples: " +
+                ", ".join(f"{k}={_shown(n)} (was {_shown(o)})" for k, o, n in changed))
+    raise ConfigError(f"{what}; resume with the data it was trained on, or start a new run: another "
+                      "train.output_dir (or run_name=...), or train.overwrite=true to replace this one")
+
+
+def _shown(value) -> str:
+    return "null" if value is None else str(value)
+
+
+def _data_key(cfg: Config) -> str:
+    d = cfg.data
+    return f"data.path={d.path}" if d.path else "data.sources"
+
+
+def _differences(a, b, key: str) -> list:
+    """Every (key, old, new) where a and b differ (dicts by key; lists as wholes)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{key}.{k}")]
+    return [] if a == b else [(key, a, b)]
 
 
 def _first_difference(a, b, key: str):

@@ -266,3 +266,51 @@ def test_health_names_no_models_behind_a_key(server):
     url, _ = server
     with urllib.request.urlopen(url + "/health", timeout=10) as r:
         assert json.loads(r.read()) == {"status": "ok"}
+
+
+@pytest.mark.slow
+def test_chat_save_makes_folders_asks_before_replacing_and_survives_any_failure(tiny_run, tmp_path):
+    """/save into a folder that does not exist makes it; a path that cannot be written is one line and the session
+    (with its conversation) goes on; an existing file is replaced only after a yes (y/N)."""
+    import pexpect
+
+    (tmp_path / "afile").write_text("a file")
+    (tmp_path / "mine.json").write_text("mine")
+    child = pexpect.spawn(sys.executable, ["-m", "qtune", "chat", f"run={tiny_run}", "chat.use=adapter",
+                                           "chat.temperature=0", "chat.max_new_tokens=3"],
+                          cwd=str(tmp_path), encoding="utf-8", timeout=180, dimensions=(40, 250))
+    child.expect_exact(">>> ")
+    child.sendline("Hello")
+    child.expect_exact(">>> ")
+    child.sendline("/save afile/chat.json")  # under a file: no folder can be made
+    child.expect_exact("error:")  # (in red: the rest of the line follows its colour codes)
+    child.expect_exact(" /save afile/chat.json: not saved (afile is a file, so no folder can be made under it); "
+                       "the conversation is kept")
+    child.expect_exact(">>> ")
+    child.sendline("/save /proc/qtune/chat.json")  # a folder that cannot be made
+    child.expect_exact("error:")
+    child.expect_exact(" /save /proc/qtune/chat.json: not saved (")
+    child.expect_exact(">>> ")
+    child.sendline("/save new/deeper/chat.json")
+    child.expect_exact("saved 2 messages to new/deeper/chat.json")
+    child.expect_exact(">>> ")
+    child.sendline("/save mine.json")
+    child.expect_exact("mine.json exists; replace it? [y/N] ")
+    child.sendline("")  # Enter: no
+    child.expect_exact("not saved; mine.json is unchanged")
+    child.expect_exact(">>> ")
+    child.sendline("And again?")
+    child.expect_exact(">>> ")
+    child.sendline("/save mine.json")
+    child.expect_exact("replace it? [y/N] ")
+    child.sendline("y")
+    child.expect_exact("saved 4 messages to mine.json")
+    child.expect_exact(">>> ")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    assert (tmp_path / "afile").read_text() == "a file"
+    assert len(json.loads((tmp_path / "new" / "deeper" / "chat.json").read_text())["messages"]) == 2
+    assert [m["role"] for m in json.loads((tmp_path / "mine.json").read_text())["messages"]] == \
+        ["user", "assistant", "user", "assistant"]

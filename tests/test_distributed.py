@@ -200,6 +200,7 @@ def test_kill_9_of_two_processes_then_one_process_continues_the_curve(tmp_path, 
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline, "no checkpoint in 300 s"
         time.sleep(0.05)
+    assert json.loads((run / ".lock").read_text())["pid"] == proc.pid  # the launcher holds the folder for its processes
     for pid in _tree(proc.pid):  # the whole run at once, as a machine that loses power
         try:
             os.kill(pid, signal.SIGKILL)
@@ -214,6 +215,7 @@ def test_kill_9_of_two_processes_then_one_process_continues_the_curve(tmp_path, 
     assert "train.grad_accum=2 with 1 process" in line[0]
     p = qtune(*tiny(run, "train.grad_accum=2"))
     assert p.returncode == 0, p.stdout + p.stderr
+    assert not (run / ".lock").exists()
     s = summary(run)
     assert s["resumed_from"] in (2, 4, 6) and f"resuming from {run / 'checkpoints'}" in p.stdout
     assert s["distributed"]["world_size"] == 1 and s["distributed"]["global_batch"] == 2

@@ -84,6 +84,9 @@ def test_bad_setting_is_one_line_naming_the_key(verb, overrides, words):
 DEMO = str(REPO / "data" / "demo" / "captains_log.jsonl")
 PAIRS = str(REPO / "data" / "demo" / "preferences.jsonl")
 TRAIN = ["model=tiny_qwen3", f"data.path={DEMO}"]
+HELD_OUT = str(REPO / "data" / "demo" / "held_out.jsonl")
+TINY_RUN = ["model=tiny_qwen3", "data=demo", f"data.path={DEMO}", f"data.eval_path={HELD_OUT}",  # as tiny_run trained
+            "train.grad_accum=1", "train.report_to=[]"]
 # Root writes through chmod; without the capabilities that let it (setpriv), root meets read-only folders as anyone.
 NOT_ALL_POWERFUL = (("setpriv", "--bounding-set=-dac_override,-dac_read_search", "--")
                     if os.geteuid() == 0 and shutil.which("setpriv") else ())
@@ -110,6 +113,18 @@ def _resumable(*damage):
         for d in damage:
             d(tmp, run)
     return make
+
+
+def _data_changed_in_place(tmp, run):
+    """The run copy, resumable, as if trained on {tmp}/d.jsonl, whose contents then changed."""
+    import yaml
+
+    lines = Path(DEMO).read_text().splitlines(keepends=True)
+    (tmp / "d.jsonl").write_text("".join(lines[:-1]))
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["data"]["path"] = str(tmp / "d.jsonl")
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    _resumable()(tmp, run)
 
 
 def _merged(tmp, run):
@@ -224,6 +239,23 @@ FILE_CASES = [
     ("eval", ["run={rm}", "eval.models=[base]"], "eval.models: base: ", lambda tmp, run: None),
     ("merge", ["run={rm}", "merge.gguf=[f16]"], "is a reward model (train.stage=rm), which merges into a "
      "sequence-classification checkpoint only", lambda tmp, run: None),
+    # a resume on other examples than the run's (qtune.runs.check_same_data): other settings, other files, or the
+    # same files changed in place (the prepared data's digest)
+    ("train", [*TINY_RUN, "train.output_dir={run}", "train.max_steps=2", "data.max_length=128"],
+     "was trained on other examples: data.max_length=128 (was 256); resume with the data it was trained on, or start "
+     "a new run: another train.output_dir (or run_name=...), or train.overwrite=true to replace this one", _resumable()),
+    ("train", [*TINY_RUN, "data.path={tmp}/d.jsonl", "data.system_prompt=Be brief.", "train.output_dir={run}",
+               "train.max_steps=2"],
+     "was trained on other examples: data.path=", _resumable(_write("d.jsonl", b'{"input": "a", "output": "b"}\n'))),
+    ("train", [*TINY_RUN, "data.path={tmp}/d.jsonl", "train.output_dir={run}", "train.max_steps=2"],
+     "d.jsonl: the data changed since", _data_changed_in_place),
+    # a finished run asked for more steps: how to go on with it (train.resume=continue), not only how to discard it
+    ("train", [*TINY_RUN, "train.output_dir={run}", "train.max_steps=4"],
+     "holds a finished run (adapter/, 2 steps); to train it on to train.max_steps=4 from its last checkpoint set "
+     "train.resume=continue; to keep it and start another choose another train.output_dir", lambda tmp, run: None),
+    ("train", [*TINY_RUN, "train.output_dir={run}", "train.max_steps=2", "train.resume=continue"],
+     "already trained 2 steps and train.max_steps=2 asks for no more; set a larger train.max_steps",
+     lambda tmp, run: None),
     # a resume that would change what a step means (qtune.training.distributed.check_resume; tiny_run: global batch 1)
     ("train", [*TRAIN, "train.output_dir={run}", "train.grad_accum=2"],
      "was trained with a global batch of 1 (1 × 1 × 1 process), this run's is 2; keep it (train.grad_accum=1 with 1 "

@@ -435,3 +435,99 @@ def test_resume_refuses_other_lora_settings(tmp_path):
 def test_moe_router_settings_that_contradict_are_refused():
     line = one_line_error(qtune("train", "--cfg", "model=tiny_qwen3_moe", "moe=expert_only", "moe.router_mode=full"))
     assert "moe.router_mode=full" in line
+
+
+# ---------------------------------------------------------------- one run folder, one process; resumes on the same data
+
+
+@pytest.mark.slow
+def test_a_second_train_into_a_folder_in_use_is_one_line_naming_the_first(tmp_path, tiny_qwen3):
+    """Two `qtune train` on one folder would mix metrics.jsonl, config.yaml, checkpoints and the adapter: the second
+    is refused while the first trains (train.overwrite=true too, deleting nothing), and a lock file that a process
+    left when it died is taken over with a warning."""
+    import socket
+
+    run = tmp_path / "run"
+    args = tiny(run, "train.max_steps=200", "train.save_steps=1000")
+    proc = subprocess.Popen([*QTUNE, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ.copy())
+    try:
+        deadline = time.time() + 300
+        while not (run / "metrics.jsonl").exists() or '"loss"' not in (run / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+            time.sleep(0.1)
+        assert json.loads((run / ".lock").read_text())["pid"] == proc.pid
+        for extra in ([], ["train.overwrite=true"]):
+            line = one_line_error(qtune(*args, *extra))
+            assert f"train.output_dir={run} is in use: process {proc.pid} " in line, line
+            assert proc.poll() is None and (run / "config.yaml").is_file() and '"loss"' in (run / "metrics.jsonl").read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out
+    assert not (run / ".lock").exists()  # released on the way out
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / ".lock").write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "started": "then"}))
+    p = qtune(*tiny(stale, "train.max_steps=1", "train.save_steps=1"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    warnings = [x for x in p.stderr.splitlines() if x.startswith("warning:")]
+    assert warnings == [f"warning: train.output_dir={stale}: took over .lock from process {gone.pid} (since then), "
+                        "which no longer holds it (it ended without releasing the folder, e.g. killed)"], p.stderr
+    assert (stale / "adapter").is_dir() and not (stale / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_a_resume_compares_the_data_by_its_digest_not_its_path(tmp_path, tiny_run):
+    """The same files moved resume; a run folder from before the digest compares the data settings instead."""
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "adapter")
+    (run / "summary.json").unlink()
+    moved = tmp_path / "elsewhere" / "logs.jsonl"
+    moved.parent.mkdir()
+    shutil.copy(REPO / "data" / "demo" / "captains_log.jsonl", moved)
+    same = ["train", "model=tiny_qwen3", "data=demo", f"data.path={moved}", "train.grad_accum=1", "train.max_steps=2",
+            f"data.eval_path={REPO}/data/demo/held_out.jsonl", "train.report_to=[]", f"train.output_dir={run}"]
+    p = qtune(*same)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "resuming from" in p.stdout and (run / "adapter").is_dir()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["path"] == str(moved) and saved["data_digest"]
+
+    shutil.rmtree(run / "adapter")
+    del saved["data_digest"]  # a run folder written before the digest
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    line = one_line_error(qtune(*same, "data.train_on=all"))
+    assert f"{run} was trained on other examples: data.train_on=all (was assistant)" in line, line
+    assert qtune(*same).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_finished_run_continues_to_more_steps_like_one_run_straight_through(tmp_path, tiny_qwen3):
+    """train.resume=continue: a finished run of 4 steps trained on to train.max_steps=8 from its last checkpoint ends
+    with the losses and adapter of an 8-step run (a constant schedule: a decaying one is laid out again for the new
+    length); train.resume=auto says how to do it instead of only how to discard the run."""
+    args = ["train.save_steps=4", "train.lr=5e-3", "train.scheduler=constant"]
+    straight = tmp_path / "straight"
+    assert qtune(*tiny(straight, *args, "train.max_steps=8")).returncode == 0
+    run = tmp_path / "run"
+    assert qtune(*tiny(run, *args, "train.max_steps=4")).returncode == 0
+    line = one_line_error(qtune(*tiny(run, *args, "train.max_steps=8")))
+    assert "to train it on to train.max_steps=8 from its last checkpoint set train.resume=continue" in line, line
+    p = qtune(*tiny(run, *args, "train.max_steps=8", "train.resume=continue"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "done: 8 steps (4 this time, resumed from step 4) in" in p.stdout, p.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["steps"], summary["resumed_from"]) == (8, 4)
+    a, b = losses(straight), losses(run)
+    assert sorted(a) == sorted(b) == list(range(1, 9))  # the curve continues: no step lost or repeated
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    ta, tb = adapter_tensors(straight / "adapter"), adapter_tensors(run / "adapter")
+    assert ta.keys() == tb.keys() and all((ta[k] - tb[k]).abs().max() < 1e-5 for k in ta)

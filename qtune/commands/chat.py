@@ -14,7 +14,8 @@ from pathlib import Path
 from qtune.config.schema import Config
 
 HELP = ("commands: /reset (forget the conversation), /system <text> (set the system prompt), "
-        "/think on|off (Qwen3 thinking), /save <file> (write the conversation as JSON), /help, /exit; "
+        "/think on|off (Qwen3 thinking), /save <file> (write the conversation as JSON; asks before replacing a "
+        "file), /help, /exit; "
         "Ctrl-C stops an answer, Ctrl-D exits")
 DIM, RESET, BOLD = "\x1b[2m", "\x1b[0m", "\x1b[1m"
 
@@ -106,14 +107,59 @@ class Session:
                 self.think = arg == "on"
                 print(f"(thinking {arg})")
         elif name == "/save":
-            path = Path(arg or f"chat-{time.strftime('%Y%m%d-%H%M%S')}.json").expanduser()
-            path.write_text(json.dumps({"system": self.system, "messages": self.history}, indent=1, ensure_ascii=False))
-            print(f"(saved {len(self.history)} messages to {path})")
+            self.save(arg)
         elif name == "/help":
             print(HELP)
         else:
             print(f"unknown command {name}; {HELP}")
         return None
+
+    def save(self, arg: str) -> Path | None:
+        """/save [file]: the conversation as JSON. Missing folders are made; an existing file is replaced only after a
+        yes at a y/N prompt (the name is the user's: a file written under another name would be one to hunt for); a
+        folder gets a new chat-<time>.json inside. Whatever goes wrong is one line and the session goes on, the
+        conversation kept, and nothing is half-written (atomic)."""
+        from qtune import ui
+        from qtune.io import atomic_write_bytes
+
+        default = f"chat-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        path = Path(arg or default).expanduser()
+        if arg.endswith("/") or path.is_dir():
+            path = path / default
+        path = path.resolve() if path.is_symlink() else path  # (a link: the file it names is written)
+        if path.exists():
+            if not path.is_file():
+                ui.print_error(f"/save {path}: not saved (not a regular file); the conversation is kept "
+                               "(/save <another file>)")
+                return None
+            try:
+                answer = input(f"{path} exists; replace it? [y/N] ")
+            except (EOFError, KeyboardInterrupt):
+                answer = ""
+                print()
+            if answer.strip().lower() not in ("y", "yes"):
+                print(f"(not saved; {path} is unchanged)")
+                return None
+        above = path.parent
+        while not above.exists() and above != above.parent:
+            above = above.parent
+        try:
+            if not above.is_dir():
+                raise NotADirectoryError(0, f"{above} is a file, so no folder can be made under it")
+            saved = {"system": self.system, "messages": self.history}
+            try:
+                data = json.dumps(saved, indent=1, ensure_ascii=False).encode()
+            except UnicodeEncodeError:  # bytes the terminal could not decode: kept as JSON escapes
+                data = json.dumps(saved, indent=1).encode()
+            atomic_write_bytes(path, data)  # (makes the missing folders)
+        except Exception as e:  # any failure: the session and its conversation go on
+            why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+            where = getattr(e, "filename", None)
+            why += f": {where}" if where and str(where) != str(path) else ""
+            ui.print_error(f"/save {path}: not saved ({why}); the conversation is kept (/save <another file>)")
+            return None
+        print(f"(saved {len(self.history)} messages to {path})")
+        return path
 
 
 class _ThinkingSplitter:

@@ -34,21 +34,28 @@ def run(cfg: Config, dry_run: bool = False):
     from qtune.data.prepare import check_inputs
 
     check_inputs(cfg.data)                       # cheap checks first: no model loads, no heavy imports for a typo
-    from qtune.training import distributed as dist
-    from qtune.training import launch
     from qtune import runs, ui
     from qtune.modeling.world import world
 
     if cfg.train.init_adapter:
         runs.adapter_folder(cfg.train.init_adapter, "train.init_adapter")
     from qtune.io import check_writable
-    from qtune.modeling.load import pick_device, quiet_libraries
 
     main = world().main
     if not main:
         ui.silence()
     out = Path(cfg.train.output_dir).expanduser()
     check_writable(out, "train.output_dir")
+    with runs.hold(out, warn=ui.print_warning):  # one process trains into a run folder at a time
+        return _run(cfg, out, main)
+
+
+def _run(cfg: Config, out: Path, main: bool):
+    from qtune import runs, ui
+    from qtune.training import distributed as dist
+    from qtune.training import launch
+    from qtune.modeling.load import pick_device, quiet_libraries
+
     device, dtype = pick_device(cfg.train.device, cfg.train.dtype)
     if launch.needed(cfg.train):                 # train.nproc=N: this same run in N processes
         dist.check_devices(device, cfg.train.nproc, cfg.train.backend)
@@ -61,10 +68,12 @@ def run(cfg: Config, dry_run: bool = False):
         dist.check_resume(resume, setup)
     quiet_libraries(trl=True)                                                    # (seconds: after the checks)
     tokenizer, prepared = _data(cfg, setup)                                      # 2
+    if resume:
+        runs.check_same_data(out, cfg, prepared.digest)
     out.mkdir(parents=True, exist_ok=True)
     model, matched, fast = _model(cfg, setup, device, dtype, out, prepared.load("train"))  # 3, 4
     if main:
-        runs.write_config(out, cfg, setup.record())
+        runs.write_config(out, cfg, setup.record(), prepared.digest)
     trainer, nan = _trainer(cfg, setup, model, tokenizer, prepared, out, resume, fast)  # 5
     samples_before = _samples(cfg, trainer.model, tokenizer, out, "before") if resume is None and main else None
     start = f", from {cfg.train.init_adapter}" if cfg.train.init_adapter else ""
@@ -91,6 +100,13 @@ def _train(cfg: Config, trainer, nan, out: Path, resume) -> float:
     from qtune.training.callbacks import GracefulStop
 
     if resume and _finished(trainer, resume):
+        if cfg.train.resume == "continue" and (out / "adapter").is_dir():
+            from qtune.errors import ConfigError
+
+            t = cfg.train
+            asked = f"train.max_steps={t.max_steps}" if t.max_steps > 0 else f"train.epochs={t.epochs:g}"
+            raise ConfigError(f"train.resume=continue: {out} already trained {_step_of(resume)} steps, which {asked} "
+                              "does not pass; ask for more (a larger train.epochs, or train.max_steps)")
         # transformers' loop takes a step before it checks max_steps, so resuming from the last step's checkpoint (a
         # finished run whose adapter/ is gone) would train one step too many: load that checkpoint instead
         from transformers import TrainerState

@@ -367,7 +367,7 @@ class TrainConfig:
     # with it on the GPU exceeds 90 % of the GPU's memory | true | false
     head_on_host: str = "auto"
     optim: str = "adamw_torch_fused"
-    resume: str = "auto"               # auto | never | a checkpoint path
+    resume: str = "auto"               # auto | never | continue (a finished run too, to more steps) | a checkpoint path
     overwrite: bool = False
     merge_after: bool = False
     device: str = "auto"               # auto | cpu | cuda

@@ -36,6 +36,7 @@ class Prepared:
     stats: dict
     cache_hit: bool
     warnings: list[str] = field(default_factory=list)
+    digest: str = ""  # the examples' own digest (digests()): what a resumed run compares
 
     def load(self, split: str = "train"):
         from datasets import load_from_disk
@@ -202,27 +203,49 @@ def tokenize(examples: list[tuple[int, formats.Example]], tokenizer, template: s
 # ---------------------------------------------------------------- the whole pipeline
 
 def fingerprint(data: DataConfig, sources: list[SourceConfig], tokenizer, template: str, stage: str) -> str:
+    return digests(data, sources, tokenizer, template, stage)[0]
+
+
+def digests(data: DataConfig, sources: list[SourceConfig], tokenizer, template: str,
+            stage: str) -> tuple[str, str]:
+    """The cache key, and the examples' own digest, from one read of the files. The digest is the key less where the
+    files are (local paths and file names; a Hub dataset's name stays, it is what names its data) and less
+    data.on_error (a prepare that succeeds makes the same examples with raise or skip): the same data moved or
+    renamed has the same digest, so a run resumes on it (qtune.runs.check_same_data)."""
     h = hashlib.sha256(f"qtune-data-v{VERSION}".encode())
+    d = hashlib.sha256(f"qtune-data-v{VERSION}".encode())
     if stage != "sft":  # (sft data keeps the fingerprints it had before stages)
         h.update(f"stage={stage}".encode())
-    settings = {k: v for k, v in asdict(data).items()
-                if k not in ("path", "sources", "cache_dir", "num_proc", "rebuild_cache")}
+        d.update(f"stage={stage}".encode())
+    settings = {k: v for k, v in asdict(data).items() if k not in ("path", "sources", "cache_dir", "num_proc", "rebuild_cache")}
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    for src in sources:
-        h.update(json.dumps(asdict(src), sort_keys=True, default=str).encode())
-        if is_hub_dataset(src.path):
-            continue
-        for f in formats.expand(src.path):
-            h.update(str(f.name).encode())
+    settings = {k: v for k, v in settings.items() if k not in ("eval_path", "on_error")}
+    d.update(json.dumps(settings, sort_keys=True, default=str).encode())
+
+    def files(path: str, named: bool) -> None:
+        for f in formats.expand(path):
+            if named:
+                h.update(str(f.name).encode())
+            d.update(f"{f.suffix.lower()}:{f.stat().st_size}:".encode())  # the suffix picks the reader
             with open(f, "rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
+                    d.update(chunk)
+
+    for src in sources:
+        h.update(json.dumps(asdict(src), sort_keys=True, default=str).encode())
+        hub = is_hub_dataset(src.path)
+        d.update(json.dumps({k: v for k, v in asdict(src).items() if hub or k != "path"}, sort_keys=True,
+                            default=str).encode())
+        if not hub:
+            files(src.path, named=True)
     if data.eval_path:
-        for f in formats.expand(data.eval_path):
-            h.update(f.read_bytes())
-    h.update(template.encode())
-    h.update(_tokenizer_digest(tokenizer).encode())
-    return h.hexdigest()
+        d.update(b"eval:")
+        files(data.eval_path, named=False)
+    for x in (h, d):
+        x.update(template.encode())
+        x.update(_tokenizer_digest(tokenizer).encode())
+    return h.hexdigest(), d.hexdigest()
 
 
 def _tokenizer_digest(tokenizer) -> str:
@@ -246,7 +269,7 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
     kind = trains.kind
     sources, template, warning, markers = _setup(data, tokenizer, model_name, chat_template, trains)
     warnings = ([warning] if warning else []) + _eval_overlap(data, sources)
-    fp = fingerprint(data, sources, tokenizer, template, trains.stage)
+    fp, digest = digests(data, sources, tokenizer, template, trains.stage)
     name = (Path(sources[0].path.rstrip("/*")).stem or "data") if len(sources) == 1 else "mix"
     out = Path(data.cache_dir).expanduser() / f"{model_name}-{name}" / fp[:16]
     rebuild = out.exists()
@@ -254,7 +277,7 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
         damage = manifest_problem(out)
         if damage is None:
             stats = json.loads((out / "stats.json").read_text())
-            return Prepared(out, stats, True, warnings + _identical_warning(stats.get("identical_pairs")))
+            return Prepared(out, stats, True, warnings + _identical_warning(stats.get("identical_pairs")), digest)
         warnings.append(f"{out}: the prepared-data cache is damaged ({damage}); rebuilding it")
 
     rejects: list[dict] = []
@@ -329,7 +352,7 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
                     f.write(json.dumps(r, default=str) + "\n")
         atomic_write_json(tmp / "stats.json", stats)
         write_manifest(tmp)
-    return Prepared(out, stats, False, warnings)
+    return Prepared(out, stats, False, warnings, digest)
 
 
 def _main_process() -> bool:

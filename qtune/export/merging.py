@@ -62,6 +62,7 @@ def merge(cfg: Config, adapter: Path, out: Path, warn=None) -> dict:
     check_output(out, cfg.merge.overwrite)
     if cfg.merge.save_4bit:
         check_output(_nf4_dir(out), cfg.merge.overwrite)
+    _remove_stale(out, warn)
     import torch
     from peft import PeftModel
 
@@ -109,6 +110,21 @@ def merge(cfg: Config, adapter: Path, out: Path, warn=None) -> dict:
         result["bnb_4bit"] = str(_save_4bit(out, tokenizer))
         atomic_write_json(out / MARKER, result)
     return result
+
+
+def _remove_stale(out: Path, warn=None) -> None:
+    """What merges killed midway (kill -9) left beside `out`: full-size hidden copies, removed before this one
+    writes its own, in one line."""
+    from qtune.io import remove_stale_temps
+    from qtune.text import human_bytes
+
+    found = [remove_stale_temps(t) for t in (out, _nf4_dir(out))]
+    count, freed = sum(f[0] for f in found), sum(f[1] for f in found)
+    if count and warn:
+        pids = sorted({p for f in found for p in f[2]})
+        warn(f"removed {count} unfinished merge{'s' if count > 1 else ''} beside {out} that "
+             f"{'processes' if len(pids) > 1 else 'process'} {', '.join(map(str, pids))} left when "
+             f"{'they were' if len(pids) > 1 else 'it was'} stopped: {human_bytes(freed)} freed")
 
 
 # Next-token agreement a GGUF file must keep with the merged model when loaded back: f16 is a plain cast,
