@@ -69,10 +69,11 @@ def hold(out: Path, warn=None):
     killed process is found free and taken over (`warn` says so). Another live holder: InUse, naming its pid.
     The processes a launcher started for the run (train.nproc) work under their launcher's lock; under torchrun or
     `accelerate launch`, rank 0 takes it and the others, which write nothing into the folder, take none."""
-    from qtune.training.distributed import launched, world
-
+    # started by a launcher, and which rank: the variables every torch launcher sets (qtune.modeling.world), read here
+    # so that run folders stay the ground floor
+    launched, main = "LOCAL_RANK" in os.environ, os.environ.get("RANK", "0") in ("", "0")
     out = Path(os.path.abspath(Path(out).expanduser()))
-    if launched() and (not world().main or os.environ.get(_HELD) == str(out)):
+    if launched and (not main or os.environ.get(_HELD) == str(out)):
         yield
         return
     made = not out.exists()
