@@ -33,3 +33,8 @@ class DownloadError(QtuneError):
 class DamagedFile(QtuneError):
     """A file qtune wrote (an adapter, a checkpoint, a merged model, a run's config) is truncated or corrupt;
     the message names it and what to do."""
+
+
+class DiskFull(QtuneError):
+    """The disk (or the quota) filled up while qtune wrote an output; the message names the folder, what it needed and
+    what was free, and says that nothing half-written was left."""
