@@ -158,6 +158,16 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # a disk that filled up where no verb expected it (the big writes say more: DiskFull)
+        from qtune.io import out_of_space
+
+        if not out_of_space(e):
+            raise
+        from qtune.ui import print_error
+
+        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+        print_error(f"no space left on device{where}; free space and run the same command again")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

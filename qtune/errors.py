@@ -37,3 +37,8 @@ class DamagedFile(QtuneError):
 
 class InUse(QtuneError):
     """A folder another live process is writing (a run being trained into); the message names that process."""
+
+
+class DiskFull(QtuneError):
+    """The disk (or the quota) filled up while qtune wrote an output; the message names the folder, what it needed and
+    what was free, and says that nothing half-written was left."""

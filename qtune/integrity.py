@@ -63,10 +63,44 @@ def check_adapter(folder: Path, remedy: str | Callable[[], str]) -> None:
     check([folder / "adapter_config.json", weights], remedy)
 
 
-def check_model(folder: Path, remedy: str) -> None:
-    """A saved model folder: config.json, the shard index and every safetensors shard."""
-    check([folder / "config.json", *sorted(folder.glob("*.safetensors.index.json")), *sorted(folder.glob("*.safetensors"))],
-          remedy)
+def check_model(folder: Path, remedy: str | Callable[[], str]) -> None:
+    """A saved model folder: config.json, weights (every shard its index lists), the index and every safetensors shard
+    whole."""
+    why = model_problem(folder)
+    if why:
+        raise DamagedFile(f"{why}; {remedy() if callable(remedy) else remedy}")
+
+
+def model_problem(folder: Path) -> str | None:
+    """What is wrong with a model folder, as the start of a line: "<folder> is incomplete (...)" or "<file> is damaged
+    (...)"; None when it is whole."""
+    why = missing(folder)
+    if why:
+        return f"{folder} is incomplete ({why})"
+    for f in [folder / "config.json", *sorted(folder.glob("*.safetensors.index.json")), *sorted(folder.glob("*.safetensors"))]:
+        why = problem(f)
+        if why:
+            return f"{f} is damaged ({why})"
+    return None
+
+
+def missing(folder: Path) -> str | None:
+    """What a model folder lacks to load, or None: config.json, or its weights (a weights file, or a shard that its
+    index lists)."""
+    if not (folder / "config.json").is_file():
+        return "config.json is missing"
+    for index in sorted(folder.glob("*.index.json")):  # model.safetensors.index.json, pytorch_model.bin.index.json
+        try:
+            shards = set(json.loads(index.read_bytes())["weight_map"].values())
+        except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            return None  # damaged, not missing: check() names it
+        lost = sorted(s for s in shards if not (folder / s).is_file())
+        if lost:
+            return f"{lost[0]} is missing, {len(lost)} of the {len(shards)} shards {index.name} lists"
+        return None
+    if any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin")):
+        return None
+    return "no weights: model.safetensors is missing"
 
 
 def check_checkpoint(folder: Path, remedy: str) -> None:

@@ -3,6 +3,7 @@ a Hub dataset."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def atomic_dir(target: Path, replace: bool = False) -> Iterator[Path]:
+def atomic_dir(target: Path, replace: bool = False, need: int | None = None, remedy: str | None = None) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it becomes `target`.
 
     replace=False (caches): an existing target is kept (another process finished first) and the new copy dropped.
@@ -21,6 +22,8 @@ def atomic_dir(target: Path, replace: bool = False) -> Iterator[Path]:
     moment leaves either the old output or the new one in place, never neither.
     The temporary folders carry their process in their name and are locked by it (owned_temp), so what a killed
     process left beside `target` is found and removed here (remove_stale_temps), and a live one's never is.
+    A disk that fills up meanwhile is a DiskFull naming `target`, the bytes it needs (`need`, where the caller knows
+    them) and those free, and `remedy` (what to do; by default: free space or write elsewhere).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -46,8 +49,12 @@ def atomic_dir(target: Path, replace: bool = False) -> Iterator[Path]:
                 shutil.rmtree(old, ignore_errors=True)
             finally:
                 os.close(old_lock)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and out_of_space(e, target.parent):
+            kept = f"; the previous {target.name} is kept as it was" if target.exists() else ""
+            raise disk_full(f"writing {target}", target.parent, need,
+                            f"nothing half-written was left{kept}; {remedy or 'free space or write it elsewhere'}") from None
         raise
     finally:
         os.close(lock)
@@ -151,6 +158,50 @@ def tree_bytes(path: Path) -> int:
             except OSError:
                 pass
     return total
+
+
+# How writers say that the disk is full: OSError's errno, safetensors' and Rust's "os error 28", torch.save's failed write
+# (which names no cause: it counts as a full disk when the disk is all but full).
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_NO_SPACE_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+_FAILED_WRITE_WORDS = ("PytorchStreamWriter failed", "inline_container.cc", "iostream error", "file write failed")
+ALL_BUT_FULL = 64 * 2**20
+
+
+def out_of_space(e: BaseException, folder: Path | None = None) -> bool:
+    """Whether `e` (or what caused it) means that the disk holding `folder` filled up (or a quota ran out)."""
+    from qtune.errors import exception_chain
+
+    chain = exception_chain(e)
+    if any(isinstance(c, OSError) and c.errno in _NO_SPACE_ERRNOS for c in chain):
+        return True
+    if any(w in str(c) for c in chain for w in _NO_SPACE_WORDS):
+        return True
+    return (folder is not None and any(w in str(c) for c in chain for w in _FAILED_WRITE_WORDS)
+            and free_bytes(folder) < ALL_BUT_FULL)
+
+
+def free_bytes(folder: Path) -> int:
+    """Free bytes on the disk that holds `folder` (or would: its nearest existing parent)."""
+    return shutil.disk_usage(_existing(folder)).free
+
+
+def disk_full(doing: str, folder: Path, need: int | None, then: str):
+    """The one line for a disk that filled up while `doing` (e.g. "writing runs/x/merged"), measured now: its free
+    bytes, and `need` where it is known; `then` says what was left and what to do."""
+    from qtune.errors import DiskFull
+    from qtune.text import human_bytes
+
+    needs = f"it needs about {human_bytes(need)}, " if need else ""
+    return DiskFull(f"no space left on device {doing}: {needs}{human_bytes(free_bytes(folder))} free in "
+                    f"{_existing(folder)}; {then}")
+
+
+def _existing(folder: Path) -> Path:
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
 
 
 def check_writable(path: Path, key: str, beside: bool = False) -> None:

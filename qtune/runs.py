@@ -385,6 +385,10 @@ def run_folder(cfg: Config) -> Path:
     if not cfg.run:
         raise ConfigError("run: which run folder? set run=runs/<name> (a folder `qtune train` wrote)")
     run = Path(cfg.run).expanduser()
+    if not run.exists():
+        raise ConfigError(f"run={cfg.run}: no such folder; name a run folder `qtune train` wrote (runs/<name>)")
+    if not run.is_dir():
+        raise ConfigError(f"run={cfg.run} is a file; name a run folder `qtune train` wrote (runs/<name>)")
     if not (run / "adapter" / "adapter_config.json").is_file():
         raise ConfigError(f"run={cfg.run}: no adapter/ there (finish or resume `qtune train` first)")
     check_adapter(run / "adapter")

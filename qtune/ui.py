@@ -259,12 +259,14 @@ def show_sweep_summary(rows: list[dict], folder, extra=()) -> None:
     from rich.table import Table
 
     table = Table(title=f"sweep: {folder}", title_justify="left")
-    for col in ("job", "overrides", "train loss", "eval loss", "time", "peak memory", *[c.replace("_", " ") for c in extra]):
-        table.add_column(col, justify="left" if col in ("job", "overrides") else "right")
+    failed = any(r.get("error") for r in rows)  # a failed job's row says why
+    for col in ("job", "overrides", "train loss", "eval loss", "time", "peak memory", *[c.replace("_", " ") for c in extra],
+                *(["error"] if failed else [])):
+        table.add_column(col, justify="left" if col in ("job", "overrides", "error") else "right")
     for r in rows:
         table.add_row(str(r["job"]), r["overrides"], _num(r["train_loss"]), _num(r["eval_loss"]),
                       f"{r['seconds']:.0f} s" if r["seconds"] is not None else "-", human_bytes(r["peak_memory_bytes"]),
-                      *[_num(r.get(c)) for c in extra])
+                      *[_num(r.get(c)) for c in extra], *([r.get("error") or ""] if failed else []))
     console.print(table)
 
 

@@ -64,7 +64,7 @@ def test_base_variant_and_moe_facts():
     (["train.lr=fast"], "train.lr=fast: expected a number"),
     (["train.foo=1"], "train.foo: unknown key in 'train'"),
     (["+train.foo=1"], "train.foo: unknown key in 'train'"),
-    (["trian.lr=1"], "trian: unknown key in the top level; did you mean train?"),
+    (["trian.lr=1"], "trian: unknown key in the top level; did you mean train.lr?"),
     (["lora.rr=8"], "lora.rr: unknown key in 'lora'; did you mean lora.r?"),
     (["quant.method=nf5"], "quant.method=nf5: invalid choice; valid: nf4, fp4, int8, none"),
     (["lora.dropout=2"], "lora.dropout must be in [0, 1), got 2.0"),
@@ -139,3 +139,15 @@ def test_the_slurm_launcher_extends_the_plugins_config():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
     assert launcher.gpus_per_node == 4 and launcher.tasks_per_node == 1 and launcher.nodes == 1
+
+
+def test_every_alias_names_a_real_setting():
+    """compose.ALIASES (other tools' names for qtune's settings) point to keys the schema has, or options that compose."""
+    from qtune.config.compose import ALIASES, _all_keys
+
+    keys = set(_all_keys())
+    for alias, target in ALIASES.items():
+        key, _, value = target.partition("=")
+        assert key in keys or key in GROUPS, (alias, target)
+        if value:
+            compose([target])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import qtune
+from conftest import only_line, qtune
 from hubserver import FakeHub, folder_files
 
 REPO_ID = "test-org/tiny-qwen3"
@@ -123,3 +123,26 @@ def test_disk_space_is_checked_before_fetching(hub, tmp_path):
     p = run_download(hub, tmp_path, "download.min_free_gib=1000000")
     assert p.returncode == 1 and "not enough disk space" in p.stderr
     assert not (tmp_path / "model" / "model.safetensors").exists()
+
+
+def test_a_copy_that_lost_its_weights_is_one_line_offline_and_fetched_again_online(hub, tmp_path, tiny_qwen3):
+    assert run_download(hub, tmp_path).returncode == 0
+    (tmp_path / "model" / "model.safetensors").unlink()
+    p = qtune("chat", "model=tiny_qwen3", "model.source=hub", f"model.repo_id={REPO_ID}",
+              f"model.local_dir={tmp_path / 'model'}", "--prompt", "hi", cwd=tmp_path,
+              env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")})
+    assert only_line(p) == (f"error: {tmp_path / 'model'} is incomplete (no weights: model.safetensors is missing) and "
+                            "http://127.0.0.1:9 cannot be reached to fetch it again; once it can: `qtune download "
+                            f"model=tiny_qwen3 model.repo_id={REPO_ID} model.local_dir={tmp_path / 'model'}`")
+    assert run_download(hub, tmp_path).returncode == 0
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == (tiny_qwen3 / "model.safetensors").read_bytes()
+
+
+def test_download_makes_a_built_model_that_lost_its_weights_again(tmp_path, tiny_qwen3):
+    """A tiny model (model.source=random) is built again; the verbs that use it refuse it meanwhile
+    (tests/test_errors.py)."""
+    local = tmp_path / "m"
+    shutil.copytree(tiny_qwen3, local)
+    (local / "model.safetensors").unlink()
+    qtune("download", "model=tiny_qwen3", f"model.local_dir={local}", cwd=tmp_path, check=True)
+    assert (local / "model.safetensors").read_bytes() == (tiny_qwen3 / "model.safetensors").read_bytes()  # seeded

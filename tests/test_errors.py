@@ -37,6 +37,26 @@ CASES = [
     ("download", ["model=llama_7b"], "model=llama_7b: no such option; valid:"),
     ("inspect-moe", ["moe=experts"], "moe=experts: no such option; valid: all, expert_only"),
     ("train", ["lora.rr=8"], "lora.rr: unknown key in 'lora'; did you mean lora.r?"),
+    # mistyped keys: the closest of all dotted keys, and other tools' names for qtune's settings
+    ("train", ["train.lerning_rate=1e-4"],
+     "train.lerning_rate: unknown key in 'train'; did you mean train.lr (qtune's name for learning_rate)?"),
+    ("train", ["+num_train_epochs=2"], "did you mean train.epochs (qtune's name for num_train_epochs)?"),
+    ("train", ["per_device_train_batch_size=4"], "did you mean train.batch_size (qtune's name for "
+     "per_device_train_batch_size)?"),
+    ("train", ["train.gradient_accumulation_steps=4"], "did you mean train.grad_accum (qtune's name for "
+     "gradient_accumulation_steps)?"),
+    ("train", ["lora.lora_rank=8"], "lora.lora_rank: unknown key in 'lora'; did you mean lora.r (qtune's name for lora_rank)?"),
+    ("train", ["+lora_alpha=16"], "did you mean lora.alpha (qtune's name for lora_alpha)?"),
+    ("prepare", ["data.cutoff_len=1024"], "did you mean data.max_length (qtune's name for cutoff_len)?"),
+    ("train", ["output_dir=runs/x"], "output_dir: unknown key in the top level; did you mean train.output_dir?"),
+    ("train", ["trian.lr=1e-4"], "trian: unknown key in the top level; did you mean train.lr?"),
+    ("train", ["lora.epochs=2"], "lora.epochs: unknown key in 'lora'; did you mean train.epochs?"),
+    ("chat", ["chat.temp=0"], "chat.temp: unknown key in 'chat'; did you mean chat.temperature?"),
+    ("train", ["+load_in_4bit=true"], "did you mean quant=nf4 (qtune's name for load_in_4bit)?"),
+    # a sweep's values are read before any job starts: a value Hydra cannot take fails the sweep in one line
+    ("train", ["-m", "train.lr=1e-4,abc"], "train.lr=abc: expected a number"),
+    ("train", ["-m", "lora.rr=8,16"], "lora.rr: unknown key in 'lora'; did you mean lora.r?"),
+    ("train", ["-m", "+train.lerning_rate=1e-4,2e-4"], "did you mean train.lr (qtune's name for learning_rate)?"),
     ("prepare", ["data.on_error=maybe"], "data.on_error=maybe: invalid choice; valid: raise, skip"),
     ("prepare", ["data.sources=[{weight: 1}]"], "data.sources[0].path: missing value"),
     ("prepare", ["data.path=["], "cannot parse override 'data.path=['"),
@@ -48,9 +68,10 @@ CASES = [
      "moe.scope=router_only adapts the router, but moe.router_mode=frozen"),
     # run folders that are not there
     ("merge", [], "run: which run folder? set run=runs/<name>"),
-    ("chat", ["run=/nowhere/run"], "run=/nowhere/run: no adapter/ there"),
-    ("serve", ["run=/nowhere/run"], "run=/nowhere/run: no adapter/ there"),
-    ("eval", ["run=/nowhere/run"], "run=/nowhere/run: no adapter/ there"),
+    ("chat", ["run=/nowhere/run"], "run=/nowhere/run: no such folder; name a run folder `qtune train` wrote"),
+    ("serve", ["run=/nowhere/run"], "run=/nowhere/run: no such folder"),
+    ("eval", ["run=/nowhere/run"], "run=/nowhere/run: no such folder"),
+    ("merge", ["run=/nowhere/run"], "run=/nowhere/run: no such folder"),
     ("prepare", ["data.path=/nowhere/chats.jsonl"], "/nowhere/chats.jsonl: no such file, folder or glob match"),
     # training stages
     ("train", ["train.stage=ppo"], "train.stage=ppo: TRL no longer ships PPO in its stable API; for preference tuning "
@@ -145,6 +166,17 @@ def _read_only(path: str, inside: bool = False):
     return make
 
 
+def _model_without_weights(tmp, run):
+    """The run's base copied to {tmp}/m without its weights file (as if deleted), and the run pointed at the copy."""
+    import yaml
+
+    shutil.copytree(Path(os.environ["QTUNE_HOME"]) / "models" / "tiny_qwen3", tmp / "m")
+    (tmp / "m" / "model.safetensors").unlink()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["model"]["local_dir"] = str(tmp / "m")
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+
+
 UTF16 = '{"input": "a", "output": "b"}\n'.encode("utf-16-le")   # no byte-order mark: NUL bytes to a UTF-8 reader
 NOT_JSON = b'{"r": 16,\n'
 FILE_CASES = [
@@ -177,6 +209,10 @@ FILE_CASES = [
     ("prepare", ["model=tiny_qwen3", "train.stage=dpo", "data.path={tmp}/d.jsonl"], "d.jsonl: no usable records: in "
      "all 1 pair", _write("d.jsonl", b'{"prompt": "a", "chosen": "b", "rejected": "b"}\n')),
     ("eval", ["run={run}", "eval.prompts={tmp}/p.jsonl"], "p.jsonl: binary data (NUL bytes)", _write("p.jsonl", UTF16)),
+    # a run folder that is not one
+    ("chat", ["run={tmp}", "--prompt", "hi"], "tmp: no adapter/ there (finish or resume `qtune train` first)",
+     lambda tmp, run: None),
+    ("serve", ["run={tmp}/f"], "f is a file; name a run folder", _write("f", b"x")),
     # damaged files in a run
     ("chat", ["run={run}", "--prompt", "hi"], "adapter/adapter_model.safetensors is damaged (truncated: 100 bytes",
      _cut("adapter/adapter_model.safetensors")),
@@ -201,6 +237,11 @@ FILE_CASES = [
      _resumable(_cut("checkpoints/checkpoint-2/adapter_model.safetensors", 0))),
     ("train", [*TRAIN, "train.output_dir={tmp}/new", "train.resume={run}/checkpoints/checkpoint-1"],
      "checkpoint-1/rng_state.pth is damaged", _cut("checkpoints/checkpoint-1/rng_state.pth")),
+    # a base model folder that lost its weights
+    ("chat", ["run={run}", "--prompt", "hi"], "m is incomplete (no weights: model.safetensors is missing); make it "
+     "again with `qtune download model=tiny_qwen3 model.local_dir=", _model_without_weights),
+    ("eval", ["run={run}"], "m is incomplete (no weights: model.safetensors is missing); make it again with `qtune "
+     "download model=tiny_qwen3", _model_without_weights),
     # output folders
     ("train", [*TRAIN, "train.output_dir={tmp}/f"], "is a file; name a folder", _write("f", b"mine")),
     ("train", [*TRAIN, "train.output_dir={tmp}/f/run"], "f is a file, so no folder can be made under it",
@@ -332,3 +373,165 @@ def test_good_values_at_the_edges_compose():
     assert to_object(compose(["data.val_size=0"])).data.val_size == 0
     adapters = to_object(compose(["serve.adapters={b: runs/b, c: /adapters/c}"])).serve.adapters
     assert adapters == {"b": "runs/b", "c": "/adapters/c"}
+
+
+# ---------------------------------------------------------------- a sweep with an invalid job
+
+
+def test_a_sweeps_invalid_job_is_a_row_with_its_error_and_the_others_run(tmp_path, tiny_qwen3):
+    sweep = tmp_path / "sweep"
+    p = qtune("train", "-m", *TRAIN, "data.max_length=256", "train.grad_accum=1", "train.report_to=[]",
+              "train.max_steps=1", "train.lr=1e-4,-1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: job 1 (") and \
+        errors[0].endswith("train.lr=-1): train.lr=-1: valid: > 0"), p.stderr
+    import csv
+
+    rows = {r["overrides"]: r for r in csv.DictReader(open(sweep / "summary.csv"))}
+    assert rows.keys() == {"train.lr=0.0001", "train.lr=-1"}, rows
+    assert rows["train.lr=0.0001"]["train_loss"] and not rows["train.lr=0.0001"]["error"]
+    assert rows["train.lr=-1"]["error"] == "train.lr=-1: valid: > 0" and not rows["train.lr=-1"]["train_loss"]
+    assert "| train.lr=-1: valid: > 0 |" in (sweep / "summary.md").read_text()
+    assert (sweep / "0" / "adapter" / "adapter_config.json").is_file() and not (sweep / "1" / "adapter").exists()
+
+
+# ---------------------------------------------------------------- an adapter of another base
+
+
+@pytest.fixture(scope="module")
+def narrow_run(tiny_qwen3, tmp_path_factory) -> Path:
+    """An adapter of another base: a run of a tiny Qwen3 half as wide as tiny_qwen3 (hidden_size 32, not 64)."""
+    folder = tmp_path_factory.mktemp("narrow")
+    qtune("train", "model=tiny_qwen3", "model.arch.hidden_size=32", "model.arch.intermediate_size=64",
+          f"model.local_dir={folder / 'base'}", f"data.path={DEMO}", "data.max_length=256", "train.grad_accum=1",
+          "train.max_steps=1", "train.report_to=[]", f"train.output_dir={folder / 'run'}", check=True)
+    return folder / "run"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _moved_base(tmp, narrow):
+    """narrow's adapter alone, its base_model_name_or_path a folder that is not on this machine: only the load can
+    tell that it does not fit."""
+    import json
+
+    shutil.copytree(narrow / "adapter", tmp / "b")
+    config = json.loads((tmp / "b" / "adapter_config.json").read_text())
+    (tmp / "b" / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/elsewhere/narrow"}))
+
+
+OTHER_BASE = [
+    ("serve", ["serve.adapters={b: {narrow}}"], "serve.adapters.b: {narrow} was trained on tiny_qwen3 ({narrow_base}), "
+     "but the base loaded here is tiny_qwen3 ({base}): hidden_size 32 vs 64; an adapter fits only the base it was "
+     "trained on: use it with run={narrow}", None),
+    ("eval", ["eval.models=[adapter,{narrow}]"], "eval.models: {narrow} was trained on tiny_qwen3 ({narrow_base}), but "
+     "the base loaded here is tiny_qwen3 ({base}): hidden_size 32 vs 64", None),
+    ("serve", ["serve.adapters={b: {tmp}/b}"], "serve.adapters.b: {tmp}/b was trained on /elsewhere/narrow, but the base "
+     "loaded here is tiny_qwen3 ({base}): ", _moved_base),
+]
+
+
+@pytest.mark.parametrize("verb,overrides,words,make", OTHER_BASE, ids=[f"{c[0]}:{c[2][:40]}" for c in OTHER_BASE])
+def test_an_adapter_of_another_base_is_one_line_naming_both_bases(verb, overrides, words, make, tiny_run, narrow_run,
+                                                                  tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    if make:
+        make(tmp, narrow_run)
+    names = {"{narrow}": str(narrow_run), "{narrow_base}": str(narrow_run.parent / "base"), "{tmp}": str(tmp),
+             "{base}": str(Path(os.environ["QTUNE_HOME"]) / "models" / "tiny_qwen3")}
+
+    def fill(text: str) -> str:
+        for k, v in names.items():
+            text = text.replace(k, v)
+        return text
+
+    port = [f"serve.port={_free_port()}"] if verb == "serve" else []
+    line = only_line(qtune(verb, f"run={tiny_run}", *port, *[fill(o) for o in overrides], cwd=tmp_path))
+    assert fill(words) in line, line
+    if make:  # what PEFT says in a line per tensor, as one: a tensor of each shape
+        assert "is [16, 32] in the adapter, [16, 64] in this base; an adapter fits only the base it was trained on: " \
+               "use it over that base" in line, line
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """mount(size): a tmpfs of that size at tmp_path/disk (mounted again at a new size when called again); unmounted
+    after the test. Needs root (or CAP_SYS_ADMIN): skipped elsewhere."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = []
+
+    def mount(size: str) -> Path:
+        args = ["-o", f"remount,size={size}", str(disk)] if mounted else ["-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)]
+        p = subprocess.run(["mount", *args], capture_output=True, text=True)
+        if p.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+        mounted.append(size)
+        return disk
+
+    yield mount
+    if mounted:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def _needs_and_free(line: str) -> tuple[float, float]:
+    import re
+
+    m = re.search(r"it needs about ([\d.]+) MiB, ([\d.]+) MiB free in ", line)
+    assert m, line
+    return float(m.group(1)), float(m.group(2))
+
+
+@pytest.mark.slow
+def test_a_merge_onto_a_full_disk_is_one_line_and_leaves_nothing_half_written(small_disk, tiny_run, tmp_path):
+    """The merged tiny Qwen3 takes 36.5 MiB (bf16 weights, tokenizer): a 60 MiB disk holds one, not a second beside it."""
+    disk = small_disk("60m")
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    qtune("merge", f"run={run}", f"merge.output_dir={disk / 'merged'}", check=True)
+    before = {f.name: f.stat().st_size for f in (disk / "merged").iterdir()}
+    line = only_line(qtune("merge", f"run={run}", f"merge.output_dir={disk / 'merged'}"))
+    assert line.startswith(f"error: no space left on device writing {disk / 'merged'}: it needs about "), line
+    assert line.endswith(f"free in {disk}; nothing half-written was left; the previous merged is kept as it was; "
+                         "free space, or set merge.output_dir to a folder on another disk"), line
+    need, free = _needs_and_free(line)
+    assert 36 < need < 37 and free < need, line
+    assert [p.name for p in disk.iterdir()] == ["merged"]           # no temporary folder left
+    assert {f.name: f.stat().st_size for f in (disk / "merged").iterdir()} == before
+    from qtune import integrity
+
+    integrity.check_model(disk / "merged", "")
+
+
+@pytest.mark.slow
+def test_a_checkpoint_onto_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_room(small_disk, tiny_qwen3):
+    """A checkpoint of the tiny Qwen3 takes 18.2 MiB (the tokenizer's 17.8): a 30 MiB disk holds the first, not the
+    second; the half-written one is removed, and with room the same command resumes from the first."""
+    disk = small_disk("30m")
+    args = ["train", *TRAIN, "data.max_length=256", "train.grad_accum=1", "train.report_to=[]", "train.max_steps=3",
+            "train.save_steps=1", f"train.output_dir={disk / 'run'}"]
+    line = one_line_error(qtune(*args))
+    checkpoints = disk / "run" / "checkpoints"
+    assert line.startswith(f"error: no space left on device saving {checkpoints / 'checkpoint-2'}: it needs about "), line
+    assert line.endswith(f"free in {disk / 'run'}; the half-written checkpoint-2 was removed; free space and run the "
+                         "same command again (it resumes from checkpoint-1)"), line
+    need, free = _needs_and_free(line)
+    assert 18 < need < 19 and free < need, line
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-1"]
+    small_disk("100m")
+    p = qtune(*args, check=True)
+    assert f"resuming from {checkpoints / 'checkpoint-1'}" in p.stdout + p.stderr
+    assert (disk / "run" / "adapter" / "adapter_model.safetensors").is_file()

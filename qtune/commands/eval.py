@@ -211,8 +211,8 @@ def _load(rcfg: Config, group: list[Candidate], tokenizer, device: str, dtype):
     if group[0].kind == "model":
         return Loaded(load_folder(group[0].path, device, dtype), tokenizer, template, group[0].name)
     adapters = {c.name: c.path for c in group if c.kind == "adapter"}
-    return Loaded(load_with_adapters(rcfg, adapters, device, dtype, warn=print_warning), tokenizer, template, "base",
-                  adapters)
+    return Loaded(load_with_adapters(rcfg, adapters, device, dtype, warn=print_warning, key="eval.models"), tokenizer,
+                  template, "base", adapters)
 
 
 # ---------------------------------------------------------------- judge and aggregates

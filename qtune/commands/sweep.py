@@ -50,12 +50,12 @@ def _job(train, cfg, flags: dict) -> dict:
     from qtune.config.compose import to_object
 
     hc = HydraConfig.get()
-    obj = to_object(cfg)
-    obj.train.output_dir = hc.runtime.output_dir
     row = {"job": hc.job.num, "overrides": list(hc.overrides.task), "run": hc.runtime.output_dir,
            "train_loss": None, "eval_loss": None, "seconds": None, "peak_memory_bytes": None, "error": None}
     parallel = hc.runtime.choices.get("hydra/launcher") == "joblib"
     try:
+        obj = to_object(cfg)  # this job's values checked (train.lr=-1): a ConfigError, a row like any failure
+        obj.train.output_dir = hc.runtime.output_dir
         with launch.claim_gpus(obj.train.nproc if parallel else 0, Path(hc.sweep.dir)) as gpus:
             # GPUs of its own: fresh processes, which see only them (this worker of the launcher may hold CUDA already)
             result = train(obj, **flags) if gpus is None else launch.start(train, obj, obj.train.nproc, **flags)

@@ -121,6 +121,10 @@ def _train(cfg: Config, trainer, nan, out: Path, resume) -> float:
         except Exception as e:
             if type(e).__name__ == "OutOfMemoryError":
                 raise TrainingError(_oom_message(cfg)) from None
+            from qtune.io import out_of_space
+
+            if out_of_space(e, out):
+                raise _disk_full(cfg, trainer, out) from None
             raise
     if nan.stopped is not None:
         raise TrainingError(nan.stopped.message(out))
@@ -129,6 +133,41 @@ def _train(cfg: Config, trainer, nan, out: Path, resume) -> float:
                 f"{out / 'checkpoints'}. Run the same command again to resume.")
         raise SystemExit(130 if stop.signal == "SIGINT" else 143)
     return time.time() - start
+
+
+def _disk_full(cfg: Config, trainer, out: Path):
+    """The disk filled up during training (a checkpoint is the big write): the checkpoint it was writing is removed,
+    so that the next run resumes from the last complete one; the line says what one takes and what is free."""
+    import shutil
+
+    from qtune.modeling.world import world
+    from qtune.io import disk_full
+    from qtune.runs import latest_checkpoints
+
+    complete = latest_checkpoints(out)
+    partial = [p for p in (out / "checkpoints").glob("checkpoint-*") if p.is_dir() and p not in complete]
+    if world().main:
+        for p in partial:
+            shutil.rmtree(p, ignore_errors=True)
+    doing = (f"saving {out / 'checkpoints' / partial[0].name}" if len(partial) == 1
+             else f"at step {trainer.state.global_step} in {out}")
+    left = (f"the half-written {partial[0].name} was removed" if len(partial) == 1 else "nothing half-written is left")
+    then = f"it resumes from {complete[-1].name}" if complete else "it starts afresh"
+    return disk_full(doing, out, _checkpoint_bytes(cfg, trainer, complete),
+                     f"{left}; free space and run the same command again ({then})")
+
+
+def _checkpoint_bytes(cfg: Config, trainer, complete: list[Path]) -> int:
+    """What one checkpoint takes: the last complete one's size, else an estimate (the adapter, the optimizer's two
+    moments, the tokenizer's files)."""
+    from qtune.modeling.load import TOKENIZER_FILES
+
+    if complete:
+        return sum(f.stat().st_size for f in complete[-1].rglob("*") if f.is_file())
+    trainable = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
+    local = Path(cfg.model.local_dir).expanduser()
+    tokenizer = sum(f.stat().st_size for pattern in TOKENIZER_FILES for f in local.glob(pattern) if f.is_file())
+    return 3 * trainable + tokenizer
 
 
 def _finished(trainer, checkpoint) -> bool:
@@ -335,7 +374,8 @@ def _finish(cfg: Config, setup, trainer, tokenizer, out: Path, seconds: float, s
     if not main:
         return None
     adapter = out / "adapter"
-    with atomic_dir(adapter, replace=True) as tmp:
+    last = f"checkpoint-{trainer.state.global_step}"
+    with atomic_dir(adapter, replace=True, remedy=f"free space and run the same command again (it writes the adapter from {last})") as tmp:
         # the trained adapter alone (with train.init_adapter, DPO and KTO hold a frozen "ref" copy beside it)
         trainer.model.save_pretrained(tmp, selected_adapters=["default"],
                                       **({"state_dict": state} if state is not None else {}))

@@ -127,7 +127,9 @@ LAUNCHER_PACKAGES = {"joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-jo
 
 
 def check_sweep(overrides: Sequence[str]) -> None:
-    """Fail fast, in one line, before Hydra launches anything: every group option and plain override."""
+    """Fail fast, in one line, before Hydra launches anything: every group option and plain override, and the key and
+    type of every swept value (`train.lr=1e-4,abc`, `lora.rr=8,16`). What depends on a job's whole config
+    (`train.lr=1e-4,-1`: a value out of range) is that job's error, a row of the summary (qtune.commands.sweep)."""
     import importlib.util
 
     _check_group_choices(overrides)
@@ -135,7 +137,46 @@ def check_sweep(overrides: Sequence[str]) -> None:
         module, package = LAUNCHER_PACKAGES.get(o.removeprefix("hydra/launcher="), (None, None))
         if o.startswith("hydra/launcher=") and module and importlib.util.find_spec(module) is None:
             raise ConfigError(f"{o} needs a launcher plugin that is not installed: pip install '{package}'")
-    compose([o for o in overrides if "," not in o.split("=", 1)[-1] and "(" not in o])
+    swept = _sweeps(overrides)
+    plain = [o for o in overrides if o not in swept]
+    base = compose(plain)
+    for o, (key, values) in swept.items():
+        for value in values:  # each value once, over the plain overrides, as Hydra applies it: its key and type
+            _check_value(base, f"{key}={value}")
+
+
+def _check_value(base: DictConfig, override: str) -> None:
+    """One key=value override applied to a copy of `base` the way Hydra's config loader applies it (milliseconds,
+    where composing again takes a quarter of a second)."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = base.copy()
+    try:
+        ConfigLoaderImpl._apply_overrides_to_config(OverridesParser.create().parse_overrides([override]), cfg)
+    except Exception as e:
+        raise ConfigError(_one_line(e, [override])) from None
+    _check_unknown_keys(cfg)
+
+
+def _sweeps(overrides: Sequence[str]) -> dict[str, tuple[str, list[str]]]:
+    """The sweep overrides (a=1,2, range(), choice(), glob()) by override: (key, each value as an override writes it);
+    Hydra's own parser reads them, as its sweeper will. Group options (checked apart) and hydra.* keys are left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    out = {}
+    for o in overrides:
+        try:
+            parsed = parser.parse_overrides([o])[0]
+        except Exception as e:
+            raise ConfigError(_one_line(e, [o])) from None
+        key = parsed.get_key_element()
+        if parsed.is_sweep_override() and not key.lstrip("+~").startswith("hydra") and key not in GROUPS:
+            out[o] = (key, list(parsed.sweep_string_iterator()))
+        elif parsed.is_sweep_override():
+            out[o] = (key, [])
+    return out
 
 
 def _check_group_choices(overrides: Sequence[str]) -> None:
@@ -166,7 +207,8 @@ def _one_line(e: Exception, overrides: Sequence[str]) -> str:
     if key is None:
         return " ".join(str(e).split("\n")[0].split())
     if re.search(r"Key '[^']+' (not in|is not in struct)", text):
-        return _unknown_key(key)
+        named = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+        return _unknown_key(key, next((n for n in named if n.startswith(key + ".")), None))
     m = re.search(r"Invalid value '([^']*)', expected one of \[([^\]]*)\]", text)
     if m:
         return f"{key}={m.group(1)}: invalid choice; valid: {m.group(2)}"
@@ -214,15 +256,83 @@ def _check_unknown_keys(node: DictConfig, prefix: str = "") -> None:
             _check_unknown_keys(child, full + ".")
 
 
-def _unknown_key(key: str) -> str:
+# What transformers' TrainingArguments, PEFT, LLaMA-Factory and axolotl call some of qtune's settings; an unknown key
+# with one of these names (in any group) points to qtune's.
+ALIASES = {
+    "learning_rate": "train.lr", "lr_scheduler_type": "train.scheduler", "lr_scheduler": "train.scheduler",
+    "num_train_epochs": "train.epochs", "num_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size", "micro_batch_size": "train.batch_size",
+    "train_batch_size": "train.batch_size", "gradient_accumulation_steps": "train.grad_accum",
+    "output_dir": "train.output_dir", "max_steps": "train.max_steps", "warmup_ratio": "train.warmup_ratio",
+    "optimizer": "train.optim", "resume_from_checkpoint": "train.resume", "bf16": "train.dtype=bf16",
+    "fp16": "train.dtype=fp16", "nproc_per_node": "train.nproc", "num_gpus": "train.nproc",
+    "deepspeed": "train.distributed", "fsdp": "train.distributed=fsdp", "pref_beta": "train.dpo.beta",
+    "dpo_beta": "train.dpo.beta", "pref_loss": "train.dpo.loss_type",
+    "lora_rank": "lora.r", "lora_r": "lora.r", "rank": "lora.r", "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout", "lora_target": "lora.target_modules", "lora_target_modules": "lora.target_modules",
+    "cutoff_len": "data.max_length", "max_seq_length": "data.max_length", "max_seq_len": "data.max_length",
+    "sequence_len": "data.max_length", "model_max_length": "data.max_length", "dataset": "data.path",
+    "datasets": "data.sources", "dataset_dir": "data.path", "eval_dataset": "data.eval_path",
+    "val_set_size": "data.val_size", "preprocessing_num_workers": "data.num_proc", "template": "model.chat_template",
+    "model_name_or_path": "model.repo_id", "base_model": "model.repo_id",
+    "quantization_bit": "quant=nf4", "load_in_4bit": "quant=nf4", "load_in_8bit": "quant=int8",
+}
+
+
+def _all_keys(node=None, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (groups included), e.g. train, train.lr, train.dpo.beta."""
+    node = schema.Config() if node is None else node
+    keys = []
+    for name, value in vars(node).items():
+        keys.append(prefix + name)
+        if hasattr(value, "__dataclass_fields__"):
+            keys += _all_keys(value, f"{prefix}{name}.")
+    return keys
+
+
+def suggest(key: str) -> str | None:
+    """The setting a mistyped or foreign `key` most likely means: another tool's name for it (ALIASES), the same name
+    in another group, else the closest dotted key by edit distance (difflib), its own group's first."""
     parent, _, leaf = key.rpartition(".")
-    node = schema.Config()
-    for part in parent.split(".") if parent else []:
-        node = getattr(node, part, None)
-        if node is None:
-            break
-    known = sorted(vars(node)) if node is not None and hasattr(node, "__dataclass_fields__") else []
-    close = difflib.get_close_matches(leaf, known, n=1)
-    hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+    name = leaf.lower().replace("-", "_")
+    if name in ALIASES:
+        return _alias(name)
+    keys = [k for k in _all_keys() if k != key]
+    same_leaf = [k for k in keys if k.rpartition(".")[2] == name and "." in k]
+    if same_leaf:
+        return " or ".join(same_leaf[:3])
+    ratio = lambda a, b: difflib.SequenceMatcher(None, a, b).ratio()  # noqa: E731
+    # (score, cut-off, suggestion): its own group's keys from 0.6 (difflib's default), any other key from 0.8
+    scored = []
+    for k in keys:
+        k_parent, _, k_leaf = k.rpartition(".")
+        if k_parent == parent:
+            scored.append((ratio(name, k_leaf), 0.6, k))
+        scored.append((max(ratio(key, k), ratio(name, k_leaf)), 0.8, k))
+    part_of = [k for k in keys if k.rpartition(".")[0] == parent and len(name) >= 3 and _part(name, k.rpartition(".")[2])]
+    if part_of:  # temp: temperature; weight: desirable_weight, undesirable_weight
+        scored.append((0.9, 0.8, " or ".join(part_of[:3])))
+    for alias, target in ALIASES.items():
+        scored.append((ratio(name, alias), 0.8, _alias(alias)))
+    best = max(((score, s) for score, cut, s in scored if score >= cut), default=None)
+    return best[1] if best else None
+
+
+def _alias(name: str) -> str:
+    target = ALIASES[name]
+    return target if re.split(r"[.=]", target)[-1] == name else f"{target} (qtune's name for {name})"
+
+
+def _part(name: str, leaf: str) -> bool:
+    """`name` begins `leaf` or is one of its words (temp: temperature, weight: desirable_weight)."""
+    return leaf.startswith(name) or name in leaf.split("_")
+
+
+def _unknown_key(key: str, full: str | None = None) -> str:
+    """`key` is unknown; `full`: the whole dotted key of the override that named it (`trian.lr` when `trian` is the
+    unknown part), which the suggestion is made for."""
+    parent = key.rpartition(".")[0]
+    close = suggest(full or key)
+    hint = f"; did you mean {close}?" if close else ""
     where = f"'{parent}'" if parent else "the top level"
     return f"{key}: unknown key in {where}{hint}"

@@ -101,7 +101,8 @@ def merge(cfg: Config, adapter: Path, out: Path, warn=None) -> dict:
             if not scorer:  # (a score has no next-token choice)
                 agree = [(a.argmax(-1) == b.argmax(-1)).float().mean().item() for a, b in zip(reference, cast)]
                 result["top1_agreement"] = sum(agree) / len(agree)
-    with atomic_dir(out, replace=True) as tmp:
+    with atomic_dir(out, replace=True, need=_bytes_to_save(merged, folder, cfg.merge.gguf),
+                    remedy="free space, or set merge.output_dir to a folder on another disk") as tmp:
         merged.save_pretrained(tmp, max_shard_size="2GB")
         tokenizer.save_pretrained(tmp)
         result["gguf"] = [_gguf(merged, tokenizer, tmp, out, t, inputs) for t in cfg.merge.gguf]
@@ -157,11 +158,27 @@ def _save_4bit(merged_dir: Path, tokenizer) -> Path:
     target = _nf4_dir(merged_dir)
     model = AutoModelForCausalLM.from_pretrained(merged_dir, quantization_config=bnb_config(QuantConfig(method=QuantMethod.nf4)),
                                                  device_map={"": "cuda" if _cuda() else "cpu"})
-    with atomic_dir(target, replace=True) as tmp:
+    with atomic_dir(target, replace=True, remedy=f"the merged model in {merged_dir} is saved; free space and run "
+                                                 "the merge again for the 4-bit checkpoint") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / MARKER, {"merged": str(merged_dir), "quant": "nf4"})
     return target
+
+
+# Bytes a GGUF file takes per weight: f16, and q8_0's blocks of 32 int8 weights with one f16 scale
+GGUF_BYTES_PER_WEIGHT = {"f16": 2.0, "q8_0": 34 / 32}
+
+
+def _bytes_to_save(merged, base: Path, gguf: list[str]) -> int:
+    """About what the merged folder takes: the weights (tied ones once), the tokenizer's files, each GGUF file."""
+    from qtune.modeling.load import TOKENIZER_FILES
+
+    tensors = {t.data_ptr(): t for t in merged.state_dict().values()}
+    weights = sum(t.numel() * t.element_size() for t in tensors.values())
+    numel = sum(t.numel() for t in tensors.values())
+    tokenizer = sum(f.stat().st_size for pattern in TOKENIZER_FILES for f in Path(base).glob(pattern) if f.is_file())
+    return int(weights + tokenizer + sum(GGUF_BYTES_PER_WEIGHT.get(t, 2.0) * numel for t in gguf))
 
 
 def _nf4_dir(merged_dir: Path) -> Path:

@@ -105,15 +105,21 @@ def load_folder(path: Path, device: str, dtype):
     return model
 
 
-def load_with_adapters(rcfg: Config, adapters: dict[str, Path], device: str, dtype, warn=None):
+def load_with_adapters(rcfg: Config, adapters: dict[str, Path], device: str, dtype, warn=None,
+                       key: str = "serve.adapters.{name}"):
     """A run's base loaded as it was trained (quant=nf4 stays 4-bit) with every adapter in `adapters` loaded
-    by name, the first one active; the bare base when there are none."""
+    by name, the first one active; the bare base when there are none. An adapter trained on another base is refused
+    in one line (`key`: the setting that named it, {name} the adapter's), before the base loads where both bases'
+    configs are on disk."""
     from qtune.modeling.hub import ensure_model
     from qtune.modeling.load import load_model
     from qtune.stages import get
 
-    base = load_model(ensure_model(rcfg.model, rcfg.download, rcfg.paths, warn=warn), rcfg.model, rcfg.quant,
-                      device, dtype, gradient_checkpointing=False, head=get(rcfg.train.stage).head)
+    folder = ensure_model(rcfg.model, rcfg.download, rcfg.paths, warn=warn)
+    for name, adapter in adapters.items():
+        check_base(rcfg, folder, adapter, key.format(name=name))
+    base = load_model(folder, rcfg.model, rcfg.quant, device, dtype, gradient_checkpointing=False,
+                      head=get(rcfg.train.stage).head)
     base.config.use_cache = True
     base.eval()
     if not adapters:
@@ -121,12 +127,86 @@ def load_with_adapters(rcfg: Config, adapters: dict[str, Path], device: str, dty
     from peft import PeftModel
 
     names = list(adapters)
-    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    with _other_base_if_mismatched(rcfg, folder, adapters[names[0]], key.format(name=names[0])):
+        model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
     for name in names[1:]:
-        model.load_adapter(adapters[name], adapter_name=name)
+        with _other_base_if_mismatched(rcfg, folder, adapters[name], key.format(name=name)):
+            model.load_adapter(adapters[name], adapter_name=name)
     model.set_adapter(names[0])
     model.eval()
     return model
+
+
+# What decides the shapes of a model's layers, so of the adapters trained on it
+SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "num_experts", "moe_intermediate_size")
+
+
+def trained_on(adapter: Path) -> tuple[str, Path | None]:
+    """Which base `adapter` was trained on: (how to name it, its folder where that is known), from its run's
+    config.yaml (model.name and model.local_dir), else adapter_config.json's base_model_name_or_path."""
+    import json
+
+    import yaml
+
+    if adapter.name == "adapter" and (adapter.parent / "config.yaml").is_file():
+        try:
+            model = yaml.safe_load((adapter.parent / "config.yaml").read_text())["model"]
+            return f"{model['name']} ({model['local_dir']})", Path(model["local_dir"]).expanduser()
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            pass
+    try:
+        name = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        name = None
+    if not name:
+        return "another base", None
+    return str(name), Path(name).expanduser() if Path(name).expanduser().is_dir() else None
+
+
+def _shapes(folder: Path | None) -> dict | None:
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+    return {k: config.get(k) for k in SHAPE_KEYS} if isinstance(config, dict) else None
+
+
+def check_base(rcfg: Config, base: Path, adapter: Path, key: str) -> None:
+    """Refuse an adapter whose base has other layer shapes than `base` (both configs read from disk); where the
+    adapter's base is not on this machine the load itself tells (_other_base_if_mismatched)."""
+    label, folder = trained_on(adapter)
+    theirs, ours = _shapes(folder), _shapes(base)
+    if theirs is None or ours is None or folder.resolve() == base.resolve():
+        return
+    diff = next((k for k in SHAPE_KEYS if theirs[k] != ours[k]), None)
+    if diff:
+        raise ConfigError(_other_base(rcfg, base, adapter, key, label, f"{diff} {theirs[diff]} vs {ours[diff]}"))
+
+
+@contextlib.contextmanager
+def _other_base_if_mismatched(rcfg: Config, base: Path, adapter: Path, key: str):
+    """PEFT's size-mismatch error (a line per tensor) as the one line that names both bases."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise
+        import re
+
+        m = re.search(r"size mismatch for (\S+?): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from "
+                      r"checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)", str(e))
+        why = f"{m.group(1)} is [{m.group(2)}] in the adapter, [{m.group(3)}] in this base" if m else "tensor sizes differ"
+        raise ConfigError(_other_base(rcfg, base, adapter, key, trained_on(adapter)[0], why)) from None
+
+
+def _other_base(rcfg: Config, base: Path, adapter: Path, key: str, label: str, why: str) -> str:
+    run = adapter.name == "adapter" and (adapter.parent / "config.yaml").is_file()
+    where = adapter.parent if run else adapter
+    return (f"{key}: {where} was trained on {label}, but the base loaded here is {rcfg.model.name} ({base}): {why}; "
+            f"an adapter fits only the base it was trained on: " + (f"use it with run={where}" if run else "use it over that base"))
 
 
 def render(loaded: Loaded, messages: list[dict], enable_thinking: bool) -> str:

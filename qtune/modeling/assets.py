@@ -75,10 +75,11 @@ def package_file(package: str, filename: str) -> Path:
     return path
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Dequantize a GGUF checkpoint into a plain safetensors folder (fp32: exact for Q4_1 values)."""
+def convert_gguf(gguf_path: Path, out_dir: Path, replace: bool = False) -> Path:
+    """Dequantize a GGUF checkpoint into a plain safetensors folder (fp32: exact for Q4_1 values); replace=True: convert
+    again over a folder that lost files."""
     out_dir = Path(out_dir)
-    if (out_dir / "config.json").is_file():
+    if (out_dir / "config.json").is_file() and not replace:
         return out_dir
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -97,16 +98,17 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     plain.tie_weights()
     plain.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replace=replace) as tmp:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return out_dir
 
 
-def build_random_model(arch: ArchConfig, out_dir: Path, cache_root: Path, seed: int = 0) -> Path:
-    """A seeded random model of `arch` with the Qwen3 tokenizer, saved as a HF folder."""
+def build_random_model(arch: ArchConfig, out_dir: Path, cache_root: Path, seed: int = 0, replace: bool = False) -> Path:
+    """A seeded random model of `arch` with the Qwen3 tokenizer, saved as a HF folder; replace=True: build it again
+    over a folder that lost files."""
     out_dir = Path(out_dir)
-    if (out_dir / "config.json").is_file():
+    if (out_dir / "config.json").is_file() and not replace:
         return out_dir
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -117,7 +119,7 @@ def build_random_model(arch: ArchConfig, out_dir: Path, cache_root: Path, seed: 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config(arch), dtype=torch.float32)
     model.generation_config = GenerationConfig(**QWEN3_SPECIAL_IDS)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replace=replace) as tmp:
         model.save_pretrained(tmp)
         for f in tok_dir.iterdir():
             shutil.copy2(f, tmp / f.name)

@@ -22,21 +22,45 @@ Warn = Optional[Callable[[str], None]]
 
 
 def ensure_model(model: ModelConfig, download: DownloadConfig | None = None, paths: PathsConfig | None = None,
-                 warn: Warn = None) -> Path:
-    """The local folder of `model`, fetched, converted or built first when it is missing."""
+                 warn: Warn = None, repair: bool = False) -> Path:
+    """The local folder of `model`, fetched, converted or built first when it is missing. A folder that lost files
+    (its weights deleted) is refused in one line saying how to fetch it again, which `qtune download` does (repair=True;
+    a hub model is fetched again whenever the hub is reachable)."""
+    from qtune import integrity
     from qtune.modeling import assets
 
     local = Path(model.local_dir).expanduser()
     home = Path(paths.home if paths else local.parent.parent)
-    if model.source is ModelSource.package:
-        return assets.convert_gguf(assets.package_file(model.package, model.gguf_file), local)
-    if model.source is ModelSource.random:
-        return assets.build_random_model(model.arch, local, home)
     if model.source is ModelSource.local:
         if not (local / "config.json").is_file():
             raise DownloadError(f"model.local_dir={local}: no config.json there (model.source=local expects a model folder)")
+        integrity.check_model(local, "model.source=local: copy the model's files into it again")
         return local
-    return fetch(model, download or DownloadConfig(), warn)
+    if model.source is ModelSource.hub:
+        return fetch(model, download or DownloadConfig(), warn, paths)
+    broken = (local / "config.json").is_file() and integrity.model_problem(local)
+    if broken and not repair:
+        raise DownloadError(f"{broken}; make it again with `{download_command(model, paths)}`")
+    if model.source is ModelSource.package:
+        return assets.convert_gguf(assets.package_file(model.package, model.gguf_file), local, replace=bool(broken))
+    return assets.build_random_model(model.arch, local, home, replace=bool(broken))
+
+
+def download_command(model: ModelConfig, paths: PathsConfig | None = None) -> str:
+    """The `qtune download` that fetches (or builds) this model into its folder again: model=<name>, with the settings
+    that make it differ from that option (variant, repo_id, revision, local_dir)."""
+    words = [f"model={model.name}"]
+    if model.source is ModelSource.hub:
+        if str(model.variant) != "instruct":
+            words.append(f"model.variant={model.variant}")
+        if model.repo_id not in (model.instruct_repo_id, model.base_repo_id):
+            words.append(f"model.repo_id={model.repo_id}")
+        if model.revision != "main":
+            words.append(f"model.revision={model.revision}")
+    local = Path(model.local_dir).expanduser().resolve()
+    if paths is None or local != (Path(paths.models).expanduser() / model.name).resolve():
+        words.append(f"model.local_dir={model.local_dir}")
+    return "qtune download " + " ".join(words)
 
 
 def _patterns(download: DownloadConfig) -> tuple[list[str], list[str]]:
@@ -63,7 +87,7 @@ def plan_download(model: ModelConfig, download: DownloadConfig) -> list[tuple[st
     return [(i.filename, i.file_size) for i in infos]
 
 
-def fetch(model: ModelConfig, download: DownloadConfig, warn: Warn = None) -> Path:
+def fetch(model: ModelConfig, download: DownloadConfig, warn: Warn = None, paths: PathsConfig | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     local = Path(model.local_dir).expanduser()
@@ -80,6 +104,14 @@ def fetch(model: ModelConfig, download: DownloadConfig, warn: Warn = None) -> Pa
         if _offline_error(e) and _complete(local):
             (warn or logging.getLogger("qtune").warning)(f"hub unreachable; using the complete local copy in {local}")
             return local
+        if _offline_error(e) and (local / "config.json").is_file():
+            from huggingface_hub import constants
+
+            from qtune import integrity
+
+            raise DownloadError(f"{integrity.model_problem(local) or f'{local} is incomplete'} and "
+                                f"{constants.ENDPOINT} cannot be reached to fetch it again; once it can: "
+                                f"`{download_command(model, paths)}`") from None
         raise DownloadError(explain_hub_error(e, model)) from None
     verify(local, {i.filename: i.file_size for i in plan})
     return local
@@ -113,11 +145,13 @@ def verify(local: Path, expected_sizes: dict[str, int] | None = None) -> None:
 
 
 def _complete(local: Path) -> bool:
+    from qtune import integrity
+
     try:
         verify(local)
     except DownloadError:
         return False
-    return any(local.glob("*.safetensors"))
+    return integrity.missing(local) is None and any(local.glob("*.safetensors"))
 
 
 def _offline_error(e: Exception) -> bool:
