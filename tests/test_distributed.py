@@ -59,8 +59,11 @@ def assert_same_adapter(one: Path, other: Path) -> None:
 
     ta, tb = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (one, other))
     assert ta.keys() == tb.keys()
+    # 4e-4 of a tensor's largest value: DDP averages the two processes' gradients where one process accumulates them,
+    # the same sums in another order; eight AdamW steps (which divide by the root of tiny second moments) carry those
+    # last-bit differences to ~1e-4 of the weights on some CPUs (2.3e-6 of a 0.023 lora_B here)
     for k in ta:
-        assert (ta[k] - tb[k]).abs().max() <= 1e-4 * max(ta[k].abs().max(), 1e-3), k
+        assert (ta[k] - tb[k]).abs().max() <= 4e-4 * max(ta[k].abs().max(), 1e-3), k
 
 
 @pytest.fixture(scope="module")
