@@ -9,9 +9,24 @@ from rich.markup import escape
 from qtune.text import human_bytes  # noqa: F401 (verbs format sizes as ui.human_bytes)
 from qtune.text import num as _num
 
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _terminal(stream) -> bool | None:
+    """Colour and live displays only on a terminal: a pipe or a file gets plain text. FORCE_COLOR (or Rich's
+    TTY_COMPATIBLE) set by the user still forces them (None: Rich decides from those)."""
+    import os
+
+    if os.environ.get("FORCE_COLOR") or os.environ.get("TTY_COMPATIBLE"):
+        return None
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, force_terminal=_terminal(sys.stderr))
 # Tables keep whole module names when output goes to a file or pipe (Rich would assume 80 columns).
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160, force_terminal=_terminal(sys.stdout))
 
 
 def print_error(message: str) -> None:
@@ -113,12 +128,16 @@ def show_preview(shown, counts, rejected: int) -> None:
     from rich.panel import Panel
     from rich.text import Text
 
+    colour = console.color_system is not None and not console.no_color
     for where, fmt, segments in shown:
         text = Text()
         for s, trainable in segments:
-            text.append(s, style="bold green" if trainable else "dim")
-        console.print(Panel(text, title=f"{where} ({fmt})", subtitle="green = trained on, dim = context",
-                            title_align="left"))
+            if colour:
+                text.append(s, style="bold green" if trainable else "dim")
+            else:  # without colour (a pipe, a file, NO_COLOR) the trained spans stand between ⟦ and ⟧
+                text.append(f"⟦{s}⟧" if trainable and s else s)
+        key = "green = trained on, dim = context" if colour else "⟦ ⟧ = trained on, the rest = context"
+        console.print(Panel(text, title=f"{where} ({fmt})", subtitle=key, title_align="left"))
     for path, n in counts:
         console.print(f"{path}: {n} records")
     if rejected:
@@ -222,7 +241,7 @@ def train_progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}"),
+                    TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}{task.fields[figures]}"),
                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
 
 
@@ -234,6 +253,21 @@ def _peaks(summary: dict) -> str:
     return human_bytes(peak)
 
 
+def _figures(summary: dict) -> str:
+    """The stage's own figures (dpo, rm: reward accuracy and margin; kto: margin and KL), the eval value where the run
+    evaluated, else the last train one: ", eval reward_accuracy 0.7500, eval reward_margin 0.1234"."""
+    from qtune.stages import STAGES
+
+    stage = STAGES.get(summary.get("stage"))
+    parts = []
+    for name in stage.figures if stage else ():
+        for key, label in ((f"eval_{name}", f"eval {name}"), (name, f"train {name}")):
+            if summary.get(key) is not None:
+                parts.append(f"{label} {summary[key]:.4f}")
+                break
+    return "".join(f", {p}" for p in parts)
+
+
 def show_train_summary(summary: dict) -> None:
     def f(x, spec=".4f"):
         return "-" if x is None else format(x, spec)
@@ -242,8 +276,8 @@ def show_train_summary(summary: dict) -> None:
     if summary.get("resumed_from"):  # the time is this process's; say which part of the steps it covers
         steps += f" ({summary['steps_this_time']} this time, resumed from step {summary['resumed_from']})"
     console.print(f"[bold green]done[/]: {steps} in {summary['seconds']:.0f} s; train loss "
-                  f"{f(summary['first_loss'])} -> {f(summary['train_loss'])}, eval loss {f(summary['eval_loss'])}; "
-                  f"peak memory {_peaks(summary)}")
+                  f"{f(summary['first_loss'])} -> {f(summary['train_loss'])}, eval loss {f(summary['eval_loss'])}"
+                  f"{_figures(summary)}; peak memory {_peaks(summary)}")
     console.print(f"adapter: {summary['adapter']}")
     samples = summary.get("samples")
     if samples and samples.get("after"):

@@ -71,6 +71,8 @@ def run(cfg: Config, dry_run: bool = False):
     ui.info(f"training {cfg.model.name} ({cfg.train.stage}, {cfg.quant.method}, LoRA r{cfg.lora.r}{start}) on {device}: "
             f"{matched.trainable:,} trainable parameters in {len(matched.targets)} targets -> {out}")
     ui.info(setup.describe())
+    if device == "cpu" and cfg.train.device == "auto" and main:
+        _suggest_cpu_preset(cfg, ui.note)
     if resume:
         ui.info(f"resuming from {resume}")
     seconds = _train(cfg, trainer, nan, out, resume)
@@ -82,6 +84,17 @@ def run(cfg: Config, dry_run: bool = False):
         del trainer, model  # free the training model first: the merge loads the base again
         summary["merged"] = _merge_after(cfg, out)
     return summary
+
+
+def _suggest_cpu_preset(cfg: Config, say) -> None:
+    """No GPU found (train.device=auto): one line naming train=cpu where the settings are the GPU-minded defaults.
+    A suggestion, not a switch: the same command keeps the same global batch and schedule on every machine."""
+    t = cfg.train
+    if t.grad_accum <= 2 and t.logging_steps <= 1 and not t.gradient_checkpointing:
+        return
+    say(f"no GPU: training on the CPU with train.grad_accum={t.grad_accum}, a log every {t.logging_steps} steps and "
+        f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}; train=cpu (grad_accum 1, a log every "
+        "step, no checkpointing) suits a CPU run")
 
 
 def _train(cfg: Config, trainer, nan, out: Path, resume) -> float:
@@ -245,7 +258,8 @@ def _trainer(cfg: Config, setup, model, tokenizer, prepared, out: Path, resume, 
     nan = NanGuard()
     trainer = trainers.build_trainer(cfg, model, tokenizer, train_ds, eval_ds, args,
                                    [StopOnSignal(), nan, metrics, WorldRecord(**setup.record()),
-                                    ProgressCallback(ui.train_progress if ui.is_terminal() and main else None)],
+                                    ProgressCallback(ui.train_progress if ui.is_terminal() and main else None,
+                                                     figures=get(cfg.train.stage).figures)],
                                    graphs=fast.graphs, note=ui.info)
     from transformers.trainer_callback import PrinterCallback
 

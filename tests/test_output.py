@@ -1,0 +1,79 @@
+"""What qtune prints, as a newcomer reads it: plain text into a pipe or a file (no escape codes, the trained spans
+of `prepare --dry-run` still marked), the preference stages' figures beside the loss, train=cpu's log at every step,
+serve's request lines, inspect-moe's fused experts, the GGUF conversion without progress bars, and W&B offline."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from conftest import REPO, qtune
+
+PAIRS = [f"data.path={REPO}/data/demo/preferences.jsonl",
+         f"data.eval_path={REPO}/data/demo/preferences_held_out.jsonl", "data.max_length=128"]
+ESC = "\x1b["
+PLAIN = {"FORCE_COLOR": "", "TTY_COMPATIBLE": "", "NO_COLOR": ""}  # what the user's shell may set, unset here
+
+
+def test_prepare_dry_run_into_a_pipe_is_plain_text_with_the_trained_spans_bracketed(tiny_qwen3):
+    p = qtune("prepare", "--dry-run", "model=tiny_qwen3", "data=demo",
+              f"data.path={REPO}/data/demo/captains_log.jsonl", env={**PLAIN, "TERM": "xterm-256color"})
+    assert p.returncode == 0, p.stderr
+    assert ESC not in p.stdout + p.stderr
+    assert "⟦ ⟧ = trained on" in p.stdout
+    # the answer is marked, the question is not
+    assert re.search(r"⟦<think>.*?Captain's log: Paris is the capital of France\..*?⟧", p.stdout, re.S), p.stdout
+    assert "⟦What is the capital of France" not in p.stdout
+
+
+def test_prepare_dry_run_forced_colour_keeps_colour(tiny_qwen3):
+    """FORCE_COLOR is the user's explicit choice: escape codes then, and colour instead of brackets."""
+    p = qtune("prepare", "--dry-run", "model=tiny_qwen3", "data=demo",
+              f"data.path={REPO}/data/demo/captains_log.jsonl", env={**PLAIN, "FORCE_COLOR": "1"})
+    assert p.returncode == 0, p.stderr
+    assert ESC in p.stdout and "⟦" not in p.stdout
+
+
+def test_train_cpu_preset_composes():
+    from qtune.config import compose, to_object
+
+    t = to_object(compose(["train=cpu"])).train
+    d = to_object(compose([])).train
+    assert (t.grad_accum, t.logging_steps, t.gradient_checkpointing) == (1, 1, False)
+    assert (t.save_steps, t.eval_steps) == (20, 20)
+    assert t.lr == d.lr and t.report_to == d.report_to  # the rest is the default's
+
+
+def test_no_gpu_suggests_the_cpu_preset_once_unless_chosen():
+    from qtune.commands.train import _suggest_cpu_preset
+    from qtune.config import compose, to_object
+
+    said = []
+    _suggest_cpu_preset(to_object(compose([])), said.append)
+    assert len(said) == 1 and "train=cpu" in said[0] and "train.grad_accum=16" in said[0]
+    said.clear()
+    _suggest_cpu_preset(to_object(compose(["train=cpu"])), said.append)
+    assert said == []
+
+
+def test_dpo_on_train_cpu_into_a_file_logs_every_step_with_reward_figures(tmp_path, tiny_qwen3):
+    """`qtune train ... > log`: plain text, a line per step (train=cpu) showing the reward accuracy and margin, and
+    the summary line with the eval figures."""
+    run = tmp_path / "dpo"
+    p = qtune("train", "model=tiny_qwen3", "train=cpu", "train.stage=dpo", *PAIRS, "train.max_steps=3",
+              "train.warmup_ratio=0", "train.report_to=[]", f"train.output_dir={run}", env=PLAIN)
+    assert p.returncode == 0, p.stderr
+    assert ESC not in p.stdout + p.stderr
+    steps = [x for x in p.stdout.splitlines() if x.startswith("step ")]
+    assert [x.split()[1] for x in steps if " eval " not in x] == ["1/3", "2/3", "3/3"], p.stdout
+    assert all("reward_accuracy " in x and "reward_margin " in x for x in steps), p.stdout
+    assert any("eval_reward_accuracy " in x for x in steps), p.stdout
+    done = next(x for x in p.stdout.splitlines() if x.startswith("done:"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert f"eval reward_accuracy {summary['eval_reward_accuracy']:.4f}" in done, done
+    assert f"eval reward_margin {summary['eval_reward_margin']:.4f}" in done, done
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert "train=cpu" not in p.stderr  # chosen: no suggestion
