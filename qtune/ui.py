@@ -46,6 +46,12 @@ def info(message: str) -> None:
     console.print(message, soft_wrap=True)  # one line stays one line, for people and for grep
 
 
+def line(message: str) -> None:
+    """One line of plain text on stdout, as it is (no markup read into it), at once (a server's log)."""
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+    console.file.flush()
+
+
 def silence() -> None:
     """This process of a multi-process run keeps quiet: rank 0 speaks for the run (its errors included)."""
     console.quiet = True
