@@ -77,3 +77,17 @@ def test_dpo_on_train_cpu_into_a_file_logs_every_step_with_reward_figures(tmp_pa
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert "train=cpu" not in p.stderr  # chosen: no suggestion
+
+
+def test_moe_dense_mlp_names_are_information_while_the_fused_experts_train_and_a_warning_when_not(tmp_path):
+    """lora.target_modules' defaults name gate_proj/up_proj/down_proj; an MoE model has none (fused experts)."""
+    home = {"QTUNE_HOME": str(tmp_path), **PLAIN}
+    p = qtune("train", "--dry-run", "model=qwen3_30b_a3b", env=home)
+    assert p.returncode == 0, p.stderr
+    assert "warning" not in p.stderr, p.stderr
+    assert sum("has no such linear layers" in x for x in p.stdout.splitlines()) == 1, p.stdout
+    p = qtune("inspect-moe", "model=qwen3_30b_a3b", "moe=none", env=home)     # nothing adapts the experts now
+    assert p.returncode == 0, p.stderr
+    assert [x.split("'")[1] for x in p.stderr.splitlines() if x.startswith("warning:")] == \
+        ["gate_proj", "up_proj", "down_proj"], p.stderr
+    assert "has no such linear layers" not in p.stdout

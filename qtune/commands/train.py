@@ -158,7 +158,7 @@ def plan(cfg: Config, show: bool = False) -> dict:
     check(p.matched, cfg.lora)
     result = {"model": cfg.model.name, "quant": str(cfg.quant.method), "total_params": p.total,
               "trainable_params": p.matched.trainable, "targets": len(p.matched.targets),
-              "unmatched": p.matched.unmatched, "memory": p.memory.as_dict()}
+              "unmatched": p.matched.unmatched, "covered": p.matched.covered, "memory": p.memory.as_dict()}
     if show:
         from qtune import ui
 
