@@ -91,3 +91,14 @@ def test_moe_dense_mlp_names_are_information_while_the_fused_experts_train_and_a
     assert [x.split("'")[1] for x in p.stderr.splitlines() if x.startswith("warning:")] == \
         ["gate_proj", "up_proj", "down_proj"], p.stderr
     assert "has no such linear layers" not in p.stdout
+
+
+def test_converting_the_embedded_smollm2_draws_no_progress_bars(tmp_path):
+    """The first use of model=smollm2_135m converts its GGUF file (in a fresh home here): no tqdm bar leaks into the
+    verb's output (transformers' GGUF reader, its weight loading and its shard writer each draw one)."""
+    p = qtune("download", "model=smollm2_135m", env={"QTUNE_HOME": str(tmp_path), **PLAIN})
+    assert p.returncode == 0, p.stderr
+    out = p.stdout + p.stderr
+    assert "it/s" not in out and "%|" not in out and "\r" not in out, out
+    assert "Converting and de-quantizing" not in out and "Loading weights" not in out, out
+    assert (tmp_path / "models" / "smollm2_135m" / "config.json").is_file()  # converted here, not found in a cache
