@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from conftest import REPO, qtune
+from conftest import REPO, only_line, qtune
 
 PAIRS = [f"data.path={REPO}/data/demo/preferences.jsonl",
          f"data.eval_path={REPO}/data/demo/preferences_held_out.jsonl", "data.max_length=128"]
@@ -102,3 +102,60 @@ def test_converting_the_embedded_smollm2_draws_no_progress_bars(tmp_path):
     assert "it/s" not in out and "%|" not in out and "\r" not in out, out
     assert "Converting and de-quantizing" not in out and "Loading weights" not in out, out
     assert (tmp_path / "models" / "smollm2_135m" / "config.json").is_file()  # converted here, not found in a cache
+
+
+def _wandb_history(run_file) -> list[dict]:
+    """The history rows an offline W&B run logged. Its .wandb file is a LevelDB-style log (a 7-byte ":W&B" header,
+    then 32 KiB blocks of records, each a crc32, a length and a type: full, first, middle, last) of wandb's protobuf
+    Records; wandb itself no longer ships a Python reader for it."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    block, head, i, buf, rows = 32768, 7, 7, b"", []
+    while i + head <= len(data):
+        if block - i % block < head:            # a block's tail too short for a record header is padding
+            i += block - i % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[i:i + head])
+        chunk, i = data[i + head:i + head + length], i + head + length
+        if kind == 0:
+            break
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(buf)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({(x.key or "/".join(x.nested_key)): json.loads(x.value_json) for x in record.history.item})
+    return rows
+
+
+def test_wandb_offline_run_keeps_the_logged_loss(tmp_path, tiny_qwen3):
+    pytest.importorskip("wandb", reason="wandb is an optional extra (pip install 'qtune[wandb]')")
+    run, wb = tmp_path / "run", tmp_path / "wandb-dir"
+    wb.mkdir()
+    p = qtune("train", "model=tiny_qwen3", "train=cpu", "data=demo", f"data.path={REPO}/data/demo/captains_log.jsonl",
+              "train.max_steps=2", "train.report_to=[wandb]", f"train.output_dir={run}",
+              env={**PLAIN, "WANDB_MODE": "offline", "WANDB_DIR": str(wb), "WANDB_SILENT": "false"})
+    assert p.returncode == 0, p.stderr
+    assert ESC not in p.stdout + p.stderr                               # wandb's closing lines too
+    folders = list((wb / "wandb").glob("offline-run-*"))
+    assert len(folders) == 1, list(wb.rglob("*"))
+    logged = [r["train/loss"] for r in _wandb_history(next(folders[0].glob("run-*.wandb"))) if "train/loss" in r]
+    ours = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert logged and logged == pytest.approx(ours), (logged, ours)
+
+
+def test_a_reporter_that_is_not_installed_is_one_line_before_loading(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("comet_ml") is not None:
+        pytest.skip("comet_ml is installed here")
+    p = qtune("train", "model=tiny_qwen3", f"data.path={REPO}/data/demo/captains_log.jsonl",
+              "train.report_to=[tensorboard,comet_ml]",
+              f"train.output_dir={tmp_path / 'run'}", env=PLAIN)
+    line = only_line(p)
+    assert line.startswith("error: train.report_to=[comet_ml]: comet_ml is not installed here (pip install comet_ml)")
+    assert "train.report_to=[tensorboard]" in line and not (tmp_path / "run").exists()

@@ -49,6 +49,9 @@ def run(cfg: Config, dry_run: bool = False):
         ui.silence()
     out = Path(cfg.train.output_dir).expanduser()
     check_writable(out, "train.output_dir")
+    from qtune.training.trainers import check_reporters
+
+    check_reporters(cfg.train.report_to)
     device, dtype = pick_device(cfg.train.device, cfg.train.dtype)
     if launch.needed(cfg.train):                 # train.nproc=N: this same run in N processes
         dist.check_devices(device, cfg.train.nproc, cfg.train.backend)
@@ -76,6 +79,7 @@ def run(cfg: Config, dry_run: bool = False):
     if resume:
         ui.info(f"resuming from {resume}")
     seconds = _train(cfg, trainer, nan, out, resume)
+    _end_wandb_run()
     summary = _finish(cfg, setup, trainer, tokenizer, out, seconds, samples_before, _step_of(resume))  # 6
     if not main:
         return None
@@ -84,6 +88,16 @@ def run(cfg: Config, dry_run: bool = False):
         del trainer, model  # free the training model first: the merge loads the base again
         summary["merged"] = _merge_after(cfg, out)
     return summary
+
+
+def _end_wandb_run() -> None:
+    """train.report_to=[wandb]: end its run here, not at interpreter exit, where wandb writes its closing lines with
+    escape codes into a pipe or a file."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 def _suggest_cpu_preset(cfg: Config, say) -> None:
@@ -254,6 +268,7 @@ def _trainer(cfg: Config, setup, model, tokenizer, prepared, out: Path, resume, 
                                 evaluate_first=resume is None,
                                 extra=trainer_args(setup, cfg.train.gradient_checkpointing))  # DDP or FSDP2
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
+    os.environ.setdefault("WANDB_DIR", str(out))   # train.report_to=[wandb]: its run folder in the run's (unless set)
     metrics = MetricsCallback(out, resume_step=_step_of(resume), curve=get(cfg.train.stage).curve)
     nan = NanGuard()
     trainer = trainers.build_trainer(cfg, model, tokenizer, train_ds, eval_ds, args,
