@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 
 import pytest
 
-from conftest import REPO, only_line, qtune
+from conftest import QTUNE, REPO, only_line, qtune
 
 PAIRS = [f"data.path={REPO}/data/demo/preferences.jsonl",
          f"data.eval_path={REPO}/data/demo/preferences_held_out.jsonl", "data.max_length=128"]
@@ -159,3 +160,13 @@ def test_a_reporter_that_is_not_installed_is_one_line_before_loading(tmp_path):
     line = only_line(p)
     assert line.startswith("error: train.report_to=[comet_ml]: comet_ml is not installed here (pip install comet_ml)")
     assert "train.report_to=[tensorboard]" in line and not (tmp_path / "run").exists()
+
+
+def test_chat_with_its_input_and_output_piped_writes_no_escape_codes(tiny_run):
+    """`printf 'hello\\n' | qtune chat run=... | cat`: the REPL's prompt and the dimmed thinking are plain text."""
+    p = subprocess.run([*QTUNE, "chat", f"run={tiny_run}", "chat.use=adapter", "chat.max_new_tokens=6",
+                        "chat.temperature=0"], input="hello\n/think on\nhi\n", capture_output=True, text=True,
+                       timeout=300, env={**os.environ, **PLAIN})
+    assert p.returncode == 0, p.stderr
+    assert ESC not in p.stdout + p.stderr
+    assert p.stdout.count(">>> ") == 4 and "(thinking on)" in p.stdout, p.stdout
