@@ -10,7 +10,6 @@ from qtune.text import human_bytes  # noqa: F401 (verbs format sizes as ui.human
 from qtune.text import num as _num
 
 
-
 def _terminal(stream) -> bool | None:
     """Colour and live displays only on a terminal: a pipe or a file gets plain text. FORCE_COLOR (or Rich's
     TTY_COMPATIBLE) set by the user still forces them (None: Rich decides from those)."""
