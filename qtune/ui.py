@@ -9,9 +9,23 @@ from rich.markup import escape
 from qtune.text import human_bytes  # noqa: F401 (verbs format sizes as ui.human_bytes)
 from qtune.text import num as _num
 
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+def _terminal(stream) -> bool | None:
+    """Colour and live displays only on a terminal: a pipe or a file gets plain text. FORCE_COLOR (or Rich's
+    TTY_COMPATIBLE) set by the user still forces them (None: Rich decides from those)."""
+    import os
+
+    if os.environ.get("FORCE_COLOR") or os.environ.get("TTY_COMPATIBLE"):
+        return None
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, force_terminal=_terminal(sys.stderr))
 # Tables keep whole module names when output goes to a file or pipe (Rich would assume 80 columns).
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160, force_terminal=_terminal(sys.stdout))
 
 
 def print_error(message: str) -> None:
@@ -29,6 +43,12 @@ def note(message: str) -> None:
 
 def info(message: str) -> None:
     console.print(message, soft_wrap=True)  # one line stays one line, for people and for grep
+
+
+def line(message: str) -> None:
+    """One line of plain text on stdout, as it is (no markup read into it), at once (a server's log)."""
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+    console.file.flush()
 
 
 def silence() -> None:
@@ -113,12 +133,16 @@ def show_preview(shown, counts, rejected: int) -> None:
     from rich.panel import Panel
     from rich.text import Text
 
+    colour = console.color_system is not None and not console.no_color
     for where, fmt, segments in shown:
         text = Text()
         for s, trainable in segments:
-            text.append(s, style="bold green" if trainable else "dim")
-        console.print(Panel(text, title=f"{where} ({fmt})", subtitle="green = trained on, dim = context",
-                            title_align="left"))
+            if colour:
+                text.append(s, style="bold green" if trainable else "dim")
+            else:  # without colour (a pipe, a file, NO_COLOR) the trained spans stand between ⟦ and ⟧
+                text.append(f"⟦{s}⟧" if trainable and s else s)
+        key = "green = trained on, dim = context" if colour else "⟦ ⟧ = trained on, the rest = context"
+        console.print(Panel(text, title=f"{where} ({fmt})", subtitle=key, title_align="left"))
     for path, n in counts:
         console.print(f"{path}: {n} records")
     if rejected:
@@ -174,10 +198,12 @@ def show_lora_plan(cfg, matched, total_params: int, mem) -> None:
     table.add_row("[bold]trainable / total[/]", "", "", str(len(matched.targets)),
                   f"[bold]{matched.trainable:,}[/] / {total_params:,} ({pct:.3f}%)")
     console.print(table)
-    from qtune.modeling.targets import unmatched_message
+    from qtune.modeling.targets import covered_message, unmatched_message
 
     for pattern in matched.unmatched:
         print_warning(unmatched_message(pattern, cfg.model.name, matched.is_moe))
+    if matched.covered:
+        info(escape(covered_message(matched.covered, cfg.model.name, cfg.moe)))
     from qtune.stages import get
 
     stage, rows = cfg.train.stage, get(cfg.train.stage).forwards
@@ -186,6 +212,11 @@ def show_lora_plan(cfg, matched, total_params: int, mem) -> None:
     show_memory(f"estimated {where} (train.stage={stage}, quant={cfg.quant.method}, batch {cfg.train.batch_size} × "
                 f"{cfg.data.max_length} tokens{rows}, gradient checkpointing "
                 f"{'on' if cfg.train.gradient_checkpointing else 'off'})", mem.as_dict())
+
+
+def gib(b: float) -> str:
+    """GiB as every table writes them (two decimals): one estimate reads the same wherever it appears."""
+    return f"{b / 2**30:.2f}"
 
 
 def show_memory(title: str, m: dict) -> None:
@@ -197,24 +228,24 @@ def show_memory(title: str, m: dict) -> None:
     mt.add_column("GiB", justify="right")
     host, head = m.get("host_embedding_bytes", 0), m.get("host_head_bytes", 0)
     mt.add_row(f"base weights ({m['quantized_params']:,} quantized, {m['unquantized_params']:,} in 16-bit"
-               + (f"; the input embeddings' {host / 2**30:.2f} GiB in host memory with CUDA graphs" if host else "")
-               + (f"; the output head's {head / 2**30:.2f} GiB in host memory (train.head_on_host), its GPU copy"
+               + (f"; the input embeddings' {gib(host)} GiB in host memory with CUDA graphs" if host else "")
+               + (f"; the output head's {gib(head)} GiB in host memory (train.head_on_host), its GPU copy"
                   " under activations" if head else "") + ")",
-               f"{m['base_bytes'] / 2**30:.2f}")
+               gib(m['base_bytes']))
     mt.add_row("LoRA weights + gradients + AdamW states ("
                + ("bf16, as TRL keeps a quantized model's adapters" if m.get("quantized_params") else
                   "fp32" if m.get("strategy") == "fsdp" else "fp32; fused experts' in 16-bit") + ")",
-               f"{m['lora_bytes'] / 2**30:.2f}")
-    mt.add_row("activations (one micro-batch)", f"{m['activation_bytes'] / 2**30:.2f}")
+               gib(m['lora_bytes']))
+    mt.add_row("activations (one micro-batch)", gib(m['activation_bytes']))
     if m.get("dequantized_bytes"):
         mt.add_row("one layer's 4-bit weights dequantized to 16-bit (recompute to backward)",
-                   f"{m['dequantized_bytes'] / 2**30:.2f}")
+                   gib(m['dequantized_bytes']))
     if m.get("delta_bytes"):
         mt.add_row("one layer's fused expert deltas, full size (PEFT's reference path: train.fast=false or FSDP2)",
-                   f"{m['delta_bytes'] / 2**30:.2f}")
-    mt.add_row("CUDA context and workspace", f"{m['overhead_bytes'] / 2**30:.2f}")
+                   gib(m['delta_bytes']))
+    mt.add_row("CUDA context and workspace", gib(m['overhead_bytes']))
     mt.add_section()
-    mt.add_row("[bold]total (estimate)[/]", f"[bold]{m['total_bytes'] / 2**30:.2f}[/]")
+    mt.add_row("[bold]total (estimate)[/]", f"[bold]{gib(m['total_bytes'])}[/]")
     console.print(mt)
 
 
@@ -222,7 +253,7 @@ def train_progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}"),
+                    TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}{task.fields[figures]}"),
                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console)
 
 
@@ -234,6 +265,21 @@ def _peaks(summary: dict) -> str:
     return human_bytes(peak)
 
 
+def _figures(summary: dict) -> str:
+    """The stage's own figures (dpo, rm: reward accuracy and margin; kto: margin and KL), the eval value where the run
+    evaluated, else the last train one: ", eval reward_accuracy 0.7500, eval reward_margin 0.1234"."""
+    from qtune.stages import STAGES
+
+    stage = STAGES.get(summary.get("stage"))
+    parts = []
+    for name in stage.figures if stage else ():
+        for key, label in ((f"eval_{name}", f"eval {name}"), (name, f"train {name}")):
+            if summary.get(key) is not None:
+                parts.append(f"{label} {summary[key]:.4f}")
+                break
+    return "".join(f", {p}" for p in parts)
+
+
 def show_train_summary(summary: dict) -> None:
     def f(x, spec=".4f"):
         return "-" if x is None else format(x, spec)
@@ -242,8 +288,8 @@ def show_train_summary(summary: dict) -> None:
     if summary.get("resumed_from"):  # the time is this process's; say which part of the steps it covers
         steps += f" ({summary['steps_this_time']} this time, resumed from step {summary['resumed_from']})"
     console.print(f"[bold green]done[/]: {steps} in {summary['seconds']:.0f} s; train loss "
-                  f"{f(summary['first_loss'])} -> {f(summary['train_loss'])}, eval loss {f(summary['eval_loss'])}; "
-                  f"peak memory {_peaks(summary)}")
+                  f"{f(summary['first_loss'])} -> {f(summary['train_loss'])}, eval loss {f(summary['eval_loss'])}"
+                  f"{_figures(summary)}; peak memory {_peaks(summary)}")
     console.print(f"adapter: {summary['adapter']}")
     samples = summary.get("samples")
     if samples and samples.get("after"):
@@ -279,7 +325,7 @@ def _mark(adapted: bool) -> str:
     return "[green]LoRA[/]" if adapted else "[dim]frozen[/]"
 
 
-def show_moe_report(r: dict) -> None:
+def show_moe_report(r: dict, moe) -> None:
     from rich.table import Table
 
     s = r["settings"]
@@ -329,12 +375,15 @@ def show_moe_report(r: dict) -> None:
     pt.add_column("pattern")
     pt.add_column("matches")
     for p, hit in r["patterns"].items():
-        pt.add_row(escape(p), "[green]yes[/]" if hit else "[bold red]NOTHING[/]")
+        pt.add_row(escape(p), "[cyan]no linear: the fused experts[/]" if p in r["covered"]
+                   else "[green]yes[/]" if hit else "[bold red]NOTHING[/]")
     console.print(pt)
-    from qtune.modeling.targets import unmatched_message
+    from qtune.modeling.targets import covered_message, unmatched_message
 
     for p in r["unmatched"]:
         print_warning(unmatched_message(p, r["model"], r["is_moe"]))
+    if r["covered"]:
+        info(escape(covered_message(r["covered"], r["model"], moe)))
 
     p = r["params"]
     ct = Table(title="parameters", title_justify="left")
@@ -368,22 +417,28 @@ def show_fits(rows: list[dict]) -> None:
     from qtune.modeling.world import USABLE_SHARE
     from qtune.modeling.plan import WORLD_SIZES
 
-    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    def size(b, row=None) -> str:  # the memory table's figure; where the output head moved to the host, said
+        moved = row is not None and row.get("one_gpu_head_on_host")
+        return f"{gib(b)} GiB" + (", head on host" if moved else "")
+
+    moved = any(f.get("one_gpu_head_on_host") for f in rows)
     ft = Table(title=f"where it fits (estimates; {USABLE_SHARE:.0%} of a GPU's memory usable, as "
                      "train.distributed=auto counts)",
-               title_justify="left")
+               title_justify="left", caption_justify="left",
+               caption="head on host: where the model does not fit, train.head_on_host=auto keeps the output head in "
+                       "host memory, so that estimate is below the memory table's" if moved else None)
     for col in ("GPU", "usable", "one GPU", "several GPUs of it (FSDP2)", "on one GPU instead"):
         ft.add_column(col)
     for f in rows:
         several = "" if f["fits_one"] else (
-            f"{f['fsdp_gpus']} ({gib(f['fsdp_bytes_per_gpu'])} each)" if f["fsdp_gpus"]
+            f"{f['fsdp_gpus']} ({size(f['fsdp_bytes_per_gpu'])} each)" if f["fsdp_gpus"]
             else f"[dim]{f['fsdp_refused']}[/]" if f["fsdp_refused"]
-            else f"[red]not on {WORLD_SIZES[-1]}[/] ({gib(f['fsdp_bytes_per_gpu'])} each)")
-        instead = "" if f["fits_one"] else (f"{f['on_one_instead']} ({gib(f['on_one_instead_bytes'])})"
+            else f"[red]not on {WORLD_SIZES[-1]}[/] ({size(f['fsdp_bytes_per_gpu'])} each)")
+        instead = "" if f["fits_one"] else (f"{f['on_one_instead']} ({size(f['on_one_instead_bytes'])})"
                                              if f["on_one_instead"] else "[dim]nothing smaller fits[/]")
-        ft.add_row(f["gpu"], gib(f["usable_bytes"]),
-                   f"[green]fits[/] ({gib(f['one_gpu_bytes'])})" if f["fits_one"]
-                   else f"[red]no[/] ({gib(f['one_gpu_bytes'])})", several, instead)
+        ft.add_row(f["gpu"], size(f["usable_bytes"]),
+                   f"[green]fits[/] ({size(f['one_gpu_bytes'], f)})" if f["fits_one"]
+                   else f"[red]no[/] ({size(f['one_gpu_bytes'], f)})", several, instead)
     console.print(ft)
 
 

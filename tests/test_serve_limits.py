@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -164,3 +165,45 @@ def test_a_busy_port_is_one_line_before_loading(tiny_qwen3):
     assert p.returncode != 0 and "Traceback" not in p.stderr
     assert len(lines) == 1 and f"serve.port={port} is in use on 127.0.0.1" in lines[0], p.stderr
     assert time.time() - t < 30   # the model was not loaded first
+
+
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (POST|GET) (/v1/\S+) (\d{3}) model=(\S+) "
+                      r"prompt_tokens=(\S+) completion_tokens=(\S+) (\d+\.\d\d) s( stream)?$")
+
+
+def _stop(proc) -> str:
+    proc.terminate()
+    out, _ = proc.communicate(timeout=30)
+    return out
+
+
+def test_serve_logs_a_line_per_request_unless_log_requests_is_false(tiny_qwen3):
+    proc, port = _start()
+    try:
+        status, body = _post(port, "/v1/chat/completions", _chat("hello", 5))
+        assert status == 200
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json"},
+                     body=json.dumps({"model": "tiny_qwen3", "prompt": "one two", "max_tokens": 3, "stream": True,
+                                      "stream_options": {"include_usage": True}}))
+        events = [json.loads(x[6:]) for x in conn.getresponse().read().decode().splitlines()
+                  if x.startswith("data: {")]
+        conn.close()
+        usage = events[-1]["usage"]
+        assert _post(port, "/v1/chat/completions", {**_chat("hi", 2), "model": "nope"})[0] == 404
+    finally:
+        out = _stop(proc)
+    lines = [m.groups() for m in map(LOG_LINE.match, out.splitlines()) if m]
+    assert len(lines) == 3, out                                        # /health (polled by _start) is not logged
+    assert lines[0][:6] == ("POST", "/v1/chat/completions", "200", "tiny_qwen3", str(body["usage"]["prompt_tokens"]),
+                            str(body["usage"]["completion_tokens"])) and lines[0][7] is None
+    assert lines[1][:6] == ("POST", "/v1/completions", "200", "tiny_qwen3", str(usage["prompt_tokens"]),
+                            str(usage["completion_tokens"])) and lines[1][7] == " stream"
+    assert lines[2][:6] == ("POST", "/v1/chat/completions", "404", "nope", "-", "-")
+
+    proc, port = _start("serve.log_requests=false")
+    try:
+        assert _post(port, "/v1/chat/completions", _chat("hello", 2))[0] == 200
+    finally:
+        out = _stop(proc)
+    assert "/v1/chat/completions" not in out and "qtune serve:" in out, out

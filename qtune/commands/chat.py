@@ -68,11 +68,13 @@ class Session:
         return shown.answer
 
     def repl(self) -> list[dict]:
+        import os
         import readline  # noqa: F401  (line editing and history for input())
 
+        color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")  # a pipe or a file gets no escape codes
         while True:
             try:
-                line = input(f"{BOLD}>>> {RESET}")
+                line = input(f"{BOLD}>>> {RESET}" if color else ">>> ")
             except EOFError:  # Ctrl-D
                 print()
                 return self.history
@@ -86,7 +88,7 @@ class Session:
                 if self.command(line) == "exit":
                     return self.history
                 continue
-            self.ask(line)
+            self.ask(line, color=color)
             print()
 
     def command(self, line: str) -> str | None:

@@ -39,6 +39,7 @@ def inspect(cfg: Config) -> dict:
         "layers": layers,
         "patterns": {p: (p not in matched.unmatched) for p in matched.asked},
         "unmatched": matched.unmatched,
+        "covered": matched.covered,   # dense-MLP names the fused-expert path stands for (targets.Matched.covered)
         "params": {"total": total, "trainable": matched.trainable, "allocated": matched.allocated, "by_kind": kinds},
         "memory": mem.as_dict(),
         "fits": fits(cfg, _gpus(), model),
@@ -65,7 +66,7 @@ def run(cfg: Config, json: bool = False, dry_run: bool = True) -> dict:
     else:
         from qtune import ui
 
-        ui.show_moe_report(report)
+        ui.show_moe_report(report, cfg.moe)
     return report
 
 

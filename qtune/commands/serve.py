@@ -30,7 +30,7 @@ def run(cfg: Config):
     with ui.status("loading"):
         loaded = load(cfg, use="adapter", extra_adapters=dict(cfg.serve.adapters))
         loaded.notice = ui.note
-    app = build_app(loaded, cfg)
+    app = build_app(loaded, cfg, log=ui.line if cfg.serve.log_requests else None)
     ui.info(f"qtune serve: {loaded.label}; models: {', '.join(loaded.names())}; "
             f"http://{cfg.serve.host}:{cfg.serve.port}/v1" + (" (Bearer key required)" if cfg.serve.api_key else ""))
 

@@ -46,6 +46,9 @@ def run(cfg: Config, dry_run: bool = False):
         ui.silence()
     out = Path(cfg.train.output_dir).expanduser()
     check_writable(out, "train.output_dir")
+    from qtune.training.trainers import check_reporters
+
+    check_reporters(cfg.train.report_to)
     with runs.hold(out, warn=ui.print_warning):  # one process trains into a run folder at a time
         return _run(cfg, out, main)
 
@@ -80,9 +83,12 @@ def _run(cfg: Config, out: Path, main: bool):
     ui.info(f"training {cfg.model.name} ({cfg.train.stage}, {cfg.quant.method}, LoRA r{cfg.lora.r}{start}) on {device}: "
             f"{matched.trainable:,} trainable parameters in {len(matched.targets)} targets -> {out}")
     ui.info(setup.describe())
+    if device == "cpu" and cfg.train.device == "auto" and main:
+        _suggest_cpu_preset(cfg, ui.note)
     if resume:
         ui.info(f"resuming from {resume}")
     seconds = _train(cfg, trainer, nan, out, resume)
+    _end_wandb_run()
     summary = _finish(cfg, setup, trainer, tokenizer, out, seconds, samples_before, _step_of(resume))  # 6
     if not main:
         return None
@@ -91,6 +97,27 @@ def _run(cfg: Config, out: Path, main: bool):
         del trainer, model  # free the training model first: the merge loads the base again
         summary["merged"] = _merge_after(cfg, out)
     return summary
+
+
+def _end_wandb_run() -> None:
+    """train.report_to=[wandb]: end its run here, not at interpreter exit, where wandb writes its closing lines with
+    escape codes into a pipe or a file."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+def _suggest_cpu_preset(cfg: Config, say) -> None:
+    """No GPU found (train.device=auto): one line naming train=cpu where the settings are the GPU-minded defaults.
+    A suggestion, not a switch: the same command keeps the same global batch and schedule on every machine."""
+    t = cfg.train
+    if t.grad_accum <= 2 and t.logging_steps <= 1 and not t.gradient_checkpointing:
+        return
+    say(f"no GPU: training on the CPU with train.grad_accum={t.grad_accum}, a log every {t.logging_steps} steps and "
+        f"gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}; train=cpu (grad_accum 1, a log every "
+        "step, no checkpointing) suits a CPU run")
 
 
 def _train(cfg: Config, trainer, nan, out: Path, resume) -> float:
@@ -200,7 +227,7 @@ def plan(cfg: Config, show: bool = False) -> dict:
     check(p.matched, cfg.lora)
     result = {"model": cfg.model.name, "quant": str(cfg.quant.method), "total_params": p.total,
               "trainable_params": p.matched.trainable, "targets": len(p.matched.targets),
-              "unmatched": p.matched.unmatched, "memory": p.memory.as_dict()}
+              "unmatched": p.matched.unmatched, "covered": p.matched.covered, "memory": p.memory.as_dict()}
     if show:
         from qtune import ui
 
@@ -296,11 +323,13 @@ def _trainer(cfg: Config, setup, model, tokenizer, prepared, out: Path, resume, 
                                 evaluate_first=resume is None,
                                 extra=trainer_args(setup, cfg.train.gradient_checkpointing))  # DDP or FSDP2
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
+    os.environ.setdefault("WANDB_DIR", str(out))   # train.report_to=[wandb]: its run folder in the run's (unless set)
     metrics = MetricsCallback(out, resume_step=_step_of(resume), curve=get(cfg.train.stage).curve)
     nan = NanGuard()
     trainer = trainers.build_trainer(cfg, model, tokenizer, train_ds, eval_ds, args,
                                    [StopOnSignal(), nan, metrics, WorldRecord(**setup.record()),
-                                    ProgressCallback(ui.train_progress if ui.is_terminal() and main else None)],
+                                    ProgressCallback(ui.train_progress if ui.is_terminal() and main else None,
+                                                     figures=get(cfg.train.stage).figures)],
                                    graphs=fast.graphs, note=ui.info)
     from transformers.trainer_callback import PrinterCallback
 

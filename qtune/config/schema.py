@@ -439,6 +439,7 @@ class ServeConfig:
     max_tokens_limit: int = 4096
     max_body_bytes: int = 1_048_576
     max_prompt_tokens: Optional[int] = None   # null = the model's context less max_tokens
+    log_requests: bool = True                # a line per /v1 request on stdout (time, model, tokens, latency, status)
 
     def __post_init__(self) -> None:
         _check_range("serve", "port", self.port, low=1, high=65535)

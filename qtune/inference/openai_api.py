@@ -13,6 +13,10 @@ is refused before it queues; a client that goes away cancels its generation, str
 SIGTERM) stops running generations. Parameters qtune cannot honour (logprobs, tools, image parts, response_format
 other than text) are refused with 400 rather than silently ignored; seed, logit_bias, presence/frequency penalties,
 stop strings and stream_options.include_usage are honoured as OpenAI does.
+
+With a `log` callback (serve.log_requests, on by default), every /v1 request ends in one line: its time, method and
+path, status, the model it named, prompt and completion tokens and its latency (RequestLog; /health, polled by
+monitors, is not logged).
 """
 from __future__ import annotations
 
@@ -142,6 +146,55 @@ class Guard:
                           "invalid_request_error", "request_too_large")
 
 
+LOG_KEY = "qtune.request"   # the ASGI scope's entry where the endpoints note the model and the token counts
+
+
+class RequestLog:
+    """ASGI middleware outside every other (the Guard's 401 and 413 are logged too): one line per /v1 request once
+    its response has ended (a stream: its last chunk), through `log`. The endpoints note what they know in
+    scope[LOG_KEY] (note())."""
+
+    def __init__(self, app, log):
+        self.app, self.log = app, log
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+            return await self.app(scope, receive, send)
+        start = time.time()
+        seen = scope[LOG_KEY] = {"status": None}
+        logged = False
+
+        def line():
+            nonlocal logged
+            if logged:
+                return
+            logged = True
+            tokens = (f"prompt_tokens={seen['prompt_tokens']} completion_tokens={seen['completion_tokens']}"
+                      if seen.get("prompt_tokens") is not None else "prompt_tokens=- completion_tokens=-")
+            self.log(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(start))} {scope['method']} {scope['path']} "
+                     f"{seen['status'] or 500} model={seen.get('model') or '-'} {tokens} "
+                     f"{time.time() - start:.2f} s" + (" stream" if seen.get("stream") else ""))
+
+        async def logged_send(message):
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                line()
+
+        try:
+            await self.app(scope, receive, logged_send)
+        finally:  # a client gone mid-stream, or an error before any response: the line still comes
+            line()
+
+
+def note(request, **what) -> None:
+    """What the log line of `request` should say (model, prompt_tokens, completion_tokens, stream)."""
+    seen = request.scope.get(LOG_KEY)
+    if seen is not None:
+        seen.update(what)
+
+
 async def _send_error(send, status: int, message: str, kind: str, code: str) -> None:
     body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
     await send({"type": "http.response.start", "status": status,
@@ -150,7 +203,8 @@ async def _send_error(send, status: int, message: str, kind: str, code: str) -> 
     await send({"type": "http.response.body", "body": body})
 
 
-def build_app(loaded, cfg: Config):
+def build_app(loaded, cfg: Config, log=None):
+    """The app; `log` (a callable taking one line, e.g. print) receives a line per /v1 request (None: no log)."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -160,6 +214,8 @@ def build_app(loaded, cfg: Config):
 
     app = FastAPI(title="qtune serve")
     app.add_middleware(Guard, limit=cfg.serve.max_body_bytes, api_key=cfg.serve.api_key)
+    if log is not None:
+        app.add_middleware(RequestLog, log=log)   # added last: the outermost
     lock = threading.Lock()  # one generation at a time on the one model; others wait their turn
     created = int(time.time())
     settings = cfg.serve
@@ -290,6 +346,8 @@ def build_app(loaded, cfg: Config):
                     for gen in running:
                         gen.stop()
             text, gen = task.result()
+            if gen is not None:
+                note(request, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
             if gen is None:
                 return error(503, "the request was cancelled before it ran", "server_error")
             return final(rid, req.model, text, gen)
@@ -327,6 +385,8 @@ def build_app(loaded, cfg: Config):
                     item = await queue.get()
                     if isinstance(item, tuple) and item and item[0] is done:
                         gen = item[1]
+                        if gen is not None:
+                            note(request, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
                         yield sse(chunk(rid, req.model, None, finish=gen.finish_reason if gen else "stop"))
                         if usage and gen is not None:   # the last chunk: no choices, the whole request's usage
                             yield _sse({**chunk(rid, req.model, None, finish="stop"), "choices": [],
@@ -340,10 +400,12 @@ def build_app(loaded, cfg: Config):
             finally:
                 cancelled.set()  # the client went away: let the generation end
 
+        note(request, stream=True)
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
+        note(request, model=req.model)
         max_tokens = req.max_completion_tokens or req.max_tokens
         bad = check(req, "chat", max_tokens)
         if bad:
@@ -372,6 +434,7 @@ def build_app(loaded, cfg: Config):
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
+        note(request, model=req.model)
         bad = check(req, "completions", req.max_tokens)
         if bad:
             return bad

@@ -6,6 +6,7 @@ exists is complete.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import shutil
 from pathlib import Path
@@ -81,10 +82,15 @@ def convert_gguf(gguf_path: Path, out_dir: Path, replace: bool = False) -> Path:
     out_dir = Path(out_dir)
     if (out_dir / "config.json").is_file() and not replace:
         return out_dir
+    folder, name = gguf_path.parent, gguf_path.name
+    with _no_progress_bars():
+        return _convert(folder, name, out_dir)
+
+
+def _convert(folder: Path, name: str, out_dir: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    folder, name = gguf_path.parent, gguf_path.name
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # transformers refuses to save a model loaded "quantized with gguf"; rebuild it as a plain model.
@@ -102,6 +108,31 @@ def convert_gguf(gguf_path: Path, out_dir: Path, replace: bool = False) -> Path:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return out_dir
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """The conversion runs inside a verb (the first use of the embedded SmolLM2) and writes no progress bars of its
+    own: transformers' bars ("Loading weights", "Writing model shards") are switched off, and its GGUF reader's
+    ("Converting and de-quantizing GGUF tensors", plain tqdm, which transformers' switch does not reach) is made
+    silent; both as they were afterwards."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is not None:
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def build_random_model(arch: ArchConfig, out_dir: Path, cache_root: Path, seed: int = 0, replace: bool = False) -> Path:

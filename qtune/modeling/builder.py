@@ -69,7 +69,8 @@ def after_peft(cfg: Config, model, fast: fastpath.FastPath, device: str, *, out:
     `say` and `warn` take what a terminal would show."""
     from peft import get_peft_model
 
-    from qtune.modeling.targets import apply_dropout, check, lora_settings, match, peft_config, unmatched_message
+    from qtune.modeling.targets import (apply_dropout, check, covered_message, lora_settings, match, peft_config,
+                                        unmatched_message)
     from qtune.stages import get
 
     stage = get(cfg.train.stage)
@@ -78,6 +79,8 @@ def after_peft(cfg: Config, model, fast: fastpath.FastPath, device: str, *, out:
     check(matched, lora)
     for pattern in matched.unmatched:
         warn(unmatched_message(pattern, cfg.model.name, matched.is_moe))
+    if matched.covered:
+        say(covered_message(matched.covered, cfg.model.name, cfg.moe))
     with coordinate():
         selection = _expert_selection(cfg, model, matched, out, train_ds, say)
     task = "SEQ_CLS" if stage.head == "score" else "CAUSAL_LM"

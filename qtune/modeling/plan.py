@@ -105,8 +105,11 @@ def fits(cfg: Config, gpus=GPUS, model=None) -> list[dict]:
         def need(n: int, moe=None) -> float:
             return plan(with_(n, moe), usable, capability, model).memory.total
 
-        one = need(1)
+        single = plan(with_(1), usable, capability, model).memory
+        one = single.total
         row = {"gpu": name, "memory_bytes": total, "usable_bytes": usable, "one_gpu_bytes": one,
+               # train.head_on_host=auto moved the output head to host memory on this GPU (an estimate apart)
+               "one_gpu_head_on_host": bool(single.as_dict().get("host_head_bytes")),
                "fits_one": one <= usable, "fsdp_gpus": None, "fsdp_bytes_per_gpu": None, "fsdp_refused": None,
                "on_one_instead": None, "on_one_instead_bytes": None}
         if not row["fits_one"]:

@@ -51,6 +51,9 @@ class Matched:
     unmatched: list[str] = field(default_factory=list)  # patterns / names that matched nothing
     is_moe: bool = False
     asked: list[str] = field(default_factory=list)      # every pattern / name the settings asked for
+    # dense-MLP names (gate_proj, up_proj, down_proj) an MoE model has no linear layer for, its experts being fused
+    # tensors that the fused-expert path adapts instead (moe.expert_patterns): covered, not missed
+    covered: list[str] = field(default_factory=list)
 
     @property
     def trainable(self) -> int:
@@ -195,7 +198,18 @@ def match(model, lora: LoraConfig, moe: MoeConfig) -> Matched:
     if is_moe and moe.scope in (MoeScope.router_only, MoeScope.all):
         asked += list(moe.router_patterns)
     unmatched = [a for a in asked if a not in used]
-    return Matched(targets, unmatched, is_moe, asked)
+    experts_adapted = any(t.kind == "expert" and t.how == "lora_param" for t in targets)
+    covered = [a for a in unmatched if is_moe and experts_adapted and a in DENSE_MLP]
+    return Matched(targets, [a for a in unmatched if a not in covered], is_moe, asked, covered)
+
+
+DENSE_MLP = ("gate_proj", "up_proj", "down_proj")  # a dense MLP's linears (lora.target_modules' defaults name them)
+
+
+def covered_message(patterns: list[str], model_name: str, moe: MoeConfig) -> str:
+    """One line of information for Matched.covered (not a warning: those experts are adapted)."""
+    return (f"{', '.join(patterns)}: {model_name} has no such linear layers, its experts are fused tensors; "
+            f"moe.scope={moe.scope} adapts them through moe.expert_patterns ({', '.join(moe.expert_patterns)})")
 
 
 def unmatched_message(pattern: str, model_name: str, is_moe: bool) -> str:

@@ -209,8 +209,10 @@ class ProgressCallback(TrainerCallback):
     """Live progress (step, loss, lr, tok/s, ETA) from `live()`, a Rich progress the verb makes on a terminal; plain
     lines otherwise (live=None)."""
 
-    def __init__(self, live=None):
+    def __init__(self, live=None, figures: tuple[str, ...] = ()):
         self.live = live
+        # the stage's own figures (metrics.jsonl's names, e.g. reward_accuracy) shown beside the loss, from TRL's keys
+        self.figures = {name: [src for src, dst in METRIC_NAMES if dst == name] for name in figures}
         self.progress = None
         self.task = None
         self.start = None
@@ -223,15 +225,23 @@ class ProgressCallback(TrainerCallback):
             self.progress = self.live()
             self.progress.start()
             self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
-                                               loss="-", lr="-", tps="-")
+                                               loss="-", lr="-", tps="-", figures="")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or not state.is_world_process_zero or not ({"loss", "eval_loss"} & set(logs)):
             return
         if "loss" in logs:
             self.last.update(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}")
+        for name, sources in self.figures.items():
+            for src in sources:
+                if src in logs and "loss" in logs:
+                    self.last[name] = f"{logs[src]:.4f}"
         if "eval_loss" in logs:
             self.last["eval"] = f"{logs['eval_loss']:.4f}"
+            for name, sources in self.figures.items():
+                for src in sources:
+                    if f"eval_{src}" in logs:
+                        self.last[f"eval_{name}"] = f"{logs[f'eval_{src}']:.4f}"
         if self.progress is None:
             done = state.global_step - self.start_step
             elapsed = time.time() - self.start
@@ -240,12 +250,14 @@ class ProgressCallback(TrainerCallback):
             parts += [f"{k} {v}" for k, v in self.last.items()]
             parts.append(f"eta {_hms(eta)}")
             print("  ".join(parts), flush=True)
-            self.last.pop("eval", None)
+            for key in [k for k in self.last if k.startswith("eval")]:
+                self.last.pop(key)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress is not None:
             self.progress.update(self.task, completed=state.global_step, loss=self.last.get("loss", "-"),
-                                 lr=self.last.get("lr", "-"))
+                                 lr=self.last.get("lr", "-"),
+                                 figures="".join(f"  {k} {self.last[k]}" for k in self.figures if k in self.last))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:

@@ -16,6 +16,26 @@ from qtune.stages import get
 # ---------------------------------------------------------------- trainer arguments
 
 
+# train.report_to names transformers reads -> the package each needs, and how to get it
+REPORTERS = {"wandb": ("wandb", "pip install 'qtune[wandb]'"), "tensorboard": ("tensorboard", "pip install tensorboard"),
+             "mlflow": ("mlflow", "pip install mlflow"), "comet_ml": ("comet_ml", "pip install comet_ml"),
+             "trackio": ("trackio", "pip install trackio")}
+
+
+def check_reporters(report_to) -> None:
+    """Each train.report_to entry qtune knows of is installed: one line before the model loads, not a traceback from
+    the trainer after."""
+    import importlib.util
+
+    from qtune.errors import QtuneError
+
+    for name in report_to:
+        module, how = REPORTERS.get(name, (None, None))
+        if module and importlib.util.find_spec(module) is None:
+            raise QtuneError(f"train.report_to=[{name}]: {module} is not installed here ({how}), or leave it out: "
+                             f"train.report_to=[{', '.join(r for r in report_to if r != name)}]")
+
+
 def training_args(cfg: Config, out: Path, has_eval: bool, device: str, model_dtype, reentrant: bool,
                   evaluate_first: bool, extra: dict = None):
     """The stage's TRL config. `reentrant`: how the model checkpoints activations (TRL switches checkpointing off for
@@ -45,7 +65,7 @@ def training_args(cfg: Config, out: Path, has_eval: bool, device: str, model_dty
         use_cpu=device == "cpu",
         gradient_checkpointing=False,  # done in prepare_for_training (non-reentrant, no upcast) or by the fast path
         gradient_checkpointing_kwargs={"use_reentrant": reentrant},
-        report_to=list(t.report_to), disable_tqdm=True,
+        report_to=list(t.report_to), run_name=out.name, disable_tqdm=True,
         remove_unused_columns=False, dataloader_num_workers=0, save_only_model=False,
         # batches are pinned (dataloader_pin_memory); copied without blocking, the host does not wait at each batch for
         # the GPU to finish the step before: it launches the next step meanwhile (a CUDA graph's launch alone takes
