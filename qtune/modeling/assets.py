@@ -84,10 +84,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path, replace: bool = False) -> Path:
         return out_dir
     folder, name = gguf_path.parent, gguf_path.name
     with _no_progress_bars():
-        return _convert(folder, name, out_dir)
+        return _convert(folder, name, out_dir, replace)
 
 
-def _convert(folder: Path, name: str, out_dir: Path) -> Path:
+def _convert(folder: Path, name: str, out_dir: Path, replace: bool) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
