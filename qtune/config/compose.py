@@ -81,6 +81,24 @@ def check(cfg: DictConfig) -> None:
         raise
     except Exception as e:
         raise ConfigError(_one_line(e, [])) from None
+    _check_package_repo(cfg)
+
+
+def _check_package_repo(cfg: DictConfig) -> None:
+    """An embedded model (model.source=package) comes from the file its package ships, never from model.repo_id: another
+    repo_id would be ignored silently, so it is refused with what trains another repo."""
+    model = cfg.model
+    option = CONF_DIR / "model" / f"{model.name}.yaml"
+    if str(model.source) != "package" or not option.is_file():
+        return
+    own = OmegaConf.load(option).get("repo_id")
+    if own is None or model.repo_id == own:
+        return
+    hub = [o for o in group_options("model") if OmegaConf.load(CONF_DIR / "model" / f"{o}.yaml").get("source") == "hub"]
+    raise ConfigError(f"model.repo_id={model.repo_id}: model={model.name} is the embedded {own}, read from the file "
+                      f"the {model.package} package ships, so model.repo_id is not used; to train another Hugging Face "
+                      f"repo choose the model option of its architecture and size and name the repo, e.g. "
+                      f"model=qwen3_8b model.repo_id={model.repo_id} (options: {', '.join(hub)})")
 
 
 def to_object(cfg: DictConfig) -> schema.Config:
@@ -126,10 +144,11 @@ LAUNCHER_PACKAGES = {"joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-jo
                         for name in ("slurm", "submitit_slurm", "submitit_local")}}
 
 
-def check_sweep(overrides: Sequence[str]) -> None:
+def check_sweep(overrides: Sequence[str]) -> DictConfig:
     """Fail fast, in one line, before Hydra launches anything: every group option and plain override, and the key and
     type of every swept value (`train.lr=1e-4,abc`, `lora.rr=8,16`). What depends on a job's whole config
-    (`train.lr=1e-4,-1`: a value out of range) is that job's error, a row of the summary (qtune.commands.sweep)."""
+    (`train.lr=1e-4,-1`: a value out of range) is that job's error, a row of the summary (qtune.commands.sweep).
+    Returns the config of the plain overrides: what every job shares unless the sweep varies it."""
     import importlib.util
 
     _check_group_choices(overrides)
@@ -143,6 +162,12 @@ def check_sweep(overrides: Sequence[str]) -> None:
     for o, (key, values) in swept.items():
         for value in values:  # each value once, over the plain overrides, as Hydra applies it: its key and type
             _check_value(base, f"{key}={value}")
+    return base
+
+
+def swept_keys(overrides: Sequence[str]) -> set[str]:
+    """The keys a sweep varies (`lora`, `train.lr`), without +/~/++ prefixes."""
+    return {key.lstrip("+~") for key, _ in _sweeps(overrides).values()}
 
 
 def _check_value(base: DictConfig, override: str) -> None:
