@@ -38,9 +38,31 @@ def _repo(variant: str, instruct: str | None, base: str | None) -> str:
     return repo
 
 
+def data_name(path, sources) -> str:
+    """The data's part of run_name: "mix" for data.sources, "demo" for qtune's demo data, else the name of data.path
+    (a file's stem, a folder's or a glob's folder's name, a hub dataset's name), in letters, digits, `.`, `_`, `-`."""
+    if sources:
+        return "mix"
+    if path in (None, "", "None"):
+        return "nodata"
+    path = str(path)
+    if path.startswith("hf://") or (not Path(path).expanduser().exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", path)):
+        name = path.rstrip("/").rpartition("/")[2]  # a hub dataset: org/name
+    else:
+        p = Path(path).expanduser()
+        if p.resolve().parent == DEMO_DATA_DIR.resolve():
+            return "demo"
+        while any(c in p.name for c in "*?[") and p.parent != p:
+            p = p.parent  # a glob: the folder it matches in
+        name = p.stem if p.suffix.lower() in (".jsonl", ".json", ".csv", ".tsv", ".parquet") else p.name
+    return re.sub(r"[^\w.-]+", "_", name).strip("._") or "data"
+
+
 def _register() -> None:
     if not OmegaConf.has_resolver("qtune.repo"):
         OmegaConf.register_new_resolver("qtune.repo", _repo)
+    if not OmegaConf.has_resolver("qtune.data_name"):
+        OmegaConf.register_new_resolver("qtune.data_name", data_name)
     if not OmegaConf.has_resolver("qtune.demo_data"):
         OmegaConf.register_new_resolver("qtune.demo_data", lambda name: str(DEMO_DATA_DIR / name))
     schema.store()
@@ -361,3 +383,142 @@ def _unknown_key(key: str, full: str | None = None) -> str:
     hint = f"; did you mean {close}?" if close else ""
     where = f"'{parent}'" if parent else "the top level"
     return f"{key}: unknown key in {where}{hint}"
+
+
+# ---------------------------------------------------------------- experiment files: `qtune train exp.yaml [overrides]`
+
+EXPERIMENT_SUFFIXES = (".yaml", ".yml")
+
+
+def expand_experiment(overrides: Sequence[str]) -> list[str]:
+    """An experiment file among the arguments (`qtune train exp.yaml lora=r64`, one YAML per experiment as in
+    LLaMA-Factory and axolotl) becomes the overrides it stands for, placed before the other arguments (which win):
+    its `defaults:` list (`- model: qwen3_8b`) gives group options, every other key a value over qtune's defaults. What
+    `qtune <verb> --cfg` prints is such a file: values that qtune derives from others (run_name, train.output_dir,
+    model.local_dir...) and that the file holds as derived are left to be derived again, so `lora=r64` on the command
+    line still names its own run folder. A key qtune does not know is one line naming the file and the key."""
+    files = [o for o in overrides if "=" not in o and o.lower().endswith(EXPERIMENT_SUFFIXES)]
+    if not files:
+        return list(overrides)
+    if len(files) > 1:
+        raise ConfigError(f"{files[1]}: one experiment file at a time (already given: {files[0]})")
+    path = Path(files[0]).expanduser()
+    rest = [o for o in overrides if o != files[0]]
+    data = _load_experiment(path)
+    groups = _experiment_groups(path, data.pop("defaults", None) or [])
+    named = {o.split("=", 1)[0] for o in rest if "=" in o}
+    for group in [g for g in list(data) if g in named and g in GROUPS]:
+        del data[group]  # `lora=r64` on the command line: that group's values come from its option, not the file
+    data.pop("hydra", None)
+    leaves: list[tuple[str, object]] = []
+    _flatten(path, data, schema.Config, "", leaves)
+    try:
+        base = OmegaConf.to_container(compose(groups), resolve=True, enum_to_str=True)
+        raw = compose(groups)
+        changed = [(k, v) for k, v in leaves if _get(base, k, _MISSING) != v]
+        derived = [(k, v) for k, v in changed if _is_interpolation(raw, k)]
+        plain = [f"{k}={_literal(v)}" for k, v in changed if (k, v) not in derived]
+        if derived:
+            again = OmegaConf.to_container(compose(groups + plain), resolve=True, enum_to_str=True)
+            plain += [f"{k}={_literal(v)}" for k, v in derived if _get(again, k, _MISSING) != v]
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return groups + plain + rest
+
+
+_MISSING = object()
+
+
+def _load_experiment(path: Path) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such experiment file (an argument ending in .yaml is read as one)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({e.problem or e})") from None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path}: cannot read it as YAML ({' '.join(str(e).split())})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings (key: value), got a {type(data).__name__}")
+    return data
+
+
+def _experiment_groups(path: Path, defaults) -> list[str]:
+    """`defaults: [{model: qwen3_8b}, {lora: r64}]` (or `override model: ...`, as in Hydra's own files) -> group=option."""
+    if not isinstance(defaults, list):
+        raise ConfigError(f"{path}: defaults: expected a list like [{{model: qwen3_8b}}, {{lora: r64}}]")
+    out = []
+    for entry in defaults:
+        if entry in ("_self_", "qtune_schema"):
+            continue
+        if not (isinstance(entry, dict) and len(entry) == 1):
+            raise ConfigError(f"{path}: defaults: {entry!r}: write each entry as `- group: option`, e.g. `- model: qwen3_8b`")
+        (group, option), = entry.items()
+        group = str(group).removeprefix("override ").strip()
+        if group not in GROUPS:
+            raise ConfigError(f"{path}: defaults: {group}: no such group; valid: {', '.join(GROUPS)}")
+        if str(option) not in group_options(group):
+            raise ConfigError(f"{path}: defaults: {group}: {option}: no such option; valid: {', '.join(group_options(group))}")
+        out.append(f"{group}={option}")
+    return out
+
+
+def _flatten(path: Path, data: dict, typ, prefix: str, out: list) -> None:
+    """The file's values as (dotted key, value), down to the schema's leaves (a list or a free mapping stays whole)."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(typ)}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{path}: {_unknown_key(full)}")
+        sub = fields[key].type
+        sub = getattr(schema, sub, None) if isinstance(sub, str) else sub
+        if dataclasses.is_dataclass(sub):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: {full}: expected a mapping of its settings, got {value!r}")
+            _flatten(path, value, sub, full + ".", out)
+        else:
+            out.append((full, value))
+
+
+def _get(container, key: str, default):
+    node = container
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _is_interpolation(cfg: DictConfig, key: str) -> bool:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return isinstance(node, DictConfig) and leaf in node and OmegaConf.is_interpolation(node, leaf)
+
+
+def _literal(value) -> str:
+    """A value in Hydra's override grammar: null, true, numbers, 'quoted strings', [lists], {mappings}."""
+    import math
+
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and (math.isinf(value) or math.isnan(value)):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_literal(v)}" for k, v in value.items()) + "}"
+    text = str(value).replace("'", "\\'")
+    trailing = len(text) - len(text.rstrip("\\"))
+    return "'" + text + "\\" * trailing + "'"
