@@ -48,7 +48,8 @@ def ensure_model(model: ModelConfig, download: DownloadConfig | None = None, pat
 
 def check_available(model: ModelConfig, paths: PathsConfig | None = None) -> None:
     """Cheap, with no network and no model load (what a sweep checks once for all its jobs): a model folder that is
-    not there (model.source=local), lost files, or a hub model with no local copy while the hub is offline."""
+    not there (model.source=local), lost files, a package that is not installed (model.source=package), or a hub model
+    with no local copy while the hub is offline."""
     from qtune import integrity
 
     local = Path(model.local_dir).expanduser()
@@ -67,6 +68,10 @@ def check_available(model: ModelConfig, paths: PathsConfig | None = None) -> Non
     broken = (local / "config.json").is_file() and integrity.model_problem(local)
     if broken:
         raise DownloadError(f"{broken}; make it again with `{download_command(model, paths)}`")
+    if model.source is ModelSource.package and not (local / "config.json").is_file():
+        from qtune.modeling import assets
+
+        assets.package_file(model.package, model.gguf_file)  # the file it converts from is installed
 
 
 def download_command(model: ModelConfig, paths: PathsConfig | None = None) -> str:
