@@ -406,24 +406,24 @@ def expand_experiment(overrides: Sequence[str]) -> list[str]:
     rest = [o for o in overrides if o != files[0]]
     data = _load_experiment(path)
     groups = _experiment_groups(path, data.pop("defaults", None) or [])
-    named = {o.split("=", 1)[0] for o in rest if "=" in o}
-    for group in [g for g in list(data) if g in named and g in GROUPS]:
-        del data[group]  # `lora=r64` on the command line: that group's values come from its option, not the file
     data.pop("hydra", None)
     leaves: list[tuple[str, object]] = []
     _flatten(path, data, schema.Config, "", leaves)
     try:
-        base = OmegaConf.to_container(compose(groups), resolve=True, enum_to_str=True)
         raw = compose(groups)
+        base = OmegaConf.to_container(raw, resolve=True, enum_to_str=True)
         changed = [(k, v) for k, v in leaves if _get(base, k, _MISSING) != v]
         derived = [(k, v) for k, v in changed if _is_interpolation(raw, k)]
-        plain = [f"{k}={_literal(v)}" for k, v in changed if (k, v) not in derived]
-        if derived:
-            again = OmegaConf.to_container(compose(groups + plain), resolve=True, enum_to_str=True)
-            plain += [f"{k}={_literal(v)}" for k, v in derived if _get(again, k, _MISSING) != v]
+        kept = [(k, v) for k, v in changed if (k, v) not in derived]
+        if derived:  # what the file's own settings derive again is left to be derived (from the overrides too)
+            again = OmegaConf.to_container(compose(groups + [f"{k}={_literal(v)}" for k, v in kept]), resolve=True,
+                                           enum_to_str=True)
+            kept += [(k, v) for k, v in derived if _get(again, k, _MISSING) != v]
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    return groups + plain + rest
+    named = {o.split("=", 1)[0] for o in rest if "=" in o}  # `lora=r64` after the file: that group's values are
+    kept = [(k, v) for k, v in kept if k.split(".", 1)[0] not in named or k.split(".", 1)[0] not in GROUPS]
+    return groups + [f"{k}={_literal(v)}" for k, v in kept] + rest  # (the option's, not the file's)
 
 
 _MISSING = object()
