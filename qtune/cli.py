@@ -23,7 +23,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-Overrides = Annotated[Optional[List[str]], typer.Argument(help="Hydra overrides: group=option, key=value, +key=value, ~key.", show_default=False)]
+Overrides = Annotated[Optional[List[str]], typer.Argument(help="Hydra overrides: group=option, key=value, +key=value, ~key; "
+                                                         "and an experiment file, exp.yaml (what --cfg prints, or some of it).", show_default=False)]
 ShowCfg = Annotated[bool, typer.Option("--cfg", help="Print the fully resolved config as YAML and exit.")]
 Multirun = Annotated[bool, typer.Option("--multirun", "-m", help="Sweep: run one job per combination (Hydra's sweeper and launcher).")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Show what would happen, without doing it.")]
@@ -32,8 +33,9 @@ Json = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 def _dispatch(run, overrides: Optional[List[str]], show_cfg: bool, multirun: bool = False, **flags) -> None:
     """Compose the config from the overrides and call the verb's `run` (a sweep calls it once per job)."""
     from qtune.config import compose, to_object
+    from qtune.config.compose import expand_experiment
 
-    overrides = list(overrides or [])
+    overrides = expand_experiment(overrides or [])  # `qtune train exp.yaml [overrides]`: the file's settings first
     if multirun:
         from qtune.commands import sweep
 

@@ -200,10 +200,11 @@ def test_merge_exports_gguf_and_a_4bit_checkpoint(smol_merged):
     info = json.loads((out / "qtune_merge.json").read_text())
     by_type = {g["type"]: g for g in info["gguf"]}
     assert by_type["f16"]["top1_agreement"] >= 0.98 and by_type["q8_0"]["top1_agreement"] >= 0.8
-    assert (out / "merged-f16.gguf").stat().st_size > 1.8 * (out / "merged-q8_0.gguf").stat().st_size
+    gguf_dir = out.parent / "gguf"  # beside merged/, which a new merge replaces
+    assert (gguf_dir / "merged-f16.gguf").stat().st_size > 1.8 * (gguf_dir / "merged-q8_0.gguf").stat().st_size
     import gguf
 
-    reader = gguf.GGUFReader(str(out / "merged-q8_0.gguf"))
+    reader = gguf.GGUFReader(str(gguf_dir / "merged-q8_0.gguf"))
     assert {t.tensor_type.name for t in reader.tensors} >= {"Q8_0", "F32"}
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -212,6 +213,33 @@ def test_merge_exports_gguf_and_a_4bit_checkpoint(smol_merged):
     tok = AutoTokenizer.from_pretrained(info["bnb_4bit"])
     ids = four.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=3, do_sample=False)
     assert ids.shape[1] > 1
+
+
+@pytest.mark.slow
+def test_a_second_merge_keeps_the_first_ones_gguf_and_its_modelfile(smol_merged, tmp_path):
+    """GGUF files live in <run>/gguf/, beside merged/: merging again (without merge.gguf) keeps them; each has an Ollama
+    Modelfile that names it, the ChatML turns in Ollama's template syntax and the stop tokens."""
+    import shutil
+
+    from conftest import qtune
+
+    run = tmp_path / "run"
+    shutil.copytree(smol_merged.parent, run)  # merged once with merge.gguf=[f16,q8_0] (conftest)
+    gguf_file, modelfile = run / "gguf" / "merged-f16.gguf", run / "gguf" / "merged-f16.Modelfile"
+    assert gguf_file.is_file() and (run / "gguf" / "merged-q8_0.Modelfile").is_file()
+    size = gguf_file.stat().st_size
+    qtune("merge", f"run={run}", check=True, timeout=900)
+    assert gguf_file.stat().st_size == size and (run / "merged" / "model.safetensors").is_file()
+    assert not list((run / "gguf").glob(".*"))  # no temporaries left
+    lines = modelfile.read_text().splitlines()
+    assert "FROM ./merged-f16.gguf" in lines and (modelfile.parent / "merged-f16.gguf").is_file()
+    text = modelfile.read_text()
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    assert "{{ .System }}" in template and "{{- range .Messages }}" in template
+    assert '{{- if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>' in template
+    assert template.endswith("<|im_start|>assistant\n")
+    assert {l for l in lines if l.startswith("PARAMETER stop")} >= {'PARAMETER stop "<|im_end|>"',
+                                                                    'PARAMETER stop "<|im_start|>"'}
 
 
 def test_qwen3_moe_gguf_in_llama_cpp_layout_loads_back(tmp_path, tiny_qwen3_moe):
@@ -257,8 +285,17 @@ def test_gguf_refusals_are_one_line(tmp_path):
 
     with pytest.raises(ConfigError, match="mixtral models cannot be exported to GGUF"):
         export(M(), None, tmp_path / "x.gguf", "f16")
-    with pytest.raises(ConfigError, match="merge.gguf=q4_k: valid: f16, q8_0"):
-        export(M(), None, tmp_path / "x.gguf", "q4_k")
+    with pytest.raises(ConfigError, match="merge.gguf=q9: valid: f16, q8_0"):
+        export(M(), None, tmp_path / "x.gguf", "q9")
+    # k-quants: the gguf package cannot write them (it has no quantizer for Q4_K), llama.cpp's llama-quantize can
+    import gguf
+    import numpy as np
+
+    with pytest.raises(NotImplementedError):
+        gguf.quants.quantize(np.ones((1, 256), np.float32), gguf.GGMLQuantizationType.Q4_K)
+    with pytest.raises(ConfigError, match=r"merge.gguf=q4_k_m: llama.cpp's k-quants .* export merge.gguf=\[f16\] and "
+                                          r"run `llama-quantize <run>/gguf/merged-f16.gguf merged-q4_k_m.gguf Q4_K_M`"):
+        export(M(), None, tmp_path / "x.gguf", "q4_k_m")
 
 
 @pytest.mark.slow

@@ -75,3 +75,40 @@ def test_wheel_ships_config_and_runs_outside_the_repo(tmp_path):
     paths = [line.split(": ", 1)[1] for line in p.stdout.splitlines()
              if line.strip().startswith(("path:", "eval_path:", "prompts:")) and ": " in line]
     assert len(paths) == 3 and all(x.startswith(str(site)) and Path(x).is_file() for x in paths), p.stdout + p.stderr
+
+
+VERBS = ("download", "prepare", "inspect-moe", "train", "merge", "chat", "serve", "eval")
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_an_experiment_file_is_what_cfg_printed(verb, tmp_path):
+    """`qtune <verb> --cfg ... > exp.yaml` then `qtune <verb> exp.yaml` is the same resolved config, and overrides after
+    the file win over it (a derived value such as the run folder follows them)."""
+    settings = ["model=qwen3_8b", "quant=nf4", "lora=r32", "data.path=/data/chats.jsonl", "train.lr=1e-4",
+                "chat.temperature=0.2", "serve.adapters={b: /adapters/b}", "merge.gguf=[f16]"]
+    printed = qtune(verb, "--cfg", *settings, cwd=tmp_path, check=True).stdout
+    (tmp_path / "exp.yaml").write_text(printed)
+    assert qtune(verb, "--cfg", "exp.yaml", cwd=tmp_path, check=True).stdout == printed
+    if verb == "train":
+        again = qtune(verb, "--cfg", "exp.yaml", "lora=r64", "train.lr=3e-4", cwd=tmp_path, check=True).stdout
+        assert "  lr: 0.0003\n" in again and "run_name: qwen3_8b-chats-nf4-r64\n" in again and "  r: 64\n" in again
+
+
+def test_an_experiment_file_with_defaults_and_a_few_keys(tmp_path):
+    (tmp_path / "exp.yaml").write_text("defaults:\n  - model: qwen3_8b\n  - quant: nf4\ntrain:\n  lr: 5.0e-5\n"
+                                       "data:\n  path: chats.jsonl\n")
+    out = qtune("train", "--cfg", "exp.yaml", cwd=tmp_path, check=True).stdout
+    assert "run_name: qwen3_8b-chats-nf4-r16\n" in out and "  lr: 5.0e-05\n" in out and "  method: nf4\n" in out
+
+
+@pytest.mark.parametrize("content,words", [
+    ("train:\n  lerning_rate: 1e-4\n", "exp.yaml: train.lerning_rate: unknown key in 'train'; did you mean train.lr"),
+    ("trian:\n  lr: 1e-4\n", "exp.yaml: trian: unknown key in the top level"),
+    ("defaults:\n  - model: qwen9\n", "exp.yaml: defaults: model: qwen9: no such option; valid: qwen3_0_6b"),
+    ("train: [1, 2\n", "exp.yaml:2:1: not valid YAML"),
+])
+def test_a_wrong_key_in_an_experiment_file_is_one_line_naming_the_file(tmp_path, content, words):
+    from conftest import only_line
+
+    (tmp_path / "exp.yaml").write_text(content)
+    assert words in only_line(qtune("train", "exp.yaml", cwd=tmp_path))

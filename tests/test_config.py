@@ -48,7 +48,20 @@ def test_qlora_8b_composition():
     assert cfg.model.repo_id == "Qwen/Qwen3-8B"
     assert cfg.quant.method is QuantMethod.nf4 and cfg.quant.double_quant
     assert cfg.lora.r == 64 and cfg.lora.alpha == 128
-    assert cfg.run_name == "qwen3_8b-nf4-r64"
+    assert cfg.run_name == "qwen3_8b-nodata-nf4-r64"
+
+
+@pytest.mark.parametrize("data,name", [
+    (["data.path=/data/chats.jsonl"], "chats"), (["data=demo"], "demo"), (["data.path=/data/chats/*.jsonl"], "chats"),
+    (["data.path=HuggingFaceH4/ultrachat_200k"], "ultrachat_200k"),
+    (["data.sources=[{path: a.jsonl}, {path: b.jsonl}]"], "mix"),
+])
+def test_run_name_holds_the_datas_name_so_another_data_set_is_another_run(data, name):
+    """A second data set on the same model and settings trains into a new folder instead of meeting the first run."""
+    cfg = to_object(compose(["model=qwen3_8b", "quant=nf4", *data]))
+    assert cfg.run_name == f"qwen3_8b-{name}-nf4-r16" and cfg.train.output_dir == f"runs/{cfg.run_name}"
+    other = to_object(compose(["model=qwen3_8b", "quant=nf4", "data.path=/data/other.jsonl"]))
+    assert other.train.output_dir != cfg.train.output_dir
 
 
 def test_base_variant_and_moe_facts():

@@ -66,6 +66,10 @@ CASES = [
     ("eval", ["eval.repeats=0"], "eval.repeats must be at least 1"),
     ("inspect-moe", ["model=qwen3_30b_a3b", "moe=router_only", "moe.router_mode=frozen"],
      "moe.scope=router_only adapts the router, but moe.router_mode=frozen"),
+    # the embedded model is read from its package's file: another repo_id would be ignored
+    ("train", ["model.repo_id=Some/Repo"], "model.repo_id=Some/Repo: model=smollm2_135m is the embedded "
+     "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    ("chat", ["model.repo_id=Some/Repo"], "e.g. model=qwen3_8b model.repo_id=Some/Repo (options: qwen3_0_6b,"),
     # run folders that are not there
     ("merge", [], "run: which run folder? set run=runs/<name>"),
     ("chat", ["run=/nowhere/run"], "run=/nowhere/run: no such folder; name a run folder `qtune train` wrote"),
@@ -394,6 +398,26 @@ def test_a_sweeps_invalid_job_is_a_row_with_its_error_and_the_others_run(tmp_pat
     assert rows["train.lr=-1"]["error"] == "train.lr=-1: valid: > 0" and not rows["train.lr=-1"]["train_loss"]
     assert "| train.lr=-1: valid: > 0 |" in (sweep / "summary.md").read_text()
     assert (sweep / "0" / "adapter" / "adapter_config.json").is_file() and not (sweep / "1" / "adapter").exists()
+
+
+@pytest.mark.parametrize("overrides,words", [
+    ([], "no training data: set data.path="),
+    (["data.path={tmp}/chats.jsonl"], "chats.jsonl: no such file, folder or glob match"),
+    (["model=tiny_qwen3", "model.source=local", "model.local_dir={tmp}/no-model", f"data.path={DEMO}"],
+     "no-model: no config.json there"),
+], ids=["no-data", "missing-file", "missing-model"])
+def test_what_every_job_of_a_sweep_shares_is_checked_once_before_any_folder(tmp_path, overrides, words):
+    """The documented sweep without data.path: one line, no job started, no sweep folder left behind."""
+    p = qtune("train", "-m", "lora=r16,r64", "train.lr=1e-4,2e-4", *[o.format(tmp=tmp_path) for o in overrides],
+              cwd=tmp_path)
+    assert words in only_line(p) and "error: job" not in p.stderr, p.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_sweep_over_the_data_checks_each_jobs_data_itself(tmp_path):
+    """data.path swept: not one shared input, so the sweep goes on to its jobs (a dry run: nothing trains)."""
+    p = qtune("train", "-m", "--dry-run", "model=tiny_qwen3", f"data.path={DEMO},{tmp_path}/other.jsonl", cwd=tmp_path)
+    assert "no training data" not in p.stderr, p.stderr
 
 
 # ---------------------------------------------------------------- an adapter of another base

@@ -682,3 +682,19 @@ def test_bad_preference_records_name_file_line_and_field(tmp_path, qwen3_tokeniz
     with pytest.raises(DataError) as e:
         prepare(data_cfg(tmp_path, write_jsonl(tmp_path / "d.jsonl", [record])), qwen3_tokenizer, "q", stage=stage)
     assert str(e.value).startswith(str(tmp_path / message)), str(e.value)
+
+
+def test_skip_leaves_malformed_json_lines_in_rejects_with_line_and_column(tmp_path, qwen3_tokenizer):
+    bad = '{"input": "a" "output": "b"}'
+    try:
+        json.loads(bad)
+    except json.JSONDecodeError as e:
+        column = e.colno  # Python's own count (15)
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"input": "a", "output": "b"}\n' + bad + '\n{"input": "c", "output": "d"}\n')
+    res = prepare(data_cfg(tmp_path, path, on_error=OnError.skip), qwen3_tokenizer, "q")
+    assert res.stats["rejected"] == 1 and res.stats["train"]["examples"] == 2
+    (reject,) = [json.loads(l) for l in (res.path / "rejects.jsonl").read_text().splitlines()]
+    assert reject["where"] == f"{path}:2:{column}" and reject["record"] == bad
+    with pytest.raises(DataError, match=f"d.jsonl:2: malformed JSON .* at column {column}\\)"):
+        prepare(data_cfg(tmp_path, path), qwen3_tokenizer, "q")

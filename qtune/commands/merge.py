@@ -21,11 +21,11 @@ def run(cfg: Config):
     from qtune.modeling.load import quiet_libraries
 
     quiet_libraries()
-    from qtune.export.gguf import TYPES
+    from qtune.export.gguf import TYPES, unknown_type
 
     bad = [t for t in cfg.merge.gguf if t not in TYPES]
     if bad:
-        raise ConfigError(f"merge.gguf={bad[0]}: valid: {', '.join(TYPES)}")
+        raise ConfigError(unknown_type(bad[0]))
     check_exports(rcfg, run / "adapter")
     if rcfg.quant.method is not QuantMethod.none:
         ui.print_warning(f"the adapter was trained on a {rcfg.quant.method} base; it is merged into the 16-bit "
@@ -43,6 +43,9 @@ def run(cfg: Config):
     for g in result.get("gguf", []):
         ui.info(f"GGUF {g['type']}: {g['file']} ({ui.human_bytes(g['bytes'])}); loaded back with transformers, "
                 f"next-token choice agrees with the merged model at {g['top1_agreement']:.1%} of positions")
+    if result.get("gguf"):
+        ui.info(f"GGUF files and their Ollama Modelfiles are kept in {Path(result['gguf'][0]['file']).parent}, beside "
+                f"{out.name}/, which the next merge replaces; `ollama create <name> -f {result['gguf'][0]['modelfile']}`")
     if result.get("bnb_4bit"):
         ui.info(f"4-bit (nf4) merged checkpoint: {result['bnb_4bit']}")
     return result

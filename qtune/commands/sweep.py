@@ -21,7 +21,9 @@ def run(train, overrides: list[str], flags: dict, sweep_dir: str | None = None) 
     from qtune.config.compose import check_sweep, multirun
     from qtune.stages import SWEEP_COLUMNS
 
-    check_sweep(overrides)
+    base = check_sweep(overrides)
+    if not flags.get("dry_run"):  # what every job would fail on fails once, before any job or folder
+        _check_shared(base, overrides)
     folder = Path(sweep_dir or _sweep_dir(overrides))  # chosen here: the jobs may not run in this process
     multirun(overrides, lambda cfg: _job(train, cfg, flags), sweep_dir=str(folder))
     if flags.get("dry_run"):
@@ -32,6 +34,22 @@ def run(train, overrides: list[str], flags: dict, sweep_dir: str | None = None) 
     if rows and all(r["error"] for r in rows):
         raise QtuneError(f"every job of the sweep failed; see {folder / 'summary.md'}")
     return rows
+
+
+def _check_shared(base, overrides: list[str]) -> None:
+    """The data inputs and the model, when the sweep does not vary them, checked once (cheaply: no model loads):
+    `qtune train -m lora=r16,r64` without data.path is one line, not a row of errors per job and a sweep folder."""
+    from qtune.config.compose import swept_keys, to_object
+    from qtune.data.prepare import check_inputs
+    from qtune.modeling.hub import check_available
+
+    varied = swept_keys(overrides)
+    touches = lambda group: any(k == group or k.startswith(group + ".") for k in varied)  # noqa: E731
+    cfg = to_object(base)
+    if not touches("data"):
+        check_inputs(cfg.data)
+    if not touches("model"):
+        check_available(cfg.model, cfg.paths)
 
 
 def _sweep_dir(overrides: list[str]) -> str:

@@ -38,9 +38,31 @@ def _repo(variant: str, instruct: str | None, base: str | None) -> str:
     return repo
 
 
+def data_name(path, sources) -> str:
+    """The data's part of run_name: "mix" for data.sources, "demo" for qtune's demo data, else the name of data.path
+    (a file's stem, a folder's or a glob's folder's name, a hub dataset's name), in letters, digits, `.`, `_`, `-`."""
+    if sources:
+        return "mix"
+    if path in (None, "", "None"):
+        return "nodata"
+    path = str(path)
+    if path.startswith("hf://") or (not Path(path).expanduser().exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", path)):
+        name = path.rstrip("/").rpartition("/")[2]  # a hub dataset: org/name
+    else:
+        p = Path(path).expanduser()
+        if p.resolve().parent == DEMO_DATA_DIR.resolve():
+            return "demo"
+        while any(c in p.name for c in "*?[") and p.parent != p:
+            p = p.parent  # a glob: the folder it matches in
+        name = p.stem if p.suffix.lower() in (".jsonl", ".json", ".csv", ".tsv", ".parquet") else p.name
+    return re.sub(r"[^\w.-]+", "_", name).strip("._") or "data"
+
+
 def _register() -> None:
     if not OmegaConf.has_resolver("qtune.repo"):
         OmegaConf.register_new_resolver("qtune.repo", _repo)
+    if not OmegaConf.has_resolver("qtune.data_name"):
+        OmegaConf.register_new_resolver("qtune.data_name", data_name)
     if not OmegaConf.has_resolver("qtune.demo_data"):
         OmegaConf.register_new_resolver("qtune.demo_data", lambda name: str(DEMO_DATA_DIR / name))
     schema.store()
@@ -81,6 +103,24 @@ def check(cfg: DictConfig) -> None:
         raise
     except Exception as e:
         raise ConfigError(_one_line(e, [])) from None
+    _check_package_repo(cfg)
+
+
+def _check_package_repo(cfg: DictConfig) -> None:
+    """An embedded model (model.source=package) comes from the file its package ships, never from model.repo_id: another
+    repo_id would be ignored silently, so it is refused with what trains another repo."""
+    model = cfg.model
+    option = CONF_DIR / "model" / f"{model.name}.yaml"
+    if str(model.source) != "package" or not option.is_file():
+        return
+    own = OmegaConf.load(option).get("repo_id")
+    if own is None or model.repo_id == own:
+        return
+    hub = [o for o in group_options("model") if OmegaConf.load(CONF_DIR / "model" / f"{o}.yaml").get("source") == "hub"]
+    raise ConfigError(f"model.repo_id={model.repo_id}: model={model.name} is the embedded {own}, read from the file "
+                      f"the {model.package} package ships, so model.repo_id is not used; to train another Hugging Face "
+                      f"repo choose the model option of its architecture and size and name the repo, e.g. "
+                      f"model=qwen3_8b model.repo_id={model.repo_id} (options: {', '.join(hub)})")
 
 
 def to_object(cfg: DictConfig) -> schema.Config:
@@ -126,10 +166,11 @@ LAUNCHER_PACKAGES = {"joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-jo
                         for name in ("slurm", "submitit_slurm", "submitit_local")}}
 
 
-def check_sweep(overrides: Sequence[str]) -> None:
+def check_sweep(overrides: Sequence[str]) -> DictConfig:
     """Fail fast, in one line, before Hydra launches anything: every group option and plain override, and the key and
     type of every swept value (`train.lr=1e-4,abc`, `lora.rr=8,16`). What depends on a job's whole config
-    (`train.lr=1e-4,-1`: a value out of range) is that job's error, a row of the summary (qtune.commands.sweep)."""
+    (`train.lr=1e-4,-1`: a value out of range) is that job's error, a row of the summary (qtune.commands.sweep).
+    Returns the config of the plain overrides: what every job shares unless the sweep varies it."""
     import importlib.util
 
     _check_group_choices(overrides)
@@ -143,6 +184,12 @@ def check_sweep(overrides: Sequence[str]) -> None:
     for o, (key, values) in swept.items():
         for value in values:  # each value once, over the plain overrides, as Hydra applies it: its key and type
             _check_value(base, f"{key}={value}")
+    return base
+
+
+def swept_keys(overrides: Sequence[str]) -> set[str]:
+    """The keys a sweep varies (`lora`, `train.lr`), without +/~/++ prefixes."""
+    return {key.lstrip("+~") for key, _ in _sweeps(overrides).values()}
 
 
 def _check_value(base: DictConfig, override: str) -> None:
@@ -336,3 +383,142 @@ def _unknown_key(key: str, full: str | None = None) -> str:
     hint = f"; did you mean {close}?" if close else ""
     where = f"'{parent}'" if parent else "the top level"
     return f"{key}: unknown key in {where}{hint}"
+
+
+# ---------------------------------------------------------------- experiment files: `qtune train exp.yaml [overrides]`
+
+EXPERIMENT_SUFFIXES = (".yaml", ".yml")
+
+
+def expand_experiment(overrides: Sequence[str]) -> list[str]:
+    """An experiment file among the arguments (`qtune train exp.yaml lora=r64`, one YAML per experiment as in
+    LLaMA-Factory and axolotl) becomes the overrides it stands for, placed before the other arguments (which win):
+    its `defaults:` list (`- model: qwen3_8b`) gives group options, every other key a value over qtune's defaults. What
+    `qtune <verb> --cfg` prints is such a file: values that qtune derives from others (run_name, train.output_dir,
+    model.local_dir...) and that the file holds as derived are left to be derived again, so `lora=r64` on the command
+    line still names its own run folder. A key qtune does not know is one line naming the file and the key."""
+    files = [o for o in overrides if "=" not in o and o.lower().endswith(EXPERIMENT_SUFFIXES)]
+    if not files:
+        return list(overrides)
+    if len(files) > 1:
+        raise ConfigError(f"{files[1]}: one experiment file at a time (already given: {files[0]})")
+    path = Path(files[0]).expanduser()
+    rest = [o for o in overrides if o != files[0]]
+    data = _load_experiment(path)
+    groups = _experiment_groups(path, data.pop("defaults", None) or [])
+    data.pop("hydra", None)
+    leaves: list[tuple[str, object]] = []
+    _flatten(path, data, schema.Config, "", leaves)
+    try:
+        raw = compose(groups)
+        base = OmegaConf.to_container(raw, resolve=True, enum_to_str=True)
+        changed = [(k, v) for k, v in leaves if _get(base, k, _MISSING) != v]
+        derived = [(k, v) for k, v in changed if _is_interpolation(raw, k)]
+        kept = [(k, v) for k, v in changed if (k, v) not in derived]
+        if derived:  # what the file's own settings derive again is left to be derived (from the overrides too)
+            again = OmegaConf.to_container(compose(groups + [f"{k}={_literal(v)}" for k, v in kept]), resolve=True,
+                                           enum_to_str=True)
+            kept += [(k, v) for k, v in derived if _get(again, k, _MISSING) != v]
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    named = {o.split("=", 1)[0] for o in rest if "=" in o}  # `lora=r64` after the file: that group's values are
+    kept = [(k, v) for k, v in kept if k.split(".", 1)[0] not in named or k.split(".", 1)[0] not in GROUPS]
+    return groups + [f"{k}={_literal(v)}" for k, v in kept] + rest  # (the option's, not the file's)
+
+
+_MISSING = object()
+
+
+def _load_experiment(path: Path) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such experiment file (an argument ending in .yaml is read as one)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({e.problem or e})") from None
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+        raise ConfigError(f"{path}: cannot read it as YAML ({' '.join(str(e).split())})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings (key: value), got a {type(data).__name__}")
+    return data
+
+
+def _experiment_groups(path: Path, defaults) -> list[str]:
+    """`defaults: [{model: qwen3_8b}, {lora: r64}]` (or `override model: ...`, as in Hydra's own files) -> group=option."""
+    if not isinstance(defaults, list):
+        raise ConfigError(f"{path}: defaults: expected a list like [{{model: qwen3_8b}}, {{lora: r64}}]")
+    out = []
+    for entry in defaults:
+        if entry in ("_self_", "qtune_schema"):
+            continue
+        if not (isinstance(entry, dict) and len(entry) == 1):
+            raise ConfigError(f"{path}: defaults: {entry!r}: write each entry as `- group: option`, e.g. `- model: qwen3_8b`")
+        (group, option), = entry.items()
+        group = str(group).removeprefix("override ").strip()
+        if group not in GROUPS:
+            raise ConfigError(f"{path}: defaults: {group}: no such group; valid: {', '.join(GROUPS)}")
+        if str(option) not in group_options(group):
+            raise ConfigError(f"{path}: defaults: {group}: {option}: no such option; valid: {', '.join(group_options(group))}")
+        out.append(f"{group}={option}")
+    return out
+
+
+def _flatten(path: Path, data: dict, typ, prefix: str, out: list) -> None:
+    """The file's values as (dotted key, value), down to the schema's leaves (a list or a free mapping stays whole)."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(typ)}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{path}: {_unknown_key(full)}")
+        sub = fields[key].type
+        sub = getattr(schema, sub, None) if isinstance(sub, str) else sub
+        if dataclasses.is_dataclass(sub):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: {full}: expected a mapping of its settings, got {value!r}")
+            _flatten(path, value, sub, full + ".", out)
+        else:
+            out.append((full, value))
+
+
+def _get(container, key: str, default):
+    node = container
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _is_interpolation(cfg: DictConfig, key: str) -> bool:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return isinstance(node, DictConfig) and leaf in node and OmegaConf.is_interpolation(node, leaf)
+
+
+def _literal(value) -> str:
+    """A value in Hydra's override grammar: null, true, numbers, 'quoted strings', [lists], {mappings}."""
+    import math
+
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and (math.isinf(value) or math.isnan(value)):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_literal(v)}" for k, v in value.items()) + "}"
+    text = str(value).replace("'", "\\'")
+    trailing = len(text) - len(text.rstrip("\\"))
+    return "'" + text + "\\" * trailing + "'"

@@ -504,7 +504,9 @@ class Config:
     merge: MergeConfig = field(default_factory=MergeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    run_name: str = "${model.name}-${quant.method}-r${lora.r}"
+    # the data's name too (qtune.config.compose.data_name: a file's stem, "mix", "demo"), so another data set on the same
+    # model is a new run folder, not a refused resume
+    run_name: str = "${model.name}-${qtune.data_name:${data.path},${data.sources}}-${quant.method}-r${lora.r}"
     run: Optional[str] = None   # a run folder that merge/chat/serve/eval read from
 
 

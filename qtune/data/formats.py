@@ -154,7 +154,9 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 raise DataError(_not_utf8(path, raw, e, n)) from None
 
 
-def read_records(path: Path) -> Iterator[Record]:
+def read_records(path: Path, skip=None) -> Iterator[Record]:
+    """The records of one file. `skip(where, error, text)` (data.on_error=skip): a JSONL line that is not JSON is
+    handed to it (where = file:line:column) and reading goes on; without it the line is a DataError."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         for n, line in _lines(path):
@@ -162,10 +164,17 @@ def read_records(path: Path) -> Iterator[Record]:
                 continue
             try:
                 obj = json.loads(line, object_pairs_hook=_unique_keys)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+            except json.JSONDecodeError as e:  # colno counts from 1 on the line as read (a JSONL record is one line)
+                error = f"malformed JSON ({e.msg} at column {e.colno})"
+                if skip is None:
+                    raise DataError(f"{path}:{n}: {error}") from None
+                skip(f"{path}:{n}:{e.colno}", error, line.rstrip("\r\n"))
+                continue
             except _DuplicateKey as e:
-                raise DataError(f"{path}:{n}: {e}") from None
+                if skip is None:
+                    raise DataError(f"{path}:{n}: {e}") from None
+                skip(f"{path}:{n}", str(e), line.rstrip("\r\n"))
+                continue
             if _SURROGATE_ESCAPE.search(line):
                 _check_surrogates(obj, line, path, n)
             yield _as_record(obj, f"{path}:{n}")

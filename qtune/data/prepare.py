@@ -86,7 +86,11 @@ def load_examples(src: SourceConfig, on_error: OnError, rejects: list[dict],
     """A source's records as examples of what a stage trains on (`trains`); `system_prompt` (data.system_prompt) opens every
     conversation that has no system turn of its own."""
     out = []
-    for rec in _records(src):
+
+    def skip(where: str, error: str, text: str) -> None:  # a line that is no record at all (malformed JSON)
+        rejects.append({"where": where, "error": error, "record": text})
+
+    for rec in _records(src, skip if on_error is OnError.skip else None):
         try:
             ex = _example(rec, src.format, trains)
             if system_prompt and ex.messages is not None and not any(m["role"] == "system" for m in ex.messages):
@@ -99,7 +103,7 @@ def load_examples(src: SourceConfig, on_error: OnError, rejects: list[dict],
     return out
 
 
-def _records(src: SourceConfig):
+def _records(src: SourceConfig, skip=None):
     if is_hub_dataset(src.path):
         from datasets import load_dataset
 
@@ -112,7 +116,7 @@ def _records(src: SourceConfig):
             yield formats.Record(row, f"{name}[{src.split}]:row {i + 1}")
         return
     for f in formats.expand(src.path):
-        yield from formats.read_records(f)
+        yield from formats.read_records(f, skip)
 
 
 def mix(per_source: list[list], sources: list[SourceConfig], seed: int) -> list[tuple[int, object]]:

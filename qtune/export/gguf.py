@@ -1,5 +1,6 @@
 """Merged model -> GGUF (f16, q8_0) for llama.cpp and Ollama, written with the `gguf` package and verified
-by loading the file back with transformers' GGUF loader.
+by loading the file back with transformers' GGUF loader; an Ollama Modelfile beside each file. (k-quants such as
+q4_k_m are not written: the gguf package has no quantizer for them; llama.cpp's llama-quantize makes them from f16.)
 
 Dense Llama (the embedded SmolLM2) and Qwen3 are supported. Llama's q/k projections are permuted into
 GGML's rotary layout, as llama.cpp's converter does (transformers undoes it on load); Qwen3 needs none.
@@ -21,6 +22,51 @@ import re
 ARCHS = {"llama": "LLAMA", "qwen3": "QWEN3", "qwen3_moe": "QWEN3MOE"}
 EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
 TYPES = ("f16", "q8_0")
+# llama.cpp's k-quants: the gguf package only reads them (gguf.quants has no quantizer for Q4_K, Q5_K, Q6_K), so they
+# are made from the f16 file with llama.cpp's own quantizer
+K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "q4_k", "q5_k")
+
+
+def unknown_type(qtype: str) -> str:
+    """The one line for a merge.gguf type qtune does not write."""
+    if qtype.lower() in K_QUANTS:
+        return (f"merge.gguf={qtype}: llama.cpp's k-quants are made by its own quantizer, not the gguf package; export "
+                f"merge.gguf=[f16] and run `llama-quantize <run>/gguf/merged-f16.gguf merged-{qtype.lower()}.gguf "
+                f"{qtype.upper()}`; qtune writes: {', '.join(TYPES)}")
+    return f"merge.gguf={qtype}: valid: {', '.join(TYPES)}"
+
+
+# Ollama's Go-template form of ChatML (Qwen3, SmolLM2): the system prompt, then each user and assistant turn, then
+# the opening of the assistant's answer (Qwen3 thinks in it first, as its own template has it)
+OLLAMA_CHATML = """{{- if .System }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ end }}
+{{- range .Messages }}
+{{- if eq .Role "user" }}<|im_start|>user
+{{ .Content }}<|im_end|>
+{{ else if eq .Role "assistant" }}<|im_start|>assistant
+{{ .Content }}<|im_end|>
+{{ end }}
+{{- end }}<|im_start|>assistant
+"""
+
+
+def modelfile(gguf_name: str, tokenizer) -> str:
+    """An Ollama Modelfile for the GGUF file `gguf_name` beside it (`ollama create <name> -f <this file>`): FROM it, the
+    chat template in Ollama's syntax where the model's is ChatML, and its stop tokens."""
+    template = tokenizer.chat_template or ""
+    lines = [f"# ollama create {Path(gguf_name).stem} -f <this file>", f"FROM ./{gguf_name}"]
+    stops = []
+    if "<|im_start|>" in template:
+        lines.append(f'TEMPLATE """{OLLAMA_CHATML}"""')
+        stops = ["<|im_start|>", "<|im_end|>"]
+    else:  # another template: Ollama reads the one the GGUF file holds (tokenizer.chat_template)
+        lines.append("# TEMPLATE: not ChatML; Ollama uses the chat template stored in the GGUF file")
+    eos = tokenizer.eos_token
+    if eos and eos not in stops:
+        stops.append(eos)
+    lines += [f'PARAMETER stop "{t}"' for t in stops]
+    return "\n".join(lines) + "\n"
 
 
 def export(model, tokenizer, out: Path, qtype: str) -> Path:
@@ -28,7 +74,7 @@ def export(model, tokenizer, out: Path, qtype: str) -> Path:
     import gguf
 
     if qtype not in TYPES:
-        raise ConfigError(f"merge.gguf={qtype}: valid: {', '.join(TYPES)}")
+        raise ConfigError(unknown_type(qtype))
     cfg = model.config
     if cfg.model_type not in ARCHS:
         raise ConfigError(f"merge.gguf: {cfg.model_type} models cannot be exported to GGUF here "

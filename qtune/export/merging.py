@@ -9,6 +9,8 @@
   5. cast to merge.dtype (bf16 by default) and report what that rounding costs (how often the next-token
      choice still agrees, the largest logit change), then save sharded safetensors with tokenizer, chat
      template and generation config into <run>/merged/ (atomically)
+  6. GGUF exports (merge.gguf) go beside it, <run>/gguf/merged-<type>.gguf with an Ollama Modelfile each, so a later
+     merge (which replaces merged/) keeps them; ones an older qtune left inside merged/ are moved there first
 The check runs in fp32 because a bf16 model differs from bf16 base+adapter by whole logits (rounding of
 W+ΔW), which would hide a wrong merge; set merge.parity_dtype=bf16 (and a looser tolerance) for models
 too large to hold in fp32.
@@ -21,6 +23,8 @@ A reward model (train.stage=rm) merges into a sequence-classification checkpoint
 """
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from qtune.config.schema import Config, DType, QuantMethod
@@ -101,12 +105,26 @@ def merge(cfg: Config, adapter: Path, out: Path, warn=None) -> dict:
             if not scorer:  # (a score has no next-token choice)
                 agree = [(a.argmax(-1) == b.argmax(-1)).float().mean().item() for a, b in zip(reference, cast)]
                 result["top1_agreement"] = sum(agree) / len(agree)
-    with atomic_dir(out, replace=True, need=_bytes_to_save(merged, folder, cfg.merge.gguf),
-                    remedy="free space, or set merge.output_dir to a folder on another disk") as tmp:
-        merged.save_pretrained(tmp, max_shard_size="2GB")
-        tokenizer.save_pretrained(tmp)
-        result["gguf"] = [_gguf(merged, tokenizer, tmp, out, t, inputs) for t in cfg.merge.gguf]
-        atomic_write_json(tmp / MARKER, result)
+    _keep_old_exports(out)
+    staged = None
+    try:
+        with atomic_dir(out, replace=True, need=_bytes_to_save(merged, folder, cfg.merge.gguf),
+                        remedy="free space, or set merge.output_dir to a folder on another disk") as tmp:
+            merged.save_pretrained(tmp, max_shard_size="2GB")
+            tokenizer.save_pretrained(tmp)
+            if cfg.merge.gguf:  # beside the merged folder, so that the next merge (which replaces it) keeps them
+                staged = _stage(gguf_dir(out))
+                result["gguf"] = [_gguf(merged, tokenizer, staged[0], out, t, inputs) for t in cfg.merge.gguf]
+            else:
+                result["gguf"] = []
+            atomic_write_json(tmp / MARKER, result)
+        if staged:
+            for f in sorted(staged[0].iterdir()):
+                os.replace(f, gguf_dir(out) / f.name)
+    finally:
+        if staged:
+            shutil.rmtree(staged[0], ignore_errors=True)
+            os.close(staged[1])
     if cfg.merge.save_4bit:
         result["bnb_4bit"] = str(_save_4bit(out, tokenizer))
         atomic_write_json(out / MARKER, result)
@@ -119,7 +137,7 @@ def _remove_stale(out: Path, warn=None) -> None:
     from qtune.io import remove_stale_temps
     from qtune.text import human_bytes
 
-    found = [remove_stale_temps(t) for t in (out, _nf4_dir(out))]
+    found = [remove_stale_temps(t) for t in (out, _nf4_dir(out), gguf_dir(out) / "export")]
     count, freed = sum(f[0] for f in found), sum(f[1] for f in found)
     if count and warn:
         pids = sorted({p for f in found for p in f[2]})
@@ -133,16 +151,46 @@ def _remove_stale(out: Path, warn=None) -> None:
 GGUF_MIN_AGREEMENT = {"f16": 0.98, "q8_0": 0.8}
 
 
-def _gguf(merged, tokenizer, tmp: Path, out: Path, qtype: str, inputs) -> dict:
-    from qtune.export.gguf import export, verify
+def gguf_dir(out: Path) -> Path:
+    """Where the GGUF exports of the merged folder `out` go: `<out's parent>/gguf/` (a run's: <run>/gguf/), each file
+    `<out's name>-<type>.gguf` with its Ollama Modelfile `<out's name>-<type>.Modelfile`."""
+    return out.parent / "gguf"
+
+
+def _stage(folder: Path):
+    """A hidden temporary folder inside `folder` (owned by this process) where GGUF files are written and checked
+    before they replace earlier ones of the same name."""
+    from qtune.io import owned_temp
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return owned_temp(folder / "export", ".tmp")
+
+
+def _keep_old_exports(out: Path) -> None:
+    """GGUF files an earlier qtune merge left inside `out` (where they used to be written) move to gguf_dir before the
+    new merge replaces `out`."""
+    if not (out / MARKER).is_file():
+        return
+    for f in out.glob("*.gguf"):
+        target = gguf_dir(out) / f.name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, target)
+
+
+def _gguf(merged, tokenizer, staging: Path, out: Path, qtype: str, inputs) -> dict:
+    from qtune.export.gguf import export, modelfile, verify
+    from qtune.io import atomic_write_text
 
     name = f"{out.name}-{qtype}.gguf"
-    export(merged, tokenizer, tmp / name, qtype)
-    check = verify(tmp / name, merged, tokenizer, inputs)
+    export(merged, tokenizer, staging / name, qtype)
+    check = verify(staging / name, merged, tokenizer, inputs)
     if check["top1_agreement"] < GGUF_MIN_AGREEMENT[qtype]:
         raise ParityError(f"GGUF {qtype} check failed: loaded back, it agrees with the merged model on "
                           f"{check['top1_agreement']:.1%} of next tokens (< {GGUF_MIN_AGREEMENT[qtype]:.0%}); nothing was saved")
-    check["file"] = str(out / name)
+    atomic_write_text(staging / f"{out.name}-{qtype}.Modelfile", modelfile(name, tokenizer))
+    check["file"] = str(gguf_dir(out) / name)
+    check["modelfile"] = str(gguf_dir(out) / f"{out.name}-{qtype}.Modelfile")
     check["type"] = qtype
     return check
 

@@ -46,6 +46,34 @@ def ensure_model(model: ModelConfig, download: DownloadConfig | None = None, pat
     return assets.build_random_model(model.arch, local, home, replace=bool(broken))
 
 
+def check_available(model: ModelConfig, paths: PathsConfig | None = None) -> None:
+    """Cheap, with no network and no model load (what a sweep checks once for all its jobs): a model folder that is
+    not there (model.source=local), lost files, a package that is not installed (model.source=package), or a hub model
+    with no local copy while the hub is offline."""
+    from qtune import integrity
+
+    local = Path(model.local_dir).expanduser()
+    if model.source is ModelSource.local:
+        if not (local / "config.json").is_file():
+            raise DownloadError(f"model.local_dir={local}: no config.json there (model.source=local expects a model folder)")
+        integrity.check_model(local, "model.source=local: copy the model's files into it again")
+        return
+    if model.source is ModelSource.hub:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE and not _complete(local):
+            raise DownloadError(f"model.repo_id={model.repo_id}: no complete copy in {local} and the hub is offline "
+                                f"(HF_HUB_OFFLINE=1); fetch it first with `{download_command(model, paths)}`")
+        return
+    broken = (local / "config.json").is_file() and integrity.model_problem(local)
+    if broken:
+        raise DownloadError(f"{broken}; make it again with `{download_command(model, paths)}`")
+    if model.source is ModelSource.package and not (local / "config.json").is_file():
+        from qtune.modeling import assets
+
+        assets.package_file(model.package, model.gguf_file)  # the file it converts from is installed
+
+
 def download_command(model: ModelConfig, paths: PathsConfig | None = None) -> str:
     """The `qtune download` that fetches (or builds) this model into its folder again: model=<name>, with the settings
     that make it differ from that option (variant, repo_id, revision, local_dir)."""
