@@ -340,9 +340,9 @@ def _main_process() -> bool:
 
 def _eval_overlap(data: DataConfig, sources: list[SourceConfig]) -> list[str]:
     """A warning when data.eval_path names files that the training sources hold too."""
-    if not data.eval_path or formats.is_hub_dataset(data.eval_path):
+    if not data.eval_path or is_hub_dataset(data.eval_path):
         return []
-    train = {f.resolve() for s in sources if not formats.is_hub_dataset(s.path) for f in formats.expand(s.path)}
+    train = {f.resolve() for s in sources if not is_hub_dataset(s.path) for f in formats.expand(s.path)}
     both = [f for f in formats.expand(data.eval_path) if f.resolve() in train]
     if not both:
         return []
