@@ -22,12 +22,41 @@ README = (REPO / "README.md").read_text()
 
 
 def readme_commands() -> list[str]:
-    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
-    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    lines = "\n".join(_blocks("bash")).replace("\\\n", " ").splitlines()
     return [line.strip() for line in lines if line.strip().startswith("qtune ")]
 
 
-COMMANDS = readme_commands()
+def _blocks(language: str) -> list[str]:
+    """The README's fenced blocks of one language ("" for plain ones), read fence by fence."""
+    out, lang, body = [], None, []
+    for line in README.splitlines():
+        if line.startswith("```"):
+            if lang is None:
+                lang, body = line[3:].strip(), []
+            else:
+                if lang == language:
+                    out.append("\n".join(body))
+                lang = None
+        elif lang is not None:
+            body.append(line)
+    return out
+
+
+def shown_commands() -> list[tuple[str, list[str]]]:
+    """`$ qtune …` lines in the README's plain blocks (shown with their output), each with the line that follows it."""
+    out = []
+    for block in _blocks(""):
+        lines = block.splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("$ qtune "):
+                following = [x for x in lines[i + 1:] if x.strip()]
+                out.append((line[2:], following[:1]))
+    return out
+
+
+SHOWN = shown_commands()
+COMMANDS = readme_commands() + [c for c, after in SHOWN if not after[0].startswith("error:")]
+ERRORS = [(c, after[0]) for c, after in SHOWN if after[0].startswith("error:")]
 
 
 def _args(command: str) -> list[str]:
@@ -70,6 +99,18 @@ def test_readme_command_composes(command):
     result = CliRunner().invoke(app, [*args, "--cfg"])
     assert result.exit_code == 0 and result.exception is None, f"{command}\n{result.output}{result.exception!r}"
     assert "model:" in result.output
+
+
+@pytest.mark.parametrize("command,line", ERRORS, ids=[c for c, _ in ERRORS])
+def test_the_readme_shows_errors_as_qtune_prints_them(command, line):
+    from conftest import only_line
+
+    p = qtune(*_args(command))
+    assert p.returncode != 0 and only_line(p) == line
+
+
+def test_the_readme_shows_commands_with_their_output():
+    assert len(ERRORS) >= 1 and any("--prompt" in c for c, _ in SHOWN)
 
 
 CHEAP = [c for c in COMMANDS if _runs_cheaply(c)]
@@ -154,3 +195,14 @@ def test_config_reference_is_generated_from_the_schema():
 def test_the_readme_links_its_docs():
     for target in ("docs/config.md", "docs/benchmarks.md"):
         assert f"]({target})" in README and (REPO / target).is_file()
+
+
+def test_the_demo_questions_check_facts():
+    """The demo's evaluation (README, "The demo") checks a fact per question, and each reference states its fact."""
+    import json
+
+    from qtune.evaluation.metrics import facts_score
+
+    rows = [json.loads(x) for x in (REPO / "data" / "demo" / "eval_prompts.jsonl").read_text().splitlines()]
+    assert rows and all(r["facts"] and facts_score(r["reference"], r["facts"]) == 1.0 for r in rows)
+    assert "facts right" in README
