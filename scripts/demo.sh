@@ -34,10 +34,12 @@ qtune train data=demo train=demo train.overwrite=true
 step "qtune merge: the adapter folded into bf16 weights (the merge is checked in fp32 first)"
 qtune merge run=runs/demo
 
-step "qtune chat --prompt: one answer from the merged model"
-qtune chat run=runs/demo chat.temperature=0 chat.max_new_tokens=40 --prompt "How many legs does a spider have?"
+step "qtune chat --prompt: the merged model answers a question it was not trained on"
+qtune chat run=runs/demo chat.temperature=0 chat.max_new_tokens=40 --prompt "What color are bananas when ripe?"
 
 step "qtune eval: the model before (base) and after (adapter) training, on held-out data and questions"
+# ROUGE-L and token F1 reward the Captain's-log wording; "facts right" checks the fact each answer must state
+# (data/demo/eval_prompts.jsonl), which 24 steps on 36 examples can make worse while the style gets better.
 qtune eval run=runs/demo eval=demo
 
 step "The run folder"

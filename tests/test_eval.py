@@ -125,6 +125,9 @@ def test_bad_prompt_files_and_an_unreachable_judge_are_one_line(tmp_path):
     bad.write_text('{"prompt": "fine"}\n{"question": "no prompt key"}\n')
     line = one_line_error(qtune("eval", f"run={run}", f"eval.prompts={bad}"))
     assert 'bad.jsonl:2: each line needs a non-empty "prompt"' in line
+    bad.write_text('{"prompt": "fine", "facts": [2]}\n')
+    line = one_line_error(qtune("eval", f"run={run}", f"eval.prompts={bad}"))
+    assert 'bad.jsonl:1: "facts" must be a non-empty string or list of strings' in line
     good = tmp_path / "good.jsonl"
     good.write_text('{"prompt": "hi"}\n')
     line = one_line_error(qtune("eval", f"run={run}", f"eval.prompts={good}", "eval.judge_url=http://127.0.0.1:9/v1"))
@@ -139,6 +142,15 @@ def test_metrics():
     assert 0 < token_f1("rome is big", "rome is the capital") < 1
     assert rouge_l("a b c d", "a b c d") == 1.0 and rouge_l("x y", "a b") == 0.0
     assert consistency(["Yes.", "yes", "no"]) == pytest.approx(2 / 3)
+    from qtune.evaluation.metrics import facts_score, reference_scores
+
+    # the style of a reference without its fact scores high on ROUGE-L and zero on facts
+    ref = "Captain's log: A bicycle has two wheels. All hands steady. End of entry."
+    wrong = "Captain's log: A bicycle has four wheels. All hands steady. End of entry."
+    scores = reference_scores(wrong, ref, ["two|2"])
+    assert scores["rouge_l"] > 0.9 and scores["facts_right"] == 0.0
+    assert facts_score("It has 2 wheels.", ["two|2"]) == 1.0 and facts_score("Rome, Italy", ["rome", "italy"]) == 1.0
+    assert facts_score("Romeo", ["Rome"]) == 0.0  # whole words only
 
 
 def test_a_run_trained_with_relative_paths_evaluates_from_any_folder(tiny_run, tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """Answers to a prompt set, timed and scored against references (qtune eval's prompts): the prompts read, each model's
 answer(s) generated (greedy, or eval.repeats sampled answers for consistency), time to first token and tokens/s, exact
-match, token F1, ROUGE-L, and the per-model aggregates with the judge's scores."""
+match, token F1, ROUGE-L, the share of stated facts, and the per-model aggregates with the judge's scores."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +11,8 @@ from qtune.errors import DataError
 
 
 def load_prompts(path: Path) -> list[dict]:
-    """The prompt set: records (JSONL, JSON, CSV, Parquet) with "prompt" and optional "system", "reference"."""
+    """The prompt set: records (JSONL, JSON, CSV, Parquet) with "prompt" and optional "system", "reference" and
+    "facts" (words or phrases a right answer states)."""
     from qtune.data.formats import read_records
 
     if not path.is_file():
@@ -20,12 +21,18 @@ def load_prompts(path: Path) -> list[dict]:
     for rec in read_records(path):  # malformed lines stop with file:line
         data = rec.data
         if not isinstance(data.get("prompt"), str) or not data["prompt"].strip():
-            raise DataError(f'{rec.where}: each line needs a non-empty "prompt" string (optional: "system", "reference")')
+            raise DataError(f'{rec.where}: each line needs a non-empty "prompt" string (optional: "system", "reference", "facts")')
         for key in ("system", "reference"):
             if data.get(key) is not None and not isinstance(data[key], str):
                 raise DataError(f"{rec.where}: {key!r} must be a string")
+        facts = data.get("facts")
+        facts = [facts] if isinstance(facts, str) else facts
+        if facts is not None and (not isinstance(facts, list) or not facts
+                                  or not all(isinstance(f, str) and f.strip() for f in facts)):
+            raise DataError(f'{rec.where}: "facts" must be a non-empty string or list of strings (words the answer '
+                            'must state, e.g. ["two"])')
         prompts.append({"prompt": data["prompt"], "system": data.get("system"), "reference": data.get("reference"),
-                        "where": rec.where.rsplit("/", 1)[-1]})
+                        "facts": facts, "where": rec.where.rsplit("/", 1)[-1]})
     if not prompts:
         raise DataError(f"eval.prompts={path}: no prompts in the file")
     return prompts
@@ -56,8 +63,9 @@ def answer(loaded, prompt: dict, cfg, rcfg, index: int) -> dict:
            "consistency": consistency(answers) if sample else None,
            "ttft_s": median([t[0] for t in timings]), "tok_s": median([t[1] for t in timings]),
            "new_tokens": timings[0][2], "judge": None, "judge_error": None}
-    scores = [reference_scores(a, prompt["reference"]) for a in answers]
-    for key in ("exact_match", "f1", "rouge_l"):
+    scores = [reference_scores(a, prompt["reference"], prompt.get("facts")) for a in answers]
+    row["facts"] = prompt.get("facts")
+    for key in ("facts_right", "exact_match", "f1", "rouge_l"):
         row[key] = sum(s[key] for s in scores) / len(scores) if scores and key in scores[0] else None
     return row
 
@@ -98,7 +106,7 @@ def aggregate(rows: list[dict]) -> dict:
         vals = [v for v in vals if v is not None]
         return sum(vals) / len(vals) if vals else None
 
-    out = {k: mean(k) for k in ("exact_match", "f1", "rouge_l", "consistency")}
+    out = {k: mean(k) for k in ("facts_right", "exact_match", "f1", "rouge_l", "consistency")}
     out["ttft_s"] = median([r["ttft_s"] for r in rows])
     out["tok_s"] = median([r["tok_s"] for r in rows])
     for c in ("accuracy", "helpfulness", "tone"):

@@ -1,5 +1,5 @@
-"""Answer metrics: exact match and token F1 (SQuAD's normalization), ROUGE-L (Google's rouge-score), and
-consistency across repeated sampled answers."""
+"""Answer metrics: exact match and token F1 (SQuAD's normalization), ROUGE-L (Google's rouge-score), the facts an
+answer must state, and consistency across repeated sampled answers."""
 from __future__ import annotations
 
 import re
@@ -42,6 +42,13 @@ def rouge_l(answer: str, reference: str) -> float:
     return _scorer.score(reference, answer)["rougeL"].fmeasure
 
 
+def facts_score(answer: str, facts: list[str]) -> float:
+    """1.0 when the answer states every fact, else 0.0. A fact is a word or phrase matched whole after normalization;
+    "two|2" accepts either. Unlike ROUGE-L and F1, which reward a reference's wording, this counts only what is right."""
+    said = f" {normalize(answer)} "
+    return float(all(any(f" {normalize(alt)} " in said for alt in fact.split("|")) for fact in facts))
+
+
 def consistency(answers: list[str]) -> float:
     """Share of the answers equal (after normalization) to the most common one: 1.0 = always the same."""
     if not answers:
@@ -50,8 +57,9 @@ def consistency(answers: list[str]) -> float:
     return counts.most_common(1)[0][1] / len(answers)
 
 
-def reference_scores(answer: str, reference: str | None) -> dict:
+def reference_scores(answer: str, reference: str | None, facts: list[str] | None = None) -> dict:
+    out = {"facts_right": facts_score(answer, facts)} if facts else {}
     if reference is None:
-        return {}
-    return {"exact_match": exact_match(answer, reference), "f1": token_f1(answer, reference),
+        return out
+    return out | {"exact_match": exact_match(answer, reference), "f1": token_f1(answer, reference),
             "rouge_l": rouge_l(answer, reference)}

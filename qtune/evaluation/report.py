@@ -12,7 +12,7 @@ from qtune.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 METRICS = [("heldout_loss", "held-out loss", ".4f"), ("perplexity", "perplexity", ".2f"),
            ("reward_accuracy", "held-out reward accuracy", ".3f"), ("reward_margin", "held-out reward margin", ".3f"),
-           ("exact_match", "exact match", ".2f"), ("f1", "token F1", ".3f"), ("rouge_l", "ROUGE-L", ".3f"),
+           ("facts_right", "facts right", ".2f"), ("exact_match", "exact match", ".2f"), ("f1", "token F1", ".3f"), ("rouge_l", "ROUGE-L", ".3f"),
            ("consistency", "consistency", ".2f"), ("judge_accuracy", "judge accuracy", ".2f"),
            ("judge_helpfulness", "judge helpfulness", ".2f"), ("judge_tone", "judge tone", ".2f"),
            ("ttft_s", "time to first token (s)", ".3f"), ("tok_s", "tokens/s", ".1f")]
@@ -115,7 +115,7 @@ def chart(path: Path, summary: dict) -> None:
     import matplotlib.pyplot as plt
 
     names = list(summary)
-    scores = [k for k in ("exact_match", "f1", "rouge_l", "consistency") if any(summary[n].get(k) is not None for n in names)]
+    scores = [k for k in ("facts_right", "exact_match", "f1", "rouge_l", "consistency") if any(summary[n].get(k) is not None for n in names)]
     fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(10 if scores else 5, 4), dpi=110, squeeze=False)
     ax = axes[0][0]
     key, title = (("heldout_loss", "held-out loss (lower is better)")
