@@ -1,7 +1,8 @@
 """train.stage=grpo: the built-in rewards on answers they must accept and refuse, prompt records as the trainer gets
 them, the dry run's micro-batch of completions, and the real CLI on the tiny Qwen3: a few steps of TRL's GRPOTrainer
 with its own generation, the rewards in metrics.jsonl, samples.jsonl and summary.json, a reward that scores every
-completion alike giving no advantage, and a reward function that raises stopping the run in one line."""
+completion alike giving no advantage, `qtune eval`'s held-out rewards, and a reward function that raises stopping the
+run in one line. (The random tiny model's reward cannot be shown to rise in CI's time: see the test's note.)"""
 from __future__ import annotations
 
 import json
@@ -134,6 +135,14 @@ def test_grpo_trains_logs_its_rewards_and_a_constant_reward_gives_no_advantage(t
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stage"] == "grpo" and summary["reward"] == 0.5 and summary["reward_one"] == 1.0
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "loss.png").is_file()
+    # qtune eval: the run's rewards on a greedy completion of each held-out prompt, for the base and the adapter
+    e = qtune("eval", f"run={run}", "eval.models=[base,adapter]", f"eval.data={REPO}/data/demo/addition.jsonl",
+              "eval.max_eval_rows=2")
+    assert e.returncode == 0, e.stdout + e.stderr
+    models = json.loads((run / "eval" / "summary.json").read_text())["models"]
+    for name in ("base", "adapter"):
+        assert models[name]["reward"] == 0.5 and models[name]["pass@1"] == 0.0 and models[name]["reward_one"] == 1.0
+    assert "held-out mean reward" in e.stdout
 
 
 def test_a_reward_function_that_raises_stops_the_run_in_one_line(tmp_path):

@@ -33,7 +33,7 @@ class Stage:
     curve: str | None = None          # the figure loss.png plots beside the loss (metrics.jsonl's name)
     figures: tuple[str, ...] = ()     # the stage's own figures in summary.json (the last eval value, else train)
     # what `qtune eval` measures on held-out rows (qtune.evaluation.heldout): loss (pt, sft), implicit_reward against
-    # the base (dpo, kto), score (rm), reward (grpo: not measured yet)
+    # the base (dpo, kto), score (rm), reward (grpo: its reward functions on greedy completions)
     measure: str = "loss"
     writes: bool = True               # it writes answers (chat, serve, samples, eval prompts, GGUF exports)
     keeps: tuple[str, ...] = field(default=())  # modules trained whole beside the adapter (rm: the score head)
