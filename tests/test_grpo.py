@@ -110,6 +110,26 @@ def test_the_dry_run_counts_each_prompts_completions():
     assert p.returncode == 0 and "each with train.grpo.num_generations completions" in p.stdout, p.stdout + p.stderr
 
 
+def test_the_settings_reach_trls_config(tmp_path):
+    import torch
+
+    from qtune.config import compose, to_object
+    from qtune.training.trainers import training_args
+
+    cfg = to_object(compose(["model=tiny_qwen3", "train.stage=grpo", "train.batch_size=3", "train.grad_accum=2",
+                             "train.grpo.num_generations=4", "train.grpo.enable_thinking=false", "train.grpo.beta=0.04",
+                             "train.grpo.loss_type=dr_grpo", "train.grpo.importance_sampling_level=sequence",
+                             "train.grpo.epsilon_high=0.28", "train.grpo.temperature=0.7",
+                             "train.grpo.rewards=[{fn: exact_answer}, {fn: length, weight: 0.25}]"]))
+    args = training_args(cfg, tmp_path, True, "cpu", torch.float32, False, evaluate_first=True)
+    assert type(args).__name__ == "GRPOConfig"
+    assert args.per_device_train_batch_size == 12 and args.generation_batch_size == 24  # 3 prompts x 4, 2 micro-steps
+    assert args.chat_template_kwargs == {"enable_thinking": False} and args.reward_weights == [1.0, 0.25]
+    assert (args.beta, args.loss_type, args.importance_sampling_level, args.epsilon_high, args.temperature) == (
+        0.04, "dr_grpo", "sequence", 0.28, 0.7)
+    assert args.metric_for_best_model == "eval_reward" and args.greater_is_better
+
+
 # ---------------------------------------------------------------- the real CLI on the tiny Qwen3
 
 

@@ -26,7 +26,6 @@ class Grpo(Stage):
 
     def check_run(self, cfg):
         from qtune.errors import ConfigError
-        from qtune.stages import rewards
 
         g, context = cfg.train.grpo, cfg.model.arch.max_position_embeddings
         if isinstance(context, int) and g.max_completion_length + cfg.data.max_length > context:
@@ -34,7 +33,7 @@ class Grpo(Stage):
                               f"data.max_length={cfg.data.max_length} tokens it passes {cfg.model.name}'s context of "
                               f"{context} tokens (model.arch.max_position_embeddings); valid: <= "
                               f"{max(context - cfg.data.max_length, 0)}, or lower data.max_length")
-        rewards.load(g)  # an unknown name or a user's file that does not import: one line, before anything loads
+        _rewards(cfg)  # an unknown name or a user's file that does not import: one line, before anything loads
 
     def tokens(self, cfg) -> int:
         """A micro-batch's tokens: batch_size prompts of up to data.max_length, each with num_generations completions
