@@ -246,6 +246,8 @@ class ProgressCallback(TrainerCallback):
             return
         if "loss" in logs:
             self.last.update(loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}")
+        if isinstance(logs.get("reward"), (int, float)):  # grpo: the completions' mean reward
+            self.last["reward"] = f"{logs['reward']:.3f}"
         if "eval_loss" in logs:
             self.last["eval"] = f"{logs['eval_loss']:.4f}"
         if self.progress is None:
