@@ -80,7 +80,19 @@ CASES = [
     # training stages
     ("train", ["train.stage=ppo"], "train.stage=ppo: TRL no longer ships PPO in its stable API; for preference tuning "
      "use train.stage=dpo (chosen/rejected pairs) or train.stage=kto"),
-    ("train", ["train.stage=orpo"], "train.stage=orpo: valid: pt, sft, dpo, kto, rm"),
+    ("train", ["train.stage=orpo"], "train.stage=orpo: valid: pt, sft, dpo, kto, rm, grpo"),
+    ("train", ["train.stage=grpo", "train.grpo.num_generations=1"], "train.grpo.num_generations=1: valid: >= 2"),
+    ("train", ["train.stage=grpo", "train.grpo.generation=qtune"], "train.grpo.generation=qtune: qtune's rollout "
+     "engine is not available yet; use train.grpo.generation=transformers"),
+    ("train", ["train.stage=grpo", "train.grpo.rewards=[{fn: exact}]"], "train.grpo.rewards[0].fn=exact: no such "
+     "reward; built-in: exact_answer, format, length, or your own as module:function or path/to/file.py:function"),
+    ("train", ["train.stage=grpo", "train.grpo.rewards=[{fn: no_such_module:f}]"], "train.grpo.rewards[0].fn="
+     "no_such_module:f: cannot import no_such_module (ModuleNotFoundError: No module named 'no_such_module')"),
+    ("train", ["model=tiny_qwen3", "train.stage=grpo", "train.grpo.max_completion_length=3000"],
+     "train.grpo.max_completion_length=3000: with prompts of up to data.max_length=2048 tokens it passes "
+     "tiny_qwen3's context of 4096 tokens (model.arch.max_position_embeddings); valid: <= 2048"),
+    ("train", ["train.stage=grpo", "--dry-run", "train.grpo.max_completion_length=100000"],
+     "train.grpo.max_completion_length=100000: with prompts"),
     ("train", ["train.stage=kto"], "train.stage=kto needs train.batch_size >= 2 (got 1)"),
     ("train", ["train.dpo.bta=0.2"], "train.dpo.bta: unknown key in 'train.dpo'; did you mean train.dpo.beta?"),
     ("train", ["train.kto.weight=2"], "train.kto.weight: unknown key in 'train.kto'"),
@@ -269,6 +281,13 @@ FILE_CASES = [
     ("prepare", ["train.stage=kto", "train.batch_size=2", "data.path={tmp}/d.jsonl"],
      "d.jsonl:1: field 'label' must be true (a desirable answer) or false, got 'yes'",
      _write("d.jsonl", b'{"prompt": "a", "completion": "b", "label": "yes"}\n')),
+    ("prepare", ["train.stage=grpo", "data.path={tmp}/d.jsonl"], "d.jsonl:2: a prompt record needs 'prompt' (text "
+     "or messages) or 'question'; fields found: answer, text", _write("d.jsonl", b'{"prompt": "1+1?", "answer": "2"}\n'
+                                                                        b'{"text": "1+1?", "answer": "2"}\n')),
+    ("train", ["train.stage=grpo", "train.grpo.rewards=[{fn: '{tmp}/r.py:score'}]"], "/r.py (ModuleNotFoundError: No module named 'sympy_not_here')",
+     _write("r.py", b"import sympy_not_here\n\ndef score(**kw):\n    return []\n")),
+    ("train", ["train.stage=grpo", "train.grpo.rewards=[{fn: '{tmp}/r.py:scor'}]"], "/r.py has no function 'scor'",
+     _write("r.py", b"def score(**kw):\n    return []\n")),
     ("prepare", ["train.stage=rm", "data.path={tmp}/d.jsonl"], "d.jsonl:1: a preference pair needs its prompt",
      _write("d.jsonl", b'{"question": "a", "chosen": "b", "rejected": "c"}\n')),
     ("train", [*TRAIN[:1], "train.stage=dpo", f"data.path={PAIRS}", "train.init_adapter={run}", "lora=r8",

@@ -72,7 +72,7 @@ def run(cfg: Config):
             ui.info(f"evaluating {cand.name}")
             with loaded.using(cand.name):
                 summary[cand.name] = heldout.figures(stage, loaded, cand.kind == "base", rows, reference,  # 2
-                                                     stage.beta(rcfg.train))
+                                                     stage.beta(rcfg.train), rcfg.train)
                 answers = [answer(loaded, p, cfg, rcfg, i) for i, p in enumerate(prompts)]   # 3
             for a in answers:
                 a["model"] = cand.name

@@ -29,6 +29,9 @@ class TrainingError(QtuneError):
 
 
 def run(cfg: Config, dry_run: bool = False):
+    from qtune.stages import get
+
+    get(cfg.train.stage).check_run(cfg)          # the stage's checks of the whole config (grpo: rewards, context)
     if dry_run:
         return plan(cfg, show=True)
     from qtune.data.prepare import check_inputs

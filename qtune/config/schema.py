@@ -118,6 +118,29 @@ class KtoLoss(_Choice):
     apo_zero_unpaired = "apo_zero_unpaired"
 
 
+# TRL 1.16's GRPOTrainer loss_type values
+class GrpoLoss(_Choice):
+    grpo = "grpo"
+    dr_grpo = "dr_grpo"
+    dapo = "dapo"
+    bnpo = "bnpo"
+    cispo = "cispo"
+    sapo = "sapo"
+    luspo = "luspo"
+    vespo = "vespo"
+
+
+class ImportanceLevel(_Choice):
+    token = "token"
+    sequence = "sequence"  # GSPO
+
+
+class Generation(_Choice):
+    auto = "auto"                  # transformers for now
+    qtune = "qtune"                # qtune's batched rollout engine (TRL's rollout_func hook): not available yet
+    transformers = "transformers"  # TRL's own generation (model.generate)
+
+
 # `raise` is a keyword, so the functional form: members are named as users type them (data.on_error=raise).
 OnError = _Choice("OnError", [("raise", "raise"), ("skip", "skip")])
 
@@ -323,15 +346,72 @@ class RmConfig:
 
 
 @dataclass
+class RewardSpec:
+    """One reward function of train.stage=grpo: a built-in name (qtune.stages.rewards.BUILTIN), `module:function` or
+    `path/to/file.py:function` (the user's own code, imported as it is), and its weight in the total reward."""
+    fn: str = MISSING
+    weight: float = 1.0
+
+
+@dataclass
+class GrpoConfig:
+    """train.stage=grpo: TRL's GRPOTrainer, online RL on prompts with verifiable rewards. train.batch_size counts
+    prompts a micro-batch: each brings num_generations completions."""
+    num_generations: int = 4             # completions per prompt; the advantage is each one's reward against its group's
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    beta: float = 0.0                    # KL penalty against the model the run starts from; 0: no reference forwards
+    loss_type: GrpoLoss = GrpoLoss.dapo
+    importance_sampling_level: ImportanceLevel = ImportanceLevel.token  # sequence: GSPO
+    epsilon: float = 0.2                 # the ratio's clip range
+    epsilon_high: Optional[float] = None  # null = epsilon (DAPO's clip-higher uses 0.28)
+    enable_thinking: Optional[bool] = None  # the chat template's enable_thinking (Qwen3); null = the template's default
+    generation_batch_size: Optional[int] = None  # completions a generation round makes; null = one round a step
+    steps_per_generation: Optional[int] = None   # or: micro-steps a generation round feeds (not with the above)
+    rewards: List[RewardSpec] = field(default_factory=lambda: [RewardSpec(fn="exact_answer")])
+    sample_every: int = 10               # steps between samples.jsonl entries (a few prompts, completions, rewards)
+    generation: Generation = Generation.auto
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_generations, int) and self.num_generations < 2:
+            raise ValueError(f"train.grpo.num_generations={self.num_generations}: valid: >= 2 (the advantage compares "
+                             "each completion with the others of its prompt)")
+        _check_range("train.grpo", "max_completion_length", self.max_completion_length, low=1)
+        _check_range("train.grpo", "temperature", self.temperature, low=0, low_open=True)
+        _check_range("train.grpo", "top_p", self.top_p, low=0, high=1, low_open=True)
+        _check_range("train.grpo", "beta", self.beta, low=0)
+        _check_range("train.grpo", "epsilon", self.epsilon, low=0, low_open=True)
+        if self.epsilon_high is not None:
+            _check_range("train.grpo", "epsilon_high", self.epsilon_high, low=0, low_open=True)
+        _check_range("train.grpo", "sample_every", self.sample_every, low=1)
+        for key in ("generation_batch_size", "steps_per_generation"):
+            if getattr(self, key) is not None:
+                _check_range("train.grpo", key, getattr(self, key), low=1)
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ValueError("train.grpo.generation_batch_size and train.grpo.steps_per_generation: set one of them")
+        if self.generation is Generation.qtune:
+            raise ValueError("train.grpo.generation=qtune: qtune's rollout engine is not available yet; use "
+                             "train.grpo.generation=transformers (or auto)")
+        if self.loss_type is GrpoLoss.luspo and self.importance_sampling_level is not ImportanceLevel.sequence:
+            raise ValueError("train.grpo.loss_type=luspo needs train.grpo.importance_sampling_level=sequence")
+        if self.loss_type is GrpoLoss.vespo and self.importance_sampling_level is not ImportanceLevel.token:
+            raise ValueError("train.grpo.loss_type=vespo needs train.grpo.importance_sampling_level=token")
+        if isinstance(self.rewards, list) and not self.rewards:
+            raise ValueError("train.grpo.rewards: name at least one reward function, e.g. [{fn: exact_answer}]")
+
+
+@dataclass
 class TrainConfig:
     """The optimization run."""
-    # pt | sft | dpo | kto | rm: the stages qtune.stages registers, each on TRL's stable trainer for it. A str, not an
+    # pt | sft | dpo | kto | rm | grpo: the stages qtune.stages registers, each on TRL's stable trainer for it. A str, not an
     # Enum, so that a retired stage (ppo) gets a line of its own
     stage: str = "sft"
     init_adapter: Optional[str] = None # start from this adapter (a run folder or an adapter folder), e.g. SFT -> DPO
     dpo: DpoConfig = field(default_factory=DpoConfig)
     kto: KtoConfig = field(default_factory=KtoConfig)
     rm: RmConfig = field(default_factory=RmConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
     output_dir: str = "runs/${run_name}"
     seed: int = 42
     batch_size: int = 1

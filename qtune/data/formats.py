@@ -13,6 +13,8 @@ Preference records (train.stage=dpo|kto|rm; qtune.data.preference normalizes the
   preference           {"prompt" | "messages", "chosen", "rejected"}: strings or message lists
   sharegpt_preference  {"conversations", "chosen": {"from", "value"}, "rejected": {...}} (as LLaMA-Factory writes them)
   kto                  {"prompt", "completion", "label": true|false}: strings or message lists
+Prompt records (train.stage=grpo; qtune.data.prompts reads them):
+  prompts              {"prompt" | "question", ...}: the prompt, and fields for the reward functions (e.g. "answer")
 Which formats a stage trains on: the family its `Trains` names (FAMILIES). Every error names `file:line` and the
 field.
 Tool calling is not trained yet: a message with tool_calls, a record with `tools` or a tool turn is refused (in one
@@ -35,11 +37,12 @@ from qtune.io import EXTENSIONS
 
 LM_FORMATS = ("messages", "sharegpt", "alpaca", "input_output", "query_response", "prompt_completion", "reasoning", "text")
 PAIR_FORMATS = ("preference", "sharegpt_preference")
-FORMATS = LM_FORMATS + PAIR_FORMATS + ("kto",)
+FORMATS = LM_FORMATS + PAIR_FORMATS + ("kto", "prompts")
 
 # The formats a stage's records may take, by the family name a stage declares (qtune.stages: Trains.formats).
 FAMILIES = {"text": ("text",), "lm": LM_FORMATS, "pairs": PAIR_FORMATS,
-            "kto": ("kto",) + PAIR_FORMATS}  # KTO splits a pair into a desirable and an undesirable answer
+            "kto": ("kto",) + PAIR_FORMATS,  # KTO splits a pair into a desirable and an undesirable answer
+            "prompts": ("prompts",)}         # grpo: prompts and the fields its reward functions read
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
                   "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system"}
@@ -67,6 +70,7 @@ class Example:
     chosen: list[dict] | None = None    # preference records: the preferred answer's turns (kto: the answer)
     rejected: list[dict] | None = None  # the other answer (pairs only)
     label: bool | None = None           # kto: whether the answer is desirable
+    extra: dict | None = None           # prompts: the record's other fields (the reward functions' arguments)
 
 
 def expand(path: str) -> list[Path]:
@@ -331,6 +335,8 @@ def resolve(rec: Record, fmt: str, trains) -> str:
     qtune.data.preference.normalize_preference, which builds on this module's readers."""
     data, where = rec.data, rec.where
     allowed = FAMILIES[trains.formats]
+    if fmt == "auto" and allowed == ("prompts",):  # any record may be a prompt: qtune.data.prompts checks its fields
+        fmt = "prompts"
     if fmt == "auto":
         fmt = detect(data)
         if fmt is None:

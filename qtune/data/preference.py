@@ -21,8 +21,8 @@ from qtune.errors import DataError
 
 # What prepare builds for a stage's kind of rows (qtune.stages.base.Trains.kind): packed token rows (lm); prompt, chosen and
 # rejected ids (pairs); the same with the prompt in front of each answer, whole sequences a reward model scores
-# (scored); prompt, completion ids and label (unpaired).
-KINDS = ("lm", "pairs", "scored", "unpaired")
+# (scored); prompt, completion ids and label (unpaired); prompt messages and the records' fields (prompts).
+KINDS = ("lm", "pairs", "scored", "unpaired", "prompts")  # prompts: qtune.data.prompts builds them
 
 
 # ---------------------------------------------------------------- records

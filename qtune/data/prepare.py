@@ -6,7 +6,8 @@ files' sizes and checksums (qtune.integrity) that a hit verifies first: a damage
 data.rebuild_cache=true rebuilds it in any case.
 Layout: <cache>/<name>/<fingerprint>/{train,eval}/ (datasets), stats.json, rejects.jsonl, manifest.json.
 What a split holds follows the stage's kind of rows (qtune.stages.base.Trains.kind): input_ids + labels, packed
-(pt, sft); prompt_ids, chosen_ids, rejected_ids (dpo, rm); prompt_ids, completion_ids, label (kto).
+(pt, sft); prompt_ids, chosen_ids, rejected_ids (dpo, rm); prompt_ids, completion_ids, label (kto); prompt messages
+and the records' other fields (grpo).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from qtune.config.schema import DataConfig, OnError, SourceConfig, TrainOn
-from qtune.data import formats, preference
+from qtune.data import formats, preference, prompts
 from qtune.data.template import (Markers, assistant_spans, encode, escape, label_mask, probe_markers, render,
                                   resolve_template)
 from qtune.errors import DataError
@@ -76,6 +77,8 @@ def _setup(data: DataConfig, tokenizer, model_name: str, chat_template: str | No
 def _example(rec: formats.Record, fmt: str, trains) -> formats.Example:
     """One record as what the stage trains on: its format resolved and checked, then read as LM data or a preference."""
     fmt = formats.resolve(rec, fmt, trains)
+    if fmt == "prompts":
+        return prompts.example(rec.data, rec.where)
     if fmt in formats.LM_FORMATS:
         return formats.lm_example(rec.data, fmt, rec.where)
     return preference.normalize_preference(rec.data, fmt, rec.where)
@@ -323,6 +326,8 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
             continue
         if kind == "lm":
             ds = tokenize(items, tokenizer, template, markers, data, f"{fp}-{split}")
+        elif kind == "prompts":
+            ds = prompts.tokenize(items, tokenizer, template, data, f"{fp}-{split}")
         else:
             items = preference.unpair(items, data.seed) if kind == "unpaired" else items
             ds = preference.tokenize(items, tokenizer, template, markers, data, f"{fp}-{split}", kind)
@@ -330,7 +335,7 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
                          new_fingerprint=hashlib.sha1(f"{fp}-{split}-kept".encode()).hexdigest())
         named = sources + [SourceConfig(path=data.eval_path)] if data.eval_path else sources
         stats[split] = split_stats(ds, kept, named, data.max_length)
-        if kind != "lm":
+        if kind not in ("lm", "prompts"):
             stats[split].update(preference.pair_stats(ds))
         if not len(kept):
             raise DataError(f"data: no {split} example has a trainable token left "
@@ -341,7 +346,7 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
 
     with atomic_dir(out, replace=rebuild) as tmp:
         for split, ds in splits.items():
-            ds = ds.select_columns(preference.model_columns(kind))
+            ds = ds.select_columns(prompts.model_columns(ds) if kind == "prompts" else preference.model_columns(kind))
             if data.packing and kind == "lm":
                 from trl import pack_dataset
 
@@ -440,6 +445,8 @@ def preview(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
     per_source = [load_examples(s, data.on_error, rejects, data.system_prompt, trains) for s in sources]
     first = [(i, ex) for i, items in enumerate(per_source) for ex in items][:n]
     counts = [(s.path, len(items)) for s, items in zip(sources, per_source)]
+    if trains.kind == "prompts":
+        return prompts.preview(first, tokenizer, template, data), counts, len(rejects), warning
     if trains.kind != "lm":
         return preference.preview(first, tokenizer, template, markers, data), counts, len(rejects), warning
     enc = _tokenize_batch({"conv": [json.dumps(e.messages) if e.messages else None for _, e in first],

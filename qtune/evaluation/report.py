@@ -12,7 +12,9 @@ from qtune.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 METRICS = [("heldout_loss", "held-out loss", ".4f"), ("perplexity", "perplexity", ".2f"),
            ("reward_accuracy", "held-out reward accuracy", ".3f"), ("reward_margin", "held-out reward margin", ".3f"),
-           ("facts_right", "facts right", ".2f"), ("exact_match", "exact match", ".2f"), ("f1", "token F1", ".3f"), ("rouge_l", "ROUGE-L", ".3f"),
+           ("reward", "held-out mean reward", ".3f"), ("pass@1", "held-out pass@1 (exact_answer)", ".3f"),
+           ("facts_right", "facts right", ".2f"), ("exact_match", "exact match", ".2f"), ("f1", "token F1", ".3f"),
+           ("rouge_l", "ROUGE-L", ".3f"),
            ("consistency", "consistency", ".2f"), ("judge_accuracy", "judge accuracy", ".2f"),
            ("judge_helpfulness", "judge helpfulness", ".2f"), ("judge_tone", "judge tone", ".2f"),
            ("ttft_s", "time to first token (s)", ".3f"), ("tok_s", "tokens/s", ".1f")]
@@ -120,6 +122,8 @@ def chart(path: Path, summary: dict) -> None:
     ax = axes[0][0]
     key, title = (("heldout_loss", "held-out loss (lower is better)")
                   if any(summary[n].get("heldout_loss") is not None for n in names)
+                  else ("reward", "held-out mean reward (higher is better)")
+                  if any(summary[n].get("reward") is not None for n in names)
                   else ("reward_accuracy", "held-out reward accuracy (higher is better)"))
     losses = [summary[n].get(key) or 0 for n in names]
     ax.bar(names, losses, color=["tab:gray", "tab:blue", "tab:green", "tab:orange", "tab:red"][:len(names)])

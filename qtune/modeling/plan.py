@@ -41,8 +41,9 @@ def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] |
     t, stage = cfg.train, get(cfg.train.stage)
     model = model if model is not None else meta_model(cfg.model.arch, stage.head)
     matched = match(model, lora_settings(cfg), cfg.moe)
-    # the tokens one micro-batch puts through a forward that keeps activations (dpo and rm: chosen and rejected)
-    tokens = cfg.data.max_length * t.batch_size * stage.sequences
+    # the tokens one micro-batch puts through a forward that keeps activations (dpo and rm: chosen and rejected; grpo:
+    # each prompt's completions)
+    tokens = stage.tokens(cfg)
     size = max(t.nproc, world().size)  # train.nproc, or the launcher's world under torchrun
 
     def one_gpu(fast, hosted: bool | None = None, fsdp: bool = False):

@@ -10,7 +10,8 @@ SCORE_HEAD = "score"  # transformers' name for the sequence-classification head 
 class Trains:
     """What a stage trains on, as the data layer reads it: the stage's name (in messages and the cache key), the kind
     of rows it makes (qtune.data.preference.KINDS: lm, input_ids + labels; pairs, prompt, chosen and rejected ids;
-    scored, the same for a reward model; unpaired, prompt and completion ids with a label), the family of record
+    scored, the same for a reward model; unpaired, prompt and completion ids with a label; prompts, chat messages and
+    the records' other fields for reward functions), the family of record
     formats it accepts (qtune.data.formats.FAMILIES) and those in a few words for error lines."""
     stage: str
     kind: str
@@ -32,13 +33,20 @@ class Stage:
     curve: str | None = None          # the figure loss.png plots beside the loss (metrics.jsonl's name)
     figures: tuple[str, ...] = ()     # the stage's own figures in summary.json (the last eval value, else train)
     # what `qtune eval` measures on held-out rows (qtune.evaluation.heldout): loss (pt, sft), implicit_reward against
-    # the base (dpo, kto), score (rm)
+    # the base (dpo, kto), score (rm), reward (grpo: its reward functions on greedy completions)
     measure: str = "loss"
     writes: bool = True               # it writes answers (chat, serve, samples, eval prompts, GGUF exports)
     keeps: tuple[str, ...] = field(default=())  # modules trained whole beside the adapter (rm: the score head)
 
     def check(self, train) -> None:
         """Cross-field checks of train.* for this stage (raise ValueError naming the key)."""
+
+    def check_run(self, cfg) -> None:
+        """Checks of the whole config before anything loads, the dry run's included (raise a QtuneError)."""
+
+    def tokens(self, cfg) -> int:
+        """The tokens a micro-batch puts through the forward that keeps activations (the dry run's estimate)."""
+        return cfg.data.max_length * cfg.train.batch_size * self.sequences
 
     def trl_config(self, cfg, common: dict, aux_loss: float | None):
         """TRL's config class for this stage over the arguments every stage shares (`common`); `aux_loss`: the MoE
@@ -48,6 +56,10 @@ class Stage:
     def trainer_class(self):
         """TRL's trainer class for this stage (reading qtune's prepared ids as they are)."""
         raise NotImplementedError
+
+    def trainer_kwargs(self, cfg, tokenizer) -> dict:
+        """More arguments of the stage's trainer (grpo: its reward functions)."""
+        return {}
 
     def datasets(self, train_ds, eval_ds, batch_size: int):
         """The prepared splits as the trainer takes them."""

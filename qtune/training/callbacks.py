@@ -36,7 +36,16 @@ METRIC_NAMES = (("loss", "loss"), ("learning_rate", "lr"), ("grad_norm", "grad_n
                 ("rewards/chosen", "reward_chosen"), ("rewards/rejected", "reward_rejected"),
                 ("rewards/margins", "reward_margin"), ("rewards/accuracies", "reward_accuracy"),
                 ("logps/chosen", "logp_chosen"), ("logps/rejected", "logp_rejected"), ("kl", "kl"),
-                ("accuracy", "reward_accuracy"), ("margin", "reward_margin"), ("mean_reward", "reward_mean"))
+                ("accuracy", "reward_accuracy"), ("margin", "reward_margin"), ("mean_reward", "reward_mean"),
+                # grpo: the total reward of a completion (the weighted sum of the reward functions'), its spread, the
+                # share of prompts whose completions all scored alike (no advantage), the policy's entropy, the
+                # completions' mean length and the share cut at train.grpo.max_completion_length, and the share of
+                # tokens whose ratio was clipped
+                ("reward", "reward"), ("reward_std", "reward_std"), ("frac_reward_zero_std", "reward_zero_std"),
+                ("entropy", "entropy"), ("completions/mean_length", "completion_length"),
+                ("completions/clipped_ratio", "completion_clipped"), ("clip_ratio/region_mean", "clip_ratio"))
+# grpo: each reward function's mean and spread, rewards/<name>/mean and /std -> reward_<name> and reward_<name>_std
+PER_REWARD = ("rewards/", {"/mean": "", "/std": "_std"})
 
 
 class MetricsCallback(TrainerCallback):
@@ -69,6 +78,13 @@ class MetricsCallback(TrainerCallback):
             for prefix in ("", "eval_") if src != "num_tokens" else ("",):  # (TRL's evals repeat the train count)
                 if prefix + src in logs:
                     row[prefix + dst] = logs[prefix + src]
+        for key, value in logs.items():
+            prefix = "eval_" if key.startswith("eval_") else ""
+            name = key[len(prefix):]
+            head, ends = PER_REWARD
+            for end, suffix in ends.items():
+                if name.startswith(head) and name.endswith(end) and name.count("/") == 2:
+                    row[f"{prefix}reward_{name[len(head):-len(end)]}{suffix}"] = value
         if "loss" in logs and "tokens" in row:
             now = time.time()
             if self._last is not None and now > self._last[0]:
@@ -236,6 +252,8 @@ class ProgressCallback(TrainerCallback):
             for src in sources:
                 if src in logs and "loss" in logs:
                     self.last[name] = f"{logs[src]:.4f}"
+        if "reward" not in self.figures and isinstance(logs.get("reward"), (int, float)):  # grpo: the completions' mean reward
+            self.last["reward"] = f"{logs['reward']:.3f}"
         if "eval_loss" in logs:
             self.last["eval"] = f"{logs['eval_loss']:.4f}"
             for name, sources in self.figures.items():

@@ -93,7 +93,7 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, args, callba
         trainer_class = graph.trainer_class(trainer_class)
     train_ds, eval_ds = stage.datasets(train_ds, eval_ds, args.per_device_train_batch_size)
     trainer = trainer_class(model=model, args=args, processing_class=tokenizer, callbacks=callbacks,
-                            train_dataset=train_ds, eval_dataset=eval_ds)
+                            train_dataset=train_ds, eval_dataset=eval_ds, **stage.trainer_kwargs(cfg, tokenizer))
     if graphs:
         graph.attach(trainer, cfg.train.batch_size, cfg.data.max_length, tokenizer, note)
     stage.after_init(trainer, cfg)

@@ -1,0 +1,173 @@
+"""train.stage=grpo: the built-in rewards on answers they must accept and refuse, prompt records as the trainer gets
+them, the dry run's micro-batch of completions, and the real CLI on the tiny Qwen3: a few steps of TRL's GRPOTrainer
+with its own generation, the rewards in metrics.jsonl, samples.jsonl and summary.json, a reward that scores every
+completion alike giving no advantage, `qtune eval`'s held-out rewards, and a reward function that raises stopping the
+run in one line. (The random tiny model's reward cannot be shown to rise in CI's time: see the test's note.)"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO, one_line_error, qtune
+
+ADDITION = f"data.path={REPO}/data/demo/addition.jsonl"
+FAST = ["train.grad_accum=1", "train.logging_steps=1", "train.warmup_ratio=0", "train.report_to=[]",
+        "train.gradient_checkpointing=false", "data.val_size=0"]
+
+
+def grpo(out, *extra: str) -> list[str]:
+    return ["train", "model=tiny_qwen3", "train.stage=grpo", ADDITION, *FAST, "train.batch_size=2",
+            "train.grpo.num_generations=2", "train.grpo.max_completion_length=6", f"train.output_dir={out}", *extra]
+
+
+# ---------------------------------------------------------------- the built-in rewards
+
+
+def _done(*texts):
+    return [[{"role": "assistant", "content": t}] for t in texts]
+
+
+def test_exact_answer_reads_boxed_hashes_and_the_last_number():
+    from qtune.stages.rewards import exact_answer
+
+    completions = _done("so it is \\boxed{1,000}", "#### 42", "3 + 4 makes 7.", "I think 8 then 9",
+                        "\\boxed{\\frac{1}{2}}", "no number", "$1,000.")
+    answers = ["1000", "The sum is 40 + 2\n#### 42", "7", "8", "\\frac{1}{2}", "3", "1e3"]
+    assert exact_answer(None, completions, answer=answers) == [1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="no 'answer' field"):
+        exact_answer(None, completions)
+
+
+def test_format_wants_thinking_then_an_answer_and_length_penalises_the_last_quarter():
+    from qtune.stages.rewards import length_penalty, think_format
+
+    assert think_format(None, _done("<think>a + b</think> 5", "<think>a</think>", "5", " <think>\nx\n</think>\n\n5")) \
+        == [1.0, 0.0, 0.0, 1.0]
+    length = length_penalty(16)  # buffer 4: no penalty to 12 tokens, -1 at 16
+    assert length(None, None, [[0] * 12, [0] * 13, [0] * 14, [0] * 16]) == [0.0, -0.25, -0.5, -1.0]
+
+
+def test_a_reward_is_checked_and_named_as_trl_logs_it():
+    from qtune.stages.rewards import RewardError, checked
+
+    prompts = [[{"role": "user", "content": "first"}], [{"role": "user", "content": "second"}]]
+
+    def fails_on_second(prompts, completions, **kw):
+        return [1.0 if p[0]["content"] == "first" else 1 / 0 for p in prompts]
+
+    f = checked(fails_on_second, "mod:fails_on_second")
+    assert f.__name__ == "fails_on_second"
+    with pytest.raises(RewardError, match=r"mod:fails_on_second raised ZeroDivisionError.*prompt 'second'"):
+        f(prompts, _done("a", "b"))
+    with pytest.raises(RewardError, match="returned 1 values for 2 completions"):
+        checked(lambda **kw: [1.0], "one")(prompts, _done("a", "b"))
+    with pytest.raises(RewardError, match="returned str 'x' for the prompt 'second'"):
+        checked(lambda **kw: [1.0, "x"], "text")(prompts, _done("a", "b"))
+    assert checked(lambda **kw: [1, None], "ok")(prompts, _done("a", "b")) == [1, None]
+
+
+# ---------------------------------------------------------------- prompt records
+
+
+def test_prompts_stay_messages_beside_their_fields(tmp_path, qwen3_tokenizer):
+    from qtune.config import compose, to_object
+    from qtune.data.prepare import prepare
+    from qtune.stages import get
+
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"question": "Two and two?", "answer": "#### 4"}) + "\n"
+                 + json.dumps({"prompt": [{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "1 + 1?"}], "answer": "2"}) + "\n"
+                 + json.dumps({"prompt": "long " * 200, "answer": "0"}) + "\n")
+    cfg = to_object(compose(["model=tiny_qwen3", "train.stage=grpo", f"data.path={f}", "data.val_size=0",
+                             "data.max_length=64", f"data.cache_dir={tmp_path / 'cache'}"]))
+    p = prepare(cfg.data, qwen3_tokenizer, "tiny_qwen3", None, get("grpo").data)
+    rows = sorted(p.load("train").to_list(), key=lambda r: r["answer"])
+    assert sorted(rows[0]) == ["answer", "prompt"]
+    assert [r["prompt"] for r in rows] == [[{"role": "user", "content": "Two and two?"}],
+                                           [{"role": "system", "content": "Be brief."},
+                                            {"role": "user", "content": "1 + 1?"}]]
+    assert [r["answer"] for r in rows] == ["#### 4", "2"]
+    assert p.stats["train"]["dropped_no_trainable"] == 1  # the prompt over data.max_length is left out
+
+
+def test_the_dry_run_counts_each_prompts_completions():
+    from qtune.commands.train import plan
+    from qtune.config import compose, to_object
+
+    def act(*o):
+        return plan(to_object(compose(["model=qwen3_8b", "quant=nf4", "train.offload_activations=false", *o])))[
+            "memory"]["activation_bytes"]
+
+    def grpo_act(n):
+        return act("train.stage=grpo", f"train.grpo.num_generations={n}", "data.max_length=1024",
+                   "train.grpo.max_completion_length=1024")
+
+    # n completions of a prompt of up to 1024 tokens and 1024 generated: the tokens of an sft row of n x 2048
+    assert grpo_act(2) == act("data.max_length=4096") and grpo_act(4) == act("data.max_length=8192")
+    p = qtune("train", "--dry-run", "model=qwen3_8b", "train.stage=grpo")
+    assert p.returncode == 0 and "each with train.grpo.num_generations completions" in p.stdout, p.stdout + p.stderr
+
+
+def test_the_settings_reach_trls_config(tmp_path):
+    import torch
+
+    from qtune.config import compose, to_object
+    from qtune.training.trainers import training_args
+
+    cfg = to_object(compose(["model=tiny_qwen3", "train.stage=grpo", "train.batch_size=3", "train.grad_accum=2",
+                             "train.grpo.num_generations=4", "train.grpo.enable_thinking=false", "train.grpo.beta=0.04",
+                             "train.grpo.loss_type=dr_grpo", "train.grpo.importance_sampling_level=sequence",
+                             "train.grpo.epsilon_high=0.28", "train.grpo.temperature=0.7",
+                             "train.grpo.rewards=[{fn: exact_answer}, {fn: length, weight: 0.25}]"]))
+    args = training_args(cfg, tmp_path, True, "cpu", torch.float32, False, evaluate_first=True)
+    assert type(args).__name__ == "GRPOConfig"
+    assert args.per_device_train_batch_size == 12 and args.generation_batch_size == 24  # 3 prompts x 4, 2 micro-steps
+    assert args.chat_template_kwargs == {"enable_thinking": False} and args.reward_weights == [1.0, 0.25]
+    assert (args.beta, args.loss_type, args.importance_sampling_level, args.epsilon_high, args.temperature) == (
+        0.04, "dr_grpo", "sequence", 0.28, 0.7)
+    assert args.metric_for_best_model == "eval_reward" and args.greater_is_better
+
+
+# ---------------------------------------------------------------- the real CLI on the tiny Qwen3
+
+
+def test_grpo_trains_logs_its_rewards_and_a_constant_reward_gives_no_advantage(tmp_path):
+    """exact_answer (the random tiny model never adds up: 0) and a user's reward that gives every completion 1: the
+    total is 0.5 x 1 for every completion, so no completion has an advantage over its group's others."""
+    (tmp_path / "mine.py").write_text("def one(prompts, completions, **kwargs):\n    return [1.0] * len(completions)\n")
+    run = tmp_path / "run"
+    p = qtune(*grpo(run, "train.max_steps=2", "train.save_steps=2", "train.grpo.sample_every=1",
+                    f"train.grpo.rewards=[{{fn: exact_answer}}, {{fn: '{tmp_path}/mine.py:one', weight: 0.5}}]"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert r["reward"] == 0.5 and r["reward_one"] == 1.0 and r["reward_exact_answer"] == 0.0
+        assert r["reward_zero_std"] == 1.0 and r["reward_std"] == 0.0
+        assert r["completion_length"] <= 6 and "entropy" in r and "completion_clipped" in r
+    samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    assert {s["step"] for s in samples} == {1, 2}
+    assert all(s["rewards"] == {"exact_answer": 0.0, "one": 1.0} and s["advantage"] == 0.0 for s in samples)
+    assert samples[0]["prompt"][-1]["role"] == "user" and samples[0]["completion"][0]["role"] == "assistant"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stage"] == "grpo" and summary["reward"] == 0.5 and summary["reward_one"] == 1.0
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "loss.png").is_file()
+    # qtune eval: the run's rewards on a greedy completion of each held-out prompt, for the base and the adapter
+    e = qtune("eval", f"run={run}", "eval.models=[base,adapter]", f"eval.data={REPO}/data/demo/addition.jsonl",
+              "eval.max_eval_rows=2")
+    assert e.returncode == 0, e.stdout + e.stderr
+    models = json.loads((run / "eval" / "summary.json").read_text())["models"]
+    for name in ("base", "adapter"):
+        assert models[name]["reward"] == 0.5 and models[name]["pass@1"] == 0.0 and models[name]["reward_one"] == 1.0
+    assert "held-out mean reward" in e.stdout
+
+
+def test_a_reward_function_that_raises_stops_the_run_in_one_line(tmp_path):
+    (tmp_path / "bad.py").write_text("def boom(prompts, completions, answer, **kwargs):\n"
+                                     "    return [int(a) / 0 for a in answer]\n")
+    p = qtune(*grpo(tmp_path / "run", "train.max_steps=1", f"train.grpo.rewards=[{{fn: '{tmp_path}/bad.py:boom'}}]"))
+    line = one_line_error(p)
+    assert "bad.py:boom raised ZeroDivisionError: division by zero (first on the prompt 'What is" in line, line
