@@ -3,7 +3,8 @@
 # download -> prepare -> train -> merge -> chat --prompt -> eval.
 set -euo pipefail
 export QTUNE_HOME=${QTUNE_HOME:-$PWD/.cache/demo-home}
-step() { printf '\n\033[1;36m== %s\033[0m\n' "$*"; }
+# a banner per step, in colour on a terminal only (a log file or pipe gets plain text)
+if [ -t 1 ]; then step() { printf '\n\033[1;36m== %s\033[0m\n' "$*"; }; else step() { printf '\n== %s\n' "$*"; }; fi
 
 step "qtune --help: the verbs"
 qtune --help
