@@ -121,7 +121,7 @@ def remove_stale_temps(target: Path) -> tuple[int, int, list[int]]:
             except BlockingIOError:
                 continue  # its process is alive
             except OSError:  # no flock here: the pid decides (another host's cannot be told)
-                if host != here or _alive(int(pid)):
+                if host != here or pid_alive(int(pid)):
                     continue
             restored = e.name.endswith(".old") and not target.exists() and os.path.isdir(os.path.join(e.path, "x"))
             if restored:  # killed between moving the old output aside and the new one in: the old one goes back
@@ -136,7 +136,8 @@ def remove_stale_temps(target: Path) -> tuple[int, int, list[int]]:
     return count, freed, pids
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (this process counts; one of another user's, too)."""
     if pid == os.getpid():
         return True
     try:

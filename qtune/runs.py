@@ -10,7 +10,7 @@ from pathlib import Path
 from qtune import integrity
 from qtune.config.schema import Config
 from qtune.errors import ConfigError, InUse
-from qtune.io import atomic_write_text
+from qtune.io import atomic_write_text, pid_alive
 
 
 def write_config(folder: Path, cfg: Config, distributed: dict | None = None, data_digest: str | None = None) -> Path:
@@ -171,15 +171,7 @@ def _alive(text: str, host: str) -> bool:
         return False
     if h.get("host") != host:
         return True
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid != os.getpid() and pid_alive(pid)
 
 
 # Settings a resumed run must share with the run it continues (anything else may change, e.g. train.max_steps).
