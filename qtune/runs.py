@@ -62,6 +62,18 @@ LOCK = ".lock"  # in a run folder, while a process trains into it: flock'ed, nam
 _HELD = "QTUNE_RUN_LOCK"  # the run folder this process holds, for the processes it launches (train.nproc)
 
 
+def launched() -> bool:
+    """Started by a launcher (torchrun, accelerate launch, train.nproc), which sets LOCAL_RANK: never start processes
+    again."""
+    return "LOCAL_RANK" in os.environ
+
+
+def main_process() -> bool:
+    """Rank 0 of a launched world, or the only process (RANK, as every torch launcher sets it; qtune.modeling.world
+    reads the whole world)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 @contextmanager
 def hold(out: Path, warn=None):
     """An exclusive lock on the run folder `out` while this process trains into it (fcntl.flock on <out>/.lock, which
@@ -69,11 +81,8 @@ def hold(out: Path, warn=None):
     killed process is found free and taken over (`warn` says so). Another live holder: InUse, naming its pid.
     The processes a launcher started for the run (train.nproc) work under their launcher's lock; under torchrun or
     `accelerate launch`, rank 0 takes it and the others, which write nothing into the folder, take none."""
-    # started by a launcher, and which rank: the variables every torch launcher sets (qtune.modeling.world), read here
-    # so that run folders stay the ground floor
-    launched, main = "LOCAL_RANK" in os.environ, os.environ.get("RANK", "0") in ("", "0")
     out = Path(os.path.abspath(Path(out).expanduser()))
-    if launched and (not main or os.environ.get(_HELD) == str(out)):
+    if launched() and (not main_process() or os.environ.get(_HELD) == str(out)):
         yield
         return
     made = not out.exists()

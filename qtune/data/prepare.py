@@ -27,6 +27,7 @@ from qtune.data.template import (Markers, assistant_spans, encode, escape, label
 from qtune.errors import DataError
 from qtune.integrity import manifest_problem, write_manifest
 from qtune.io import atomic_dir, atomic_write_json, is_hub_dataset
+from qtune.runs import main_process
 
 VERSION = 3  # bump when the output of this module changes for the same inputs
 
@@ -280,7 +281,8 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
     name = (Path(sources[0].path.rstrip("/*")).stem or "data") if len(sources) == 1 else "mix"
     out = Path(data.cache_dir).expanduser() / f"{model_name}-{name}" / fp[:16]
     rebuild = out.exists()
-    if rebuild and not (data.rebuild_cache and _main_process()):
+    # the other ranks of a multi-process run find the cache rank 0 has just (re)built (main_first): no rebuild again
+    if rebuild and not (data.rebuild_cache and main_process()):
         damage = manifest_problem(out)
         if damage is None:
             stats = json.loads((out / "stats.json").read_text())
@@ -364,10 +366,6 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
     return Prepared(out, stats, False, warnings, digest)
 
 
-def _main_process() -> bool:
-    """Not one of a multi-process run's other ranks, which find the cache that rank 0 has just (re)built
-    (qtune.training.distributed.main_first) and must not rebuild it again under data.rebuild_cache=true."""
-    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def _eval_overlap(data: DataConfig, sources: list[SourceConfig]) -> list[str]:

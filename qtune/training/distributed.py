@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,16 +20,12 @@ from typing import Callable
 from qtune.config.schema import Backend, Distributed, QuantMethod, TrainConfig
 from qtune.errors import ConfigError, DataError
 from qtune.modeling.world import strategy, world
+from qtune.runs import launched
 
 # How long a process waits for the others at a collective: rank 0 prepares the data while the others wait at a
 # barrier, which can take long on a big data set (torch's default, 30 minutes, would cut it short).
 TIMEOUT_S = 3 * 3600
 RECORD = "WorldRecord"  # the callback (qtune.training.callbacks) whose state each checkpoint's trainer_state.json keeps
-
-
-def launched() -> bool:
-    """Started by a launcher (torchrun, accelerate launch, train.nproc): never start processes again."""
-    return "LOCAL_RANK" in os.environ
 
 
 @dataclass(frozen=True)

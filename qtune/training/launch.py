@@ -13,7 +13,7 @@ from typing import Callable
 
 from qtune.config.schema import TrainConfig
 from qtune.modeling.world import world
-from qtune.training.distributed import launched
+from qtune.runs import launched
 from qtune.errors import ConfigError, QtuneError
 
 # After SIGINT/SIGTERM the launcher waits this long for the processes to save a checkpoint before it kills them.
