@@ -128,3 +128,13 @@ def test_decode_bench_check():
     p = subprocess.run([sys.executable, str(BENCH / "decode_gpu.py"), "--check"], capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_grpo_bench_check(tiny_qwen3, qtune_home, tmp_path):
+    """Both rollout engines through the real CLI on the CPU, as the GRPO benchmark runs them on a GPU."""
+    import os
+
+    p = subprocess.run([sys.executable, str(BENCH / "train_grpo_gpu.py"), "--check"], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "QTUNE_HOME": str(qtune_home), "OUT": str(tmp_path)})
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "check: rollouts" in p.stdout, p.stdout[-2000:]

@@ -148,6 +148,7 @@ def test_grpo_trains_logs_its_rewards_and_a_constant_reward_gives_no_advantage(t
         assert r["reward"] == 0.5 and r["reward_one"] == 1.0 and r["reward_exact_answer"] == 0.0
         assert r["reward_zero_std"] == 1.0 and r["reward_std"] == 0.0
         assert r["completion_length"] <= 6 and "entropy" in r and "completion_clipped" in r
+        assert r["rollout_tokens_per_s"] > 0
     samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
     assert {s["step"] for s in samples} == {1, 2}
     assert all(s["rewards"] == {"exact_answer": 0.0, "one": 1.0} and s["advantage"] == 0.0 for s in samples)
@@ -171,3 +172,77 @@ def test_a_reward_function_that_raises_stops_the_run_in_one_line(tmp_path):
     p = qtune(*grpo(tmp_path / "run", "train.max_steps=1", f"train.grpo.rewards=[{{fn: '{tmp_path}/bad.py:boom'}}]"))
     line = one_line_error(p)
     assert "bad.py:boom raised ZeroDivisionError: division by zero (first on the prompt 'What is" in line, line
+
+
+# ---------------------------------------------------------------- qtune's rollouts through TRL's hook
+
+
+def test_qtune_rollouts_feed_trls_step_as_its_own_generation_would(tmp_path, tiny_qwen3):
+    """The batched engine's completions, handed over through TRL's rollout_func, give the same step inputs (prompt
+    and completion tokens, masks, rewards, advantages) and the same loss as TRL's own path fed the same completions:
+    generation differs, the loss must not."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from qtune.stages.grpo import Rollouts
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen3)
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    prompts = [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}]} for a, b in ((3, 4), (12, 30))]
+
+    def varied(completions, **kwargs):  # some spread in a group, so the advantages are not all zero
+        return [float(len(c[0]["content"]) % 5) for c in completions]
+
+    args = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2, max_completion_length=10,
+                report_to=[], use_cpu=True, bf16=False, logging_steps=1, beta=0.0, temperature=1.0)
+    rollouts = Rollouts()
+    ours = GRPOTrainer(model=model, reward_funcs=varied, args=GRPOConfig(**args), train_dataset=Dataset.from_list(
+        prompts), processing_class=tok, rollout_func=rollouts)
+    batch = [prompts[0], prompts[0], prompts[1], prompts[1]]
+    model.train()
+    torch.manual_seed(0)
+    a = ours._generate_and_score_completions(batch)
+    made = [row[m.bool()].tolist() for row, m in zip(a["completion_ids"], a["completion_mask"])]
+    assert rollouts.engine is not None and rollouts.tokens == sum(len(c) for c in made) > 0
+
+    class Replays(GRPOTrainer):
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, **kw):
+            return made, None
+
+    theirs = Replays(model=model, reward_funcs=varied, args=GRPOConfig(**args),
+                     train_dataset=Dataset.from_list(prompts), processing_class=tok)
+    b = theirs._generate_and_score_completions(batch)
+    for key in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages"):
+        assert torch.equal(a[key], b[key]), key
+    assert a["advantages"].abs().sum() > 0
+    ours.current_gradient_accumulation_steps = theirs.current_gradient_accumulation_steps = 1  # (set in a train loop)
+    loss_a, loss_b = ours.compute_loss(model, a), theirs.compute_loss(model, b)
+    assert abs(float(loss_a) - float(loss_b)) <= 1e-3 * max(abs(float(loss_b)), 1e-6), (loss_a, loss_b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["tiny_qwen3", "tiny_qwen3_moe"])
+def test_gpu_grpo_steps_on_qtunes_rollouts_dense_and_moe(tmp_path, model, request):
+    """On a GPU, auto picks qtune's engine: two GRPO steps on an nf4 base with the fast path (fused LoRA, grouped
+    experts), the completions made by the captured batched step."""
+    from qtune.config import compose, to_object
+    from qtune.stages.grpo import Rollouts, rollout
+
+    assert isinstance(rollout(to_object(compose([f"model={model}", "train.stage=grpo", "quant=nf4"]))), Rollouts)
+    assert rollout(to_object(compose([f"model={model}", "train.stage=grpo", "quant=int8"]))) is None
+    request.getfixturevalue(model)
+    run = tmp_path / "run"
+    p = qtune("train", f"model={model}", "train.stage=grpo", ADDITION, *FAST, "quant=nf4", "train.batch_size=2",
+              "train.grpo.num_generations=4", "train.grpo.max_completion_length=24", "train.max_steps=2",
+              "train.save_steps=2", f"train.output_dir={run}", "train.grpo.rewards=[{fn: length}]")
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(r["rollout_tokens_per_s"] > 0 for r in steps)
+    assert all(0 < r["completion_length"] <= 24 for r in steps)
+    assert "batched decoding without a CUDA graph" not in p.stderr
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()

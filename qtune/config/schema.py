@@ -136,8 +136,8 @@ class ImportanceLevel(_Choice):
 
 
 class Generation(_Choice):
-    auto = "auto"                  # transformers for now
-    qtune = "qtune"                # qtune's batched rollout engine (TRL's rollout_func hook): not available yet
+    auto = "auto"                  # qtune on a GPU (not with quant=int8), transformers elsewhere
+    qtune = "qtune"                # qtune's batched rollout engine (qtune.inference.engine), CUDA graphs on a GPU
     transformers = "transformers"  # TRL's own generation (model.generate)
 
 
@@ -371,7 +371,7 @@ class GrpoConfig:
     steps_per_generation: Optional[int] = None   # or: micro-steps a generation round feeds (not with the above)
     rewards: List[RewardSpec] = field(default_factory=lambda: [RewardSpec(fn="exact_answer")])
     sample_every: int = 10               # steps between samples.jsonl entries (a few prompts, completions, rewards)
-    generation: Generation = Generation.auto
+    generation: Generation = Generation.auto  # rollouts: qtune's batched engine (auto: on a GPU) or TRL's generate
 
     def __post_init__(self) -> None:
         if isinstance(self.num_generations, int) and self.num_generations < 2:
@@ -390,9 +390,6 @@ class GrpoConfig:
                 _check_range("train.grpo", key, getattr(self, key), low=1)
         if self.generation_batch_size is not None and self.steps_per_generation is not None:
             raise ValueError("train.grpo.generation_batch_size and train.grpo.steps_per_generation: set one of them")
-        if self.generation is Generation.qtune:
-            raise ValueError("train.grpo.generation=qtune: qtune's rollout engine is not available yet; use "
-                             "train.grpo.generation=transformers (or auto)")
         if self.loss_type is GrpoLoss.luspo and self.importance_sampling_level is not ImportanceLevel.sequence:
             raise ValueError("train.grpo.loss_type=luspo needs train.grpo.importance_sampling_level=sequence")
         if self.loss_type is GrpoLoss.vespo and self.importance_sampling_level is not ImportanceLevel.token:

@@ -43,7 +43,9 @@ METRIC_NAMES = (("loss", "loss"), ("learning_rate", "lr"), ("grad_norm", "grad_n
                 # tokens whose ratio was clipped
                 ("reward", "reward"), ("reward_std", "reward_std"), ("frac_reward_zero_std", "reward_zero_std"),
                 ("entropy", "entropy"), ("completions/mean_length", "completion_length"),
-                ("completions/clipped_ratio", "completion_clipped"), ("clip_ratio/region_mean", "clip_ratio"))
+                ("completions/clipped_ratio", "completion_clipped"), ("clip_ratio/region_mean", "clip_ratio"),
+                # grpo: new tokens a second while the rollouts are generated (generation alone, either engine)
+                ("rollout_tokens_per_second", "rollout_tokens_per_s"))
 # grpo: each reward function's mean and spread, rewards/<name>/mean and /std -> reward_<name> and reward_<name>_std
 PER_REWARD = ("rewards/", {"/mean": "", "/std": "_std"})
 
@@ -89,7 +91,9 @@ class MetricsCallback(TrainerCallback):
             now = time.time()
             if self._last is not None and now > self._last[0]:
                 row["tokens_per_s"] = round((row["tokens"] - self._last[1]) / (now - self._last[0]), 1)
-            self._last = (now, row["tokens"])
+                if len(self._last) > 2 and state.global_step > self._last[2]:
+                    row["step_s"] = round((now - self._last[0]) / (state.global_step - self._last[2]), 3)
+            self._last = (now, row["tokens"], state.global_step)
         training = training_peak_memory()
         row["memory_bytes"] = peak_memory() if training is None else training
         with open(self.path, "a") as f:
@@ -97,7 +101,7 @@ class MetricsCallback(TrainerCallback):
             f.flush()
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._last = (time.time(), _tokens_so_far(self.path))
+        self._last = (time.time(), _tokens_so_far(self.path), state.global_step)
         start_training_peak()
 
     def on_save(self, args, state, control, **kwargs):

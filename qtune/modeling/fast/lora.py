@@ -41,24 +41,67 @@ def _weight(base, dtype: torch.dtype) -> torch.Tensor:
     return w if w.dtype == dtype else w.to(dtype)
 
 
+class _OneGroup:
+    """A dense layer's bitsandbytes 4-bit state seen as one expert's, (1, out, in): the shape the grouped 4-bit
+    kernel (qtune.modeling.fast.nf4_gmm) reads; the layout is the same (the weight flattened row by row)."""
+
+    def __init__(self, state):
+        self.state, self.shape = state, (1, *state.shape)
+
+    def __getattr__(self, name):
+        return getattr(self.state, name)
+
+
+# The grouped kernel's tiles for a forward without gradients (decoding: tens of rows): 64-row tiles, and 64 outputs a
+# program so that a projection's weight streams through as many programs as there are SMs' worth of it
+DECODE_TILES = (64, 64, 128, 4, 3)
+DECODE_ROWS = 256        # up to this many rows a call reads W in 4 bits; more (a scoring forward) dequantizes it
+
+
+def _four_bit_product(base, x2):
+    """x·Wᵀ with a 4-bit W read in 4 bits by the grouped kernel (no 16-bit copy of W written), or None where it cannot
+    run (not NF4 with double quantization, no Triton/Hopper, a shape it does not take, many rows)."""
+    state = getattr(base.weight, "quant_state", None)
+    if state is None or x2.shape[0] > DECODE_ROWS or not x2.is_cuda:
+        return None
+    view = getattr(base, "_qtune_one_group", None)
+    if view is None:
+        from qtune.modeling.fast import nf4_gmm
+
+        view = _OneGroup(state) if len(state.shape) == 2 else False
+        base._qtune_one_group = view = view if view and nf4_gmm.supports(x2, view) else False
+    if view is False:
+        return None
+    from qtune.modeling.fast.nf4_gmm import nf4_gmm
+
+    ends = torch.full((1,), x2.shape[0], dtype=torch.int32, device=x2.device)
+    return nf4_gmm(x2, base.weight.data, view, ends, config=DECODE_TILES)
+
+
 class _Proj:
     """One LoRA projection's forward and backward math on 2-D inputs (N, in); the autograd functions below
-    call it so a single projection and a whole MLP block share the same arithmetic."""
+    call it so a single projection and a whole MLP block share the same arithmetic. `infer`: a forward without
+    gradients (no autograd node follows), where a 4-bit W is read in 4 bits when the kernel can."""
 
-    __slots__ = ("base", "a", "b", "s", "drop", "lean", "redraw", "dtypes", "xd", "xa", "w")
+    __slots__ = ("base", "a", "b", "s", "drop", "lean", "redraw", "dtypes", "xd", "xa", "w", "infer")
 
-    def __init__(self, base, A, B, scaling: float, drop, dtype, lean: bool):
+    def __init__(self, base, A, B, scaling: float, drop, dtype, lean: bool, infer: bool = False):
         self.base, self.s, self.drop, self.lean = base, scaling, drop, lean    # drop: (Seed, salt, p) or None
         self.redraw = lean and drop is not None   # keep dropout's input (xd holds x), draw its output again
         self.a, self.b = A.to(dtype), B.to(dtype)
         self.dtypes = (A.dtype, B.dtype)
+        self.infer = infer
 
     def forward(self, x2):
-        w = _weight(self.base, x2.dtype)
-        # Inside a backward (reentrant checkpointing's recompute) this layer's backward comes next: keep W. A 16-bit
-        # W is the parameter itself and always kept.
-        self.w = w if (w is self.base.weight or not self.lean and torch._C._current_graph_task_id() != -1) else None
-        y = x2 @ w.t()
+        y = _four_bit_product(self.base, x2) if self.infer else None
+        if y is not None:
+            self.w = None
+        else:
+            w = _weight(self.base, x2.dtype)
+            # Inside a backward (reentrant checkpointing's recompute) this layer's backward comes next: keep W. A
+            # 16-bit W is the parameter itself and always kept.
+            self.w = w if (w is self.base.weight or not self.lean and torch._C._current_graph_task_id() != -1) else None
+            y = x2 @ w.t()
         if self.base.bias is not None:
             y += self.base.bias.to(y.dtype)
         xd = dropout.apply(x2, *self.drop) if self.drop else x2
@@ -185,6 +228,12 @@ def _forward(self, x, *args, **kwargs):
     name, p = plain
     dtype = _dtype(x)
     with torch.autocast(x.device.type, enabled=False):
+        if not torch.is_grad_enabled():   # no backward to come: the math alone, no autograd node
+            x = x.to(dtype)
+            proj = _Proj(self.base_layer, self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name]),
+                         _drop(self, p), dtype, True, infer=True)
+            y = proj.forward(x.reshape(-1, x.shape[-1]))
+            return y.view(*x.shape[:-1], y.shape[-1])
         return LoraLinear.apply(x.to(dtype), self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer,
                                 float(self.scaling[name]), _drop(self, p), self._qtune_lean)
 
@@ -197,6 +246,13 @@ def _mlp_forward(self, x):
     name = plains[0][0]
     dtype = _dtype(x)
     with torch.autocast(x.device.type, enabled=False):
+        if not torch.is_grad_enabled():   # no backward to come: the math alone, no autograd node
+            x = x.to(dtype)
+            g, u, d = (_Proj(m.base_layer, m.lora_A[name].weight, m.lora_B[name].weight, float(m.scaling[name]),
+                             _drop(m, pl[1]), dtype, True, infer=True) for m, pl in zip(mods, plains))
+            x2 = x.reshape(-1, x.shape[-1])
+            y = d.forward(F.silu(g.forward(x2)) * u.forward(x2))
+            return y.view(*x.shape[:-1], y.shape[-1])
         return LoraSwiGLU.apply(x.to(dtype), *[t for m in mods for t in (m.lora_A[name].weight, m.lora_B[name].weight)],
                                 tuple(m.base_layer for m in mods), tuple(float(m.scaling[name]) for m in mods),
                                 tuple(_drop(m, pl[1]) for m, pl in zip(mods, plains)), self.down_proj._qtune_lean)

@@ -1,0 +1,192 @@
+"""qtune.inference.engine: batched decoding, eagerly on CPU against one-at-a-time `generate`; on a GPU (pytest -m gpu)
+its captured steps against its eager ones, on a 4-bit base with an unmerged adapter and on a 16-bit one."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+PROMPTS = [[1, 504, 3575, 282, 4649, 314, 216], [5, 9, 2], [77, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87], [42]]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_qwen3):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32)
+    m.eval()
+    return m
+
+
+@pytest.fixture(scope="module")
+def adapted(tiny_qwen3):
+    """The tiny Qwen3 with a LoRA adapter whose B is not zero (so the adapter changes what it says)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(3)
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    peft.train()   # as GRPO hands it over: in training mode
+    return peft
+
+
+def one_at_a_time(model, prompt, n, eos):
+    ids = torch.tensor([prompt])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         eos_token_id=eos or None, pad_token_id=0)[0, len(prompt):].tolist()
+    if eos:
+        end = next((j + 1 for j, t in enumerate(out) if t in eos), len(out))
+        out = out[:end]
+    return out
+
+
+@pytest.mark.parametrize("which", ["model", "adapted"])
+def test_batched_greedy_equals_each_prompt_alone(which, request):
+    from qtune.inference.engine import BatchDecoder
+
+    m = request.getfixturevalue(which)
+    engine = BatchDecoder(m, graph=False, eos=[])
+    got = engine.generate(PROMPTS, 12)
+    was = m.training
+    m.eval()
+    want = [one_at_a_time(m, p, 12, []) for p in PROMPTS]
+    m.train(was)
+    assert got == want
+    assert m.training == was                        # the engine gives the model back in the mode it found it
+    # a row ends at its first end-of-text token (kept, as TRL keeps it), the others go on
+    stop = want[1][5]
+    ended = BatchDecoder(m, graph=False, eos=[stop]).generate(PROMPTS, 12)
+    for g, w in zip(ended, want):
+        assert g == (w[:w.index(stop) + 1] if stop in w else w)
+    assert len(ended[1]) <= 6
+
+
+def test_a_batch_reuses_its_cache_and_pads_to_its_bucket(model):
+    from qtune.inference.engine import BatchDecoder, batch_bucket, cache_length
+
+    assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9, 64, 65)] == [1, 2, 4, 8, 8, 16, 64, 72]
+    assert (cache_length(1), cache_length(128), cache_length(129)) == (128, 128, 256)
+    engine = BatchDecoder(model, graph=False, eos=[])
+    first = engine.generate(PROMPTS[:3], 8)          # 3 rows in a batch of 4
+    again = engine.generate(PROMPTS[:3], 8)
+    assert first == again and len(engine.steps) == 1 and next(iter(engine.steps)) == (4, 128, 0, False)
+    assert engine.generate([PROMPTS[0]], 8)[0] == first[0]
+
+
+@pytest.mark.parametrize("top_k", [4, 0])
+def test_draws_follow_temperature_and_top_p(model, top_k):
+    from qtune.inference.engine import Sampling, _Batch
+
+    step = _Batch(model, 256, 128, top_k, nucleus=True, eos=[], pad=0, graph=False)
+    # pick() reads only the logits it is given: 64 of them stand for a vocabulary (a full one's sort is slow on CPU)
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0] + [-30.0] * 59).expand(256, -1)
+    n, tolerance = 256 * 6, 3 * (0.25 / (256 * 6)) ** 0.5
+
+    def draws(temperature, top_p):
+        step.temperature.fill_(temperature)
+        step.top_p.fill_(top_p)
+        step.greedy.fill_(False)
+        torch.manual_seed(0)
+        return torch.cat([step.pick(logits)[:, 0] for _ in range(6)])
+
+    want = logits[0].softmax(-1)[:5]
+    got = torch.bincount(draws(1.0, 1.0), minlength=5)[:5].float() / n
+    if top_k:
+        want = logits[0, :top_k].softmax(-1)
+        got = got[:top_k]
+    assert (got - want).abs().max() < tolerance, (got, want)
+    # top-p 0.8: the two most likely tokens hold 0.83 of the mass, the first alone 0.61
+    d = draws(1.0, 0.8)
+    assert set(d.tolist()) == {0, 1}
+    p = logits[0].softmax(-1)
+    assert abs((d == 0).float().mean() - p[0] / (p[0] + p[1])) < tolerance
+    # temperature 2 flattens: token 1's share over token 0's is exp((1 - 2) / 2)
+    d = draws(2.0, 1.0)
+    ratio = (d == 1).float().sum() / (d == 0).float().sum()
+    assert abs(ratio - torch.exp(torch.tensor(-0.5))) < 0.1
+    # a greedy row in a sampled batch takes the argmax
+    step.greedy[:128] = True
+    assert (step.pick(logits)[:128] == 0).all()
+    assert Sampling().temperature == 1.0
+
+
+_GPU = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from peft import LoraConfig, get_peft_model
+from qtune.inference.engine import BatchDecoder, Sampling
+path, kind = sys.argv[1:]
+if kind == "nf4":
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0}, quantization_config=
+        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                           bnb_4bit_use_double_quant=True))
+else:
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()
+m = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                       "gate_proj", "up_proj", "down_proj"]))
+torch.manual_seed(0)
+for n, p in m.named_parameters():
+    if "lora_B" in n:
+        p.data.normal_(0, 0.05)
+if kind == "nf4-fast":
+    pass
+prompts = [[11 + i + j for j in range(5 + 3 * i)] for i in range(12)]
+graphed = BatchDecoder(m, graph=True, eos=[])
+eager = BatchDecoder(m, graph=False, eos=[])
+g = graphed.generate(prompts, 40)
+e = eager.generate(prompts, 40)
+# after an optimizer-like in-place update of the adapter, the same graph reads the new weights
+with torch.no_grad():
+    for n, p in m.named_parameters():
+        if "lora_B" in n:
+            p.add_(0.05)
+g2 = graphed.generate(prompts, 40)
+e2 = eager.generate(prompts, 40)
+s = graphed.generate(prompts, 40, Sampling(temperature=0.9, top_p=0.9))
+print(json.dumps({"same": g == e, "same_after_update": g2 == e2, "changed": g2 != g,
+                  "captured": all(b.graph is not None for b in graphed.steps.values()),
+                  "keys": [list(k) for k in graphed.steps], "sampled_lengths": [len(x) for x in s],
+                  "agree": sum(a == b for x, y in zip(g, e) for a, b in zip(x, y)) / sum(len(x) for x in g)}))
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["nf4", "bf16"])
+def test_gpu_captured_batched_steps_equal_eager_ones_on_an_adapter(tiny_qwen3, kind):
+    """The captured step is the eager one, token for token (bf16 both ways: the same kernels), on an nf4 or bf16
+    base with an unmerged adapter, and still after the adapter's weights change in place."""
+    import json
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", _GPU, str(tiny_qwen3), kind], capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["captured"] and got["same"] and got["same_after_update"] and got["changed"], got
+    assert got["sampled_lengths"] == [40] * 12, got
+
+
+@pytest.mark.gpu
+def test_gpu_a_dense_nf4_projection_read_in_4_bits_equals_its_dequantized_product():
+    """Decoding's forward (no gradients, up to DECODE_ROWS rows) reads a dense nf4 W through the grouped 4-bit kernel
+    as one group: the same product as bitsandbytes' dequantize + matmul, up to the order of fp32 sums."""
+    import bitsandbytes as bnb
+
+    from qtune.modeling.fast import lora
+
+    torch.manual_seed(0)
+    for out_f, in_f in ((4096, 4096), (1024, 4096), (4096, 12288), (128, 256)):
+        layer = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                                  compress_statistics=True).cuda()
+        for rows in (1, 7, 64, 256):
+            x = torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16)
+            got = lora._four_bit_product(layer, x)
+            assert got is not None, (out_f, in_f)
+            want = (x.float() @ lora._weight(layer, torch.float32).t())
+            err = (got.float() - want).abs().max() / want.abs().max()
+            assert err < 1e-2, (out_f, in_f, rows, float(err))
+        assert lora._four_bit_product(layer, torch.randn(257, in_f, device="cuda", dtype=torch.bfloat16)) is None
