@@ -64,7 +64,8 @@ def grpo_run(name: str, model_args: list, generation: str, steps: int, *extra: s
     later = [r for r in rows if r["step"] > 1] or rows
     summary = json.loads((out / "summary.json").read_text())
     peak = summary.get("train_peak_memory_bytes") or summary["peak_memory_bytes"]
-    return dict(name=name, generation=generation,
+    fallback = [x.strip() for x in p.stderr.splitlines() if "without a CUDA graph" in x]
+    return dict(name=name, generation=generation, graph_fallback=fallback[:1],
                 rollout_tok_s=round(statistics.median(r["rollout_tokens_per_s"] for r in later)),
                 rollout_tok_s_first=round(rows[0]["rollout_tokens_per_s"]),
                 step_s=round(statistics.median(r["step_s"] for r in later if "step_s" in r), 2) if any(
@@ -78,14 +79,14 @@ def local(checkpoint: str, model: str) -> list[str]:
     return [f"model={model}", "model.source=local", f"model.local_dir={checkpoint}"]
 
 
-def pair(label: str, model_args: list, steps: int, *extra: str, **settings) -> list[dict]:
+def pair(label: str, model_args: list, steps: int, *extra: str, only=(), **settings) -> list[dict]:
     got = []
-    for generation in ("qtune", "transformers"):
+    for generation in only or ("qtune", "transformers"):
         r = grpo_run(f"{label}-{generation}", model_args, generation, steps, *extra, **settings)
         print(json.dumps(r), flush=True)
         got.append(r)
-    ours, theirs = got
-    if "error" not in ours and "error" not in theirs:
+    ours, theirs = (got * 2)[:2]
+    if len(got) == 2 and "error" not in ours and "error" not in theirs:
         line = (f"{label}: rollouts {ours['rollout_tok_s']} vs {theirs['rollout_tok_s']} tok/s "
                 f"({ours['rollout_tok_s'] / theirs['rollout_tok_s']:.2f}x); step {ours['step_s']} vs "
                 f"{theirs['step_s']} s ({theirs['step_s'] / ours['step_s']:.2f}x); peak {ours['peak_gib']} vs "
@@ -104,14 +105,16 @@ def main(argv: list[str]) -> None:
     layers = int(argv[argv.index("--layers") + 1]) if "--layers" in argv else None
     steps = int(argv[argv.index("--steps") + 1]) if "--steps" in argv else 3
     rows = [a for a in argv if a in ("dense", "moe")] or ["dense"]
+    only = [g for g in ("qtune", "transformers") if f"--only-{g}" in argv]
     info = environment()
     results = []
     if "dense" in rows:
         n = layers or 36
-        results += pair(f"qwen3_8b-L{n}", local(random_checkpoint("qwen3_8b", n), "qwen3_8b"), steps)
+        results += pair(f"qwen3_8b-L{n}", local(random_checkpoint("qwen3_8b", n), "qwen3_8b"), steps, only=only)
     if "moe" in rows:
         for n in ([layers] if layers else [6, 12]):
-            results += pair(f"qwen3_30b_a3b-L{n}", local(random_checkpoint("qwen3_30b_a3b", n), "qwen3_30b_a3b"), steps)
+            results += pair(f"qwen3_30b_a3b-L{n}", local(random_checkpoint("qwen3_30b_a3b", n), "qwen3_30b_a3b"), steps,
+                            only=only)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "train_grpo_gpu.json").write_text(json.dumps({"environment": info, "results": results}, indent=1))
 
