@@ -243,6 +243,10 @@ def show_memory(title: str, m: dict) -> None:
     if m.get("delta_bytes"):
         mt.add_row("one layer's fused expert deltas, full size (PEFT's reference path: train.fast=false or FSDP2)",
                    gib(m['delta_bytes']))
+    if m.get("generation_bytes"):
+        mt.add_row("rollouts' KV cache (" + ("kept while training: train.grpo.rollout_cache=keep" if
+                                             m.get("generation_kept") else "while generating only") + ")",
+                   gib(m['generation_bytes']))
     mt.add_row("CUDA context and workspace", gib(m['overhead_bytes']))
     mt.add_section()
     mt.add_row("[bold]total (estimate)[/]", f"[bold]{gib(m['total_bytes'])}[/]")

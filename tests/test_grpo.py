@@ -108,6 +108,25 @@ def test_the_dry_run_counts_each_prompts_completions():
     assert grpo_act(2) == act("data.max_length=4096") and grpo_act(4) == act("data.max_length=8192")
     p = qtune("train", "--dry-run", "model=qwen3_8b", "train.stage=grpo")
     assert p.returncode == 0 and "each with train.grpo.num_generations completions" in p.stdout, p.stdout + p.stderr
+    assert "rollouts' KV cache (kept while training" in p.stdout
+
+
+def test_the_dry_run_counts_the_rollouts_cache_kept_or_freed():
+    """Qwen3-8B, 8 prompts x 8 completions a round of up to 128 + 512 tokens: 64 x 640 tokens of 36 layers' keys and
+    values (8 heads of 128, bf16) = 5.6 GiB; kept, it adds to training's peak, freed, the peak is the larger phase."""
+    from qtune.commands.train import plan
+    from qtune.config import compose, to_object
+
+    def memory(*o):
+        return plan(to_object(compose(["model=qwen3_8b", "quant=nf4", "train.stage=grpo", "train.batch_size=1",
+                                       "train.grad_accum=8", "train.grpo.num_generations=8", "data.max_length=128",
+                                       "train.grpo.max_completion_length=512", *o])))["memory"]
+
+    kept, freed, theirs = memory(), memory("train.grpo.rollout_cache=free"), memory("train.grpo.generation=transformers")
+    assert kept["generation_bytes"] == 2 * 36 * 8 * 128 * 64 * 640 * 2 and kept["generation_kept"]
+    training = kept["activation_bytes"] + kept["dequantized_bytes"] + kept["delta_bytes"]
+    assert kept["total_bytes"] - freed["total_bytes"] == min(training, kept["generation_bytes"])
+    assert not freed["generation_kept"] and freed["total_bytes"] == theirs["total_bytes"]
 
 
 def test_the_settings_reach_trls_config(tmp_path):

@@ -135,6 +135,11 @@ class ImportanceLevel(_Choice):
     sequence = "sequence"  # GSPO
 
 
+class RolloutCache(_Choice):
+    keep = "keep"   # the engine's KV cache and captured step stay between rounds (no re-capture; the cache's memory held)
+    free = "free"   # freed after each round, captured again at the next (training's peak without the cache)
+
+
 class Generation(_Choice):
     auto = "auto"                  # qtune on a GPU (not with quant=int8), transformers elsewhere
     qtune = "qtune"                # qtune's batched rollout engine (qtune.inference.engine), CUDA graphs on a GPU
@@ -372,6 +377,7 @@ class GrpoConfig:
     rewards: List[RewardSpec] = field(default_factory=lambda: [RewardSpec(fn="exact_answer")])
     sample_every: int = 10               # steps between samples.jsonl entries (a few prompts, completions, rewards)
     generation: Generation = Generation.auto  # rollouts: qtune's batched engine (auto: on a GPU) or TRL's generate
+    rollout_cache: RolloutCache = RolloutCache.keep  # qtune's engine: keep its cache between rounds, or free it
 
     def __post_init__(self) -> None:
         if isinstance(self.num_generations, int) and self.num_generations < 2:

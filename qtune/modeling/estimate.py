@@ -42,17 +42,22 @@ class Memory:
     delta: float = 0.0         # the reference path's full-size deltas of one layer's fused tensors (PEFT's ParamWrapper)
     host_embedding: float = 0.0  # bytes of the input embedding table kept in host memory (CUDA graphs), not counted
     host_head: float = 0.0     # bytes of the output head kept in host memory (train.head_on_host), in the activations
+    generation: float = 0.0    # a generation phase's own memory (GRPO's rollout KV cache)
+    generation_kept: bool = False  # ... held while training runs too (else only while generating)
     world_size: int = 1        # per_process(): what each of this many GPUs holds
     strategy: str = "single"
 
     @property
     def total(self) -> float:
-        return self.base + self.lora + self.activations + self.dequantized + self.delta + self.overhead
+        training = self.activations + self.dequantized + self.delta
+        phases = training + self.generation if self.generation_kept else max(training, self.generation)
+        return self.base + self.lora + phases + self.overhead
 
     def as_dict(self) -> dict:
         return {"base_bytes": int(self.base), "lora_bytes": int(self.lora), "activation_bytes": int(self.activations),
                 "dequantized_bytes": int(self.dequantized), "delta_bytes": int(self.delta),
-                "overhead_bytes": int(self.overhead),
+                "overhead_bytes": int(self.overhead), "generation_bytes": int(self.generation),
+                "generation_kept": self.generation_kept,
                 "total_bytes": int(self.total),
                 "quantized_params": self.base_quantized_params, "unquantized_params": self.base_16bit_params,
                 "experts_4bit": self.experts_4bit, "host_embedding_bytes": int(self.host_embedding),

@@ -63,6 +63,14 @@ def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] |
                         # fp32 master weights (fsdp2_prepare_model, mixed precision on)
                         adapters_fp32=fsdp and cfg.quant.method is QuantMethod.none)
 
+    generation, kept = stage.generation_memory(cfg)
+
+    def with_generation(m):
+        m.generation, m.generation_kept = float(generation), kept
+        return m
+
+    inner = one_gpu
+    one_gpu = lambda *a, **k: with_generation(inner(*a, **k))  # noqa: E731
     single = one_gpu(expected(cfg, size))
     how = strategy(t.distributed, "cuda", size, lambda: single.total)
     # under FSDP2 training takes the reference path (qtune.modeling.fast.decide): no 4-bit experts, no compaction

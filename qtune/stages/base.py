@@ -48,6 +48,11 @@ class Stage:
         """The tokens a micro-batch puts through the forward that keeps activations (the dry run's estimate)."""
         return cfg.data.max_length * cfg.train.batch_size * self.sequences
 
+    def generation_memory(self, cfg) -> tuple[int, bool]:
+        """(bytes a generation phase adds beside the weights, whether they stay allocated while training runs): the
+        dry run's estimate; (0, False) for stages that do not generate."""
+        return 0, False
+
     def trl_config(self, cfg, common: dict, aux_loss: float | None):
         """TRL's config class for this stage over the arguments every stage shares (`common`); `aux_loss`: the MoE
         router's balancing loss coefficient, None for dense models."""

@@ -45,6 +45,18 @@ class Grpo(Stage):
         g = cfg.train.grpo
         return (cfg.data.max_length + g.max_completion_length) * completions_per_micro_batch(cfg.train)
 
+    def generation_memory(self, cfg) -> tuple[int, bool]:
+        """qtune's engine (on a GPU): its static KV cache for one round's completions (train.grpo.rollout_cache=keep
+        holds it while training runs). TRL's own generation grows a cache of about that size while it generates."""
+        from qtune.inference.engine import batch_bucket, cache_bytes, cache_length
+
+        g, t = cfg.train.grpo, cfg.train
+        per_round = g.generation_batch_size or completions_per_micro_batch(t) * (g.steps_per_generation or t.grad_accum)
+        size = cache_bytes(cfg.model.arch, batch_bucket(per_round), cache_length(cfg.data.max_length
+                                                                                 + g.max_completion_length))
+        engine = str(g.generation) != "transformers" and str(cfg.quant.method) != "int8"
+        return size, engine and str(g.rollout_cache) == "keep"
+
     def trl_config(self, cfg, common, aux_loss):
         from trl import GRPOConfig
 
@@ -90,7 +102,7 @@ def rollout(cfg):
     if choice == "transformers" or choice == "auto" and (not torch.cuda.is_available()
                                                          or str(cfg.quant.method) == "int8"):
         return None
-    return Rollouts()
+    return Rollouts(str(cfg.train.grpo.rollout_cache))
 
 
 class Rollouts:
@@ -98,8 +110,8 @@ class Rollouts:
     template and enable_thinking as TRL's generation would see them), completed by one BatchDecoder made on first use
     and kept for the run (its captured step and cache are reused at every step)."""
 
-    def __init__(self):
-        self.engine, self.tokens, self.seconds = None, 0, 0.0
+    def __init__(self, cache: str = "keep"):
+        self.engine, self.cache, self.tokens, self.seconds = None, cache, 0, 0.0
 
     def __call__(self, prompts, trainer):
         import time
@@ -119,6 +131,8 @@ class Rollouts:
             [list(p) for p in prompt_ids], args.max_completion_length,
             Sampling(temperature=args.temperature, top_p=args.top_p if args.top_p is not None else 1.0,
                      top_k=args.top_k or 0))
+        if str(self.cache) == "free":
+            self.engine.release()
         self.tokens += sum(len(c) for c in completions)
         self.seconds += time.perf_counter() - started
         return {"prompt_ids": [list(p) for p in prompt_ids], "completion_ids": completions, "logprobs": None}
