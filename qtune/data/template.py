@@ -58,8 +58,10 @@ def resolve_template(tokenizer, name: str | None, model_name: str) -> tuple[str,
 
 
 def render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool = False,
-           enable_thinking: bool | None = None) -> str:
+           enable_thinking: bool | None = None, tools: list | None = None) -> str:
     kw = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    if tools:
+        kw["tools"] = tools
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                          add_generation_prompt=add_generation_prompt, **kw)
 
