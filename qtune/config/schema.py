@@ -284,7 +284,7 @@ class DataConfig:
     """Inputs and how they become training examples."""
     path: Optional[str] = None       # a file, glob, folder or hub dataset; or use data.sources
     sources: List[SourceConfig] = field(default_factory=list)
-    format: str = "auto"
+    format: str = "auto"             # auto: each record's layout detected; or name one (README: Dataset layouts)
     dataset_info: Optional[str] = None  # a LLaMA-Factory dataset_info.json: file_name, formatting, columns, tags, ranking
     dataset: Optional[str] = None    # with dataset_info: the names of its datasets to train on (a,b)
     eval_path: Optional[str] = None
