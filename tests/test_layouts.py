@@ -156,9 +156,13 @@ def test_swift_preference_kto_and_agent_layouts(tmp_path, qwen3_tokenizer):
     assert [[t.removeprefix(EMPTY_THINK) for t in s[2]] for s in shown] == [
         ["Tomorrow's weather will be sunny" + IM_END, "I don't know" + IM_END],
         ["Tomorrow's weather will be sunny" + IM_END, "No." + IM_END]]
+    with pytest.raises(DataError, match="this record is swift_preference .*, which train.stage=dpo or rm or kto trains on"):
+        read(tmp_path, qwen3_tokenizer, path=str(tmp_path / "dpo.jsonl"))
     write(tmp_path / "kto.jsonl", [{"messages": chat, "label": False}])
     ((_, layout, trained, text),) = read(tmp_path, qwen3_tokenizer, "kto", path=str(tmp_path / "kto.jsonl"))
     assert layout == "swift_kto" and "[undesirable]" in text
+    ((_, layout, trained, _),) = read(tmp_path, qwen3_tokenizer, path=str(tmp_path / "kto.jsonl"))
+    assert layout == "messages" and len(trained) == 1                  # sft reads the conversation, as ms-swift does
     agent = {"tools": json.dumps([{"type": "function", "function": WEATHER}]),
              "messages": [{"role": "user", "content": "Weather in Paris?"},
                           {"role": "assistant", "content": "Let me look."},
@@ -169,6 +173,12 @@ def test_swift_preference_kto_and_agent_layouts(tmp_path, qwen3_tokenizer):
     ((_, layout, trained, text),) = read(tmp_path, qwen3_tokenizer, path=str(tmp_path / "agent.jsonl"))
     assert trained == ["Let me look.\n" + CALL, EMPTY_THINK + "It is 22C." + IM_END]  # the words, then the call
     assert "<tool_response>\n{\"temp\": 22}\n</tool_response>" in text
+    pair = {"tools": agent["tools"], "messages": agent["messages"][:1] + [{"role": "assistant", "content": "",
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}],
+            "rejected_response": "I cannot look that up."}
+    write(tmp_path / "pair.jsonl", [pair])
+    ((_, layout, trained, text),) = read(tmp_path, qwen3_tokenizer, "dpo", path=str(tmp_path / "pair.jsonl"))
+    assert text.startswith("<|im_start|>system\n# Tools\n") and trained[0].removeprefix(EMPTY_THINK) == CALL
 
 
 # ---------------------------------------------------------------- TRL

@@ -52,6 +52,7 @@ FORMATS = LM_FORMATS + PAIR_FORMATS + KTO_FORMATS + ("prompts",)
 FAMILIES = {"text": ("text",), "lm": LM_FORMATS, "pairs": PAIR_FORMATS,
             "kto": KTO_FORMATS + PAIR_FORMATS,  # KTO splits a pair into a desirable and an undesirable answer
             "prompts": ("prompts",)}         # grpo: prompts and the fields its reward functions read
+STAGES = {"text": ("pt",), "lm": ("sft",), "pairs": ("dpo", "rm"), "kto": ("kto",), "prompts": ("grpo",)}  # by family
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
                   "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system"}
@@ -327,7 +328,7 @@ def detect(rec: dict) -> str | None:
         return "kto"
     if "messages" in keys and "rejected_response" in keys:
         return "swift_preference"
-    if "messages" in keys and "label" in keys:
+    if "messages" in keys and isinstance(rec.get("label"), bool):
         return "swift_kto"
     if "messages" in keys:
         return "messages"
@@ -363,11 +364,15 @@ def resolve(rec: Record, fmt: str, trains) -> str:
         if fmt is None:
             raise DataError(f"{where}: record of no known format (keys: {', '.join(sorted(data)) or 'none'}); "
                             f"expected one of: {', '.join(allowed)}")
+        if fmt == "swift_kto" and "messages" in allowed:  # (a conversation with a label: sft reads its messages)
+            fmt = "messages"
     elif fmt not in FORMATS:
         raise DataError(f"format={fmt!r} is not a known format; valid: auto, {', '.join(FORMATS)}")
     if fmt not in allowed:
+        fits = [s for family, stages in STAGES.items() if fmt in FAMILIES[family] for s in stages]
         raise DataError(f"{where}: train.stage={trains.stage} trains on {trains.describes}; this record is {fmt} "
-                        f"(keys: {', '.join(sorted(data))})")
+                        f"(keys: {', '.join(sorted(data))})" + (f", which train.stage={' or '.join(fits)} trains on"
+                                                                 if fits else ""))
     return fmt
 
 
