@@ -285,8 +285,10 @@ def digests(data: DataConfig, sources: list[SourceConfig], tokenizer, template: 
     for src in sources:
         h.update(json.dumps(asdict(src), sort_keys=True, default=str).encode())
         hub = is_hub_dataset(src.path)
-        d.update(json.dumps({k: v for k, v in asdict(src).items() if hub or k != "path"}, sort_keys=True,
-                            default=str).encode())
+        own = {k: v for k, v in asdict(src).items() if hub or k != "path"}
+        if own.get("info"):  # (where its dataset_info.json lies is where the files are)
+            own["info"] = {k: v for k, v in own["info"].items() if k != "info"}
+        d.update(json.dumps(own, sort_keys=True, default=str).encode())
         if not hub:
             files(src.path, named=True)
     if data.eval_path:
