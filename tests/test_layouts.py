@@ -223,6 +223,12 @@ def test_openai_tool_calls_render_as_qwen3_does_and_train_the_calls(tmp_path, qw
         assert trained == [CALL, EMPTY_THINK + "It is 22C." + IM_END]
 
 
+def test_a_template_without_tool_calls_is_refused_not_trained_without_them(tmp_path, qwen3_tokenizer):
+    write(tmp_path / "d.jsonl", [openai_record({"city": "Paris"})])
+    with pytest.raises(DataError, match="d.jsonl:1: the chat template does not render tool calls or tools"):
+        dp.preview(cfg(tmp_path, path=str(tmp_path / "d.jsonl")), qwen3_tokenizer, "q", "chatml", get("sft").data)
+
+
 TOOL_BAD = [
     (openai_record('{"city": Paris}'), "d.jsonl:2: messages[1].tool_calls[0]: the arguments of the call to "
      "'get_weather' are not JSON (Expecting value at column 10)"),

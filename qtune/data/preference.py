@@ -16,7 +16,7 @@ import json
 import numpy as np
 
 from qtune.data import formats
-from qtune.data.template import Markers, encode, escape, render, unescape
+from qtune.data.template import Markers, check_tool_rendering, encode, escape, render, unescape
 from qtune.errors import DataError
 
 # What prepare builds for a stage's kind of rows (qtune.stages.base.Trains.kind): packed token rows (lm); prompt, chosen and
@@ -187,6 +187,8 @@ def render_parts(tokenizer, template: str, markers: Markers, prompt: list[dict],
     """(prompt text, answer text): the prompt as sent at inference, the answer as what follows it, to its turn's end."""
     head = render(tokenizer, template, prompt, add_generation_prompt=True, enable_thinking=enable_thinking, tools=tools)
     full = render(tokenizer, template, prompt + answer, enable_thinking=enable_thinking, tools=tools)
+    if tools or any(m.get("tool_calls") for m in prompt + answer):
+        check_tool_rendering(full, prompt + answer, tools, where)
     if not full.startswith(head):
         raise DataError(f"{where}: the chat template renders this prompt differently before an answer than as a "
                         "generation prompt; set model.chat_template=chatml (or a .jinja path)")

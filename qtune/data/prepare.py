@@ -23,8 +23,8 @@ import numpy as np
 
 from qtune.config.schema import DataConfig, OnError, SourceConfig, TrainOn
 from qtune.data import formats, llamafactory, preference, prompts
-from qtune.data.template import (Markers, assistant_spans, encode, escape, label_mask, probe_markers, render,
-                                  resolve_template)
+from qtune.data.template import (Markers, assistant_spans, check_tool_rendering, encode, escape, label_mask,
+                                  probe_markers, render, resolve_template)
 from qtune.errors import DataError
 from qtune.integrity import manifest_problem, write_manifest
 from qtune.io import atomic_dir, atomic_write_json, is_hub_dataset
@@ -200,6 +200,8 @@ def _tokenize_batch(batch, tokenizer, template: str, markers: Markers, max_lengt
             continue
         (messages, tools), esc = escape(tokenizer, [json.loads(conv), json.loads(tools) if tools else None])
         rendered = render(tokenizer, template, messages, enable_thinking=enable_thinking, tools=tools)
+        if tools or any(m.get("tool_calls") for m in messages):
+            check_tool_rendering(rendered, messages, tools, where)
         s = [(0, len(rendered))] if train_on == "all" else assistant_spans(rendered, markers)
         if train_on != "all" and len(s) > sum(m["role"] == "assistant" for m in messages):
             # (a header of plain text, no control token in it, spelled inside a message)

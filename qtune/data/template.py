@@ -66,6 +66,17 @@ def render(tokenizer, template: str, messages: list[dict], add_generation_prompt
                                          add_generation_prompt=add_generation_prompt, **kw)
 
 
+def check_tool_rendering(text: str, messages: list[dict], tools: list | None, where: str) -> None:
+    """A template that leaves tools or calls out (ChatML has no place for them) would train turns without their
+    calls: a DataError naming the record."""
+    names = [t["function"]["name"] for t in tools or ()]
+    names += [c["function"]["name"] for m in messages for c in m.get("tool_calls") or ()]
+    missing = next((n for n in names if n not in text), None)
+    if missing is not None:
+        raise DataError(f"{where}: the chat template does not render tool calls or tools (the record's {missing!r} is "
+                        "not in its text); use a template that does, e.g. model.chat_template=qwen3")
+
+
 def prompt_inputs(tokenizer, template: str, messages: list[dict], enable_thinking: bool | None = None) -> dict:
     """A generation prompt as model inputs (tensors): rendered with `template`, no special tokens added."""
     text = render(tokenizer, template, messages, add_generation_prompt=True, enable_thinking=enable_thinking)
