@@ -83,6 +83,8 @@ def test_llamafactory_sharegpt_preference_tools_and_openai_tags(tmp_path, qwen3_
                   "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}},
         "tools": {"file_name": "tools.json", "formatting": "sharegpt",
                   "columns": {"messages": "conversations", "system": "system", "tools": "tools"}},
+        "skto": {"file_name": "skto.json", "formatting": "sharegpt",
+                 "columns": {"messages": "conversations", "kto_tag": "kto_tag"}},
         "openai": {"file_name": "openai.json", "formatting": "sharegpt", "columns": {"messages": "messages"},
                    "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
                             "assistant_tag": "assistant", "system_tag": "system"}},
@@ -96,6 +98,8 @@ def test_llamafactory_sharegpt_preference_tools_and_openai_tags(tmp_path, qwen3_
                                           {"from": "observation", "value": "22C"},
                                           {"from": "gpt", "value": "It is 22C."}],
                         "system": "Be brief.", "tools": json.dumps([WEATHER])}],
+        "skto.json": [{"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "5"}],
+                       "kto_tag": False}],
         "openai.json": [{"messages": [{"role": "system", "content": "S."}, {"role": "user", "content": "2+2?"},
                                       {"role": "assistant", "content": "4"}]}],
     })
@@ -106,6 +110,9 @@ def test_llamafactory_sharegpt_preference_tools_and_openai_tags(tmp_path, qwen3_
     assert text.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n") and '"name": "get_weather"' in text
     assert trained == [CALL, EMPTY_THINK + "It is 22C." + IM_END]       # the call is trained, its result is not
     assert "<|im_start|>user\n<tool_response>\n22C\n</tool_response>" + IM_END in text
+    ((_, layout, trained, text),) = read(tmp_path, qwen3_tokenizer, "kto", dataset_info=path, dataset="skto")
+    assert layout == "skto: LLaMA-Factory sharegpt kto" and "[undesirable]" in text
+    assert [t.removeprefix(EMPTY_THINK) for t in trained] == ["5" + IM_END]
     ((_, layout, trained, text),) = read(tmp_path, qwen3_tokenizer, dataset_info=path, dataset="openai")
     assert layout == "openai: LLaMA-Factory sharegpt sft" and trained == [EMPTY_THINK + "4" + IM_END]
     assert text.startswith("<|im_start|>system\nS.<|im_end|>")
@@ -187,7 +194,9 @@ def test_trl_implicit_prompt_and_unpaired(tmp_path, qwen3_tokenizer):
     user = {"role": "user", "content": "What color is the sky?"}
     write(tmp_path / "d.jsonl", [{"chosen": [user, {"role": "assistant", "content": "It is blue."}],
                                   "rejected": [user, {"role": "assistant", "content": "It is green."}]}])
-    ((_, layout, trained, text),) = read(tmp_path, qwen3_tokenizer, "dpo", path=str(tmp_path / "d.jsonl"))
+    ((_, layout, trained, text),) = read(tmp_path, qwen3_tokenizer, "dpo", path=str(tmp_path / "d.jsonl"),
+                                         format="implicit_preference")             # named, as detected
+    assert read(tmp_path, qwen3_tokenizer, "dpo", path=str(tmp_path / "d.jsonl"))[0][1] == layout
     assert layout == "implicit_preference" and text.startswith("<|im_start|>user\nWhat color is the sky?<|im_end|>\n"
                                                                "<|im_start|>assistant\n\n[chosen]")
     assert [t.removeprefix(EMPTY_THINK) for t in trained] == ["It is blue." + IM_END, "It is green." + IM_END]
