@@ -313,3 +313,15 @@ def test_dry_run_shows_which_layout_read_a_record(tmp_path, tiny_qwen3):
     assert p.returncode == 0, p.stderr
     assert "c.json:2 (calls: LLaMA-Factory sharegpt sft)" in p.stdout
     assert '⟦<tool_call>' in p.stdout and "⟦<tool_response>" not in p.stdout
+
+
+def test_split_keeps_a_rounds_tool_calls_together_and_trains_each_round_once(tmp_path, qwen3_tokenizer):
+    rec = openai_record({"city": "Paris"})
+    rec["messages"][-1]["reasoning_content"] = "Easy."
+    rec["messages"] += [{"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "You are welcome."}]
+    write(tmp_path / "d.jsonl", [rec])
+    first, second = read(tmp_path, qwen3_tokenizer, path=str(tmp_path / "d.jsonl"))
+    assert first[2] == [CALL, "<think>\nEasy.\n</think>\n\nIt is 22C." + IM_END]     # the call and the answer of round 1
+    assert second[2] == [EMPTY_THINK + "You are welcome." + IM_END]                   # round 2 only
+    assert "Easy." not in second[3] and second[3] == qwen3_tokenizer.apply_chat_template(
+        rec["messages"], tools=rec["tools"], tokenize=False)                          # the history inference shows
