@@ -123,6 +123,8 @@ def show_data_stats(stats: dict, path, cache_hit: bool) -> None:
                     if "packed_rows" in s else "")
             if "truncated_prompts" in s:  # preference data: what truncation cut (the prompt's start, answers' ends)
                 pack += f" (prompts cut {s['truncated_prompts']}, answers cut {s['truncated_answers']})"
+            if "thinking" in s:  # conversations whose trained turns reason (a non-empty <think> block), and the others
+                pack += f"; thinking {s['thinking']}, non-thinking {s['non_thinking']}"
             console.print(f"{split}: length p50 {L['p50']} / p90 {L['p90']} / p99 {L['p99']} / max {L['max']}; "
                           f"truncated {s['truncated']}, dropped (no trainable token) {s['dropped_no_trainable']}{pack}")
     if stats.get("rejected"):

@@ -193,6 +193,17 @@ def _model_without_weights(tmp, run):
     (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
 
 
+def _lf(entries: dict, files: dict):
+    """A dataset_info.json of these entries and the files they name, in {tmp}."""
+    import json
+
+    def make(tmp, run):
+        (tmp / "dataset_info.json").write_text(json.dumps(entries))
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+    return make
+
+
 UTF16 = '{"input": "a", "output": "b"}\n'.encode("utf-16-le")   # no byte-order mark: NUL bytes to a UTF-8 reader
 NOT_JSON = b'{"r": 16,\n'
 FILE_CASES = [
@@ -211,10 +222,24 @@ FILE_CASES = [
     ("prepare", ["data.path={tmp}"], "no data files (.jsonl, .json, .csv, .parquet, .tsv) found", _write("notes.md", b"x")),
     ("prepare", ["model=tiny_qwen3", "data.path={tmp}/d.jsonl"], "d.jsonl:2: malformed JSON",
      _write("d.jsonl", b'{"input": "a", "output": "b"}\n{"input": oops}\n')),
-    ("prepare", ["model=tiny_qwen3", "data.path={tmp}/d.jsonl"], "d.jsonl:2: messages[1]: field 'tool_calls': tool calls "
-     "are not supported yet", _write("d.jsonl", b'{"input": "a", "output": "b"}\n{"messages": [{"role": "user", '
-                                     b'"content": "Weather?"}, {"role": "assistant", "content": null, "tool_calls": '
-                                     b'[{"type": "function", "function": {"name": "w", "arguments": "{}"}}]}]}\n')),
+    ("prepare", ["model=tiny_qwen3", "data.path={tmp}/d.jsonl"], "d.jsonl:2: messages[1].tool_calls[0]: the arguments "
+     "of the call to 'w' are not JSON (Expecting property name enclosed in double quotes at column 2): '{city: 1}'",
+     _write("d.jsonl", b'{"input": "a", "output": "b"}\n{"messages": [{"role": "user", "content": "Weather?"}, '
+                       b'{"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": '
+                       b'{"name": "w", "arguments": "{city: 1}"}}]}]}\n')),
+    # LLaMA-Factory's dataset_info.json
+    ("prepare", ["data.dataset_info={tmp}/dataset_info.json", "data.dataset=alpaca_en"],
+     "/dataset_info.json; valid: pairs, sft",
+     _write("dataset_info.json", b'{"pairs": {"file_name": "p.json", "ranking": true}, "sft": {"file_name": "s.json"}}')),
+    ("prepare", ["model=tiny_qwen3", "data.dataset_info={tmp}/dataset_info.json", "data.dataset=sft"],
+     "/dataset_info.json maps columns.prompt to field 'question', which this record lacks (its fields: "
+     "instruction, output)",
+     _lf({"sft": {"file_name": "s.json", "columns": {"prompt": "question", "response": "answer"}}},
+         {"s.json": b'[{"instruction": "q", "output": "a"}]'})),
+    ("prepare", ["model=tiny_qwen3", "data.dataset_info={tmp}/dataset_info.json", "data.dataset=pairs"], "is a ranking "
+     "dataset (ranking: true, preference pairs): it trains with train.stage=dpo, rm or kto, not sft",
+     _lf({"pairs": {"file_name": "p.json", "ranking": True}},
+         {"p.json": b'[{"instruction": "q", "chosen": "a", "rejected": "b"}]'})),
     ("prepare", ["model=tiny_qwen3", "data.path={tmp}/d.jsonl"], "d.jsonl:1: key 'output' appears twice in one JSON "
      "object", _write("d.jsonl", b'{"input": "a", "output": "b", "output": "c"}\n')),
     ("prepare", ["model=tiny_qwen3", "data.path={tmp}/d.json"], "d.json:1: field 'output' holds a lone surrogate \\ud83d",

@@ -103,7 +103,9 @@ def test_system_prompt_opens_conversations_without_a_system_turn(tmp_path, qwen3
 def test_thinking_blocks_render_as_qwen3_renders_them(tmp_path, qwen3_tokenizer):
     rec = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reasoning_content": "old"},
                         {"role": "user", "content": "c"}, {"role": "assistant", "content": "d", "reasoning_content": "new"}]}
-    ds = prepare(data_cfg(tmp_path, write_jsonl(tmp_path / "d.jsonl", [rec])), qwen3_tokenizer, "qwen3").load()
+    ds = prepare(data_cfg(tmp_path, write_jsonl(tmp_path / "d.jsonl", [rec]), multi_turn_thinking="last"),
+                 qwen3_tokenizer, "qwen3").load()
+    assert len(ds) == 1
     text = qwen3_tokenizer.decode(ds["input_ids"][0])
     # Qwen3 drops the reasoning of turns before the last user query and keeps the last turn's.
     assert text == ("<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n<|im_start|>user\nc<|im_end|>\n"
@@ -309,21 +311,19 @@ BAD = [
     ('', "d.jsonl: no usable records"),
     ('{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, '
      '{"role": "assistant", "content": "b"}]}\n', "d.jsonl:1: messages[0]: content[0] is a part of type 'image_url'"),
-    # tool calling is refused, not trained without its calls
+    # tool calls that cannot be rendered as the model would write them
     ('{"input": "a", "output": "b"}\n{"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", '
-     '"content": "Looking.", "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": "{}"}}]}]}\n',
-     "d.jsonl:2: messages[1]: field 'tool_calls': tool calls are not supported yet"),
+     '"content": "Looking.", "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": "{city}"}}]}]}\n',
+     "d.jsonl:2: messages[1].tool_calls[0]: the arguments of the call to 'w' are not JSON"),
     ('{"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": null, '
-     '"tool_calls": [{"type": "function", "function": {"name": "w", "arguments": "{}"}}]}]}\n',
-     "d.jsonl:1: messages[1]: field 'tool_calls': tool calls are not supported yet"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], '
-     '"tools": [{"type": "function", "function": {"name": "w"}}]}\n',
-     "d.jsonl:1: field 'tools': tool calls are not supported yet"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "22C"}, '
-     '{"role": "assistant", "content": "b"}]}\n', "d.jsonl:1: messages[1]: role 'tool': tool calls are not supported yet"),
+     '"tool_calls": [{"type": "function", "function": {"arguments": "{}"}}]}]}\n',
+     "d.jsonl:1: messages[1].tool_calls[0]: a tool call needs a function name"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "tool_calls": [{"function": '
+     '{"name": "x", "arguments": {}}}]}], "tools": [{"type": "function", "function": {"name": "w"}}]}\n',
+     "d.jsonl:1: message 1: tool_calls[0] calls 'x', which is not in the record's tools (w)"),
     ('{"conversations": [{"from": "human", "value": "a"}, {"from": "function_call", "value": "{}"}, '
      '{"from": "observation", "value": "x"}, {"from": "gpt", "value": "b"}]}\n',
-     "d.jsonl:1: conversations[1]: from 'function_call': tool calls are not supported yet"),
+     "d.jsonl:1: conversations[1]: a tool call needs a function name"),
     # JSON that parses but would lose or break data
     ('{"input": "a", "output": "b", "output": "c"}\n', "d.jsonl:1: key 'output' appears twice in one JSON object"),
     ('{"input": "a", "output": "b"}\n{"messages": [{"role": "user", "content": "x", "content": "y"}]}\n',
@@ -647,7 +647,7 @@ def test_pairs_that_are_all_identical_say_so(tmp_path, qwen3_tokenizer):
 
 BAD_PAIRS = [
     ("dpo", {"prompt": "a", "chosen": "b"}, "d.jsonl:1: record of no known format (keys: chosen, prompt); expected one "
-     "of: preference, sharegpt_preference"),
+     "of: preference, implicit_preference, sharegpt_preference, swift_preference"),
     ("dpo", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
      "d.jsonl:1: train.stage=dpo trains on preference pairs"),
     ("pt", {"prompt": "a", "chosen": "b", "rejected": "c"}, "d.jsonl:1: train.stage=pt trains on raw text"),
@@ -666,12 +666,14 @@ BAD_PAIRS = [
      "d.jsonl:1: field 'label' must be true (a desirable answer) or false, got 'maybe'"),
     ("kto", {"prompt": "a", "completion": "  ", "label": True}, "d.jsonl:1: field 'completion' is empty"),
     ("dpo", {"prompt": "a", "chosen": [{"role": "assistant", "content": None, "tool_calls": [{"type": "function"}]}],
-             "rejected": "c"}, "d.jsonl:1: chosen[0]: field 'tool_calls': tool calls are not supported yet"),
+             "rejected": "c"}, "d.jsonl:1: chosen[0].tool_calls[0]: a tool call needs a function name"),
     ("dpo", {"conversations": [{"from": "human", "value": "a"}], "chosen": {"from": "function_call", "value": "{}"},
              "rejected": {"from": "gpt", "value": "c"}},
-     "d.jsonl:1: field 'chosen': from 'function_call': tool calls are not supported yet"),
-    ("kto", {"prompt": "a", "completion": "b", "label": True, "tools": '[{"name": "w"}]'},
-     "d.jsonl:1: field 'tools': tool calls are not supported yet"),
+     "d.jsonl:1: field 'chosen': a tool call needs a function name"),
+    ("kto", {"prompt": "a", "completion": "b", "label": True, "tools": '[{"name": "w"'},
+     "d.jsonl:1: field 'tools' is not JSON"),
+    ("dpo", {"messages": [{"role": "user", "content": "a"}], "rejected_response": "c"},
+     "d.jsonl:1: field 'messages' must end with the assistant's answer after a user turn"),
     ("dpo", {"prompt": [{"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "a"}], "chosen": "b",
              "rejected": "c"}, "d.jsonl:1: the conversation opens with an assistant turn (message 0)"),
 ]

@@ -79,7 +79,7 @@ def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) ->
     from hydra.core.global_hydra import GlobalHydra
 
     _register()
-    overrides = list(overrides)
+    overrides = [_quote_names(o) for o in overrides]
     _check_group_choices(overrides)
     GlobalHydra.instance().clear()
     try:
@@ -91,6 +91,14 @@ def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) ->
         GlobalHydra.instance().clear()
     check(cfg)
     return cfg
+
+
+def _quote_names(override: str) -> str:
+    """data.dataset=a,b (LLaMA-Factory's way to name several datasets) as one value, not a sweep Hydra refuses."""
+    key, sep, value = override.partition("=")
+    if sep and key.lstrip("+") == "data.dataset" and "," in value and value[:1] not in "'\"[":
+        return f"{key}='{value}'"
+    return override
 
 
 def check(cfg: DictConfig) -> None:
@@ -318,7 +326,7 @@ ALIASES = {
     "lora_rank": "lora.r", "lora_r": "lora.r", "rank": "lora.r", "lora_alpha": "lora.alpha",
     "lora_dropout": "lora.dropout", "lora_target": "lora.target_modules", "lora_target_modules": "lora.target_modules",
     "cutoff_len": "data.max_length", "max_seq_length": "data.max_length", "max_seq_len": "data.max_length",
-    "sequence_len": "data.max_length", "model_max_length": "data.max_length", "dataset": "data.path",
+    "sequence_len": "data.max_length", "model_max_length": "data.max_length", "dataset": "data.dataset",
     "datasets": "data.sources", "dataset_dir": "data.path", "eval_dataset": "data.eval_path",
     "val_set_size": "data.val_size", "preprocessing_num_workers": "data.num_proc", "template": "model.chat_template",
     "model_name_or_path": "model.repo_id", "base_model": "model.repo_id",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -86,6 +86,12 @@ class Backend(_Choice):
     auto = "auto"  # nccl on CUDA, gloo on CPU
     nccl = "nccl"
     gloo = "gloo"
+
+
+class MultiTurnThinking(_Choice):
+    split = "split"  # one example per round, its history as inference renders it: every turn's reasoning trained once
+    last = "last"    # the whole conversation as the template renders it: earlier turns lose their reasoning
+    keep = "keep"    # every turn's reasoning rendered, earlier ones too (histories inference never shows)
 
 
 class TrainOn(_Choice):
@@ -275,6 +281,7 @@ class SourceConfig:
     weight: Optional[float] = None   # share of the mix (weights are normalized)
     count: Optional[int] = None      # or an absolute number of examples
     split: str = "train"             # for Hub datasets
+    info: Optional[Dict[str, Any]] = None  # a dataset_info.json entry (LLaMA-Factory's) that reads it; data.dataset sets it
 
 
 @dataclass
@@ -282,7 +289,9 @@ class DataConfig:
     """Inputs and how they become training examples."""
     path: Optional[str] = None       # a file, glob, folder or hub dataset; or use data.sources
     sources: List[SourceConfig] = field(default_factory=list)
-    format: str = "auto"
+    format: str = "auto"             # auto: each record's layout detected; or name one (README: Dataset layouts)
+    dataset_info: Optional[str] = None  # a LLaMA-Factory dataset_info.json: file_name, formatting, columns, tags, ranking
+    dataset: Optional[str] = None    # with dataset_info: the names of its datasets to train on (a,b)
     eval_path: Optional[str] = None
     max_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
@@ -291,6 +300,11 @@ class DataConfig:
     train_on: TrainOn = TrainOn.assistant
     packing: bool = True
     enable_thinking: Optional[bool] = None  # null = as each record has it
+    # Qwen3's template drops the reasoning of turns before the last user message, as inference never shows it. split
+    # (default): each round is an example with the history inference shows, so every turn's reasoning is trained
+    # once and no turn learns to answer without thinking; records without earlier reasoning stay one example
+    multi_turn_thinking: MultiTurnThinking = MultiTurnThinking.split
+    ignore_empty_think: bool = False        # an empty <think></think> in a trained turn is context, not trained
     system_prompt: Optional[str] = None     # added to records without a system turn
     on_error: OnError = OnError["raise"]
     seed: int = 42

@@ -11,14 +11,22 @@ Accepted layouts (detected per record, overridable per source with `format=`):
   text               {"text"}: plain text for continued pre-training (no template, every token trained)
 Preference records (train.stage=dpo|kto|rm; qtune.data.preference normalizes them):
   preference           {"prompt" | "messages", "chosen", "rejected"}: strings or message lists
+  implicit_preference  {"chosen": [messages], "rejected": [messages]}: the prompt is what both share (TRL)
   sharegpt_preference  {"conversations", "chosen": {"from", "value"}, "rejected": {...}} (as LLaMA-Factory writes them)
-  kto                  {"prompt", "completion", "label": true|false}: strings or message lists
+  swift_preference     {"messages", "rejected_response": a string or messages}: the last turn is chosen (ms-swift)
+  kto                  {"prompt", "completion", "label": true|false}: strings or message lists (TRL)
+  swift_kto            {"messages", "label": true|false}: the last turn is the answer (ms-swift)
+LLaMA-Factory's dataset_info.json entries (columns, tags, ranking, kto_tag) are read by qtune.data.llamafactory,
+which turns each record into one of these.
 Prompt records (train.stage=grpo; qtune.data.prompts reads them):
   prompts              {"prompt" | "question", ...}: the prompt, and fields for the reward functions (e.g. "answer")
 Which formats a stage trains on: the family its `Trains` names (FAMILIES). Every error names `file:line` and the
 field.
-Tool calling is not trained yet: a message with tool_calls, a record with `tools` or a tool turn is refused (in one
-line), not rendered without its calls.
+Tool calling: OpenAI tool_calls on assistant messages (function.name, arguments as a JSON string or object) and
+`tool` messages, ms-swift's tool_call / tool_response turns, LLaMA-Factory's function_call / observation turns, and a
+record's `tools` (a list of JSON schemas, or that list as a JSON string) all become OpenAI-style messages and tools,
+which the chat template renders (Qwen3: the tools system prompt, <tool_call> blocks, <tool_response> user turns).
+Arguments that are not a JSON object, or a call to a tool the record's `tools` does not list, fail in one line.
 """
 from __future__ import annotations
 
@@ -36,20 +44,24 @@ from qtune.errors import DataError
 from qtune.io import EXTENSIONS
 
 LM_FORMATS = ("messages", "sharegpt", "alpaca", "input_output", "query_response", "prompt_completion", "reasoning", "text")
-PAIR_FORMATS = ("preference", "sharegpt_preference")
-FORMATS = LM_FORMATS + PAIR_FORMATS + ("kto", "prompts")
+PAIR_FORMATS = ("preference", "implicit_preference", "sharegpt_preference", "swift_preference")
+KTO_FORMATS = ("kto", "swift_kto")
+FORMATS = LM_FORMATS + PAIR_FORMATS + KTO_FORMATS + ("prompts",)
 
 # The formats a stage's records may take, by the family name a stage declares (qtune.stages: Trains.formats).
 FAMILIES = {"text": ("text",), "lm": LM_FORMATS, "pairs": PAIR_FORMATS,
-            "kto": ("kto",) + PAIR_FORMATS,  # KTO splits a pair into a desirable and an undesirable answer
+            "kto": KTO_FORMATS + PAIR_FORMATS,  # KTO splits a pair into a desirable and an undesirable answer
             "prompts": ("prompts",)}         # grpo: prompts and the fields its reward functions read
-ROLES = ("system", "user", "assistant")
+STAGES = {"text": ("pt",), "lm": ("sft",), "pairs": ("dpo", "rm"), "kto": ("kto",), "prompts": ("grpo",)}  # by family
+ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
                   "bard": "assistant", "bing": "assistant", "model": "assistant", "system": "system"}
-# Tool calling is not trained yet: records with these are refused (not rendered without their calls).
-TOOL_ROLES = ("tool", "function")                                                      # OpenAI messages
-SHAREGPT_TOOL_ROLES = ("function_call", "observation", "function_response", "tool")     # LLaMA-Factory sharegpt
-TOOL_KEYS = ("tool_calls", "function_call")                                            # on an assistant message
+# Tool turns: a tool's result (OpenAI "tool", its older "function", ms-swift's "tool_response") and a call turn
+# (ms-swift's "tool_call"); sharegpt's function_call / observation (LLaMA-Factory's tags) are the same two.
+RESULT_ROLES = ("tool", "function", "tool_response")
+SHAREGPT_CALL, SHAREGPT_RESULT = ("function_call",), ("observation", "function_response", "tool")
+SHARE_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+              "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
 THINK_KEYS = ("reasoning_content", "reasoning", "thinking", "thought", "cot", "chain_of_thought")
 QUESTION_KEYS = ("question", "problem", "prompt", "instruction", "query", "input")
 ANSWER_KEYS = ("answer", "response", "output", "solution", "completion")
@@ -71,6 +83,8 @@ class Example:
     rejected: list[dict] | None = None  # the other answer (pairs only)
     label: bool | None = None           # kto: whether the answer is desirable
     extra: dict | None = None           # prompts: the record's other fields (the reward functions' arguments)
+    tools: list | None = None           # the record's tools (JSON schemas, OpenAI style), for the chat template
+    train_from: int = 0                 # assistant turns before this one are context (data.multi_turn_thinking=split)
 
 
 def expand(path: str) -> list[Path]:
@@ -305,9 +319,17 @@ def detect(rec: dict) -> str | None:
     if {"chosen", "rejected"} <= keys:
         conv = rec.get("conversations")
         first = conv[0] if isinstance(conv, list) and conv else {}
-        return "sharegpt_preference" if isinstance(first, dict) and "from" in first else "preference"
+        if isinstance(first, dict) and "from" in first:
+            return "sharegpt_preference"
+        if not keys & {"prompt", "messages", "conversations"} and all(isinstance(rec[k], list) for k in ("chosen", "rejected")):
+            return "implicit_preference"
+        return "preference"
     if {"prompt", "completion", "label"} <= keys:
         return "kto"
+    if "messages" in keys and "rejected_response" in keys:
+        return "swift_preference"
+    if "messages" in keys and isinstance(rec.get("label"), bool):
+        return "swift_kto"
     if "messages" in keys:
         return "messages"
     if "conversations" in keys:
@@ -342,13 +364,15 @@ def resolve(rec: Record, fmt: str, trains) -> str:
         if fmt is None:
             raise DataError(f"{where}: record of no known format (keys: {', '.join(sorted(data)) or 'none'}); "
                             f"expected one of: {', '.join(allowed)}")
+        if fmt == "swift_kto" and "messages" in allowed:  # (a conversation with a label: sft reads its messages)
+            fmt = "messages"
     elif fmt not in FORMATS:
         raise DataError(f"format={fmt!r} is not a known format; valid: auto, {', '.join(FORMATS)}")
     if fmt not in allowed:
+        fits = [s for family, stages in STAGES.items() if fmt in FAMILIES[family] for s in stages]
         raise DataError(f"{where}: train.stage={trains.stage} trains on {trains.describes}; this record is {fmt} "
-                        f"(keys: {', '.join(sorted(data))})")
-    if data.get("tools") not in (None, "", "[]", [], {}):
-        raise tool_calls(where, "field 'tools'")
+                        f"(keys: {', '.join(sorted(data))})" + (f", which train.stage={' or '.join(fits)} trains on"
+                                                                 if fits else ""))
     return fmt
 
 
@@ -358,7 +382,9 @@ def lm_example(data: dict, fmt: str, where: str) -> Example:
         return Example(None, _text(data, "text", where), fmt, where)
     messages = _TO_MESSAGES[fmt](data, where)
     _check_messages(messages, where)
-    return Example(messages, None, fmt, where)
+    tools = record_tools(data, where)
+    check_calls(messages, tools, where)
+    return Example(messages, None, fmt, where, tools=tools)
 
 
 def _text(data: dict, key: str, where: str, required: bool = True) -> str | None:
@@ -398,28 +424,132 @@ def messages_of(data: dict, where: str, key: str | None = None) -> list[dict]:
         raise DataError(f"{where}: field '{key}' must be a non-empty list of messages")
     out = system_messages(data, where) if not any(isinstance(m, dict) and m.get("role") == "system" for m in msgs) else []
     for i, m in enumerate(msgs):
+        at = f"{where}: {key}[{i}]"
         if not isinstance(m, dict):
-            raise DataError(f"{where}: {key}[{i}] must be an object with 'role' and 'content'")
+            raise DataError(f"{at} must be an object with 'role' and 'content'")
         if "role" not in m:
-            raise DataError(f"{where}: {key}[{i}]: field 'role' missing")
-        calls = next((k for k in TOOL_KEYS if m.get(k)), None)
-        if calls or m["role"] in TOOL_ROLES:
-            raise tool_calls(where, f"{key}[{i}]: " + (f"field '{calls}'" if calls else f"role {m['role']!r}"))
-        if "content" not in m:
-            raise DataError(f"{where}: {key}[{i}]: field 'content' missing")
-        role, content = m["role"], m["content"]
+            raise DataError(f"{at}: field 'role' missing")
+        role = m["role"]
+        if role == "tool_call":  # ms-swift: a call turn, {"name", "arguments"} as JSON text; joins the assistant's turn
+            add_calls(out, parse_calls(m.get("content"), at))
+            continue
+        if "content" not in m and not (role == "assistant" and (m.get("tool_calls") or m.get("function_call"))):
+            raise DataError(f"{at}: field 'content' missing")
+        content = m.get("content")
+        if role in RESULT_ROLES:
+            out.append(tool_result(content, at))
+            continue
         if role not in ROLES:
-            raise DataError(f"{where}: {key}[{i}]: unknown role {role!r}; valid: {', '.join(ROLES)}")
+            raise DataError(f"{at}: unknown role {role!r}; valid: {', '.join(ROLES)}, tool_call, tool_response")
+        if content is None and role == "assistant":
+            content = ""
         if isinstance(content, list):  # OpenAI content parts, or plain strings: joined, as serve reads them
-            content = _text_parts(content, f"{where}: {key}[{i}]")
+            content = _text_parts(content, at)
         if not isinstance(content, str):
-            raise DataError(f"{where}: {key}[{i}]: field 'content' must be a string")
+            raise DataError(f"{at}: field 'content' must be a string")
         msg = {"role": role, "content": content}
         think = next((m[k] for k in THINK_KEYS if isinstance(m.get(k), str) and m[k].strip()), None)
         if role == "assistant" and think:
             msg["reasoning_content"] = think
+        if role == "assistant" and (m.get("tool_calls") or m.get("function_call")):
+            calls = m.get("tool_calls") or [m["function_call"]]   # (function_call: OpenAI's older single call)
+            if not isinstance(calls, list):
+                raise DataError(f"{at}: field 'tool_calls' must be a list of calls")
+            msg["tool_calls"] = [tool_call(c, f"{at}.tool_calls[{j}]") for j, c in enumerate(calls)]
         out.append(msg)
     return out
+
+
+def tool_call(call, at: str) -> dict:
+    """One call as the chat template reads it: {"type": "function", "function": {"name", "arguments": an object}};
+    an OpenAI call ({"function": {...}}) or a bare {"name", "arguments"}; arguments as a JSON string or an object."""
+    fn = call.get("function", call) if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+        raise DataError(f"{at}: a tool call needs a function name ({{\"function\": {{\"name\": ..., \"arguments\": "
+                        f"...}}}}), got {json.dumps(call)[:80]}")
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as e:
+            raise DataError(f"{at}: the arguments of the call to {fn['name']!r} are not JSON ({e.msg} at column "
+                            f"{e.colno}): {args[:60]!r}") from None
+    if not isinstance(args, dict):
+        raise DataError(f"{at}: the arguments of the call to {fn['name']!r} must be a JSON object, got "
+                        f"{type(args).__name__}")
+    out = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+    if isinstance(call, dict) and call.get("id"):
+        out["id"] = call["id"]
+    return out
+
+
+def parse_calls(value, at: str) -> list[dict]:
+    """A call turn's text (ms-swift tool_call, LLaMA-Factory function_call): one {"name", "arguments"} or a list."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{at}: a tool call must be JSON like {{\"name\": ..., \"arguments\": {{...}}}} "
+                            f"({e.msg} at column {e.colno}): {value[:60]!r}") from None
+    calls = value if isinstance(value, list) else [value]
+    return [tool_call(c, at if len(calls) == 1 else f"{at}[{j}]") for j, c in enumerate(calls)]
+
+
+def add_calls(out: list[dict], calls: list[dict]) -> None:
+    """Calls join the assistant turn just before them (its words, then the calls), or make an assistant turn."""
+    if out and out[-1]["role"] == "assistant":
+        out[-1].setdefault("tool_calls", []).extend(calls)
+    else:
+        out.append({"role": "assistant", "content": "", "tool_calls": calls})
+
+
+def tool_result(content, at: str) -> dict:
+    if isinstance(content, (dict, list)) and not (isinstance(content, list) and all(isinstance(x, (str, dict)) and
+                                                                                  (isinstance(x, str) or "text" in x)
+                                                                                  for x in content)):
+        content = json.dumps(content, ensure_ascii=False)
+    elif isinstance(content, list):
+        content = _text_parts(content, at)
+    if not isinstance(content, str):
+        raise DataError(f"{at}: a tool result's content must be a string or JSON, got {type(content).__name__}")
+    return {"role": "tool", "content": content}
+
+
+def record_tools(data: dict, where: str) -> list[dict] | None:
+    """A record's `tools`: a list of JSON schemas (OpenAI {"type": "function", "function": {...}} or a bare
+    {"name", "description", "parameters"}), or that list as JSON text; as OpenAI tools (what serve's clients send)."""
+    value = data.get("tools")
+    if value in (None, "", [], {}):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: field 'tools' is not JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field 'tools' must be a list of tool schemas, got {type(value).__name__}")
+    out = []
+    for i, t in enumerate(value):
+        fn = t.get("function", t) if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise DataError(f"{where}: tools[{i}] must be a tool schema with a name ({{\"type\": \"function\", "
+                            "\"function\": {\"name\": ..., \"parameters\": {...}}}})")
+        out.append(t if "function" in t else {"type": "function", "function": t})
+    return out or None
+
+
+def check_calls(messages: list[dict], tools: list[dict] | None, where: str) -> None:
+    """Every call names a tool of the record's `tools` (when it lists any)."""
+    if not tools:
+        return
+    names = [t["function"]["name"] for t in tools]
+    for i, m in enumerate(messages):
+        for j, c in enumerate(m.get("tool_calls") or ()):
+            if c["function"]["name"] not in names:
+                raise DataError(f"{where}: message {i}: tool_calls[{j}] calls {c['function']['name']!r}, which is not "
+                                f"in the record's tools ({', '.join(names)})")
 
 
 def _text_parts(parts: list, where: str) -> str:
@@ -433,26 +563,46 @@ def _text_parts(parts: list, where: str) -> str:
     return "".join(texts)
 
 
-def sharegpt_messages(data: dict, where: str) -> list[dict]:
-    conv = data.get("conversations")
+def sharegpt_messages(data: dict, where: str, key: str = "conversations", tags: dict | None = None) -> list[dict]:
+    """ShareGPT turns ({"from", "value"}; LLaMA-Factory's tags rename both and the role names) as messages;
+    function_call turns become the assistant's tool calls, observation turns tool results."""
+    conv = data.get(key)
     if not isinstance(conv, list) or not conv:
-        raise DataError(f"{where}: field 'conversations' must be a non-empty list")
-    out = system_messages(data, where)
+        raise DataError(f"{where}: field '{key}' must be a non-empty list")
+    out = [] if tags and any(isinstance(m, dict) and m.get(tags["role_tag"]) == tags["system_tag"] for m in conv) \
+        else system_messages(data, where)
     for i, m in enumerate(conv):
-        if not isinstance(m, dict) or "from" not in m:
-            raise DataError(f"{where}: conversations[{i}]: field 'from' missing")
-        if m["from"] in SHAREGPT_TOOL_ROLES:
-            raise tool_calls(where, f"conversations[{i}]: from {m['from']!r}")
-        if "value" not in m:
-            raise DataError(f"{where}: conversations[{i}]: field 'value' missing")
-        role = SHAREGPT_ROLES.get(m["from"])
-        if role is None:
-            raise DataError(f"{where}: conversations[{i}]: unknown role {m['from']!r}; "
-                            f"valid: {', '.join(sorted(SHAREGPT_ROLES))}")
-        if not isinstance(m["value"], str):
-            raise DataError(f"{where}: conversations[{i}]: field 'value' must be a string")
-        out.append({"role": role, "content": m["value"]})
+        turn = sharegpt_turn(m, f"{where}: {key}[{i}]", tags)
+        if turn.get("tool_calls") and not turn["content"]:
+            add_calls(out, turn["tool_calls"])
+        else:
+            out.append(turn)
     return out
+
+
+def sharegpt_turn(m, at: str, tags: dict | None = None) -> dict:
+    t = tags or SHARE_TAGS
+    role_tag, content_tag = t["role_tag"], t["content_tag"]
+    if not isinstance(m, dict) or role_tag not in m:
+        raise DataError(f"{at}: field '{role_tag}' missing")
+    if content_tag not in m:
+        raise DataError(f"{at}: field '{content_tag}' missing")
+    who, value = m[role_tag], m[content_tag]
+    if tags:
+        roles = {t["user_tag"]: "user", t["assistant_tag"]: "assistant", t["system_tag"]: "system",
+                 t["function_tag"]: "function_call", t["observation_tag"]: "tool"}
+    else:
+        roles = {**SHAREGPT_ROLES, **{r: "function_call" for r in SHAREGPT_CALL}, **{r: "tool" for r in SHAREGPT_RESULT}}
+    role = roles.get(who)
+    if role is None:
+        raise DataError(f"{at}: unknown role {who!r}; valid: {', '.join(sorted(roles))}")
+    if role == "function_call":
+        return {"role": "assistant", "content": "", "tool_calls": parse_calls(value, at)}
+    if role == "tool":
+        return tool_result(value, at)
+    if not isinstance(value, str):
+        raise DataError(f"{at}: field '{content_tag}' must be a string")
+    return {"role": role, "content": value}
 
 
 def _alpaca(data: dict, where: str) -> list[dict]:
@@ -483,11 +633,6 @@ _TO_MESSAGES = {"messages": messages_of, "sharegpt": sharegpt_messages, "alpaca"
                 "reasoning": _reasoning}
 
 
-def tool_calls(where: str, what: str) -> DataError:
-    return DataError(f"{where}: {what}: tool calls are not supported yet; leave such records out "
-                     "(data.on_error=skip skips them)")
-
-
 def check_opening(messages: list[dict], where: str) -> None:
     """A conversation's first turn after the system prompt is the user's."""
     i = next((i for i, m in enumerate(messages) if m["role"] != "system"), None)
@@ -501,5 +646,45 @@ def _check_messages(messages: list[dict], where: str) -> None:
         raise DataError(f"{where}: no assistant turn to learn from")
     check_opening(messages, where)
     for i, m in enumerate(messages):
-        if m["role"] in ("user", "assistant") and not m["content"].strip() and not m.get("reasoning_content"):
+        if m["role"] in ("user", "assistant") and not m["content"].strip() and not m.get("reasoning_content") \
+                and not m.get("tool_calls"):
             raise DataError(f"{where}: empty content in message {i} ({m['role']})")
+
+
+def _has_reasoning(m: dict) -> bool:
+    return m["role"] == "assistant" and bool(m.get("reasoning_content") or "</think>" in m["content"])
+
+
+def thinking_turns(ex: Example, mode: str) -> list[Example]:
+    """data.multi_turn_thinking for one conversation. Qwen3's template drops the reasoning of assistant turns before
+    the last user message (inference never shows a past turn's reasoning). split: one example per round (a user
+    message and the assistant turns after it) with the history before it as inference renders it, only that round
+    trained, so every turn's reasoning is trained once; done where an earlier round has reasoning, else the record
+    stays one example. keep: earlier turns keep their reasoning (put into their content, where the template leaves
+    it). last: as the template renders the whole conversation (only the reasoning after the last user message)."""
+    msgs = ex.messages
+    if mode == "last" or msgs is None:
+        return [ex]
+    users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+    if len(users) < 2 or not any(_has_reasoning(m) for m in msgs[:users[-1]]):
+        return [ex]
+    if mode == "keep":
+        out = []
+        for i, m in enumerate(msgs):
+            if i < users[-1] and _has_reasoning(m):
+                m = dict(m)
+                think = m.pop("reasoning_content", None)
+                if think is not None:
+                    m["content"] = f"<think>\n{think.strip()}\n</think>\n\n{m['content'].lstrip()}"
+                m["reasoning_content"] = ""  # a string: the template reads no <think> out of the content
+            out.append(m)
+        return [Example(out, None, ex.format, ex.where, tools=ex.tools)]
+    out, before = [], 0
+    for r, start in enumerate(users):
+        end = users[r + 1] if r + 1 < len(users) else len(msgs)
+        turns = sum(m["role"] == "assistant" for m in msgs[start:end])
+        if turns:
+            out.append(Example(msgs[:end], None, ex.format, f"{ex.where} (turn {r + 1})", tools=ex.tools,
+                               train_from=before))
+        before += turns
+    return out

@@ -16,7 +16,7 @@ import json
 import numpy as np
 
 from qtune.data import formats
-from qtune.data.template import Markers, encode, escape, render, unescape
+from qtune.data.template import Markers, check_tool_rendering, encode, escape, render, unescape
 from qtune.errors import DataError
 
 # What prepare builds for a stage's kind of rows (qtune.stages.base.Trains.kind): packed token rows (lm); prompt, chosen and
@@ -29,24 +29,78 @@ KINDS = ("lm", "pairs", "scored", "unpaired", "prompts")  # prompts: qtune.data.
 
 
 def normalize_preference(data: dict, fmt: str, where: str) -> formats.Example:
-    if fmt == "kto":
-        prompt = _prompt(data, "prompt", where)
-        return formats.Example(prompt, None, fmt, where, chosen=_answer(data, "completion", where),
-                               label=_label(data.get("label"), where))
+    tools = formats.record_tools(data, where)
+    if fmt in ("kto", "swift_kto"):
+        if fmt == "kto":
+            prompt, answer = _prompt(data, "prompt", where), _answer(data, "completion", where)
+        else:
+            prompt, answer = _last_turn(data, where)
+        ex = formats.Example(prompt, None, fmt, where, chosen=answer, label=_label(data.get("label"), where),
+                             tools=tools)
+        _check_calls(ex, where)
+        return ex
     if fmt == "sharegpt_preference":
         prompt = formats.sharegpt_messages(data, where)
         answers = {k: _sharegpt_turn(data.get(k), where, k) for k in ("chosen", "rejected")}
+    elif fmt == "swift_preference":
+        prompt, chosen = _last_turn(data, where)
+        answers = {"chosen": chosen, "rejected": _answer(data, "rejected_response", where)}
+    elif fmt == "implicit_preference":
+        prompt, answers = _shared_prompt(data, where)
     else:
         key = next((k for k in ("prompt", "messages", "conversations") if k in data), None)
         if key is None:
             raise DataError(f"{where}: a preference pair needs its prompt: field 'prompt' (a string or messages) or "
-                            "'messages' next to 'chosen' and 'rejected'")
+                            "'messages' next to 'chosen' and 'rejected' (or chosen and rejected as whole "
+                            "conversations that share it)")
         prompt = _prompt(data, key, where)
         answers = {k: _answer(data, k, where) for k in ("chosen", "rejected")}
     if prompt[-1]["role"] == "assistant":
         raise DataError(f"{where}: the prompt ends with an assistant turn; the answers in 'chosen' and 'rejected' "
                         "follow the prompt's last user turn")
-    return formats.Example(prompt, None, fmt, where, chosen=answers["chosen"], rejected=answers["rejected"])
+    ex = formats.Example(prompt, None, fmt, where, chosen=answers["chosen"], rejected=answers["rejected"], tools=tools)
+    _check_calls(ex, where)
+    return ex
+
+
+def _check_calls(ex: formats.Example, where: str) -> None:
+    for turns in (ex.messages, ex.chosen, ex.rejected):
+        if turns:
+            formats.check_calls(turns, ex.tools, where)
+
+
+def _last_turn(data: dict, where: str) -> tuple[list[dict], list[dict]]:
+    """ms-swift: `messages` whose last turn is the answer (the chosen one, or KTO's) and the rest its prompt."""
+    messages = formats.messages_of(data, where, "messages")
+    formats.check_opening(messages, where)
+    if messages[-1]["role"] != "assistant" or len(messages) < 2:
+        raise DataError(f"{where}: field 'messages' must end with the assistant's answer after a user turn "
+                        f"(its last turn is {messages[-1]['role']!r})")
+    last = messages[-1]
+    if not last["content"].strip() and not last.get("reasoning_content") and not last.get("tool_calls"):
+        raise DataError(f"{where}: the answer (the last turn of 'messages') is empty")
+    return messages[:-1], [last]
+
+
+def _shared_prompt(data: dict, where: str) -> tuple[list[dict], dict]:
+    """TRL's implicit prompt: chosen and rejected are whole conversations; the turns both begin with are the prompt."""
+    full = {k: formats.messages_of(data, where, k) for k in ("chosen", "rejected")}
+    n = 0
+    while n < min(len(full["chosen"]), len(full["rejected"])) - 1 and full["chosen"][n] == full["rejected"][n]:
+        n += 1
+    while n and full["chosen"][n - 1]["role"] == "assistant":  # the answers begin after the last shared user turn
+        n -= 1
+    if n == 0 or full["chosen"][n - 1]["role"] == "system":
+        raise DataError(f"{where}: 'chosen' and 'rejected' share no user turn to be their prompt; give both the same "
+                        "opening turns, or the prompt in field 'prompt'")
+    formats.check_opening(full["chosen"][:n], where)
+    answers = {}
+    for k, turns in full.items():
+        rest = turns[n:]
+        if not rest or rest[-1]["role"] != "assistant":
+            raise DataError(f"{where}: field '{k}' must end with an assistant turn after the shared prompt")
+        answers[k] = rest
+    return full["chosen"][:n], answers
 
 
 def _prompt(data: dict, key: str, where: str) -> list[dict]:
@@ -76,22 +130,24 @@ def _answer(data: dict, key: str, where: str) -> list[dict]:
     last = turns[-1]
     if last["role"] != "assistant":
         raise DataError(f"{where}: field '{key}' must end with an assistant turn, not {last['role']!r}")
-    if not last["content"].strip() and not last.get("reasoning_content"):
+    if not last["content"].strip() and not last.get("reasoning_content") and not last.get("tool_calls"):
         raise DataError(f"{where}: field '{key}' is empty")
     return turns
 
 
-def _sharegpt_turn(value, where: str, key: str) -> list[dict]:
-    if not isinstance(value, dict) or "value" not in value:
-        raise DataError(f"{where}: field '{key}' must be a turn like {{\"from\": \"gpt\", \"value\": \"...\"}}")
-    if value.get("from") in formats.SHAREGPT_TOOL_ROLES:
-        raise formats.tool_calls(where, f"field '{key}': from {value['from']!r}")
-    role = formats.SHAREGPT_ROLES.get(value.get("from", "gpt"))
-    if role != "assistant":
-        raise DataError(f"{where}: field '{key}' must be the assistant's turn (from: gpt), not {value.get('from')!r}")
-    if not isinstance(value["value"], str) or not value["value"].strip():
+def _sharegpt_turn(value, where: str, key: str, tags: dict | None = None) -> list[dict]:
+    t = tags or formats.SHARE_TAGS
+    if not isinstance(value, dict) or t["content_tag"] not in value:
+        raise DataError(f"{where}: field '{key}' must be a turn like {{\"{t['role_tag']}\": \"{t['assistant_tag']}\", "
+                        f"\"{t['content_tag']}\": \"...\"}}")
+    value = {t["role_tag"]: t["assistant_tag"], **value}
+    turn = formats.sharegpt_turn(value, f"{where}: field '{key}'", tags)
+    if turn["role"] != "assistant":
+        raise DataError(f"{where}: field '{key}' must be the assistant's turn (from: gpt), not "
+                        f"{value.get(t['role_tag'])!r}")
+    if not turn["content"].strip() and not turn.get("tool_calls"):
         raise DataError(f"{where}: field '{key}': 'value' must be a non-empty string")
-    return [{"role": "assistant", "content": value["value"]}]
+    return [turn]
 
 
 def _label(value, where: str) -> bool:
@@ -117,7 +173,8 @@ def unpair(examples: list, seed: int) -> list:
             out.append((i, ex))
             continue
         for answer, label in ((ex.chosen, True), (ex.rejected, False)):
-            out.append((i, formats.Example(ex.messages, None, ex.format, ex.where, chosen=answer, label=label)))
+            out.append((i, formats.Example(ex.messages, None, ex.format, ex.where, chosen=answer, label=label,
+                                           tools=ex.tools)))
     random.Random(seed).shuffle(out)
     return out
 
@@ -126,10 +183,12 @@ def unpair(examples: list, seed: int) -> list:
 
 
 def render_parts(tokenizer, template: str, markers: Markers, prompt: list[dict], answer: list[dict],
-                 enable_thinking, where: str) -> tuple[str, str]:
+                 enable_thinking, where: str, tools: list | None = None) -> tuple[str, str]:
     """(prompt text, answer text): the prompt as sent at inference, the answer as what follows it, to its turn's end."""
-    head = render(tokenizer, template, prompt, add_generation_prompt=True, enable_thinking=enable_thinking)
-    full = render(tokenizer, template, prompt + answer, enable_thinking=enable_thinking)
+    head = render(tokenizer, template, prompt, add_generation_prompt=True, enable_thinking=enable_thinking, tools=tools)
+    full = render(tokenizer, template, prompt + answer, enable_thinking=enable_thinking, tools=tools)
+    if tools or any(m.get("tool_calls") for m in prompt + answer):
+        check_tool_rendering(full, prompt + answer, tools, where)
     if not full.startswith(head):
         raise DataError(f"{where}: the chat template renders this prompt differently before an answer than as a "
                         "generation prompt; set model.chat_template=chatml (or a .jinja path)")
@@ -154,11 +213,11 @@ def truncate(prompt: list[int], answers: list[list[int]], max_length: int) -> tu
 def _tokenize_batch(batch, tokenizer, template: str, markers: Markers, max_length: int, enable_thinking):
     out = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "label", "length", "trainable", "truncated",
                            "prompt_cut", "answer_cut")}
-    for prompt, chosen, rejected, label, where in zip(batch["prompt"], batch["chosen"], batch["rejected"],
-                                                      batch["label"], batch["where"]):
+    for prompt, chosen, rejected, label, where, tools in zip(batch["prompt"], batch["chosen"], batch["rejected"],
+                                                             batch["label"], batch["where"], batch["tools"]):
         parts = [json.loads(m) for m in (prompt, chosen, rejected) if m is not None]
-        (prompt, *answers), esc = escape(tokenizer, parts)
-        texts = [render_parts(tokenizer, template, markers, prompt, a, enable_thinking, where) for a in answers]
+        (tools, prompt, *answers), esc = escape(tokenizer, [json.loads(tools) if tools else None] + parts)
+        texts = [render_parts(tokenizer, template, markers, prompt, a, enable_thinking, where, tools) for a in answers]
         pieces = [texts[0][0]] + [t[1] for t in texts]
         ids = encode(tokenizer, pieces, [esc] * len(pieces))[0]   # control tokens only where the template put them
         p, answer_ids, cut_p, cut_a = truncate(ids[0], ids[1:], max_length)
@@ -190,8 +249,10 @@ def tokenize(examples: list[tuple[int, formats.Example]], tokenizer, template: s
         "where": [ex.where for _, ex in examples],
         "source": [i for i, _ in examples],
         "format": [ex.format for _, ex in examples],
+        "tools": [json.dumps(ex.tools) if ex.tools else None for _, ex in examples],
     })
-    ds = ds.map(_tokenize_batch, batched=True, batch_size=500, remove_columns=["prompt", "chosen", "rejected", "where"],
+    ds = ds.map(_tokenize_batch, batched=True, batch_size=500,
+                remove_columns=["prompt", "chosen", "rejected", "where", "tools"],
                 fn_kwargs=dict(tokenizer=tokenizer, template=template, markers=markers, max_length=data.max_length,
                                enable_thinking=data.enable_thinking),
                 new_fingerprint=hashlib.sha1(desc.encode()).hexdigest(), desc=f"tokenizing {desc}")
@@ -208,11 +269,12 @@ def preview(first: list, tokenizer, template: str, markers: Markers, data) -> li
     shown = []
     for _, ex in first:
         segments = []
-        (prompt, chosen, rejected), esc = escape(tokenizer, [ex.messages, ex.chosen, ex.rejected])
+        (prompt, chosen, rejected, tools), esc = escape(tokenizer, [ex.messages, ex.chosen, ex.rejected, ex.tools])
         for name, answer in (("chosen", chosen), ("rejected", rejected)):
             if answer is None:
                 continue
-            head, tail = render_parts(tokenizer, template, markers, prompt, answer, data.enable_thinking, ex.where)
+            head, tail = render_parts(tokenizer, template, markers, prompt, answer, data.enable_thinking, ex.where,
+                                      tools)
             if not segments:
                 segments.append((unescape(head, esc), False))
             label = name if ex.label is None else ("desirable" if ex.label else "undesirable")

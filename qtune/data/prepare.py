@@ -15,21 +15,22 @@ import hashlib
 import json
 import os
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from qtune.config.schema import DataConfig, OnError, SourceConfig, TrainOn
-from qtune.data import formats, preference, prompts
-from qtune.data.template import (Markers, assistant_spans, encode, escape, label_mask, probe_markers, render,
-                                  resolve_template)
+from qtune.data import formats, llamafactory, preference, prompts
+from qtune.data.template import (Markers, assistant_spans, check_tool_rendering, encode, escape, label_mask,
+                                  probe_markers, render, resolve_template)
 from qtune.errors import DataError
 from qtune.integrity import manifest_problem, write_manifest
 from qtune.io import atomic_dir, atomic_write_json, is_hub_dataset
 from qtune.runs import main_process
 
-VERSION = 3  # bump when the output of this module changes for the same inputs
+VERSION = 4  # bump when the output of this module changes for the same inputs
 
 
 @dataclass
@@ -48,6 +49,15 @@ class Prepared:
 
 
 def sources_of(data: DataConfig) -> list[SourceConfig]:
+    if data.dataset or data.dataset_info:
+        if not (data.dataset and data.dataset_info):
+            raise DataError("data.dataset names datasets of a dataset_info.json: set data.dataset_info=<its path> "
+                            "and data.dataset=<name>[,<name>...] together" if data.dataset else
+                            "data.dataset_info: which of its datasets? set data.dataset=<name>[,<name>...] (valid: "
+                            f"{', '.join(sorted(llamafactory.read_info(data.dataset_info)))})")
+        if data.sources or data.path:
+            raise DataError("data.dataset: set it or data.path / data.sources, not both")
+        return [SourceConfig(path=path, info=entry) for path, entry in llamafactory.entries(data.dataset_info, data.dataset)]
     if data.sources:
         return list(data.sources)
     if data.path:
@@ -75,31 +85,41 @@ def _setup(data: DataConfig, tokenizer, model_name: str, chat_template: str | No
 
 # ---------------------------------------------------------------- loading and normalizing
 
-def _example(rec: formats.Record, fmt: str, trains) -> formats.Example:
-    """One record as what the stage trains on: its format resolved and checked, then read as LM data or a preference."""
+def _example(rec: formats.Record, src: SourceConfig, trains, first: bool = False) -> formats.Example:
+    """One record as what the stage trains on: its format resolved and checked, then read as LM data or a preference.
+    A source of a dataset_info.json entry (src.info) is first turned into a qtune record; its examples are named by
+    the entry (the layout the dry run and stats show)."""
+    fmt, layout = src.format, None
+    if src.info:
+        data, fmt = llamafactory.convert(rec.data, src.info, rec.where, trains.stage, first)
+        rec, layout = formats.Record(data, rec.where), llamafactory.layout(src.info)
     fmt = formats.resolve(rec, fmt, trains)
     if fmt == "prompts":
-        return prompts.example(rec.data, rec.where)
-    if fmt in formats.LM_FORMATS:
-        return formats.lm_example(rec.data, fmt, rec.where)
-    return preference.normalize_preference(rec.data, fmt, rec.where)
+        ex = prompts.example(rec.data, rec.where)
+    elif fmt in formats.LM_FORMATS:
+        ex = formats.lm_example(rec.data, fmt, rec.where)
+    else:
+        ex = preference.normalize_preference(rec.data, fmt, rec.where)
+    ex.format = layout or ex.format
+    return ex
 
 
 def load_examples(src: SourceConfig, on_error: OnError, rejects: list[dict],
-                  system_prompt: str | None, trains) -> list[formats.Example]:
+                  system_prompt: str | None, trains, thinking: str = "last") -> list[formats.Example]:
     """A source's records as examples of what a stage trains on (`trains`); `system_prompt` (data.system_prompt) opens every
-    conversation that has no system turn of its own."""
+    conversation that has no system turn of its own; `thinking` (data.multi_turn_thinking) may make a conversation
+    several examples (formats.thinking_turns)."""
     out = []
 
     def skip(where: str, error: str, text: str) -> None:  # a line that is no record at all (malformed JSON)
         rejects.append({"where": where, "error": error, "record": text})
 
-    for rec in _records(src, skip if on_error is OnError.skip else None):
+    for n, rec in enumerate(_records(src, skip if on_error is OnError.skip else None)):
         try:
-            ex = _example(rec, src.format, trains)
+            ex = _example(rec, src, trains, first=n == 0)
             if system_prompt and ex.messages is not None and not any(m["role"] == "system" for m in ex.messages):
                 ex.messages.insert(0, {"role": "system", "content": system_prompt})
-            out.append(ex)
+            out += formats.thinking_turns(ex, thinking) if trains.kind == "lm" else [ex]
         except DataError as e:
             if on_error is not OnError.skip:
                 raise
@@ -121,6 +141,13 @@ def _records(src: SourceConfig, skip=None):
         return
     for f in formats.expand(src.path):
         yield from formats.read_records(f, skip)
+
+
+def _thinking(data: DataConfig) -> str:
+    """data.multi_turn_thinking where it matters: split trains each round apart, which only data.train_on=assistant
+    (every assistant turn) does."""
+    mode = str(data.multi_turn_thinking)
+    return "last" if mode == "split" and data.train_on is not TrainOn.assistant else mode
 
 
 def mix(per_source: list[list], sources: list[SourceConfig], seed: int) -> list[tuple[int, object]]:
@@ -152,29 +179,43 @@ def mix(per_source: list[list], sources: list[SourceConfig], seed: int) -> list[
 
 # ---------------------------------------------------------------- tokenizing and masking
 
+EMPTY_THINK = re.compile(r"<think>\s*</think>\s*")
+THINK = re.compile(r"<think>(.*?)</think>", re.S)
+
+
 def _tokenize_batch(batch, tokenizer, template: str, markers: Markers, max_length: int, train_on: str,
-                    enable_thinking):
-    """Render, tokenize and mask a batch; data text that spells a control token stays text (template.escape)."""
-    texts, spans, escapes = [], [], []
-    for conv, text, where in zip(batch["conv"], batch["text"], batch["where"]):
+                    enable_thinking, ignore_empty_think: bool = False):
+    """Render, tokenize and mask a batch; data text that spells a control token stays text (template.escape).
+    A row's `think`: 1 when a trained turn reasons (a non-empty <think> block), 0 when none does, -1 for plain text."""
+    texts, spans, escapes, think = [], [], [], []
+    for conv, text, where, tools, train_from in zip(batch["conv"], batch["text"], batch["where"],
+                                                    batch.get("tools") or [None] * len(batch["conv"]),
+                                                    batch.get("train_from") or [0] * len(batch["conv"])):
         if conv is None:
             text, esc = escape(tokenizer, text)
             texts.append(text + (tokenizer.eos_token or ""))
             spans.append([(0, len(texts[-1]))])
             escapes.append(esc)
+            think.append(-1)
             continue
-        messages, esc = escape(tokenizer, json.loads(conv))
-        rendered = render(tokenizer, template, messages, enable_thinking=enable_thinking)
+        (messages, tools), esc = escape(tokenizer, [json.loads(conv), json.loads(tools) if tools else None])
+        rendered = render(tokenizer, template, messages, enable_thinking=enable_thinking, tools=tools)
+        if tools or any(m.get("tool_calls") for m in messages):
+            check_tool_rendering(rendered, messages, tools, where)
         s = [(0, len(rendered))] if train_on == "all" else assistant_spans(rendered, markers)
         if train_on != "all" and len(s) > sum(m["role"] == "assistant" for m in messages):
             # (a header of plain text, no control token in it, spelled inside a message)
             raise DataError(f"{where}: a message holds the chat template's assistant header {markers.header!r}; "
                             "only the template may open an assistant turn")
+        s = s[-1:] if train_on == "last_assistant" else s[train_from:] if train_on != "all" else s
+        if ignore_empty_think and train_on != "all":  # an empty <think></think> opening a turn: context, not trained
+            s = [(m.end(), b) if (m := EMPTY_THINK.match(rendered, a)) else (a, b) for a, b in s]
+        think.append(int(any(m.group(1).strip() for a, b in s for m in THINK.finditer(rendered, a, b))))
         texts.append(rendered)
-        spans.append(s[-1:] if train_on == "last_assistant" else s)
+        spans.append(s)
         escapes.append(esc)
     all_ids, all_offsets = encode(tokenizer, texts, escapes)
-    out = {"input_ids": [], "labels": [], "length": [], "trainable": [], "truncated": []}
+    out = {"input_ids": [], "labels": [], "length": [], "trainable": [], "truncated": [], "think": think}
     for ids, offsets, sp in zip(all_ids, all_offsets, spans):
         mask = label_mask(offsets, sp)
         truncated = len(ids) > max_length
@@ -198,13 +239,16 @@ def tokenize(examples: list[tuple[int, formats.Example]], tokenizer, template: s
         "where": [ex.where for _, ex in examples],
         "source": [i for i, _ in examples],
         "format": [ex.format for _, ex in examples],
+        "tools": [json.dumps(ex.tools) if ex.tools else None for _, ex in examples],
+        "train_from": [ex.train_from for _, ex in examples],
     })
     nproc = data.num_proc or min(os.cpu_count() or 1, 8)
     nproc = 1 if len(ds) < 4000 else nproc
     return ds.map(_tokenize_batch, batched=True, batch_size=500, num_proc=nproc,
-                  remove_columns=["conv", "text", "where"],
+                  remove_columns=["conv", "text", "where", "tools", "train_from"],
                   fn_kwargs=dict(tokenizer=tokenizer, template=template, markers=markers, max_length=data.max_length,
-                                 train_on=str(data.train_on), enable_thinking=data.enable_thinking),
+                                 train_on=str(data.train_on), enable_thinking=data.enable_thinking,
+                                 ignore_empty_think=data.ignore_empty_think),
                   new_fingerprint=hashlib.sha1(desc.encode()).hexdigest(), desc=f"tokenizing {desc}")
 
 
@@ -243,8 +287,10 @@ def digests(data: DataConfig, sources: list[SourceConfig], tokenizer, template: 
     for src in sources:
         h.update(json.dumps(asdict(src), sort_keys=True, default=str).encode())
         hub = is_hub_dataset(src.path)
-        d.update(json.dumps({k: v for k, v in asdict(src).items() if hub or k != "path"}, sort_keys=True,
-                            default=str).encode())
+        own = {k: v for k, v in asdict(src).items() if hub or k != "path"}
+        if own.get("info"):  # (where its dataset_info.json lies is where the files are)
+            own["info"] = {k: v for k, v in own["info"].items() if k != "info"}
+        d.update(json.dumps(own, sort_keys=True, default=str).encode())
         if not hub:
             files(src.path, named=True)
     if data.eval_path:
@@ -294,7 +340,8 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
     per_source = []
     for s in sources:
         before = len(identical)
-        items = _informative(load_examples(s, data.on_error, rejects, data.system_prompt, trains), identical)
+        items = _informative(load_examples(s, data.on_error, rejects, data.system_prompt, trains,
+                                           _thinking(data)), identical)
         if not items and len(identical) > before:
             n = len(identical) - before
             raise DataError(f"{s.path}: no usable records: in all {n} pair{'s' * (n > 1)} (from {identical[before]}) "
@@ -306,7 +353,7 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
 
     if data.eval_path:
         held_out = _informative(load_examples(SourceConfig(path=data.eval_path), data.on_error, rejects,
-                                              data.system_prompt, trains), identical)
+                                              data.system_prompt, trains, _thinking(data)), identical)
         eval_items = [(len(sources), ex) for ex in held_out]
         train_items = mixed
     else:
@@ -429,7 +476,12 @@ def split_stats(ds, kept, sources: list[SourceConfig], max_length: int) -> dict:
                     "examples": int(sel.sum()), "kept": int((sel & (trainable > 0)).sum()),
                     "tokens": int(length[sel].sum()), "trainable_tokens": int(trainable[sel].sum())})
     pct = (lambda q: int(np.percentile(klen, q))) if len(klen) else (lambda q: 0)
-    return {"examples": int(len(ds)), "kept": int(len(kept)), "dropped_no_trainable": int((trainable == 0).sum()),
+    thinking = {}
+    if "think" in ds.column_names:  # conversations whose trained turns reason, and those whose turns do not
+        think = np.asarray(ds["think"])
+        thinking = {"thinking": int((think == 1).sum()), "non_thinking": int((think == 0).sum())}
+    return {"examples": int(len(ds)), **thinking, "kept": int(len(kept)),
+            "dropped_no_trainable": int((trainable == 0).sum()),
             "truncated": int(truncated.sum()), "tokens": int(klen.sum()),
             "trainable_tokens": int(trainable[trainable > 0].sum()),
             "length": {"p50": pct(50), "p90": pct(90), "p99": pct(99), "max": int(klen.max()) if len(klen) else 0},
@@ -440,7 +492,8 @@ def preview(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
     """Normalize everything (so every error shows) and tokenize the first n examples: (segments, counts)."""
     sources, template, warning, markers = _setup(data, tokenizer, model_name, chat_template, trains)
     rejects: list[dict] = []
-    per_source = [load_examples(s, data.on_error, rejects, data.system_prompt, trains) for s in sources]
+    per_source = [load_examples(s, data.on_error, rejects, data.system_prompt, trains, _thinking(data))
+                  for s in sources]
     first = [(i, ex) for i, items in enumerate(per_source) for ex in items][:n]
     counts = [(s.path, len(items)) for s, items in zip(sources, per_source)]
     if trains.kind == "prompts":
@@ -448,9 +501,11 @@ def preview(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
     if trains.kind != "lm":
         return preference.preview(first, tokenizer, template, markers, data), counts, len(rejects), warning
     enc = _tokenize_batch({"conv": [json.dumps(e.messages) if e.messages else None for _, e in first],
-                           "text": [e.text for _, e in first], "where": [e.where for _, e in first]},
+                           "text": [e.text for _, e in first], "where": [e.where for _, e in first],
+                           "tools": [json.dumps(e.tools) if e.tools else None for _, e in first],
+                           "train_from": [e.train_from for _, e in first]},
                           tokenizer, template, markers, data.max_length,
-                          str(data.train_on), data.enable_thinking)
+                          str(data.train_on), data.enable_thinking, data.ignore_empty_think)
     shown = []
     for (_, ex), ids, labels in zip(first, enc["input_ids"], enc["labels"]):
         segs, cur, buf = [], None, []

@@ -58,10 +58,23 @@ def resolve_template(tokenizer, name: str | None, model_name: str) -> tuple[str,
 
 
 def render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool = False,
-           enable_thinking: bool | None = None) -> str:
+           enable_thinking: bool | None = None, tools: list | None = None) -> str:
     kw = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    if tools:
+        kw["tools"] = tools
     return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                          add_generation_prompt=add_generation_prompt, **kw)
+
+
+def check_tool_rendering(text: str, messages: list[dict], tools: list | None, where: str) -> None:
+    """A template that leaves tools or calls out (ChatML has no place for them) would train turns without their
+    calls: a DataError naming the record."""
+    names = [t["function"]["name"] for t in tools or ()]
+    names += [c["function"]["name"] for m in messages for c in m.get("tool_calls") or ()]
+    missing = next((n for n in names if n not in text), None)
+    if missing is not None:
+        raise DataError(f"{where}: the chat template does not render tool calls or tools (the record's {missing!r} is "
+                        "not in its text); use a template that does, e.g. model.chat_template=qwen3")
 
 
 def prompt_inputs(tokenizer, template: str, messages: list[dict], enable_thinking: bool | None = None) -> dict:
