@@ -16,7 +16,7 @@ app = typer.Typer(
     name="qtune",
     help="Fine-tune Qwen3 models (dense and MoE) with LoRA and QLoRA.\n\n"
     "Every verb composes one Hydra config tree (groups: model, quant, lora, moe, data, train, chat, serve, "
-    "merge, eval); change it with overrides such as `model=qwen3_8b quant=nf4 lora=r64 train.lr=1e-4`.",
+    "merge, eval, hub); change it with overrides such as `model=qwen3_8b quant=nf4 lora=r64 train.lr=1e-4`.",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="markdown",
@@ -126,6 +126,18 @@ def serve(overrides: Overrides = None, cfg: ShowCfg = False) -> None:
     Examples: `qtune serve run=runs/my-run` · `qtune serve serve.port=9000 serve.api_key=secret`
     """
     from qtune.commands.serve import run
+
+    _dispatch(run, overrides, cfg)
+
+
+@app.command()
+def push(overrides: Overrides = None, cfg: ShowCfg = False) -> None:
+    """Upload a run's adapter, merged model or GGUF files to a Hugging Face Hub repo, with a model card.
+
+    Examples: `qtune push run=runs/my-run hub.repo_id=me/my-adapter` ·
+    `qtune push run=runs/my-run hub.repo_id=me/my-model hub.what=merged hub.private=false`
+    """
+    from qtune.commands.push import run
 
     _dispatch(run, overrides, cfg)
 

@@ -39,17 +39,31 @@ def write_report(out: Path, run: Path, cfg: Config, summary: dict, results: list
     return report
 
 
+LM_EVAL = "lm_eval/"  # a model's lm-eval scores: "lm_eval/<task>/<metric>" keys beside qtune's own
+
+
+def lm_eval_keys(summary: dict) -> list[str]:
+    return list(dict.fromkeys(k for v in summary.values() for k in v if k.startswith(LM_EVAL)))
+
+
 def _shown(summary: dict) -> list[tuple[str, str, str]]:
-    return [m for m in METRICS if any(v.get(m[0]) is not None for v in summary.values())]
+    ours = [m for m in METRICS if any(v.get(m[0]) is not None for v in summary.values())]
+    return ours + [(k, f"{k.removeprefix(LM_EVAL).replace('/', ' ')} (lm-eval)", ".4f") for k in lm_eval_keys(summary)]
+
+
+def summary_table(summary: dict) -> list[str]:
+    """The markdown table of every measure some model has (rows) by model (columns)."""
+    names = list(summary)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key, label, spec in _shown(summary):
+        lines.append(f"| {label} | " + " | ".join(fmt(summary[n].get(key), spec) for n in names) + " |")
+    return lines
 
 
 def markdown(report: dict, results: list[dict]) -> str:
     summary = report["models"]
     names = list(summary)
-    lines = [f"# Evaluation of `{report['run']}`", "", f"{report['date']}", "", "## Summary", "",
-             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for key, label, spec in _shown(summary):
-        lines.append(f"| {label} | " + " | ".join(fmt(summary[n].get(key), spec) for n in names) + " |")
+    lines = [f"# Evaluation of `{report['run']}`", "", f"{report['date']}", "", "## Summary", "", *summary_table(summary)]
     if any(v.get("reward_accuracy") is not None for v in summary.values()):
         lines += ["", f"Over {report['heldout_rows']} held-out rows: reward accuracy is the share of pairs whose chosen "
                   "answer gets the higher reward, reward margin the mean reward of chosen less rejected answers "
