@@ -32,7 +32,10 @@ def write_report(out: Path, run: Path, cfg: Config, summary: dict, results: list
               "models": summary, "heldout_rows": heldout_rows, "unscored": unscored,
               "settings": {"prompts": cfg.eval.prompts, "repeats": cfg.eval.repeats,
                            "max_new_tokens": cfg.eval.max_new_tokens, "judge_url": cfg.eval.judge_url,
-                           "judge_model": cfg.eval.judge_model, "data": cfg.eval.data}}
+                           "judge_model": cfg.eval.judge_model, "data": cfg.eval.data,
+                           "lm_eval": {"tasks": list(cfg.eval.lm_eval.tasks), "include_path": cfg.eval.lm_eval.include_path,
+                                       "limit": cfg.eval.lm_eval.limit, "num_fewshot": cfg.eval.lm_eval.num_fewshot}
+                           if cfg.eval.lm_eval.tasks else None}}
     atomic_write_json(out / "summary.json", report)
     atomic_write_text(out / "report.md", markdown(report, results))
     chart(out / "chart.png", summary)
@@ -101,7 +104,13 @@ def markdown(report: dict, results: list[dict]) -> str:
     lines += ["", "## Settings", "", f"- prompts: `{s['prompts']}`, repeats: {s['repeats']}, "
               f"max_new_tokens: {s['max_new_tokens']}", f"- judge: {s['judge_url'] or 'none'}"
               + (f" (model {s['judge_model']})" if s["judge_model"] else ""),
-              f"- held-out data: {s['data'] or 'the run’s eval split'}", ""]
+              f"- held-out data: {s['data'] or 'the run’s eval split'}"]
+    if s.get("lm_eval"):
+        h = s["lm_eval"]
+        lines.append(f"- lm-eval tasks: {', '.join(h['tasks'])}" + (f" (from {h['include_path']})" if h["include_path"] else "")
+                     + f", limit: {h['limit'] if h['limit'] is not None else 'none'}, num_fewshot: "
+                     f"{h['num_fewshot'] if h['num_fewshot'] is not None else 'each task’s'}")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -124,7 +133,7 @@ def _cell(text) -> str:
 
 
 def chart(path: Path, summary: dict) -> None:
-    """Bars per model: held-out loss, and the answer metrics that exist (0–1 scale)."""
+    """Bars per model: held-out loss, the answer metrics that exist (0–1 scale) and the lm-eval scores."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,7 +141,9 @@ def chart(path: Path, summary: dict) -> None:
 
     names = list(summary)
     scores = [k for k in ("facts_right", "exact_match", "f1", "rouge_l", "consistency") if any(summary[n].get(k) is not None for n in names)]
-    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(10 if scores else 5, 4), dpi=110, squeeze=False)
+    harness = lm_eval_keys(summary)
+    panels = 1 + bool(scores) + bool(harness)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), dpi=110, squeeze=False)
     ax = axes[0][0]
     key, title = (("heldout_loss", "held-out loss (lower is better)")
                   if any(summary[n].get("heldout_loss") is not None for n in names)
@@ -152,6 +163,15 @@ def chart(path: Path, summary: dict) -> None:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(scores))], scores)
         ax.set_ylim(0, 1.05)
         ax.set_title("answers (higher is better)")
+        ax.legend()
+    if harness:
+        ax = axes[0][panels - 1]
+        width = 0.8 / len(names)
+        for i, n in enumerate(names):
+            ax.bar([j + i * width for j in range(len(harness))], [summary[n].get(k) or 0 for k in harness], width, label=n)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(harness))],
+                      [k.removeprefix(LM_EVAL).replace("/", "\n") for k in harness])
+        ax.set_title("lm-eval tasks")
         ax.legend()
     fig.tight_layout()
     buf = io.BytesIO()
