@@ -408,6 +408,7 @@ PUSH_CASES = [  # against the local Hub server (tests/hubserver.py); only hf_wri
      "rights to create a model under the namespace \"me\"); use a write token of me (or of a member with write "
      "access), or push to a repo of your own"),
     ("hf_write", "someone-else/x", "error: hub.repo_id=someone-else/x: the token may not write there (403 Forbidden"),
+    ("hf_write", "me/x offline", "error: HF_HUB_OFFLINE=1: qtune push needs the Hub; unset HF_HUB_OFFLINE"),
 ]
 
 
@@ -415,10 +416,11 @@ PUSH_CASES = [  # against the local Hub server (tests/hubserver.py); only hf_wri
 def test_a_push_the_hub_would_refuse_is_one_line(token, repo_id, words, tiny_run, tmp_path):
     from hubserver import FakeHub
 
+    repo_id, _, offline = repo_id.partition(" ")
     with FakeHub(writers={"hf_write": {"me"}}) as hub:
         p = qtune("push", f"run={tiny_run}", f"hub.repo_id={repo_id}", cwd=tmp_path,
-                  env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": token,
-                       "HF_HOME": str(tmp_path / "hf")})
+                  env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "1" if offline else "0", "HF_HUB_DISABLE_XET": "1",
+                       "HF_TOKEN": token, "HF_HOME": str(tmp_path / "hf")})
         assert words in only_line(p), p.stderr
         assert not hub.repos and not [r for r in hub.log if r["method"] == "PUT"]   # nothing made, nothing sent
 

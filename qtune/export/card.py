@@ -28,7 +28,11 @@ def _base(rcfg: Config) -> str | None:
 
 
 def _n(value) -> str:
-    return "–" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.4g}" if isinstance(value, float) else str(value)
+    if value is None:
+        return "–"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def model_card(run: Path, rcfg: Config, what: str, repo_id: str, files: list[str]) -> str:
@@ -63,10 +67,12 @@ def _usage(what: str, base: str, repo_id: str, files: list[str]) -> list[str]:
                 f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")']
         return ["## Use", "", "```python", *code, "```", ""]
     ggufs = [f for f in files if f.endswith(".gguf")]
+    first = ggufs[0].removesuffix(".gguf") if ggufs else ""
+    modelfile = f"{first}.Modelfile" if f"{first}.Modelfile" in files else None
+    fetch = " ".join(x for x in (ggufs[0] if ggufs else None, modelfile) if x)
     return ["## Use", "", "Files: " + ", ".join(f"`{f}`" for f in ggufs) + ".", "",
-            "```sh", f"hf download {repo_id} {ggufs[0] if ggufs else ''} --local-dir .".replace("  ", " "),
-            *([f"ollama create {repo_id.split('/')[-1]} -f {ggufs[0].removesuffix('.gguf')}.Modelfile"] if ggufs else []),
-            "```", ""]
+            "```sh", f"hf download {repo_id} {fetch} --local-dir .",
+            *([f"ollama create {repo_id.split('/')[-1]} -f {modelfile}"] if modelfile else []), "```", ""]
 
 
 def _data(run: Path, rcfg: Config) -> list[str]:
