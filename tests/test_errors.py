@@ -409,6 +409,8 @@ PUSH_CASES = [  # against the local Hub server (tests/hubserver.py); only hf_wri
      "access), or push to a repo of your own"),
     ("hf_write", "someone-else/x", "error: hub.repo_id=someone-else/x: the token may not write there (403 Forbidden"),
     ("hf_write", "me/x offline", "error: HF_HUB_OFFLINE=1: qtune push needs the Hub; unset HF_HUB_OFFLINE"),
+    ("hf_write", "me/busy", "error: hub.repo_id=me/busy already holds other files (notes.txt); push to a new repo, or "
+     "set hub.overwrite=true to replace its contents"),
 ]
 
 
@@ -418,11 +420,13 @@ def test_a_push_the_hub_would_refuse_is_one_line(token, repo_id, words, tiny_run
 
     repo_id, _, offline = repo_id.partition(" ")
     with FakeHub(writers={"hf_write": {"me"}}) as hub:
+        busy = hub.repo("me/busy").add_commit({".gitattributes": b"", "notes.txt": b"mine"})
         p = qtune("push", f"run={tiny_run}", f"hub.repo_id={repo_id}", cwd=tmp_path,
                   env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "1" if offline else "0", "HF_HUB_DISABLE_XET": "1",
                        "HF_TOKEN": token, "HF_HOME": str(tmp_path / "hf")})
         assert words in only_line(p), p.stderr
-        assert not hub.repos and not [r for r in hub.log if r["method"] == "PUT"]   # nothing made, nothing sent
+        assert set(hub.repos) == {"me/busy"} and hub.repos["me/busy"].refs == {"main": busy}  # nothing made or changed
+        assert not [r for r in hub.log if r["method"] == "PUT"]                             # nothing sent
 
 
 def test_good_values_at_the_edges_compose():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -38,23 +39,27 @@ metadata:
     return folder
 
 
-def test_a_local_task_scores_base_and_adapter_in_the_same_report(tiny_run, tasks, tmp_path):
+def test_a_local_task_scores_base_adapter_and_merged_in_the_same_report(tiny_run, tiny_qwen3, tasks, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.copytree(tiny_qwen3, run / "merged")  # a complete model folder, as `qtune merge` leaves one: the base's weights
     out = tmp_path / "eval"
-    p = qtune("eval", f"run={tiny_run}", "eval.models=[base,adapter]", "eval.max_eval_rows=2", f"eval.output_dir={out}",
+    p = qtune("eval", f"run={run}", "eval.models=[base,adapter,merged]", "eval.max_eval_rows=2", f"eval.output_dir={out}",
               "eval.lm_eval.tasks=[tiny_qa]", f"eval.lm_eval.include_path={tasks}", "eval.lm_eval.limit=4",
               "eval.lm_eval.num_fewshot=1", cwd=tmp_path, env={"HF_DATASETS_CACHE": str(tmp_path / "datasets")})
     assert p.returncode == 0, p.stderr
     summary = json.loads((out / "summary.json").read_text())
     models = summary["models"]
-    for name in ("base", "adapter"):
+    for name in ("base", "adapter", "merged"):
         acc = models[name]["lm_eval/tiny_qa/acc"]
         assert acc in (0.0, 0.25, 0.5, 0.75, 1.0), models[name]   # eval.lm_eval.limit=4: four questions scored
         assert models[name]["heldout_loss"] is not None               # beside qtune's own figures
     assert summary["settings"]["lm_eval"] == {"tasks": ["tiny_qa"], "include_path": str(tasks), "limit": 4,
                                               "num_fewshot": 1}
+    assert models["merged"]["lm_eval/tiny_qa/acc"] == models["base"]["lm_eval/tiny_qa/acc"]  # the same weights
     report = (out / "report.md").read_text()
     row = f"| tiny_qa acc (lm-eval) | {models['base']['lm_eval/tiny_qa/acc']:.4f} | " \
-          f"{models['adapter']['lm_eval/tiny_qa/acc']:.4f} |"
+          f"{models['adapter']['lm_eval/tiny_qa/acc']:.4f} | {models['merged']['lm_eval/tiny_qa/acc']:.4f} |"
     assert row in report, report
     assert "tiny_qa acc (lm-eval)" in p.stdout
     assert (out / "chart.png").stat().st_size > 0

@@ -42,7 +42,12 @@ def lfs_puts(hub) -> list[dict]:
     return [r for r in hub.log if r["method"] == "PUT"]
 
 
-def test_an_adapter_arrives_whole_with_its_card_and_loss_plot(hub, tmp_path, run):
+def test_an_adapter_arrives_whole_with_its_card_loss_plot_and_eval_table(hub, tmp_path, run):
+    (run / "eval").mkdir()   # what `qtune eval` leaves (qtune.evaluation.report.write_report), lm-eval scores included
+    (run / "eval" / "summary.json").write_text(json.dumps({
+        "run": str(run), "date": "2026-01-01T00:00:00+00:00", "heldout_rows": 3, "unscored": [],
+        "models": {"base": {"heldout_loss": 11.5, "lm_eval/tiny_qa/acc": 0.25},
+                   "adapter": {"heldout_loss": 9.25, "lm_eval/tiny_qa/acc": 0.5}}}))
     p = push(hub, tmp_path, run, "hub.repo_id=me/tiny-adapter")
     assert p.returncode == 0, p.stderr
     files = served(hub, "me/tiny-adapter")
@@ -62,6 +67,8 @@ def test_an_adapter_arrives_whole_with_its_card_and_loss_plot(hub, tmp_path, run
     assert "captains_log.jsonl" in card and f"| {data['train']['kept']:,} |" in card   # sources and counts
     assert f"{summary['train_loss']:.4g}" in card and "![training and held-out loss](loss.png)" in card
     assert "r=16, alpha=32" in card and "AutoPeftModelForCausalLM" in card
+    assert "| metric | base | adapter |" in card and "| held-out loss | 11.5000 | 9.2500 |" in card, card
+    assert "| tiny_qa acc (lm-eval) | 0.2500 | 0.5000 |" in card, card
     assert "me/tiny-adapter" in p.stdout and "created" in p.stdout
     # pushed again (after more training, say): the repo holds only what a push of this kind writes, so it is updated
     assert push(hub, tmp_path, run, "hub.repo_id=me/tiny-adapter").returncode == 0
@@ -111,15 +118,3 @@ def test_merged_and_gguf_files_with_a_card_for_each(hub, tmp_path, run, tiny_qwe
     files = served(hub, "me/tiny-gguf")
     assert files["merged-q8_0.gguf"] == (run / "gguf" / "merged-q8_0.gguf").read_bytes()
     assert "ollama create tiny-gguf -f merged-q8_0.Modelfile" in files["README.md"].decode()
-
-
-def test_the_card_carries_the_eval_table(hub, tmp_path, run):
-    (run / "eval").mkdir()
-    (run / "eval" / "summary.json").write_text(json.dumps({
-        "run": str(run), "date": "2026-01-01T00:00:00+00:00", "heldout_rows": 3, "unscored": [],
-        "models": {"base": {"heldout_loss": 11.5, "lm_eval/tiny_qa/acc": 0.25},
-                   "adapter": {"heldout_loss": 9.25, "lm_eval/tiny_qa/acc": 0.5}}}))
-    assert push(hub, tmp_path, run, "hub.repo_id=me/evaluated").returncode == 0
-    card = served(hub, "me/evaluated")["README.md"].decode()
-    assert "| metric | base | adapter |" in card and "| held-out loss | 11.5000 | 9.2500 |" in card, card
-    assert "| tiny_qa acc (lm-eval) | 0.2500 | 0.5000 |" in card, card
