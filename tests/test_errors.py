@@ -232,6 +232,10 @@ FILE_CASES = [
     ("prepare", ["model=tiny_qwen3", "train.stage=dpo", "data.path={tmp}/d.jsonl"], "d.jsonl: no usable records: in "
      "all 1 pair", _write("d.jsonl", b'{"prompt": "a", "chosen": "b", "rejected": "b"}\n')),
     ("eval", ["run={run}", "eval.prompts={tmp}/p.jsonl"], "p.jsonl: binary data (NUL bytes)", _write("p.jsonl", UTF16)),
+    ("eval", ["run={run}", "eval.lm_eval.tasks=[tiny_qa]", "eval.lm_eval.include_path={tmp}/tasks"],
+     "/tasks: no such folder (a folder of task yaml files)", lambda tmp, run: None),
+    ("eval", ["run={rm}", "eval.lm_eval.tasks=[hellaswag]"], "rm is a reward model (train.stage=rm), which "
+     "lm-eval's tasks cannot score", lambda tmp, run: None),
     # a run without what `qtune push` is asked to upload: one line before any request
     ("push", ["run={run}", "hub.repo_id=me/x", "hub.what=merged"], "/merged does not exist; run `qtune merge run=",
      lambda tmp, run: None),
