@@ -89,7 +89,17 @@ def test_a_push_that_stopped_is_resumed_without_sending_the_weights_again(hub, t
         (run / "adapter" / "adapter_model.safetensors").read_bytes()
 
 
+def _from_the_hub(run):
+    """The run as if its base had come from the Hub (model.source=hub): its config.yaml names test-org/tiny-qwen3."""
+    import yaml
+
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["model"].update(source="hub", repo_id="test-org/tiny-qwen3", revision="abc123")
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+
+
 def test_a_repo_of_other_content_is_refused_unless_overwrite(hub, tmp_path, run):
+    _from_the_hub(run)
     hub.repo("test-org/busy").add_commit({".gitattributes": b"", "notes.txt": b"mine", "model.safetensors": b"other"})
     line = only_line(push(hub, tmp_path, run, "hub.repo_id=test-org/busy"))
     assert line == ("error: hub.repo_id=test-org/busy already holds other files (model.safetensors, notes.txt); push to "
@@ -100,6 +110,11 @@ def test_a_repo_of_other_content_is_refused_unless_overwrite(hub, tmp_path, run)
     files = served(hub, "test-org/busy", "v1")                             # on the branch it made
     assert "notes.txt" not in files and "model.safetensors" not in files and "adapter_model.safetensors" in files
     assert served(hub, "test-org/busy", "main")["notes.txt"] == b"mine"
+    # the adapter names its base by its Hub id, not by the folder it was loaded from here; the card does too
+    config = json.loads(files["adapter_config.json"])
+    local = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config == {**local, "base_model_name_or_path": "test-org/tiny-qwen3", "revision": "abc123"}
+    assert "base_model: test-org/tiny-qwen3\n" in files["README.md"].decode()
 
 
 def test_merged_and_gguf_files_with_a_card_for_each(hub, tmp_path, run, tiny_qwen3):

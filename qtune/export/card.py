@@ -22,7 +22,7 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _base(rcfg: Config) -> str | None:
+def hub_base(rcfg: Config) -> str | None:
     """The base model's Hub id, where it has one (a random test model or a local folder has none)."""
     return rcfg.model.repo_id if rcfg.model.source in (ModelSource.hub, ModelSource.package) else None
 
@@ -37,7 +37,7 @@ def _n(value) -> str:
 
 def model_card(run: Path, rcfg: Config, what: str, repo_id: str, files: list[str]) -> str:
     library, kind = USES[what]
-    base = _base(rcfg)
+    base = hub_base(rcfg)
     qlora = rcfg.quant.method is not QuantMethod.none
     tags = ["qtune", "qlora" if qlora else "lora", rcfg.train.stage] + (["gguf"] if what == "gguf" else [])
     front = ["---"] + ([f"base_model: {base}"] if base else []) + ([f"library_name: {library}"] if library else []) + \
@@ -105,7 +105,7 @@ def _hub_dataset(path: str) -> bool:
 
 def _settings(rcfg: Config) -> list[str]:
     t, lo = rcfg.train, rcfg.lora
-    rows = [("base model", rcfg.model.repo_id if _base(rcfg) else rcfg.model.name),
+    rows = [("base model", rcfg.model.repo_id if hub_base(rcfg) else rcfg.model.name),
             ("quant", str(rcfg.quant.method)), ("stage", t.stage),
             ("LoRA", f"r={lo.r}, alpha={lo.alpha}, dropout={lo.dropout:g}"
                      + (", rsLoRA" if lo.use_rslora else "") + (", DoRA" if lo.use_dora else "")),

@@ -96,7 +96,7 @@ def push(run: Path, rcfg: Config, hub: HubConfig, files: list[tuple[str, Path]],
                             "hub.overwrite=true to replace its contents (the Hub keeps them in the repo's history)")
         if not created and hub.private and not info.private and warn:
             warn(f"hub.repo_id={hub.repo_id} exists and is public; hub.private applies to repos a push creates")
-        ops = [CommitOperationAdd(name, str(path)) for name, path in files + extra]
+        ops = [CommitOperationAdd(name, _content(name, path, rcfg, what)) for name, path in files + extra]
         ops += [CommitOperationAdd("README.md", card)]
         ops += [CommitOperationDelete(name) for name in foreign]
         message = hub.commit_message or f"qtune push: {what} of {run.name}"
@@ -105,8 +105,25 @@ def push(run: Path, rcfg: Config, hub: HubConfig, files: list[tuple[str, Path]],
         raise
     except Exception as e:
         raise PushError(explain(e, hub, constants.ENDPOINT)) from None
-    sizes = [(name, path.stat().st_size) for name, path in files + extra] + [("README.md", len(card))]
+    sizes = [(op.path_in_repo, op.upload_info.size) for op in ops if isinstance(op, CommitOperationAdd)]
     return Pushed(hub.repo_id, revision, commit.oid, f"{constants.ENDPOINT}/{hub.repo_id}", sizes, created)
+
+
+def _content(name: str, path: Path, rcfg: Config, what: str):
+    """What goes up for a file: the file itself, but for an adapter's config, which names its base by the folder it was
+    loaded from on this machine, the base's Hub id (and revision) instead, so that PEFT finds the base anywhere."""
+    from qtune.export.card import hub_base
+
+    base = hub_base(rcfg)
+    if what != "adapter" or name != "adapter_config.json" or not base:
+        return str(path)
+    import json
+
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = base
+    if rcfg.model.revision not in (None, "", "main"):
+        config["revision"] = rcfg.model.revision
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
 def _create(api, hub: HubConfig) -> bool:
