@@ -24,7 +24,6 @@ INSTALL = "pip install 'qtune[eval]'"
 
 def _import():
     try:
-        import lm_eval  # noqa: F401
         from lm_eval.tasks import TaskManager
     except ImportError as e:
         raise QtuneError(f"eval.lm_eval.tasks needs EleutherAI's lm-evaluation-harness, which is not installed "
