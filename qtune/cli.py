@@ -146,7 +146,8 @@ def push(overrides: Overrides = None, cfg: ShowCfg = False) -> None:
 def eval_(overrides: Overrides = None, cfg: ShowCfg = False) -> None:
     """Compare base, adapter and merged models on held-out data and a prompt set.
 
-    Examples: `qtune eval run=runs/my-run eval.prompts=prompts.jsonl`
+    Examples: `qtune eval run=runs/my-run eval.prompts=prompts.jsonl` ·
+    `qtune eval run=runs/my-run 'eval.lm_eval.tasks=[gsm8k]' eval.lm_eval.limit=100` (pip install 'qtune[eval]')
     """
     from qtune.commands.eval import run
 
