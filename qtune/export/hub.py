@@ -84,10 +84,13 @@ def push(run: Path, rcfg: Config, hub: HubConfig, files: list[tuple[str, Path]],
     card = model_card(run, rcfg, what, hub.repo_id, [name for name, _ in files]).encode()
     names = {name for name, _ in files + extra} | {"README.md"}
     try:
+        from huggingface_hub.errors import RevisionNotFoundError
+
         created = _create(api, hub)
-        if hub.revision:
-            api.create_branch(hub.repo_id, branch=hub.revision, exist_ok=True)
-        info = api.repo_info(hub.repo_id, revision=revision)
+        try:
+            info, branch = api.repo_info(hub.repo_id, revision=revision), False
+        except RevisionNotFoundError:  # a new branch, made from main once the push is known to go ahead
+            info, branch = api.repo_info(hub.repo_id), True
         remote = {s.rfilename for s in info.siblings or []} - {".gitattributes"}
         foreign = sorted(remote - names)
         if foreign and not hub.overwrite:
@@ -99,6 +102,8 @@ def push(run: Path, rcfg: Config, hub: HubConfig, files: list[tuple[str, Path]],
         ops = [CommitOperationAdd(name, _content(name, path, rcfg, what)) for name, path in files + extra]
         ops += [CommitOperationAdd("README.md", card)]
         ops += [CommitOperationDelete(name) for name in foreign]
+        if branch:
+            api.create_branch(hub.repo_id, branch=revision, exist_ok=True)
         message = hub.commit_message or f"qtune push: {what} of {run.name}"
         commit = api.create_commit(hub.repo_id, ops, commit_message=message, revision=revision)
     except QtuneError:
