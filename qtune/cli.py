@@ -16,7 +16,7 @@ app = typer.Typer(
     name="qtune",
     help="Fine-tune Qwen3 models (dense and MoE) with LoRA and QLoRA.\n\n"
     "Every verb composes one Hydra config tree (groups: model, quant, lora, moe, data, train, chat, serve, "
-    "merge, eval); change it with overrides such as `model=qwen3_8b quant=nf4 lora=r64 train.lr=1e-4`.",
+    "merge, eval, hub); change it with overrides such as `model=qwen3_8b quant=nf4 lora=r64 train.lr=1e-4`.",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="markdown",
@@ -130,11 +130,24 @@ def serve(overrides: Overrides = None, cfg: ShowCfg = False) -> None:
     _dispatch(run, overrides, cfg)
 
 
+@app.command()
+def push(overrides: Overrides = None, cfg: ShowCfg = False) -> None:
+    """Upload a run's adapter, merged model or GGUF files to a Hugging Face Hub repo, with a model card.
+
+    Examples: `qtune push run=runs/my-run hub.repo_id=me/my-adapter` ·
+    `qtune push run=runs/my-run hub.repo_id=me/my-model hub.what=merged hub.private=false`
+    """
+    from qtune.commands.push import run
+
+    _dispatch(run, overrides, cfg)
+
+
 @app.command("eval")
 def eval_(overrides: Overrides = None, cfg: ShowCfg = False) -> None:
     """Compare base, adapter and merged models on held-out data and a prompt set.
 
-    Examples: `qtune eval run=runs/my-run eval.prompts=prompts.jsonl`
+    Examples: `qtune eval run=runs/my-run eval.prompts=prompts.jsonl` ·
+    `qtune eval run=runs/my-run 'eval.lm_eval.tasks=[gsm8k]' eval.lm_eval.limit=100` (pip install 'qtune[eval]')
     """
     from qtune.commands.eval import run
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from qtune import integrity
 from qtune.config.schema import Config
 from qtune.errors import ConfigError, InUse
-from qtune.io import atomic_write_text, pid_alive
+from qtune.io import atomic_write_json, atomic_write_text, pid_alive
 
 
 def write_config(folder: Path, cfg: Config, distributed: dict | None = None, data_digest: str | None = None) -> Path:
@@ -23,6 +23,19 @@ def write_config(folder: Path, cfg: Config, distributed: dict | None = None, dat
     saved = saved_form(cfg) | ({"distributed": distributed} if distributed else {}) | \
         ({"data_digest": data_digest} if data_digest else {})
     atomic_write_text(path, yaml.safe_dump(saved, sort_keys=False))
+    return path
+
+
+def write_data_counts(folder: Path, stats: dict) -> Path:
+    """`data.json`: the examples a run trains and is evaluated on, per split and per source (from the prepared data's
+    stats), so that the run describes its data without the data cache."""
+    keys = ("examples", "kept", "tokens", "trainable_tokens", "truncated")
+    counts = {split: {**{k: stats[split].get(k) for k in keys},
+                      "per_source": [{k: s.get(k) for k in ("source", "examples", "kept", "tokens")}
+                                     for s in stats[split].get("per_source", [])]}
+              for split in ("train", "eval") if split in stats}
+    path = Path(folder) / "data.json"
+    atomic_write_json(path, {"stage": stats.get("stage"), "rejected": stats.get("rejected", 0), **counts})
     return path
 
 
@@ -225,7 +238,7 @@ def resume_point(out: Path, cfg: Config) -> Path | None:
             # would only mislead the new run
             for leftover in ("checkpoints", "tensorboard"):
                 shutil.rmtree(out / leftover, ignore_errors=True)
-            for leftover in ("metrics.jsonl", "samples.jsonl", "loss.png", "experts.json"):
+            for leftover in ("metrics.jsonl", "samples.jsonl", "loss.png", "experts.json", "data.json"):
                 (out / leftover).unlink(missing_ok=True)
             return None
         raise ConfigError(f"train.output_dir={out} exists and is not a qtune run folder; choose another "
@@ -283,7 +296,7 @@ def _started_by_qtune(out: Path) -> bool:
     except (OSError, yaml.YAMLError):
         return False
     ours = {"config.yaml", "checkpoints", "tensorboard", "metrics.jsonl", "samples.jsonl", "loss.png", "experts.json",
-            "job.json"}  # job.json: a sweep job's row (qtune.commands.sweep)
+            "job.json", "data.json"}  # job.json: a sweep job's row (qtune.commands.sweep)
     return (isinstance(saved, dict) and {"model", "train", "lora"} <= saved.keys()
             and all(p.name in ours or p.name.startswith(".") for p in out.iterdir()))
 
@@ -454,7 +467,7 @@ def run_config(run: Path, overrides: Config) -> Config:
     cfg = to_object(compose([f"model={saved['model']['name']}"]))
     for group in ("model", "quant", "lora", "moe", "data", "train", "download"):
         setattr(cfg, group, _merge_into(getattr(cfg, group), saved.get(group) or {}))
-    for group in ("merge", "chat", "serve", "eval", "paths"):
+    for group in ("merge", "chat", "serve", "eval", "hub", "paths"):
         setattr(cfg, group, getattr(overrides, group))
     cfg.run = str(run)
     return cfg

@@ -11,11 +11,11 @@ import pytest
 
 from conftest import REPO, qtune
 
-VERBS = ["download", "prepare", "inspect-moe", "train", "merge", "chat", "serve", "eval"]
+VERBS = ["download", "prepare", "inspect-moe", "train", "merge", "chat", "serve", "eval", "push"]
 
 
-def test_the_cli_has_exactly_the_eight_verbs_each_calling_its_module():
-    """The registered commands are the eight verbs (no more, none missing), `--help` lists them, and each command
+def test_the_cli_has_exactly_its_verbs_each_calling_its_module():
+    """The registered commands are the verbs (no more, none missing), `--help` lists them, and each command
     calls its own module's run (qtune inspect-moe -> qtune.commands.inspect_moe.run)."""
     import inspect
 
@@ -77,7 +77,7 @@ def test_wheel_ships_config_and_runs_outside_the_repo(tmp_path):
     assert len(paths) == 3 and all(x.startswith(str(site)) and Path(x).is_file() for x in paths), p.stdout + p.stderr
 
 
-VERBS = ("download", "prepare", "inspect-moe", "train", "merge", "chat", "serve", "eval")
+VERBS = ("download", "prepare", "inspect-moe", "train", "merge", "chat", "serve", "eval", "push")
 
 
 @pytest.mark.parametrize("verb", VERBS)

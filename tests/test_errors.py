@@ -77,6 +77,13 @@ CASES = [
     ("eval", ["run=/nowhere/run"], "run=/nowhere/run: no such folder"),
     ("merge", ["run=/nowhere/run"], "run=/nowhere/run: no such folder"),
     ("prepare", ["data.path=/nowhere/chats.jsonl"], "/nowhere/chats.jsonl: no such file, folder or glob match"),
+    ("push", ["run=/nowhere/run", "hub.repo_id=me/x"], "run=/nowhere/run: no such folder"),
+    ("push", ["run=/nowhere/run"], "hub.repo_id: which Hub repo? set hub.repo_id=<owner>/<name>"),
+    ("push", ["hub.repo_id=just-a-name"], "hub.repo_id=just-a-name: valid: owner/name"),
+    ("push", ["hub.what=weights"], "hub.what=weights: invalid choice; valid: adapter, merged, gguf"),
+    ("eval", ["eval.lm_eval.limit=0"], "eval.lm_eval.limit=0: valid: > 0"),
+    ("eval", ["eval.lm_eval.limit=2.5"], "eval.lm_eval.limit=2.5: valid: a fraction 0 < x < 1 of each task, or a whole"),
+    ("eval", ["eval.lm_eval.num_fewshot=-1"], "eval.lm_eval.num_fewshot=-1: valid: >= 0"),
     # training stages
     ("train", ["train.stage=ppo"], "train.stage=ppo: TRL no longer ships PPO in its stable API; for preference tuning "
      "use train.stage=dpo (chosen/rejected pairs) or train.stage=kto"),
@@ -250,6 +257,17 @@ FILE_CASES = [
     ("prepare", ["model=tiny_qwen3", "train.stage=dpo", "data.path={tmp}/d.jsonl"], "d.jsonl: no usable records: in "
      "all 1 pair", _write("d.jsonl", b'{"prompt": "a", "chosen": "b", "rejected": "b"}\n')),
     ("eval", ["run={run}", "eval.prompts={tmp}/p.jsonl"], "p.jsonl: binary data (NUL bytes)", _write("p.jsonl", UTF16)),
+    ("eval", ["run={run}", "eval.lm_eval.tasks=[tiny_qa]", "eval.lm_eval.include_path={tmp}/tasks"],
+     "/tasks: no such folder (a folder of task yaml files)", lambda tmp, run: None),
+    ("eval", ["run={rm}", "eval.lm_eval.tasks=[hellaswag]"], "rm is a reward model (train.stage=rm), which "
+     "lm-eval's tasks cannot score", lambda tmp, run: None),
+    # a run without what `qtune push` is asked to upload: one line before any request
+    ("push", ["run={run}", "hub.repo_id=me/x", "hub.what=merged"], "/merged does not exist; run `qtune merge run=",
+     lambda tmp, run: None),
+    ("push", ["run={run}", "hub.repo_id=me/x", "hub.what=gguf"], "/gguf; make them with `qtune merge run=",
+     lambda tmp, run: None),
+    ("push", ["run={run}", "hub.repo_id=me/x", "hub.what=merged"], "merged/model.safetensors is damaged (truncated: "
+     "5,000 of", _merged),
     # a run folder that is not one
     ("chat", ["run={tmp}", "--prompt", "hi"], "tmp: no adapter/ there (finish or resume `qtune train` first)",
      lambda tmp, run: None),
@@ -410,6 +428,34 @@ def test_download_of_an_unknown_repo_is_one_line(tmp_path):
                   f"model.local_dir={tmp_path / 'm'}", cwd=tmp_path,
                   env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")})
     assert "model.repo_id=nobody/nothing: repository not found" in only_line(p), p.stderr
+
+
+PUSH_CASES = [  # against the local Hub server (tests/hubserver.py); only hf_write may write, and only to me/*
+    ("", "me/x", "error: no Hugging Face token: set HF_TOKEN to a write token (https://huggingface.co/settings/tokens) "
+     "or run `hf auth login`"),
+    ("hf_read", "me/x", "error: hub.repo_id=me/x: the token may not write there (403 Forbidden: You don't have the "
+     "rights to create a model under the namespace \"me\"); use a write token of me (or of a member with write "
+     "access), or push to a repo of your own"),
+    ("hf_write", "someone-else/x", "error: hub.repo_id=someone-else/x: the token may not write there (403 Forbidden"),
+    ("hf_write", "me/x offline", "error: HF_HUB_OFFLINE=1: qtune push needs the Hub; unset HF_HUB_OFFLINE"),
+    ("hf_write", "me/busy", "error: hub.repo_id=me/busy already holds other files (notes.txt); push to a new repo, or "
+     "set hub.overwrite=true to replace its contents"),
+]
+
+
+@pytest.mark.parametrize("token,repo_id,words", PUSH_CASES, ids=[f"{c[0] or 'no-token'}:{c[1]}" for c in PUSH_CASES])
+def test_a_push_the_hub_would_refuse_is_one_line(token, repo_id, words, tiny_run, tmp_path):
+    from hubserver import FakeHub
+
+    repo_id, _, offline = repo_id.partition(" ")
+    with FakeHub(writers={"hf_write": {"me"}}) as hub:
+        busy = hub.repo("me/busy").add_commit({".gitattributes": b"", "notes.txt": b"mine"})
+        p = qtune("push", f"run={tiny_run}", f"hub.repo_id={repo_id}", cwd=tmp_path,
+                  env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "1" if offline else "0", "HF_HUB_DISABLE_XET": "1",
+                       "HF_TOKEN": token, "HF_HOME": str(tmp_path / "hf")})
+        assert words in only_line(p), p.stderr
+        assert set(hub.repos) == {"me/busy"} and hub.repos["me/busy"].refs == {"main": busy}  # nothing made or changed
+        assert not [r for r in hub.log if r["method"] == "PUT"]                             # nothing sent
 
 
 def test_good_values_at_the_edges_compose():

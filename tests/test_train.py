@@ -50,7 +50,7 @@ def test_tiny_qwen3_learns_and_leaves_a_complete_run_folder(tmp_path, tiny_qwen3
     p = qtune(*tiny(run, "train.max_steps=16", "train.lr=5e-3", "train.save_steps=8",
                     "train.report_to=[tensorboard]"))
     assert p.returncode == 0, p.stdout + p.stderr
-    for name in ("config.yaml", "metrics.jsonl", "loss.png", "summary.json", "adapter/adapter_config.json",
+    for name in ("config.yaml", "data.json", "metrics.jsonl", "loss.png", "summary.json", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors", "checkpoints/checkpoint-8", "checkpoints/checkpoint-16"):
         assert (run / name).exists(), name
     assert any((run / "tensorboard").iterdir())

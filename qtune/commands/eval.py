@@ -7,7 +7,9 @@
   3. with `eval.prompts`: each model answers every prompt (greedy, or `eval.repeats` sampled answers for
      consistency), timed (time to first token, tokens/s), scored against references (exact match, token
      F1, ROUGE-L) and, with `eval.judge_url`, by an LLM judge (1-5: accuracy, helpfulness, tone)
-  4. <run>/eval/: results.jsonl, summary.json, report.md, chart.png; a Rich table in the terminal
+  4. with `eval.lm_eval.tasks`: EleutherAI's lm-eval tasks on each model as loaded here (qtune.evaluation.harness);
+     their scores join the same table
+  5. <run>/eval/: results.jsonl, summary.json, report.md, chart.png; a Rich table in the terminal
 The base and the adapter share one loaded model (the adapter is switched off for the base), so a run's
 comparison loads its weights once, plus the merged model if there is one.
 """
@@ -53,6 +55,14 @@ def run(cfg: Config):
         from qtune.evaluation.judge import Judge
 
         judge = Judge(cfg.eval)  # unreachable: one line now, before any model loads
+    harness = None
+    if cfg.eval.lm_eval.tasks:
+        if not stage.writes:
+            raise ConfigError(f"eval.lm_eval.tasks: {run} is a reward model (train.stage={stage.name}), which lm-eval's "
+                              "tasks cannot score (they read a language model's next-token probabilities)")
+        from qtune.evaluation import harness
+
+        manager = harness.task_manager(cfg.eval.lm_eval)  # not installed, an unknown task: one line, before any load
     quiet_libraries()
     device, dtype = pick_device(rcfg.train.device, rcfg.train.dtype)
     tokenizer, rows = _heldout(rcfg, cfg)
@@ -74,6 +84,9 @@ def run(cfg: Config):
                 summary[cand.name] = heldout.figures(stage, loaded, cand.kind == "base", rows, reference,  # 2
                                                      stage.beta(rcfg.train), rcfg.train)
                 answers = [answer(loaded, p, cfg, rcfg, i) for i, p in enumerate(prompts)]   # 3
+                if harness:                                                                   # 4
+                    with ui.status(f"lm-eval: {', '.join(cfg.eval.lm_eval.tasks)} on {cand.name}"):
+                        summary[cand.name].update(harness.scores(loaded.model, tokenizer, manager, cfg.eval.lm_eval))
             for a in answers:
                 a["model"] = cand.name
             results += answers
@@ -81,7 +94,7 @@ def run(cfg: Config):
     unscored = _judge(judge, results) if judge else []
     for name in summary:
         summary[name].update(aggregate([r for r in results if r["model"] == name]))
-    report = write_report(out, run, cfg, summary, results, unscored, len(rows))  # 4
+    report = write_report(out, run, cfg, summary, results, unscored, len(rows))  # 5
     ui.show_eval_summary(summary, out, unscored)
     return report
 

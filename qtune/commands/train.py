@@ -11,8 +11,8 @@ The recipe, top to bottom:
   6. the final adapter, written atomically, and summary.json
 With several processes (train.nproc=N: qtune.training.launch; torchrun; accelerate launch) every process runs this recipe;
 rank 0 decides what the folder means and prepares the data first, and alone writes the run folder.
-Run folder: config.yaml, checkpoints/checkpoint-N/, adapter/, metrics.jsonl, loss.png, tensorboard/,
-samples.jsonl, summary.json.
+Run folder: config.yaml, data.json (examples per split and source), checkpoints/checkpoint-N/, adapter/,
+metrics.jsonl, loss.png, tensorboard/, samples.jsonl, summary.json.
 """
 from __future__ import annotations
 
@@ -80,6 +80,7 @@ def _run(cfg: Config, out: Path, main: bool):
     model, matched, fast = _model(cfg, setup, device, dtype, out, prepared.load("train"))  # 3, 4
     if main:
         runs.write_config(out, cfg, setup.record(), prepared.digest)
+        runs.write_data_counts(out, prepared.stats)  # what the model card of `qtune push` reports
     trainer, nan = _trainer(cfg, setup, model, tokenizer, prepared, out, resume, fast)  # 5
     samples_before = _samples(cfg, trainer.model, tokenizer, out, "before") if resume is None and main else None
     start = f", from {cfg.train.init_adapter}" if cfg.train.init_adapter else ""

@@ -28,7 +28,7 @@ def _find_dir(in_wheel: str, in_checkout: str, probe: str) -> Path:
 
 CONF_DIR = _find_dir("conf", "conf", "config.yaml")
 DEMO_DATA_DIR = _find_dir("demo_data", "data/demo", "captains_log.jsonl")  # data=demo and eval=demo, from any folder
-GROUPS = ("model", "download", "quant", "lora", "moe", "data", "train", "chat", "serve", "merge", "eval")
+GROUPS = ("model", "download", "quant", "lora", "moe", "data", "train", "chat", "serve", "merge", "eval", "hub")
 
 
 def _repo(variant: str, instruct: str | None, base: str | None) -> str:

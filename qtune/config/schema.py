@@ -562,6 +562,28 @@ class MergeConfig:
 
 
 @dataclass
+class LmEvalConfig:
+    """`qtune eval` with EleutherAI's lm-evaluation-harness (pip install 'qtune[eval]'): its tasks, run in process on
+    each compared model as loaded for qtune's own figures; the scores join the same report."""
+    tasks: List[str] = field(default_factory=list)  # task or group names, e.g. [gsm8k, hellaswag]; empty: none
+    include_path: Optional[str] = None   # a folder of your own task yamls (read offline), beside lm-eval's own
+    limit: Optional[float] = None        # examples per task: a whole number, or a fraction (< 1) of each task
+    num_fewshot: Optional[int] = None    # null = each task's own setting
+    batch_size: int = 1                  # requests lm-eval puts in one forward
+    max_length: Optional[int] = None     # context window lm-eval assumes; null = the model's
+
+    def __post_init__(self) -> None:
+        if self.limit is not None:
+            _check_range("eval.lm_eval", "limit", self.limit, low=0, low_open=True)
+            if isinstance(self.limit, float) and self.limit >= 1 and self.limit != int(self.limit):
+                raise ValueError(f"eval.lm_eval.limit={self.limit:g}: valid: a fraction 0 < x < 1 of each task, or "
+                                 "a whole number of examples")
+        if self.num_fewshot is not None:
+            _check_range("eval.lm_eval", "num_fewshot", self.num_fewshot, low=0, whole=True)
+        _check_range("eval.lm_eval", "batch_size", self.batch_size, low=1, whole=True)
+
+
+@dataclass
 class EvalConfig:
     """`qtune eval`: held-out loss and a prompt set, per model."""
     prompts: Optional[str] = None     # JSONL: {"prompt": ..., "system"?: ..., "reference"?: ...} per line
@@ -575,9 +597,37 @@ class EvalConfig:
     max_eval_rows: Optional[int] = None
     output_dir: Optional[str] = None  # default: <run>/eval
 
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
+
     def __post_init__(self) -> None:
         if isinstance(self.repeats, int) and self.repeats < 1:
             raise ValueError(f"eval.repeats must be at least 1, got {self.repeats}")
+
+
+class HubWhat(_Choice):
+    adapter = "adapter"  # <run>/adapter: the LoRA adapter (PEFT), small; loads over the base model
+    merged = "merged"    # <run>/merged: the standalone 16-bit model `qtune merge` wrote
+    gguf = "gguf"        # <run>/gguf/*.gguf and their Ollama Modelfiles (`qtune merge merge.gguf=[...]`)
+
+
+@dataclass
+class HubConfig:
+    """`qtune push`: a run's adapter, merged model or GGUF files to a Hugging Face Hub repo, with a model card. The token
+    is HF_TOKEN's (or the one `hf auth login` saved); HF_ENDPOINT names another Hub."""
+    repo_id: Optional[str] = None     # owner/name; created when missing
+    what: HubWhat = HubWhat.adapter   # adapter (<run>/adapter) | merged (<run>/merged) | gguf (<run>/gguf/*.gguf)
+    private: bool = True              # for a repo this push creates (an existing repo keeps its visibility)
+    revision: Optional[str] = None    # a branch to commit to (made from main when missing); null = main
+    # a repo that holds files this push would not write (another model's, someone's notes) is refused unless true;
+    # then the commit replaces the repo's contents with this upload
+    overwrite: bool = False
+    commit_message: Optional[str] = None  # null = "qtune push: <what> of <run>"
+
+    def __post_init__(self) -> None:
+        import re
+
+        if isinstance(self.repo_id, str) and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.repo_id):
+            raise ValueError(f"hub.repo_id={self.repo_id}: valid: owner/name (letters, digits, '-', '_', '.')")
 
 
 @dataclass
@@ -600,6 +650,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     # the data's name too (qtune.config.compose.data_name: a file's stem, "mix", "demo"), so another data set on the same
     # model is a new run folder, not a refused resume

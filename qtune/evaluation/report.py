@@ -32,24 +32,41 @@ def write_report(out: Path, run: Path, cfg: Config, summary: dict, results: list
               "models": summary, "heldout_rows": heldout_rows, "unscored": unscored,
               "settings": {"prompts": cfg.eval.prompts, "repeats": cfg.eval.repeats,
                            "max_new_tokens": cfg.eval.max_new_tokens, "judge_url": cfg.eval.judge_url,
-                           "judge_model": cfg.eval.judge_model, "data": cfg.eval.data}}
+                           "judge_model": cfg.eval.judge_model, "data": cfg.eval.data,
+                           "lm_eval": {"tasks": list(cfg.eval.lm_eval.tasks), "include_path": cfg.eval.lm_eval.include_path,
+                                       "limit": cfg.eval.lm_eval.limit, "num_fewshot": cfg.eval.lm_eval.num_fewshot}
+                           if cfg.eval.lm_eval.tasks else None}}
     atomic_write_json(out / "summary.json", report)
     atomic_write_text(out / "report.md", markdown(report, results))
     chart(out / "chart.png", summary)
     return report
 
 
+LM_EVAL = "lm_eval/"  # a model's lm-eval scores: "lm_eval/<task>/<metric>" keys beside qtune's own
+
+
+def lm_eval_keys(summary: dict) -> list[str]:
+    return list(dict.fromkeys(k for v in summary.values() for k in v if k.startswith(LM_EVAL)))
+
+
 def _shown(summary: dict) -> list[tuple[str, str, str]]:
-    return [m for m in METRICS if any(v.get(m[0]) is not None for v in summary.values())]
+    ours = [m for m in METRICS if any(v.get(m[0]) is not None for v in summary.values())]
+    return ours + [(k, f"{k.removeprefix(LM_EVAL).replace('/', ' ')} (lm-eval)", ".4f") for k in lm_eval_keys(summary)]
+
+
+def summary_table(summary: dict) -> list[str]:
+    """The markdown table of every measure some model has (rows) by model (columns)."""
+    names = list(summary)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key, label, spec in _shown(summary):
+        lines.append(f"| {label} | " + " | ".join(fmt(summary[n].get(key), spec) for n in names) + " |")
+    return lines
 
 
 def markdown(report: dict, results: list[dict]) -> str:
     summary = report["models"]
     names = list(summary)
-    lines = [f"# Evaluation of `{report['run']}`", "", f"{report['date']}", "", "## Summary", "",
-             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for key, label, spec in _shown(summary):
-        lines.append(f"| {label} | " + " | ".join(fmt(summary[n].get(key), spec) for n in names) + " |")
+    lines = [f"# Evaluation of `{report['run']}`", "", f"{report['date']}", "", "## Summary", "", *summary_table(summary)]
     if any(v.get("reward_accuracy") is not None for v in summary.values()):
         lines += ["", f"Over {report['heldout_rows']} held-out rows: reward accuracy is the share of pairs whose chosen "
                   "answer gets the higher reward, reward margin the mean reward of chosen less rejected answers "
@@ -87,7 +104,13 @@ def markdown(report: dict, results: list[dict]) -> str:
     lines += ["", "## Settings", "", f"- prompts: `{s['prompts']}`, repeats: {s['repeats']}, "
               f"max_new_tokens: {s['max_new_tokens']}", f"- judge: {s['judge_url'] or 'none'}"
               + (f" (model {s['judge_model']})" if s["judge_model"] else ""),
-              f"- held-out data: {s['data'] or 'the run’s eval split'}", ""]
+              f"- held-out data: {s['data'] or 'the run’s eval split'}"]
+    if s.get("lm_eval"):
+        h = s["lm_eval"]
+        lines.append(f"- lm-eval tasks: {', '.join(h['tasks'])}" + (f" (from {h['include_path']})" if h["include_path"] else "")
+                     + f", limit: {h['limit'] if h['limit'] is not None else 'none'}, num_fewshot: "
+                     f"{h['num_fewshot'] if h['num_fewshot'] is not None else 'each task’s'}")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -110,7 +133,7 @@ def _cell(text) -> str:
 
 
 def chart(path: Path, summary: dict) -> None:
-    """Bars per model: held-out loss, and the answer metrics that exist (0–1 scale)."""
+    """Bars per model: held-out loss, the answer metrics that exist (0–1 scale) and the lm-eval scores."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,7 +141,9 @@ def chart(path: Path, summary: dict) -> None:
 
     names = list(summary)
     scores = [k for k in ("facts_right", "exact_match", "f1", "rouge_l", "consistency") if any(summary[n].get(k) is not None for n in names)]
-    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(10 if scores else 5, 4), dpi=110, squeeze=False)
+    harness = lm_eval_keys(summary)
+    panels = 1 + bool(scores) + bool(harness)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4), dpi=110, squeeze=False)
     ax = axes[0][0]
     key, title = (("heldout_loss", "held-out loss (lower is better)")
                   if any(summary[n].get("heldout_loss") is not None for n in names)
@@ -138,6 +163,15 @@ def chart(path: Path, summary: dict) -> None:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(scores))], scores)
         ax.set_ylim(0, 1.05)
         ax.set_title("answers (higher is better)")
+        ax.legend()
+    if harness:
+        ax = axes[0][panels - 1]
+        width = 0.8 / len(names)
+        for i, n in enumerate(names):
+            ax.bar([j + i * width for j in range(len(harness))], [summary[n].get(k) or 0 for k in harness], width, label=n)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(harness))],
+                      [k.removeprefix(LM_EVAL).replace("/", "\n") for k in harness])
+        ax.set_title("lm-eval tasks")
         ax.legend()
     fig.tight_layout()
     buf = io.BytesIO()
