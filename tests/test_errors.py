@@ -89,8 +89,8 @@ CASES = [
      "use train.stage=dpo (chosen/rejected pairs) or train.stage=kto"),
     ("train", ["train.stage=orpo"], "train.stage=orpo: valid: pt, sft, dpo, kto, rm, grpo"),
     ("train", ["train.stage=grpo", "train.grpo.num_generations=1"], "train.grpo.num_generations=1: valid: >= 2"),
-    ("train", ["train.stage=grpo", "train.grpo.generation=qtune"], "train.grpo.generation=qtune: qtune's rollout "
-     "engine is not available yet; use train.grpo.generation=transformers"),
+    ("train", ["train.stage=grpo", "--dry-run", "quant=int8", "train.grpo.generation=qtune"],
+     "train.grpo.generation=qtune with quant=int8: the engine's CUDA graph cannot hold LLM.int8's matmul"),
     ("train", ["train.stage=grpo", "train.grpo.rewards=[{fn: exact}]"], "train.grpo.rewards[0].fn=exact: no such "
      "reward; built-in: exact_answer, format, length, or your own as module:function or path/to/file.py:function"),
     ("train", ["train.stage=grpo", "train.grpo.rewards=[{fn: no_such_module:f}]"], "train.grpo.rewards[0].fn="
