@@ -265,3 +265,37 @@ def test_gpu_grpo_steps_on_qtunes_rollouts_dense_and_moe(tmp_path, model, reques
     assert all(0 < r["completion_length"] <= 24 for r in steps)
     assert "batched decoding without a CUDA graph" not in p.stderr
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_reward_model_from_an_rm_run_scores_completions_as_its_training_pairs_were_scored(tiny_rm_run, tmp_path):
+    """{fn: reward_model, run: <an rm run>}: each prompt + completion rendered and tokenized as the rm run's pairs
+    were, scored at the last token by the run's base + score-head adapter; a folder that is not an rm run is one line."""
+    import torch
+
+    from qtune.config import compose, to_object
+    from qtune.errors import ConfigError
+    from qtune.inference.load import load_with_adapters
+    from qtune.inference.scoring import Scorer
+    from qtune.runs import run_config
+    from qtune.stages import rewards
+
+    rewards.use_scorer(Scorer)
+    grpo = to_object(compose(["train.stage=grpo", f"train.grpo.rewards=[{{fn: reward_model, run: '{tiny_rm_run}'}}]"]
+                             )).train.grpo
+    (fn,), _ = rewards.load(grpo)
+    prompts = [[{"role": "user", "content": "Name a colour."}]] * 2 + ["What is 2 + 2?"]
+    completions = [[{"role": "assistant", "content": t}] for t in ("Blue.", "I would rather not say.", "4")]
+    got = fn(prompts=prompts, completions=completions)
+    assert len(got) == 3 and all(isinstance(g, float) for g in got) and got[0] != got[1]
+    # the same score by hand: the chat template's rendering of the pair, the model's output at the last token
+    rcfg = run_config(tiny_rm_run, to_object(compose([])))
+    model = load_with_adapters(rcfg, {"a": tiny_rm_run / "adapter"}, "cpu", torch.float32)
+    scorer = Scorer(tiny_rm_run)
+    ids = scorer.ids(prompts[0], "Blue.")
+    assert scorer.tokenizer.decode(ids).endswith("Blue.<|im_end|>")
+    with torch.no_grad():
+        want = float(model(input_ids=torch.tensor([ids])).logits.reshape(-1)[0])
+    assert abs(got[0] - want) < 1e-4
+    bad = to_object(compose(["train.stage=grpo", f"train.grpo.rewards=[{{fn: reward_model, run: '{tmp_path}'}}]"]))
+    with pytest.raises(ConfigError, match=r"train.grpo.rewards\[0\].fn=reward_model: run=.* is not a trained run folder"):
+        rewards.load(bad.train.grpo)

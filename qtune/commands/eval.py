@@ -32,6 +32,10 @@ class Candidate:
 
 def run(cfg: Config):
     from qtune import ui
+    from qtune.inference.scoring import Scorer
+    from qtune.stages import rewards
+
+    rewards.use_scorer(Scorer)   # a grpo run's reward_model reward loads its rm run as inference does
     from qtune.evaluation import heldout
     from qtune.evaluation.answers import aggregate, answer, load_prompts
     from qtune.evaluation.report import write_report

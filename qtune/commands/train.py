@@ -29,8 +29,10 @@ class TrainingError(QtuneError):
 
 
 def run(cfg: Config, dry_run: bool = False):
-    from qtune.stages import get
+    from qtune.inference.scoring import Scorer
+    from qtune.stages import get, rewards
 
+    rewards.use_scorer(Scorer)                   # grpo's reward_model reward loads rm runs as inference does
     get(cfg.train.stage).check_run(cfg)          # the stage's checks of the whole config (grpo: rewards, context)
     if dry_run:
         return plan(cfg, show=True)

@@ -370,6 +370,7 @@ class RewardSpec:
     `path/to/file.py:function` (the user's own code, imported as it is), and its weight in the total reward."""
     fn: str = MISSING
     weight: float = 1.0
+    run: Optional[str] = None   # fn=reward_model: a train.stage=rm run folder whose score rates each prompt + completion
 
 
 @dataclass

@@ -16,6 +16,10 @@ the function does not apply to it). Built-ins:
                 train.grpo.max_completion_length and a buffer B = L_max / 4: 0 while L <= L_max - B, then falling
                 linearly to -1 at L = L_max: (L_max - B - L) / B.
 
+  reward_model  the score of a reward model trained by qtune (`{fn: reward_model, run: runs/my-rm}`: a train.stage=rm
+                run folder) on each prompt + completion, rendered as its training pairs were (qtune.inference.scoring;
+                the model loads once, at the first completions it scores).
+
 A user's function is `module:function` (imported from the working directory or the Python path) or
 `path/to/file.py:function`: qtune imports it as it is, running the user's own code.
 """
@@ -124,8 +128,51 @@ def length_penalty(max_completion_length: int):
     return length
 
 
-BUILTIN = {"exact_answer": lambda grpo: exact_answer, "format": lambda grpo: think_format,
-           "length": lambda grpo: length_penalty(grpo.max_completion_length)}
+# reward_model's scorer: factory(run folder) -> fn(prompts, answers) -> scores. The verbs that compute rewards (train,
+# eval) hand it over (qtune.inference.scoring.Scorer), which loads models as inference does.
+_SCORER: list = []
+
+
+def use_scorer(factory) -> None:
+    _SCORER[:] = [factory]
+
+
+def reward_model(run: Path):
+    """The `reward_model` reward over the rm run at `run` (checked already)."""
+    loaded: list = []
+
+    def reward_model(prompts, completions, **kwargs) -> list[float]:
+        if not loaded:
+            if not _SCORER:
+                raise RuntimeError("no reward-model scorer was handed over (qtune.stages.rewards.use_scorer)")
+            loaded.append(_SCORER[0](run))
+        return loaded[0](prompts, [completion_text(c) for c in completions])
+
+    return reward_model
+
+
+def _reward_model_run(spec, key: str) -> Path:
+    """spec.run: a finished train.stage=rm run folder, or one line saying what it is not."""
+    import json
+
+    if not spec.run:
+        raise ConfigError(f"{key}: name the reward model's run folder: {{fn: reward_model, run: runs/my-rm}}")
+    path = Path(str(spec.run)).expanduser()
+    adapter = path / "adapter" / "adapter_config.json"
+    why = None
+    if not adapter.is_file():
+        why = "is not a trained run folder (no adapter/adapter_config.json)"
+    elif json.loads(adapter.read_text()).get("task_type") != "SEQ_CLS":
+        why = "is not a reward model (it was not trained with train.stage=rm)"
+    if why:
+        raise ConfigError(f"{key}: run={path} {why}; valid: the output_dir of a finished "
+                          "`qtune train train.stage=rm` run")
+    return path
+
+
+BUILTIN = {"exact_answer": lambda grpo, spec, key: exact_answer, "format": lambda grpo, spec, key: think_format,
+           "length": lambda grpo, spec, key: length_penalty(grpo.max_completion_length),
+           "reward_model": lambda grpo, spec, key: reward_model(_reward_model_run(spec, key))}
 
 
 # ---------------------------------------------------------------- loading and checking
@@ -136,17 +183,17 @@ def load(grpo) -> tuple[list, list[float]]:
     funcs, weights = [], []
     for i, spec in enumerate(grpo.rewards):
         key = f"train.grpo.rewards[{i}].fn={spec.fn}"
-        funcs.append(checked(_resolve(str(spec.fn), key, grpo), spec.fn))
+        funcs.append(checked(_resolve(str(spec.fn), key, grpo, spec), spec.fn))
         weights.append(float(spec.weight))
     return funcs, weights
 
 
-def _resolve(name: str, key: str, grpo):
+def _resolve(name: str, key: str, grpo, spec):
     if ":" not in name:
         if name not in BUILTIN:
             raise ConfigError(f"{key}: no such reward; built-in: {', '.join(BUILTIN)}, or your own as "
                               "module:function or path/to/file.py:function")
-        return BUILTIN[name](grpo)
+        return BUILTIN[name](grpo, spec, key)
     where, _, attr = name.rpartition(":")
     try:
         if where.endswith(".py"):
