@@ -35,6 +35,11 @@ def run(cfg: Config, dry_run: bool = False):
     from qtune.modeling import weights
 
     weights.check(cfg)                           # train.method=full|freeze's settings, train.optim's package
+    if weights.full(cfg) and not dry_run:        # what train.freeze names, on the meta-device model (no weights)
+        from qtune.modeling.arch import meta_model
+        from qtune.modeling.targets import trained
+
+        trained(meta_model(cfg.model.arch, get(cfg.train.stage).head), cfg)
     if dry_run:
         return plan(cfg, show=True)
     from qtune.data.prepare import check_inputs

@@ -14,6 +14,16 @@ from __future__ import annotations
 from qtune.config.schema import Config, LoraConfig, QuantMethod, TrainableDtype, TrainMethod
 from qtune.errors import ConfigError
 
+# transformers' OptimizerNames (5.24), written out: importing transformers.training_args for them takes seconds and
+# brings bitsandbytes' notices along, before a line that should come at once (tests/test_full.py compares the two)
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor",
+              "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad",
+              "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit",
+              "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit",
+              "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "galore_adamw", "galore_adamw_8bit",
+              "galore_adafactor", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise",
+              "lomo", "adalomo", "grokadamw", "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd",
+              "apollo_adamw", "apollo_adamw_layerwise", "stable_adamw")
 # train.optim names that need a package beside torch: transformers' OptimizerNames prefix -> (module, how to get it)
 OPTIM_PACKAGES = (("paged_", "bitsandbytes"), ("adamw_bnb", "bitsandbytes"), ("adamw_8bit", "bitsandbytes"),
                   ("ademamix", "bitsandbytes"), ("lion_", "bitsandbytes"), ("rmsprop_bnb", "bitsandbytes"),
@@ -34,9 +44,7 @@ def check_optim(optim: str) -> None:
     model loads."""
     import importlib.util
 
-    from transformers.training_args import OptimizerNames
-
-    names = [o.value for o in OptimizerNames]
+    names = OPTIMIZERS
     if optim not in names:
         raise ConfigError(f"train.optim={optim}: not an optimizer transformers knows; valid: {', '.join(names)}")
     module = next((m for prefix, m in OPTIM_PACKAGES if optim.startswith(prefix)), None)
