@@ -207,3 +207,32 @@ def test_the_optimizer_names_are_transformers_own():
     from qtune.modeling.weights import OPTIMIZERS
 
     assert set(OPTIMIZERS) == {o.value for o in OptimizerNames}
+
+
+@pytest.mark.slow
+def test_full_under_fsdp2_on_two_processes_equals_one_process_with_the_same_global_batch(tmp_path, tiny_qwen3):
+    """train.nproc=2 train.distributed=fsdp (gloo; tests/fsdp_on_cpu lets accelerate run FSDP2 on CPU processes, as
+    tests/test_distributed.py does): sharded weights, gradients and AdamW states, model/ gathered from the shards."""
+    import os
+
+    from test_distributed import SHIM, TOL
+
+    args = ["train", "model=tiny_qwen3", f"data.path={REPO}/data/demo/captains_log.jsonl", "data.val_size=0",
+            "data.max_length=128", "data.max_samples=33", "train.logging_steps=1", "train.warmup_ratio=0",
+            "train.report_to=[]", "train.gradient_checkpointing=false", "train.max_steps=4", "train.save_steps=4",
+            "train.lr=1e-3", "train.method=full"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert qtune(*args, "train.grad_accum=2", f"train.output_dir={one}").returncode == 0
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(SHIM), os.environ.get("PYTHONPATH")) if p)}
+    p = qtune(*args, "train.grad_accum=1", "train.nproc=2", "train.distributed=fsdp", f"train.output_dir={two}",
+              env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "2 processes (fsdp, gloo)" in p.stdout
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(a[step] - b[step]) <= TOL * a[step], (step, a[step], b[step])
+    ta, tb = tensors(one / "model"), tensors(two / "model")
+    assert ta.keys() == tb.keys()
+    for k in ta:  # the same sums in another order (see test_distributed.assert_same_adapter)
+        assert (ta[k] - tb[k]).abs().max() <= 4e-4 * max(ta[k].abs().max(), 1e-3), k

@@ -494,7 +494,15 @@ def _save_model(cfg: Config, trainer, tokenizer, folder: Path, state, last: str)
     model = trainer.accelerator.unwrap_model(trainer.model)
     _, dtype = pick_device(cfg.train.device, cfg.train.dtype)
     whole = state if state is not None else model.state_dict()
-    whole = {k: (v.detach().to(dtype) if torch.is_floating_point(v) else v.detach()) for k, v in whole.items()}
+    # a tied weight once (under its first name), also where FSDP gathered it into two copies
+    first, tied = {}, set()
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) in first:
+            tied.add(k)
+        else:
+            first[id(v)] = k
+    whole = {k: (v.detach().to(dtype) if torch.is_floating_point(v) else v.detach()) for k, v in whole.items()
+             if k not in tied}
     with atomic_dir(folder, replace=True, remedy=f"free space and run the same command again (it writes the model "
                                                   f"from {last})") as tmp:
         model.config.use_cache = True
