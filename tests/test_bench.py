@@ -128,3 +128,15 @@ def test_decode_bench_check():
     p = subprocess.run([sys.executable, str(BENCH / "decode_gpu.py"), "--check"], capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_full_bench_plain_side_trains_what_it_names(tiny_qwen3, tmp_path):
+    """bench/train_full_gpu.py's plain transformers Trainer: every weight, or the last N layers only."""
+    import train_full_gpu
+
+    full = train_full_gpu.plain(tiny_qwen3, seq=16, steps=2, optim="adamw_torch", device="cpu", out=tmp_path / "a")
+    last = train_full_gpu.plain(tiny_qwen3, seq=16, steps=2, trainable_layers=1, optim="adamw_torch", device="cpu",
+                                out=tmp_path / "b")
+    assert len(full["losses"]) == 2 and all(math.isfinite(x) for x in full["losses"] + last["losses"])
+    assert full["trainable"] == 9_798_016 and 0 < last["trainable"] < 40_000
+
