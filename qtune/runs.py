@@ -304,6 +304,13 @@ def latest_checkpoints(out: Path) -> list[Path]:
     return sorted(cks, key=lambda p: int(p.name.rsplit("-", 1)[-1]))
 
 
+def now_default(key: str):
+    """train.<key>'s default as config.yaml writes it."""
+    from qtune.config.schema import TrainConfig
+
+    return _plain(asdict(TrainConfig()))[key]
+
+
 def _check_same_settings(out: Path, cfg: Config) -> None:
     import yaml
 
@@ -314,6 +321,10 @@ def _check_same_settings(out: Path, cfg: Config) -> None:
         return
     saved = yaml.safe_load(saved_path.read_text()) or {}
     saved.setdefault("train", {}).setdefault("stage", "sft")  # (run folders from before stages)
+    # (run folders from before train.method: LoRA runs)
+    saved["train"].setdefault("method", "lora")
+    saved["train"].setdefault("trainable_dtype", now_default("trainable_dtype"))
+    saved["train"].setdefault("freeze", now_default("freeze"))
     now = saved_form(cfg)
     for key in _RESUME_KEYS:
         group, _, leaf = key.partition(".")

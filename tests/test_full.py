@@ -172,15 +172,21 @@ def _step(cfg_over: list[str], folder: Path, fast: str):
     cfg = to_object(compose([*cfg_over, f"train.fast={fast}", "data.packing=true", "train.cuda_graphs=false"]))
     torch.manual_seed(0)
     built = builder.build(cfg, folder, "cuda", torch.bfloat16)
+    assert built.fast.on == (fast == "true") and not hasattr(built.model, "peft_config")
     model = built.model
     model.train()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 1000, (1, 512), generator=g).cuda()
-    # two packed examples (varlen attention's input), as TRL's padding-free collator makes them
+    # two packed examples, as TRL's padding-free collator makes them: position ids (from which transformers' sdpa path
+    # builds a block-diagonal mask) and the sequence boundaries (which the fast path's varlen attention reads)
     position_ids = torch.cat([torch.arange(256), torch.arange(256)]).unsqueeze(0).cuda()
+    cu = torch.tensor([0, 256, 512], dtype=torch.int32, device="cuda")
+    packed = dict(position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=256, max_length_k=256)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = model(input_ids=ids, labels=ids, position_ids=position_ids)
+        out = model(input_ids=ids, labels=ids, **packed)
     out.loss.backward()
+    # the trained weights are fp32 master copies (train.trainable_dtype=fp32), the frozen ones stay bf16
+    assert all(p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16) for p in model.parameters())
     grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad])
     return out.loss.item(), grads
 
@@ -199,6 +205,24 @@ def test_fast_path_matches_the_reference_path_for_full_and_freeze(method, tiny_q
     assert abs(loss_fast - loss_ref) <= 0.01 * abs(loss_ref), (loss_fast, loss_ref)
     cos = torch.nn.functional.cosine_similarity(grad_fast, grad_ref, dim=0).item()
     assert cos >= 0.99, cos
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", [["train.method=full"], ["train.method=freeze", "train.trainable_dtype=bf16"]])
+def test_full_and_freeze_train_on_a_gpu_through_the_cli_like_the_reference_path(method, tmp_path, tiny_qwen3):
+    """The whole run on CUDA (TRL's trainer, bf16 autocast over fp32 master weights or pure bf16, packed rows):
+    train.fast=auto's curve within 1 % of train.fast=false's, and model/ written in bf16."""
+    curves = {}
+    for fast in ("auto", "false"):
+        run = tmp_path / fast
+        p = qtune(*train_args("tiny_qwen3", run, *method, "train.max_steps=4", f"train.fast={fast}",
+                              "train.device=cuda"))
+        assert p.returncode == 0, p.stdout + p.stderr
+        curves[fast] = losses(run)
+    for step, loss in curves["false"].items():
+        assert abs(curves["auto"][step] - loss) <= 0.01 * loss, (step, curves)
+    config = json.loads((tmp_path / "auto" / "model" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
 
 
 def test_the_optimizer_names_are_transformers_own():

@@ -212,6 +212,12 @@ def _checkpoint_bytes(cfg: Config, trainer, complete: list[Path]) -> int:
     trainable = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
     local = Path(cfg.model.local_dir).expanduser()
     tokenizer = sum(f.stat().st_size for pattern in TOKENIZER_FILES for f in local.glob(pattern) if f.is_file())
+    from qtune.modeling import weights
+
+    if weights.full(cfg):  # every weight and the optimizer's states
+        total = sum(p.numel() for p in trainer.model.parameters())
+        count = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        return int(weights.checkpoint_bytes(cfg, total, count)) + tokenizer
     return 3 * trainable + tokenizer
 
 
@@ -508,12 +514,10 @@ def _save_model(cfg: Config, trainer, tokenizer, folder: Path, state, last: str)
         model.config.use_cache = True
         model.save_pretrained(tmp, state_dict=whole, max_shard_size="2GB")
         model.config.use_cache = False
-        if str(dtype) != str(model.config.dtype):  # the saved weights' dtype, whatever the master copies were
-            import json
-
-            config = json.loads((tmp / "config.json").read_text())
-            config["dtype"] = str(dtype).replace("torch.", "")
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        # the saved weights' dtype, whatever the master copies were (transformers reads it off the parameters)
+        config = json.loads((tmp / "config.json").read_text())
+        config["dtype"] = str(dtype).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(tmp)
 
 
