@@ -124,6 +124,18 @@ def test_freeze_dpo_trains_against_a_frozen_copy_of_the_start(tmp_path, tiny_qwe
     assert {k.split(".layers.")[1].split(".")[0] for k in changed(base, trained)} == {"1"}
 
 
+@pytest.mark.slow
+def test_freeze_of_moe_experts_and_router_trains_those_alone(tmp_path, tiny_qwen3_moe):
+    run = tmp_path / "moe"
+    p = qtune(*train_args("tiny_qwen3_moe", run, "train.method=freeze", "train.freeze.trainable_layers=-1",
+                          "train.freeze.trainable_modules=[mlp.experts,mlp.gate]", "train.max_steps=2"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    base = tensors(tiny_qwen3_moe)
+    # (on disk the experts are one tensor each, as the checkpoint has them; in memory transformers fuses them)
+    named = {k for k in base if k.startswith("model.layers.0.mlp.experts.") or k == "model.layers.0.mlp.gate.weight"}
+    assert len(named) > 1 and changed(base, tensors(run / "model")) == named
+
+
 def test_dry_run_lists_what_trains_with_the_estimate_and_checkpoint_size():
     from qtune.commands.train import plan
     from qtune.config import compose, to_object

@@ -52,11 +52,12 @@ def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None =
     if use not in ("auto", "merged", "adapter", "base"):
         raise ConfigError(f"chat.use={use}: valid: auto, merged, adapter, base")
     trained = model_output(run) if run is not None else None
-    if trained is not None and use != "base":  # train.method=full|freeze: <run>/model/ is the trained model
-        if use == "adapter" or extra_adapters:
-            raise ConfigError(f"{'chat.use=adapter' if use == 'adapter' else 'serve.adapters'}: {run} trained the "
-                              "weights themselves (train.method=full|freeze) and has no adapter; its model/ is the "
-                              "trained model (chat.use=auto), chat.use=base the model it started from")
+    # train.method=full|freeze: <run>/model/ is the trained model, what a LoRA run's adapter (or merge) is elsewhere
+    if trained is not None and use != "base":
+        if extra_adapters:
+            raise ConfigError(f"serve.adapters: {run} trained the weights themselves (train.method=full|freeze), so "
+                              "adapters of its base do not apply to its model/; serve them with run= a LoRA run or "
+                              "without run=")
         _refuse_reward_folder(trained)
         rcfg = run_config(run, cfg)
         from qtune.data.template import resolve_template
