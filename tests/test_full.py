@@ -159,6 +159,13 @@ def test_dry_run_lists_what_trains_with_the_estimate_and_checkpoint_size():
     dpo = dry("model=qwen3_8b", "train.method=freeze", "train.stage=dpo")
     assert dpo["memory"]["reference_bytes"] >= 2 * dpo["total_params"] * 0.9
     assert dry("model=qwen3_8b", "train.stage=dpo")["memory"]["reference_bytes"] == 0  # LoRA: the adapter switched off
+    # out of memory: the line names what would fit one 80 GiB GPU instead
+    from qtune.commands.train import _oom_message
+
+    line = _oom_message(to_object(compose(["model=qwen3_8b", "train.method=full"])))
+    assert "for train.method=full" in line and "train.optim=paged_adamw_8bit" in line, line
+    assert "train.method=freeze (the last 2 layers)" in line and "train.method=lora" in line, line
+    assert line.endswith("a smaller model"), line
 
 
 def test_the_dry_run_says_what_would_fit_instead(tmp_path):
