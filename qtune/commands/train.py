@@ -9,6 +9,8 @@ The recipe, top to bottom:
   5. the stage's TRL trainer (SFT, DPO, KTO, Reward); callbacks write metrics.jsonl and loss.png, show progress,
      stop on NaN and turn SIGINT/SIGTERM into a checkpoint and a clean exit
   6. the final adapter, written atomically, and summary.json
+train.method=full|freeze (qtune.modeling.weights) trains the weights themselves instead of step 4 (requires_grad on what
+qtune.modeling.targets.match_weights names, the dry run's same table) and writes model/, a whole checkpoint, at step 6.
 With several processes (train.nproc=N: qtune.training.launch; torchrun; accelerate launch) every process runs this recipe;
 rank 0 decides what the folder means and prepares the data first, and alone writes the run folder.
 Run folder: config.yaml, checkpoints/checkpoint-N/, adapter/, metrics.jsonl, loss.png, tensorboard/,

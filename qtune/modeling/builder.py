@@ -12,6 +12,9 @@ The sequence, top to bottom:
   4. LoRA targets, moe.max_experts' choice of experts (measured on the first training rows, kept in experts.json),
      PEFT, train.init_adapter's weights, LoRA dropout
   5. fused LoRA and grouped-expert functions, embeddings and output head in host memory, compact expert adapters
+train.method=full|freeze replaces 4-5 (_weights): no PEFT; requires_grad on exactly what
+qtune.modeling.targets.trained() names, those weights in train.trainable_dtype; the fast path keeps its base pieces
+(checkpointing, offload, varlen attention, liger where one dtype) and says why the adapter pieces are off.
 """
 from __future__ import annotations
 
