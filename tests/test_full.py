@@ -122,6 +122,11 @@ def test_freeze_dpo_trains_against_a_frozen_copy_of_the_start(tmp_path, tiny_qwe
     assert any("reward_margin" in r for r in rows)
     base, trained = tensors(tiny_qwen3), tensors(run / "model")
     assert {k.split(".layers.")[1].split(".")[0] for k in changed(base, trained)} == {"1"}
+    # `qtune eval` compares the trained model/ with the base it started from (the implicit reward's reference)
+    e = qtune("eval", f"run={run}")
+    assert e.returncode == 0, e.stderr
+    report = json.loads((run / "eval" / "summary.json").read_text())
+    assert report["models"]["model"]["reward_accuracy"] is not None, report
 
 
 @pytest.mark.slow
