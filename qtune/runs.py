@@ -326,7 +326,10 @@ def _check_same_settings(out: Path, cfg: Config) -> None:
     saved["train"].setdefault("trainable_dtype", now_default("trainable_dtype"))
     saved["train"].setdefault("freeze", now_default("freeze"))
     now = saved_form(cfg)
+    lora = saved["train"]["method"] == now["train"]["method"] == "lora"
     for key in _RESUME_KEYS:
+        if lora and key in ("train.freeze", "train.trainable_dtype"):  # what full/freeze read, not LoRA
+            continue
         group, _, leaf = key.partition(".")
         old, new = saved.get(group) or {}, now.get(group) or {}
         diff = _first_difference(old.get(leaf) if leaf else old, new.get(leaf) if leaf else new, key)
