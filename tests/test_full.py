@@ -249,6 +249,22 @@ def test_full_and_freeze_train_on_a_gpu_through_the_cli_like_the_reference_path(
     assert config["dtype"] == "bfloat16"
 
 
+def test_the_fast_path_says_what_it_leaves_off_for_full_and_freeze():
+    """What the dry run's estimate reads (fast.expected on CUDA): no CUDA graph and no adapter pieces, each with its
+    reason; LoRA's decisions unchanged."""
+    from qtune.config import compose, to_object
+    from qtune.modeling.fast import expected
+
+    lora = expected(to_object(compose(["model=tiny_qwen3"])))
+    assert lora.on and lora.graphs
+    for method in ("full", "freeze"):
+        fast = expected(to_object(compose(["model=tiny_qwen3", f"train.method={method}"])))
+        notes = "; ".join(fast.notes)
+        assert fast.on and not fast.graphs, notes
+        assert f"no CUDA graph: train.method={method}: the graph keeps a gradient buffer" in notes, notes
+        assert "no fused LoRA or split-LoRA experts (there are no adapters)" in notes, notes
+
+
 def test_the_optimizer_names_are_transformers_own():
     from transformers.training_args import OptimizerNames
 
