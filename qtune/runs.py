@@ -197,7 +197,8 @@ def _alive(text: str, host: str) -> bool:
 
 
 # Settings a resumed run must share with the run it continues (anything else may change, e.g. train.max_steps).
-_RESUME_KEYS = ("model", "quant", "lora", "moe", "train.stage", "train.init_adapter")
+_RESUME_KEYS = ("model", "quant", "lora", "moe", "train.stage", "train.init_adapter", "train.method", "train.freeze",
+                "train.trainable_dtype")
 
 
 def resume_point(out: Path, cfg: Config) -> Path | None:
@@ -229,7 +230,7 @@ def resume_point(out: Path, cfg: Config) -> Path | None:
     if not out.exists() or not any(not p.name.startswith(".") for p in out.iterdir()):
         return None
     checkpoints = latest_checkpoints(out)
-    if (out / "adapter").is_dir():
+    if output_of(out) is not None:
         return _continued(out, cfg, checkpoints)
     if not checkpoints:
         if _started_by_qtune(out):
@@ -268,7 +269,7 @@ def _continued(out: Path, cfg: Config, checkpoints: list[Path]) -> Path:
     if t.resume != "continue":
         more = t.max_steps > 0 and steps is not None and t.max_steps > steps
         ask = f"train.max_steps={t.max_steps}" if more else "a larger train.max_steps (or train.epochs)"
-        raise ConfigError(f"train.output_dir={out} holds a finished run (adapter/, {trained}); to train it on to "
+        raise ConfigError(f"train.output_dir={out} holds a finished run ({output_of(out).name}/, {trained}); to train it on to "
                           f"{ask} from its last checkpoint set train.resume=continue; to keep it and start another "
                           "choose another train.output_dir (or run_name=...); train.overwrite=true discards it")
     if not checkpoints:
@@ -316,6 +317,13 @@ def latest_checkpoints(out: Path) -> list[Path]:
     return sorted(cks, key=lambda p: int(p.name.rsplit("-", 1)[-1]))
 
 
+def now_default(key: str):
+    """train.<key>'s default as config.yaml writes it."""
+    from qtune.config.schema import TrainConfig
+
+    return _plain(asdict(TrainConfig()))[key]
+
+
 def _check_same_settings(out: Path, cfg: Config) -> None:
     import yaml
 
@@ -326,8 +334,15 @@ def _check_same_settings(out: Path, cfg: Config) -> None:
         return
     saved = yaml.safe_load(saved_path.read_text()) or {}
     saved.setdefault("train", {}).setdefault("stage", "sft")  # (run folders from before stages)
+    # (run folders from before train.method: LoRA runs)
+    saved["train"].setdefault("method", "lora")
+    saved["train"].setdefault("trainable_dtype", now_default("trainable_dtype"))
+    saved["train"].setdefault("freeze", now_default("freeze"))
     now = saved_form(cfg)
+    lora = saved["train"]["method"] == now["train"]["method"] == "lora"
     for key in _RESUME_KEYS:
+        if lora and key in ("train.freeze", "train.trainable_dtype"):  # what full/freeze read, not LoRA
+            continue
         group, _, leaf = key.partition(".")
         old, new = saved.get(group) or {}, now.get(group) or {}
         diff = _first_difference(old.get(leaf) if leaf else old, new.get(leaf) if leaf else new, key)
@@ -394,8 +409,23 @@ def _first_difference(a, b, key: str):
 # ---------------------------------------------------------------- reading a finished run
 
 
+def output_of(run: Path) -> Path | None:
+    """A finished run's output: adapter/ (train.method=lora) or model/ (full, freeze: a whole checkpoint); None if
+    neither is there."""
+    for name in ("adapter", "model"):
+        if (run / name).is_dir():
+            return run / name
+    return None
+
+
+def model_output(run: Path) -> Path | None:
+    """<run>/model/ when the run trained the weights themselves (train.method=full|freeze), else None."""
+    return run / "model" if (run / "model" / "config.json").is_file() else None
+
+
 def run_folder(cfg: Config) -> Path:
-    """The folder `run=` names, checked to hold a complete, undamaged adapter (what merge, chat, serve, eval read)."""
+    """The folder `run=` names, checked to hold a complete, undamaged adapter or, for train.method=full|freeze, model/
+    (what merge, chat, serve, eval read)."""
     if not cfg.run:
         raise ConfigError("run: which run folder? set run=runs/<name> (a folder `qtune train` wrote)")
     run = Path(cfg.run).expanduser()
@@ -403,6 +433,10 @@ def run_folder(cfg: Config) -> Path:
         raise ConfigError(f"run={cfg.run}: no such folder; name a run folder `qtune train` wrote (runs/<name>)")
     if not run.is_dir():
         raise ConfigError(f"run={cfg.run} is a file; name a run folder `qtune train` wrote (runs/<name>)")
+    if model_output(run) is not None:
+        integrity.check_model(run / "model", "train the run again with train.overwrite=true (or resume it from its "
+                                             "last checkpoint after deleting model/)")
+        return run
     if not (run / "adapter" / "adapter_config.json").is_file():
         raise ConfigError(f"run={cfg.run}: no adapter/ there (finish or resume `qtune train` first)")
     check_adapter(run / "adapter")

@@ -188,10 +188,15 @@ def show_lora_plan(cfg, matched, total_params: int, mem) -> None:
     """The dry-run table: every matched module (identical layers grouped), totals and a memory estimate."""
     from rich.table import Table
 
-    table = Table(title=f"LoRA targets: {cfg.model.name}, lora r={cfg.lora.r} alpha={cfg.lora.alpha}"
-                        + (f", moe scope={cfg.moe.scope}" if matched.is_moe else ""), title_justify="left")
-    for col in ("module", "shape", "adapter", "count", "LoRA params"):
-        table.add_column(col, justify="right" if col in ("count", "LoRA params") else "left")
+    lora = str(cfg.train.method) == "lora"
+    title = (f"LoRA targets: {cfg.model.name}, lora r={cfg.lora.r} alpha={cfg.lora.alpha}"
+             + (f", moe scope={cfg.moe.scope}" if matched.is_moe else "")) if lora else \
+        f"trained weights: {cfg.model.name}, train.method={cfg.train.method}" + (
+            f" (layers {cfg.train.freeze.trainable_layers:+d}, modules {list(cfg.train.freeze.trainable_modules)}"
+            f", extra {list(cfg.train.freeze.extra_modules)})" if str(cfg.train.method) == "freeze" else "")
+    table = Table(title=title, title_justify="left")
+    for col in ("module", "shape", "adapter", "count", "LoRA params" if lora else "params"):
+        table.add_column(col, justify="right" if col in ("count", "LoRA params", "params") else "left")
     for name, shape, how, count, params in _group_rows(matched.targets):
         table.add_row(name, shape, {"lora": "LoRA", "lora_param": "LoRA (fused param)", "full": "full"}[how],
                       str(count), f"{params:,}")
@@ -234,10 +239,16 @@ def show_memory(title: str, m: dict) -> None:
                + (f"; the output head's {gib(head)} GiB in host memory (train.head_on_host), its GPU copy"
                   " under activations" if head else "") + ")",
                gib(m['base_bytes']))
-    mt.add_row("LoRA weights + gradients + AdamW states ("
-               + ("bf16, as TRL keeps a quantized model's adapters" if m.get("quantized_params") else
-                  "fp32" if m.get("strategy") == "fsdp" else "fp32; fused experts' in 16-bit") + ")",
-               gib(m['lora_bytes']))
+    if m.get("method", "lora") != "lora":
+        mt.add_row(f"trained weights (train.method={m['method']}): master copies + gradients + optimizer states",
+                   gib(m['lora_bytes']))
+    else:
+        mt.add_row("LoRA weights + gradients + AdamW states ("
+                   + ("bf16, as TRL keeps a quantized model's adapters" if m.get("quantized_params") else
+                      "fp32" if m.get("strategy") == "fsdp" else "fp32; fused experts' in 16-bit") + ")",
+                   gib(m['lora_bytes']))
+    if m.get("reference_bytes"):
+        mt.add_row("reference model (a frozen copy of the starting model: TRL's ref_model)", gib(m['reference_bytes']))
     mt.add_row("activations (one micro-batch)", gib(m['activation_bytes']))
     if m.get("dequantized_bytes"):
         mt.add_row("one layer's 4-bit weights dequantized to 16-bit (recompute to backward)",
@@ -296,7 +307,7 @@ def show_train_summary(summary: dict) -> None:
     console.print(f"[bold green]done[/]: {steps} in {summary['seconds']:.0f} s; train loss "
                   f"{f(summary['first_loss'])} -> {f(summary['train_loss'])}, eval loss {f(summary['eval_loss'])}"
                   f"{_figures(summary)}; peak memory {_peaks(summary)}")
-    console.print(f"adapter: {summary['adapter']}")
+    console.print(f"model: {summary['model_dir']}" if "model_dir" in summary else f"adapter: {summary['adapter']}")
     samples = summary.get("samples")
     if samples and samples.get("after"):
         before = {r["prompt"]: r["answer"] for r in samples.get("before") or []}

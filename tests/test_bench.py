@@ -138,3 +138,15 @@ def test_grpo_bench_check(tiny_qwen3, qtune_home, tmp_path):
                        timeout=600, env={**os.environ, "QTUNE_HOME": str(qtune_home), "OUT": str(tmp_path)})
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     assert "check: rollouts" in p.stdout, p.stdout[-2000:]
+
+
+def test_full_bench_plain_side_trains_what_it_names(tiny_qwen3, tmp_path):
+    """bench/train_full_gpu.py's plain transformers Trainer: every weight, or the last N layers only."""
+    import train_full_gpu
+
+    full = train_full_gpu.plain(tiny_qwen3, seq=16, steps=2, optim="adamw_torch", device="cpu", out=tmp_path / "a")
+    last = train_full_gpu.plain(tiny_qwen3, seq=16, steps=2, trainable_layers=1, optim="adamw_torch", device="cpu",
+                                out=tmp_path / "b")
+    assert len(full["losses"]) == 2 and all(math.isfinite(x) for x in full["losses"] + last["losses"])
+    assert full["trainable"] == 9_798_016 and 0 < last["trainable"] < 40_000
+

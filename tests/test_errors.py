@@ -84,6 +84,31 @@ CASES = [
     ("eval", ["eval.lm_eval.limit=0"], "eval.lm_eval.limit=0: valid: > 0"),
     ("eval", ["eval.lm_eval.limit=2.5"], "eval.lm_eval.limit=2.5: valid: a fraction 0 < x < 1 of each task, or a whole"),
     ("eval", ["eval.lm_eval.num_fewshot=-1"], "eval.lm_eval.num_fewshot=-1: valid: >= 0"),
+    # train.method=full|freeze (the dry run reads the meta-device model: no weights needed)
+    ("train", ["model=tiny_qwen3", "train.method=freeze", "train.freeze.trainable_layers=3", "--dry-run"],
+     "train.freeze.trainable_layers=3: the model has 2 decoder layers; valid: 1 to 2 (the last N) or -1 to -2 (the "
+     "first |N|)"),
+    ("train", ["train.method=freeze", "train.freeze.trainable_layers=0"],
+     "train.freeze.trainable_layers=0: valid: N > 0 (the last N decoder layers) or N < 0 (the first |N|)"),
+    ("train", ["model=tiny_qwen3", "train.method=freeze", "train.freeze.trainable_modules=[mlpp]", "--dry-run"],
+     "train.freeze.trainable_modules: 'mlpp' matches nothing in a decoder layer; valid: all, self_attn, "
+     "self_attn.q_proj"),
+    ("train", ["model=tiny_qwen3_moe", "train.method=freeze", "train.freeze.trainable_modules=[experts]", "--dry-run"],
+     "'experts' matches nothing in a decoder layer; valid: all, self_attn, self_attn.q_proj, self_attn.k_proj, "
+     "self_attn.v_proj, self_attn.o_proj, self_attn.q_norm, self_attn.k_norm, mlp, mlp.experts, mlp.gate, "
+     "input_layernorm, post_attention_layernorm"),
+    ("train", ["model=tiny_qwen3", "train.method=freeze", "train.freeze.extra_modules=[head]", "--dry-run"],
+     "train.freeze.extra_modules: 'head' matches nothing outside the decoder layers; valid: embed_tokens, norm"),
+    ("train", ["train.method=full", "quant=nf4"], "train.method=full with quant=nf4: a quantized base trains adapters "
+     "only (its 4/8-bit weights take no gradient); use quant=none, or train.method=lora (QLoRA)"),
+    ("train", ["train.method=freeze", "lora.r=64", "--dry-run"], "train.method=freeze trains the weights themselves, "
+     "so lora.r=64 would change nothing; leave the lora.* settings out, or use train.method=lora"),
+    ("train", ["train.method=full", "train.init_adapter=runs/x"], "train.init_adapter: train.method=full trains the "
+     "weights themselves, not an adapter"),
+    ("train", ["train.optim=galore_adamw", "--dry-run"], "train.optim=galore_adamw needs galore_torch, which is not "
+     "installed here (pip install galore-torch); or use train.optim=adamw_torch_fused"),
+    ("train", ["train.optim=adamw_tourch"], "train.optim=adamw_tourch: not an optimizer transformers knows; valid: "
+     "adamw_torch, adamw_torch_fused"),
     # training stages
     ("train", ["train.stage=ppo"], "train.stage=ppo: TRL no longer ships PPO in its stable API; for preference tuning "
      "use train.stage=dpo (chosen/rejected pairs) or train.stage=kto"),

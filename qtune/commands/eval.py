@@ -114,11 +114,12 @@ def evaluate_sweep(cfg: Config, folder: Path) -> list[dict]:
     rows = list(csv.DictReader(open(folder / "summary.csv")))
     for row in rows:
         job = Path(row["run"])
-        if row.get("error") or not (job / "adapter" / "adapter_config.json").is_file():
+        trained = "model" if (job / "model" / "config.json").is_file() else "adapter"  # train.method=full|freeze
+        if row.get("error") or (trained == "adapter" and not (job / "adapter" / "adapter_config.json").is_file()):
             continue
         jcfg = copy.deepcopy(cfg)
-        jcfg.run, jcfg.eval.models, jcfg.eval.output_dir = str(job), ["adapter"], None
-        report = run(jcfg)["models"]["adapter"]
+        jcfg.run, jcfg.eval.models, jcfg.eval.output_dir = str(job), [trained], None
+        report = run(jcfg)["models"][trained]
         row.update({f"eval_{k}": report.get(k) for k in SWEEP_COLUMNS})
     from qtune.stages import SWEEP_COLUMNS as STAGE_COLUMNS
 
@@ -152,7 +153,10 @@ def _candidates(cfg: Config, run: Path, stage) -> list[Candidate]:
     if scorer and "base" in cfg.eval.models:
         raise ConfigError(f"eval.models: base: {run} is a reward model, and its base has no trained score head "
                           "(the head is in the adapter); compare adapter and merged")
-    names = list(cfg.eval.models) or ([] if scorer else ["base"]) + ["adapter"] + merged
+    from qtune.runs import model_output
+
+    trained = "model" if model_output(run) is not None else "adapter"  # train.method=full|freeze: <run>/model/
+    names = list(cfg.eval.models) or ([] if scorer else ["base"]) + [trained] + merged
     out = _candidate_list(names, run)
     from qtune import integrity
     from qtune.runs import check_adapter
@@ -174,8 +178,13 @@ def _candidate_list(names: list[str], run: Path) -> list[Candidate]:
     for name in names:
         if name == "base":
             out.append(Candidate("base", "base", None))
+        elif name == "adapter" and (run / "model" / "config.json").is_file():
+            raise ConfigError(f"eval.models: adapter: {run} trained the weights themselves (train.method=full|freeze) "
+                              "and has no adapter; its trained model is `model`")
         elif name == "adapter":
             out.append(Candidate("adapter", "adapter", run / "adapter"))
+        elif name == "model" and (run / "model" / "config.json").is_file():
+            out.append(Candidate("model", "model", run / "model"))
         elif name == "merged":
             if not (run / "merged" / "config.json").is_file():
                 raise ConfigError(f"eval.models: {run}/merged does not exist; run `qtune merge run={run}` first")

@@ -26,6 +26,10 @@ def run(cfg: Config):
     bad = [t for t in cfg.merge.gguf if t not in TYPES]
     if bad:
         raise ConfigError(unknown_type(bad[0]))
+    from qtune.runs import model_output
+
+    if model_output(run) is not None:
+        return _export_only(cfg, rcfg, run / "model")
     check_exports(rcfg, run / "adapter")
     if rcfg.quant.method is not QuantMethod.none:
         ui.print_warning(f"the adapter was trained on a {rcfg.quant.method} base; it is merged into the 16-bit "
@@ -48,4 +52,20 @@ def run(cfg: Config):
                 f"{out.name}/, which the next merge replaces; `ollama create <name> -f {result['gguf'][0]['modelfile']}`")
     if result.get("bnb_4bit"):
         ui.info(f"4-bit (nf4) merged checkpoint: {result['bnb_4bit']}")
+    return result
+
+
+def _export_only(cfg: Config, rcfg: Config, model_dir: Path):
+    """A train.method=full|freeze run: no adapter to fold; its exports from model/."""
+    from qtune import ui
+    from qtune.export.merging import export_model
+
+    ui.info(f"{model_dir.parent} trained the weights themselves (train.method={rcfg.train.method}): nothing to fold, "
+            f"{model_dir} is the model" + ("; exporting from it" if cfg.merge.gguf or cfg.merge.save_4bit else ""))
+    result = export_model(rcfg, model_dir, warn=ui.print_warning)
+    for g in result.get("gguf", []):
+        ui.info(f"GGUF {g['type']}: {g['file']} ({ui.human_bytes(g['bytes'])}); loaded back with transformers, "
+                f"next-token choice agrees with the model at {g['top1_agreement']:.1%} of positions")
+    if result.get("bnb_4bit"):
+        ui.info(f"4-bit (nf4) checkpoint: {result['bnb_4bit']}")
     return result

@@ -59,12 +59,13 @@ def vllm_command(cfg: Config) -> list[str]:
     """vLLM's OpenAI server over the run's base with its adapter(s) as LoRA modules."""
     from qtune.modeling.hub import ensure_model
     from qtune.ui import print_warning
-    from qtune.runs import adapter_folder, run_config, run_folder
+    from qtune.runs import adapter_folder, model_output, run_config, run_folder
 
     run = run_folder(cfg) if cfg.run else None
     rcfg = run_config(run, cfg) if run else cfg
-    base = ensure_model(rcfg.model, rcfg.download, rcfg.paths, warn=print_warning)
-    adapters = {run.name: run / "adapter"} if run else {}
+    trained = model_output(run) if run else None  # train.method=full|freeze: model/ is the model, no adapter
+    base = trained or ensure_model(rcfg.model, rcfg.download, rcfg.paths, warn=print_warning)
+    adapters = {run.name: run / "adapter"} if run and trained is None else {}
     adapters.update({n: adapter_folder(p, "serve.adapters") for n, p in cfg.serve.adapters.items()})
     cmd = ["vllm", "serve", str(base), "--served-model-name", rcfg.model.name, "--host", cfg.serve.host,
            "--port", str(cfg.serve.port)]

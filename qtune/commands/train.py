@@ -9,6 +9,8 @@ The recipe, top to bottom:
   5. the stage's TRL trainer (SFT, DPO, KTO, Reward); callbacks write metrics.jsonl and loss.png, show progress,
      stop on NaN and turn SIGINT/SIGTERM into a checkpoint and a clean exit
   6. the final adapter, written atomically, and summary.json
+train.method=full|freeze (qtune.modeling.weights) trains the weights themselves instead of step 4 (requires_grad on what
+qtune.modeling.targets.match_weights names, the dry run's same table) and writes model/, a whole checkpoint, at step 6.
 With several processes (train.nproc=N: qtune.training.launch; torchrun; accelerate launch) every process runs this recipe;
 rank 0 decides what the folder means and prepares the data first, and alone writes the run folder.
 Run folder: config.yaml, data.json (examples per split and source), checkpoints/checkpoint-N/, adapter/,
@@ -34,6 +36,14 @@ def run(cfg: Config, dry_run: bool = False):
 
     rewards.use_scorer(Scorer)                   # grpo's reward_model reward loads rm runs as inference does
     get(cfg.train.stage).check_run(cfg)          # the stage's checks of the whole config (grpo: rewards, context)
+    from qtune.modeling import weights
+
+    weights.check(cfg)                           # train.method=full|freeze's settings, train.optim's package
+    if weights.full(cfg) and not dry_run:        # what train.freeze names, on the meta-device model (no weights)
+        from qtune.modeling.arch import meta_model
+        from qtune.modeling.targets import trained
+
+        trained(meta_model(cfg.model.arch, get(cfg.train.stage).head), cfg)
     if dry_run:
         return plan(cfg, show=True)
     from qtune.data.prepare import check_inputs
@@ -83,10 +93,11 @@ def _run(cfg: Config, out: Path, main: bool):
     if main:
         runs.write_config(out, cfg, setup.record(), prepared.digest)
         runs.write_data_counts(out, prepared.stats)  # what the model card of `qtune push` reports
-    trainer, nan = _trainer(cfg, setup, model, tokenizer, prepared, out, resume, fast)  # 5
+    trainer, nan = _trainer(cfg, setup, model, tokenizer, prepared, out, resume, fast, dtype)  # 5
     samples_before = _samples(cfg, trainer.model, tokenizer, out, "before") if resume is None and main else None
     start = f", from {cfg.train.init_adapter}" if cfg.train.init_adapter else ""
-    ui.info(f"training {cfg.model.name} ({cfg.train.stage}, {cfg.quant.method}, LoRA r{cfg.lora.r}{start}) on {device}: "
+    how = f"{cfg.quant.method}, LoRA r{cfg.lora.r}" if str(cfg.train.method) == "lora" else f"train.method={cfg.train.method}"
+    ui.info(f"training {cfg.model.name} ({cfg.train.stage}, {how}{start}) on {device}: "
             f"{matched.trainable:,} trainable parameters in {len(matched.targets)} targets -> {out}")
     ui.info(setup.describe())
     if device == "cpu" and cfg.train.device == "auto" and main:
@@ -99,7 +110,11 @@ def _run(cfg: Config, out: Path, main: bool):
     if not main:
         return None
     ui.show_train_summary(summary)
-    if cfg.train.merge_after:
+    from qtune.modeling import weights
+
+    if cfg.train.merge_after and weights.full(cfg):
+        ui.info(f"train.merge_after: nothing to fold (train.method={cfg.train.method}); {out / 'model'} is the model")
+    elif cfg.train.merge_after:
         del trainer, model  # free the training model first: the merge loads the base again
         summary["merged"] = _merge_after(cfg, out)
     return summary
@@ -133,7 +148,9 @@ def _train(cfg: Config, trainer, nan, out: Path, resume) -> float:
     from qtune.training.callbacks import GracefulStop
 
     if resume and _finished(trainer, resume):
-        if cfg.train.resume == "continue" and (out / "adapter").is_dir():
+        from qtune.runs import output_of
+
+        if cfg.train.resume == "continue" and output_of(out) is not None:
             from qtune.errors import ConfigError
 
             t = cfg.train
@@ -200,6 +217,12 @@ def _checkpoint_bytes(cfg: Config, trainer, complete: list[Path]) -> int:
     trainable = sum(p.numel() * p.element_size() for p in trainer.model.parameters() if p.requires_grad)
     local = Path(cfg.model.local_dir).expanduser()
     tokenizer = sum(f.stat().st_size for pattern in TOKENIZER_FILES for f in local.glob(pattern) if f.is_file())
+    from qtune.modeling import weights
+
+    if weights.full(cfg):  # every weight and the optimizer's states
+        total = sum(p.numel() for p in trainer.model.parameters())
+        count = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        return int(weights.checkpoint_bytes(cfg, total, count)) + tokenizer
     return 3 * trainable + tokenizer
 
 
@@ -229,15 +252,35 @@ def plan(cfg: Config, show: bool = False) -> dict:
     from qtune.modeling.plan import plan as make_plan
     from qtune.modeling.targets import check
 
+    from qtune.modeling import weights
+
     p = make_plan(cfg)
-    check(p.matched, cfg.lora)
-    result = {"model": cfg.model.name, "quant": str(cfg.quant.method), "total_params": p.total,
+    if not weights.full(cfg):
+        check(p.matched, cfg.lora)
+    result = {"model": cfg.model.name, "quant": str(cfg.quant.method), "method": str(cfg.train.method),
+              "total_params": p.total,
               "trainable_params": p.matched.trainable, "targets": len(p.matched.targets),
               "unmatched": p.matched.unmatched, "covered": p.matched.covered, "memory": p.memory.as_dict()}
+    if weights.full(cfg):
+        each = weights.checkpoint_bytes(cfg, p.total, p.matched.trainable)
+        result["checkpoint_bytes"] = int(each)
+        result["checkpoints_bytes"] = int(each * cfg.train.save_total_limit)
     if show:
         from qtune import ui
 
         ui.show_lora_plan(cfg, p.matched, p.total, p.memory)
+        if weights.full(cfg):
+            ui.info(f"checkpoints: ~{each / 1e9:.2f} GB each (every weight and the {cfg.train.optim} states), up to "
+                    f"train.save_total_limit={cfg.train.save_total_limit} kept: ~{each * cfg.train.save_total_limit / 1e9:.2f} GB "
+                    f"on disk, plus {2 * p.total / 1e9:.2f} GB for model/")
+            from qtune.modeling.plan import lighter
+            from qtune.modeling.world import gpu_bytes
+
+            usable = gpu_bytes()  # (its usable share)
+            if p.memory.total > usable:
+                ui.print_warning(f"train.method={cfg.train.method}: the estimate ({p.memory.total / 2**30:.1f} GiB) "
+                                 f"exceeds the {usable / 2**30:.1f} GiB one GPU offers; instead: "
+                                 + ", ".join(lighter(cfg, usable)))
     return result
 
 
@@ -308,7 +351,7 @@ def _model(cfg: Config, setup, device: str, dtype, out: Path, train_ds):
     return built.model, built.matched, fast
 
 
-def _trainer(cfg: Config, setup, model, tokenizer, prepared, out: Path, resume, fast):
+def _trainer(cfg: Config, setup, model, tokenizer, prepared, out: Path, resume, fast, dtype=None):
     """fast: the fast path's decision (_model). With it on, the model checkpoints the fast path's way (reentrant),
     which TRL repeats when it turns checkpointing back on; with fast.graphs, SFT steps replay a CUDA graph."""
     import os
@@ -322,10 +365,11 @@ def _trainer(cfg: Config, setup, model, tokenizer, prepared, out: Path, resume, 
 
     train_ds = prepared.load("train")
     eval_ds = prepared.load("eval")
-    base = model.get_base_model()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     device = str(next(base.parameters()).device.type)
     main = world().main
-    args = trainers.training_args(cfg, out, eval_ds is not None, device, base.dtype, fast.on,
+    # the run's compute dtype (full/freeze's fp32 master weights autocast to it), else the model's
+    args = trainers.training_args(cfg, out, eval_ds is not None, device, dtype or base.dtype, fast.on,
                                 evaluate_first=resume is None,
                                 extra=trainer_args(setup, cfg.train.gradient_checkpointing))  # DDP or FSDP2
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
@@ -408,13 +452,19 @@ def _finish(cfg: Config, setup, trainer, tokenizer, out: Path, seconds: float, s
     samples_after = _samples(cfg, trainer.model, tokenizer, out, "after", write=main) if main or fsdp else None
     if not main:
         return None
-    adapter = out / "adapter"
     last = f"checkpoint-{trainer.state.global_step}"
-    with atomic_dir(adapter, replace=True, remedy=f"free space and run the same command again (it writes the adapter from {last})") as tmp:
-        # the trained adapter alone (with train.init_adapter, DPO and KTO hold a frozen "ref" copy beside it)
-        trainer.model.save_pretrained(tmp, selected_adapters=["default"],
-                                      **({"state_dict": state} if state is not None else {}))
-        tokenizer.save_pretrained(tmp)
+    from qtune.modeling import weights
+
+    if weights.full(cfg):
+        adapter = out / "model"
+        _save_model(cfg, trainer, tokenizer, adapter, state, last)
+    else:
+        adapter = out / "adapter"
+        with atomic_dir(adapter, replace=True, remedy=f"free space and run the same command again (it writes the adapter from {last})") as tmp:
+            # the trained adapter alone (with train.init_adapter, DPO and KTO hold a frozen "ref" copy beside it)
+            trainer.model.save_pretrained(tmp, selected_adapters=["default"],
+                                          **({"state_dict": state} if state is not None else {}))
+            tokenizer.save_pretrained(tmp)
     stage = stages.get(cfg.train.stage)
     plot_losses(out, stage.curve)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -422,7 +472,8 @@ def _finish(cfg: Config, setup, trainer, tokenizer, out: Path, seconds: float, s
     eval_losses = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
     summary = {
         "run": str(out), "model": cfg.model.name, "stage": cfg.train.stage, "init_adapter": cfg.train.init_adapter,
-        "quant": str(cfg.quant.method), "lora_r": cfg.lora.r,
+        "quant": str(cfg.quant.method), "method": str(cfg.train.method),
+        "lora_r": cfg.lora.r if not weights.full(cfg) else None,
         "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 3),
         "resumed_from": resumed_from, "steps_this_time": trainer.state.global_step - (resumed_from or 0),
         "first_loss": train_losses[0] if train_losses else None,
@@ -433,7 +484,7 @@ def _finish(cfg: Config, setup, trainer, tokenizer, out: Path, seconds: float, s
         "seconds": round(seconds, 1), "peak_memory_bytes": peak_memory(),
         "train_peak_memory_bytes": training_peak_memory(), "train_reserved_peak_bytes": training_reserved_peak(),
         "tokens": next((r["tokens"] for r in reversed(rows) if "tokens" in r), None),
-        "adapter": str(adapter),
+        ("model_dir" if weights.full(cfg) else "adapter"): str(adapter),
         "samples": {"before": samples_before, "after": samples_after} if samples_after else None,
         "distributed": setup.record(),  # world size, strategy, global batch
         **stages.figures(stage, rows),
@@ -442,8 +493,49 @@ def _finish(cfg: Config, setup, trainer, tokenizer, out: Path, seconds: float, s
     return summary
 
 
+def _save_model(cfg: Config, trainer, tokenizer, folder: Path, state, last: str) -> None:
+    """train.method=full|freeze: <run>/model/, a whole transformers checkpoint (sharded safetensors, config, tokenizer,
+    generation config) that AutoModelForCausalLM.from_pretrained loads as it is, written atomically. The weights are
+    saved in the dtype the run loaded the model in (fp32 master copies rounded to it: what inference runs)."""
+    import torch
+
+    from qtune.io import atomic_dir
+    from qtune.modeling.load import pick_device
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    _, dtype = pick_device(cfg.train.device, cfg.train.dtype)
+    whole = state if state is not None else model.state_dict()
+    # a tied weight once (under its first name), also where FSDP gathered it into two copies
+    first, tied = {}, set()
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) in first:
+            tied.add(k)
+        else:
+            first[id(v)] = k
+    whole = {k: (v.detach().to(dtype) if torch.is_floating_point(v) else v.detach()) for k, v in whole.items()
+             if k not in tied}
+    with atomic_dir(folder, replace=True, remedy=f"free space and run the same command again (it writes the model "
+                                                  f"from {last})") as tmp:
+        model.config.use_cache = True
+        model.save_pretrained(tmp, state_dict=whole, max_shard_size="2GB")
+        model.config.use_cache = False
+        # the saved weights' dtype, whatever the master copies were (transformers reads it off the parameters)
+        config = json.loads((tmp / "config.json").read_text())
+        config["dtype"] = str(dtype).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        tokenizer.save_pretrained(tmp)
+
+
 def _oom_message(cfg: Config) -> str:
     mem = plan(cfg)["memory"]
+    from qtune.modeling import weights
+
+    if weights.full(cfg):
+        from qtune.modeling.plan import lighter
+
+        return (f"CUDA out of memory (estimated need {mem['total_bytes'] / 2**30:.1f} GiB for train.method="
+                f"{cfg.train.method} at data.max_length={cfg.data.max_length}, train.batch_size={cfg.train.batch_size}). "
+                f"Try: " + ", ".join(lighter(cfg)))
     return (f"CUDA out of memory (estimated need {mem['total_bytes'] / 2**30:.1f} GiB at "
             f"data.max_length={cfg.data.max_length}, train.batch_size={cfg.train.batch_size}). Try: "
             f"data.max_length={max(cfg.data.max_length // 2, 128)}"

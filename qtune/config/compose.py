@@ -63,6 +63,8 @@ def _register() -> None:
         OmegaConf.register_new_resolver("qtune.repo", _repo)
     if not OmegaConf.has_resolver("qtune.data_name"):
         OmegaConf.register_new_resolver("qtune.data_name", data_name)
+    if not OmegaConf.has_resolver("qtune.method_tag"):  # run_name's last part: r16 (LoRA's rank), full, freeze
+        OmegaConf.register_new_resolver("qtune.method_tag", lambda method, r: f"r{r}" if str(method) == "lora" else str(method))
     if not OmegaConf.has_resolver("qtune.demo_data"):
         OmegaConf.register_new_resolver("qtune.demo_data", lambda name: str(DEMO_DATA_DIR / name))
     schema.store()

@@ -94,6 +94,17 @@ class MultiTurnThinking(_Choice):
     keep = "keep"    # every turn's reasoning rendered, earlier ones too (histories inference never shows)
 
 
+class TrainMethod(_Choice):
+    lora = "lora"      # adapters on a frozen base (lora.*, moe.*; quant=nf4 is QLoRA)
+    full = "full"      # every weight of the model trained
+    freeze = "freeze"  # the weights train.freeze names trained, the rest frozen (no adapters)
+
+
+class TrainableDtype(_Choice):
+    fp32 = "fp32"  # fp32 master copies of the trained weights (and fp32 gradients), bf16/fp16 autocast for the compute
+    bf16 = "bf16"  # the trained weights, their gradients and the optimizer's states in the model's 16-bit dtype
+
+
 class TrainOn(_Choice):
     assistant = "assistant"            # every assistant turn (default)
     last_assistant = "last_assistant"  # only the final assistant turn
@@ -420,11 +431,40 @@ class GrpoConfig:
 
 
 @dataclass
+class FreezeConfig:
+    """train.method=freeze: which weights train (LLaMA-Factory's freeze tuning); everything else stays frozen."""
+    # N > 0: the last N decoder layers; N < 0: the first |N|
+    trainable_layers: int = 2
+    # in those layers: `all`, or module names inside a decoder layer (self_attn, mlp, mlp.experts, mlp.gate, ...)
+    trainable_modules: List[str] = field(default_factory=lambda: ["all"])
+    # modules outside the decoder layers trained too (embed_tokens, lm_head, norm)
+    extra_modules: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.trainable_layers, int) and self.trainable_layers == 0:
+            raise ValueError("train.freeze.trainable_layers=0: valid: N > 0 (the last N decoder layers) or N < 0 (the "
+                             "first |N|)")
+        if isinstance(self.trainable_modules, list) and not self.trainable_modules:
+            raise ValueError("train.freeze.trainable_modules: name at least one module (all, self_attn, mlp, ...)")
+
+
+@dataclass
 class TrainConfig:
     """The optimization run."""
     # pt | sft | dpo | kto | rm | grpo: the stages qtune.stages registers, each on TRL's stable trainer for it. A str, not an
     # Enum, so that a retired stage (ppo) gets a line of its own
     stage: str = "sft"
+    # lora: adapters on the frozen base (lora.*, moe.*); full: every weight trains; freeze: the weights train.freeze
+    # names train. full and freeze write <run>/model/ (a whole transformers checkpoint) instead of <run>/adapter/, need
+    # quant=none (a quantized base trains adapters only) and refuse lora.* settings (they would change nothing)
+    method: TrainMethod = TrainMethod.lora
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    # full and freeze: the dtype of the trained weights. fp32 (default): fp32 master copies, fp32 gradients and
+    # optimizer states, the compute autocast to the model's bf16/fp16 (transformers Trainer's mixed precision; 4 + 4 +
+    # 8 bytes a trained parameter with AdamW). bf16: weights, gradients and optimizer states in bf16 (2 + 2 + 4 bytes
+    # with AdamW, 2 + 2 + 2 with paged_adamw_8bit: what Qwen3-8B full needs to fit 80 GiB); each update is rounded to
+    # bf16's 8-bit mantissa, so one smaller than ~1/256 of a weight is lost (use a higher lr or fp32 where it matters)
+    trainable_dtype: TrainableDtype = TrainableDtype.fp32
     init_adapter: Optional[str] = None # start from this adapter (a run folder or an adapter folder), e.g. SFT -> DPO
     dpo: DpoConfig = field(default_factory=DpoConfig)
     kto: KtoConfig = field(default_factory=KtoConfig)
@@ -464,6 +504,7 @@ class TrainConfig:
     # loss and freed after its backward (one transfer over the bus a forward). auto: where the dry run's estimate
     # with it on the GPU exceeds 90 % of the GPU's memory | true | false
     head_on_host: str = "auto"
+    # transformers' optimizer names: adamw_torch_fused, adamw_torch, paged_adamw_8bit and adamw_8bit (bitsandbytes), ...
     optim: str = "adamw_torch_fused"
     resume: str = "auto"               # auto | never | continue (a finished run too, to more steps) | a checkpoint path
     overwrite: bool = False
@@ -483,6 +524,10 @@ class TrainConfig:
         from qtune import stages
 
         stages.check(self)  # the name, and what the stage asks of train.*
+        if self.method is not TrainMethod.lora and self.init_adapter:
+            raise ValueError(f"train.init_adapter: train.method={self.method} trains the weights themselves, not an "
+                             "adapter; start from a full/freeze run's model with model.source=local "
+                             "model.local_dir=<run>/model, or use train.method=lora")
         if isinstance(self.max_steps, int) and self.max_steps == 0:
             raise ValueError("train.max_steps must be -1 (use train.epochs) or a positive number of steps")
         _check_range("train", "lr", self.lr, low=0, low_open=True)
@@ -654,8 +699,9 @@ class Config:
     hub: HubConfig = field(default_factory=HubConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     # the data's name too (qtune.config.compose.data_name: a file's stem, "mix", "demo"), so another data set on the same
-    # model is a new run folder, not a refused resume
-    run_name: str = "${model.name}-${qtune.data_name:${data.path},${data.sources}}-${quant.method}-r${lora.r}"
+    # model is a new run folder, not a refused resume; the last part is the LoRA rank (r16), or full / freeze
+    run_name: str = ("${model.name}-${qtune.data_name:${data.path},${data.sources}}-${quant.method}-"
+                     "${qtune.method_tag:${train.method},${lora.r}}")
     run: Optional[str] = None   # a run folder that merge/chat/serve/eval read from
 
 

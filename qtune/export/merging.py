@@ -245,3 +245,41 @@ def _parity_inputs(model, tokenizer, cfg: Config) -> list[dict]:
 
     template, _ = resolve_template(tokenizer, cfg.model.chat_template, cfg.model.name)
     return [prompt_tensors(model, tokenizer, template, [{"role": "user", "content": p}], None) for p in PARITY_PROMPTS]
+
+
+def export_model(cfg: Config, model_dir: Path, warn=None) -> dict:
+    """A run that trained the weights themselves (train.method=full|freeze): nothing to fold, <run>/model/ is the
+    model. Its GGUF exports (merge.gguf: <run>/gguf/model-<type>.gguf with Ollama Modelfiles) and 4-bit checkpoint
+    (merge.save_4bit: <run>/model-nf4/) are made from it, each checked as a merge's are."""
+    if cfg.merge.save_4bit:
+        check_output(_nf4_dir(model_dir), cfg.merge.overwrite)
+    check_exports(cfg, model_dir)
+    result = {"model": str(model_dir), "gguf": []}
+    if not cfg.merge.gguf and not cfg.merge.save_4bit:
+        return result
+    for f in (gguf_dir(model_dir) / "export",):
+        from qtune.io import remove_stale_temps
+
+        remove_stale_temps(f)
+    from qtune.modeling.load import load_tokenizer, model_class, torch_dtype
+
+    tokenizer = load_tokenizer(cfg.model, cfg.paths)
+    if cfg.merge.gguf:
+        auto, extra = model_class(get(cfg.train.stage).head)
+        model = auto.from_pretrained(model_dir, dtype=torch_dtype(cfg.merge.dtype), **extra)
+        model.eval()
+        inputs = _parity_inputs(model, tokenizer, cfg)
+        staged = _stage(gguf_dir(model_dir))
+        try:
+            import torch
+
+            with torch.no_grad():
+                result["gguf"] = [_gguf(model, tokenizer, staged[0], model_dir, t, inputs) for t in cfg.merge.gguf]
+            for f in sorted(staged[0].iterdir()):
+                os.replace(f, gguf_dir(model_dir) / f.name)
+        finally:
+            shutil.rmtree(staged[0], ignore_errors=True)
+            os.close(staged[1])
+    if cfg.merge.save_4bit:
+        result["bnb_4bit"] = str(_save_4bit(model_dir, tokenizer))
+    return result

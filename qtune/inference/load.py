@@ -44,13 +44,31 @@ class Loaded:
 
 def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None = None) -> Loaded:
     """The model to talk to. use: auto | merged | adapter | base (see the module doc)."""
-    from qtune.runs import adapter_folder, run_config, run_folder
+    from qtune.runs import adapter_folder, model_output, run_config, run_folder
 
     # 1. what to load, checked before the libraries load: a wrong run= or chat.use, a damaged file
     run = run_folder(cfg) if cfg.run else None
     merged = run / "merged" if run else None
     if use not in ("auto", "merged", "adapter", "base"):
         raise ConfigError(f"chat.use={use}: valid: auto, merged, adapter, base")
+    trained = model_output(run) if run is not None else None
+    # train.method=full|freeze: <run>/model/ is the trained model, what a LoRA run's adapter (or merge) is elsewhere
+    if trained is not None and use != "base":
+        if extra_adapters:
+            raise ConfigError(f"serve.adapters: {run} trained the weights themselves (train.method=full|freeze), so "
+                              "adapters of its base do not apply to its model/; serve them with run= a LoRA run or "
+                              "without run=")
+        _refuse_reward_folder(trained)
+        rcfg = run_config(run, cfg)
+        from qtune.data.template import resolve_template
+        from qtune.modeling.load import load_tokenizer, pick_device, quiet_libraries
+
+        quiet_libraries()
+        device, dtype = pick_device(rcfg.train.device, rcfg.train.dtype)
+        tokenizer = load_tokenizer(rcfg.model, rcfg.paths)
+        template, _ = resolve_template(tokenizer, rcfg.model.chat_template, rcfg.model.name)
+        return Loaded(load_folder(trained, device, dtype), tokenizer, template, run.name, {},
+                      f"trained model {trained} (train.method={rcfg.train.method})")
     if use == "merged" and not (merged and (merged / "config.json").is_file()):
         raise ConfigError(f"chat.use=merged: {run}/merged does not exist; run `qtune merge run={run}` first")
     adapters = {name: adapter_folder(path, "serve.adapters") for name, path in (extra_adapters or {}).items()}
@@ -88,6 +106,16 @@ def _refuse_reward_model(adapter: Path) -> None:
     if json.loads((adapter / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS":
         raise ConfigError(f"{adapter.parent if adapter.name == 'adapter' else adapter} is a reward model "
                           "(train.stage=rm): it scores answers and writes none; measure it with `qtune eval`")
+
+
+def _refuse_reward_folder(folder: Path) -> None:
+    """A whole model folder that is a reward model (a sequence-classification checkpoint) writes no answers."""
+    import json
+
+    kinds = json.loads((folder / "config.json").read_text()).get("architectures") or []
+    if any(k.endswith("ForSequenceClassification") for k in kinds):
+        raise ConfigError(f"{folder.parent} is a reward model (train.stage=rm): it scores answers and writes none; "
+                          "measure it with `qtune eval`")
 
 
 def load_folder(path: Path, device: str, dtype):

@@ -12,6 +12,9 @@ The sequence, top to bottom:
   4. LoRA targets, moe.max_experts' choice of experts (measured on the first training rows, kept in experts.json),
      PEFT, train.init_adapter's weights, LoRA dropout
   5. fused LoRA and grouped-expert functions, embeddings and output head in host memory, compact expert adapters
+train.method=full|freeze replaces 4-5 (_weights): no PEFT; requires_grad on exactly what
+qtune.modeling.targets.trained() names, those weights in train.trainable_dtype; the fast path keeps its base pieces
+(checkpointing, offload, varlen attention, liger where one dtype) and says why the adapter pieces are off.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ def _quiet(line: str) -> None:
 
 @dataclass
 class Built:
-    model: object                              # the PEFT model, ready for the stage's trainer
+    model: object                              # the PEFT model (full/freeze: the model), ready for the stage's trainer
     matched: Matched                           # what LoRA reaches (what the dry run lists)
     fast: fastpath.FastPath                    # the fast path's decisions and the pieces it put on
     selection: dict = field(default_factory=dict)  # moe.max_experts: the chosen experts per MoE block
@@ -55,8 +58,11 @@ def before_peft(cfg: Config, folder: Path, device: str, dtype, *, fsdp: bool = F
                        experts_4bit=fast.on, quant_storage=dtype if fsdp else None, head=get(t.stage).head)
     fastpath.decide_graphs(fast, str(t.cuda_graphs), device, **fastpath.graph_settings(cfg, processes),
                            dtype=dtype, dropout=cfg.lora.dropout, attention=fastpath.attention_of(model))
+    from qtune.config.schema import TrainableDtype, TrainMethod
+
+    mixed = t.method is not TrainMethod.lora and t.trainable_dtype is TrainableDtype.fp32
     fastpath.apply_base(fast, model, device, t.gradient_checkpointing, str(t.liger), str(t.offload_activations),
-                        fastpath.micro_batch_tokens(cfg))
+                        fastpath.micro_batch_tokens(cfg), mixed_weights=mixed)
     fastpath.packed_attention(fast, model, device, dtype, cfg.data.packing)
     return model, fast
 
@@ -67,6 +73,10 @@ def after_peft(cfg: Config, model, fast: fastpath.FastPath, device: str, *, out:
     """Steps 4-5. `out` and `train_ds`: where moe.max_experts keeps its choice and the rows it measures routing on;
     `coordinate()`: a context in which one process of several measures it while the others wait (then read it);
     `say` and `warn` take what a terminal would show."""
+    from qtune.modeling import weights
+
+    if weights.full(cfg):
+        return _weights(cfg, model, fast, say)
     from peft import get_peft_model
 
     from qtune.modeling.targets import (apply_dropout, check, covered_message, lora_settings, match, peft_config,
@@ -120,6 +130,23 @@ def build(cfg: Config, folder: Path, device: str, dtype, *, fsdp: bool = False, 
     if between is not None:
         between(model)
     return after_peft(cfg, model, fast, device, **after)
+
+
+def _weights(cfg: Config, model, fast: fastpath.FastPath, say) -> Built:
+    """train.method=full|freeze: no PEFT wrap; requires_grad on exactly what qtune.modeling.targets.trained() names (the
+    dry run's table), those weights in train.trainable_dtype. The fast path's adapter pieces do not apply
+    (fastpath.weights_notes says which and why)."""
+    from qtune.modeling import weights
+    from qtune.modeling.targets import set_trainable, trained
+
+    matched = trained(model, cfg)
+    n = set_trainable(model, matched)
+    if n != matched.trainable:
+        raise RuntimeError(f"{n} parameters set to train, the plan counted {matched.trainable}")
+    say(f"train.method={cfg.train.method}: {weights.cast_trainable(model, cfg)}")
+    if fast.on:
+        fast.notes += fastpath.weights_notes(str(cfg.train.method))
+    return Built(model, matched, fast)
 
 
 def _expert_selection(cfg: Config, model, matched, out: Path | None, train_ds, say) -> dict:

@@ -46,12 +46,14 @@ class Memory:
     generation_kept: bool = False  # ... held while training runs too (else only while generating)
     world_size: int = 1        # per_process(): what each of this many GPUs holds
     strategy: str = "single"
+    method: str = "lora"       # train.method: what `lora` counts (adapters, or the weights trained whole)
+    reference: float = 0.0     # full/freeze dpo and kto: TRL's frozen copy of the starting model (its ref_model)
 
     @property
     def total(self) -> float:
         training = self.activations + self.dequantized + self.delta
         phases = training + self.generation if self.generation_kept else max(training, self.generation)
-        return self.base + self.lora + phases + self.overhead
+        return self.base + self.lora + phases + self.overhead + self.reference
 
     def as_dict(self) -> dict:
         return {"base_bytes": int(self.base), "lora_bytes": int(self.lora), "activation_bytes": int(self.activations),
@@ -62,7 +64,8 @@ class Memory:
                 "quantized_params": self.base_quantized_params, "unquantized_params": self.base_16bit_params,
                 "experts_4bit": self.experts_4bit, "host_embedding_bytes": int(self.host_embedding),
                 "host_head_bytes": int(self.host_head),
-                "world_size": self.world_size, "strategy": self.strategy}
+                "world_size": self.world_size, "strategy": self.strategy, "method": self.method,
+                "reference_bytes": int(self.reference)}
 
 
 def per_process(m: Memory, strategy: str, world_size: int, layers: int) -> Memory:
@@ -76,7 +79,7 @@ def per_process(m: Memory, strategy: str, world_size: int, layers: int) -> Memor
         return replace(m, lora=m.lora * (1 + 4 / LORA_BYTES_PER_PARAM), world_size=world_size, strategy=strategy)
     gathered = 2 * m.base / max(layers, 1)
     return replace(m, base=m.base / world_size + gathered, lora=m.lora / world_size, world_size=world_size,
-                   strategy=strategy)
+                   strategy=strategy, reference=m.reference / world_size)
 
 
 def quantizable(name: str, module, quant: QuantConfig) -> bool:
@@ -157,7 +160,8 @@ def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, toke
              gradient_checkpointing: bool, on_gpu: bool = True, offload_inputs: bool = False,
              experts4: bool = False, compact: bool = False, lm_head: bool = True,
              embed_on_host: bool = False, keep_dequantized: bool = False, experts_direct: bool = False,
-             head_on_host: bool = False, grouped_experts: bool = False, adapters_fp32: bool = False) -> Memory:
+             head_on_host: bool = False, grouped_experts: bool = False, adapters_fp32: bool = False,
+             trained_bytes: float | None = None, reference: bool = False, method: str = "lora") -> Memory:
     """experts4: fused experts kept in 4 bits; compact: capped experts' adapters exist for the chosen ones only (both
     what the fast path does on CUDA); experts_direct: the 4-bit experts' grouped matmuls read the 4 bits directly, so
     no layer of them is dequantized (qtune.modeling.fast.nf4_gmm, with Triton on CUDA); embed_on_host: an untied input
@@ -165,7 +169,10 @@ def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, toke
     its backward (the fast path's LoRA functions); head_on_host: an untied output head in host memory, copied to the
     GPU for the loss (train.head_on_host); grouped_experts: fused expert and router adapters run split, as grouped
     matmuls (the fast path), never as PEFT's full-size deltas; adapters_fp32: every trainable parameter in fp32, fused
-    ones too (FSDP2 of a model without 4-bit weights)."""
+    ones too (FSDP2 of a model without 4-bit weights). trained_bytes (train.method=full|freeze): what each trained
+    parameter adds beyond its copy in the base (qtune.modeling.weights.bytes_per_param: an fp32 master copy's extra
+    bytes, the gradient, the optimizer's states) in place of LoRA's; reference: a frozen copy of the starting model
+    beside it (TRL's ref_model for dpo and kto without adapters to switch off)."""
     dtype_bytes = 2 if on_gpu else 4
     experts4 = experts4 and on_gpu and bool(arch.num_experts)
     base, q_params, other = base_bytes(model, quant, dtype_bytes, experts4)
@@ -177,9 +184,12 @@ def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, toke
     base -= head
     linear = LORA_BYTES_PER_PARAM if quant.method is QuantMethod.none else QLORA_BYTES_PER_PARAM
     fused = PARAM_DTYPE_COPIES * (4 if adapters_fp32 else dtype_bytes)
-    lora = sum((t.params if compact and t.how == "lora_param" else t.allocated)
-               * (fused if t.how in ("lora_param", "full") else linear)
-               for t in matched.targets)
+    if trained_bytes is not None:
+        lora = matched.trainable * trained_bytes
+    else:
+        lora = sum((t.params if compact and t.how == "lora_param" else t.allocated)
+                   * (fused if t.how in ("lora_param", "full") else linear)
+                   for t in matched.targets)
     activations = activation_bytes(arch, tokens, gradient_checkpointing, dtype_bytes, offload_inputs, lm_head, head)
     dequantized = 0
     if keep_dequantized and gradient_checkpointing and on_gpu and quant.method in (QuantMethod.nf4, QuantMethod.fp4):
@@ -191,7 +201,8 @@ def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, toke
     delta = 0.0 if grouped_experts else PARAM_WRAPPER_COPIES * dtype_bytes * delta_params(matched)
     return Memory(base=base, base_quantized_params=q_params, base_16bit_params=other, lora=lora,
                   activations=activations, overhead=CUDA_OVERHEAD if on_gpu else 0.0, experts_4bit=experts4,
-                  host_embedding=host, host_head=head, dequantized=dequantized, delta=delta)
+                  host_embedding=host, host_head=head, dequantized=dequantized, delta=delta, method=method,
+                  reference=(base + host + head) if reference else 0.0)
 
 
 def delta_params(matched: Matched) -> int:

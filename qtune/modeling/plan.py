@@ -34,13 +34,18 @@ def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] |
     from qtune.modeling.estimate import estimate, experts_4bit, per_process
     from qtune.modeling.fast import head_on_host
     from qtune.modeling.fast.nf4_gmm import expected as direct_expected
-    from qtune.modeling.targets import lora_settings, match
+    from qtune.modeling import weights
+    from qtune.modeling.targets import trained
     from qtune.modeling.world import gpu_bytes, strategy, world
     from qtune.stages import get
 
     t, stage = cfg.train, get(cfg.train.stage)
     model = model if model is not None else meta_model(cfg.model.arch, stage.head)
-    matched = match(model, lora_settings(cfg), cfg.moe)
+    matched = trained(model, cfg)
+    # train.method=full|freeze: bytes a trained parameter adds (on a GPU: 16-bit base copies); the reference model of
+    # dpo/kto is a whole frozen copy (no adapter to switch off)
+    trained_bytes = weights.bytes_per_param(cfg, 2)[0] if weights.full(cfg) else None
+    reference = weights.full(cfg) and stage.reference
     # the tokens one micro-batch puts through a forward that keeps activations (dpo and rm: chosen and rejected; grpo:
     # each prompt's completions)
     tokens = stage.tokens(cfg)
@@ -48,6 +53,8 @@ def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] |
 
     def one_gpu(fast, hosted: bool | None = None, fsdp: bool = False):
         """fast: the builder's decisions for a CUDA run (qtune.modeling.builder.expected)."""
+        if hosted is None and weights.full(cfg):  # full/freeze: the head may train, it stays on the GPU
+            hosted = False
         if hosted is None:  # train.head_on_host: auto decides on this estimate with the head on the GPU
             hosted = head_on_host(str(t.head_on_host), fast.on, lambda: one_gpu(fast, False).total,
                                   gpu_bytes if usable is None else lambda: usable)
@@ -61,7 +68,8 @@ def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] |
                         head_on_host=hosted, grouped_experts=fast.on,
                         # accelerate's FSDP2 preparation turns a model without 4-bit weights' trainable parameters to
                         # fp32 master weights (fsdp2_prepare_model, mixed precision on)
-                        adapters_fp32=fsdp and cfg.quant.method is QuantMethod.none)
+                        adapters_fp32=fsdp and cfg.quant.method is QuantMethod.none,
+                        trained_bytes=trained_bytes, reference=reference, method=str(t.method))
 
     generation, kept = stage.generation_memory(cfg)
 
@@ -158,3 +166,29 @@ def _on_one(cfg: Config, usable: float, need) -> tuple[str | None, float | None]
         if low:
             return f"moe.max_experts={low}", need(replace(cfg.moe, max_experts=low))
     return "moe=none", attention_only
+
+
+def lighter(cfg: Config, usable: float | None = None) -> list[str]:
+    """What would fit one GPU instead of this full/freeze config (the OOM and too-big lines name them): each variant
+    with its estimate, those that fit `usable` bytes (by default what train.distributed=auto counts usable on this
+    machine's GPU, or an 80 GiB H100) marked so; a smaller model is always among them."""
+    from dataclasses import replace
+
+    from qtune.config.schema import FreezeConfig, TrainableDtype, TrainMethod
+    from qtune.modeling.world import gpu_bytes
+
+    usable = usable if usable is not None else gpu_bytes()  # (its usable share already)
+    t = cfg.train
+    variants = []
+    if t.trainable_dtype is not TrainableDtype.bf16 or "8bit" not in t.optim:
+        variants.append(("train.trainable_dtype=bf16 train.optim=paged_adamw_8bit",
+                         replace(t, trainable_dtype=TrainableDtype.bf16, optim="paged_adamw_8bit")))
+    if t.method is TrainMethod.full:
+        variants.append(("train.method=freeze (the last 2 layers)",
+                         replace(t, method=TrainMethod.freeze, freeze=FreezeConfig())))
+    variants.append(("train.method=lora", replace(t, method=TrainMethod.lora)))
+    out = []
+    for label, train in variants:
+        need = plan(replace(cfg, train=train), usable).memory.total
+        out.append(f"{label} ({need / 2**30:.1f} GiB{', fits' if need <= usable else ''})")
+    return out + ["a smaller model"]

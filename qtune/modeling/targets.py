@@ -276,3 +276,110 @@ def apply_dropout(peft_model, p: float) -> int:
                 drop[key] = nn.Dropout(p)
                 n += 1
     return n
+
+
+# ---------------------------------------------------------------- full and freeze training (no adapters)
+
+
+def layer_prefixes(model) -> list[str]:
+    """The decoder layers' module paths, in order (model.layers.0, ...; under a score head too)."""
+    import torch.nn as nn
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.split(".")[-1] == "layers" and len(module):
+            return [f"{name}.{i}" for i in range(len(module))]
+    return []
+
+
+def layer_module_names(model) -> list[str]:
+    """What train.freeze.trainable_modules can name inside a decoder layer: its modules two levels deep
+    (self_attn, self_attn.q_proj, mlp, mlp.experts, mlp.gate, input_layernorm, ...)."""
+    prefixes = layer_prefixes(model)
+    if not prefixes:
+        return []
+    layer = dict(model.named_modules())[prefixes[0]]
+    return [n for n, _ in layer.named_modules() if n and n.count(".") <= 1]
+
+
+def outer_module_names(model) -> list[str]:
+    """What train.freeze.extra_modules can name: the modules outside the decoder layers that hold weights."""
+    prefixes = layer_prefixes(model)
+    stem = prefixes[0].rsplit(".", 1)[0] if prefixes else None
+    names = []
+    for n, m in model.named_modules():
+        if not n or n == stem or (stem and n.startswith(stem + ".")) or not list(m.parameters(recurse=False)):
+            continue
+        names.append(n)
+    return names
+
+
+def match_weights(model, method: str, freeze, keeps: tuple[str, ...] = ()) -> Matched:
+    """train.method=full|freeze: every parameter that trains, as targets trained whole ("full"), in the one
+    vocabulary the LoRA table uses. full: all of them. freeze: in the layers train.freeze.trainable_layers picks
+    (N > 0 the last N, N < 0 the first |N|), the modules trainable_modules names (a module path inside the layer, e.g.
+    mlp or mlp.experts; `all`: the whole layer), and extra_modules outside the layers (embed_tokens, lm_head, norm:
+    matched on the module path, a name equal to it or ending in `.name`). `keeps`: modules the stage trains whole
+    (rm: the new score head). A tied weight is one parameter (trained once, listed under its first name)."""
+    modules = dict(model.named_modules())
+    is_moe = bool(_fused_expert_params(model))
+    chosen: set[int] = set()
+    asked: list[str] = []
+    unmatched: list[str] = []
+    if method == "full":
+        chosen = {id(p) for p in model.parameters()}
+    else:
+        prefixes = layer_prefixes(model)
+        n = freeze.trainable_layers
+        depth = len(prefixes)
+        if n == 0 or abs(n) > depth:
+            raise ConfigError(f"train.freeze.trainable_layers={n}: the model has {depth} decoder layers; valid: 1 to "
+                              f"{depth} (the last N) or -1 to -{depth} (the first |N|)")
+        layers = prefixes[depth - n:] if n > 0 else prefixes[:-n]
+        wanted = list(freeze.trainable_modules)
+        asked += wanted
+        for entry in wanted:
+            hit = False
+            for prefix in layers:
+                path = prefix if entry == "all" else f"{prefix}.{entry}"
+                if path in modules:
+                    chosen.update(id(p) for p in modules[path].parameters())
+                    hit = True
+            if not hit:
+                raise ConfigError(f"train.freeze.trainable_modules: '{entry}' matches nothing in a decoder layer; "
+                                  f"valid: all, {', '.join(layer_module_names(model))}")
+        for entry in freeze.extra_modules:
+            asked.append(f"extra_modules:{entry}")
+            hits = [m for name, m in modules.items() if name and _suffix_match(name, entry)
+                    and not any(name.startswith(p + ".") or name == p for p in prefixes)]
+            if not hits:
+                raise ConfigError(f"train.freeze.extra_modules: '{entry}' matches nothing outside the decoder layers; "
+                                  f"valid: {', '.join(n.rsplit('.', 1)[-1] for n in outer_module_names(model))}")
+            for m in hits:
+                chosen.update(id(p) for p in m.parameters())
+    for entry in keeps:
+        for name, m in modules.items():
+            if name and _suffix_match(name, entry):
+                chosen.update(id(p) for p in m.parameters())
+    targets = [Target(n, param_kind(n), "full", tuple(p.shape), p.numel())
+               for n, p in model.named_parameters() if id(p) in chosen]
+    return Matched(targets, unmatched, is_moe, asked)
+
+
+def trained(model, cfg) -> Matched:
+    """What the run trains, by train.method: LoRA's targets (match) or the weights trained whole (match_weights)."""
+    from qtune.stages import get
+
+    method = str(cfg.train.method)
+    if method == "lora":
+        return match(model, lora_settings(cfg), cfg.moe)
+    return match_weights(model, method, cfg.train.freeze, get(cfg.train.stage).keeps)
+
+
+def set_trainable(model, matched: Matched) -> int:
+    """requires_grad on exactly the parameters `matched` names, off everywhere else; returns the trained count."""
+    names = {t.name for t in matched.targets}
+    n = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)
+        n += p.numel() if name in names else 0
+    return n

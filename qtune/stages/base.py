@@ -37,6 +37,9 @@ class Stage:
     measure: str = "loss"
     writes: bool = True               # it writes answers (chat, serve, samples, eval prompts, GGUF exports)
     keeps: tuple[str, ...] = field(default=())  # modules trained whole beside the adapter (rm: the score head)
+    # whether the loss compares with a reference model: with adapters, the base (adapter off); with train.method=
+    # full|freeze, a frozen copy of the model the run starts from (TRL's ref_model, counted in the dry run's estimate)
+    reference: bool = False
 
     def check(self, train) -> None:
         """Cross-field checks of train.* for this stage (raise ValueError naming the key)."""

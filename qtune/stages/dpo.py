@@ -30,7 +30,7 @@ def drop_fresh_reference(trainer, cfg) -> None:
     """TRL copies a PEFT model's adapter as a frozen "ref" adapter, the reference for an adapter that starts trained.
     A fresh adapter starts as the base itself, whose outputs are the adapter switched off (what TRL uses without
     "ref"): the copy would only cost memory and a LoRA pass per reference forward."""
-    if cfg.train.init_adapter is None and "ref" in trainer.model.peft_config:
+    if cfg.train.init_adapter is None and "ref" in (getattr(trainer.model, "peft_config", None) or {}):
         trainer.model.delete_adapter("ref")
 
 
@@ -38,5 +38,5 @@ def drop_fresh_reference(trainer, cfg) -> None:
 # the copy is made at the adapter's full size
 DPO = Dpo("dpo", Trains("dpo", "pairs", "pairs", 'preference pairs ({"prompt", "chosen", "rejected"})'),
           "direct preference optimization on chosen/rejected pairs", sequences=2,
-          forwards=" × 2 (chosen and rejected), reference forwards without gradients", compacts=False,
+          forwards=" × 2 (chosen and rejected), reference forwards without gradients", compacts=False, reference=True,
           curve="reward_margin", figures=("reward_accuracy", "reward_margin"), measure="implicit_reward")

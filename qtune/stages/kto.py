@@ -52,5 +52,5 @@ def _with_kl_completions(ds, batch_size: int):
 KTO = Kto("kto", Trains("kto", "unpaired", "kto",
                         'answers marked good or bad ({"prompt", "completion", "label"}) or preference pairs'),
           "Kahneman-Tversky optimization on answers marked good or bad",
-          forwards=", KL and reference forwards without gradients", compacts=False,
+          forwards=", KL and reference forwards without gradients", compacts=False, reference=True,
           curve="reward_margin", figures=("reward_margin", "kl"), measure="implicit_reward")

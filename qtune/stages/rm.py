@@ -25,6 +25,8 @@ class Rm(Stage):
     def after_init(self, trainer, cfg):
         # TRL keeps a quantized model's trainable weights in bf16 (QLoRA's recipe for adapters, whose layers cast their
         # input); the score head takes the hidden states as they come, in the model's dtype (fp32 on a CPU)
+        if not hasattr(trainer.model, "get_base_model"):  # train.method=full|freeze: train.trainable_dtype holds
+            return
         dtype = trainer.model.get_base_model().dtype
         for name, p in trainer.model.named_parameters():
             if p.requires_grad and f"{SCORE_HEAD}." in name:

@@ -80,6 +80,24 @@ def training_args(cfg: Config, out: Path, has_eval: bool, device: str, model_dty
 # ---------------------------------------------------------------- the trainer
 
 
+def reference_copy(model):
+    """train.method=full|freeze with dpo or kto: the reference is a frozen copy of the model the run starts from (TRL
+    would load one again from the model's path, in the dtype of fp32 master weights). Made before the first step, its
+    trained weights back in the dtype of the frozen ones (on a GPU the 16-bit values they were loaded as)."""
+    import copy
+
+    import torch
+
+    frozen = next((p.dtype for p in model.parameters() if not p.requires_grad), None)
+    ref = copy.deepcopy(model)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+        if frozen is not None and p.dtype != frozen and torch.is_floating_point(p):
+            p.data = p.data.to(frozen)
+    ref.eval()
+    return ref
+
+
 def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, args, callbacks: list, graphs: bool = False,
                   note=None):
     """The stage's TRL trainer over the prepared splits. graphs: micro-steps replay a CUDA graph
@@ -92,8 +110,11 @@ def build_trainer(cfg: Config, model, tokenizer, train_ds, eval_ds, args, callba
 
         trainer_class = graph.trainer_class(trainer_class)
     train_ds, eval_ds = stage.datasets(train_ds, eval_ds, args.per_device_train_batch_size)
+    extra = stage.trainer_kwargs(cfg, tokenizer)
+    if stage.reference and not hasattr(model, "peft_config"):
+        extra["ref_model"] = reference_copy(model)
     trainer = trainer_class(model=model, args=args, processing_class=tokenizer, callbacks=callbacks,
-                            train_dataset=train_ds, eval_dataset=eval_ds, **stage.trainer_kwargs(cfg, tokenizer))
+                            train_dataset=train_ds, eval_dataset=eval_ds, **extra)
     if graphs:
         graph.attach(trainer, cfg.train.batch_size, cfg.data.max_length, tokenizer, note)
     stage.after_init(trainer, cfg)

@@ -77,7 +77,7 @@ def decide(setting: str, device: str, fsdp: bool = False) -> FastPath:
 
 
 def decide_graphs(fast: FastPath, setting: str, device: str, *, stage, processes: int,
-                  packing: bool, offload: bool, dtype, dropout: float, attention: str) -> None:
+                  packing: bool, offload: bool, dtype, dropout: float, attention: str, method: str = "lora") -> None:
     """train.cuda_graphs: sets fast.graphs, with the piece or (auto) the reason it is off; `true` where it cannot
     apply is a one-line ConfigError naming why."""
     import torch
@@ -89,6 +89,9 @@ def decide_graphs(fast: FastPath, setting: str, device: str, *, stage, processes
         why = "it needs CUDA"
     elif not fast.on:
         why = "it needs the fast path (" + "; ".join(fast.notes) + ")"
+    elif method != "lora":
+        why = (f"train.method={method}: the graph keeps a gradient buffer of its own for every trained parameter, a "
+               "second copy of the trained weights' gradients (cheap for adapters only)")
     elif not stage.graphs:
         why = f"train.stage={stage.name} runs several forwards a step (pt and sft only)"
     elif processes > 1:
@@ -118,8 +121,10 @@ def decide_graphs(fast: FastPath, setting: str, device: str, *, stage, processes
 
 
 def apply_base(fast: FastPath, model, device: str, gradient_checkpointing: bool, liger: str,
-               offload: str = "false", tokens: int = 0) -> None:
-    """The base model's part (before PEFT): reentrant checkpointing, offloaded layer inputs, liger-kernel."""
+               offload: str = "false", tokens: int = 0, mixed_weights: bool = False) -> None:
+    """The base model's part (before PEFT): reentrant checkpointing, offloaded layer inputs, liger-kernel.
+    mixed_weights: trained weights in fp32 beside 16-bit activations (train.method=full|freeze with
+    train.trainable_dtype=fp32), which liger's kernels, written for one dtype, are not used with."""
     if not fast.on:
         return
     if gradient_checkpointing:
@@ -138,7 +143,10 @@ def apply_base(fast: FastPath, model, device: str, gradient_checkpointing: bool,
             fast.offloader = install(getattr(model, model.base_model_prefix))
             fast.offload = True
             fast.pieces.append("layer inputs offloaded to pinned host memory")
-    if liger == "true" or (liger == "auto" and gpu_bound(fast, model, device, tokens)):
+    if mixed_weights and device.startswith("cuda") and (liger == "true" or (liger == "auto" and gpu_bound(fast, model, device, tokens))):
+        fast.notes.append("no liger kernels: they take weights and inputs in one dtype, and train.trainable_dtype=fp32 "
+                          "keeps fp32 master weights (train.trainable_dtype=bf16 allows them)")
+    elif liger == "true" or (liger == "auto" and gpu_bound(fast, model, device, tokens)):
         _liger(fast, model, device)
 
 
@@ -269,9 +277,18 @@ def expected(cfg, processes: int = 1, fsdp: bool = False) -> FastPath:
                       dropout=0.0, attention="sdpa")
     except ConfigError:  # train.cuda_graphs=true where graphs cannot run: the run itself says so in one line
         fast.graphs = False
+    if fast.on and str(t.method) != "lora":
+        fast.notes += weights_notes(str(t.method))
     fast.offload = fast.on and offloads("true", str(t.offload_activations), t.gradient_checkpointing,
                                         micro_batch_tokens(cfg), bool(cfg.model.arch.num_experts))
     return fast
+
+
+def weights_notes(method: str) -> list[str]:
+    """What the fast path leaves off for train.method=full|freeze, and why (what applies stays: reentrant
+    checkpointing, offloaded layer inputs, varlen attention, liger kernels with one dtype, TRL's fused head)."""
+    return [f"train.method={method}: no fused LoRA or split-LoRA experts (there are no adapters); the output head "
+            "and embeddings stay on the GPU (they may train)"]
 
 
 def micro_batch_tokens(cfg) -> int:
@@ -285,7 +302,7 @@ def graph_settings(cfg, processes: int) -> dict:
 
     t = cfg.train
     tokens = micro_batch_tokens(cfg)
-    return dict(stage=get(t.stage), processes=processes, packing=cfg.data.packing,
+    return dict(stage=get(t.stage), processes=processes, packing=cfg.data.packing, method=str(t.method),
                 offload=offloads("true", str(t.offload_activations), t.gradient_checkpointing, tokens,
                                  bool(cfg.model.arch.num_experts)))
 

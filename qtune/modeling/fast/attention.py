@@ -105,6 +105,11 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout: 
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       sliding_window=sliding_window, **kwargs)
     varlen_attn, params = found
+    if query.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        # fp32 master weights (train.method=full|freeze) make a trained q/k norm's output fp32 under autocast; the
+        # kernel takes the autocast's 16-bit dtype, as transformers' own flash-attention path casts
+        half = torch.get_autocast_dtype("cuda")
+        query, key, value = (t.to(half) for t in (query, key, value))
     extra = _causal(params)
     if "scale" in params and scaling is not None:
         extra["scale"] = scaling
