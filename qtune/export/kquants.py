@@ -9,7 +9,8 @@ The rounding follows ggml's reference (non-imatrix) quantizers: rows cut into su
 - Q6_K: 16 sub-blocks of 16, each fitted with a symmetric scale (a search over trial scales weighted by x^2), the
   16 scales rounded to int8 against the fp16 `d`; values in 6 bits. Block: ql[128], qh[64], scales[16], d (fp16).
 The arithmetic is float32 as ggml's is, but sums run in numpy's order, so a byte can differ from llama-quantize's
-where a rounding falls on a tie; the file reads the same with any GGUF reader.
+where a rounding falls on a tie; the file reads the same with any GGUF reader. Speed: about 5 (Q4_K) to 7 (Q6_K)
+million values a second on one CPU core (measured), so an 8B model takes some 25 minutes; llama-quantize is faster.
 
 Mixes (llama.cpp's rule for dense and MoE models, no importance matrix): the output projection (the token embedding
 when it is tied to it) is Q6_K; for q4_k_m and q5_k_m, attn_v and ffn_down in the first and last eighth of the
