@@ -100,7 +100,7 @@ def train(overrides: Overrides = None, cfg: ShowCfg = False, multirun: Multirun 
 def merge(overrides: Overrides = None, cfg: ShowCfg = False) -> None:
     """Fold a run's adapter into the base weights (16-bit safetensors, parity-checked).
 
-    Examples: `qtune merge run=runs/my-run` · `qtune merge run=runs/my-run merge.gguf=[f16,q8_0]`
+    Examples: `qtune merge run=runs/my-run` · `qtune merge run=runs/my-run merge.gguf=[f16,q4_k_m]`
     """
     from qtune.commands.merge import run
 

@@ -127,9 +127,9 @@ def tiny_rm_run(tiny_qwen3, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smol_merged(smol_run) -> Path:
-    """smol_run merged once into <run>/merged, with GGUF f16/q8_0 and the nf4 checkpoint: the export tests and
+    """smol_run merged once into <run>/merged, with GGUF f16/q8_0/q4_k_m and the nf4 checkpoint: the export tests and
     eval's merged model share it (transformers' GGUF load-back is the slow part)."""
-    qtune("merge", f"run={smol_run}", "merge.gguf=[f16,q8_0]", "merge.save_4bit=true", check=True, timeout=900)
+    qtune("merge", f"run={smol_run}", "merge.gguf=[f16,q8_0,q4_k_m]", "merge.save_4bit=true", check=True, timeout=900)
     return smol_run / "merged"
 
 

@@ -194,18 +194,25 @@ def test_vllm_engine_builds_its_command(tmp_path):
 
 @pytest.mark.slow
 def test_merge_exports_gguf_and_a_4bit_checkpoint(smol_merged):
-    """GGUF f16/q8_0 written with the gguf package and loaded back by transformers' GGUF loader (inside
-    qtune merge, which fails below its agreement bar); the nf4 checkpoint loads and generates."""
+    """GGUF f16/q8_0 written with the gguf package, q4_k_m with qtune's k-quants, each loaded back by transformers'
+    GGUF loader (inside qtune merge, which fails below its agreement bar); the nf4 checkpoint loads and generates."""
     out = smol_merged
     info = json.loads((out / "qtune_merge.json").read_text())
     by_type = {g["type"]: g for g in info["gguf"]}
     assert by_type["f16"]["top1_agreement"] >= 0.98 and by_type["q8_0"]["top1_agreement"] >= 0.8
+    assert by_type["q4_k_m"]["top1_agreement"] >= 0.75
     gguf_dir = out.parent / "gguf"  # beside merged/, which a new merge replaces
     assert (gguf_dir / "merged-f16.gguf").stat().st_size > 1.8 * (gguf_dir / "merged-q8_0.gguf").stat().st_size
+    assert (gguf_dir / "merged-q8_0.gguf").stat().st_size > 1.3 * (gguf_dir / "merged-q4_k_m.gguf").stat().st_size
     import gguf
 
     reader = gguf.GGUFReader(str(gguf_dir / "merged-q8_0.gguf"))
     assert {t.tensor_type.name for t in reader.tensors} >= {"Q8_0", "F32"}
+    # q4_k_m as llama.cpp mixes it for SmolLM2 (rows of 576 are no multiple of 256: Q4_K -> Q5_0, Q6_K -> Q8_0)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(gguf_dir / "merged-q4_k_m.gguf")).tensors}
+    assert types["token_embd.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q5_0"
+    assert (types["blk.0.ffn_down.weight"], types["blk.3.ffn_down.weight"]) == ("Q6_K", "Q4_K")
+    assert (types["blk.0.attn_v.weight"], types["blk.3.attn_v.weight"]) == ("Q8_0", "Q5_0")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     four = AutoModelForCausalLM.from_pretrained(info["bnb_4bit"])
@@ -254,7 +261,7 @@ def test_qwen3_moe_gguf_in_llama_cpp_layout_loads_back(tmp_path, tiny_qwen3_moe)
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen3_moe, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tiny_qwen3_moe)
     inputs = [dict(tok("The captain's log, day nine: the ship turned north again and the crew", return_tensors="pt"))]
-    for qtype, least in (("f16", 0.98), ("q8_0", 0.8)):
+    for qtype, least in (("f16", 0.98), ("q8_0", 0.8), ("q4_k_m", 0.6)):
         path = export(model, tok, tmp_path / f"moe-{qtype}.gguf", qtype)
         assert verify(path, model, tok, inputs)["top1_agreement"] >= least
     reader = gguf.GGUFReader(str(tmp_path / "moe-f16.gguf"))
@@ -271,6 +278,13 @@ def test_qwen3_moe_gguf_in_llama_cpp_layout_loads_back(tmp_path, tiny_qwen3_moe)
     assert torch.equal(torch.from_numpy(up.data.copy()).float(),
                        model.model.layers[1].mlp.experts.gate_up_proj.detach()[:, 32:, :].half().float())
     assert gate_up.shape == (8, 64, 64)
+    # q4_k_m of an 8-expert model: attn_k / attn_v in Q8_0, the router in f32; rows of 64 and 32 fall back from Q4_K to
+    # Q5_0 (and q4_k_m's Q5_K attn_output to Q5_1)
+    k = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "moe-q4_k_m.gguf")).tensors}
+    assert (k["blk.1.attn_k.weight"], k["blk.1.attn_v.weight"], k["blk.1.ffn_gate_inp.weight"]) == ("Q8_0", "Q8_0", "F32")
+    assert (k["blk.1.attn_q.weight"], k["blk.1.attn_output.weight"]) == ("Q5_0", "Q5_1")
+    assert k["blk.1.ffn_up_exps.weight"] == "Q5_0"  # and ffn_down in Q6_K in the last eighth of the layers -> Q8_0
+    assert (k["blk.0.ffn_down_exps.weight"], k["blk.1.ffn_down_exps.weight"]) == ("Q5_0", "Q8_0")
 
 
 def test_gguf_refusals_are_one_line(tmp_path):
@@ -285,17 +299,21 @@ def test_gguf_refusals_are_one_line(tmp_path):
 
     with pytest.raises(ConfigError, match="mixtral models cannot be exported to GGUF"):
         export(M(), None, tmp_path / "x.gguf", "f16")
-    with pytest.raises(ConfigError, match="merge.gguf=q9: valid: f16, q8_0"):
+    with pytest.raises(ConfigError, match="merge.gguf=q9: valid: f16, q8_0, q4_k_m, q5_k_m, q6_k"):
         export(M(), None, tmp_path / "x.gguf", "q9")
-    # k-quants: the gguf package cannot write them (it has no quantizer for Q4_K), llama.cpp's llama-quantize can
+    with pytest.raises(ConfigError, match=r"merge.gguf=Q4_K_M: write it in lower case \(q4_k_m\)"):
+        export(M(), None, tmp_path / "x.gguf", "Q4_K_M")
+    # the gguf package has no quantizer for Q4_K (qtune.export.kquants has); the other k-quant mixes are
+    # llama.cpp's llama-quantize's
     import gguf
     import numpy as np
 
     with pytest.raises(NotImplementedError):
         gguf.quants.quantize(np.ones((1, 256), np.float32), gguf.GGMLQuantizationType.Q4_K)
-    with pytest.raises(ConfigError, match=r"merge.gguf=q4_k_m: llama.cpp's k-quants .* export merge.gguf=\[f16\] and "
-                                          r"run `llama-quantize <run>/gguf/merged-f16.gguf merged-q4_k_m.gguf Q4_K_M`"):
-        export(M(), None, tmp_path / "x.gguf", "q4_k_m")
+    with pytest.raises(ConfigError, match=r"merge.gguf=q4_k_s: qtune writes the k-quant mixes q4_k_m, q5_k_m and q6_k; "
+                                          r"for this one export merge.gguf=\[f16\] and run `llama-quantize "
+                                          r"<run>/gguf/merged-f16.gguf merged-q4_k_s.gguf Q4_K_S`"):
+        export(M(), None, tmp_path / "x.gguf", "q4_k_s")
 
 
 @pytest.mark.slow

@@ -63,8 +63,8 @@ def test_dpo_on_train_cpu_into_a_file_logs_every_step_with_reward_figures(tmp_pa
     """`qtune train ... > log`: plain text, a line per step (train=cpu) showing the reward accuracy and margin, and
     the summary line with the eval figures."""
     run = tmp_path / "dpo"
-    p = qtune("train", "model=tiny_qwen3", "train=cpu", "train.stage=dpo", *PAIRS, "train.max_steps=3",
-              "train.warmup_ratio=0", "train.report_to=[]", f"train.output_dir={run}", env=PLAIN)
+    p = qtune("train", "model=tiny_qwen3", "train=cpu", "train.stage=dpo", *PAIRS, "data.max_eval_samples=2",
+              "train.max_steps=3", "train.warmup_ratio=0", "train.report_to=[]", f"train.output_dir={run}", env=PLAIN)
     assert p.returncode == 0, p.stderr
     assert ESC not in p.stdout + p.stderr
     steps = [x for x in p.stdout.splitlines() if x.startswith("step ")]

@@ -186,7 +186,7 @@ def test_config_reference_is_generated_from_the_schema():
     for section in ("train", "merge", "data"):   # every key of a section, with its default and comment
         for f in fields(getattr(schema, section.capitalize() + "Config")):
             assert f"`{section}.{f.name}`" in text
-    assert "| `merge.gguf` | list of str | `[]` | f16, q8_0 |" in text
+    assert "| `merge.gguf` | list of str | `[]` | f16, q8_0, q4_k_m, q5_k_m, q6_k |" in text
     assert "| `data.on_error` | raise \\| skip | `raise` |" in text
     assert "| `run_name` | str |" in text
     assert "`train.dpo.beta`" in text and "`data.sources[].weight`" in text

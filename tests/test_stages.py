@@ -123,8 +123,10 @@ def test_smollm2_pt_trains_every_token_of_raw_text(tmp_path, smollm2):
 
 @pytest.mark.slow
 def test_dpo_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, tiny_qwen3):
-    """As for sft (test_train): the same losses, reward figures and adapter within 1e-5 of a straight run."""
-    args = ["train.max_steps=8", "train.save_steps=4", "train.lr=5e-3"]
+    """As for sft (test_train): the same losses, reward figures and adapter within 1e-5 of a straight run. (Two
+    held-out pairs are enough to compare the evals; all ten would take most of the test's time on the tiny model's
+    152k-token vocabulary.)"""
+    args = ["train.max_steps=8", "train.save_steps=4", "train.lr=5e-3", "data.max_eval_samples=2"]
     straight = tmp_path / "straight"
     assert qtune(*tiny("dpo", straight, *args)).returncode == 0
     resumed = tmp_path / "resumed"
@@ -149,7 +151,7 @@ def test_dpo_starts_from_an_sft_adapter_which_is_also_its_reference(tmp_path, ti
     are 0 although the SFT adapter's rewards against the base are not."""
     run = tmp_path / "dpo"
     p = qtune(*tiny("dpo", run, f"train.init_adapter={tiny_run}", "train.max_steps=1", "train.save_steps=1",
-                    "train.lr=1e-12"))
+                    "train.lr=1e-12", "data.max_eval_samples=2"))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "train.init_adapter:" in p.stdout and "tensors loaded" in p.stdout
     import yaml
@@ -181,7 +183,7 @@ def test_dpo_on_moe_experts_capped_on_the_fast_path(tmp_path, tiny_qwen3_moe):
 @pytest.mark.slow
 def test_dpo_sweep_summary_shows_the_reward_figures(tmp_path, tiny_qwen3):
     p = qtune("train", "-m", "model=tiny_qwen3", "train.stage=dpo", *PAIRS, *FAST, "train.max_steps=2",
-              "train.save_steps=2", "train.dpo.beta=0.1,0.5", cwd=tmp_path)
+              "train.save_steps=2", "train.dpo.beta=0.1,0.5", "data.max_eval_samples=2", cwd=tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
     sweep = next((tmp_path / "runs").glob("sweep-*"))
     rows = list(csv.DictReader(open(sweep / "summary.csv")))

@@ -602,7 +602,7 @@ class MergeConfig:
     parity_dtype: DType = DType.fp32      # what the merge is checked in (fp32: the merge math, not bf16 rounding)
     tolerance: float = 1e-2               # max |logits(merged) - logits(base+adapter)| in parity_dtype
     save_4bit: bool = False
-    gguf: List[str] = field(default_factory=list)  # f16, q8_0
+    gguf: List[str] = field(default_factory=list)  # f16, q8_0, q4_k_m, q5_k_m, q6_k
     output_dir: Optional[str] = None
     overwrite: bool = False               # replace a non-empty merge.output_dir that no qtune merge wrote
 

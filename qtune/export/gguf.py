@@ -1,10 +1,12 @@
-"""Merged model -> GGUF (f16, q8_0) for llama.cpp and Ollama, written with the `gguf` package and verified
-by loading the file back with transformers' GGUF loader; an Ollama Modelfile beside each file. (k-quants such as
-q4_k_m are not written: the gguf package has no quantizer for them; llama.cpp's llama-quantize makes them from f16.)
+"""Merged model -> GGUF (f16, q8_0, and the k-quant mixes q4_k_m, q5_k_m, q6_k) for llama.cpp and Ollama, written
+with the `gguf` package and verified by loading the file back with transformers' GGUF loader; an Ollama Modelfile
+beside each file. The gguf package has no quantizer for k-quants: qtune.export.kquants has them and llama.cpp's rule
+for which tensor gets which type; the other k-quant mixes (q3_k_m, q4_k_s, ...) are left to llama.cpp's llama-quantize.
 
 Dense Llama (the embedded SmolLM2) and Qwen3 are supported. Llama's q/k projections are permuted into
 GGML's rotary layout, as llama.cpp's converter does (transformers undoes it on load); Qwen3 needs none.
-Norm weights stay f32; q8_0 quantizes every 2-D weight whose rows divide into 32-value blocks.
+Norm weights stay f32; q8_0 quantizes every 2-D weight whose rows divide into 32-value blocks; a k-quant mix picks a
+type per tensor (kquants.tensor_type), falling back as llama.cpp does where rows do not divide into 256-value blocks.
 Qwen3-MoE is written in llama.cpp's `qwen3moe` layout: transformers' fused gate_up_proj (E, 2·I, H) is split into
 ffn_gate_exps and ffn_up_exps (E, I, H), down_proj is ffn_down_exps (E, H, I), the router is ffn_gate_inp (kept in
 f32: the routing must not move), with expert_count, expert_used_count and expert_feed_forward_length; q8_0 quantizes
@@ -21,16 +23,19 @@ import re
 
 ARCHS = {"llama": "LLAMA", "qwen3": "QWEN3", "qwen3_moe": "QWEN3MOE"}
 EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
-TYPES = ("f16", "q8_0")
-# llama.cpp's k-quants: the gguf package only reads them (gguf.quants has no quantizer for Q4_K, Q5_K, Q6_K), so they
-# are made from the f16 file with llama.cpp's own quantizer
-K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "q4_k", "q5_k")
+TYPES = ("f16", "q8_0", "q4_k_m", "q5_k_m", "q6_k")
+# llama.cpp's other k-quant mixes: made from the f16 file with llama.cpp's own quantizer
+K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q5_k_s", "q4_k", "q5_k")
+FILE_TYPES = {"f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_k_m": "MOSTLY_Q4_K_M", "q5_k_m": "MOSTLY_Q5_K_M",
+              "q6_k": "MOSTLY_Q6_K"}
 
 
 def unknown_type(qtype: str) -> str:
     """The one line for a merge.gguf type qtune does not write."""
+    if qtype.lower() in TYPES:
+        return f"merge.gguf={qtype}: write it in lower case ({qtype.lower()}); valid: {', '.join(TYPES)}"
     if qtype.lower() in K_QUANTS:
-        return (f"merge.gguf={qtype}: llama.cpp's k-quants are made by its own quantizer, not the gguf package; export "
+        return (f"merge.gguf={qtype}: qtune writes the k-quant mixes q4_k_m, q5_k_m and q6_k; for this one export "
                 f"merge.gguf=[f16] and run `llama-quantize <run>/gguf/merged-f16.gguf merged-{qtype.lower()}.gguf "
                 f"{qtype.upper()}`; qtune writes: {', '.join(TYPES)}")
     return f"merge.gguf={qtype}: valid: {', '.join(TYPES)}"
@@ -97,7 +102,7 @@ def export(model, tokenizer, out: Path, qtype: str) -> Path:
     rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta") or getattr(cfg, "rope_theta", 10000.0)
     writer.add_rope_freq_base(float(rope))
     writer.add_vocab_size(cfg.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if qtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[qtype]))
     if cfg.model_type == "qwen3_moe":
         if getattr(cfg, "mlp_only_layers", None) or getattr(cfg, "decoder_sparse_step", 1) != 1:
             raise ConfigError("merge.gguf: llama.cpp's qwen3moe layout has experts in every layer; this model has "
@@ -109,6 +114,20 @@ def export(model, tokenizer, out: Path, qtype: str) -> Path:
 
     state = model.state_dict()
     tied = getattr(cfg, "tie_word_embeddings", False)
+    n_expert = getattr(cfg, "num_experts", 0) if cfg.model_type == "qwen3_moe" else 0
+
+    def kind(name: str, arr) -> str:
+        """The GGML type of one tensor in this file."""
+        if arr.ndim == 1:
+            return "F32"
+        if qtype == "f16":
+            return "F16"
+        if qtype == "q8_0":
+            return "Q8_0" if arr.shape[-1] % 32 == 0 else "F16"
+        from qtune.export.kquants import tensor_type
+
+        return tensor_type(name, arr.shape[-1], qtype, cfg.num_hidden_layers, n_expert, tied)
+
     for hf_name, tensor in state.items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reuses token_embd when output.weight is absent
@@ -120,7 +139,8 @@ def export(model, tokenizer, out: Path, qtype: str) -> Path:
                 gate, up = data.chunk(2, dim=1)
                 parts = [(f"blk.{m[1]}.ffn_gate_exps.weight", gate), (f"blk.{m[1]}.ffn_up_exps.weight", up)]
             for name, part in parts:
-                _add(writer, name, part.contiguous().numpy(), qtype)
+                arr = part.contiguous().numpy()
+                _add(writer, name, arr, kind(name, arr))
             continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
@@ -129,7 +149,8 @@ def export(model, tokenizer, out: Path, qtype: str) -> Path:
             data = _permute(data, cfg.num_attention_heads)
         elif cfg.model_type == "llama" and hf_name.endswith("k_proj.weight"):
             data = _permute(data, cfg.num_key_value_heads)
-        _add(writer, name, data.numpy(), "f32" if ".ffn_gate_inp." in name else qtype)
+        arr = data.numpy()
+        _add(writer, name, arr, "F32" if ".ffn_gate_inp." in name else kind(name, arr))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -137,18 +158,25 @@ def export(model, tokenizer, out: Path, qtype: str) -> Path:
     return out
 
 
-def _add(writer, name: str, arr, qtype: str) -> None:
-    """One tensor: 1-D (and f32 ones) in f32, q8_0 where its rows divide into 32-value blocks, else f16."""
+def _add(writer, name: str, arr, ggml_type: str) -> None:
+    """One tensor in `ggml_type` (a GGMLQuantizationType name): F32, F16, the gguf package's Q8_0 / Q5_0 / Q5_1, or
+    qtune's k-quants."""
     import gguf
     import numpy as np
 
-    if arr.ndim == 1 or qtype == "f32":
+    if ggml_type == "F32":
         writer.add_tensor(name, arr.astype(np.float32))
-    elif qtype == "q8_0" and arr.shape[-1] % 32 == 0:
-        q = gguf.quants.quantize(arr.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
-        writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-    else:
+    elif ggml_type == "F16":
         writer.add_tensor(name, arr.astype(np.float16))
+    else:
+        t = getattr(gguf.GGMLQuantizationType, ggml_type)
+        if ggml_type in ("Q4_K", "Q5_K", "Q6_K"):
+            from qtune.export.kquants import quantize
+
+            q = quantize(arr, ggml_type)
+        else:
+            q = gguf.quants.quantize(arr.astype(np.float32), t)
+        writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=t)
 
 
 def _permute(w, n_head: int):

@@ -147,8 +147,9 @@ def _remove_stale(out: Path, warn=None) -> None:
 
 
 # Next-token agreement a GGUF file must keep with the merged model when loaded back: f16 is a plain cast,
-# q8_0 rounds every weight to 8 bits (~0.5 % error per weight: a few close calls flip).
-GGUF_MIN_AGREEMENT = {"f16": 0.98, "q8_0": 0.8}
+# q8_0 rounds every weight to 8 bits (~0.5 % error per weight: a few close calls flip); the k-quant mixes round most
+# weights to 4-6 bits (2-7 % error per weight). A file whose blocks were laid out wrong agrees on almost nothing.
+GGUF_MIN_AGREEMENT = {"f16": 0.98, "q8_0": 0.8, "q4_k_m": 0.6, "q5_k_m": 0.6, "q6_k": 0.7}
 
 
 def gguf_dir(out: Path) -> Path:
@@ -214,8 +215,9 @@ def _save_4bit(merged_dir: Path, tokenizer) -> Path:
     return target
 
 
-# Bytes a GGUF file takes per weight: f16, and q8_0's blocks of 32 int8 weights with one f16 scale
-GGUF_BYTES_PER_WEIGHT = {"f16": 2.0, "q8_0": 34 / 32}
+# Bytes a GGUF file takes per weight: f16, and q8_0's blocks of 32 int8 weights with one f16 scale; the k-quant mixes
+# at most their fallbacks' (Q5_0 / Q5_1 / Q8_0 where rows are not a multiple of 256)
+GGUF_BYTES_PER_WEIGHT = {"f16": 2.0, "q8_0": 34 / 32, "q4_k_m": 34 / 32, "q5_k_m": 34 / 32, "q6_k": 34 / 32}
 
 
 def _bytes_to_save(merged, base: Path, gguf: list[str]) -> int:
