@@ -74,6 +74,8 @@ def test_a_batch_reuses_its_cache_and_pads_to_its_bucket(model):
     again = engine.generate(PROMPTS[:3], 8)
     assert first == again and len(engine.steps) == 1 and next(iter(engine.steps)) == (4, 128, 0, False)
     assert engine.generate([PROMPTS[0]], 8)[0] == first[0]
+    engine.release()                                 # train.grpo.rollout_cache=free: nothing kept between rounds
+    assert not engine.steps and engine.generate(PROMPTS[:3], 8) == first
 
 
 @pytest.mark.parametrize("top_k", [4, 0])
