@@ -298,6 +298,31 @@ def test_ignore_empty_think_and_thinking_counts(tmp_path, qwen3_tokenizer):
                                                                                          "y" + IM_END])
 
 
+def test_ignore_empty_think_moves_a_pairs_shared_empty_block_into_its_prompt(tmp_path, qwen3_tokenizer):
+    """dpo and kto score the answer tokens only: an empty <think></think> opening both answers becomes the prompt's end
+    (context); a pair where one answer has none keeps both as they are; rm scores whole sequences and is unchanged."""
+    q = [{"role": "user", "content": "2+2?"}]
+    both = {"prompt": q, "chosen": [{"role": "assistant", "content": "<think>\n\n</think>\n\n4"}],
+            "rejected": [{"role": "assistant", "content": "<think>\n\n</think>\n\n5"}]}
+    # (Qwen3's template writes an empty block before a plain last answer itself: a reasoned one differs)
+    one = {"prompt": q, "chosen": [{"role": "assistant", "content": "4"}],
+           "rejected": [{"role": "assistant", "content": "<think>\nfour? five.\n</think>\n\n5"}]}
+    path = write(tmp_path / "p.jsonl", [both, one])
+
+    dec = qwen3_tokenizer.decode
+
+    def rows(stage, **kw):  # in the file's order (prepare shuffles): the reasoned pair second
+        res = dp.prepare(cfg(tmp_path, path=str(path), **kw), qwen3_tokenizer, "q", None, get(stage).data)
+        return sorted(res.load("train"), key=lambda r: "four?" in dec(r.get("rejected_ids") or []))
+
+    plain, ignored = rows("dpo"), rows("dpo", ignore_empty_think=True)
+    assert dec(plain[0]["chosen_ids"]).startswith("<think>") and not dec(plain[0]["prompt_ids"]).endswith(EMPTY_THINK)
+    assert dec(ignored[0]["prompt_ids"]).endswith(EMPTY_THINK)
+    assert (dec(ignored[0]["chosen_ids"]), dec(ignored[0]["rejected_ids"])) == ("4" + IM_END, "5" + IM_END)
+    assert ignored[1] == plain[1]                       # one answer reasons: the pair stays as it was
+    assert rows("rm", ignore_empty_think=True) == rows("rm")
+
+
 # ---------------------------------------------------------------- the dry run names the layout
 
 def test_dry_run_shows_which_layout_read_a_record(tmp_path, tiny_qwen3):

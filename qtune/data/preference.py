@@ -16,7 +16,7 @@ import json
 import numpy as np
 
 from qtune.data import formats
-from qtune.data.template import Markers, check_tool_rendering, encode, escape, render, unescape
+from qtune.data.template import EMPTY_THINK, Markers, check_tool_rendering, encode, escape, render, unescape
 from qtune.errors import DataError
 
 # What prepare builds for a stage's kind of rows (qtune.stages.base.Trains.kind): packed token rows (lm); prompt, chosen and
@@ -210,7 +210,18 @@ def truncate(prompt: list[int], answers: list[list[int]], max_length: int) -> tu
     return prompt, [a[:room] for a in answers], cut_prompt, any(len(a) > room for a in answers)
 
 
-def _tokenize_batch(batch, tokenizer, template: str, markers: Markers, max_length: int, enable_thinking):
+def _empty_think_to_prompt(texts: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """data.ignore_empty_think for pairs and KTO answers: an empty <think></think> opening every answer moves to the
+    prompt's end, where it is context (TRL scores the answer tokens only); an answer without one leaves all as they are
+    (the pair's two answers must stay comparable)."""
+    found = [EMPTY_THINK.match(tail) for _, tail in texts]
+    if not all(found) or len({m.group() for m in found}) != 1:
+        return texts
+    return [(head + m.group(), tail[m.end():]) for (head, tail), m in zip(texts, found)]
+
+
+def _tokenize_batch(batch, tokenizer, template: str, markers: Markers, max_length: int, enable_thinking,
+                    ignore_empty_think: bool = False):
     out = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "label", "length", "trainable", "truncated",
                            "prompt_cut", "answer_cut")}
     for prompt, chosen, rejected, label, where, tools in zip(batch["prompt"], batch["chosen"], batch["rejected"],
@@ -218,6 +229,8 @@ def _tokenize_batch(batch, tokenizer, template: str, markers: Markers, max_lengt
         parts = [json.loads(m) for m in (prompt, chosen, rejected) if m is not None]
         (tools, prompt, *answers), esc = escape(tokenizer, [json.loads(tools) if tools else None] + parts)
         texts = [render_parts(tokenizer, template, markers, prompt, a, enable_thinking, where, tools) for a in answers]
+        if ignore_empty_think:
+            texts = _empty_think_to_prompt(texts)
         pieces = [texts[0][0]] + [t[1] for t in texts]
         ids = encode(tokenizer, pieces, [esc] * len(pieces))[0]   # control tokens only where the template put them
         p, answer_ids, cut_p, cut_a = truncate(ids[0], ids[1:], max_length)
@@ -254,7 +267,9 @@ def tokenize(examples: list[tuple[int, formats.Example]], tokenizer, template: s
     ds = ds.map(_tokenize_batch, batched=True, batch_size=500,
                 remove_columns=["prompt", "chosen", "rejected", "where", "tools"],
                 fn_kwargs=dict(tokenizer=tokenizer, template=template, markers=markers, max_length=data.max_length,
-                               enable_thinking=data.enable_thinking),
+                               enable_thinking=data.enable_thinking,
+                               # rm scores whole sequences at their last token: there is no per-token loss to spare
+                               ignore_empty_think=data.ignore_empty_think and kind != "scored"),
                 new_fingerprint=hashlib.sha1(desc.encode()).hexdigest(), desc=f"tokenizing {desc}")
     if kind == "pairs":
         return ds.remove_columns(["label"])

@@ -23,7 +23,7 @@ import numpy as np
 
 from qtune.config.schema import DataConfig, OnError, SourceConfig, TrainOn
 from qtune.data import formats, llamafactory, preference, prompts
-from qtune.data.template import (Markers, assistant_spans, check_tool_rendering, encode, escape, label_mask,
+from qtune.data.template import (EMPTY_THINK, Markers, assistant_spans, check_tool_rendering, encode, escape, label_mask,
                                   probe_markers, render, resolve_template)
 from qtune.errors import DataError
 from qtune.integrity import manifest_problem, write_manifest
@@ -179,7 +179,6 @@ def mix(per_source: list[list], sources: list[SourceConfig], seed: int) -> list[
 
 # ---------------------------------------------------------------- tokenizing and masking
 
-EMPTY_THINK = re.compile(r"<think>\s*</think>\s*")
 THINK = re.compile(r"<think>(.*?)</think>", re.S)
 
 

@@ -28,6 +28,11 @@ from qtune.errors import DataError, QtuneError
 _Q, _A = "QTUNEPROBEQUESTION", "QTUNEPROBEANSWER"
 
 
+# an empty thinking block (non-thinking data in a thinking model's template): data.ignore_empty_think keeps it out of
+# the loss
+EMPTY_THINK = re.compile(r"<think>\s*</think>\s*")
+
+
 @dataclass(frozen=True)
 class Markers:
     header: str  # text that opens an assistant turn, e.g. "<|im_start|>assistant\n"
