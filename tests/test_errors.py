@@ -117,7 +117,8 @@ CASES = [
     ("train", ["train.stage=grpo", "--dry-run", "quant=int8", "train.grpo.generation=qtune"],
      "train.grpo.generation=qtune with quant=int8: the engine's CUDA graph cannot hold LLM.int8's matmul"),
     ("train", ["train.stage=grpo", "train.grpo.rewards=[{fn: exact}]"], "train.grpo.rewards[0].fn=exact: no such "
-     "reward; built-in: exact_answer, format, length, or your own as module:function or path/to/file.py:function"),
+     "reward; built-in: exact_answer, format, length, reward_model, or your own as module:function or "
+     "path/to/file.py:function"),
     ("train", ["train.stage=grpo", "train.grpo.rewards=[{fn: no_such_module:f}]"], "train.grpo.rewards[0].fn="
      "no_such_module:f: cannot import no_such_module (ModuleNotFoundError: No module named 'no_such_module')"),
     ("train", ["model=tiny_qwen3", "train.stage=grpo", "train.grpo.max_completion_length=3000"],
