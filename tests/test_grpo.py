@@ -299,3 +299,30 @@ def test_a_reward_model_from_an_rm_run_scores_completions_as_its_training_pairs_
     bad = to_object(compose(["train.stage=grpo", f"train.grpo.rewards=[{{fn: reward_model, run: '{tmp_path}'}}]"]))
     with pytest.raises(ConfigError, match=r"train.grpo.rewards\[0\].fn=reward_model: run=.* is not a trained run folder"):
         rewards.load(bad.train.grpo)
+
+
+@pytest.mark.slow
+def test_grpo_killed_and_resumed_continues_its_reward_curve(tmp_path):
+    """kill -9 after the step-2 checkpoint, then the same command: the run resumes there, and its rewards (a reward
+    that varies with the sampled tokens, so the draws must continue as they would have) equal an uninterrupted run's."""
+    from test_train import kill_once
+
+    (tmp_path / "low.py").write_text("def low(prompts, completions, completion_ids, **kwargs):\n"
+                                     "    return [sum(t < 75000 for t in ids) / len(ids) for ids in completion_ids]\n")
+
+    def args(run):
+        return grpo(run, "train.max_steps=4", "train.save_steps=2", f"train.grpo.rewards=[{{fn: '{tmp_path}/low.py:low'}}]")
+
+    def rewards(run):
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["reward"] for r in rows if "reward" in r}
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert qtune(*args(straight)).returncode == 0
+    kill_once(args(resumed), resumed / "checkpoints" / "checkpoint-2" / "trainer_state.json")
+    p = qtune(*args(resumed))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "resumed from step 2" in p.stdout, p.stdout
+    a, b = rewards(straight), rewards(resumed)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4] and len(set(a.values())) > 1
+    assert all(abs(a[s] - b[s]) < 1e-6 for s in a), (a, b)
