@@ -108,14 +108,13 @@ def rollout(cfg):
 class Rollouts:
     """fn(prompts, trainer) -> TRL's rollout dict: the prompts rendered and tokenized by TRL's own code (the chat
     template and enable_thinking as TRL's generation would see them), completed by one BatchDecoder made on first use
-    and kept for the run (its captured step and cache are reused at every step)."""
+    and kept for the run: its captured step and cache are reused at every round (train.grpo.rollout_cache=keep), or
+    freed after each (free)."""
 
     def __init__(self, cache: str = "keep"):
-        self.engine, self.cache, self.tokens, self.seconds = None, cache, 0, 0.0
+        self.engine, self.cache, self.tokens = None, cache, 0    # tokens: new tokens made so far
 
     def __call__(self, prompts, trainer):
-        import time
-
         from qtune.inference.engine import BatchDecoder, Sampling
 
         args = trainer.args
@@ -126,15 +125,13 @@ class Rollouts:
             self.engine = BatchDecoder(model, eos=list(trainer.eos_token_ids),
                                        pad=pad if pad is not None else trainer.eos_token_ids[0])
         prompt_ids, _, _ = trainer._tokenize_prompts(prompts)
-        started = time.perf_counter()
         completions = self.engine.generate(
             [list(p) for p in prompt_ids], args.max_completion_length,
             Sampling(temperature=args.temperature, top_p=args.top_p if args.top_p is not None else 1.0,
                      top_k=args.top_k or 0))
-        if str(self.cache) == "free":
+        if self.cache == "free":
             self.engine.release()
         self.tokens += sum(len(c) for c in completions)
-        self.seconds += time.perf_counter() - started
         return {"prompt_ids": [list(p) for p in prompt_ids], "completion_ids": completions, "logprobs": None}
 
 
