@@ -50,6 +50,7 @@ def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] |
     # each prompt's completions)
     tokens = stage.tokens(cfg)
     size = max(t.nproc, world().size)  # train.nproc, or the launcher's world under torchrun
+    generation, kept = stage.generation_memory(cfg)  # grpo: the rollouts' KV cache, and whether training holds it too
 
     def one_gpu(fast, hosted: bool | None = None, fsdp: bool = False):
         """fast: the builder's decisions for a CUDA run (qtune.modeling.builder.expected)."""
@@ -59,7 +60,7 @@ def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] |
             hosted = head_on_host(str(t.head_on_host), fast.on, lambda: one_gpu(fast, False).total,
                                   gpu_bytes if usable is None else lambda: usable)
         experts4 = experts_4bit(fast.on, cfg.quant)
-        return estimate(model, cfg.model.arch, matched, cfg.quant, tokens, t.gradient_checkpointing, on_gpu=True,
+        m = estimate(model, cfg.model.arch, matched, cfg.quant, tokens, t.gradient_checkpointing, on_gpu=True,
                         offload_inputs=fast.offload, experts4=experts4,
                         experts_direct=experts4 and direct_expected(str(cfg.quant.method), capability),
                         compact=fast.on and stage.compacts, lm_head=stage.head == "lm",
@@ -70,15 +71,9 @@ def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] |
                         # fp32 master weights (fsdp2_prepare_model, mixed precision on)
                         adapters_fp32=fsdp and cfg.quant.method is QuantMethod.none,
                         trained_bytes=trained_bytes, reference=reference, method=str(t.method))
-
-    generation, kept = stage.generation_memory(cfg)
-
-    def with_generation(m):
         m.generation, m.generation_kept = float(generation), kept
         return m
 
-    inner = one_gpu
-    one_gpu = lambda *a, **k: with_generation(inner(*a, **k))  # noqa: E731
     single = one_gpu(expected(cfg, size))
     how = strategy(t.distributed, "cuda", size, lambda: single.total)
     # under FSDP2 training takes the reference path (qtune.modeling.fast.decide): no 4-bit experts, no compaction
