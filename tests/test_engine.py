@@ -192,3 +192,119 @@ def test_gpu_a_dense_nf4_projection_read_in_4_bits_equals_its_dequantized_produc
             err = (got.float() - want).abs().max() / want.abs().max()
             assert err < 1e-2, (out_f, in_f, rows, float(err))
         assert lora._four_bit_product(layer, torch.randn(257, in_f, device="cuda", dtype=torch.bfloat16)) is None
+
+
+# -- continuous batching (Scheduler) ---------------------------------------------------------------------------------
+
+def run_jobs(model, jobs, slots=3, length=64, chunk=4, eos=(), **kw):
+    """Submit every job at once to a Scheduler of `slots` slots (so some wait and join as others leave) and wait
+    for them all; returns each job's (tokens, finish reason)."""
+    import threading
+
+    from qtune.inference.engine import Job, Scheduler
+
+    sched = Scheduler(model, slots=slots, length=length, eos=list(eos), graph=False, chunk=chunk, **kw)
+    out, ended = [], []
+    try:
+        for spec in jobs:
+            tokens, done = [], threading.Event()
+            box = {}
+            job = Job(on_token=lambda t, lp, tokens=tokens: tokens.append(t),
+                      on_end=lambda r, box=box, done=done: (box.setdefault("reason", r), done.set()), **spec)
+            out.append((tokens, box, done, job))
+            assert sched.submit(job)
+        for tokens, box, done, _ in out:
+            assert done.wait(120), "a job never ended"
+            ended.append((tokens, box["reason"]))
+    finally:
+        sched.close()
+    return ended
+
+
+@pytest.mark.parametrize("which", ["model", "adapted"])
+def test_continuous_batching_greedy_equals_each_prompt_alone(which, request):
+    """Six requests of different lengths and budgets through 3 slots, prompts prefilled 4 tokens a chunk: requests
+    join as others leave, and each decodes token for token what it decodes alone."""
+    m = request.getfixturevalue(which)
+    m.eval()
+    prompts = PROMPTS + [[7] * 13, list(range(300, 318))]
+    budgets = [12, 3, 9, 15, 6, 10]
+    got = run_jobs(m, [dict(prompt=p, max_new_tokens=n) for p, n in zip(prompts, budgets)])
+    want = [one_at_a_time(m, p, n, []) for p, n in zip(prompts, budgets)]
+    assert [g[0] for g in got] == want
+    assert all(g[1] == "length" for g in got)
+    # an end-of-text token ends its row (kept), the others go on
+    stop = want[0][4]
+    got = run_jobs(m, [dict(prompt=p, max_new_tokens=n) for p, n in zip(prompts, budgets)], eos=[stop])
+    want = [one_at_a_time(m, p, n, [stop]) for p, n in zip(prompts, budgets)]
+    assert [g[0] for g in got] == want
+    assert got[0][1] == "stop"
+
+
+def test_a_seeded_request_draws_the_same_alone_and_in_company(model):
+    """Draws hash the request's seed, position and token: the same seed gives the same text whatever else runs."""
+    sampled = dict(prompt=PROMPTS[0], max_new_tokens=10, temperature=1.0, top_p=0.9, seed=1234)
+    alone = run_jobs(model, [sampled], slots=1)[0][0]
+    crowd = run_jobs(model, [dict(prompt=PROMPTS[2], max_new_tokens=7, temperature=0.7, seed=5),
+                             dict(prompt=PROMPTS[1], max_new_tokens=12), sampled,
+                             dict(prompt=PROMPTS[3], max_new_tokens=4, temperature=1.3, top_k=5)], slots=4)
+    assert crowd[2][0] == alone
+    other = run_jobs(model, [{**sampled, "seed": 4321}], slots=1)[0][0]
+    assert other != alone      # (10 draws at temperature 1 from a random model: equal only by a fluke)
+
+
+def test_logit_bias_and_penalties_shape_the_rows_that_ask_for_them(model):
+    biased = run_jobs(model, [dict(prompt=PROMPTS[0], max_new_tokens=6, logit_bias={321: 100.0}),
+                              dict(prompt=PROMPTS[0], max_new_tokens=6)], slots=2)
+    assert biased[0][0] == [321] * 6
+    assert biased[1][0] == one_at_a_time(model, PROMPTS[0], 6, [])
+    # a frequency penalty this large forbids any token twice
+    fresh = run_jobs(model, [dict(prompt=PROMPTS[3], max_new_tokens=20, frequency_penalty=100.0)], slots=1)[0][0]
+    assert len(set(fresh)) == len(fresh)
+
+
+def test_a_cancelled_request_frees_its_slot_for_the_next(model):
+    import threading
+
+    from qtune.inference.engine import Job, Scheduler
+
+    sched = Scheduler(model, slots=1, length=512, eos=[], graph=False)
+    try:
+        first_token = threading.Event()
+        reasons = {}
+        long = Job(prompt=PROMPTS[0], max_new_tokens=400, on_token=lambda t, lp: first_token.set(),
+                   on_end=lambda r: reasons.setdefault("long", r))
+        ended = threading.Event()
+        tokens = []
+        short = Job(prompt=PROMPTS[1], max_new_tokens=5, on_token=lambda t, lp: tokens.append(t),
+                    on_end=lambda r: (reasons.setdefault("short", r), ended.set()))
+        assert sched.submit(long) and sched.submit(short)
+        assert first_token.wait(60)
+        long.cancel()
+        assert ended.wait(60)
+        assert reasons == {"long": "cancelled", "short": "length"}
+        assert tokens == one_at_a_time(model, PROMPTS[1], 5, [])
+    finally:
+        sched.close()
+
+
+def test_log_probabilities_are_the_model_s(model):
+    got = []
+    from qtune.inference.engine import Job, Scheduler
+    import threading
+
+    sched = Scheduler(model, slots=2, length=64, eos=[], graph=False, top_logprobs=5)
+    done = threading.Event()
+    try:
+        sched.submit(Job(prompt=PROMPTS[0], max_new_tokens=3, top_logprobs=3,
+                         on_token=lambda t, lp: got.append((t, lp)), on_end=lambda r: done.set()))
+        assert done.wait(60)
+    finally:
+        sched.close()
+    ids = torch.tensor([PROMPTS[0] + [t for t, _ in got[:-1]]])
+    with torch.no_grad():
+        lp = model(input_ids=ids).logits[0, len(PROMPTS[0]) - 1:].float().log_softmax(-1)
+    for i, (t, (chosen, top)) in enumerate(got):
+        assert chosen == pytest.approx(lp[i, t].item(), abs=1e-4)
+        assert [x for x, _ in top] == lp[i].topk(3).indices.tolist()
+        assert top[0][0] == t     # greedy: the most likely

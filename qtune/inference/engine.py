@@ -278,3 +278,461 @@ class BatchDecoder:
             end = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
             result.append(row[:end])
         return result
+
+
+# -- continuous batching: requests join and leave a running batch between steps ---------------------------------------
+
+HASH_A = -7046029254386353131     # 0x9E3779B97F4A7C15 as int64: splitmix64's constants
+HASH_B = -4658895280553007687     # 0xBF58476D1CE4E5B9
+HASH_C = -7723592293110705685     # 0x94D049BB133111EB
+
+
+def _uniform(seed: torch.Tensor, step: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """A uniform number in (0, 1) for each (row's seed, row's position, token id): splitmix64 over int64, on the
+    device, graph-safe. A request's draws then depend on its seed and its own tokens only, never on the other rows
+    of the batch or on the order requests arrived in (a seeded request answers the same alone and in company)."""
+    x = seed * HASH_A + step * HASH_B + token
+    x = x ^ (x >> 30)
+    x = x * HASH_B
+    x = x ^ (x >> 27)
+    x = x * HASH_C
+    x = x ^ (x >> 31)
+    return (((x >> 40) & 0xFFFFFF).float() + 0.5) / 16777216.0
+
+
+@dataclass
+class Job:
+    """One sequence to decode. The engine thread calls on_token(token, logprobs) for each new token (logprobs: None,
+    or (the token's log-probability, [(id, log-probability)] of the top ones) when top_logprobs >= 0) and
+    on_end(finish_reason) once: "stop" (an end-of-text token), "length" (max_new_tokens, or the cache is full),
+    "cancelled" (cancel() was called: a client gone, a stop string seen) or "error: ...". `adapter`: a key that
+    Scheduler.adapters understands (None: the model as loaded)."""
+    prompt: list
+    max_new_tokens: int
+    on_token: object
+    on_end: object
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict = None
+    seed: int | None = None
+    top_logprobs: int = -1        # -1: no log-probabilities; 0: the chosen token's; k: and the k most likely
+    adapter: object = None
+
+    def __post_init__(self):
+        import threading
+
+        self.cancelled = threading.Event()
+        self.generated = 0
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class _Where:
+    """Where the next forward writes into the slot cache: every decoding row at its own column (decode), or one
+    row's chunk of prompt at columns start.. (prefill). Read by the cache layers; a captured graph keeps the mode it
+    was captured in."""
+    mode = "decode"
+    batch = 1
+    slot = 0
+    start = 0
+
+
+class _SlotLayer:
+    """One layer's keys and values for every slot: (slots, heads, length, dim), written per row at the row's own
+    column (an index_put the graph replays with the columns it reads from a device tensor)."""
+    is_initialized = True
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, slots, heads, length, dim, dtype, device, where: _Where, rows, columns):
+        self.keys = torch.zeros((slots, heads, length, dim), dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.where, self.rows, self.columns, self.max_cache_len = where, rows, columns, length
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        w = self.where
+        if w.mode == "prefill":
+            end = w.start + key_states.shape[2]
+            self.keys[w.slot:w.slot + 1, :, w.start:end] = key_states
+            self.values[w.slot:w.slot + 1, :, w.start:end] = value_states
+            return self.keys[w.slot:w.slot + 1, :, :end], self.values[w.slot:w.slot + 1, :, :end]
+        b = w.batch
+        rows, cols = self.rows[:b], self.columns[:b]
+        self.keys[rows, :, cols] = key_states[:, :, 0]
+        self.values[rows, :, cols] = value_states[:, :, 0]
+        return self.keys[:b], self.values[:b]
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def get_mask_sizes(self, query_length: int):
+        return self.max_cache_len, 0
+
+
+def _slot_cache(config, slots: int, length: int, dtype, device, where, rows, columns):
+    from transformers.cache_utils import Cache
+
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layers = [_SlotLayer(slots, heads, length, dim, dtype, device, where, rows, columns)
+              for _ in range(config.num_hidden_layers)]
+    return Cache(layers=layers)
+
+
+class Scheduler:
+    """Continuous batching over `slots` fixed cache slots of `length` tokens each (serve's engine).
+
+    A thread of its own owns the model. Each turn it (1) gives waiting jobs the lowest free slots, (2) prefills one
+    chunk (at most `chunk` tokens) of one admitted job's prompt, so a long prompt never holds the running rows for
+    more than a chunk, and the last chunk picks the job's first token, then (3) decodes one token for every running
+    row: one forward of the first b slots (b the batch bucket of the highest running slot), replayed from a CUDA graph
+    captured per (b, variant) on a GPU. Rows leave the moment they end or are cancelled; their slot is free for the
+    next job at the next turn. Each row has its own position (its own column in its slot), sampling settings,
+    penalties, logit bias and seed (draws are a hash of seed, position and token: see _uniform), so a row decodes
+    what it would decode alone.
+
+    `adapters`: an object with `key(job.adapter)` (an int row index, or None when the adapter is not mixable) and
+    `select(tensor)` (set each row's adapter for the next forward), or None: then all running rows use the same
+    `job.adapter`, and `switch(adapter)` is called while no row runs before a job of another adapter is admitted.
+    """
+
+    def __init__(self, model, slots: int, length: int, eos: list[int], graph: bool | None = None, chunk: int = 512,
+                 queue: int = 256, top_logprobs: int = 20, switch=None, adapters=None, notice=None):
+        import threading
+        from collections import deque
+
+        dev = next(model.parameters()).device
+        self.model, self.slots, self.length, self.chunk = model, slots, length, chunk
+        self.graph = (dev.type == "cuda") if graph is None else graph
+        self.dtype = _compute_dtype(model)
+        self.keyword = _cache_keyword(model)
+        config = _base(model).config
+        self.layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.vocab = vocab
+        self.where = _Where()
+        z = dict(device=dev)
+        self.rows = torch.arange(slots, **z)
+        # each row's next write (= its position); a row that runs nothing is parked at column `length`, a scratch
+        # column past every real one, so the decode steps it still takes write where no prompt lies
+        self.columns = torch.full((slots,), length, dtype=torch.long, **z)
+        self.cache = _slot_cache(config, slots, length + 1, self.dtype, dev, self.where, self.rows, self.columns)
+        self.masked = torch.finfo(self.dtype).min
+        self.mask = torch.full((slots, 1, 1, length + 1), self.masked, dtype=self.dtype, **z)
+        self.zero = torch.zeros((), dtype=self.dtype, **z)
+        self.token = torch.zeros((slots, 1), dtype=torch.long, **z)
+        self.temperature = torch.ones((slots, 1), **z)
+        self.greedy = torch.ones((slots, 1), dtype=torch.bool, **z)
+        self.top_p = torch.ones((slots, 1), **z)
+        self.top_k = torch.full((slots, 1), vocab, dtype=torch.long, **z)
+        self.penalty = torch.ones((slots, 1), **z)
+        self.presence = torch.zeros((slots, 1), **z)
+        self.frequency = torch.zeros((slots, 1), **z)
+        self.seed = torch.zeros((slots, 1), dtype=torch.long, **z)
+        self.counts = torch.zeros((slots, vocab), **z)
+        self.seen = torch.zeros((slots, vocab), dtype=torch.bool, **z)
+        self.bias = torch.zeros((slots, vocab), **z)
+        self.k = top_logprobs
+        self.chosen = torch.zeros((slots, 1), **z)
+        self.top_lp = torch.zeros((slots, max(top_logprobs, 1)), **z)
+        self.top_id = torch.zeros((slots, max(top_logprobs, 1)), dtype=torch.long, **z)
+        self.vocab_ids = torch.arange(vocab, **z)
+        self.ranks = torch.arange(vocab, **z)
+        self.eos = set(eos)
+        self.switch, self.adapters, self.notice = switch, adapters, notice or (lambda line: None)
+        self.adapter_rows = torch.full((slots,), -1, dtype=torch.long, **z)
+        self.current = None                      # the adapter every row uses (no mixing)
+        self.running: dict[int, Job] = {}        # slot -> job decoding
+        self.filling: dict[int, list] = {}       # slot -> [job, tokens prefilled]
+        self.waiting = deque()
+        self.max_waiting = queue
+        self.graphs: dict[tuple, object] = {}
+        self.pool = None
+        self.lock = threading.Condition()
+        self.closed = False
+        self.thread = threading.Thread(target=self._loop, name="qtune-scheduler", daemon=True)
+        self.thread.start()
+
+    # -- the host's side ------------------------------------------------------------------------------------------
+    def submit(self, job: Job) -> bool:
+        """Queue a job; False when the queue is full (the caller answers 429) or the scheduler is closed."""
+        if len(job.prompt) + 1 > self.length:
+            raise ValueError(f"the prompt is {len(job.prompt)} tokens; a slot holds {self.length}")
+        with self.lock:
+            if self.closed or len(self.waiting) >= self.max_waiting:
+                return False
+            self.waiting.append(job)
+            self.lock.notify()
+        return True
+
+    def load(self) -> dict:
+        with self.lock:
+            return dict(running=len(self.running) + len(self.filling), waiting=len(self.waiting), slots=self.slots)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Cancel everything and stop the thread."""
+        with self.lock:
+            self.closed = True
+            for job in list(self.waiting) + list(self.running.values()) + [f[0] for f in self.filling.values()]:
+                job.cancel()
+            self.lock.notify()
+        self.thread.join(timeout)
+
+    # -- the engine thread ------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            with torch.no_grad():
+                while True:
+                    with self.lock:
+                        while not (self.closed or self.waiting or self.running or self.filling):
+                            self.lock.wait()
+                        if self.closed and not (self.running or self.filling):
+                            for job in self.waiting:
+                                job.on_end("cancelled")
+                            self.waiting.clear()
+                            return
+                        self._admit()
+                    self._drop_cancelled()
+                    if self.filling:
+                        self._prefill_chunk()
+                    if self.running:
+                        self._decode()
+        except BaseException as e:   # every job learns of it; the server answers 500 for them
+            import traceback
+
+            self.notice("qtune: the decoding engine stopped: " + "".join(traceback.format_exception_only(e)).strip())
+            with self.lock:
+                self.closed = True
+                jobs = list(self.waiting) + list(self.running.values()) + [f[0] for f in self.filling.values()]
+                self.waiting.clear()
+                self.running.clear()
+                self.filling.clear()
+            for job in jobs:
+                job.on_end(f"error: {type(e).__name__}: {e}")
+
+    def _admit(self) -> None:
+        used = set(self.running) | set(self.filling)
+        free = [s for s in range(self.slots) if s not in used]
+        while self.waiting and free:
+            job = self.waiting[0]
+            if job.cancelled.is_set():
+                self.waiting.popleft()
+                job.on_end("cancelled")
+                continue
+            if self.adapters is None or self.adapters.key(job.adapter) is None:
+                if used and job.adapter != self.current:
+                    return        # its adapter is another: it waits until the running rows are done
+                if job.adapter != self.current or not used:
+                    if self.switch is not None:
+                        self.switch(job.adapter)
+                    self.current = job.adapter
+            self.waiting.popleft()
+            slot = free.pop(0)
+            used.add(slot)
+            self.filling[slot] = [job, 0]
+
+    def _drop_cancelled(self) -> None:
+        for slot, job in list(self.running.items()):
+            if job.cancelled.is_set():
+                self._end(slot, job, "cancelled")
+        for slot, (job, _) in list(self.filling.items()):
+            if job.cancelled.is_set():
+                del self.filling[slot]
+                job.on_end("cancelled")
+
+    def _end(self, slot: int, job: Job, reason: str) -> None:
+        self.running.pop(slot, None)
+        self.columns[slot] = self.length
+        job.on_end(reason)
+
+    def _start_row(self, slot: int, job: Job) -> None:
+        s = slot
+        self.mask[s].fill_(self.masked)
+        self.temperature[s] = max(job.temperature, 1e-5)
+        self.greedy[s] = job.temperature <= 0
+        self.top_p[s] = job.top_p
+        self.top_k[s] = job.top_k if job.top_k and job.top_k > 0 else self.vocab
+        self.penalty[s] = job.repetition_penalty
+        self.presence[s] = job.presence_penalty
+        self.frequency[s] = job.frequency_penalty
+        seed = job.seed
+        if seed is None:
+            import random
+
+            seed = random.getrandbits(62)
+        self.seed[s] = int(seed) % (2 ** 63)
+        self.counts[s].zero_()
+        self.seen[s].zero_()
+        self.seen[s, torch.tensor(job.prompt, dtype=torch.long, device=self.seen.device)] = True
+        self.bias[s].zero_()
+        for token, value in (job.logit_bias or {}).items():
+            self.bias[s, int(token)] = value
+        if self.adapters is not None:
+            key = self.adapters.key(job.adapter)
+            self.adapter_rows[s] = -1 if key is None else key
+
+    def _prefill_chunk(self) -> None:
+        slot = min(self.filling)
+        job, done = self.filling[slot]
+        if done == 0:
+            self._start_row(slot, job)
+        piece = job.prompt[done:done + self.chunk]
+        n = len(piece)
+        dev = self.token.device
+        end = done + n
+        causal = torch.ones((n, n), dtype=torch.bool, device=dev).tril()
+        mask = torch.full((1, 1, n, end), self.masked, dtype=self.dtype, device=dev)
+        mask[:, :, :, :done] = 0.0
+        mask[0, 0, :, done:end].masked_fill_(causal, 0.0)
+        self.where.mode, self.where.slot, self.where.start = "prefill", slot, done
+        if self.adapters is not None:
+            self.adapters.select(self.adapter_rows[slot:slot + 1])
+        try:
+            logits = self.model(input_ids=torch.tensor([piece], dtype=torch.long, device=dev),
+                                attention_mask=self._masks(mask),
+                                position_ids=torch.arange(done, end, device=dev).unsqueeze(0), use_cache=True,
+                                logits_to_keep=1, **{self.keyword: self.cache}).logits[:, -1]
+        finally:
+            self.where.mode = "decode"
+        self.mask[slot, 0, 0, done:end] = 0.0
+        if end < len(job.prompt):
+            self.filling[slot][1] = end
+            return
+        del self.filling[slot]
+        self.columns[slot] = end
+        nxt = self._pick(logits, slice(slot, slot + 1), logprobs=job.top_logprobs >= 0)
+        self.token[slot] = nxt[0]
+        self.running[slot] = job
+        self._emit({slot: job}, nxt.view(-1).tolist(), slot)
+
+    def _masks(self, mask):
+        return {kind: mask for kind in self.layer_types} if len(self.layer_types) > 1 else mask
+
+    def _pick(self, logits: torch.Tensor, rows: slice, logprobs: bool, sample: bool = True,
+              sort: bool = True) -> torch.Tensor:
+        """The next token of each row in `rows` from its logits, as generate's processors would: the repetition
+        penalty, OpenAI's bias and penalties, then greedy, or temperature, top-k, top-p and a draw."""
+        x = logits.float()
+        seen = self.seen[rows]
+        x = torch.where(seen, torch.where(x > 0, x / self.penalty[rows], x * self.penalty[rows]), x)
+        counts = self.counts[rows]
+        x = x + self.bias[rows] - counts * self.frequency[rows] - (counts > 0).float() * self.presence[rows]
+        nxt = x.argmax(-1, keepdim=True)
+        if sample:
+            scaled = x / self.temperature[rows]
+            if sort:
+                scaled, index = scaled.sort(dim=-1, descending=True)
+                probs = scaled.softmax(-1)
+                probs = probs.masked_fill(self.ranks >= self.top_k[rows], 0.0)
+                probs = probs.masked_fill(probs.cumsum(-1) - probs > self.top_p[rows], 0.0)
+            else:
+                index = None
+                probs = scaled.softmax(-1)
+            tokens = self.vocab_ids if index is None else index
+            # the exponential race: argmax(p / E), E = -log(U) ~ Exp(1), is a draw from p
+            e = -torch.log(_uniform(self.seed[rows], self.columns[rows].unsqueeze(1), tokens))
+            drawn = (probs / e).argmax(-1, keepdim=True)
+            if index is not None:
+                drawn = index.gather(-1, drawn)
+            nxt = torch.where(self.greedy[rows], nxt, drawn)
+        if logprobs:
+            lp = x.log_softmax(-1)
+            self.chosen[rows] = lp.gather(-1, nxt)
+            if self.k:
+                top = lp.topk(self.k, dim=-1)
+                self.top_lp[rows] = top.values
+                self.top_id[rows] = top.indices
+        self.counts[rows].scatter_add_(1, nxt, torch.ones_like(nxt, dtype=self.counts.dtype))
+        self.seen[rows].scatter_(1, nxt, True)
+        return nxt
+
+    def _variant(self, b: int) -> tuple:
+        jobs = [j for s, j in self.running.items() if s < b]
+        sample = any(j.temperature > 0 for j in jobs)
+        sort = sample and any(j.temperature > 0 and (j.top_p < 1 or (j.top_k or 0) > 0) for j in jobs)
+        logprobs = any(j.top_logprobs >= 0 for j in jobs)
+        return b, sample, sort, logprobs
+
+    def _body(self, b: int, sample: bool, sort: bool, logprobs: bool) -> None:
+        rows, cols = self.rows[:b], self.columns[:b]
+        # each row's own column becomes visible to it, then one forward of b tokens
+        self.mask[rows, 0, 0, cols] = self.zero
+        self.mask[:b, :, :, self.length:] = self.masked     # the scratch column stays hidden from every row
+        logits = self.model(input_ids=self.token[:b], attention_mask=self._masks(self.mask[:b]),
+                            position_ids=cols.unsqueeze(1), use_cache=True,
+                            **{self.keyword: self.cache}).logits[:, -1]
+        self.columns[:b] = (cols + 1).clamp(max=self.length)
+        nxt = self._pick(logits, slice(0, b), logprobs, sample, sort)
+        self.token[:b] = nxt
+
+    def _decode(self) -> None:
+        b = batch_bucket(max(self.running) + 1)
+        b = min(b, self.slots)
+        key = self._variant(b)
+        self.where.mode, self.where.batch = "decode", b
+        if self.adapters is not None:
+            self.adapters.select(self.adapter_rows[:b])
+        g = self.graphs.get(key)
+        if g is None and self.graph and key not in self.graphs:
+            g = self.graphs[key] = self._capture(*key)
+        if g is not None:
+            g.replay()
+        else:
+            self._body(*key)
+        tokens = self.token[:b, 0].tolist()
+        self._emit(dict(self.running), tokens, 0)
+
+    def _emit(self, jobs: dict, tokens: list, first: int) -> None:
+        """Hand each running row its new token; end the rows that are done."""
+        lps = None
+        if any(j.top_logprobs >= 0 for j in jobs.values()):
+            lps = (self.chosen[:, 0].tolist(), self.top_lp.tolist(), self.top_id.tolist())
+        for slot, job in jobs.items():
+            t = tokens[slot - first]
+            job.generated += 1
+            lp = None
+            if lps is not None and job.top_logprobs >= 0:
+                k = job.top_logprobs
+                lp = (lps[0][slot], list(zip(lps[2][slot][:k], lps[1][slot][:k])))
+            job.on_token(t, lp)
+            if t in self.eos:
+                self._end(slot, job, "stop")
+            elif job.generated >= job.max_new_tokens or len(job.prompt) + job.generated >= self.length:
+                self._end(slot, job, "length")
+
+    def _capture(self, b, sample, sort, logprobs):
+        """Capture one decode step of the first b slots; None (and eager steps from then on) when it cannot be."""
+        state = [self.mask, self.columns, self.token, self.counts, self.seen, self.chosen, self.top_lp, self.top_id]
+        saved = [t.clone() for t in state]
+        layers = [(layer.keys[:b].clone(), layer.values[:b].clone()) for layer in self.cache.layers]
+        try:
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._body(b, sample, sort, logprobs)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self._body(b, sample, sort, logprobs)
+            return graph
+        except Exception as e:  # decode on without graphs: slower, still right
+            self.graph = False
+            self.notice(f"qtune serve: decoding without CUDA graphs, capturing the step failed: {str(e)[:300]}")
+            return None
+        finally:
+            for t, s in zip(state, saved):
+                t.copy_(s)
+            for layer, (k, v) in zip(self.cache.layers, layers):
+                layer.keys[:b].copy_(k)
+                layer.values[:b].copy_(v)
