@@ -23,6 +23,7 @@ tests/test_bench.py calls plain() on the tiny Qwen3).
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -140,9 +141,13 @@ def main(which, steps: int = STEPS):
             ["train.method=freeze", "train.freeze.trainable_layers=4"]
         bf16 = ["train.trainable_dtype=bf16"] if row.endswith(("_bf16", "_paged")) else []
         optim = "paged_adamw_8bit" if row.endswith("_paged") else "adamw_torch_fused"
+        # run folders go once read: a full 8B run's last checkpoint with its optimizer states is ~32 GB (the machine's
+        # disk is 64 GB, so the paged row writes to memory-backed /dev/shm where there is one)
+        runs = Path("/dev/shm/qtune-bench-full") if row.endswith("_paged") and Path("/dev/shm").is_dir() else WORK
         for side, fast in (("qtune", "auto"), ("ref", "false")):
-            r = qtune_train(f"{side}_{row}", WORK / f"{side}_{row}", args, data, SEQ, steps, WORK / "home", *method,
+            r = qtune_train(f"{side}_{row}", runs / f"{side}_{row}", args, data, SEQ, steps, WORK / "home", *method,
                             *bf16, f"train.optim={optim}", f"train.fast={fast}", "train.lr=1e-5")
+            shutil.rmtree(runs / f"{side}_{row}", ignore_errors=True)
             keep(r)
         if row.endswith("_paged"):
             continue

@@ -31,7 +31,7 @@ def run(cfg: Config):
         loaded = load(cfg, use="adapter", extra_adapters=dict(cfg.serve.adapters))
         loaded.notice = ui.note
     app = build_app(loaded, cfg, log=ui.line if cfg.serve.log_requests else None)
-    ui.info(f"qtune serve: {loaded.label}; models: {', '.join(loaded.names())}; "
+    ui.info(f"qtune serve: {loaded.label}; models: {', '.join(loaded.names())}; {app.state.engine_line}; "
             f"http://{cfg.serve.host}:{cfg.serve.port}/v1" + (" (Bearer key required)" if cfg.serve.api_key else ""))
 
     class Server(uvicorn.Server):

@@ -583,6 +583,14 @@ class ServeConfig:
     max_body_bytes: int = 1_048_576
     max_prompt_tokens: Optional[int] = None   # null = the model's context less max_tokens
     log_requests: bool = True                # a line per /v1 request on stdout (time, model, tokens, latency, status)
+    # continuous batching: requests decode together in max_batch cache slots of max_model_len tokens each (prompt and
+    # completion); null = 32 slots on a GPU (fewer when the cache would not fit in 90 % of its free memory; the
+    # start line says what was chosen), 4 on a CPU, and the model's context capped at 4096 (2048 on a CPU)
+    max_batch: Optional[int] = None
+    max_model_len: Optional[int] = None
+    max_queue: int = 256                     # requests waiting for a slot; beyond it: 429 with Retry-After
+    prefill_chunk: int = 512                 # prompt tokens prefilled per turn: a long prompt never stalls the others
+    max_n: int = 8                           # completions one request may ask for (OpenAI's n)
 
     def __post_init__(self) -> None:
         _check_range("serve", "port", self.port, low=1, high=65535)
@@ -590,6 +598,12 @@ class ServeConfig:
         _check_range("serve", "max_body_bytes", self.max_body_bytes, low=1)
         if self.max_prompt_tokens is not None:
             _check_range("serve", "max_prompt_tokens", self.max_prompt_tokens, low=1)
+        for key in ("max_batch", "max_model_len"):
+            if getattr(self, key) is not None:
+                _check_range("serve", key, getattr(self, key), low=1 if key == "max_batch" else 16)
+        _check_range("serve", "max_queue", self.max_queue, low=0)
+        _check_range("serve", "prefill_chunk", self.prefill_chunk, low=1)
+        _check_range("serve", "max_n", self.max_n, low=1)
         for name, path in self.adapters.items():
             if not isinstance(path, str):
                 raise ValueError(f"serve.adapters.{name}: expected a run or adapter folder, e.g. "

@@ -41,6 +41,17 @@ class Loaded:
         self.model.set_adapter(name)
         return contextlib.nullcontext()
 
+    def switch(self, name) -> None:
+        """Make adapter `name` (the bare base for the base's name or None) the one every forward uses until the next
+        switch: serve's engine calls it while no row runs."""
+        if not self.adapters:
+            return
+        if name is None or name == self.base_name:
+            self.model.base_model.disable_adapter_layers()
+        else:
+            self.model.base_model.enable_adapter_layers()
+            self.model.set_adapter(name)
+
 
 def load(cfg: Config, use: str = "auto", extra_adapters: dict[str, str] | None = None) -> Loaded:
     """The model to talk to. use: auto | merged | adapter | base (see the module doc)."""

@@ -3,16 +3,19 @@ guard every request passes (API key, body size), and the endpoints.
 
 POST /v1/chat/completions (streamed over SSE or not), POST /v1/completions, GET /v1/models, GET /health.
 Requests name a model: the base (model.name) or an adapter (the run's folder name, or a name from
-serve.adapters). One model in memory serves them all, so generations run one at a time, in arrival
-order (a lock; waiting requests queue). serve.api_key makes `Authorization: Bearer <key>` mandatory. Errors have
-OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+serve.adapters). One model in memory serves them all through qtune.inference.engine.Scheduler: requests decode
+together, continuously batched (each joins the running batch when a slot frees and leaves it when it ends); rows of
+one batch share one adapter, so a request for another waits until the running rows are done. serve.api_key makes
+`Authorization: Bearer <key>` mandatory. Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 
 One request must not hold the server: bodies are counted as they arrive (chunked ones too) and cut off past
-serve.max_body_bytes; a prompt that with max_tokens exceeds the model's context (or serve.max_prompt_tokens)
-is refused before it queues; a client that goes away cancels its generation, streamed or not; stop_all() (on
-SIGTERM) stops running generations. Parameters qtune cannot honour (logprobs, tools, image parts, response_format
-other than text) are refused with 400 rather than silently ignored; seed, logit_bias, presence/frequency penalties,
-stop strings and stream_options.include_usage are honoured as OpenAI does.
+serve.max_body_bytes; a prompt that with max_tokens exceeds a slot (serve.max_model_len, or serve.max_prompt_tokens)
+is refused before it queues; past serve.max_queue waiting requests the answer is 429 with Retry-After; a client that
+goes away frees its slot at the next step, streamed or not; stop_all() (on SIGTERM) ends every generation at the
+next step. Parameters qtune cannot honour (tools, image parts, response_format other than text, echo, suffix,
+best_of) are refused with 400 rather than silently ignored; n, logprobs/top_logprobs, seed, logit_bias,
+presence/frequency penalties, stop strings and stream_options.include_usage are honoured as OpenAI does (a seeded
+request answers the same whatever else runs beside it; choice i of n draws with seed + i).
 
 With a `log` callback (serve.log_requests, on by default), every /v1 request ends in one line: its time, method and
 path, status, the model it named, prompt and completion tokens and its latency (RequestLog; /health, polled by
@@ -33,6 +36,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from qtune.config.schema import ChatConfig, Config
+from qtune.inference.load import _stop_prefix
 
 
 class Wanted(NamedTuple):
@@ -61,7 +65,7 @@ class Sampled(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, List[str], None] = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1)
     seed: Optional[int] = Field(default=None, ge=-2 ** 63, lt=2 ** 64)
     logit_bias: Optional[Dict[str, float]] = None    # token id -> -100..100, checked against the model's vocabulary
     presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
@@ -74,18 +78,21 @@ class ChatRequest(Sampled):
     response_format: Optional[dict] = None    # {"type": "text"} only: qtune has no constrained decoding
     enable_thinking: Optional[bool] = None  # Qwen3: also accepted as chat_template_kwargs.enable_thinking
     chat_template_kwargs: Optional[dict] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
 
 
 class CompletionRequest(Sampled):
     prompt: Union[str, List[str]]
+    logprobs: Optional[int] = Field(default=None, ge=0, le=5)
 
 
 # OpenAI parameters qtune's generation cannot honour: a request that asks for one gets 400, not a silent default.
 # (name, value that means "not asked for")
-UNSUPPORTED = {"chat": [("logprobs", (None, False)), ("top_logprobs", (None, 0)), ("tools", (None, [])),
+UNSUPPORTED = {"chat": [("tools", (None, [])),
                         ("tool_choice", (None, "none")), ("functions", (None, [])), ("function_call", (None, "none")),
                         ("audio", (None,)), ("modalities", (None, ["text"]))],
-               "completions": [("logprobs", (None, 0)), ("echo", (None, False)), ("suffix", (None, "")),
+               "completions": [("echo", (None, False)), ("suffix", (None, "")),
                                ("best_of", (None, 1))]}
 SHUTDOWN_GRACE_S = 2
 DRAIN_FACTOR = 8
@@ -210,31 +217,32 @@ def build_app(loaded, cfg: Config, log=None):
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from qtune.inference.load import Controls, Generation, render
+    from qtune.inference.engine import Job
+    from qtune.inference.load import Controls, render
 
     app = FastAPI(title="qtune serve")
     app.add_middleware(Guard, limit=cfg.serve.max_body_bytes, api_key=cfg.serve.api_key)
     if log is not None:
         app.add_middleware(RequestLog, log=log)   # added last: the outermost
-    lock = threading.Lock()  # one generation at a time on the one model; others wait their turn
     created = int(time.time())
     settings = cfg.serve
-    active: set = set()       # running Generations, stopped on shutdown
     closing = threading.Event()
     config = getattr(loaded.model, "config", None)
-    context = getattr(config, "max_position_embeddings", None)
+    engine, app.state.engine_line = scheduler(loaded, cfg)
+    app.state.engine = engine
+    length = engine.length
 
     def stop_all():
+        """SIGTERM: running and waiting generations end at the next step; new requests get 503."""
         closing.set()
-        for gen in list(active):
-            gen.stop()
+        engine.close(timeout=2.0)
 
     app.state.stop_all = stop_all
 
     def error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-              param: str | None = None):
-        return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param,
-                                                                   "code": code}})
+              param: str | None = None, headers: dict | None = None):
+        return JSONResponse(status_code=status, headers=headers,
+                            content={"error": {"message": message, "type": kind, "param": param, "code": code}})
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc: RequestValidationError):
@@ -274,6 +282,10 @@ def build_app(loaded, cfg: Config, log=None):
                               "json_schema)", code="unsupported_parameter", param="response_format")
         if req.stream_options is not None and not req.stream:
             return error(400, "stream_options: only allowed when stream is true", param="stream_options")
+        if req.n > settings.max_n:
+            return error(400, f"n={req.n} exceeds serve.max_n={settings.max_n}", param="n")
+        if kind == "chat" and req.top_logprobs is not None and not req.logprobs:
+            return error(400, "top_logprobs: only allowed when logprobs is true", param="top_logprobs")
         vocab = getattr(config, "vocab_size", None)
         for token, value in (req.logit_bias or {}).items():
             if not token.strip().lstrip("-").isdigit():
@@ -285,13 +297,12 @@ def build_app(loaded, cfg: Config, log=None):
                 return error(400, f"logit_bias[{token!r}]={value:g}: valid: -100 to 100", param="logit_bias")
         return None
 
-    def too_long(prompt: str, s: Wanted):
-        n = len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    def too_long(n: int, s: Wanted):
         if settings.max_prompt_tokens and n > settings.max_prompt_tokens:
             return error(400, f"the prompt is {n} tokens; serve.max_prompt_tokens={settings.max_prompt_tokens}",
                          code="context_length_exceeded")
-        if context and n + s.chat.max_new_tokens > context:
-            return error(400, f"This model's maximum context length is {context} tokens. However, you requested "
+        if n + s.chat.max_new_tokens > length:
+            return error(400, f"This model's maximum context length is {length} tokens. However, you requested "
                               f"{n + s.chat.max_new_tokens} tokens ({n} in the prompt, {s.chat.max_new_tokens} for the completion). "
                               "Please reduce the length of the prompt or max_tokens.", code="context_length_exceeded")
         return None
@@ -307,98 +318,107 @@ def build_app(loaded, cfg: Config, log=None):
             Controls(seed=req.seed, logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
                      presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0))
 
-    def generation(prompt: str, s: Wanted, cancelled: threading.Event):
-        """A Generation under the lock, registered for shutdown; None when cancelled while it waited its turn."""
-        if cancelled.is_set() or closing.is_set():
-            return None
-        gen = Generation(loaded, prompt, s.chat, s.stop, s.controls)
-        active.add(gen)
-        if cancelled.is_set() or closing.is_set():
-            gen.stop()
-        return gen
-
     async def respond(request: Request, req, prompt: str, s: Wanted, chunk, final):
-        """Run one generation under the lock; a JSON body or an SSE stream of chunks."""
+        """Decode req.n choices through the scheduler; a JSON body or an SSE stream of chunks."""
         rid = f"{'chatcmpl' if chunk is _chat_chunk else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        bad = too_long(prompt, s)
+        ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        bad = too_long(len(ids), s)
         if bad:
             return bad
-        cancelled = threading.Event()
-        running: list = []
+        if closing.is_set():
+            return error(503, "qtune serve is shutting down", "server_error")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        top = _top_logprobs(req)
+        choices = [Choice(i, loaded.tokenizer, s.stop, queue, loop) for i in range(req.n)]
+        for c in choices:
+            c.job = Job(prompt=list(ids), max_new_tokens=s.chat.max_new_tokens, on_token=c.token, on_end=c.end,
+                        temperature=s.chat.temperature, top_p=s.chat.top_p, top_k=s.chat.top_k,
+                        repetition_penalty=s.chat.repetition_penalty,
+                        presence_penalty=s.controls.presence_penalty, frequency_penalty=s.controls.frequency_penalty,
+                        logit_bias=s.controls.logit_bias, top_logprobs=top, adapter=req.model,
+                        seed=None if s.controls.seed is None else s.controls.seed + c.index)
+            if not engine.submit(c.job):
+                for other in choices:
+                    other.job.cancel()
+                waiting = engine.load()["waiting"]
+                return error(429, f"qtune serve is at capacity: {waiting} requests wait for a slot "
+                                  f"(serve.max_queue={settings.max_queue}); retry shortly", "rate_limit_error",
+                             code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        prompt_tokens = len(ids)
 
-        def generate_all():
-            with lock, loaded.using(req.model):
-                gen = generation(prompt, s, cancelled)
-                if gen is None:
-                    return "", None
-                running.append(gen)
-                try:
-                    return "".join(gen), gen
-                finally:
-                    active.discard(gen)
+        def usage() -> dict:
+            done = sum(c.job.generated for c in choices)
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+
+        def cancel_all():
+            for c in choices:
+                c.job.cancel()
+
+        async def pieces():
+            """(choice, text, logprobs, finish) as they come; finish set on each choice's last."""
+            left = len(choices)
+            while left:
+                index, kind, value = await queue.get()
+                c = choices[index]
+                if kind == "error":
+                    raise RuntimeError(value)
+                for text, lps, finish in c.feed(kind, value):
+                    if finish:
+                        left -= 1
+                    yield c, text, lps, finish
 
         if not req.stream:
-            task = asyncio.ensure_future(asyncio.to_thread(generate_all))
-            while not task.done():  # a client that hangs up cancels its generation (or its place in the queue)
-                await asyncio.wait({task}, timeout=0.25)
-                if not task.done() and await request.is_disconnected():
-                    cancelled.set()
-                    for gen in running:
-                        gen.stop()
-            text, gen = task.result()
-            if gen is not None:
-                note(request, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
-            if gen is None:
-                return error(503, "the request was cancelled before it ran", "server_error")
-            return final(rid, req.model, text, gen)
+            texts, lps, finish = [""] * len(choices), [[] for _ in choices], [None] * len(choices)
 
-        queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        done = object()
+            async def collect():
+                async for c, text, lp, end in pieces():
+                    texts[c.index] += text
+                    lps[c.index] += lp
+                    finish[c.index] = end or finish[c.index]
 
-        def produce():
-            gen = None
+            task = asyncio.ensure_future(collect())
             try:
-                with lock, loaded.using(req.model):
-                    gen = generation(prompt, s, cancelled)
-                    for piece in gen or ():
-                        loop.call_soon_threadsafe(queue.put_nowait, piece)
-                        if cancelled.is_set():
-                            gen.stop()
-            except BaseException as e:  # reported as an error event
-                loop.call_soon_threadsafe(queue.put_nowait, e)
+                while not task.done():  # a client that hangs up cancels its generations (or their place in the queue)
+                    await asyncio.wait({task}, timeout=0.25)
+                    if not task.done() and await request.is_disconnected():
+                        cancel_all()
+                task.result()
+            except RuntimeError as e:
+                return error(500, f"generation failed: {e}", "server_error")
             finally:
-                active.discard(gen)
-            loop.call_soon_threadsafe(queue.put_nowait, (done, gen))
+                cancel_all()
+            u = usage()
+            note(request, prompt_tokens=u["prompt_tokens"], completion_tokens=u["completion_tokens"])
+            if closing.is_set() and any(f == "cancelled" for f in finish):
+                return error(503, "qtune serve is shutting down", "server_error")
+            return final(rid, req.model, texts, finish, lps, u, top)
 
-        threading.Thread(target=produce, daemon=True).start()
-
-        usage = bool(req.stream_options and req.stream_options.include_usage)
+        include = bool(req.stream_options and req.stream_options.include_usage)
 
         def sse(obj) -> str:   # with include_usage every chunk says usage: null, as OpenAI's
-            return _sse({**obj, "usage": None} if usage else obj)
+            return _sse({**obj, "usage": None} if include else obj)
 
         async def events():
             try:
-                yield sse(chunk(rid, req.model, None, first=True))
-                while True:
-                    item = await queue.get()
-                    if isinstance(item, tuple) and item and item[0] is done:
-                        gen = item[1]
-                        if gen is not None:
-                            note(request, prompt_tokens=gen.prompt_tokens, completion_tokens=gen.completion_tokens)
-                        yield sse(chunk(rid, req.model, None, finish=gen.finish_reason if gen else "stop"))
-                        if usage and gen is not None:   # the last chunk: no choices, the whole request's usage
-                            yield _sse({**chunk(rid, req.model, None, finish="stop"), "choices": [],
-                                        "usage": _usage(gen)})
-                        break
-                    if isinstance(item, BaseException):
-                        yield _sse({"error": {"message": str(item), "type": "server_error"}})
-                        break
-                    yield sse(chunk(rid, req.model, item))
+                for c in choices:
+                    yield sse(chunk(rid, req.model, c.index, None, first=True))
+                try:
+                    async for c, text, lp, end in pieces():
+                        if text or lp:
+                            yield sse(chunk(rid, req.model, c.index, text, logprobs=_logprobs(lp, top, chunk)))
+                        if end:
+                            yield sse(chunk(rid, req.model, c.index, None, finish=_finish(end)))
+                except RuntimeError as e:
+                    yield _sse({"error": {"message": f"generation failed: {e}", "type": "server_error"}})
+                    return
+                u = usage()
+                note(request, prompt_tokens=u["prompt_tokens"], completion_tokens=u["completion_tokens"])
+                if include:   # the last chunk: no choices, the whole request's usage
+                    yield _sse({**chunk(rid, req.model, 0, None), "choices": [], "usage": u})
                 yield "data: [DONE]\n\n"
             finally:
-                cancelled.set()  # the client went away: let the generation end
+                cancel_all()  # the client went away: free the slots
 
         note(request, stream=True)
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -453,30 +473,175 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def _usage(gen) -> dict:
-    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-            "total_tokens": gen.prompt_tokens + gen.completion_tokens}
+def _finish(end: str | None) -> str:
+    return end if end in ("stop", "length") else "stop"
 
 
-def _chat_final(rid, model, text, gen):
+def _top_logprobs(req) -> int:
+    """-1: no log-probabilities; 0: the chosen tokens'; k: and the k most likely at each."""
+    if isinstance(req, ChatRequest):
+        return (req.top_logprobs or 0) if req.logprobs else -1
+    return -1 if req.logprobs is None else req.logprobs
+
+
+def _logprobs(entries: list, top: int, chat: bool):
+    """OpenAI's logprobs object for (token text, log-probability, [(text, log-probability)] of the top) entries."""
+    if top < 0:
+        return None
+    if chat:
+        return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()),
+                             "top_logprobs": [{"token": a, "logprob": b, "bytes": list(a.encode())}
+                                              for a, b in alts]} for t, lp, alts in entries]}
+    offsets, at = [], 0
+    for t, _, _ in entries:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [dict(alts) for _, _, alts in entries] if top else None, "text_offset": offsets}
+
+
+def _chat_final(rid, model, texts, finish, lps, usage, top):
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": gen.finish_reason}], "usage": _usage(gen)}
+            "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                         "logprobs": _logprobs(lps[i], top, True), "finish_reason": _finish(finish[i])}
+                        for i, text in enumerate(texts)], "usage": usage}
 
 
-def _chat_chunk(rid, model, piece, first=False, finish=None):
+def _chat_chunk(rid, model, index, piece, first=False, finish=None, logprobs=None):
     delta = {"role": "assistant", "content": ""} if first else ({} if finish else {"content": piece})
+    choice = {"index": index, "delta": delta, "finish_reason": finish}
+    if logprobs is not None:
+        choice["logprobs"] = logprobs
     return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            "choices": [choice]}
 
 
-def _text_final(rid, model, text, gen):
+def _text_final(rid, model, texts, finish, lps, usage, top):
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": gen.finish_reason}],
-            "usage": _usage(gen)}
+            "choices": [{"index": i, "text": text, "logprobs": _logprobs(lps[i], top, False),
+                         "finish_reason": _finish(finish[i])} for i, text in enumerate(texts)], "usage": usage}
 
 
-def _text_chunk(rid, model, piece, first=False, finish=None):
+def _text_chunk(rid, model, index, piece, first=False, finish=None, logprobs=None):
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": "" if (first or finish) else piece, "logprobs": None,
+            "choices": [{"index": index, "text": "" if (first or finish) else piece, "logprobs": logprobs,
                          "finish_reason": finish}]}
+
+
+class Choice:
+    """One choice of one request: the engine thread hands it tokens (token(), end()), the event loop turns them into
+    text (feed()): decoded incrementally, an incomplete UTF-8 character held back until it completes, and text stops
+    exactly before the first of the request's stop strings to appear (the job is cancelled there; text that could
+    begin one is held back until it cannot)."""
+
+    def __init__(self, index: int, tokenizer, stops: list, queue, loop):
+        self.index, self.tokenizer, self.queue, self.loop = index, tokenizer, queue, loop
+        self.stops = [x for x in stops if x]
+        self.ids: list = []
+        self.prefix = self.read = 0
+        self.held = ""
+        self.pending: list = []     # log-probability entries not given out yet
+        self.finished = False
+        self.job = None
+
+    # -- the engine thread
+    def _put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:   # the event loop is gone (the server stopped): nobody waits for it
+            pass
+
+    def token(self, t: int, lp) -> None:
+        self._put((self.index, "token", (t, lp)))
+
+    def end(self, reason: str) -> None:
+        self._put((self.index, "error" if reason.startswith("error") else "end", reason))
+
+    # -- the event loop
+    def _text(self, final: bool = False) -> str:
+        dec = self.tokenizer.decode
+        before = dec(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        now = dec(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(now) > len(before) and (final or not now.endswith("\ufffd")):
+            self.prefix, self.read = self.read, len(self.ids)
+            return now[len(before):]
+        return ""
+
+    def feed(self, kind: str, value) -> list:
+        """(text, log-probability entries, finish reason or None) to give out for one event."""
+        if self.finished:
+            return []
+        if kind == "token":
+            t, lp = value
+            self.ids.append(t)
+            if lp is not None:
+                word = self.tokenizer.decode([t])
+                self.pending.append((word, lp[0], [(self.tokenizer.decode([i]), v) for i, v in lp[1]]))
+            piece = self._text()
+            if not self.stops:
+                return self._out(piece)
+            self.held += piece
+            hit = min((self.held.find(x) for x in self.stops if x in self.held), default=-1)
+            if hit >= 0:
+                text, self.held = self.held[:hit], ""
+                self.finished = True
+                self.job.cancel()
+                return [(text, self._take(), "stop")]
+            keep = _stop_prefix(self.held, self.stops)
+            text, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+            return self._out(text)
+        self.finished = True     # the end: what is held goes out (it began no stop string after all)
+        text = self.held + self._text(final=True)
+        self.held = ""
+        return [(text, self._take(), value)]
+
+    def _take(self) -> list:
+        out, self.pending = self.pending, []
+        return out
+
+    def _out(self, text: str) -> list:
+        return [(text, self._take(), None)] if text else []
+
+
+def scheduler(loaded, cfg: Config):
+    """The decoding engine for `loaded`, its slots sized from serve.max_batch and serve.max_model_len and, on a GPU, its
+    free memory; and the line that says so."""
+    import torch
+
+    from qtune.errors import QtuneError
+    from qtune.inference import engine
+
+    model, s = loaded.model, cfg.serve
+    param = next(model.parameters())
+    gpu = param.is_cuda
+    config = engine._base(model).config
+    context = getattr(config, "max_position_embeddings", None) or 2048
+    length = s.max_model_len or min(context, 4096 if gpu else 2048)
+    slots = s.max_batch or (32 if gpu else 4)
+    dtype = engine._compute_dtype(model)
+    vocab = model.get_output_embeddings().weight.shape[0]
+
+    def size(n: int) -> int:   # keys and values, and each slot's penalty counts, seen tokens and bias
+        return engine.cache_bytes(config, n, length + 1, torch.finfo(dtype).bits // 8) + n * vocab * 9
+
+    note = ""
+    if gpu:
+        free = torch.cuda.mem_get_info(param.device)[0] * 0.9
+        if size(slots) > free:
+            fit = int(slots * free // size(slots))
+            if fit < 1:
+                raise QtuneError(f"serve: one slot of serve.max_model_len={length} tokens needs "
+                                 f"{size(1) / 2**30:.1f} GiB, more than the GPU's free memory; lower serve.max_model_len")
+            note = f" (serve.max_batch={slots} would not fit in 90 % of the GPU's free memory)"
+            slots = fit
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = set([eos] if isinstance(eos, int) else list(eos or []))
+    if loaded.tokenizer.eos_token_id is not None:
+        eos.add(loaded.tokenizer.eos_token_id)
+    sched = engine.Scheduler(model, slots=slots, length=length, eos=sorted(eos), chunk=s.prefill_chunk,
+                             queue=s.max_queue, switch=loaded.switch, notice=loaded.notice)
+    line = (f"{slots} slots of {length} tokens ({size(slots) / 2**30:.2f} GiB){note}; "
+            f"{'CUDA graphs' if sched.graph else 'eager steps'}")
+    return sched, line
+
+
