@@ -82,14 +82,15 @@ def test_a_chunked_body_over_the_limit_is_413(tiny_server):
 def test_a_prompt_past_the_context_is_400_context_length_exceeded(tiny_server):
     status, body = _post(tiny_server, "/v1/chat/completions", _chat("hello " * 5000, 16))
     assert status == 400 and body["error"]["code"] == "context_length_exceeded"
-    assert "maximum context length is 4096 tokens" in body["error"]["message"]
+    # a slot holds the model's context (4096) capped at 2048 on a CPU (serve.max_model_len)
+    assert "maximum context length is 2048 tokens" in body["error"]["message"]
     status, body = _post(tiny_server, "/v1/chat/completions", _chat("hello " * 100, 4000))  # prompt + max_tokens
     assert status == 400 and body["error"]["code"] == "context_length_exceeded"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra,words", [
-    ({"logprobs": True}, "logprobs is not supported"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio is not supported"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools is not supported"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]},
      "messages[0].content[0]: type 'image_url' is not supported"),
@@ -207,3 +208,95 @@ def test_serve_logs_a_line_per_request_unless_log_requests_is_false(tiny_qwen3):
     finally:
         out = _stop(proc)
     assert "/v1/chat/completions" not in out and "qtune serve:" in out, out
+
+
+@pytest.mark.slow
+def test_n_choices_logprobs_and_usage(tiny_server):
+    status, body = _post(tiny_server, "/v1/chat/completions", _chat("hi", 5, n=3, temperature=1.0, seed=7,
+                                                                     logprobs=True, top_logprobs=2))
+    assert status == 200, body
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    texts = [c["message"]["content"] for c in body["choices"]]
+    assert len(set(texts)) > 1                       # choice i draws with seed + i
+    for c in body["choices"]:
+        entries = c["logprobs"]["content"]
+        assert len(entries) == 5 and all(len(e["top_logprobs"]) == 2 and e["logprob"] <= 0 for e in entries)
+    assert body["usage"]["completion_tokens"] == 15
+    again = _post(tiny_server, "/v1/chat/completions", _chat("hi", 5, n=3, temperature=1.0, seed=7))[1]
+    assert [c["message"]["content"] for c in again["choices"]] == texts   # seeded: the same answers
+    status, body = _post(tiny_server, "/v1/completions", {"model": "tiny_qwen3", "prompt": "a b c", "max_tokens": 4,
+                                                          "logprobs": 1})
+    lp = body["choices"][0]["logprobs"]
+    assert status == 200 and len(lp["tokens"]) == 4 and len(lp["token_logprobs"]) == 4
+    assert all(len(t) == 1 for t in lp["top_logprobs"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra,words", [
+    ({"n": 0}, "n: "), ({"n": 9}, "n=9 exceeds serve.max_n=8"), ({"max_tokens": 0}, "max_tokens: "),
+    ({"top_logprobs": 2}, "top_logprobs: only allowed when logprobs is true"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs: "), ({"model": "nope"}, "model 'nope' not found"),
+])
+def test_bad_sampling_requests_are_openai_shaped_errors(tiny_server, extra, words):
+    status, body = _post(tiny_server, "/v1/chat/completions", {**_chat("hi", 2), **extra})
+    assert status in (400, 404) and words in body["error"]["message"], body
+
+
+@pytest.mark.slow
+def test_thirty_two_streams_at_once_one_hanging_up(tiny_server):
+    """32 concurrent streamed requests through 4 slots with the openai client, one of them dropped mid-stream: every
+    other one gets the text it gets alone, and its usage."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{tiny_server}/v1", api_key="none", timeout=300)
+
+    def ask(i):
+        r = client.chat.completions.create(model="tiny_qwen3", max_tokens=4 + i % 5, stream=True, temperature=0,
+                                           stream_options={"include_usage": True},
+                                           messages=[{"role": "user", "content": f"question {i}"}])
+        text, usage = "", None
+        for c in r:
+            if c.choices:
+                text += c.choices[0].delta.content or ""
+            if c.usage:
+                usage = c.usage
+            if i == 5 and len(text) > 0:
+                r.close()            # this client goes away mid-stream
+                return text, None
+        return text, usage
+
+    alone = {i: ask(i) for i in range(6)}
+    got: dict = {}
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, ask(i))) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert sorted(got) == list(range(32))
+    for i in range(32):
+        if i != 5:
+            assert got[i][1].completion_tokens == 4 + i % 5, (i, got[i])
+    assert all(got[i] == alone[i] for i in range(6) if i != 5)
+    status, _ = _post(tiny_server, "/v1/chat/completions", _chat("hi", 2))
+    assert status == 200
+
+
+@pytest.mark.slow
+def test_a_full_queue_answers_429_with_retry_after(tiny_qwen3):
+    proc, port = _start("serve.max_batch=1", "serve.max_queue=1")
+    try:
+        holders = [threading.Thread(target=_post, args=(port, "/v1/chat/completions", _chat("count", 1500)),
+                                    kwargs={"timeout": 60}, daemon=True) for _ in range(2)]
+        for t in holders:      # one in the slot, one in the queue
+            t.start()
+            time.sleep(1.0)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(_chat("hi", 2)),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        body = json.loads(r.read())
+        assert r.status == 429 and r.getheader("Retry-After") == "1", body
+        assert "serve.max_queue=1" in body["error"]["message"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
