@@ -124,10 +124,11 @@ def test_prepare_alpaca_runs_on_a_few_rows(tmp_path, qtune_home, monkeypatch):
     assert p.returncode == 0, p.stderr[-2000:]
 
 
-def test_decode_bench_check():
-    p = subprocess.run([sys.executable, str(BENCH / "decode_gpu.py"), "--check"], capture_output=True, text=True,
+def test_serve_bench_check(tiny_qwen3):
+    """The serving benchmark's clients against a real qtune serve on the CPU."""
+    p = subprocess.run([sys.executable, str(BENCH / "serve_gpu.py"), "--check"], capture_output=True, text=True,
                        timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.returncode == 0, p.stderr[-2000:] + p.stdout[-2000:]
 
 
 def test_grpo_bench_check(tiny_qwen3, qtune_home, tmp_path):
