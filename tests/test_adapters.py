@@ -6,6 +6,7 @@ base, and under CUDA-graph capture with the slots changed between replays (run t
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import pytest
 import torch
@@ -128,6 +129,8 @@ def test_decoding_with_the_cache_steps_each_row_as_alone(dense):
 
     names, index = ["a", "b", "c"], [1, BASE, 0, 2]
     prompts, steps = _ids(4, 5, seed=3), _ids(4, 3, seed=4)
+    # transformers 5.2x renamed past_key_values to cache
+    key = "cache" if "cache" in inspect.signature(dense.get_base_model().forward).parameters else "past_key_values"
     want = []
     for b, i in enumerate(index):
         full = torch.cat([prompts[b:b + 1], steps[b:b + 1]], dim=1)
@@ -137,14 +140,14 @@ def test_decoding_with_the_cache_steps_each_row_as_alone(dense):
         for b, i in enumerate(index):
             rows.select([i])
             cache = DynamicCache(config=dense.get_base_model().config)
-            dense(input_ids=prompts[b:b + 1], past_key_values=cache, use_cache=True)
+            dense(input_ids=prompts[b:b + 1], use_cache=True, **{key: cache})
             caches.append(cache)
         cache = caches[0]
         for layer in range(len(cache.layers)):     # the rows' caches side by side (all prompts have one length)
             cache.layers[layer].keys = torch.cat([c.layers[layer].keys for c in caches])
             cache.layers[layer].values = torch.cat([c.layers[layer].values for c in caches])
         rows.select(index)
-        got = [dense(input_ids=steps[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(3)]
+        got = [dense(input_ids=steps[:, t:t + 1], use_cache=True, **{key: cache}).logits for t in range(3)]
     got = torch.cat(got, dim=1)
     for b in range(4):
         assert torch.allclose(got[b:b + 1], want[b], rtol=0, atol=1e-5), b
@@ -269,11 +272,14 @@ def _gpu_model(model_name, folder, tmp_path, specs, quant=None):
                    torch.bfloat16, quant)
 
 
-def _close_bf16(got, want):
-    """bf16 logits: PEFT computes the adapters in fp32 (it keeps their weights in fp32), the rows in bf16."""
-    err = (got.float() - want.float()).abs().max().item()
-    scale = want.float().abs().max().item()
-    return err <= 0.03 * scale + 0.05, (err, scale)
+def _close_bf16(got, want, share: float = 1.0):
+    """bf16 logits, token by token: PEFT computes the adapters in fp32 (it keeps their weights in fp32), the rows in
+    bf16. In an MoE a bf16 rounding can flip a token's top-k experts, and that token's logits differ (by as much as
+    two adapters' do), so `share` of the tokens must agree there. Returns (ok, what was measured)."""
+    err = (got.float() - want.float()).abs().amax(-1).flatten()
+    tol = 0.03 * want.float().abs().max().item() + 0.02
+    agree = (err <= tol).float().mean().item()
+    return agree >= share, (agree, err.max().item(), tol)
 
 
 @pytest.mark.gpu
@@ -290,17 +296,20 @@ def test_gpu_mixed_batch_in_bf16(model_name, quant, tiny_qwen3, tiny_qwen3_moe, 
     model = _gpu_model(model_name, folder, tmp_path, specs, quant)
     if quant == "nf4":
         assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
+    share = 1.0 if model_name == "tiny_qwen3" else 0.5
     names, index = ["a", "b", "c"], [0, 1, BASE, 2, 1, 0]
     ids = _ids(len(index), 7, seed=13).cuda()
     want = [_alone(model, None if i == BASE else names[i], ids[b:b + 1]) for b, i in enumerate(index)]
+    # the tolerance is far below what tells the adapters apart
+    assert not _close_bf16(want[0], _alone(model, "b", ids[:1]), 0.3)[0]
     with RowAdapters(model, names) as rows:
         rows.select(index)
         got = _rows_logits(model, ids)
         for b, w in enumerate(want):
-            ok, why = _close_bf16(got[b:b + 1], w)
+            ok, why = _close_bf16(got[b:b + 1], w, share)
             assert ok, (b, why)
-        rows.select([1])
-        ok, why = _close_bf16(_rows_logits(model, ids[:1]), _alone(model, "b", ids[:1]))
+        rows.select([1])                            # a lone row: the gathered path
+        ok, why = _close_bf16(_rows_logits(model, ids[:1]), _alone(model, "b", ids[:1]), share)
         assert ok, why
 
 
@@ -317,9 +326,13 @@ def test_gpu_cuda_graph_replays_follow_select(model_name, quant, tiny_qwen3, tin
     specs = DENSE if model_name == "tiny_qwen3" else _moe(EXPERTS)
     model = _gpu_model(model_name, folder, tmp_path, specs, quant)
     names = ["a", "b", "c"]
-    for tokens in (1, 6):                          # decode's shape, and a lone row's prefill
+    for tokens in (1, 6):                          # decode's shape (the wide LoRA), and a lone row's prefill (gather)
         rows_n = 4 if tokens == 1 else 1
         ids = _ids(rows_n, tokens, seed=14).cuda()
+        # as the engine does: the model's own 4-D additive mask (transformers takes it as it is), no cache to grow
+        mask = torch.full((tokens, tokens), float("-inf"), device="cuda").triu(1).to(torch.bfloat16)
+        kwargs = dict(input_ids=ids, attention_mask=mask[None, None].expand(rows_n, 1, tokens, tokens),
+                      use_cache=False)
         with RowAdapters(model, names, max_batch=8) as rows, torch.no_grad():
             first = [0, 1, BASE, 2][:rows_n]
             rows.select(first)
@@ -327,17 +340,17 @@ def test_gpu_cuda_graph_replays_follow_select(model_name, quant, tiny_qwen3, tin
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):                 # warm-up outside the capture (lazy inits, kernel choices)
-                    model(input_ids=ids)
+                    model(**kwargs)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = model(input_ids=ids).logits
+                out = model(**kwargs).logits
             seen = []
             for index in (first, [2, 0, 1, 1][:rows_n], [BASE, BASE, 0, 1][:rows_n]):
                 rows.select(index)
                 graph.replay()
                 torch.cuda.synchronize()
-                eager = model(input_ids=ids).logits
+                eager = model(**kwargs).logits
                 assert torch.allclose(out, eager, rtol=1e-2, atol=1e-2), (tokens, index)
                 seen.append(out.clone())
             rows.select(torch.tensor(first, device="cuda"))

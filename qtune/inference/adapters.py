@@ -19,7 +19,8 @@ its only choices are made from shapes (the batch size), which a captured graph f
 tensors: between replays it takes a list; given a device tensor it syncs nothing and may be captured itself.
 
 The math, and why two ways. Gathering each row's A_i, B_i (a (B, R, in) tensor, then torch.bmm) reads one adapter
-per row: at B = 64 on Qwen3-8B with r = 64 that is ~22 GB a decode step, more than the 16 GB of the base itself.
+per row: at B = 64 on Qwen3-8B with r = 64 on every projection (0.35 GB an adapter in bf16) that is ~22 GB a decode
+step by arithmetic, more than the 16 GB of the base itself (and the gathered copies are written and read again).
 So decode batches use one wide LoRA instead: x·[A_0; …; A_N-1]ᵀ gives every row its product with every adapter
 (B, T, N·R); a 0/1 mask keeps the row's own adapter's R columns; one product with [B_0 … B_N-1]ᵀ gives the delta.
 That reads each loaded adapter once a step whatever B is (N·R ≤ a few hundred: dense matmuls the GPU runs near peak
@@ -27,7 +28,9 @@ for B ≤ 64), and it is exact: the masked columns add exact zeros. Its FLOPs gr
 many tokens run at once, so a lone row (B = 1: the prefill of one request, T = C tokens, or batch-1 decode) and
 batches of fewer rows than N/3 gather instead (`strategy`). Mixed-adapter segmented kernels (Punica's SGMV/BGMV)
 read only the adapters in use and do neither extra work; torch has none, and for the N ≤ 8 adapters a server
-holds the wide LoRA costs a few percent of a step (2.2 % of the base's bytes or FLOPs per adapter at r = 64 on 8B).
+holds the wide LoRA costs a few percent of a step (by arithmetic, each adapter adds ~2 % of the base's bytes read in
+decode, or of its FLOPs in a prefill, at r = 64 on Qwen3-8B; not measured yet). The stacks are copies of the adapters
+(in `dtype`): the adapters' memory is held twice while installed.
 
 Layers covered: PEFT's lora.Linear over nn.Linear (16- or 32-bit) and over bitsandbytes Linear4bit (nf4/fp4 QLoRA
 bases) or Linear8bitLt (its base matmul is bitsandbytes', which may not capture), and Qwen3-MoE's sparse blocks
@@ -45,7 +48,9 @@ adapter), LoRA on embeddings or convolutions, merged adapters, qtune's training 
 (qtune.modeling.fast.lora/experts `unpatch` it first: its fused MLP block reads one adapter's weights itself), and MoE
 adapters compacted to moe.max_experts experts (a training-time layout; the saved adapter loads full). Dropout never
 applies (inference). While installed, PEFT's `set_adapter` and `disable_adapter()` change nothing: `select()` decides.
-PEFT itself refuses to load MoE adapters that target different sets of expert/router parameters side by side.
+PEFT itself refuses to load MoE adapters that target different sets of expert/router parameters side by side. A
+block whose router carries LoRA computes its logits here, so transformers' router-logit recording (output_router_logits,
+for training's auxiliary loss) does not see them.
 Inputs are (B, T, features) with B ≤ max_batch; a tensor index on the GPU is not range-checked (that would sync).
 """
 from __future__ import annotations
@@ -158,7 +163,7 @@ class RowAdapters:
         return rows == 1 or 3 * rows <= len(self.names)
 
     def delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Each row's s·(x·Aᵀ)·Bᵀ: x (B, T, in), a (N, R, in) and b (out, N, R) a layer's stacks -> (B, T, out)."""
+        """Each row's s·(x·Aᵀ)·Bᵀ: x (B, T, in), a layer's stacks a (N, R, in) and b (out, N, R) -> (B, T, out)."""
         if x.dim() != 3:
             raise ValueError(f"per-row adapters take inputs (batch, tokens, features), got {tuple(x.shape)}")
         rows = x.shape[0]
@@ -224,7 +229,8 @@ def _find_layers(model, names):
         if own is not None and getattr(own, "__module__", "").startswith("qtune.modeling.fast"):
             raise QtuneError(f"per-row adapters: {name} runs qtune's training fast path; call "
                              "qtune.modeling.fast.lora.unpatch / experts.unpatch on the model first")
-        is_peft = isinstance(module, BaseTunerLayer) or hasattr(module, "_adapters") and hasattr(module, "original_module")
+        wrapper = hasattr(module, "_adapters") and hasattr(module, "original_module")   # modules_to_save, tokens
+        is_peft = isinstance(module, BaseTunerLayer) or wrapper
         if not is_peft or id(module) in wrapped:
             continue
         if kind == "ParamWrapper":
@@ -333,9 +339,9 @@ class _Linear:
 class _MoeBlock:
     """A Qwen3-MoE sparse block with per-row LoRA on its fused experts and/or router.
 
-    Experts' stacks per parameter: a (E, N, R, in), b (E, out, N, R) with s_i folded in, from PEFT's layout (lora_A
-    (E·r, in): expert e owns rows e·r … e·r+r-1; lora_B (out, r·E): the columns c with c mod E = e). The router's are a
-    linear layer's."""
+    Experts' stacks per parameter: a (E, N, R, in), b (E, out, N, R) with s_i folded in, from PEFT's layout
+    (lora_A (E·r, in): expert e owns rows e·r … e·r+r-1; lora_B (out, r·E): the columns c with c mod E = e).
+    The router's are a linear layer's."""
 
     def __init__(self, rows: RowAdapters, block, experts_wrapper, router_wrapper):
         from qtune.modeling.fast.experts import _chain
@@ -354,7 +360,8 @@ class _MoeBlock:
         self.router_stacks = None
         if router_wrapper is not None and _holds(router_wrapper, rows.names):
             e, h = self.router.weight.shape
-            self.router_stacks = (torch.zeros(n, r, h, dtype=dt, device=dev), torch.zeros(e, n, r, dtype=dt, device=dev))
+            self.router_stacks = (torch.zeros(n, r, h, dtype=dt, device=dev),
+                                  torch.zeros(e, n, r, dtype=dt, device=dev))
         self.saved = None
 
     def fill(self) -> None:
