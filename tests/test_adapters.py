@@ -86,8 +86,13 @@ def _check_mixed(model, names, index, ids, atol, strategy="auto"):
 
 
 @pytest.fixture(scope="module")
-def dense(tiny_qwen3, tmp_path_factory):
-    return _served("tiny_qwen3", _make_adapters(tiny_qwen3, tmp_path_factory.mktemp("dense"), DENSE))
+def dense_adapters(tiny_qwen3, tmp_path_factory):
+    return _make_adapters(tiny_qwen3, tmp_path_factory.mktemp("dense"), DENSE)
+
+
+@pytest.fixture(scope="module")
+def dense(dense_adapters):
+    return _served("tiny_qwen3", dense_adapters)
 
 
 @pytest.fixture(scope="module", params=["experts", "experts+router"])
@@ -151,6 +156,14 @@ def test_decoding_with_the_cache_steps_each_row_as_alone(dense):
     got = torch.cat(got, dim=1)
     for b in range(4):
         assert torch.allclose(got[b:b + 1], want[b], rtol=0, atol=1e-5), b
+
+
+def test_a_mixed_batch_on_a_4bit_base(dense_adapters):
+    """quant=nf4: PEFT's Linear4bit over bitsandbytes' layers (which run on the CPU too), as serve loads a QLoRA run."""
+    model = _served("tiny_qwen3", dense_adapters, quant="nf4")
+    assert sum(type(m.get_base_layer()).__name__ == "Linear4bit" for m in model.modules() if hasattr(m, "lora_A")) > 4
+    _check_mixed(model, ["a", "b", "c"], [2, BASE, 0, 1], _ids(4, 5, seed=15), 1e-5)
+    _check_mixed(model, ["a", "b", "c"], [1], _ids(1, 8, seed=16), 1e-5)
 
 
 def test_a_row_does_not_depend_on_the_other_rows(dense):
@@ -243,6 +256,9 @@ def test_refusals_are_one_line(dense, tiny_qwen3, tmp_path):
             rows.select([0] * 5)
         with pytest.raises(QtuneError, match="installed already"):
             RowAdapters(dense, ["a"])
+        assert (rows.index_of("b"), rows.index_of(None)) == (1, BASE)
+        with pytest.raises(QtuneError, match="no adapter c among a, b"):
+            rows.index_of("c")
     base = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32)
     dora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(QtuneError, match="adapter default uses DoRA.*serve it merged"):

@@ -113,6 +113,8 @@ class RowAdapters:
     # -- the batch's rows --------------------------------------------------------------------------------------------
     def index_of(self, name: str | None) -> int:
         """The slot of adapter `name` (BASE for None)."""
+        if name is not None and name not in self.names:
+            raise QtuneError(f"per-row adapters: no adapter {name} among {', '.join(self.names)}")
         return BASE if name is None else self.names.index(name)
 
     def select(self, index) -> None:
@@ -163,7 +165,7 @@ class RowAdapters:
         return rows == 1 or 3 * rows <= len(self.names)
 
     def delta(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Each row's s·(x·Aᵀ)·Bᵀ: x (B, T, in), a layer's stacks a (N, R, in) and b (out, N, R) -> (B, T, out)."""
+        """Each row's s·(x·Aᵀ)·Bᵀ: x (B, T, in), a layer's stacks a (N, R, in), b (out, N, R) -> (B, T, out)."""
         if x.dim() != 3:
             raise ValueError(f"per-row adapters take inputs (batch, tokens, features), got {tuple(x.shape)}")
         rows = x.shape[0]
@@ -307,11 +309,15 @@ class _Linear:
         self.rows, self.layer = rows, layer
         base = layer.get_base_layer()
         n, r = len(rows.names), rows.rank
-        self.a = torch.zeros(n, r, base.in_features, dtype=rows.dtype, device=rows.device)
-        self.b = torch.zeros(base.out_features, n, r, dtype=rows.dtype, device=rows.device)
+        self.a = self.b = None          # a layer none of the served adapters targets runs its base alone
+        if _holds(layer, rows.names):
+            self.a = torch.zeros(n, r, base.in_features, dtype=rows.dtype, device=rows.device)
+            self.b = torch.zeros(base.out_features, n, r, dtype=rows.dtype, device=rows.device)
         self.saved = None
 
     def fill(self) -> None:
+        if self.a is None:
+            return
         self.a.zero_()
         self.b.zero_()
         for i, name in enumerate(self.rows.names):
@@ -323,6 +329,8 @@ class _Linear:
     def __call__(self, x, *args, **kwargs):
         kwargs.pop("adapter_names", None)   # PEFT's own per-call choice: select() decides here
         y = self.layer.get_base_layer()(x, *args, **kwargs)
+        if self.a is None:
+            return y
         return y + self.rows.delta(x, self.a, self.b).to(y.dtype)
 
     def install(self) -> None:
@@ -354,6 +362,8 @@ class _MoeBlock:
         n, r, dev, dt = len(rows.names), rows.rank, rows.device, rows.dtype
         self.stacks = {}
         for pname, w in self.wrappers.items():
+            if not _holds(w, rows.names):
+                continue
             e, out, inp = getattr(self.experts, pname).shape
             self.stacks[pname] = (torch.zeros(e, n, r, inp, dtype=dt, device=dev),
                                   torch.zeros(e, out, n, r, dtype=dt, device=dev))
