@@ -257,6 +257,8 @@ def test_refusals_are_one_line(dense, tiny_qwen3, tmp_path):
         with pytest.raises(QtuneError, match="installed already"):
             RowAdapters(dense, ["a"])
         assert (rows.index_of("b"), rows.index_of(None)) == (1, BASE)
+        rows.select(["b", None, "a"])
+        assert rows.slots[:4].tolist() == [1, BASE, 0, BASE]
         with pytest.raises(QtuneError, match="no adapter c among a, b"):
             rows.index_of("c")
     base = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32)

@@ -47,11 +47,13 @@ terms are not a low-rank product), adapters with lora_bias, modules_to_save or t
 adapter), LoRA on embeddings or convolutions, merged adapters, qtune's training fast path patched on the model
 (qtune.modeling.fast.lora/experts `unpatch` it first: its fused MLP block reads one adapter's weights itself), and MoE
 adapters compacted to moe.max_experts experts (a training-time layout; the saved adapter loads full). Dropout never
-applies (inference). While installed, PEFT's `set_adapter` and `disable_adapter()` change nothing: `select()` decides.
-PEFT itself refuses to load MoE adapters that target different sets of expert/router parameters side by side. A
-block whose router carries LoRA computes its logits here, so transformers' router-logit recording (output_router_logits,
-for training's auxiliary loss) does not see them.
-Inputs are (B, T, features) with B ≤ max_batch; a tensor index on the GPU is not range-checked (that would sync).
+applies, and no gradient reaches the adapters (the stacks are copies): this is for inference.
+
+Also: while installed, PEFT's `set_adapter` and `disable_adapter()` change nothing (`select()` decides). PEFT itself
+refuses to load MoE adapters that target different sets of expert/router parameters side by side. A block whose
+router carries LoRA computes its logits here, so transformers' router-logit recording (output_router_logits, for
+training's auxiliary loss) does not see them. Inputs are (B, T, features) with B ≤ max_batch; a tensor index on the
+GPU is not range-checked (that would sync).
 """
 from __future__ import annotations
 
@@ -118,13 +120,14 @@ class RowAdapters:
         return BASE if name is None else self.names.index(name)
 
     def select(self, index) -> None:
-        """Row b of the next forwards uses adapter slot index[b] (BASE: none); rows past len(index) use none."""
+        """Row b of the next forwards uses adapter slot index[b] (BASE: none); rows past len(index) use none. A list
+        may name the adapters instead (None: the base); a device tensor of slots copies without a sync."""
         if isinstance(index, torch.Tensor):
             index = index.reshape(-1)
             if index.device.type == "cpu":
                 index = index.tolist()
         if not isinstance(index, torch.Tensor):
-            index = [int(i) for i in index]
+            index = [self.index_of(i) if i is None or isinstance(i, str) else int(i) for i in index]
             bad = [i for i in index if not BASE <= i < len(self.names)]
             if bad:
                 raise QtuneError(f"per-row adapters: slot {bad[0]} is none of -1 (the base) .. {len(self.names) - 1}")
