@@ -280,6 +280,18 @@ def test_refusals_are_one_line(dense, tiny_qwen3, tmp_path):
     RowAdapters(fast, ["default"]).remove()
 
 
+def test_the_microbench_check_runs():
+    """bench/multilora_microbench.py --check: the benchmark's own code on the CPU, each way checked against PEFT."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    p = subprocess.run([sys.executable, str(REPO / "bench" / "multilora_microbench.py"), "--check"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and "check: every way equals PEFT row by row" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+
+
 # ------------------------------------------------------------------------------------------------------------ GPU
 
 CUDA = torch.cuda.is_available()

@@ -207,8 +207,11 @@ def _check_config(name: str, cfg) -> None:
 
 def _model_dtype(model) -> torch.dtype:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    dtype = getattr(base, "dtype", None)
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+    dtype = getattr(base, "dtype", None)   # a transformers model's (its embeddings' on a 4-bit base)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    return next((p.dtype for n, p in base.named_parameters() if p.is_floating_point() and "lora_" not in n),
+                torch.float32)
 
 
 def _holds(module, names) -> list[str]:
