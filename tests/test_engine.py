@@ -322,15 +322,23 @@ if kind == "nf4":
                            bnb_4bit_use_double_quant=True))
 else:
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()
-m = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]))
+m = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]),
+                   adapter_name="sql")
+mixed = None
+if kind == "mixed":
+    from qtune.inference.adapters import RowAdapters
+    from qtune.inference.openai_api import MixedRows
+    m.add_adapter("chat", LoraConfig(r=4, lora_alpha=16, target_modules=["k_proj", "o_proj", "up_proj"]))
 torch.manual_seed(0)
 for n, p in m.named_parameters():
     if "lora_B" in n:
         p.data.normal_(0, 0.05)
 m.eval()
+if kind == "mixed":
+    mixed = MixedRows(RowAdapters(m, ["sql", "chat"], max_batch=4), "base")
 
 def run(graph):
-    s = Scheduler(m, slots=4, length=128, eos=[], graph=graph, chunk=8)
+    s = Scheduler(m, slots=4, length=128, eos=[], graph=graph, chunk=8, adapters=mixed)
     out, done = [], []
     with s.lock:   # all queued before the first turn: the same schedule both ways
         for i in range(12):
@@ -338,6 +346,7 @@ def run(graph):
             out.append(toks); done.append(ev)
             s.submit(Job(prompt=[11 + i + j for j in range(5 + 3 * i)], max_new_tokens=10 + 3 * (i % 4),
                          temperature=0.8 if i % 3 == 0 else 0.0, top_p=0.9, seed=i,
+                         adapter=["sql", "chat", "base"][i % 3] if mixed else None,
                          on_token=lambda t, lp, toks=toks: toks.append(t), on_end=lambda r, ev=ev: ev.set()))
     assert all(ev.wait(300) for ev in done)
     graphs = [k for k, g in s.graphs.items() if g is not None]
@@ -352,11 +361,11 @@ print(json.dumps({"same": g == e, "captured": len(keys), "keys": keys,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["nf4", "bf16"])
+@pytest.mark.parametrize("kind", ["nf4", "bf16", "mixed"])
 def test_gpu_continuous_batching_captured_equals_eager(tiny_qwen3, kind):
     """serve's Scheduler on CUDA: twelve jobs (greedy and seeded sampled) joining four slots, prompts prefilled 8
     tokens a chunk; its captured steps decode what its eager steps do, token for token, on an nf4 or bf16 base with
-    an unmerged adapter."""
+    an unmerged adapter, and on a bf16 base with two adapters and the base mixed row by row."""
     import json
     import subprocess
     import sys
@@ -366,3 +375,42 @@ def test_gpu_continuous_batching_captured_equals_eager(tiny_qwen3, kind):
     assert p.returncode == 0, p.stderr[-3000:]
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got["captured"] >= 2 and got["same"], got
+
+
+def test_continuous_batching_mixes_adapters_row_by_row(tiny_qwen3):
+    """Rows of one running batch each with their own adapter or none (inference.adapters through serve's MixedRows):
+    each decodes what it decodes alone with that adapter set (or the adapters off)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qtune.inference.adapters import RowAdapters
+    from qtune.inference.openai_api import MixedRows
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32)
+    m = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), adapter_name="sql")
+    m.add_adapter("chat", LoraConfig(r=2, lora_alpha=8, target_modules=["down_proj", "o_proj"]))
+    torch.manual_seed(5)
+    for name, p in m.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    m.eval()
+    names = ["sql", "chat", None, "chat", "sql", None]
+    budgets = [7, 5, 9, 4, 6, 8]
+    prompts = PROMPTS + [[7] * 9, [300, 301, 302]]
+    want = []
+    for who, p, n in zip(names, prompts, budgets):
+        if who is None:
+            with m.disable_adapter():
+                want.append(one_at_a_time(m, p, n, []))
+        else:
+            m.set_adapter(who)
+            want.append(one_at_a_time(m, p, n, []))
+    assert len({tuple(w) for w in want[:3]}) == 3
+    rows = RowAdapters(m, ["sql", "chat"], max_batch=4)
+    try:
+        got = run_jobs(m, [dict(prompt=p, max_new_tokens=n, adapter=who or "base")
+                           for who, p, n in zip(names, prompts, budgets)], slots=4,
+                       adapters=MixedRows(rows, "base"))
+    finally:
+        rows.remove()
+    assert [g[0] for g in got] == want

@@ -4,8 +4,9 @@ guard every request passes (API key, body size), and the endpoints.
 POST /v1/chat/completions (streamed over SSE or not), POST /v1/completions, GET /v1/models, GET /health.
 Requests name a model: the base (model.name) or an adapter (the run's folder name, or a name from
 serve.adapters). One model in memory serves them all through qtune.inference.engine.Scheduler: requests decode
-together, continuously batched (each joins the running batch when a slot frees and leaves it when it ends); rows of
-one batch share one adapter, so a request for another waits until the running rows are done. serve.api_key makes
+together, continuously batched (each joins the running batch when a slot frees and leaves it when it ends), each
+row with its own adapter or none (qtune.inference.adapters; where those cannot serve the adapters, rows of one
+batch share one adapter and a request for another waits until the running rows are done). serve.api_key makes
 `Authorization: Bearer <key>` mandatory. Errors have OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 
 One request must not hold the server: bodies are counted as they arrive (chunked ones too) and cut off past
@@ -638,10 +639,35 @@ def scheduler(loaded, cfg: Config):
     eos = set([eos] if isinstance(eos, int) else list(eos or []))
     if loaded.tokenizer.eos_token_id is not None:
         eos.add(loaded.tokenizer.eos_token_id)
+    mixed, why = None, ""
+    if loaded.adapters:
+        from qtune.inference.adapters import RowAdapters
+
+        try:
+            mixed = MixedRows(RowAdapters(model, list(loaded.adapters), max_batch=slots), loaded.base_name)
+        except QtuneError as e:   # rows of one batch then share one adapter
+            why = f"; one adapter per batch ({e})"
     sched = engine.Scheduler(model, slots=slots, length=length, eos=sorted(eos), chunk=s.prefill_chunk,
-                             queue=s.max_queue, switch=loaded.switch, notice=loaded.notice)
+                             queue=s.max_queue, switch=loaded.switch, adapters=mixed, notice=loaded.notice)
     line = (f"{slots} slots of {length} tokens ({size(slots) / 2**30:.2f} GiB){note}; "
-            f"{'CUDA graphs' if sched.graph else 'eager steps'}")
+            f"{'CUDA graphs' if sched.graph else 'eager steps'}"
+            + ("; adapters mixed in a batch" if mixed else why))
     return sched, line
+
+
+class MixedRows:
+    """What Scheduler asks of per-row adapters, over qtune.inference.adapters.RowAdapters: a request's adapter (a
+    name, or the base's name) as a row slot, and the rows' slots for the next forward."""
+
+    def __init__(self, rows, base_name: str):
+        self.rows, self.base_name = rows, base_name
+
+    def key(self, name) -> int:
+        from qtune.inference.adapters import BASE
+
+        return BASE if name is None or name == self.base_name else self.rows.index_of(name)
+
+    def select(self, slots) -> None:
+        self.rows.select(slots)
 
 
