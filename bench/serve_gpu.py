@@ -1,6 +1,6 @@
 """`qtune serve` under concurrent clients, over HTTP, beside plain transformers `generate`, in one GPU run.
 
-Run on a GPU machine from the repository root:  python3 bench/serve_gpu.py [ROW ...]
+Run on a GPU machine from the repository root:  python3 bench/serve_gpu.py [ROW ...] [--layers N]
 A random Qwen3-8B-shaped checkpoint (bench/common.random_checkpoint; speed does not depend on weight values), 128-token
 prompts, 256 new tokens, greedy. Each row starts the real `qtune serve` (its own process, serve.max_batch=32,
 serve.max_model_len=512) and drives it with C concurrent streaming clients (http.client, SSE, include_usage):
@@ -169,12 +169,12 @@ def hf_generate(ckpt: str, prompt: str, new: int) -> dict:
     return dict(clients=1, tokens=n, aggregate_tok_s=round(n / wall, 1), per_client_tok_s=round(n / wall, 1))
 
 
-def main(rows: list) -> None:
+def main(rows: list, layers: int = 36) -> None:
     from common import environment, random_checkpoint
 
     OUT.mkdir(parents=True, exist_ok=True)
     info = environment()
-    ckpt = random_checkpoint("qwen3_8b", 36)
+    ckpt = random_checkpoint("qwen3_8b", layers)
     base = ["model=qwen3_8b", "model.source=local", f"model.local_dir={ckpt}", "serve.max_batch=32",
             "serve.max_model_len=512"]
     prompts = prompts_of(ckpt, 32, PROMPT)
@@ -185,11 +185,17 @@ def main(rows: list) -> None:
         print(json.dumps({name: r}), flush=True)
         (OUT / "serve_gpu.json").write_text(json.dumps(dict(info=info, results=results), indent=1))
 
-    groups = [("bf16", [], ["bf16_1", "bf16_32"]), ("adapters", ["adapters4"], ["adapters4_32"]),
+    groups = [("bf16", [], ["bf16_1", "bf16_32"]), ("hf", [], ["hf_1"]), ("adapters", ["adapters4"], ["adapters4_32"]),
               ("nf4", ["quant=nf4", "one"], ["nf4_1"])]
     for label, extra, names in groups:
         names = [n for n in names if n in rows]
         if not names:
+            continue
+        if label == "hf":
+            try:
+                keep("hf_1", hf_generate(ckpt, prompts[0], NEW))
+            except Exception as e:
+                keep("hf_1", dict(error=repr(e)[-600:]))
             continue
         args, models = list(base), ["qwen3_8b"]
         if "adapters4" in extra:
@@ -215,11 +221,6 @@ def main(rows: list) -> None:
             proc.wait(timeout=60)
         except Exception as e:  # keep the other rows
             keep(label, dict(error=repr(e)[-600:]))
-    if "hf_1" in rows:
-        try:
-            keep("hf_1", hf_generate(ckpt, prompts[0], NEW))
-        except Exception as e:
-            keep("hf_1", dict(error=repr(e)[-600:]))
     one = results.get("bf16_1", {}).get("aggregate_tok_s")
     print("\n| row | aggregate tok/s | per client tok/s | TTFT p50 ms | vs bf16_1 |\n|---|---|---|---|---|")
     for name, r in results.items():
@@ -244,4 +245,10 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--check"]:
         check()
     else:
-        main(sys.argv[1:] or ROWS)
+        argv = sys.argv[1:]
+        layers = 36
+        if "--layers" in argv:     # fewer layers of the same shape: a quicker run (the figures scale with depth)
+            i = argv.index("--layers")
+            layers = int(argv[i + 1])
+            del argv[i:i + 2]
+        main(argv or ROWS, layers)

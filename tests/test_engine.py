@@ -327,7 +327,7 @@ m = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"
 mixed = None
 if kind == "mixed":
     from qtune.inference.adapters import RowAdapters
-    from qtune.inference.openai_api import MixedRows
+    from qtune.inference.adapters import MixedRows
     m.add_adapter("chat", LoraConfig(r=4, lora_alpha=16, target_modules=["k_proj", "o_proj", "up_proj"]))
 torch.manual_seed(0)
 for n, p in m.named_parameters():
@@ -384,7 +384,7 @@ def test_continuous_batching_mixes_adapters_row_by_row(tiny_qwen3):
     from transformers import AutoModelForCausalLM
 
     from qtune.inference.adapters import RowAdapters
-    from qtune.inference.openai_api import MixedRows
+    from qtune.inference.adapters import MixedRows
 
     base = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32)
     m = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), adapter_name="sql")

@@ -472,3 +472,17 @@ class _MoeBlock:
             vars(self.block).pop("forward", None)
         else:
             self.block.forward = self.saved
+
+
+class MixedRows:
+    """What Scheduler asks of per-row adapters, over RowAdapters: a request's adapter (a
+    name, or the base's name) as a row slot, and the rows' slots for the next forward."""
+
+    def __init__(self, rows, base_name: str):
+        self.rows, self.base_name = rows, base_name
+
+    def key(self, name) -> int:
+        return BASE if name is None or name == self.base_name else self.rows.index_of(name)
+
+    def select(self, slots) -> None:
+        self.rows.select(slots)

@@ -641,7 +641,7 @@ def scheduler(loaded, cfg: Config):
         eos.add(loaded.tokenizer.eos_token_id)
     mixed, why = None, ""
     if loaded.adapters:
-        from qtune.inference.adapters import RowAdapters
+        from qtune.inference.adapters import MixedRows, RowAdapters
 
         try:
             mixed = MixedRows(RowAdapters(model, list(loaded.adapters), max_batch=slots), loaded.base_name)
@@ -654,20 +654,5 @@ def scheduler(loaded, cfg: Config):
             + ("; adapters mixed in a batch" if mixed else why))
     return sched, line
 
-
-class MixedRows:
-    """What Scheduler asks of per-row adapters, over qtune.inference.adapters.RowAdapters: a request's adapter (a
-    name, or the base's name) as a row slot, and the rows' slots for the next forward."""
-
-    def __init__(self, rows, base_name: str):
-        self.rows, self.base_name = rows, base_name
-
-    def key(self, name) -> int:
-        from qtune.inference.adapters import BASE
-
-        return BASE if name is None or name == self.base_name else self.rows.index_of(name)
-
-    def select(self, slots) -> None:
-        self.rows.select(slots)
 
 
