@@ -115,11 +115,11 @@ def test_draws_follow_temperature_and_top_p(model, top_k):
     assert Sampling().temperature == 1.0
 
 
-_GPU = """
-import json, sys, torch
+# the GPU scripts' start: the tiny Qwen3 on CUDA, its base in nf4 or bf16
+_GPU_BASE = """
+import json, sys, threading, torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from peft import LoraConfig, get_peft_model
-from qtune.inference.engine import BatchDecoder, Sampling
 path, kind = sys.argv[1:]
 if kind == "nf4":
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0}, quantization_config=
@@ -127,6 +127,10 @@ if kind == "nf4":
                            bnb_4bit_use_double_quant=True))
 else:
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()
+"""
+
+_GPU = _GPU_BASE + """
+from qtune.inference.engine import BatchDecoder, Sampling
 m = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                        "gate_proj", "up_proj", "down_proj"]))
 torch.manual_seed(0)
@@ -310,18 +314,8 @@ def test_log_probabilities_are_the_model_s(model):
         assert top[0][0] == t     # greedy: the most likely
 
 
-_GPU_SCHED = """
-import json, sys, threading, torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-from peft import LoraConfig, get_peft_model
+_GPU_SCHED = _GPU_BASE + """
 from qtune.inference.engine import Job, Scheduler
-path, kind = sys.argv[1:]
-if kind == "nf4":
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0}, quantization_config=
-        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-                           bnb_4bit_use_double_quant=True))
-else:
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()
 m = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]),
                    adapter_name="sql")
 mixed = None
