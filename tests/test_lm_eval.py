@@ -88,3 +88,27 @@ def test_without_lm_eval_installed_it_is_one_line_naming_the_extra(tiny_run, tmp
     line = only_line(qtune("eval", f"run={tiny_run}", "eval.lm_eval.tasks=[gsm8k]", cwd=tmp_path, env=env))
     assert line == ("error: eval.lm_eval.tasks needs EleutherAI's lm-evaluation-harness, which is not installed "
                     "(lm_eval): pip install 'qtune[eval]'"), line
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_scores_through_qtune_serve_as_in_process(tasks, tiny_qwen3):
+    """lm-eval's `local-completions` model (log-likelihoods over HTTP: echo + logprobs on token ids) against a real
+    qtune serve: the same accuracy as lm-eval's own `hf` model on the same checkpoint in process."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from test_serve_limits import _start
+
+    def acc(model: str, args: str) -> float:
+        out = lm_eval.simple_evaluate(model=model, model_args=args, tasks=["tiny_qa"], limit=5, device="cpu",
+                                      task_manager=TaskManager(include_path=str(tasks)))
+        return out["results"]["tiny_qa"]["acc,none"]
+
+    proc, port = _start()
+    try:
+        served = acc("local-completions", f"model=tiny_qwen3,base_url=http://127.0.0.1:{port}/v1/completions,"
+                                          f"tokenizer={tiny_qwen3},tokenizer_backend=huggingface,max_retries=1")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert served == acc("hf", f"pretrained={tiny_qwen3},dtype=float32")

@@ -300,3 +300,27 @@ def test_a_full_queue_answers_429_with_retry_after(tiny_qwen3):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_echo_scores_the_prompt_as_the_model_does(tiny_server, tiny_qwen3):
+    """/v1/completions with echo and logprobs (lm-eval's local-completions log-likelihood request: token ids, several
+    prompts, max_tokens 1): each prompt token's log-probability is the model's, the first is null."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    prompts = [[11, 305, 2048, 77, 9, 400], [5, 6, 7]]
+    status, body = _post(tiny_server, "/v1/completions", {"model": "tiny_qwen3", "prompt": prompts, "max_tokens": 1,
+                                                          "echo": True, "logprobs": 1, "temperature": 0})
+    assert status == 200, body
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3, dtype=torch.float32)
+    for prompt, choice in zip(prompts, body["choices"]):
+        lp = choice["logprobs"]
+        assert len(lp["token_logprobs"]) == len(prompt) + 1 and lp["token_logprobs"][0] is None
+        assert lp["top_logprobs"][0] is None and all(len(t) == 1 for t in lp["top_logprobs"][1:])
+        with torch.no_grad():
+            want = model(input_ids=torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+        for i, t in enumerate(prompt[1:]):
+            assert lp["token_logprobs"][i + 1] == pytest.approx(want[i, t].item(), abs=1e-4)
+    assert body["usage"]["prompt_tokens"] == 9

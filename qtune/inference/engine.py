@@ -321,12 +321,15 @@ class Job:
     seed: int | None = None
     top_logprobs: int = -1        # -1: no log-probabilities; 0: the chosen token's; k: and the k most likely
     adapter: object = None
+    score_prompt: bool = False    # also the prompt's own log-probabilities (OpenAI's echo): prompt_scores, filled
+    #                               before the first on_token, one (log-probability, top) per prompt token after the first
 
     def __post_init__(self):
         import threading
 
         self.cancelled = threading.Event()
         self.generated = 0
+        self.prompt_scores: list = []
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -599,9 +602,12 @@ class Scheduler:
             logits = self.model(input_ids=torch.tensor([piece], dtype=torch.long, device=dev),
                                 attention_mask=self._masks(mask),
                                 position_ids=torch.arange(done, end, device=dev).unsqueeze(0), use_cache=True,
-                                logits_to_keep=1, **{self.keyword: self.cache}).logits[:, -1]
+                                logits_to_keep=0 if job.score_prompt else 1, **{self.keyword: self.cache}).logits
         finally:
             self.where.mode = "decode"
+        if job.score_prompt:
+            self._score(job, logits[0], done)
+        logits = logits[:, -1]
         self.mask[slot, 0, 0, done:end] = 0.0
         if end < len(job.prompt):
             self.filling[slot][1] = end
@@ -612,6 +618,18 @@ class Scheduler:
         self.token[slot] = nxt[0]
         self.running[slot] = job
         self._emit({slot: job}, nxt.view(-1).tolist(), slot)
+
+    def _score(self, job: Job, logits: torch.Tensor, done: int) -> None:
+        """The log-probability of each next prompt token under this chunk's logits, and the top ones."""
+        ahead = job.prompt[done + 1:done + 1 + logits.shape[0]]
+        if not ahead:
+            return
+        lp = logits[:len(ahead)].float().log_softmax(-1)
+        chosen = lp.gather(-1, torch.tensor(ahead, device=lp.device).unsqueeze(1))[:, 0].tolist()
+        k = max(job.top_logprobs, 0)
+        top = lp.topk(k, dim=-1) if k else None
+        values, ids = (top.values.tolist(), top.indices.tolist()) if top is not None else ([[]] * len(ahead),) * 2
+        job.prompt_scores += [(c, list(zip(i, v))) for c, i, v in zip(chosen, ids, values)]
 
     def _masks(self, mask):
         return {kind: mask for kind in self.layer_types} if len(self.layer_types) > 1 else mask

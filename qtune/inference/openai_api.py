@@ -13,8 +13,9 @@ One request must not hold the server: bodies are counted as they arrive (chunked
 serve.max_body_bytes; a prompt that with max_tokens exceeds a slot (serve.max_model_len, or serve.max_prompt_tokens)
 is refused before it queues; past serve.max_queue waiting requests the answer is 429 with Retry-After; a client that
 goes away frees its slot at the next step, streamed or not; stop_all() (on SIGTERM) ends every generation at the
-next step. Parameters qtune cannot honour (tools, image parts, response_format other than text, echo, suffix,
-best_of) are refused with 400 rather than silently ignored; n, logprobs/top_logprobs, seed, logit_bias,
+next step. Parameters qtune cannot honour (tools, image parts, response_format other than text, suffix, best_of)
+are refused with 400 rather than silently ignored; /v1/completions takes several prompts, as text or token ids, and
+echo (with logprobs: the prompt's tokens scored, as lm-eval's local-completions asks for log-likelihoods); n, logprobs/top_logprobs, seed, logit_bias,
 presence/frequency penalties, stop strings and stream_options.include_usage are honoured as OpenAI does (a seeded
 request answers the same whatever else runs beside it; choice i of n draws with seed + i).
 
@@ -84,8 +85,9 @@ class ChatRequest(Sampled):
 
 
 class CompletionRequest(Sampled):
-    prompt: Union[str, List[str]]
+    prompt: Union[str, List[str], List[int], List[List[int]]]   # text or token ids, one prompt or several
     logprobs: Optional[int] = Field(default=None, ge=0, le=5)
+    echo: bool = False           # the prompt too, in the text and (with logprobs) scored token by token
 
 
 # OpenAI parameters qtune's generation cannot honour: a request that asks for one gets 400, not a silent default.
@@ -93,7 +95,7 @@ class CompletionRequest(Sampled):
 UNSUPPORTED = {"chat": [("tools", (None, [])),
                         ("tool_choice", (None, "none")), ("functions", (None, [])), ("function_call", (None, "none")),
                         ("audio", (None,)), ("modalities", (None, ["text"]))],
-               "completions": [("echo", (None, False)), ("suffix", (None, "")),
+               "completions": [("suffix", (None, "")),
                                ("best_of", (None, 1))]}
 SHUTDOWN_GRACE_S = 2
 DRAIN_FACTOR = 8
@@ -319,26 +321,37 @@ def build_app(loaded, cfg: Config, log=None):
             Controls(seed=req.seed, logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()},
                      presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0))
 
-    async def respond(request: Request, req, prompt: str, s: Wanted, chunk, final):
-        """Decode req.n choices through the scheduler; a JSON body or an SSE stream of chunks."""
+    async def respond(request: Request, req, prompts: list, s: Wanted, chunk, final, echo: bool = False):
+        """Decode req.n choices of each prompt (a text, or token ids) through the scheduler; choice i·n + j is prompt
+        i's j-th. A JSON body or an SSE stream of chunks."""
         rid = f"{'chatcmpl' if chunk is _chat_chunk else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        ids = loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        bad = too_long(len(ids), s)
-        if bad:
-            return bad
+        tokenized = [p if isinstance(p, list) else loaded.tokenizer(p, add_special_tokens=False)["input_ids"]
+                     for p in prompts]
+        vocab = getattr(config, "vocab_size", None)
+        for i, ids in enumerate(tokenized):
+            if not ids:
+                return error(400, f"prompt{f'[{i}]' if len(prompts) > 1 else ''}: empty", param="prompt")
+            if vocab and any(not 0 <= t < vocab for t in ids):
+                return error(400, f"prompt: token ids must be 0 to {vocab - 1}", param="prompt")
+            bad = too_long(len(ids), s)
+            if bad:
+                return bad
         if closing.is_set():
             return error(503, "qtune serve is shutting down", "server_error")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         top = _top_logprobs(req)
-        choices = [Choice(i, loaded.tokenizer, s.stop, queue, loop) for i in range(req.n)]
+        choices = [Choice(i * req.n + j, loaded.tokenizer, s.stop, queue, loop)
+                   for i in range(len(tokenized)) for j in range(req.n)]
         for c in choices:
+            ids = tokenized[c.index // req.n]
             c.job = Job(prompt=list(ids), max_new_tokens=s.chat.max_new_tokens, on_token=c.token, on_end=c.end,
                         temperature=s.chat.temperature, top_p=s.chat.top_p, top_k=s.chat.top_k,
                         repetition_penalty=s.chat.repetition_penalty,
                         presence_penalty=s.controls.presence_penalty, frequency_penalty=s.controls.frequency_penalty,
                         logit_bias=s.controls.logit_bias, top_logprobs=top, adapter=req.model,
-                        seed=None if s.controls.seed is None else s.controls.seed + c.index)
+                        seed=None if s.controls.seed is None else s.controls.seed + c.index % req.n,
+                        score_prompt=echo and top >= 0)
             if not engine.submit(c.job):
                 for other in choices:
                     other.job.cancel()
@@ -346,7 +359,7 @@ def build_app(loaded, cfg: Config, log=None):
                 return error(429, f"qtune serve is at capacity: {waiting} requests wait for a slot "
                                   f"(serve.max_queue={settings.max_queue}); retry shortly", "rate_limit_error",
                              code="rate_limit_exceeded", headers={"Retry-After": "1"})
-        prompt_tokens = len(ids)
+        prompt_tokens = sum(map(len, tokenized))
 
         def usage() -> dict:
             done = sum(c.job.generated for c in choices)
@@ -378,6 +391,11 @@ def build_app(loaded, cfg: Config, log=None):
                     lps[c.index] += lp
                     finish[c.index] = end or finish[c.index]
 
+            if echo:   # the prompt before each choice's text, and its tokens' scores before the completion's
+                for c in choices:
+                    ids = c.job.prompt
+                    texts[c.index] = loaded.tokenizer.decode(ids) + texts[c.index]
+
             task = asyncio.ensure_future(collect())
             try:
                 while not task.done():  # a client that hangs up cancels its generations (or their place in the queue)
@@ -389,6 +407,13 @@ def build_app(loaded, cfg: Config, log=None):
                 return error(500, f"generation failed: {e}", "server_error")
             finally:
                 cancel_all()
+            if echo and top >= 0:
+                for c in choices:
+                    dec = loaded.tokenizer.decode
+                    scored = [(dec([c.job.prompt[0]]), None, None)]
+                    scored += [(dec([t]), lp, [(dec([i]), v) for i, v in alts])
+                               for t, (lp, alts) in zip(c.job.prompt[1:], c.job.prompt_scores)]
+                    lps[c.index] = scored + lps[c.index]
             u = usage()
             note(request, prompt_tokens=u["prompt_tokens"], completion_tokens=u["completion_tokens"])
             if closing.is_set() and any(f == "cancelled" for f in finish):
@@ -451,7 +476,7 @@ def build_app(loaded, cfg: Config, log=None):
         if think is None and req.chat_template_kwargs:
             think = req.chat_template_kwargs.get("enable_thinking")
         prompt = render(loaded, messages, cfg.chat.enable_thinking if think is None else bool(think))
-        return await respond(request, req, prompt, sampling(req, max_tokens), _chat_chunk, _chat_final)
+        return await respond(request, req, [prompt], sampling(req, max_tokens), _chat_chunk, _chat_final)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -459,13 +484,17 @@ def build_app(loaded, cfg: Config, log=None):
         bad = check(req, "completions", req.max_tokens)
         if bad:
             return bad
-        if isinstance(req.prompt, list):
-            if len(req.prompt) != 1:
-                return error(400, "prompt: one prompt per request")
-            prompt = req.prompt[0]
-        else:
-            prompt = req.prompt
-        return await respond(request, req, prompt, sampling(req, req.max_tokens), _text_chunk, _text_final)
+        p = req.prompt
+        prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if not prompts:
+            return error(400, "prompt: empty", param="prompt")
+        if len(prompts) * req.n > settings.max_n * 4:
+            return error(400, f"{len(prompts)} prompts x n={req.n}: at most {settings.max_n * 4} completions a "
+                              "request (4 x serve.max_n)", param="prompt")
+        if req.echo and req.stream:
+            return error(400, "echo: not with stream (ask without streaming)", param="echo")
+        return await respond(request, req, prompts, sampling(req, req.max_tokens), _text_chunk, _text_final,
+                             echo=req.echo)
 
     return app
 
@@ -498,7 +527,8 @@ def _logprobs(entries: list, top: int, chat: bool):
         offsets.append(at)
         at += len(t)
     return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [dict(alts) for _, _, alts in entries] if top else None, "text_offset": offsets}
+            "top_logprobs": [None if alts is None else dict(alts) for _, _, alts in entries] if top else None,
+            "text_offset": offsets}
 
 
 def _chat_final(rid, model, texts, finish, lps, usage, top):
