@@ -139,9 +139,12 @@ def handoff(cfg: Config, warn=None) -> Handoff:
     base = ensure_model(rcfg.model, rcfg.download, rcfg.paths, warn=warn)
     if run is not None:
         adapters = {run.name: run / "adapter", **adapters}
-    for adapter in adapters.values():
+    from qtune.inference.load import check_base
+
+    for name, adapter in adapters.items():
         if _adapter_config(adapter).get("task_type") == "SEQ_CLS":
             _reward(adapter.parent if adapter.name == "adapter" else adapter)
+        check_base(rcfg, base, adapter, f"serve.adapters.{name}")  # an adapter of another base: refused as qtune's is
     return Handoff(rcfg, base, rcfg.model.name, adapters)
 
 
@@ -183,8 +186,9 @@ def problems(h: Handoff) -> list[str]:
         where = f"adapter {name} ({adapter})"
         params = c.get("target_parameters") or []
         if params:
-            found.append(f"{where} has LoRA on MoE expert or router parameters ({', '.join(sorted(params)[:2])}"
-                         f"{', …' if len(params) > 2 else ''}: moe.scope), which vLLM does not serve on Qwen3-MoE")
+            kinds = sorted({".".join(p.split(".")[-2:]) for p in params})  # experts.gate_up_proj, not every layer's
+            found.append(f"{where} has LoRA on MoE expert or router parameters ({', '.join(kinds)}: moe.scope), "
+                         "which vLLM does not serve on Qwen3-MoE")
         if c.get("use_dora"):
             found.append(f"{where} is a DoRA adapter (lora.use_dora=true), which vLLM does not serve")
         kept = [m for m in c.get("modules_to_save") or [] if m not in ("classifier", "score")]
