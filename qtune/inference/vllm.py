@@ -120,6 +120,7 @@ class Handoff:
 def handoff(cfg: Config, warn=None) -> Handoff:
     """The run (or `model=` alone) and serve.adapters as `qtune serve` names them, checked as its own engine checks
     them (a damaged adapter, adapters over a full run's model)."""
+    from qtune.inference.load import check_base
     from qtune.modeling.hub import ensure_model
     from qtune.runs import adapter_folder, model_output, run_config, run_folder
 
@@ -139,8 +140,6 @@ def handoff(cfg: Config, warn=None) -> Handoff:
     base = ensure_model(rcfg.model, rcfg.download, rcfg.paths, warn=warn)
     if run is not None:
         adapters = {run.name: run / "adapter", **adapters}
-    from qtune.inference.load import check_base
-
     for name, adapter in adapters.items():
         if _adapter_config(adapter).get("task_type") == "SEQ_CLS":
             _reward(adapter.parent if adapter.name == "adapter" else adapter)
@@ -188,7 +187,7 @@ def problems(h: Handoff) -> list[str]:
         if params:
             kinds = sorted({".".join(p.split(".")[-2:]) for p in params})  # experts.gate_up_proj, not every layer's
             found.append(f"{where} has LoRA on MoE expert or router parameters ({', '.join(kinds)}: moe.scope), "
-                         "which vLLM does not serve on Qwen3-MoE")
+                         "which vLLM refuses on Qwen3-MoE (PEFT's fused expert format)")
         if c.get("use_dora"):
             found.append(f"{where} is a DoRA adapter (lora.use_dora=true), which vLLM does not serve")
         kept = [m for m in c.get("modules_to_save") or [] if m not in ("classifier", "score")]
