@@ -151,3 +151,11 @@ def test_full_bench_plain_side_trains_what_it_names(tiny_qwen3, tmp_path):
     assert len(full["losses"]) == 2 and all(math.isfinite(x) for x in full["losses"] + last["losses"])
     assert full["trainable"] == 9_798_016 and 0 < last["trainable"] < 40_000
 
+
+
+def test_vllm_handoff_help():
+    """bench/vllm_handoff.py needs a vLLM to run (test_serve_vllm runs it where QTUNE_VLLM names one); its --help runs
+    anywhere."""
+    p = subprocess.run([sys.executable, str(BENCH / "vllm_handoff.py"), "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0 and "--vllm" in p.stdout and "--runs" in p.stdout, p.stderr[-2000:]

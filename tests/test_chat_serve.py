@@ -176,22 +176,6 @@ def test_serve_answers_eight_concurrent_clients(server):
     assert answers[0].startswith("Captain's log")
 
 
-def test_vllm_engine_builds_its_command(tmp_path):
-    from qtune.config import compose, to_object
-    from qtune.commands.serve import vllm_command
-
-    run = tmp_path / "myrun"
-    (run / "adapter").mkdir(parents=True)
-    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 32}))
-    (run / "adapter" / "adapter_model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")  # no tensors
-    from qtune.runs import write_config
-
-    write_config(run, to_object(compose(["model=tiny_qwen3"])))
-    cmd = vllm_command(to_object(compose(["model=tiny_qwen3", f"run={run}", "serve.engine=vllm", "serve.api_key=k"])))
-    assert cmd[:2] == ["vllm", "serve"] and "--enable-lora" in cmd and f"myrun={run / 'adapter'}" in cmd
-    assert cmd[cmd.index("--max-lora-rank") + 1] == "32" and cmd[cmd.index("--api-key") + 1] == "k"
-
-
 @pytest.mark.slow
 def test_merge_exports_gguf_and_a_4bit_checkpoint(smol_merged):
     """GGUF f16/q8_0 written with the gguf package, q4_k_m with qtune's k-quants, each loaded back by transformers'

