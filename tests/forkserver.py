@@ -22,6 +22,7 @@ import runpy
 import sys
 
 PRELOAD = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "safetensors")
+OPTIONAL = ("lm_eval",)  # qtune[eval]: its import alone is ~30 s of the one eval row that reaches it
 
 
 def preload() -> None:
@@ -29,6 +30,11 @@ def preload() -> None:
     Hydra's plugin scan: what a verb would import, so that a child imports next to nothing."""
     for name in PRELOAD:
         importlib.import_module(name)
+    for name in OPTIONAL:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
     import qtune
 
     for m in pkgutil.walk_packages(qtune.__path__, "qtune."):
