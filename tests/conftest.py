@@ -174,11 +174,11 @@ SMOL_PROMPT = "What is the capital of Italy?"
 def smol_run(smollm2, tmp_path_factory) -> Path:
     """SmolLM2 trained on the demo data by the real CLI (8 steps), shared by the train and eval tests."""
     run = tmp_path_factory.mktemp("smol") / "run"
-    qtune("train", "model=smollm2_135m", "data=demo", f"data.path={REPO}/data/demo/captains_log.jsonl",
-          f"data.eval_path={REPO}/data/demo/held_out.jsonl", "train.grad_accum=1", "train.logging_steps=1",
-          "train.warmup_ratio=0", "train.report_to=[]", "train.gradient_checkpointing=false",
-          f"train.output_dir={run}", "train.max_steps=8", "train.save_steps=8", "train.lr=1e-3",
-          f"train.sample_prompts=[{SMOL_PROMPT}]", "train.sample_max_new_tokens=12", check=True)
+    qtune_warm("train", "model=smollm2_135m", "data=demo", f"data.path={REPO}/data/demo/captains_log.jsonl",
+               f"data.eval_path={REPO}/data/demo/held_out.jsonl", "train.grad_accum=1", "train.logging_steps=1",
+               "train.warmup_ratio=0", "train.report_to=[]", "train.gradient_checkpointing=false",
+               f"train.output_dir={run}", "train.max_steps=8", "train.save_steps=8", "train.lr=1e-3",
+               f"train.sample_prompts=[{SMOL_PROMPT}]", "train.sample_max_new_tokens=12", check=True)
     return run
 
 
@@ -187,9 +187,9 @@ def tiny_run(tiny_qwen3, tmp_path_factory) -> Path:
     """The tiny Qwen3 trained by the real CLI for 2 steps, a checkpoint at each: for tests that only need a real run
     folder (eval's judge, damaged copies in test_errors). Copy it before changing anything in it."""
     run = tmp_path_factory.mktemp("tiny") / "run"
-    qtune("train", "model=tiny_qwen3", "data=demo", f"data.path={REPO}/data/demo/captains_log.jsonl",
-          f"data.eval_path={REPO}/data/demo/held_out.jsonl", "train.grad_accum=1", "train.max_steps=2",
-          "train.save_steps=1", "train.report_to=[]", f"train.output_dir={run}", check=True)
+    qtune_warm("train", "model=tiny_qwen3", "data=demo", f"data.path={REPO}/data/demo/captains_log.jsonl",
+               f"data.eval_path={REPO}/data/demo/held_out.jsonl", "train.grad_accum=1", "train.max_steps=2",
+               "train.save_steps=1", "train.report_to=[]", f"train.output_dir={run}", check=True)
     return run
 
 
@@ -199,9 +199,9 @@ def tiny_rm_run(tiny_qwen3, tmp_path_factory) -> Path:
     score head stays 16-bit): for the verbs that must refuse one (chat, serve) or treat it as one. Copy it before
     changing anything in it."""
     run = tmp_path_factory.mktemp("tiny-rm") / "run"
-    qtune("train", "model=tiny_qwen3", "quant=nf4", "train.stage=rm", f"data.path={REPO}/data/demo/preferences.jsonl",
-          "train.grad_accum=1", "train.max_steps=2", "train.save_steps=2", "train.report_to=[]",
-          f"train.output_dir={run}", check=True)
+    qtune_warm("train", "model=tiny_qwen3", "quant=nf4", "train.stage=rm",
+               f"data.path={REPO}/data/demo/preferences.jsonl", "train.grad_accum=1", "train.max_steps=2",
+               "train.save_steps=2", "train.report_to=[]", f"train.output_dir={run}", check=True)
     return run
 
 
@@ -209,7 +209,8 @@ def tiny_rm_run(tiny_qwen3, tmp_path_factory) -> Path:
 def smol_merged(smol_run) -> Path:
     """smol_run merged once into <run>/merged, with GGUF f16/q8_0/q4_k_m and the nf4 checkpoint: the export tests and
     eval's merged model share it (transformers' GGUF load-back is the slow part)."""
-    qtune("merge", f"run={smol_run}", "merge.gguf=[f16,q8_0,q4_k_m]", "merge.save_4bit=true", check=True, timeout=900)
+    qtune_warm("merge", f"run={smol_run}", "merge.gguf=[f16,q8_0,q4_k_m]", "merge.save_4bit=true", check=True,
+               timeout=900)
     return smol_run / "merged"
 
 
