@@ -28,6 +28,86 @@ def qtune(*args: str, cwd: Path | None = None, env: dict | None = None, timeout:
     return proc
 
 
+class _Forkserver:
+    """tests/forkserver.py, started on first use and stopped at the session's end: one server, one request at a time."""
+
+    def __init__(self):
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="qtune-forkserver-"))
+        self.proc: subprocess.Popen | None = None
+        self.pending = b""
+
+    def _line(self, timeout: float | None = None) -> str | None:
+        """The server's next line, or None when `timeout` seconds pass first."""
+        import select
+
+        while b"\n" not in self.pending:
+            if timeout is not None and not select.select([self.proc.stdout], [], [], timeout)[0]:
+                return None
+            chunk = os.read(self.proc.stdout.fileno(), 4096)
+            if not chunk:
+                raise RuntimeError(f"tests/forkserver.py stopped:\n{(self.dir / 'server.log').read_text()}")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return line.decode()
+
+    def run(self, args: tuple[str, ...], cwd: Path | None, timeout: float) -> subprocess.CompletedProcess:
+        import json
+        import signal
+
+        if self.proc is None or self.proc.poll() is not None:
+            log = open(self.dir / "server.log", "w")  # a file, not pytest's stderr (which may be a terminal)
+            self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "forkserver.py")], cwd=REPO,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, bufsize=0)
+            self.pending = b""
+            assert self._line() == "ready"
+        out, err = self.dir / "stdout", self.dir / "stderr"
+        out.write_bytes(b"")
+        err.write_bytes(b"")
+        request = {"argv": list(args), "cwd": str(cwd or os.getcwd()), "env": dict(os.environ), "stdout": str(out),
+                   "stderr": str(err)}
+        self.proc.stdin.write((json.dumps(request) + "\n").encode())
+        pid = int(self._line().split()[1])
+        answer = self._line(timeout)
+        if answer is None:
+            os.kill(pid, signal.SIGKILL)
+            self._line()
+            raise subprocess.TimeoutExpired([*QTUNE, *args], timeout)
+        rc = int(answer.split()[1])
+        return subprocess.CompletedProcess([*QTUNE, *args], rc, out.read_text(), err.read_text())
+
+    def stop(self) -> None:
+        import shutil
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_forkserver: _Forkserver | None = None
+
+
+def qtune_warm(*args: str, cwd: Path | None = None, timeout: float = 600, check: bool = False):
+    """The real `qtune` command as `qtune()` runs it, in a process forked from one that has already imported torch,
+    transformers, peft, trl and datasets (tests/forkserver.py): the same main(), exit status and stdout/stderr, without
+    the ~10 s of imports of each fresh process. For the many calls that test a refusal; not for what only a fresh
+    interpreter shows (import-time output, what a verb imports) nor for calls that change the environment."""
+    global _forkserver
+    if _forkserver is None:
+        _forkserver = _Forkserver()
+    proc = _forkserver.run(args, cwd, timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"qtune {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _forkserver is not None:
+        _forkserver.stop()
+
+
 def one_line_error(p) -> str:
     """The one `error:` line of a failed qtune run (asserting a non-zero exit, no traceback, exactly one such line)."""
     assert p.returncode != 0 and "Traceback" not in p.stderr + p.stdout, p.stderr
@@ -94,11 +174,11 @@ SMOL_PROMPT = "What is the capital of Italy?"
 def smol_run(smollm2, tmp_path_factory) -> Path:
     """SmolLM2 trained on the demo data by the real CLI (8 steps), shared by the train and eval tests."""
     run = tmp_path_factory.mktemp("smol") / "run"
-    qtune("train", "model=smollm2_135m", "data=demo", f"data.path={REPO}/data/demo/captains_log.jsonl",
-          f"data.eval_path={REPO}/data/demo/held_out.jsonl", "train.grad_accum=1", "train.logging_steps=1",
-          "train.warmup_ratio=0", "train.report_to=[]", "train.gradient_checkpointing=false",
-          f"train.output_dir={run}", "train.max_steps=8", "train.save_steps=8", "train.lr=1e-3",
-          f"train.sample_prompts=[{SMOL_PROMPT}]", "train.sample_max_new_tokens=12", check=True)
+    qtune_warm("train", "model=smollm2_135m", "data=demo", f"data.path={REPO}/data/demo/captains_log.jsonl",
+               f"data.eval_path={REPO}/data/demo/held_out.jsonl", "train.grad_accum=1", "train.logging_steps=1",
+               "train.warmup_ratio=0", "train.report_to=[]", "train.gradient_checkpointing=false",
+               f"train.output_dir={run}", "train.max_steps=8", "train.save_steps=8", "train.lr=1e-3",
+               f"train.sample_prompts=[{SMOL_PROMPT}]", "train.sample_max_new_tokens=12", check=True)
     return run
 
 
@@ -107,9 +187,9 @@ def tiny_run(tiny_qwen3, tmp_path_factory) -> Path:
     """The tiny Qwen3 trained by the real CLI for 2 steps, a checkpoint at each: for tests that only need a real run
     folder (eval's judge, damaged copies in test_errors). Copy it before changing anything in it."""
     run = tmp_path_factory.mktemp("tiny") / "run"
-    qtune("train", "model=tiny_qwen3", "data=demo", f"data.path={REPO}/data/demo/captains_log.jsonl",
-          f"data.eval_path={REPO}/data/demo/held_out.jsonl", "train.grad_accum=1", "train.max_steps=2",
-          "train.save_steps=1", "train.report_to=[]", f"train.output_dir={run}", check=True)
+    qtune_warm("train", "model=tiny_qwen3", "data=demo", f"data.path={REPO}/data/demo/captains_log.jsonl",
+               f"data.eval_path={REPO}/data/demo/held_out.jsonl", "train.grad_accum=1", "train.max_steps=2",
+               "train.save_steps=1", "train.report_to=[]", f"train.output_dir={run}", check=True)
     return run
 
 
@@ -119,9 +199,9 @@ def tiny_rm_run(tiny_qwen3, tmp_path_factory) -> Path:
     score head stays 16-bit): for the verbs that must refuse one (chat, serve) or treat it as one. Copy it before
     changing anything in it."""
     run = tmp_path_factory.mktemp("tiny-rm") / "run"
-    qtune("train", "model=tiny_qwen3", "quant=nf4", "train.stage=rm", f"data.path={REPO}/data/demo/preferences.jsonl",
-          "train.grad_accum=1", "train.max_steps=2", "train.save_steps=2", "train.report_to=[]",
-          f"train.output_dir={run}", check=True)
+    qtune_warm("train", "model=tiny_qwen3", "quant=nf4", "train.stage=rm",
+               f"data.path={REPO}/data/demo/preferences.jsonl", "train.grad_accum=1", "train.max_steps=2",
+               "train.save_steps=2", "train.report_to=[]", f"train.output_dir={run}", check=True)
     return run
 
 
@@ -129,7 +209,8 @@ def tiny_rm_run(tiny_qwen3, tmp_path_factory) -> Path:
 def smol_merged(smol_run) -> Path:
     """smol_run merged once into <run>/merged, with GGUF f16/q8_0/q4_k_m and the nf4 checkpoint: the export tests and
     eval's merged model share it (transformers' GGUF load-back is the slow part)."""
-    qtune("merge", f"run={smol_run}", "merge.gguf=[f16,q8_0,q4_k_m]", "merge.save_4bit=true", check=True, timeout=900)
+    qtune_warm("merge", f"run={smol_run}", "merge.gguf=[f16,q8_0,q4_k_m]", "merge.save_4bit=true", check=True,
+               timeout=900)
     return smol_run / "merged"
 
 

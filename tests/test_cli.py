@@ -45,6 +45,16 @@ def test_help_does_not_import_heavy_modules():
     assert p.returncode == 0, p.stdout + p.stderr
 
 
+def test_a_bad_setting_is_refused_before_heavy_modules_load():
+    """A wrong value fails at compose time, in about a second: test_errors' rows run in a process that has these
+    modules already (conftest's qtune_warm), so this fresh one is where their absence is seen."""
+    code = ("import atexit, sys; atexit.register(lambda: print(sorted(m for m in ('torch', 'transformers', 'peft', "
+            "'datasets') if m in sys.modules), file=sys.stderr)); sys.argv = ['qtune', 'train', 'train.lr=-1']; "
+            "from qtune.cli import main; main()")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.splitlines() == ["error: train.lr=-1: valid: > 0", "[]"], p.stderr
+
+
 def test_wheel_ships_config_and_runs_outside_the_repo(tmp_path):
     """Build the wheel, install it (without deps) into a fresh venv that borrows this env's
     dependencies, and compose a config from a folder with no checkout."""

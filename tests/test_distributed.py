@@ -8,6 +8,9 @@ with torch 2.13 on CPU: DDP's losses equal one process's to the last bit). The d
 is packed unevenly on purpose: a step's two rows hold between 22 and 78 tokens that count, so the loss per token is
 right only if tokens are counted over all processes; with each process normalizing by its own count (transformers'
 average_tokens_across_devices=False) the two-process losses move by up to 2.2e-4 relative, and these tests fail.
+
+The commands run through conftest's qtune_warm (forked from a process that has imported the libraries; the processes
+that a two-process run launches start fresh), except those given another environment, killed mid-run or on a GPU.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QTUNE, REPO, qtune
+from conftest import QTUNE, REPO, qtune, qtune_warm
 
 TOL = 1e-5
 SHIM = REPO / "tests" / "fsdp_on_cpu"  # lets accelerate run FSDP2 on CPU processes (see its docstring)
@@ -70,7 +73,7 @@ def assert_same_adapter(one: Path, other: Path) -> None:
 def reference(tiny_qwen3, tmp_path_factory) -> Path:
     """One process, global batch 2 (train.batch_size 1 × train.grad_accum 2)."""
     run = tmp_path_factory.mktemp("one") / "run"
-    qtune(*tiny(run, "train.grad_accum=2"), check=True)
+    qtune_warm(*tiny(run, "train.grad_accum=2"), check=True)
     return run
 
 
@@ -117,7 +120,7 @@ def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(tmp_pat
     import yaml
 
     run = tmp_path / "two"
-    p = qtune(*tiny(run, "train.nproc=2", "train.grad_accum=1"))
+    p = qtune_warm(*tiny(run, "train.nproc=2", "train.grad_accum=1"))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "2 processes (ddp, gloo); global batch 2 = train.batch_size 1 × train.grad_accum 1 × 2 processes" in p.stdout
     assert p.stdout.count("done: 8 steps") == 1 and p.stdout.count("training tiny_qwen3") == 1  # rank 0 speaks
@@ -133,7 +136,7 @@ def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(tmp_pat
     assert len([r for r in rows(run) if "loss" in r]) == 8  # one metrics row a step: rank 0 alone writes
 
     # the run folder reads like any other
-    c = qtune("chat", f"run={run}", "--prompt", "Hello", "chat.max_new_tokens=2", "chat.temperature=0")
+    c = qtune_warm("chat", f"run={run}", "--prompt", "Hello", "chat.max_new_tokens=2", "chat.temperature=0")
     assert c.returncode == 0, c.stderr
 
 
@@ -164,9 +167,10 @@ def test_moe_on_the_fast_path_under_ddp_gives_the_losses_of_one_process(tmp_path
     search for unused parameters), all run on CPU with train.fast=true."""
     fast = ["train.fast=true", "train.gradient_checkpointing=true", "train.max_steps=4", "train.save_steps=4"]
     one, two = tmp_path / "one", tmp_path / "two"
-    qtune("train", "model=tiny_qwen3_moe", *ARGS, *fast, f"train.output_dir={one}", "train.grad_accum=2", check=True)
-    p = qtune("train", "model=tiny_qwen3_moe", *ARGS, *fast, f"train.output_dir={two}", "train.grad_accum=1",
-              "train.nproc=2")
+    qtune_warm("train", "model=tiny_qwen3_moe", *ARGS, *fast, f"train.output_dir={one}", "train.grad_accum=2",
+               check=True)
+    p = qtune_warm("train", "model=tiny_qwen3_moe", *ARGS, *fast, f"train.output_dir={two}", "train.grad_accum=1",
+                   "train.nproc=2")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "grouped-matmul experts" in p.stdout and "2 processes (ddp, gloo)" in p.stdout
     a, b = by_step(one, "loss"), by_step(two, "loss")
@@ -213,10 +217,10 @@ def test_kill_9_of_two_processes_then_one_process_continues_the_curve(tmp_path, 
     assert not (run / "adapter").exists()
 
     # resumed by one process: the checkpoint's global batch of 2 is kept with train.grad_accum=2, or refused
-    line = [x for x in qtune(*tiny(run, "train.grad_accum=1")).stderr.splitlines() if x.startswith("error:")]
+    line = [x for x in qtune_warm(*tiny(run, "train.grad_accum=1")).stderr.splitlines() if x.startswith("error:")]
     assert len(line) == 1 and "was trained with a global batch of 2 (1 × 1 × 2 processes), this run's is 1" in line[0]
     assert "train.grad_accum=2 with 1 process" in line[0]
-    p = qtune(*tiny(run, "train.grad_accum=2"))
+    p = qtune_warm(*tiny(run, "train.grad_accum=2"))
     assert p.returncode == 0, p.stdout + p.stderr
     assert not (run / ".lock").exists()
     s = summary(run)

@@ -1,7 +1,10 @@
 """Bad input gets one line naming the key, file or line and what is valid, and a non-zero exit — never a traceback.
 Tables: add a row for each new case (verb, overrides, the words the line must hold). CASES need nothing on disk;
 FILE_CASES first make what they name: `{tmp}` in an override is a fresh folder, `{run}` a copy of a real tiny run
-(conftest's tiny_run), which the row's `make` may damage, and `{rm}` a copy of a tiny reward-model run (tiny_rm_run). Most rows fail before torch loads: about a second each."""
+(conftest's tiny_run), which the row's `make` may damage, and `{rm}` a copy of a tiny reward-model run (tiny_rm_run).
+Each row is the real `qtune` command (its main(), exit status, stdout and stderr) in a process forked from one that has
+imported torch and the libraries (conftest's qtune_warm): a fresh interpreter would spend ~10 s of each row on those
+imports. The rows that need a fresh one (another user's rights through setpriv, the Hub's environment) run so."""
 from __future__ import annotations
 
 import os
@@ -10,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, one_line_error, only_line, qtune
+from conftest import REPO, one_line_error, only_line, qtune, qtune_warm
 
 CASES = [
     ("train", ["train.lr=-1"], "train.lr=-1: valid: > 0"),
@@ -150,7 +153,7 @@ CASES = [
 
 @pytest.mark.parametrize("verb,overrides,words", CASES, ids=[f"{c[0]}:{' '.join(c[1])}" for c in CASES])
 def test_bad_setting_is_one_line_naming_the_key(verb, overrides, words):
-    p = qtune(verb, *overrides)
+    p = qtune_warm(verb, *overrides)
     assert words in only_line(p), p.stderr
 
 
@@ -412,10 +415,11 @@ def _run_case(verb, overrides, make, tiny_run, tmp_path, request=None):
     if any("{rm}" in o for o in overrides):  # `{rm}`: a copy of a real tiny reward-model run (conftest's tiny_rm_run)
         shutil.copytree(request.getfixturevalue("tiny_rm_run"), rm)
     make(tmp, run)
+    args = [o.replace("{tmp}", str(tmp)).replace("{run}", str(run)).replace("{rm}", str(rm)) for o in overrides]
     try:
-        return qtune(verb, *[o.replace("{tmp}", str(tmp)).replace("{run}", str(run)).replace("{rm}", str(rm))
-                             for o in overrides], cwd=tmp_path,
-                     prefix=NOT_ALL_POWERFUL if getattr(make, "read_only", False) else ())
+        if getattr(make, "read_only", False):  # another user's rights: a fresh process under setpriv
+            return qtune(verb, *args, cwd=tmp_path, prefix=NOT_ALL_POWERFUL)
+        return qtune_warm(verb, *args, cwd=tmp_path)
     finally:
         for ro in tmp.glob("ro"):
             ro.chmod(0o755)
@@ -503,8 +507,8 @@ def test_good_values_at_the_edges_compose():
 
 def test_a_sweeps_invalid_job_is_a_row_with_its_error_and_the_others_run(tmp_path, tiny_qwen3):
     sweep = tmp_path / "sweep"
-    p = qtune("train", "-m", *TRAIN, "data.max_length=256", "train.grad_accum=1", "train.report_to=[]",
-              "train.max_steps=1", "train.lr=1e-4,-1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    p = qtune_warm("train", "-m", *TRAIN, "data.max_length=256", "train.grad_accum=1", "train.report_to=[]",
+                   "train.max_steps=1", "train.lr=1e-4,-1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
     errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: job 1 (") and \
@@ -527,15 +531,16 @@ def test_a_sweeps_invalid_job_is_a_row_with_its_error_and_the_others_run(tmp_pat
 ], ids=["no-data", "missing-file", "missing-model"])
 def test_what_every_job_of_a_sweep_shares_is_checked_once_before_any_folder(tmp_path, overrides, words):
     """The documented sweep without data.path: one line, no job started, no sweep folder left behind."""
-    p = qtune("train", "-m", "lora=r16,r64", "train.lr=1e-4,2e-4", *[o.format(tmp=tmp_path) for o in overrides],
-              cwd=tmp_path)
+    p = qtune_warm("train", "-m", "lora=r16,r64", "train.lr=1e-4,2e-4", *[o.format(tmp=tmp_path) for o in overrides],
+                   cwd=tmp_path)
     assert words in only_line(p) and "error: job" not in p.stderr, p.stderr
     assert not (tmp_path / "runs").exists()
 
 
 def test_a_sweep_over_the_data_checks_each_jobs_data_itself(tmp_path):
     """data.path swept: not one shared input, so the sweep goes on to its jobs (a dry run: nothing trains)."""
-    p = qtune("train", "-m", "--dry-run", "model=tiny_qwen3", f"data.path={DEMO},{tmp_path}/other.jsonl", cwd=tmp_path)
+    p = qtune_warm("train", "-m", "--dry-run", "model=tiny_qwen3", f"data.path={DEMO},{tmp_path}/other.jsonl",
+                   cwd=tmp_path)
     assert "no training data" not in p.stderr, p.stderr
 
 
@@ -546,9 +551,9 @@ def test_a_sweep_over_the_data_checks_each_jobs_data_itself(tmp_path):
 def narrow_run(tiny_qwen3, tmp_path_factory) -> Path:
     """An adapter of another base: a run of a tiny Qwen3 half as wide as tiny_qwen3 (hidden_size 32, not 64)."""
     folder = tmp_path_factory.mktemp("narrow")
-    qtune("train", "model=tiny_qwen3", "model.arch.hidden_size=32", "model.arch.intermediate_size=64",
-          f"model.local_dir={folder / 'base'}", f"data.path={DEMO}", "data.max_length=256", "train.grad_accum=1",
-          "train.max_steps=1", "train.report_to=[]", f"train.output_dir={folder / 'run'}", check=True)
+    qtune_warm("train", "model=tiny_qwen3", "model.arch.hidden_size=32", "model.arch.intermediate_size=64",
+               f"model.local_dir={folder / 'base'}", f"data.path={DEMO}", "data.max_length=256", "train.grad_accum=1",
+               "train.max_steps=1", "train.report_to=[]", f"train.output_dir={folder / 'run'}", check=True)
     return folder / "run"
 
 
@@ -597,7 +602,7 @@ def test_an_adapter_of_another_base_is_one_line_naming_both_bases(verb, override
         return text
 
     port = [f"serve.port={_free_port()}"] if verb == "serve" else []
-    line = only_line(qtune(verb, f"run={tiny_run}", *port, *[fill(o) for o in overrides], cwd=tmp_path))
+    line = only_line(qtune_warm(verb, f"run={tiny_run}", *port, *[fill(o) for o in overrides], cwd=tmp_path))
     assert fill(words) in line, line
     if make:  # what PEFT says in a line per tensor, as one: a tensor of each shape
         assert "is [16, 32] in the adapter, [16, 64] in this base; an adapter fits only the base it was trained on: " \

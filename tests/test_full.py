@@ -1,7 +1,9 @@
 """train.method=full|freeze: the weights themselves trained through the same pipeline as LoRA (the real CLI on the
 tiny Qwen3 and Qwen3-MoE): exactly the named weights change, a pinned loss curve, an exact resume after SIGKILL,
 <run>/model/ loading with plain transformers and answering as `qtune chat` does, DPO on a frozen reference copy, the
-dry run's table and estimate; on a GPU (`pytest -m gpu`), the fast path against the reference path."""
+dry run's table and estimate; on a GPU (`pytest -m gpu`), the fast path against the reference path. The commands run
+through conftest's qtune_warm (forked from a process that has imported the libraries), except those killed mid-run,
+given another environment or run on a GPU: fresh processes."""
 from __future__ import annotations
 
 import json
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, qtune
+from conftest import REPO, qtune, qtune_warm
 from test_train import FAST, kill_once, losses
 
 # no eval split: a run here is mostly its start-up, and each save's evaluation would add to it
@@ -45,7 +47,7 @@ PINNED_FULL = {1: 11.971495, 2: 11.727115, 3: 11.637600, 4: 11.530139}
 @pytest.mark.slow
 def test_full_trains_every_weight_and_its_model_loads_and_answers_like_chat(tmp_path, tiny_qwen3):
     run = tmp_path / "run"
-    p = qtune(*train_args("tiny_qwen3", run, "train.method=full", "train.max_steps=4"))
+    p = qtune_warm(*train_args("tiny_qwen3", run, "train.method=full", "train.max_steps=4"))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "train.method=full: trained weights in fp32" in p.stdout, p.stdout
     assert not (run / "adapter").exists()
@@ -72,13 +74,13 @@ def test_full_trains_every_weight_and_its_model_loads_and_answers_like_chat(tmp_
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
     expected = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    chat = qtune("chat", f"run={run}", "--prompt", "Hello", "chat.max_new_tokens=12", "chat.temperature=0",
-                 "chat.repetition_penalty=1.0")
+    chat = qtune_warm("chat", f"run={run}", "--prompt", "Hello", "chat.max_new_tokens=12", "chat.temperature=0",
+                      "chat.repetition_penalty=1.0")
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.strip() == expected, (chat.stdout, expected)
 
     # merge: nothing to fold, one line saying so
-    merged = qtune("merge", f"run={run}")
+    merged = qtune_warm("merge", f"run={run}")
     assert merged.returncode == 0, merged.stderr
     assert "nothing to fold" in merged.stdout and not (run / "merged").exists()
 
@@ -90,7 +92,7 @@ FREEZE = ["train.method=freeze", "train.freeze.trainable_layers=-1", "train.free
 @pytest.mark.slow
 def test_freeze_changes_exactly_what_it_names_and_resumes_exactly_after_sigkill(tmp_path, tiny_qwen3):
     straight = tmp_path / "straight"
-    p = qtune(*train_args("tiny_qwen3", straight, *FREEZE))
+    p = qtune_warm(*train_args("tiny_qwen3", straight, *FREEZE))
     assert p.returncode == 0, p.stdout + p.stderr
     base, trained = tensors(tiny_qwen3), tensors(straight / "model")
     # the first layer's MLP and the final norm; everything else bit for bit as it was
@@ -101,7 +103,7 @@ def test_freeze_changes_exactly_what_it_names_and_resumes_exactly_after_sigkill(
     kill_once(train_args("tiny_qwen3", resumed, *FREEZE),
               resumed / "checkpoints" / "checkpoint-2" / "trainer_state.json")
     assert not (resumed / "model").exists()
-    p = qtune(*train_args("tiny_qwen3", resumed, *FREEZE))
+    p = qtune_warm(*train_args("tiny_qwen3", resumed, *FREEZE))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "resuming from" in p.stdout
     a, b = losses(straight), losses(resumed)
@@ -114,16 +116,16 @@ def test_freeze_changes_exactly_what_it_names_and_resumes_exactly_after_sigkill(
 @pytest.mark.slow
 def test_freeze_dpo_trains_against_a_frozen_copy_of_the_start(tmp_path, tiny_qwen3):
     run = tmp_path / "dpo"
-    p = qtune("train", "model=tiny_qwen3", "train.stage=dpo", f"data.path={REPO}/data/demo/preferences.jsonl",
-              *FAST, "train.max_steps=2", "train.save_steps=2", "train.lr=1e-3", "train.method=freeze",
-              "train.freeze.trainable_layers=1", f"train.output_dir={run}")
+    p = qtune_warm("train", "model=tiny_qwen3", "train.stage=dpo", f"data.path={REPO}/data/demo/preferences.jsonl",
+                   *FAST, "train.max_steps=2", "train.save_steps=2", "train.lr=1e-3", "train.method=freeze",
+                   "train.freeze.trainable_layers=1", f"train.output_dir={run}")
     assert p.returncode == 0, p.stdout + p.stderr
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     assert any("reward_margin" in r for r in rows)
     base, trained = tensors(tiny_qwen3), tensors(run / "model")
     assert {k.split(".layers.")[1].split(".")[0] for k in changed(base, trained)} == {"1"}
     # `qtune eval` compares the trained model/ with the base it started from (the implicit reward's reference)
-    e = qtune("eval", f"run={run}")
+    e = qtune_warm("eval", f"run={run}")
     assert e.returncode == 0, e.stderr
     report = json.loads((run / "eval" / "summary.json").read_text())
     assert report["models"]["model"]["reward_accuracy"] is not None, report
@@ -132,8 +134,8 @@ def test_freeze_dpo_trains_against_a_frozen_copy_of_the_start(tmp_path, tiny_qwe
 @pytest.mark.slow
 def test_freeze_of_moe_experts_and_router_trains_those_alone(tmp_path, tiny_qwen3_moe):
     run = tmp_path / "moe"
-    p = qtune(*train_args("tiny_qwen3_moe", run, "train.method=freeze", "train.freeze.trainable_layers=-1",
-                          "train.freeze.trainable_modules=[mlp.experts,mlp.gate]", "train.max_steps=2"))
+    p = qtune_warm(*train_args("tiny_qwen3_moe", run, "train.method=freeze", "train.freeze.trainable_layers=-1",
+                               "train.freeze.trainable_modules=[mlp.experts,mlp.gate]", "train.max_steps=2"))
     assert p.returncode == 0, p.stdout + p.stderr
     base = tensors(tiny_qwen3_moe)
     # (on disk the experts are one tensor each, as the checkpoint has them; in memory transformers fuses them)
@@ -174,7 +176,7 @@ def test_dry_run_lists_what_trains_with_the_estimate_and_checkpoint_size():
 
 
 def test_the_dry_run_says_what_would_fit_instead(tmp_path):
-    p = qtune("train", "model=qwen3_8b", "train.method=full", "--dry-run")
+    p = qtune_warm("train", "model=qwen3_8b", "train.method=full", "--dry-run")
     assert p.returncode == 0, p.stderr
     assert "trained weights: qwen3_8b, train.method=full" in p.stdout
     assert "checkpoints: ~98" in p.stdout
@@ -286,7 +288,7 @@ def test_full_under_fsdp2_on_two_processes_equals_one_process_with_the_same_glob
             "train.report_to=[]", "train.gradient_checkpointing=false", "train.max_steps=4", "train.save_steps=4",
             "train.lr=1e-3", "train.method=full"]
     one, two = tmp_path / "one", tmp_path / "two"
-    assert qtune(*args, "train.grad_accum=2", f"train.output_dir={one}").returncode == 0
+    assert qtune_warm(*args, "train.grad_accum=2", f"train.output_dir={one}").returncode == 0
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(SHIM), os.environ.get("PYTHONPATH")) if p)}
     p = qtune(*args, "train.grad_accum=1", "train.nproc=2", "train.distributed=fsdp", f"train.output_dir={two}",
               env=env)

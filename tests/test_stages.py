@@ -1,7 +1,9 @@
 """Training stages (train.stage): the real CLI on SmolLM2 with the demo preference pairs (DPO, KTO and a reward model
 learn what the pairs prefer, on held-out pairs they never saw; pt trains every token of raw text), exact DPO resume
 after SIGKILL and stages chained with train.init_adapter on the tiny Qwen3, a DPO sweep's summary, the dry run's
-accounting per stage, and DPO in nf4 on a GPU."""
+accounting per stage, and DPO in nf4 on a GPU. Every command runs as `qtune` itself, forked from a process that has
+imported the libraries (conftest's qtune_warm), except the one killed mid-run (a fresh process, test_train's kill_once)
+and the GPU's (CUDA in a fresh process)."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +12,7 @@ import math
 
 import pytest
 
-from conftest import REPO, only_line, qtune
+from conftest import REPO, only_line, qtune, qtune_warm
 from test_train import adapter_tensors, kill_once, losses, metrics
 
 PAIRS = [f"data.path={REPO}/data/demo/preferences.jsonl",
@@ -34,7 +36,7 @@ def evals(run, key: str) -> dict[int, float]:
 
 
 def eval_report(run, *overrides: str) -> dict:
-    p = qtune("eval", f"run={run}", *overrides)
+    p = qtune_warm("eval", f"run={run}", *overrides)
     assert p.returncode == 0, p.stdout + p.stderr
     return json.loads((run / "eval" / "summary.json").read_text())["models"]
 
@@ -47,7 +49,8 @@ def test_smollm2_dpo_prefers_the_chosen_answers_of_held_out_pairs(tmp_path, smol
     """Reward accuracy: the share of held-out pairs whose chosen answer gets the higher implicit reward
     beta * log(policy / reference). Before the first step the policy is the reference: every reward is 0."""
     run = tmp_path / "dpo"
-    p = qtune(*smol("dpo", run, "train.max_steps=6", "train.save_steps=6", "train.eval_steps=3", "train.lr=5e-4"))
+    p = qtune_warm(*smol("dpo", run, "train.max_steps=6", "train.save_steps=6", "train.eval_steps=3",
+                         "train.lr=5e-4"))
     assert p.returncode == 0, p.stdout + p.stderr
     acc, margin = evals(run, "reward_accuracy"), evals(run, "reward_margin")
     assert sorted(acc) == [0, 3, 6], acc
@@ -68,7 +71,8 @@ def test_smollm2_dpo_prefers_the_chosen_answers_of_held_out_pairs(tmp_path, smol
 @pytest.mark.slow
 def test_smollm2_kto_moves_its_rewards_apart(tmp_path, smollm2):
     run = tmp_path / "kto"
-    p = qtune(*smol("kto", run, "train.max_steps=6", "train.save_steps=6", "train.lr=5e-4", "data.max_eval_samples=6"))
+    p = qtune_warm(*smol("kto", run, "train.max_steps=6", "train.save_steps=6", "train.lr=5e-4",
+                         "data.max_eval_samples=6"))
     assert p.returncode == 0, p.stdout + p.stderr
     chosen, rejected, margin = (evals(run, k) for k in ("reward_chosen", "reward_rejected", "reward_margin"))
     assert margin[0] == 0 and chosen[0] == rejected[0] == 0
@@ -81,14 +85,15 @@ def test_smollm2_kto_moves_its_rewards_apart(tmp_path, smollm2):
 @pytest.mark.slow
 def test_smollm2_reward_model_ranks_held_out_pairs_and_merges_with_its_head(tmp_path, smollm2):
     run = tmp_path / "rm"
-    p = qtune(*smol("rm", run, "train.max_steps=6", "train.save_steps=6", "train.eval_steps=3", "train.lr=1e-3"))
+    p = qtune_warm(*smol("rm", run, "train.max_steps=6", "train.save_steps=6", "train.eval_steps=3",
+                         "train.lr=1e-3"))
     assert p.returncode == 0, p.stdout + p.stderr
     acc, margin = evals(run, "reward_accuracy"), evals(run, "reward_margin")
     assert acc[6] > 0.5 and acc[6] > acc[0] and margin[6] > margin[0], (acc, margin)  # step 0: the untrained head
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
 
-    m = qtune("merge", f"run={run}", "merge.dtype=fp32")
+    m = qtune_warm("merge", f"run={run}", "merge.dtype=fp32")
     assert m.returncode == 0, m.stdout + m.stderr
     merged = json.loads((run / "merged" / "config.json").read_text())
     assert merged["architectures"] == ["LlamaForSequenceClassification"] and len(merged["id2label"]) == 1
@@ -97,13 +102,13 @@ def test_smollm2_reward_model_ranks_held_out_pairs_and_merges_with_its_head(tmp_
     assert report["adapter"]["reward_accuracy"] == report["merged"]["reward_accuracy"] == acc[6]
     assert abs(report["merged"]["reward_margin"] - report["adapter"]["reward_margin"]) < 1e-3
     assert "is a reward model (train.stage=rm): it scores answers and writes none" in only_line(
-        qtune("chat", f"run={run}", "--prompt", "hi"))
+        qtune_warm("chat", f"run={run}", "--prompt", "hi"))
 
 
 @pytest.mark.slow
 def test_smollm2_pt_trains_every_token_of_raw_text(tmp_path, smollm2):
     run = tmp_path / "pt"
-    p = qtune("train", "model=smollm2_135m", "train.stage=pt", f"data.path={REPO}/data/demo/logbook.jsonl",
+    p = qtune_warm("train", "model=smollm2_135m", "train.stage=pt", f"data.path={REPO}/data/demo/logbook.jsonl",
               "data.val_size=0", "data.max_length=256", *FAST, "train.max_steps=4", "train.save_steps=4",
               "train.lr=1e-3", f"train.output_dir={run}")
     assert p.returncode == 0, p.stdout + p.stderr
@@ -128,10 +133,10 @@ def test_dpo_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, tiny_q
     152k-token vocabulary.)"""
     args = ["train.max_steps=8", "train.save_steps=4", "train.lr=5e-3", "data.max_eval_samples=2"]
     straight = tmp_path / "straight"
-    assert qtune(*tiny("dpo", straight, *args)).returncode == 0
+    assert qtune_warm(*tiny("dpo", straight, *args)).returncode == 0
     resumed = tmp_path / "resumed"
     kill_once(tiny("dpo", resumed, *args), resumed / "checkpoints" / "checkpoint-4" / "trainer_state.json")
-    p = qtune(*tiny("dpo", resumed, *args))
+    p = qtune_warm(*tiny("dpo", resumed, *args))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "resuming from" in p.stdout and "(4 this time, resumed from step 4)" in p.stdout
     a, b = metrics(straight), metrics(resumed)
@@ -150,7 +155,7 @@ def test_dpo_starts_from_an_sft_adapter_which_is_also_its_reference(tmp_path, ti
     config.yaml records where it started, and the reference is that adapter, not the base: the first eval's rewards
     are 0 although the SFT adapter's rewards against the base are not."""
     run = tmp_path / "dpo"
-    p = qtune(*tiny("dpo", run, f"train.init_adapter={tiny_run}", "train.max_steps=1", "train.save_steps=1",
+    p = qtune_warm(*tiny("dpo", run, f"train.init_adapter={tiny_run}", "train.max_steps=1", "train.save_steps=1",
                     "train.lr=1e-12", "data.max_eval_samples=2"))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "train.init_adapter:" in p.stdout and "tensors loaded" in p.stdout
@@ -171,7 +176,7 @@ def test_dpo_on_moe_experts_capped_on_the_fast_path(tmp_path, tiny_qwen3_moe):
     """moe.max_experts on the fast path (train.fast=true runs it on CPU too): TRL copies the adapter as its reference
     before qtune removes the copy, so dpo keeps full-size expert adapters, masked to the chosen experts."""
     run = tmp_path / "run"
-    p = qtune("train", "model=tiny_qwen3_moe", "train.stage=dpo", "train.fast=true", "moe.max_experts=2",
+    p = qtune_warm("train", "model=tiny_qwen3_moe", "train.stage=dpo", "train.fast=true", "moe.max_experts=2",
               "lora.dropout=0", *PAIRS, *FAST, "train.max_steps=2", "train.save_steps=2", "train.lr=5e-2",
               f"train.output_dir={run}")
     assert p.returncode == 0, p.stdout + p.stderr
@@ -182,7 +187,7 @@ def test_dpo_on_moe_experts_capped_on_the_fast_path(tmp_path, tiny_qwen3_moe):
 
 @pytest.mark.slow
 def test_dpo_sweep_summary_shows_the_reward_figures(tmp_path, tiny_qwen3):
-    p = qtune("train", "-m", "model=tiny_qwen3", "train.stage=dpo", *PAIRS, *FAST, "train.max_steps=2",
+    p = qtune_warm("train", "-m", "model=tiny_qwen3", "train.stage=dpo", *PAIRS, *FAST, "train.max_steps=2",
               "train.save_steps=2", "train.dpo.beta=0.1,0.5", "data.max_eval_samples=2", cwd=tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
     sweep = next((tmp_path / "runs").glob("sweep-*"))
@@ -252,7 +257,7 @@ def test_a_quantized_models_adapters_are_estimated_as_trl_keeps_them(tiny_rm_run
 
 
 def test_dry_run_names_the_stage():
-    p = qtune("train", "--dry-run", "model=qwen3_8b", "quant=nf4", "train.stage=dpo")
+    p = qtune_warm("train", "--dry-run", "model=qwen3_8b", "quant=nf4", "train.stage=dpo")
     assert p.returncode == 0, p.stderr
     out = " ".join(p.stdout.split())  # (Rich wraps the title at the terminal's width)
     assert "train.stage=dpo" in out and "× 2 (chosen and rejected)" in out
