@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from conftest import QTUNE
+from conftest import QTUNE, only_line, qtune
 
 
 @pytest.mark.slow
@@ -353,3 +353,22 @@ def test_chat_save_makes_folders_asks_before_replacing_and_survives_any_failure(
     assert len(json.loads((tmp_path / "new" / "deeper" / "chat.json").read_text())["messages"]) == 2
     assert [m["role"] for m in json.loads((tmp_path / "mine.json").read_text())["messages"]] == \
         ["user", "assistant", "user", "assistant"]
+
+
+def test_moe_adapters_that_adapt_other_parameters_are_refused_in_one_line(tiny_run, tmp_path):
+    """Adapters with LoRA on other Qwen3-MoE parameters (another moe.scope) cannot share one PEFT model: one line
+    naming the adapter and both parameter lists, before the base loads."""
+    import shutil
+
+    for name, params in (("experts", ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]), ("router", ["mlp.gate.weight"])):
+        shutil.copytree(tiny_run, tmp_path / name)
+        path = tmp_path / name / "adapter" / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "target_parameters": params}))
+    p = qtune("serve", f"run={tmp_path / 'experts'}", f"serve.adapters={{r: {tmp_path / 'router' / 'adapter'}}}",
+              f"serve.port={_free_port()}")
+    line = only_line(p)
+    assert p.returncode != 0
+    assert line == ("error: serve.adapters.r: its adapter's LoRA on Qwen3-MoE parameters (mlp.gate.weight) differs "
+                    "from experts's (mlp.experts.down_proj, mlp.experts.gate_up_proj); one model holds such adapters "
+                    "only when they adapt the same parameters (trained with the same moe.scope): serve the others "
+                    "from another qtune serve"), line

@@ -157,6 +157,7 @@ def load_with_adapters(rcfg: Config, adapters: dict[str, Path], device: str, dty
     folder = ensure_model(rcfg.model, rcfg.download, rcfg.paths, warn=warn)
     for name, adapter in adapters.items():
         check_base(rcfg, folder, adapter, key.format(name=name))
+    _same_parameters(adapters, key)
     base = load_model(folder, rcfg.model, rcfg.quant, device, dtype, gradient_checkpointing=False,
                       head=get(rcfg.train.stage).head)
     base.config.use_cache = True
@@ -174,6 +175,27 @@ def load_with_adapters(rcfg: Config, adapters: dict[str, Path], device: str, dty
     model.set_adapter(names[0])
     model.eval()
     return model
+
+
+def _same_parameters(adapters: dict[str, Path], key: str) -> None:
+    """PEFT holds LoRA adapters on expert or router parameters (target_parameters, Qwen3-MoE's moe.scope) side by side
+    only when they adapt the same parameters: say so in one line before anything loads, not with PEFT's error."""
+    import json
+
+    seen = {}
+    for name, adapter in adapters.items():
+        path = Path(adapter) / "adapter_config.json"
+        if path.is_file():
+            seen[name] = sorted(json.loads(path.read_text()).get("target_parameters") or [])
+    items = list(seen.items())
+    for b, pb in items[1:]:
+        a, pa = items[0]
+        if pb == pa:
+            continue
+        raise ConfigError(f"{key.format(name=b)}: its adapter's LoRA on Qwen3-MoE parameters "
+                          f"({', '.join(pb) or 'none'}) differs from {a}'s ({', '.join(pa) or 'none'}); one model holds "
+                          "such adapters only when they adapt the same parameters (trained with the same moe.scope): "
+                          "serve the others from another qtune serve")
 
 
 # What decides the shapes of a model's layers, so of the adapters trained on it
