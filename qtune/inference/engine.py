@@ -447,8 +447,7 @@ class Scheduler:
         self.chosen = torch.zeros((slots, 1), **z)
         self.top_lp = torch.zeros((slots, max(top_logprobs, 1)), **z)
         self.top_id = torch.zeros((slots, max(top_logprobs, 1)), dtype=torch.long, **z)
-        self.vocab_ids = torch.arange(vocab, **z)
-        self.ranks = torch.arange(vocab, **z)
+        self.vocab_ids = torch.arange(vocab, **z)    # token ids, and the ranks of a sorted row's entries
         self.eos = set(eos)
         self.switch, self.adapters, self.notice = switch, adapters, notice or (lambda line: None)
         self.adapter_rows = torch.full((slots,), -1, dtype=torch.long, **z)
@@ -649,7 +648,7 @@ class Scheduler:
             if sort:
                 scaled, index = scaled.sort(dim=-1, descending=True)
                 probs = scaled.softmax(-1)
-                probs = probs.masked_fill(self.ranks >= self.top_k[rows], 0.0)
+                probs = probs.masked_fill(self.vocab_ids >= self.top_k[rows], 0.0)
                 probs = probs.masked_fill(probs.cumsum(-1) - probs > self.top_p[rows], 0.0)
             else:
                 index = None
