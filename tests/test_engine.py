@@ -225,21 +225,23 @@ def run_jobs(model, jobs, slots=3, length=64, chunk=4, eos=(), **kw):
     return ended
 
 
-@pytest.mark.parametrize("which", ["model", "adapted"])
-def test_continuous_batching_greedy_equals_each_prompt_alone(which, request):
+@pytest.mark.parametrize("which,overlap", [("model", False), ("adapted", False), ("model", True)])
+def test_continuous_batching_greedy_equals_each_prompt_alone(which, overlap, request):
     """Six requests of different lengths and budgets through 3 slots, prompts prefilled 4 tokens a chunk: requests
-    join as others leave, and each decodes token for token what it decodes alone."""
+    join as others leave, and each decodes token for token what it decodes alone. overlap: each step's tokens are
+    read after the next step is launched (a GPU's default), so rows that end take one step more, dropped."""
     m = request.getfixturevalue(which)
     m.eval()
     prompts = PROMPTS + [[7] * 13, list(range(300, 318))]
     budgets = [12, 3, 9, 15, 6, 10]
-    got = run_jobs(m, [dict(prompt=p, max_new_tokens=n) for p, n in zip(prompts, budgets)])
+    got = run_jobs(m, [dict(prompt=p, max_new_tokens=n) for p, n in zip(prompts, budgets)], overlap=overlap)
     want = [one_at_a_time(m, p, n, []) for p, n in zip(prompts, budgets)]
     assert [g[0] for g in got] == want
     assert all(g[1] == "length" for g in got)
     # an end-of-text token ends its row (kept), the others go on
     stop = want[0][4]
-    got = run_jobs(m, [dict(prompt=p, max_new_tokens=n) for p, n in zip(prompts, budgets)], eos=[stop])
+    got = run_jobs(m, [dict(prompt=p, max_new_tokens=n) for p, n in zip(prompts, budgets)], eos=[stop],
+                   overlap=overlap)
     want = [one_at_a_time(m, p, n, [stop]) for p, n in zip(prompts, budgets)]
     assert [g[0] for g in got] == want
     assert got[0][1] == "stop"
@@ -292,12 +294,13 @@ def test_a_cancelled_request_frees_its_slot_for_the_next(model):
         sched.close()
 
 
-def test_log_probabilities_are_the_model_s(model):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_log_probabilities_are_the_model_s(model, overlap):
     got = []
     from qtune.inference.engine import Job, Scheduler
     import threading
 
-    sched = Scheduler(model, slots=2, length=64, eos=[], graph=False, top_logprobs=5)
+    sched = Scheduler(model, slots=2, length=64, eos=[], graph=False, top_logprobs=5, overlap=overlap)
     done = threading.Event()
     try:
         sched.submit(Job(prompt=PROMPTS[0], max_new_tokens=3, top_logprobs=3,
@@ -332,7 +335,7 @@ if kind == "mixed":
     mixed = MixedRows(RowAdapters(m, ["sql", "chat"], max_batch=4), "base")
 
 def run(graph):
-    s = Scheduler(m, slots=4, length=128, eos=[], graph=graph, chunk=8, adapters=mixed)
+    s = Scheduler(m, slots=4, length=128, eos=[], graph=graph, chunk=8, adapters=mixed, overlap=graph)
     out, done = [], []
     with s.lock:   # all queued before the first turn: the same schedule both ways
         for i in range(12):
@@ -358,7 +361,8 @@ print(json.dumps({"same": g == e, "captured": len(keys), "keys": keys,
 @pytest.mark.parametrize("kind", ["nf4", "bf16", "mixed"])
 def test_gpu_continuous_batching_captured_equals_eager(tiny_qwen3, kind):
     """serve's Scheduler on CUDA: twelve jobs (greedy and seeded sampled) joining four slots, prompts prefilled 8
-    tokens a chunk; its captured steps decode what its eager steps do, token for token, on an nf4 or bf16 base with
+    tokens a chunk; its captured steps, each read while the next runs, decode what its eager steps read one by one
+    do, token for token, on an nf4 or bf16 base with
     an unmerged adapter, and on a bf16 base with two adapters and the base mixed row by row."""
     import json
     import subprocess

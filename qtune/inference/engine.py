@@ -393,10 +393,10 @@ def _slot_cache(config, slots: int, length: int, dtype, device, where, rows, col
 class Scheduler:
     """Continuous batching over `slots` fixed cache slots of `length` tokens each (serve's engine).
 
-    A thread of its own owns the model. Each turn it (1) gives waiting jobs the lowest free slots, (2) prefills one
-    chunk (at most `chunk` tokens) of one admitted job's prompt, so a long prompt never holds the running rows for
-    more than a chunk, and the last chunk picks the job's first token, then (3) decodes one token for every running
-    row: one forward of the first b slots (b the batch bucket of the highest running slot), replayed from a CUDA graph
+    A thread of its own owns the model. Each turn it (1) gives waiting jobs the lowest free slots, (2) prefills at
+    most `chunk` prompt tokens, the admitted jobs' prompts in turn (several short ones, or one chunk of a long one),
+    so prompts never hold the running rows for more than a chunk's worth, and a prompt's last chunk picks the job's
+    first token, then (3) decodes one token for every running row: one forward of the first b slots (b the batch bucket of the highest running slot), replayed from a CUDA graph
     captured per (b, variant) on a GPU. Rows leave the moment they end or are cancelled; their slot is free for the
     next job at the next turn. Each row has its own position (its own column in its slot), sampling settings,
     penalties, logit bias and seed (draws are a hash of seed, position and token: see _uniform), so a row decodes
@@ -405,10 +405,12 @@ class Scheduler:
     `adapters`: an object with `key(job.adapter)` (an int row index, or None when the adapter is not mixable) and
     `select(tensor)` (set each row's adapter for the next forward), or None: then all running rows use the same
     `job.adapter`, and `switch(adapter)` is called while no row runs before a job of another adapter is admitted.
+    `overlap` (default: on a GPU): the host reads each step's tokens while the next step runs (_decode).
     """
 
     def __init__(self, model, slots: int, length: int, eos: list[int], graph: bool | None = None, chunk: int = 512,
-                 queue: int = 256, top_logprobs: int = 20, switch=None, adapters=None, notice=None):
+                 queue: int = 256, top_logprobs: int = 20, switch=None, adapters=None, notice=None,
+                 overlap: bool | None = None):
         import threading
         from collections import deque
 
@@ -458,6 +460,17 @@ class Scheduler:
         self.max_waiting = queue
         self.graphs: dict[tuple, object] = {}
         self.pool = None
+        # On a GPU the host reads a step's tokens while the next step runs (see _decode): two sets of pinned buffers
+        # take turns holding what a step picked, so the step after cannot overwrite what the host has not read yet.
+        self.overlap = (dev.type == "cuda") if overlap is None else overlap
+        self.cuda = dev.type == "cuda"
+        k = max(top_logprobs, 1)
+        pin = dict(pin_memory=self.cuda)
+        self.outbox = [(torch.zeros(slots, dtype=torch.long, **pin), torch.zeros(slots, **pin),
+                        torch.zeros((slots, k), **pin), torch.zeros((slots, k), dtype=torch.long, **pin))
+                       for _ in range(2)]
+        self.turn = 0
+        self.pending = None                      # the step launched and not read yet: (jobs, b, logprobs, box, event)
         self.lock = threading.Condition()
         self.closed = False
         self.thread = threading.Thread(target=self._loop, name="qtune-scheduler", daemon=True)
@@ -503,10 +516,14 @@ class Scheduler:
                             return
                         self._admit()
                     self._drop_cancelled()
-                    if self.filling:
-                        self._prefill_chunk()
+                    budget = self.chunk      # prompt tokens prefilled this turn, over as many admitted jobs
+                    while self.filling and budget > 0:
+                        budget -= self._prefill_chunk(budget)
                     if self.running:
                         self._decode()
+                    elif self.pending is not None:
+                        self._read(self.pending)     # every row it ran has ended: its tokens go nowhere
+                        self.pending = None
         except BaseException as e:   # every job learns of it; the server answers 500 for them
             import traceback
 
@@ -581,12 +598,13 @@ class Scheduler:
             key = self.adapters.key(job.adapter)
             self.adapter_rows[s] = -1 if key is None else key
 
-    def _prefill_chunk(self) -> None:
+    def _prefill_chunk(self, budget: int) -> int:
+        """Prefill up to `budget` more prompt tokens of the lowest filling slot's job; the number prefilled."""
         slot = min(self.filling)
         job, done = self.filling[slot]
         if done == 0:
             self._start_row(slot, job)
-        piece = job.prompt[done:done + self.chunk]
+        piece = job.prompt[done:done + min(self.chunk, budget)]
         n = len(piece)
         dev = self.token.device
         end = done + n
@@ -610,13 +628,14 @@ class Scheduler:
         self.mask[slot, 0, 0, done:end] = 0.0
         if end < len(job.prompt):
             self.filling[slot][1] = end
-            return
+            return n
         del self.filling[slot]
         self.columns[slot] = end
         nxt = self._pick(logits, slice(slot, slot + 1), logprobs=job.top_logprobs >= 0)
         self.token[slot] = nxt[0]
         self.running[slot] = job
         self._emit({slot: job}, nxt.view(-1).tolist(), slot)
+        return n
 
     def _score(self, job: Job, logits: torch.Tensor, done: int) -> None:
         """The log-probability of each next prompt token under this chunk's logits, and the top ones."""
@@ -704,13 +723,41 @@ class Scheduler:
             g.replay()
         else:
             self._body(*key)
-        tokens = self.token[:b, 0].tolist()
-        self._emit(dict(self.running), tokens, 0)
+        # What the step picked goes to pinned host memory behind it, in stream order. On a GPU the host then reads
+        # the step before this one, whose copy is done or nearly, while this one runs: the host's share of a step
+        # (emitting tokens, streaming, admitting) overlaps the GPU's instead of following it. The rows that ended at
+        # that earlier step took one more step here; its tokens are dropped (a row's slot, counts and mask are reset
+        # when a job takes it, and an ended row is parked at the scratch column).
+        box = self.outbox[self.turn]
+        self.turn ^= 1
+        box[0][:b].copy_(self.token[:b, 0], non_blocking=True)
+        if key[3]:
+            box[1][:b].copy_(self.chosen[:b, 0], non_blocking=True)
+            box[2][:b].copy_(self.top_lp[:b], non_blocking=True)
+            box[3][:b].copy_(self.top_id[:b], non_blocking=True)
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        step = (dict(self.running), b, key[3], box, event)
+        if self.overlap:
+            step, self.pending = self.pending, step
+        if step is not None:
+            self._read(step)
 
-    def _emit(self, jobs: dict, tokens: list, first: int) -> None:
+    def _read(self, step) -> None:
+        """Hand the rows of a launched step that still run the tokens it picked."""
+        jobs, b, logprobs, box, event = step
+        if event is not None:
+            event.synchronize()
+        jobs = {slot: job for slot, job in jobs.items() if self.running.get(slot) is job}
+        if jobs:
+            lps = (box[1][:b].tolist(), box[2][:b].tolist(), box[3][:b].tolist()) if logprobs else None
+            self._emit(jobs, box[0][:b].tolist(), 0, lps)
+
+    def _emit(self, jobs: dict, tokens: list, first: int, lps=None) -> None:
         """Hand each running row its new token; end the rows that are done."""
-        lps = None
-        if any(j.top_logprobs >= 0 for j in jobs.values()):
+        if lps is None and any(j.top_logprobs >= 0 for j in jobs.values()):
             lps = (self.chosen[:, 0].tolist(), self.top_lp.tolist(), self.top_id.tolist())
         for slot, job in jobs.items():
             t = tokens[slot - first]
