@@ -319,8 +319,8 @@ def test_log_probabilities_are_the_model_s(model, overlap):
 
 _GPU_SCHED = _GPU_BASE + """
 from qtune.inference.engine import Job, Scheduler
-m = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]),
-                   adapter_name="sql")
+m = base if kind == "plain" else get_peft_model(
+    base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]), adapter_name="sql")
 mixed = None
 if kind == "mixed":
     from qtune.inference.adapters import RowAdapters
@@ -358,12 +358,12 @@ print(json.dumps({"same": g == e, "captured": len(keys), "keys": keys,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["nf4", "bf16", "mixed"])
+@pytest.mark.parametrize("kind", ["nf4", "bf16", "mixed", "plain"])
 def test_gpu_continuous_batching_captured_equals_eager(tiny_qwen3, kind):
     """serve's Scheduler on CUDA: twelve jobs (greedy and seeded sampled) joining four slots, prompts prefilled 8
     tokens a chunk; its captured steps, each read while the next runs, decode what its eager steps read one by one
-    do, token for token, on an nf4 or bf16 base with
-    an unmerged adapter, and on a bf16 base with two adapters and the base mixed row by row."""
+    do, token for token, on an nf4 or bf16 base with an unmerged adapter, on a bf16 base with two adapters and the
+    base mixed row by row, and on a plain bf16 model (no PEFT: a merged run, or a base served without adapters)."""
     import json
     import subprocess
     import sys
