@@ -10,7 +10,7 @@ Qwen3 (tied embeddings, built locally into a temporary QTUNE_HOME):
           (saved right after an evaluation) and must give the fresh run's losses at steps 3 and 4
 --without-fix launches qtune with qtune.training.distributed.unshard_skipped_units turned into a no-op (the code before the
 fix, less its refusal): on torch before pytorch#180426/#180428 (2.11) the fresh case must fail with that error, which
-this script then reports as REPRODUCED. NVLink multicast stays off (the device machine's rule). Exit status 1 when a
+this script then reports as REPRODUCED. NVLink multicast stays off (NO_MULTICAST). Exit status 1 when a
 case fails.
 """
 import json

@@ -1,6 +1,6 @@
 """Benchmark: `prepare` on 100k Alpaca rows (~200 tokens each) with the Qwen3 tokenizer.
 
-Goal (issue #4): <= 60 s on 2 CPU cores, cold cache. Run: python bench/prepare_alpaca.py [rows]
+Goal: <= 60 s on 2 CPU cores, cold cache. Run: python bench/prepare_alpaca.py [rows]
 Prints one JSON line; the numbers go to docs/benchmarks.md with the machine and versions.
 """
 import json

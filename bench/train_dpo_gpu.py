@@ -1,4 +1,4 @@
-"""qtune train at train.stage=dpo on a Qwen3-8B-shaped random checkpoint in nf4, in one GPU run (issue #17).
+"""qtune train at train.stage=dpo on a Qwen3-8B-shaped random checkpoint in nf4, in one GPU run.
 
 Run on a GPU machine from the repository root:  python3 bench/train_dpo_gpu.py [ROW ...]
 Rows (all nf4, LoRA r16/alpha 32 on q,k,v,o,gate,up,down, gradient checkpointing, batch 1 pair a step):

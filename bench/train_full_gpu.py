@@ -11,7 +11,7 @@ adamw_torch_fused, bf16 compute):
                    fp32 master copies, the rest frozen in bf16) against Trainer on the same model with requires_grad
                    on those layers only (cast to fp32) and bf16=True
   full_8b_paged    Qwen3-8B-shaped, train.method=full train.trainable_dtype=bf16 train.optim=paged_adamw_8bit: whether
-                   it fits one 80 GiB GPU (qtune's two paths only: the issue asks for its speed and peak, not a ratio)
+                   it fits one 80 GiB GPU (qtune's two paths only: its speed and peak are the measure, not a ratio)
 `--steps N` (default 50) sets the steps of every side; the table also compares the last loss of train.fast=auto
 against train.fast=false (the same data, the same seed), which should end within 2 %.
 qtune trains through its real CLI (bench/common.qtune_train: median tokens/s of the logged steps after the third,

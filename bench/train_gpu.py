@@ -1,7 +1,7 @@
 """qtune train vs the seed recipe on a Qwen3-8B-shaped random checkpoint, in one GPU run.
 
 Run on a GPU machine from the repository root:  python3 bench/train_gpu.py [ROW ...]
-Rows (issue #13's table):
+Rows (the dense train tables of docs/benchmarks.md):
   nf4_2048   qtune (train.fast=false; true without and with CUDA graphs) and the seed recipe, nf4, 1 x 2048 tokens
   bf16_2048  the same in bf16 (quant=none)
   nf4_8192   nf4 at 8192 tokens a step (layer inputs offloaded; the same with liger; CUDA graphs without offloading)

@@ -1,4 +1,4 @@
-"""qtune train vs the seed recipe on Qwen3-30B-A3B-shaped random checkpoints (issue #14), in one GPU run.
+"""qtune train vs the seed recipe on Qwen3-30B-A3B-shaped random checkpoints, in one GPU run.
 
 Run on a GPU machine from the repository root:  python3 bench/train_moe_gpu.py LAYERS [LAYERS ...] [-- ROW ...]
 e.g. `python3 bench/train_moe_gpu.py 6 12`. Checkpoints come from the seed benchmark's `make()` (bench/seed is a
@@ -11,15 +11,15 @@ Rows (all nf4, LoRA r16/alpha 32 on attention + the fused experts, router frozen
   top32host  top32 with the output head in host memory (train.head_on_host=true)
   all8192  the first row at batch 1 x 8192 (train.offload_activations=auto offloads there, so no CUDA graph)
   all8192g  all8192 without the offload (train.offload_activations=false), so with the graph
-  ref      qtune with train.fast=false (PEFT's ParamWrapper; issue #14's "today")
+  ref      qtune with train.fast=false (PEFT's ParamWrapper path, the reference)
   seed     the seed recipe's MoE baseline (LORA_DROPOUT=0: it crashes at its default 0.05)
 MODEL=qwen3_235b_a22b runs the `all` rows on Qwen3-235B-A22B-shaped checkpoints (hidden 4096, 128 experts of
-4096 x 1536, 94 layers to extrapolate to; made here from qtune's model config) for issue #14's "235B on paper";
+4096 x 1536, 94 layers to extrapolate to; made here from qtune's model config) for the "235B on paper" rows;
 the seed recipe has no such baseline.
 qtune trains through its real CLI: median tokens/s of the logged steps after the third (metrics.jsonl), the
 training peak and the whole process's peak (loading included) from summary.json. Each quantity is extrapolated
 linearly in layers to the full depth (48; 94 for 235B) from the first and last layer counts. Writes $OUT/train_moe_gpu.json; PREV=<that file from an
-earlier call> adds its rows (one device call holds only a few rows).
+earlier call> adds its rows (so rows from several runs end up in one file).
 """
 import json
 import os

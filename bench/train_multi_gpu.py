@@ -1,4 +1,4 @@
-"""qtune train on several GPUs of one machine (issue #19): DDP scaling, FSDP2-QLoRA of a 32B shape, a parallel sweep.
+"""qtune train on several GPUs of one machine: DDP scaling, FSDP2-QLoRA of a 32B shape, a parallel sweep.
 
 Run on a machine of several GPUs from the repository root:  python3 bench/train_multi_gpu.py [ROW ...]
 Rows (random checkpoints shaped as qtune's model configs; speed and memory do not depend on weight values):
@@ -12,8 +12,8 @@ Rows (random checkpoints shaped as qtune's model configs; speed and memory do no
            GPU of its own (qtune.training.launch.claim_gpus); a sampler reads nvidia-smi every 2 s for the GPUs that ran
            qtune processes; reports the sweep's wall time against the sum of its jobs' times
 qtune trains through its real CLI (bench/common.py's qtune_train: median tokens/s of the logged steps after the
-third, from metrics.jsonl; peaks from summary.json, which rank 0 writes). NVLink multicast stays off (the device
-machine's rule: NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1, set here for every
+third, from metrics.jsonl; peaks from summary.json, which rank 0 writes). NVLink multicast stays off
+(NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1, set here for every
 process qtune starts). Writes $OUT/train_multi_gpu.json after every row.
 """
 import json

@@ -215,7 +215,7 @@ def smol_merged(smol_run) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests run where CUDA is (the device machine: `pytest -m gpu`); elsewhere they are skipped."""
+    """`gpu` tests run where CUDA is (a GPU machine: `pytest -m gpu`); elsewhere they are skipped."""
     import torch
 
     if torch.cuda.is_available():
