@@ -553,17 +553,18 @@ def _capacity_line(cfg: Config, c) -> str:
     import torch
 
     from qtune.modeling.plan import CAPACITY_STEP
-    from qtune.modeling.world import ASSUMED_GPU_BYTES, USABLE_SHARE
+    from qtune.modeling.world import ASSUMED_GPU_BYTES, USABLE_SHARE, world
 
     gib = 2**30
     cap = cfg.train.max_gpu_memory
     if cap and c.budget >= cap * gib:
         where = f"train.max_gpu_memory={cap:g}"
     elif torch.cuda.is_available():
-        where = f"{USABLE_SHARE:.0%} of this GPU's {torch.cuda.get_device_properties(0).total_memory / gib:.2f} GiB"
+        total = torch.cuda.get_device_properties(world().local_rank).total_memory
+        where = f"{USABLE_SHARE:.0%} of this GPU's {total / gib:.2f} GiB"
     else:
-        where = f"{USABLE_SHARE:.0%} of an {ASSUMED_GPU_BYTES / gib:.0f} GiB GPU (none here); train.max_gpu_memory sets another"
-    fits = f"{c.tokens:,} tokens" if c.tokens else f"none (not {CAPACITY_STEP} tokens)"
+        where = f"{USABLE_SHARE:.0%} of an {ASSUMED_GPU_BYTES / gib:.0f} GiB GPU, assumed without one here"
+    fits = f"{c.tokens:,} tokens" if c.tokens else f"none, not even {CAPACITY_STEP} tokens"
     text = (f"longest data.max_length that fits: {fits} (estimate at train.batch_size="
             f"{cfg.train.batch_size}, {c.budget / gib:.2f} GiB of GPU memory: {where}")
     if c.host_limits:
