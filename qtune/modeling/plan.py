@@ -150,8 +150,11 @@ def capacity(cfg: Config, budget: float, host_budget: float | None = None, model
 
     gpu_tokens = longest(False)
     tokens = longest(True) if host_budget is not None else gpu_tokens
-    at = replace(cfg, data=replace(cfg.data, max_length=max(tokens, CAPACITY_STEP)))
-    per_token = host_bytes(arch, batch) if plan(at, budget, model=model).offload else 0.0
+    length = max(tokens, CAPACITY_STEP)
+    at = replace(cfg, data=replace(cfg.data, max_length=length))
+    # (the tokens of a micro-batch: batch x length, twice that for pairs)
+    offloaded = plan(at, budget, model=model).offload
+    per_token = host_bytes(arch, get(at.train.stage).tokens(at)) / length if offloaded else 0.0
     return Capacity(tokens, gpu_tokens, budget, host_budget, per_token)
 
 
