@@ -17,7 +17,7 @@ def prepare(data, tokenizer, model_name, chat_template=None, stage="sft"):
     """qtune.data.prepare.prepare for the stage `train.stage=stage` names."""
     return data_prepare.prepare(data, tokenizer, model_name, chat_template, get(stage).data)
 
-from conftest import qtune
+from conftest import qtune, qtune_warm
 
 IM_END = "<|im_end|>"
 EMPTY_THINK = "<think>\n\n</think>\n\n"
@@ -700,3 +700,34 @@ def test_skip_leaves_malformed_json_lines_in_rejects_with_line_and_column(tmp_pa
     assert reject["where"] == f"{path}:2:{column}" and reject["record"] == bad
     with pytest.raises(DataError, match=f"d.jsonl:2: malformed JSON .* at column {column}\\)"):
         prepare(data_cfg(tmp_path, path), qwen3_tokenizer, "q")
+
+
+def test_packing_keeps_a_long_example_whole_and_counts_one_cut(tmp_path, qwen3_tokenizer, tiny_qwen3):
+    """Thousands of tokens: an example that fits data.max_length lands whole in one packed row (never split across
+    rows), one that does not is cut to data.max_length and counted, and prepare says so in one line."""
+    words = lambda n: " ".join(f"w{i % 89}" for i in range(n))  # noqa: E731 (~2.9 tokens a word)
+    recs = [{"input": "long", "output": words(1000)}, {"input": "too long", "output": words(2000)},
+            *({"input": f"q{i}", "output": f"a{i}"} for i in range(6))]
+    path = write_jsonl(tmp_path / "d.jsonl", recs)
+    plain = prepare(data_cfg(tmp_path, path, max_length=4096), qwen3_tokenizer, "q").load()
+    lengths = sorted(len(x) for x in plain["input_ids"])
+    assert lengths[-1] == 4096 and 2500 < lengths[-2] < 4096      # one cut to the limit, one long one that fits
+    long_ids = next(tuple(x) for x in plain["input_ids"] if len(x) == lengths[-2])
+    packed = prepare(data_cfg(tmp_path, path, max_length=4096, packing=True), qwen3_tokenizer, "q")
+    assert packed.stats["train"]["truncated"] == 1
+    assert [w for w in packed.warnings if "longer than data.max_length" in w] == [
+        "data: 1 of 8 train examples are longer than data.max_length=4096 tokens and were cut to it; packing keeps "
+        "every example that fits whole in one row; a larger data.max_length keeps them whole (qtune train --dry-run "
+        "states the longest that fits)"]
+    rows = packed.load()
+    holding = [(row, lens) for row, lens in zip(rows["input_ids"], rows["seq_lengths"]) if lengths[-2] in lens]
+    assert len(holding) == 1                                        # in one row, whole
+    row, lens = holding[0]
+    start = sum(lens[:lens.index(lengths[-2])])
+    assert tuple(row[start:start + lengths[-2]]) == long_ids
+    assert sum(len(x) for x in rows["input_ids"]) == sum(lengths)  # nothing else cut or lost
+    # the same line from the command, and again from the cache
+    for _ in range(2):
+        p = qtune_warm("prepare", "model=tiny_qwen3", f"data.path={path}", "data.max_length=4096", "data.val_size=0",
+                  f"data.cache_dir={tmp_path / 'cli-cache'}")
+        assert p.returncode == 0 and "1 of 8 train examples are longer than data.max_length=4096" in p.stderr, p.stderr

@@ -8,6 +8,9 @@ def run(cfg: Config, dry_run: bool = False):
     from qtune.data.prepare import check_inputs
 
     check_inputs(cfg.data)                       # a typo fails before the tokenizer and libraries load
+    from qtune.modeling.rope import check_context
+
+    check_context(cfg)                           # data.max_length within the model's positions
     from qtune import ui
     from qtune.data.prepare import prepare, preview
     from qtune.modeling.load import load_tokenizer

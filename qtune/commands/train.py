@@ -36,6 +36,9 @@ def run(cfg: Config, dry_run: bool = False):
 
     rewards.use_scorer(Scorer)                   # grpo's reward_model reward loads rm runs as inference does
     get(cfg.train.stage).check_run(cfg)          # the stage's checks of the whole config (grpo: rewards, context)
+    from qtune.modeling.rope import check_context
+
+    check_context(cfg)                           # data.max_length within the model's positions (YaRN's too)
     from qtune.modeling import weights
 
     weights.check(cfg)                           # train.method=full|freeze's settings, train.optim's package
@@ -79,6 +82,9 @@ def _run(cfg: Config, out: Path, main: bool):
         dist.check_devices(device, cfg.train.nproc, cfg.train.backend)
         return launch.start(run, cfg, cfg.train.nproc)
     device = dist.local_device(device)
+    from qtune.modeling.world import cap_gpu
+
+    cap_gpu(cfg.train.max_gpu_memory, device)    # train.max_gpu_memory: before anything is allocated on the GPU
     setup = _setup(cfg, device)
     with dist.main_first(setup):
         resume = runs.resume_point(out, cfg)                                     # 1
@@ -265,18 +271,24 @@ def plan(cfg: Config, show: bool = False) -> dict:
         each = weights.checkpoint_bytes(cfg, p.total, p.matched.trainable)
         result["checkpoint_bytes"] = int(each)
         result["checkpoints_bytes"] = int(each * cfg.train.save_total_limit)
+    longest = _longest(cfg, p.model)
+    result["capacity"] = {"max_length": longest.tokens, "gpu_max_length": longest.gpu_tokens,
+                          "budget_bytes": int(longest.budget), "host_budget_bytes":
+                              None if longest.host_budget is None else int(longest.host_budget),
+                          "host_bytes_per_token": int(longest.host_per_token)}
     if show:
         from qtune import ui
 
         ui.show_lora_plan(cfg, p.matched, p.total, p.memory)
+        ui.info(_capacity_line(cfg, longest))
         if weights.full(cfg):
             ui.info(f"checkpoints: ~{each / 1e9:.2f} GB each (every weight and the {cfg.train.optim} states), up to "
                     f"train.save_total_limit={cfg.train.save_total_limit} kept: ~{each * cfg.train.save_total_limit / 1e9:.2f} GB "
                     f"on disk, plus {2 * p.total / 1e9:.2f} GB for model/")
             from qtune.modeling.plan import lighter
-            from qtune.modeling.world import gpu_bytes
+            from qtune.modeling.world import gpu_budget
 
-            usable = gpu_bytes()  # (its usable share)
+            usable = gpu_budget(cfg.train.max_gpu_memory)  # (its usable share, or the cap)
             if p.memory.total > usable:
                 ui.print_warning(f"train.method={cfg.train.method}: the estimate ({p.memory.total / 2**30:.1f} GiB) "
                                  f"exceeds the {usable / 2**30:.1f} GiB one GPU offers; instead: "
@@ -526,6 +538,54 @@ def _save_model(cfg: Config, trainer, tokenizer, folder: Path, state, last: str)
         tokenizer.save_pretrained(tmp)
 
 
+def _longest(cfg: Config, model=None):
+    """The longest data.max_length these settings train with on this machine's GPU (train.max_gpu_memory's budget
+    where set) and its host memory (qtune.modeling.plan.capacity)."""
+    from qtune.modeling.plan import capacity
+    from qtune.modeling.world import check_cap, gpu_budget, host_bytes_available
+
+    check_cap(cfg.train.max_gpu_memory)
+    return capacity(cfg, gpu_budget(cfg.train.max_gpu_memory), host_bytes_available(), model)
+
+
+def _capacity_line(cfg: Config, c) -> str:
+    """The dry run's one line on the longest data.max_length, what budget it fits and what limits it."""
+    import torch
+
+    from qtune.modeling.plan import CAPACITY_STEP
+    from qtune.modeling.world import ASSUMED_GPU_BYTES, USABLE_SHARE, world
+
+    gib = 2**30
+    cap = cfg.train.max_gpu_memory
+    if cap and c.budget >= cap * gib:
+        where = f"train.max_gpu_memory={cap:g}"
+    elif torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(world().local_rank).total_memory
+        where = f"{USABLE_SHARE:.0%} of this GPU's {total / gib:.2f} GiB"
+    else:
+        where = f"{USABLE_SHARE:.0%} of an {ASSUMED_GPU_BYTES / gib:.0f} GiB GPU, assumed without one here"
+    fits = f"{c.tokens:,} tokens" if c.tokens else f"none, not even {CAPACITY_STEP} tokens"
+    text = (f"longest data.max_length that fits: {fits} (estimate at train.batch_size="
+            f"{cfg.train.batch_size}, {c.budget / gib:.2f} GiB of GPU memory: {where}")
+    if c.host_limits:
+        text += (f"; host memory limits it: the offloaded layer inputs pin {c.host_per_token / 1024:,.0f} KiB a token "
+                 f"of the {c.host_budget / gib:.1f} GiB available, GPU memory alone would take {c.gpu_tokens:,}")
+    elif c.host_per_token and c.host_budget is not None:
+        text += (f"; the offloaded layer inputs pin {c.host_per_token * c.tokens / gib:.1f} GiB of the "
+                 f"{c.host_budget / gib:.1f} GiB of host memory available")
+    text += ")"
+    m = cfg.model
+    if c.tokens > m.context:
+        from qtune.config.schema import RopeScaling
+
+        text += (f"; {m.name} reaches {m.context:,} positions" + (
+            f", {int(m.rope_factor * m.rope_original_max_position_embeddings):,} with model.rope_scaling=yarn"
+            if m.rope_scaling is not RopeScaling.yarn else " with YaRN (model.rope_factor)"))
+    if c.tokens < cfg.data.max_length:
+        text += f"; data.max_length={cfg.data.max_length:,} does not fit"
+    return text
+
+
 def _oom_message(cfg: Config) -> str:
     mem = plan(cfg)["memory"]
     from qtune.modeling import weights
@@ -538,10 +598,18 @@ def _oom_message(cfg: Config) -> str:
                 f"Try: " + ", ".join(lighter(cfg)))
     return (f"CUDA out of memory (estimated need {mem['total_bytes'] / 2**30:.1f} GiB at "
             f"data.max_length={cfg.data.max_length}, train.batch_size={cfg.train.batch_size}). Try: "
-            f"data.max_length={max(cfg.data.max_length // 2, 128)}"
+            f"data.max_length={_shorter(cfg)}"
             + ("" if cfg.train.gradient_checkpointing else ", train.gradient_checkpointing=true")
             + ("" if cfg.quant.method is QuantMethod.nf4 else ", quant=nf4")
             + (f", train.batch_size=1 train.grad_accum={cfg.train.batch_size * cfg.train.grad_accum}"
                if cfg.train.batch_size > 1 else "")
             + f", lora.r={max(cfg.lora.r // 2, 4)}")
 
+
+def _shorter(cfg: Config) -> str:
+    """The OOM message's data.max_length: the longest the estimate fits on this GPU (its budget), where that is
+    shorter than the length that ran out; else half of it (the estimate was wrong here)."""
+    longest = _longest(cfg).tokens
+    if 0 < longest < cfg.data.max_length:
+        return f"{longest} (the longest the estimate fits)"
+    return str(max(cfg.data.max_length // 2, 128))

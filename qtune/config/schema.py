@@ -32,6 +32,11 @@ def _check_range(section: str, key: str, value, low=None, high=None, low_open=Fa
         raise ValueError(f"{section}.{key}={value:g}: valid: {valid}")
 
 
+class RopeScaling(_Choice):
+    none = "none"   # the model's own rotary positions
+    yarn = "yarn"   # YaRN: rotary positions stretched by model.rope_factor (Qwen3's documented way past 32,768)
+
+
 class ModelSource(_Choice):
     hub = "hub"          # a Hugging Face Hub repo (or mirror via HF_ENDPOINT)
     package = "package"  # a GGUF file shipped inside a Python package (the embedded SmolLM2)
@@ -207,7 +212,20 @@ class ModelConfig:
     package: Optional[str] = None        # source=package: the Python package holding the GGUF file
     gguf_file: Optional[str] = None
     chat_template: Optional[str] = None  # a template name (chatml, qwen3) or a .jinja path; null = the tokenizer's
+    # none: the model's own RoPE, up to model.arch.max_position_embeddings tokens. yarn: YaRN scaling (Qwen3's way
+    # past its context): positions up to rope_factor x rope_original_max_position_embeddings (131,072 for Qwen3); set
+    # whenever the model loads (train, chat, serve, merge, eval) and kept in the run's config.yaml and merged model
+    rope_scaling: RopeScaling = RopeScaling.none
+    rope_factor: float = 4.0             # yarn: how far the positions stretch (Qwen3's model cards: 4.0)
+    rope_original_max_position_embeddings: int = 32768  # yarn: the context the model was trained at (Qwen3: 32,768)
     arch: ArchConfig = field(default_factory=ArchConfig)
+
+    @property
+    def context(self) -> int:
+        """The longest sequence the model's positions reach with these settings."""
+        if self.rope_scaling is RopeScaling.yarn:
+            return int(self.rope_factor * self.rope_original_max_position_embeddings)
+        return self.arch.max_position_embeddings
 
 
 @dataclass
@@ -504,6 +522,9 @@ class TrainConfig:
     # loss and freed after its backward (one transfer over the bus a forward). auto: where the dry run's estimate
     # with it on the GPU exceeds 90 % of the GPU's memory | true | false
     head_on_host: str = "auto"
+    # GiB of GPU memory this run may take (torch.cuda.set_per_process_memory_fraction before the model loads); the dry
+    # run's longest data.max_length is for this budget. null or 0: the whole GPU
+    max_gpu_memory: Optional[float] = None
     # transformers' optimizer names: adamw_torch_fused, adamw_torch, paged_adamw_8bit and adamw_8bit (bitsandbytes), ...
     optim: str = "adamw_torch_fused"
     resume: str = "auto"               # auto | never | continue (a finished run too, to more steps) | a checkpoint path
@@ -546,6 +567,9 @@ class TrainConfig:
                     raise ValueError(f"train.{key}={value}: valid: auto, true, false")
         if isinstance(self.warmup_ratio, float) and not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _check_range("train", "max_gpu_memory", self.max_gpu_memory, low=0)
+        if self.max_gpu_memory == 0:
+            self.max_gpu_memory = None
 
 
 @dataclass

@@ -331,7 +331,8 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
         damage = manifest_problem(out)
         if damage is None:
             stats = json.loads((out / "stats.json").read_text())
-            return Prepared(out, stats, True, warnings + _identical_warning(stats.get("identical_pairs")), digest)
+            return Prepared(out, stats, True, warnings + _identical_warning(stats.get("identical_pairs"))
+                            + _truncated_warning(stats, data.packing), digest)
         warnings.append(f"{out}: the prepared-data cache is damaged ({damage}); rebuilding it")
 
     rejects: list[dict] = []
@@ -409,7 +410,7 @@ def prepare(data: DataConfig, tokenizer, model_name: str, chat_template: str | N
                     f.write(json.dumps(r, default=str) + "\n")
         atomic_write_json(tmp / "stats.json", stats)
         write_manifest(tmp)
-    return Prepared(out, stats, False, warnings, digest)
+    return Prepared(out, stats, False, warnings + _truncated_warning(stats, data.packing), digest)
 
 
 
@@ -437,6 +438,20 @@ def _informative(examples: list, identical: list[str]) -> list:
         else:
             kept.append(ex)
     return kept
+
+
+def _truncated_warning(stats: dict, packing: bool) -> list[str]:
+    """One line per split where examples were longer than data.max_length: how many were cut to it."""
+    out = []
+    for split in ("train", "eval"):
+        s = stats.get(split)
+        if not s or not s.get("truncated"):
+            continue
+        whole = "; packing keeps every example that fits whole in one row" if packing else ""
+        out.append(f"data: {s['truncated']} of {s['examples']} {split} examples are longer than data.max_length="
+                   f"{s['max_length']} tokens and were cut to it{whole}; a larger data.max_length keeps them whole "
+                   "(qtune train --dry-run states the longest that fits)")
+    return out
 
 
 def _identical_warning(found: dict | None) -> list[str]:

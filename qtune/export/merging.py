@@ -80,8 +80,11 @@ def merge(cfg: Config, adapter: Path, out: Path, warn=None) -> dict:
     folder = ensure_model(cfg.model, cfg.download, cfg.paths, warn=warn)
     tokenizer = load_tokenizer(cfg.model, cfg.paths)
     auto, extra = model_class(get(cfg.train.stage).head)
+    from qtune.modeling.rope import load_kwargs
+
+    # YaRN (model.rope_scaling) as the run trained with it: the merged model's config.json keeps it
     base = auto.from_pretrained(folder, dtype=torch_dtype(cfg.merge.parity_dtype),
-                                trust_remote_code=cfg.model.trust_remote_code, **extra)
+                                trust_remote_code=cfg.model.trust_remote_code, **load_kwargs(folder, cfg.model, **extra))
     if scorer:  # where the score is read (the last token that is not padding), as in training
         base.config.pad_token_id = tokenizer.pad_token_id
     model = PeftModel.from_pretrained(base, adapter)

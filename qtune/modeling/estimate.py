@@ -55,6 +55,12 @@ class Memory:
         phases = training + self.generation if self.generation_kept else max(training, self.generation)
         return self.base + self.lora + phases + self.overhead + self.reference
 
+    @property
+    def allocated(self) -> float:
+        """The allocator's part of the total: what torch.cuda.max_memory_allocated() reports for the step (the total
+        adds CUDA_OVERHEAD, which the allocator does not count)."""
+        return self.total - self.overhead
+
     def as_dict(self) -> dict:
         return {"base_bytes": int(self.base), "lora_bytes": int(self.lora), "activation_bytes": int(self.activations),
                 "dequantized_bytes": int(self.dequantized), "delta_bytes": int(self.delta),
@@ -129,31 +135,69 @@ def base_bytes(model, quant: QuantConfig, dtype_bytes: int, experts4: bool = Fal
 FUSED_HEAD_TILE = (4096, 32768)
 
 
+@dataclass(frozen=True)
+class Widths:
+    """A count of 16-bit values a token holds, by width: hidden (hidden_size), q (heads x head_dim), kv (key-value
+    heads x head_dim), ffn (the MLP's intermediate size; an MoE layer's routed experts' together)."""
+    hidden: float = 0
+    q: float = 0
+    kv: float = 0
+    ffn: float = 0
+
+    def values(self, arch: ArchConfig) -> float:
+        q, kv = arch.num_attention_heads * arch.head_dim, arch.num_key_value_heads * arch.head_dim
+        ffn = (arch.moe_intermediate_size * arch.num_experts_per_tok) if arch.num_experts else arch.intermediate_size
+        return self.hidden * arch.hidden_size + self.q * q + self.kv * kv + self.ffn * ffn
+
+
+# What a token costs in activation memory: every per-token coefficient of the estimate is here. Counted from the
+# tensors the training path holds (qtune.modeling.fast.lora's autograd functions, reentrant checkpointing,
+# flash/SDPA attention, TRL's fused head), then calibrated against measured peaks
+# (torch.cuda.max_memory_allocated) of Qwen3-8B nf4, LoRA r16 on the 7 projections, batch 1, on an H200:
+# 6.11 GiB at 2048 tokens (CUDA graph, layer inputs on the GPU), 7.85 GiB at 8192 and 13.27 GiB at 32768 (layer
+# inputs offloaded); tests/test_estimate.py holds these points, so a change here that leaves them fails there.
+# One layer's tensors saved for its backward: its input, its input norm's output, the residual after attention and
+# the MLP norm's output; the query after its norm and RoPE and the attention output; key and value; the MLP's gate
+# and up outputs and SiLU(gate)·up (the down projection's input).
+LAYER_SAVED = Widths(hidden=4, q=2, kv=2, ffn=3)
+# What that layer's backward adds at its peak, the MLP's (LoraSwiGLU.backward): the gradient arriving and the
+# gradients of the gate's and up's inputs; the gradients of SiLU(gate)·up, of up and of gate.
+LAYER_BACKWARD = Widths(hidden=3, ffn=3)
+# A checkpointed layer's input, held from the forward to that layer's backward (all layers', or two with
+# train.offload_activations: the one computing and the one coming back)
+LAYER_INPUT = Widths(hidden=1)
+# The loss (TRL's fused head), from the forward's end to its backward: the final norm's input and output, the
+# hidden states' gradient in fp32 (two 16-bit values) and in 16 bits; besides one tile of logits (FUSED_HEAD_TILE)
+HEAD_LIVE = Widths(hidden=5)
+# Router logits of an MoE layer: fp32 for each expert (bytes a token and expert)
+ROUTER_BYTES = 4
+
+
 def activation_bytes(arch: ArchConfig, tokens: int, gradient_checkpointing: bool, dtype_bytes: int,
                      offload_inputs: bool = False, lm_head: bool = True, head_copy: float = 0.0) -> float:
-    """Activations kept for backward for `tokens` tokens (SDPA/flash attention: no seq² term). offload_inputs: the
-    checkpointed layer inputs sit in host memory (train.offload_activations), two of them on the GPU at a time.
-    lm_head: TRL's fused vocabulary head, which keeps one tile of logits and an fp32 gradient of the hidden states, never
-    all logits; False: a reward model's one-output head. head_copy: the bytes of the output head's GPU copy
-    (train.head_on_host), live with the layer inputs from the loss to its backward but not with a layer's backward."""
-    h = arch.hidden_size
-    q = arch.num_attention_heads * arch.head_dim
-    kv = arch.num_key_value_heads * arch.head_dim
-    ffn = (arch.moe_intermediate_size * arch.num_experts_per_tok) if arch.num_experts else arch.intermediate_size
-    # one layer's saved tensors: norms' inputs, q/k/v/attention output, the MLP's gate/up/act/down inputs
-    per_layer = tokens * (4 * h + 2 * q + 2 * kv + 4 * ffn) * dtype_bytes
+    """The activations' peak for `tokens` tokens (flash/SDPA attention: no seq² term). Two phases never overlap: a
+    layer's recompute and backward, and the loss with its backward (lm_head: TRL's fused vocabulary head, which keeps
+    one tile of logits, never all of them; False: a reward model's one-output head). What both see is the layers'
+    inputs (gradient_checkpointing), or every layer's saved tensors (without). offload_inputs: the checkpointed layer
+    inputs sit in host memory (train.offload_activations), two of them on the GPU at a time. head_copy: the bytes of
+    the output head's GPU copy (train.head_on_host), live in the loss's phase."""
+    saved = tokens * LAYER_SAVED.values(arch) * dtype_bytes
     if arch.num_experts:
-        per_layer += tokens * arch.num_experts * 4  # router logits
-    if gradient_checkpointing:
-        kept = 2 if offload_inputs else arch.num_hidden_layers
-        layers = kept * tokens * h * dtype_bytes + max(per_layer, head_copy)  # inputs kept, one layer live
-    else:
-        layers = arch.num_hidden_layers * per_layer + head_copy
-    head = 0
+        saved += tokens * arch.num_experts * ROUTER_BYTES
+    layer = tokens * LAYER_BACKWARD.values(arch) * dtype_bytes
+    head = head_copy
     if lm_head:
         rows, cols = FUSED_HEAD_TILE
-        head = min(tokens, rows) * min(cols, arch.vocab_size) * dtype_bytes + tokens * h * 4
-    return layers + head
+        head += min(tokens, rows) * min(cols, arch.vocab_size) * dtype_bytes + tokens * HEAD_LIVE.values(arch) * dtype_bytes
+    if gradient_checkpointing:
+        kept = (2 if offload_inputs else arch.num_hidden_layers) * tokens * LAYER_INPUT.values(arch) * dtype_bytes
+        return kept + max(saved + layer, head)
+    return arch.num_hidden_layers * saved + max(layer, head)
+
+
+def host_bytes(arch: ArchConfig, tokens: int, dtype_bytes: int = 2) -> float:
+    """Pinned host memory the offloaded layer inputs take (train.offload_activations): every layer's, 16-bit."""
+    return arch.num_hidden_layers * tokens * LAYER_INPUT.values(arch) * dtype_bytes
 
 
 def estimate(model, arch: ArchConfig, matched: Matched, quant: QuantConfig, tokens: int,

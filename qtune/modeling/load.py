@@ -95,7 +95,8 @@ def model_class(head: str):
 
 def load_model(folder: Path, model: ModelConfig, quant: QuantConfig, device: str, dtype, gradient_checkpointing: bool,
                experts_4bit: bool = False, quant_storage=None, head: str = "lm"):
-    """The base model for training: quantized per `quant`, on `device`, SDPA (flash-attention when installed).
+    """The base model for training: quantized per `quant`, on `device`, SDPA (flash-attention when installed), with
+    model.rope_scaling's positions (qtune.modeling.rope).
     experts_4bit (the fast path's MoE on CUDA with quant=nf4|fp4): fused expert tensors, which bitsandbytes leaves in
     16 bits, become 4-bit one at a time as they load (qtune.modeling.fast.experts). quant_storage: see bnb_config.
     head="score": the base under a new one-output sequence-classification head (a reward model, qtune.training.trainers), drawn
@@ -111,10 +112,12 @@ def load_model(folder: Path, model: ModelConfig, quant: QuantConfig, device: str
         from qtune.modeling.fast.experts import four_bit_while_loading
 
         experts = four_bit_while_loading(str(quant.method))
+    from qtune.modeling.rope import load_kwargs
+
     with experts:
         m = auto.from_pretrained(
             folder, dtype=dtype, quantization_config=qconfig, attn_implementation=attn,
-            device_map={"": device}, trust_remote_code=model.trust_remote_code, **extra)
+            device_map={"": device}, trust_remote_code=model.trust_remote_code, **load_kwargs(folder, model, **extra))
     m.config.use_cache = False
     prepare_for_training(m, gradient_checkpointing)
     return m

@@ -16,6 +16,7 @@ class Plan:
     total: int             # the model's parameters
     memory: Memory         # the estimate per GPU for one micro-batch of this config, its world size and strategy
     single: Memory         # the same on one GPU (what train.distributed=auto compares with a GPU's memory)
+    offload: bool = False  # the layer inputs go to host memory (train.offload_activations, as a CUDA run decides)
 
     @property
     def head_on_host(self) -> bool:
@@ -25,7 +26,8 @@ class Plan:
 
 def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] | None = None, model=None) -> Plan:
     """For one GPU that offers training `usable` bytes (which train.head_on_host=auto weighs) and has this compute
-    capability (whether the 4-bit expert kernel runs); by default this machine's GPU, or an 80 GiB H100 without one
+    capability (whether the 4-bit expert kernel runs); by default this machine's GPU (train.max_gpu_memory of it where
+    set), or an 80 GiB H100 without one
     (qtune.modeling.world.gpu_bytes, qtune.modeling.fast.nf4_gmm.expected). model: this config's meta-device model, if
     already built (fits() plans many variants of one model)."""
     from qtune.config.schema import QuantMethod
@@ -36,10 +38,14 @@ def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] |
     from qtune.modeling.fast.nf4_gmm import expected as direct_expected
     from qtune.modeling import weights
     from qtune.modeling.targets import trained
-    from qtune.modeling.world import gpu_bytes, strategy, world
+    from qtune.modeling.world import strategy, world
     from qtune.stages import get
 
     t, stage = cfg.train, get(cfg.train.stage)
+    if usable is None:  # train.max_gpu_memory's budget where set
+        from qtune.modeling.world import gpu_budget
+
+        usable = gpu_budget(t.max_gpu_memory)
     model = model if model is not None else meta_model(cfg.model.arch, stage.head)
     matched = trained(model, cfg)
     # train.method=full|freeze: bytes a trained parameter adds (on a GPU: 16-bit base copies); the reference model of
@@ -58,7 +64,7 @@ def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] |
             hosted = False
         if hosted is None:  # train.head_on_host: auto decides on this estimate with the head on the GPU
             hosted = head_on_host(str(t.head_on_host), fast.on, lambda: one_gpu(fast, False).total,
-                                  gpu_bytes if usable is None else lambda: usable)
+                                  lambda: usable)
         experts4 = experts_4bit(fast.on, cfg.quant)
         m = estimate(model, cfg.model.arch, matched, cfg.quant, tokens, t.gradient_checkpointing, on_gpu=True,
                         offload_inputs=fast.offload, experts4=experts4,
@@ -74,12 +80,82 @@ def plan(cfg: Config, usable: float | None = None, capability: tuple[int, int] |
         m.generation, m.generation_kept = float(generation), kept
         return m
 
-    single = one_gpu(expected(cfg, size))
+    decided = expected(cfg, size)
+    single = one_gpu(decided)
     how = strategy(t.distributed, "cuda", size, lambda: single.total)
     # under FSDP2 training takes the reference path (qtune.modeling.fast.decide): no 4-bit experts, no compaction
     memory = per_process(one_gpu(expected(cfg, size, fsdp=True), False, fsdp=True) if how == "fsdp" else single, how,
                          size, cfg.model.arch.num_hidden_layers)
-    return Plan(model, matched, sum(p.numel() for p in model.parameters()), memory, single)
+    return Plan(model, matched, sum(p.numel() for p in model.parameters()), memory, single,
+                offload=decided.offload and how != "fsdp")
+
+
+@dataclass
+class Capacity:
+    """The longest data.max_length these settings train with (capacity())."""
+    tokens: int              # the longest data.max_length that fits both budgets (0: not even CAPACITY_STEP)
+    gpu_tokens: int          # ... GPU memory alone
+    budget: float            # the GPU bytes it fits in
+    host_budget: float | None  # the host bytes the offloaded layer inputs may pin (None: not known)
+    host_per_token: float    # pinned host bytes a token of data.max_length takes at that length (0: no offload)
+
+    @property
+    def host_limits(self) -> bool:
+        return self.tokens < self.gpu_tokens
+
+
+CAPACITY_STEP = 128          # capacity() answers in multiples of this many tokens
+CAPACITY_MOST = 1 << 24      # ... and looks no further than this
+
+
+def capacity(cfg: Config, budget: float, host_budget: float | None = None, model=None) -> Capacity:
+    """The longest data.max_length (a multiple of CAPACITY_STEP) whose estimate for one GPU (the plan of these settings
+    at that length, its decisions included: offloading from 8192 tokens, CUDA graphs below) fits `budget` bytes, and
+    whose offloaded layer inputs fit `host_budget` bytes of pinned host memory. The estimate grows with the length
+    within each range of lengths where those decisions hold, so each range is searched by bisection, the longest
+    first."""
+    from dataclasses import replace
+
+    from qtune.modeling.arch import meta_model
+    from qtune.modeling.estimate import host_bytes
+    from qtune.modeling.fast import OFFLOAD_FROM_TOKENS
+    from qtune.stages import get
+
+    if model is None:
+        model = meta_model(cfg.model.arch, get(cfg.train.stage).head)
+    batch, arch = cfg.train.batch_size, cfg.model.arch
+
+    def need(length: int) -> tuple[float, float]:
+        """(GPU bytes, pinned host bytes) at this length."""
+        at = replace(cfg, data=replace(cfg.data, max_length=length))
+        p = plan(at, budget, model=model)
+        host = host_bytes(arch, get(at.train.stage).tokens(at)) if p.offload else 0.0
+        return p.memory.total, host + p.memory.host_embedding + p.memory.host_head
+
+    def longest(host: bool) -> int:
+        def fits(k: int) -> bool:
+            gpu, pinned = need(k * CAPACITY_STEP)
+            return gpu <= budget and (not host or host_budget is None or pinned <= host_budget)
+
+        # the ranges, longest first: from where offloading starts (auto), and below it
+        start = -(-OFFLOAD_FROM_TOKENS // (batch * CAPACITY_STEP))
+        for lo, hi in ((start, CAPACITY_MOST // CAPACITY_STEP), (1, start - 1)):
+            if lo > hi or not fits(lo):
+                continue
+            while lo < hi:  # the longest that fits lies in [lo, hi]
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+            return lo * CAPACITY_STEP
+        return 0
+
+    gpu_tokens = longest(False)
+    tokens = longest(True) if host_budget is not None else gpu_tokens
+    length = max(tokens, CAPACITY_STEP)
+    at = replace(cfg, data=replace(cfg.data, max_length=length))
+    # (the tokens of a micro-batch: batch x length, twice that for pairs)
+    offloaded = plan(at, budget, model=model).offload
+    per_token = host_bytes(arch, get(at.train.stage).tokens(at)) / length if offloaded else 0.0
+    return Capacity(tokens, gpu_tokens, budget, host_budget, per_token)
 
 
 # GPUs `inspect-moe` says a config fits or not: (name, memory as torch reports it — the "total capacity" of CUDA's
@@ -170,9 +246,9 @@ def lighter(cfg: Config, usable: float | None = None) -> list[str]:
     from dataclasses import replace
 
     from qtune.config.schema import FreezeConfig, TrainableDtype, TrainMethod
-    from qtune.modeling.world import gpu_bytes
+    from qtune.modeling.world import gpu_budget
 
-    usable = usable if usable is not None else gpu_bytes()  # (its usable share already)
+    usable = usable if usable is not None else gpu_budget(cfg.train.max_gpu_memory)  # (its usable share, or the cap)
     t = cfg.train
     variants = []
     if t.trainable_dtype is not TrainableDtype.bf16 or "8bit" not in t.optim:

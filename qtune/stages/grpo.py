@@ -27,11 +27,13 @@ class Grpo(Stage):
     def check_run(self, cfg):
         from qtune.errors import ConfigError
 
-        g, context = cfg.train.grpo, cfg.model.arch.max_position_embeddings
+        g, context = cfg.train.grpo, cfg.model.context
         if isinstance(context, int) and g.max_completion_length + cfg.data.max_length > context:
+            why = ("model.arch.max_position_embeddings" if str(cfg.model.rope_scaling) != "yarn" else
+                   "YaRN's model.rope_factor x model.rope_original_max_position_embeddings")
             raise ConfigError(f"train.grpo.max_completion_length={g.max_completion_length}: with prompts of up to "
                               f"data.max_length={cfg.data.max_length} tokens it passes {cfg.model.name}'s context of "
-                              f"{context} tokens (model.arch.max_position_embeddings); valid: <= "
+                              f"{context} tokens ({why}); valid: <= "
                               f"{max(context - cfg.data.max_length, 0)}, or lower data.max_length")
         if str(g.generation) == "qtune" and str(cfg.quant.method) == "int8":
             raise ConfigError("train.grpo.generation=qtune with quant=int8: the engine's CUDA graph cannot hold "
