@@ -194,24 +194,33 @@ def hf_generate(ckpt: str, prompt: str, new: int) -> dict:
 
 
 def step_times(ckpt: str) -> dict:
-    """The GPU's own time for one captured decode step of serve's engine at batch 1 and 32 (replays timed alone, no
-    host work between them): what the served rates above would be if the host cost nothing."""
+    """The GPU's own time for one captured decode step of serve's engine at batch 1 and 32: jobs run through the
+    engine as serve runs them (a prefill, then steps captured by the engine itself), then the captured steps are
+    replayed alone, timed, with no host work between them: what the served rates would be if the host cost nothing."""
+    import threading
+
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qtune.inference.engine import Scheduler
+    from qtune.inference.engine import Job, Scheduler
 
     m = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
     notices: list = []
     sched = Scheduler(m, slots=32, length=512, eos=[], notice=notices.append)
     out = {}
     try:
-        with torch.no_grad():
-            for b in (1, 32):
-                sched.where.mode, sched.where.batch = "decode", b     # as _decode sets them before a capture
-                g = sched._capture(b, False, False, False)
-                if g is None:
-                    return dict(error=" ".join(notices)[-600:])
+        for b in (1, 32):
+            done = [threading.Event() for _ in range(b)]
+            with sched.lock:   # all queued before the engine's next turn
+                for i in range(b):
+                    sched.submit(Job(prompt=list(range(1000 + i, 1008 + i)), max_new_tokens=8,
+                                     on_token=lambda t, lp: None, on_end=lambda r, ev=done[i]: ev.set()))
+            assert all(ev.wait(300) for ev in done)
+            g = sched.graphs.get((b, False, False, False))
+            if g is None:
+                out[f"b{b}"] = dict(error=" ".join(notices)[-600:] or "no step captured at this batch")
+                continue
+            with torch.no_grad(), sched.lock:    # the engine thread waits for work meanwhile
                 for _ in range(5):
                     g.replay()
                 torch.cuda.synchronize()
@@ -219,8 +228,8 @@ def step_times(ckpt: str) -> dict:
                 for _ in range(50):
                     g.replay()
                 torch.cuda.synchronize()
-                ms = (time.perf_counter() - t) / 50 * 1e3
-                out[f"b{b}"] = dict(ms_per_step=round(ms, 2), tok_s=round(b / ms * 1e3, 1))
+            ms = (time.perf_counter() - t) / 50 * 1e3
+            out[f"b{b}"] = dict(ms_per_step=round(ms, 2), tok_s=round(b / ms * 1e3, 1))
     finally:
         sched.close()
         del m
