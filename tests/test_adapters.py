@@ -162,7 +162,10 @@ def test_a_mixed_batch_on_a_4bit_base(dense_adapters):
     """quant=nf4: PEFT's Linear4bit over bitsandbytes' layers (which run on the CPU too), as serve loads a QLoRA run."""
     model = _served("tiny_qwen3", dense_adapters, quant="nf4")
     assert sum(type(m.get_base_layer()).__name__ == "Linear4bit" for m in model.modules() if hasattr(m, "lora_A")) > 4
-    _check_mixed(model, ["a", "b", "c"], [2, BASE, 0, 1], _ids(4, 5, seed=15), 1e-5)
+    # bitsandbytes computes the 4-bit layers in bf16: an fp32 difference of 1e-6 in a layer's input (the mixed rows'
+    # LoRA sum in another order) can round one activation to its neighbouring bf16 value, ~2e-3 in the logits on
+    # some CPUs. An adapter moves these logits by more than 1, so 1e-2 still tells a wrong adapter from the right one.
+    _check_mixed(model, ["a", "b", "c"], [2, BASE, 0, 1], _ids(4, 5, seed=15), 1e-2)
     _check_mixed(model, ["a", "b", "c"], [1], _ids(1, 8, seed=16), 1e-5)
 
 
