@@ -52,7 +52,8 @@ class _Forkserver:
         line, self.pending = self.pending.split(b"\n", 1)
         return line.decode()
 
-    def run(self, args: tuple[str, ...], cwd: Path | None, timeout: float) -> subprocess.CompletedProcess:
+    def run(self, args: tuple[str, ...], cwd: Path | None, env: dict | None,
+            timeout: float) -> subprocess.CompletedProcess:
         import json
         import signal
 
@@ -65,8 +66,8 @@ class _Forkserver:
         out, err = self.dir / "stdout", self.dir / "stderr"
         out.write_bytes(b"")
         err.write_bytes(b"")
-        request = {"argv": list(args), "cwd": str(cwd or os.getcwd()), "env": dict(os.environ), "stdout": str(out),
-                   "stderr": str(err)}
+        request = {"argv": list(args), "cwd": str(cwd or os.getcwd()), "env": {**os.environ, **(env or {})},
+                   "stdout": str(out), "stderr": str(err)}
         self.proc.stdin.write((json.dumps(request) + "\n").encode())
         pid = int(self._line().split()[1])
         answer = self._line(timeout)
@@ -89,15 +90,18 @@ class _Forkserver:
 _forkserver: _Forkserver | None = None
 
 
-def qtune_warm(*args: str, cwd: Path | None = None, timeout: float = 600, check: bool = False):
+def qtune_warm(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,
+               check: bool = False):
     """The real `qtune` command as `qtune()` runs it, in a process forked from one that has already imported torch,
     transformers, peft, trl and datasets (tests/forkserver.py): the same main(), exit status and stdout/stderr, without
-    the ~10 s of imports of each fresh process. For the many calls that test a refusal; not for what only a fresh
-    interpreter shows (import-time output, what a verb imports) nor for calls that change the environment."""
+    the ~10 s of imports of each fresh process. For refusals and for the trainings, merges and evals whose outcome does
+    not depend on the process; not for what only a fresh interpreter shows (import-time output, what a verb imports,
+    signals, a process killed half way). `env` is for variables qtune reads as it runs (QTUNE_HOME, PATH); the
+    libraries' import-time settings (HF_HUB_OFFLINE, HF_ENDPOINT and the like) need a fresh process."""
     global _forkserver
     if _forkserver is None:
         _forkserver = _Forkserver()
-    proc = _forkserver.run(args, cwd, timeout)
+    proc = _forkserver.run(args, cwd, env, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"qtune {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
