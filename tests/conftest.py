@@ -15,6 +15,10 @@ HOME = Path(os.environ.get("QTUNE_TEST_HOME", REPO / ".cache" / "test-home"))
 os.environ["QTUNE_HOME"] = str(HOME)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (`make test` runs two workers) each worker and what it starts computes on one thread: two of them
+# share the cores instead of each spinning up a thread per core. Set before torch is imported, here or in a subprocess.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 QTUNE = [sys.executable, "-m", "qtune"]
 
 
@@ -140,11 +144,20 @@ def qtune_home() -> Path:
     return HOME
 
 
+def built_once(name: str):
+    """A lock on building `name` into the shared cache: with two xdist workers, the second waits for the first's build
+    and finds it done (the builds themselves are safe side by side, only wasteful)."""
+    from filelock import FileLock
+
+    return FileLock(str(HOME / f".{name}.lock"))
+
+
 @pytest.fixture(scope="session")
 def qwen3_tokenizer(qtune_home):
     from qtune.modeling.assets import qwen3_tokenizer
 
-    return qwen3_tokenizer(qtune_home)
+    with built_once("qwen3_tokenizer"):
+        return qwen3_tokenizer(qtune_home)
 
 
 @pytest.fixture(scope="session")
@@ -152,7 +165,8 @@ def tiny_qwen3(qtune_home) -> Path:
     from qtune.modeling.assets import build_random_model
 
     m = model_cfg("tiny_qwen3")
-    return build_random_model(m.arch, Path(m.local_dir), qtune_home)
+    with built_once("tiny_qwen3"):
+        return build_random_model(m.arch, Path(m.local_dir), qtune_home)
 
 
 @pytest.fixture(scope="session")
@@ -160,7 +174,8 @@ def tiny_qwen3_moe(qtune_home) -> Path:
     from qtune.modeling.assets import build_random_model
 
     m = model_cfg("tiny_qwen3_moe")
-    return build_random_model(m.arch, Path(m.local_dir), qtune_home)
+    with built_once("tiny_qwen3_moe"):
+        return build_random_model(m.arch, Path(m.local_dir), qtune_home)
 
 
 @pytest.fixture(scope="session")
@@ -168,7 +183,8 @@ def smollm2(qtune_home) -> Path:
     from qtune.modeling.assets import convert_gguf, package_file
 
     m = model_cfg("smollm2_135m")
-    return convert_gguf(package_file(m.package, m.gguf_file), Path(m.local_dir))
+    with built_once("smollm2_135m"):
+        return convert_gguf(package_file(m.package, m.gguf_file), Path(m.local_dir))
 
 
 SMOL_PROMPT = "What is the capital of Italy?"
@@ -218,10 +234,20 @@ def smol_merged(smol_run) -> Path:
     return smol_run / "merged"
 
 
+# `make test` runs two pytest-xdist workers with --dist loadgroup: each module's tests on one worker (its module
+# fixtures built once), and the modules that use the slowest session fixture (smol_merged: SmolLM2 trained, merged and
+# written as GGUF) on the same one, so that it is built once.
+SAME_WORKER = {"test_chat_serve": "smol", "test_eval": "smol"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests run where CUDA is (the device machine: `pytest -m gpu`); elsewhere they are skipped."""
     import torch
 
+    for item in items:
+        module = item.path.stem
+        item.add_marker(pytest.mark.xdist_group(SAME_WORKER.get(module, module)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run with -m gpu on a GPU machine)")
