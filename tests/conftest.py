@@ -15,6 +15,10 @@ HOME = Path(os.environ.get("QTUNE_TEST_HOME", REPO / ".cache" / "test-home"))
 os.environ["QTUNE_HOME"] = str(HOME)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (`make test` runs two workers) each worker and what it starts computes on one thread: two of them
+# share the cores instead of each spinning up a thread per core. Set before torch is imported, here or in a subprocess.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 QTUNE = [sys.executable, "-m", "qtune"]
 
 
@@ -52,7 +56,8 @@ class _Forkserver:
         line, self.pending = self.pending.split(b"\n", 1)
         return line.decode()
 
-    def run(self, args: tuple[str, ...], cwd: Path | None, timeout: float) -> subprocess.CompletedProcess:
+    def run(self, args: tuple[str, ...], cwd: Path | None, env: dict | None,
+            timeout: float) -> subprocess.CompletedProcess:
         import json
         import signal
 
@@ -65,8 +70,8 @@ class _Forkserver:
         out, err = self.dir / "stdout", self.dir / "stderr"
         out.write_bytes(b"")
         err.write_bytes(b"")
-        request = {"argv": list(args), "cwd": str(cwd or os.getcwd()), "env": dict(os.environ), "stdout": str(out),
-                   "stderr": str(err)}
+        request = {"argv": list(args), "cwd": str(cwd or os.getcwd()), "env": {**os.environ, **(env or {})},
+                   "stdout": str(out), "stderr": str(err)}
         self.proc.stdin.write((json.dumps(request) + "\n").encode())
         pid = int(self._line().split()[1])
         answer = self._line(timeout)
@@ -89,15 +94,18 @@ class _Forkserver:
 _forkserver: _Forkserver | None = None
 
 
-def qtune_warm(*args: str, cwd: Path | None = None, timeout: float = 600, check: bool = False):
+def qtune_warm(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,
+               check: bool = False):
     """The real `qtune` command as `qtune()` runs it, in a process forked from one that has already imported torch,
     transformers, peft, trl and datasets (tests/forkserver.py): the same main(), exit status and stdout/stderr, without
-    the ~10 s of imports of each fresh process. For the many calls that test a refusal; not for what only a fresh
-    interpreter shows (import-time output, what a verb imports) nor for calls that change the environment."""
+    the ~10 s of imports of each fresh process. For refusals and for the trainings, merges and evals whose outcome does
+    not depend on the process; not for what only a fresh interpreter shows (import-time output, what a verb imports,
+    signals, a process killed half way). `env` is for variables qtune reads as it runs (QTUNE_HOME, PATH); the
+    libraries' import-time settings (HF_HUB_OFFLINE, HF_ENDPOINT and the like) need a fresh process."""
     global _forkserver
     if _forkserver is None:
         _forkserver = _Forkserver()
-    proc = _forkserver.run(args, cwd, timeout)
+    proc = _forkserver.run(args, cwd, env, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"qtune {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -136,11 +144,20 @@ def qtune_home() -> Path:
     return HOME
 
 
+def built_once(name: str):
+    """A lock on building `name` into the shared cache: with two xdist workers, the second waits for the first's build
+    and finds it done (the builds themselves are safe side by side, only wasteful)."""
+    from filelock import FileLock
+
+    return FileLock(str(HOME / f".{name}.lock"))
+
+
 @pytest.fixture(scope="session")
 def qwen3_tokenizer(qtune_home):
     from qtune.modeling.assets import qwen3_tokenizer
 
-    return qwen3_tokenizer(qtune_home)
+    with built_once("qwen3_tokenizer"):
+        return qwen3_tokenizer(qtune_home)
 
 
 @pytest.fixture(scope="session")
@@ -148,7 +165,8 @@ def tiny_qwen3(qtune_home) -> Path:
     from qtune.modeling.assets import build_random_model
 
     m = model_cfg("tiny_qwen3")
-    return build_random_model(m.arch, Path(m.local_dir), qtune_home)
+    with built_once("tiny_qwen3"):
+        return build_random_model(m.arch, Path(m.local_dir), qtune_home)
 
 
 @pytest.fixture(scope="session")
@@ -156,7 +174,8 @@ def tiny_qwen3_moe(qtune_home) -> Path:
     from qtune.modeling.assets import build_random_model
 
     m = model_cfg("tiny_qwen3_moe")
-    return build_random_model(m.arch, Path(m.local_dir), qtune_home)
+    with built_once("tiny_qwen3_moe"):
+        return build_random_model(m.arch, Path(m.local_dir), qtune_home)
 
 
 @pytest.fixture(scope="session")
@@ -164,7 +183,8 @@ def smollm2(qtune_home) -> Path:
     from qtune.modeling.assets import convert_gguf, package_file
 
     m = model_cfg("smollm2_135m")
-    return convert_gguf(package_file(m.package, m.gguf_file), Path(m.local_dir))
+    with built_once("smollm2_135m"):
+        return convert_gguf(package_file(m.package, m.gguf_file), Path(m.local_dir))
 
 
 SMOL_PROMPT = "What is the capital of Italy?"
@@ -214,10 +234,20 @@ def smol_merged(smol_run) -> Path:
     return smol_run / "merged"
 
 
+# `make test` runs two pytest-xdist workers with --dist loadgroup: each module's tests on one worker (its module
+# fixtures built once), and the modules that use the slowest session fixture (smol_merged: SmolLM2 trained, merged and
+# written as GGUF) on the same one, so that it is built once.
+SAME_WORKER = {"test_chat_serve": "smol", "test_eval": "smol"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests run where CUDA is (a GPU machine: `pytest -m gpu`); elsewhere they are skipped."""
     import torch
 
+    for item in items:
+        module = item.path.stem
+        item.add_marker(pytest.mark.xdist_group(SAME_WORKER.get(module, module)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run with -m gpu on a GPU machine)")

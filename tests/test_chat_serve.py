@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from conftest import QTUNE, only_line, qtune
+from conftest import QTUNE, only_line, qtune_warm
 
 
 @pytest.mark.slow
@@ -212,14 +212,14 @@ def test_a_second_merge_keeps_the_first_ones_gguf_and_its_modelfile(smol_merged,
     Modelfile that names it, the ChatML turns in Ollama's template syntax and the stop tokens."""
     import shutil
 
-    from conftest import qtune
+    from conftest import qtune_warm
 
     run = tmp_path / "run"
     shutil.copytree(smol_merged.parent, run)  # merged once with merge.gguf=[f16,q8_0] (conftest)
     gguf_file, modelfile = run / "gguf" / "merged-f16.gguf", run / "gguf" / "merged-f16.Modelfile"
     assert gguf_file.is_file() and (run / "gguf" / "merged-q8_0.Modelfile").is_file()
     size = gguf_file.stat().st_size
-    qtune("merge", f"run={run}", check=True, timeout=900)
+    qtune_warm("merge", f"run={run}", check=True, timeout=900)
     assert gguf_file.stat().st_size == size and (run / "merged" / "model.safetensors").is_file()
     assert not list((run / "gguf").glob(".*"))  # no temporaries left
     lines = modelfile.read_text().splitlines()
@@ -364,8 +364,8 @@ def test_moe_adapters_that_adapt_other_parameters_are_refused_in_one_line(tiny_r
         shutil.copytree(tiny_run, tmp_path / name)
         path = tmp_path / name / "adapter" / "adapter_config.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "target_parameters": params}))
-    p = qtune("serve", f"run={tmp_path / 'experts'}", f"serve.adapters={{r: {tmp_path / 'router' / 'adapter'}}}",
-              f"serve.port={_free_port()}")
+    p = qtune_warm("serve", f"run={tmp_path / 'experts'}", f"serve.adapters={{r: {tmp_path / 'router' / 'adapter'}}}",
+                   f"serve.port={_free_port()}")
     line = only_line(p)
     assert p.returncode != 0
     assert line == ("error: serve.adapters.r: its adapter's LoRA on Qwen3-MoE parameters (mlp.gate.weight) differs "

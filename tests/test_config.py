@@ -9,7 +9,7 @@ from qtune.config.compose import GROUPS, group_options, multirun
 from qtune.config.schema import Config, MoeScope, QuantMethod
 from qtune.errors import ConfigError
 
-from conftest import qtune
+from conftest import qtune_warm
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -91,7 +91,7 @@ def test_mistakes_fail_at_compose_time_in_one_line(overrides, expected):
 
 
 def test_cli_cfg_prints_resolved_yaml():
-    p = qtune("train", "--cfg", "model=qwen3_8b", "quant=nf4", "lora=r64", check=True)
+    p = qtune_warm("train", "--cfg", "model=qwen3_8b", "quant=nf4", "lora=r64", check=True)
     y = OmegaConf.create(p.stdout)
     assert y.model.repo_id == "Qwen/Qwen3-8B"
     assert y.quant.method == "nf4" and y.quant.double_quant is True
@@ -105,7 +105,7 @@ def test_cli_cfg_prints_resolved_yaml():
     (["chat", "data.path=~/x"], "cannot parse override"),
 ])
 def test_cli_errors_are_one_line_exit_2(args, fragment):
-    p = qtune(*args)
+    p = qtune_warm(*args)
     assert p.returncode == 2, p.stderr
     assert fragment in p.stderr
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
@@ -120,7 +120,7 @@ def test_multirun_goes_through_hydra_sweeper(tmp_path):
 
 
 def test_sweep_over_a_wrong_option_fails_in_one_line():
-    p = qtune("train", "-m", "lora=r16,r99")
+    p = qtune_warm("train", "-m", "lora=r16,r99")
     assert p.returncode == 2 and "lora=r99: no such option" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
 
@@ -130,7 +130,7 @@ def test_a_launcher_without_its_plugin_is_one_line(tmp_path):
 
     if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None:
         pytest.skip("hydra-submitit-launcher is installed here")
-    p = qtune("train", "-m", "hydra/launcher=slurm", "lora=r8,r16", cwd=tmp_path)
+    p = qtune_warm("train", "-m", "hydra/launcher=slurm", "lora=r8,r16", cwd=tmp_path)
     assert p.returncode == 2 and "hydra/launcher=slurm needs a launcher plugin that is not installed: " \
         "pip install 'qtune[slurm]'" in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1

@@ -110,8 +110,8 @@ def test_the_plan_gives_memory_per_gpu_for_the_world_and_strategy(tmp_path):
         assert moe["memory"]["lora_bytes"] == pytest.approx(params * per_param / 4)
     big = plan(to_object(compose(["model=qwen3_235b_a22b", "quant=nf4", "train.nproc=8"])))["memory"]
     assert big["strategy"] == "fsdp" and big["world_size"] == 8
-    p = qtune("train", "--dry-run", "model=qwen3_32b", "quant=nf4", "train.nproc=4", "train.distributed=fsdp",
-              env={"QTUNE_HOME": str(tmp_path)})
+    p = qtune_warm("train", "--dry-run", "model=qwen3_32b", "quant=nf4", "train.nproc=4", "train.distributed=fsdp",
+                   env={"QTUNE_HOME": str(tmp_path)})
     assert p.returncode == 0 and "estimated memory per GPU (fsdp, 4 processes" in p.stdout, p.stdout + p.stderr
 
 

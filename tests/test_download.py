@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import only_line, qtune
+from conftest import only_line, qtune, qtune_warm
 from hubserver import FakeHub, folder_files
 
 REPO_ID = "test-org/tiny-qwen3"
@@ -115,7 +115,7 @@ def test_missing_shard_is_caught(tmp_path, tiny_qwen3):
 
 
 def test_embedded_model_resolves_from_its_package(smollm2, tmp_path):
-    p = qtune("download", cwd=tmp_path, check=True)
+    p = qtune_warm("download", cwd=tmp_path, check=True)
     assert "smollm2_135m" in p.stdout and "model.safetensors" in p.stdout
 
 
@@ -144,5 +144,5 @@ def test_download_makes_a_built_model_that_lost_its_weights_again(tmp_path, tiny
     local = tmp_path / "m"
     shutil.copytree(tiny_qwen3, local)
     (local / "model.safetensors").unlink()
-    qtune("download", "model=tiny_qwen3", f"model.local_dir={local}", cwd=tmp_path, check=True)
+    qtune_warm("download", "model=tiny_qwen3", f"model.local_dir={local}", cwd=tmp_path, check=True)
     assert (local / "model.safetensors").read_bytes() == (tiny_qwen3 / "model.safetensors").read_bytes()  # seeded

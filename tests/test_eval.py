@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, one_line_error, qtune
+from conftest import REPO, one_line_error, qtune_warm
 
 PROMPTS = REPO / "data" / "demo" / "eval_prompts.jsonl"
 
 
 @pytest.mark.slow
 def test_adapter_beats_base_and_the_report_has_every_answer(smol_run, smol_merged):
-    p = qtune("eval", f"run={smol_run}", f"eval.prompts={PROMPTS}", "eval.max_new_tokens=8")
+    p = qtune_warm("eval", f"run={smol_run}", f"eval.prompts={PROMPTS}", "eval.max_new_tokens=8")
     assert p.returncode == 0, p.stdout + p.stderr
     out = smol_run / "eval"
     for name in ("report.md", "results.jsonl", "summary.json", "chart.png"):
@@ -88,8 +88,8 @@ def judge_server():
 def test_judge_scores_and_a_judge_failing_midway_leaves_the_rest(tiny_run, judge_server, tmp_path):
     _Judge.fail_after = 5  # 4 prompts × 2 models = 8 answers: the last 3 get no score
     url = f"http://127.0.0.1:{judge_server.server_port}/v1"
-    p = qtune("eval", f"run={tiny_run}", f"eval.prompts={PROMPTS}", "eval.max_new_tokens=4",
-              f"eval.judge_url={url}", f"eval.output_dir={tmp_path}")
+    p = qtune_warm("eval", f"run={tiny_run}", f"eval.prompts={PROMPTS}", "eval.max_new_tokens=4",
+                   f"eval.judge_url={url}", f"eval.output_dir={tmp_path}")
     assert p.returncode == 0, p.stdout + p.stderr
     results = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
     scored = [r for r in results if r["judge"]]
@@ -116,21 +116,22 @@ def _fake_run(tmp_path: Path) -> Path:
 
 def test_bad_prompt_files_and_an_unreachable_judge_are_one_line(tmp_path):
     run = _fake_run(tmp_path)
-    line = one_line_error(qtune("eval", f"run={run}", f"eval.prompts={tmp_path}/missing.jsonl"))
+    line = one_line_error(qtune_warm("eval", f"run={run}", f"eval.prompts={tmp_path}/missing.jsonl"))
     assert "missing.jsonl: no such file" in line
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"prompt": oops}\n')
-    line = one_line_error(qtune("eval", f"run={run}", f"eval.prompts={bad}"))
+    line = one_line_error(qtune_warm("eval", f"run={run}", f"eval.prompts={bad}"))
     assert "bad.jsonl:2: malformed JSON" in line
     bad.write_text('{"prompt": "fine"}\n{"question": "no prompt key"}\n')
-    line = one_line_error(qtune("eval", f"run={run}", f"eval.prompts={bad}"))
+    line = one_line_error(qtune_warm("eval", f"run={run}", f"eval.prompts={bad}"))
     assert 'bad.jsonl:2: each line needs a non-empty "prompt"' in line
     bad.write_text('{"prompt": "fine", "facts": [2]}\n')
-    line = one_line_error(qtune("eval", f"run={run}", f"eval.prompts={bad}"))
+    line = one_line_error(qtune_warm("eval", f"run={run}", f"eval.prompts={bad}"))
     assert 'bad.jsonl:1: "facts" must be a non-empty string or list of strings' in line
     good = tmp_path / "good.jsonl"
     good.write_text('{"prompt": "hi"}\n')
-    line = one_line_error(qtune("eval", f"run={run}", f"eval.prompts={good}", "eval.judge_url=http://127.0.0.1:9/v1"))
+    line = one_line_error(qtune_warm("eval", f"run={run}", f"eval.prompts={good}",
+                                     "eval.judge_url=http://127.0.0.1:9/v1"))
     assert "eval.judge_url=http://127.0.0.1:9/v1: the judge cannot be reached" in line
 
 
@@ -177,7 +178,7 @@ def test_a_run_trained_with_relative_paths_evaluates_from_any_folder(tiny_run, t
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    p = qtune("eval", f"run={run}", "eval=demo", "eval.models=[adapter]", "eval.max_new_tokens=2", cwd=elsewhere)
+    p = qtune_warm("eval", f"run={run}", "eval=demo", "eval.models=[adapter]", "eval.max_new_tokens=2", cwd=elsewhere)
     assert p.returncode == 0, p.stdout + p.stderr
     report = json.loads((run / "eval" / "summary.json").read_text())
     assert report["models"]["adapter"]["heldout_loss"] > 0 and report["heldout_rows"] > 0

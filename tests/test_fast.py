@@ -11,7 +11,7 @@ import zlib
 import pytest
 import torch
 
-from conftest import REPO, qtune
+from conftest import REPO, qtune_warm
 
 CUDA = torch.cuda.is_available()
 
@@ -351,10 +351,10 @@ def _fifty_step_finals(tmp_path, *extra: str, key: str = "train.fast", settings=
     finals = {}
     for setting in settings:
         out = tmp_path / setting
-        p = qtune("train", f"model={model}", f"data.path={REPO}/data/demo/captains_log.jsonl", "data.val_size=0",
-                  "data.max_length=256", f"train.grad_accum={grad_accum}", "train.logging_steps=1",
-                  "train.warmup_ratio=0", "train.report_to=[]", f"train.output_dir={out}", "train.max_steps=50",
-                  "train.save_steps=50", "train.lr=2e-3", f"{key}={setting}", *extra)
+        p = qtune_warm("train", f"model={model}", f"data.path={REPO}/data/demo/captains_log.jsonl", "data.val_size=0",
+                       "data.max_length=256", f"train.grad_accum={grad_accum}", "train.logging_steps=1",
+                       "train.warmup_ratio=0", "train.report_to=[]", f"train.output_dir={out}", "train.max_steps=50",
+                       "train.save_steps=50", "train.lr=2e-3", f"{key}={setting}", *extra)
         assert p.returncode == 0, p.stdout + p.stderr
         assert (marker in p.stdout) == (setting == settings[-1]), p.stdout
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import REPO, qtune
+from conftest import REPO, qtune_warm
 from test_fast import _cos, _fifty_step_finals
 
 
@@ -68,10 +68,11 @@ def test_liger_auto_is_on_where_the_gpu_sets_the_pace():
 
 def test_cuda_graphs_setting_is_checked_in_one_line(tmp_path):
     for key in ("cuda_graphs", "liger", "head_on_host"):
-        p = qtune("train", "model=tiny_qwen3", f"train.{key}=sometimes", "--dry-run")
+        p = qtune_warm("train", "model=tiny_qwen3", f"train.{key}=sometimes", "--dry-run")
         assert p.returncode != 0 and f"train.{key}=sometimes: valid: auto, true, false" in p.stdout + p.stderr
-    p = qtune("train", "model=tiny_qwen3", "train.cuda_graphs=true", f"data.path={REPO}/data/demo/captains_log.jsonl",
-              "train.device=cpu", "train.max_steps=1", "train.report_to=[]", f"train.output_dir={tmp_path / 'run'}")
+    p = qtune_warm("train", "model=tiny_qwen3", "train.cuda_graphs=true",
+                   f"data.path={REPO}/data/demo/captains_log.jsonl", "train.device=cpu", "train.max_steps=1",
+                   "train.report_to=[]", f"train.output_dir={tmp_path / 'run'}")
     assert p.returncode != 0 and "train.cuda_graphs=true: it needs CUDA" in p.stdout + p.stderr
     assert "Traceback" not in p.stdout + p.stderr
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from conftest import REPO, one_line_error, qtune
+from conftest import REPO, one_line_error, qtune_warm
 
 ADDITION = f"data.path={REPO}/data/demo/addition.jsonl"
 FAST = ["train.grad_accum=1", "train.logging_steps=1", "train.warmup_ratio=0", "train.report_to=[]",
@@ -106,7 +106,7 @@ def test_the_dry_run_counts_each_prompts_completions():
 
     # n completions of a prompt of up to 1024 tokens and 1024 generated: the tokens of an sft row of n x 2048
     assert grpo_act(2) == act("data.max_length=4096") and grpo_act(4) == act("data.max_length=8192")
-    p = qtune("train", "--dry-run", "model=qwen3_8b", "train.stage=grpo")
+    p = qtune_warm("train", "--dry-run", "model=qwen3_8b", "train.stage=grpo")
     assert p.returncode == 0 and "each with train.grpo.num_generations completions" in p.stdout, p.stdout + p.stderr
     assert "rollouts' KV cache (kept while training" in p.stdout
 
@@ -157,7 +157,7 @@ def test_grpo_trains_logs_its_rewards_and_a_constant_reward_gives_no_advantage(t
     total is 0.5 x 1 for every completion, so no completion has an advantage over its group's others."""
     (tmp_path / "mine.py").write_text("def one(prompts, completions, **kwargs):\n    return [1.0] * len(completions)\n")
     run = tmp_path / "run"
-    p = qtune(*grpo(run, "train.max_steps=2", "train.save_steps=2", "train.grpo.sample_every=1",
+    p = qtune_warm(*grpo(run, "train.max_steps=2", "train.save_steps=2", "train.grpo.sample_every=1",
                     f"train.grpo.rewards=[{{fn: exact_answer}}, {{fn: '{tmp_path}/mine.py:one', weight: 0.5}}]"))
     assert p.returncode == 0, p.stdout + p.stderr
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -176,8 +176,8 @@ def test_grpo_trains_logs_its_rewards_and_a_constant_reward_gives_no_advantage(t
     assert summary["stage"] == "grpo" and summary["reward"] == 0.5 and summary["reward_one"] == 1.0
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "loss.png").is_file()
     # qtune eval: the run's rewards on a greedy completion of each held-out prompt, for the base and the adapter
-    e = qtune("eval", f"run={run}", "eval.models=[base,adapter]", f"eval.data={REPO}/data/demo/addition.jsonl",
-              "eval.max_eval_rows=2")
+    e = qtune_warm("eval", f"run={run}", "eval.models=[base,adapter]", f"eval.data={REPO}/data/demo/addition.jsonl",
+                   "eval.max_eval_rows=2")
     assert e.returncode == 0, e.stdout + e.stderr
     models = json.loads((run / "eval" / "summary.json").read_text())["models"]
     for name in ("base", "adapter"):
@@ -188,7 +188,8 @@ def test_grpo_trains_logs_its_rewards_and_a_constant_reward_gives_no_advantage(t
 def test_a_reward_function_that_raises_stops_the_run_in_one_line(tmp_path):
     (tmp_path / "bad.py").write_text("def boom(prompts, completions, answer, **kwargs):\n"
                                      "    return [int(a) / 0 for a in answer]\n")
-    p = qtune(*grpo(tmp_path / "run", "train.max_steps=1", f"train.grpo.rewards=[{{fn: '{tmp_path}/bad.py:boom'}}]"))
+    p = qtune_warm(*grpo(tmp_path / "run", "train.max_steps=1",
+                         f"train.grpo.rewards=[{{fn: '{tmp_path}/bad.py:boom'}}]"))
     line = one_line_error(p)
     assert "bad.py:boom raised ZeroDivisionError: division by zero (first on the prompt 'What is" in line, line
 
@@ -255,9 +256,9 @@ def test_gpu_grpo_steps_on_qtunes_rollouts_dense_and_moe(tmp_path, model, reques
     assert rollout(to_object(compose([f"model={model}", "train.stage=grpo", "quant=int8"]))) is None
     request.getfixturevalue(model)
     run = tmp_path / "run"
-    p = qtune("train", f"model={model}", "train.stage=grpo", ADDITION, *FAST, "quant=nf4", "train.batch_size=2",
-              "train.grpo.num_generations=4", "train.grpo.max_completion_length=24", "train.max_steps=2",
-              "train.save_steps=2", f"train.output_dir={run}", "train.grpo.rewards=[{fn: length}]")
+    p = qtune_warm("train", f"model={model}", "train.stage=grpo", ADDITION, *FAST, "quant=nf4", "train.batch_size=2",
+                   "train.grpo.num_generations=4", "train.grpo.max_completion_length=24", "train.max_steps=2",
+                   "train.save_steps=2", f"train.output_dir={run}", "train.grpo.rewards=[{fn: length}]")
     assert p.returncode == 0, p.stdout + p.stderr
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward" in r]
@@ -318,9 +319,9 @@ def test_grpo_killed_and_resumed_continues_its_reward_curve(tmp_path):
         return {r["step"]: r["reward"] for r in rows if "reward" in r}
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert qtune(*args(straight)).returncode == 0
+    assert qtune_warm(*args(straight)).returncode == 0
     kill_once(args(resumed), resumed / "checkpoints" / "checkpoint-2" / "trainer_state.json")
-    p = qtune(*args(resumed))
+    p = qtune_warm(*args(resumed))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "resumed from step 2" in p.stdout, p.stdout
     a, b = rewards(straight), rewards(resumed)

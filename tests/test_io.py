@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import qtune
+from conftest import qtune_warm
 
 
 def test_atomic_dir_replace_swaps_in_the_new_folder_whole(tmp_path):
@@ -51,7 +51,7 @@ def test_merge_into_a_foreign_folder_is_refused_and_deletes_nothing(tmp_path, sm
     mine = tmp_path / "my-models"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
-    p = qtune("merge", f"run={smol_run}", f"merge.output_dir={mine}")
+    p = qtune_warm("merge", f"run={smol_run}", f"merge.output_dir={mine}")
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert f"merge.output_dir={mine} holds files that no qtune merge wrote" in p.stderr
     assert "merge.overwrite=true" in p.stderr
@@ -60,23 +60,23 @@ def test_merge_into_a_foreign_folder_is_refused_and_deletes_nothing(tmp_path, sm
 
     afile = tmp_path / "a-file"
     afile.write_text("x")
-    p = qtune("merge", f"run={smol_run}", f"merge.output_dir={afile}")
+    p = qtune_warm("merge", f"run={smol_run}", f"merge.output_dir={afile}")
     assert p.returncode == 2 and "is a file" in p.stderr and afile.read_text() == "x"
 
 
 @pytest.mark.slow
 def test_merge_replaces_its_own_previous_merge_and_overwrite_replaces_a_foreign_one(tmp_path, smol_run):
     out = tmp_path / "merged"
-    assert qtune("merge", f"run={smol_run}", f"merge.output_dir={out}").returncode == 0
+    assert qtune_warm("merge", f"run={smol_run}", f"merge.output_dir={out}").returncode == 0
     (out / "stale.txt").write_text("from an older merge")
-    p = qtune("merge", f"run={smol_run}", f"merge.output_dir={out}")  # ours (qtune_merge.json): replaced whole
+    p = qtune_warm("merge", f"run={smol_run}", f"merge.output_dir={out}")  # ours (qtune_merge.json): replaced whole
     assert p.returncode == 0, p.stderr
     assert (out / "qtune_merge.json").is_file() and not (out / "stale.txt").exists()
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    p = qtune("merge", f"run={smol_run}", f"merge.output_dir={foreign}", "merge.overwrite=true")
+    p = qtune_warm("merge", f"run={smol_run}", f"merge.output_dir={foreign}", "merge.overwrite=true")
     assert p.returncode == 0, p.stderr
     assert (foreign / "config.json").is_file() and not (foreign / "notes.txt").exists()
 
@@ -149,7 +149,7 @@ def test_merge_removes_what_killed_merges_left_and_says_how_much(tmp_path, tiny_
     _kill(killed)
     live, writing = _writer(run / "merged-nf4", 1 << 20)  # a live process's (another merge's 4-bit copy): kept
     try:
-        p = qtune("merge", f"run={run}")
+        p = qtune_warm("merge", f"run={run}")
         assert p.returncode == 0, p.stderr
         lines = [x for x in p.stderr.splitlines() if "unfinished merge" in x]
         assert lines == [f"warning: removed 1 unfinished merge beside {run / 'merged'} that process {killed.pid} left "
@@ -158,6 +158,6 @@ def test_merge_removes_what_killed_merges_left_and_says_how_much(tmp_path, tiny_
         assert sorted(p.name for p in run.iterdir() if p.name.startswith(".merged")) == [writing.name]
     finally:
         _kill(live)
-    p = qtune("merge", f"run={run}")                     # its process gone, the next merge removes it too
+    p = qtune_warm("merge", f"run={run}")                     # its process gone, the next merge removes it too
     assert p.returncode == 0 and f"process {live.pid} left" in p.stderr and "1.0 MiB freed" in p.stderr, p.stderr
     assert not [p for p in run.iterdir() if p.name.startswith(".merged")]

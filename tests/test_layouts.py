@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import qtune
+from conftest import qtune_warm
 from qtune.config.schema import DataConfig
 from qtune.data import prepare as dp
 from qtune.errors import DataError
@@ -333,8 +333,8 @@ def test_dry_run_shows_which_layout_read_a_record(tmp_path, tiny_qwen3):
                                                    {"name": "get_weather", "arguments": {"city": "Paris"}})},
                                                {"from": "observation", "value": "22C"},
                                                {"from": "gpt", "value": "It is 22C."}], "tools": json.dumps([WEATHER])}]})
-    p = qtune("prepare", "--dry-run", "model=tiny_qwen3", f"data.dataset_info={path}", "data.dataset=calls",
-              f"data.cache_dir={tmp_path / 'cache'}", env={"NO_COLOR": "1", "COLUMNS": "200"})
+    p = qtune_warm("prepare", "--dry-run", "model=tiny_qwen3", f"data.dataset_info={path}", "data.dataset=calls",
+                   f"data.cache_dir={tmp_path / 'cache'}", env={"NO_COLOR": "1", "COLUMNS": "200"})
     assert p.returncode == 0, p.stderr
     assert "c.json:2 (calls: LLaMA-Factory sharegpt sft)" in p.stdout
     assert '⟦<tool_call>' in p.stdout and "⟦<tool_response>" not in p.stdout

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import only_line, qtune
+from conftest import only_line, qtune, qtune_warm
 
 QUESTIONS = [("The sky on a clear day is", ["blue", "green"], 0), ("Two plus two is", ["five", "four"], 1),
              ("Fire is", ["cold", "hot"], 1), ("Ice is", ["cold", "hot"], 0), ("A cat says", ["meow", "woof"], 0)]
@@ -66,8 +66,8 @@ def test_a_local_task_scores_base_adapter_and_merged_in_the_same_report(tiny_run
 
 
 def test_an_unknown_task_is_one_line_saying_how_to_list_them(tiny_run, tasks, tmp_path):
-    line = only_line(qtune("eval", f"run={tiny_run}", "eval.lm_eval.tasks=[tiny_qa,no_such_task]",
-                           f"eval.lm_eval.include_path={tasks}", cwd=tmp_path))
+    line = only_line(qtune_warm("eval", f"run={tiny_run}", "eval.lm_eval.tasks=[tiny_qa,no_such_task]",
+                                f"eval.lm_eval.include_path={tasks}", cwd=tmp_path))
     assert line == (f"error: eval.lm_eval.tasks: no task named no_such_task; see the tasks lm-eval knows with `lm-eval ls "
                     f"tasks` (`lm-eval ls tasks --include_path {tasks}` for yours)"), line
 

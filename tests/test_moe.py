@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from conftest import REPO, qtune
+from conftest import REPO, qtune_warm
 
 DEMO = [f"data.path={REPO}/data/demo/captains_log.jsonl", f"data.eval_path={REPO}/data/demo/held_out.jsonl",
         "data.max_length=256"]
@@ -62,8 +62,8 @@ def test_inspect_counts_equal_the_closed_form(model, scope, extra, router, cap):
 
 
 def test_inspect_moe_cli_tables_and_json(tmp_path):
-    p = qtune("inspect-moe", "model=qwen3_30b_a3b", "moe=expert_only", "lora=r16", "--dry-run",
-              env={"QTUNE_HOME": str(tmp_path)})
+    p = qtune_warm("inspect-moe", "model=qwen3_30b_a3b", "moe=expert_only", "lora=r16", "--dry-run",
+                   env={"QTUNE_HOME": str(tmp_path)})
     assert p.returncode == 0, p.stderr
     assert "0-47" in p.stdout and "128 of 128 experts" in p.stdout and "gate_up_proj 128×1536×2048" in p.stdout
     assert "estimated GPU memory" in p.stdout and "where it fits" in p.stdout
@@ -76,14 +76,15 @@ def test_inspect_moe_cli_tables_and_json(tmp_path):
     total = re.search(r"total \(estimate\)\s*│\s*([\d.]+)", p.stdout).group(1)
     assert re.search(rf"H100 \(80 GB\).*fits \({re.escape(total)} GiB\)", p.stdout), p.stdout
     assert not re.search(r"\d\.\d GiB", p.stdout)                     # no figure rounded otherwise
-    j = qtune("inspect-moe", "model=qwen3_235b_a22b", "moe=all", "moe.max_experts=16", "lora=r8", "--json",
-              env={"QTUNE_HOME": str(tmp_path)})
+    j = qtune_warm("inspect-moe", "model=qwen3_235b_a22b", "moe=all", "moe.max_experts=16", "lora=r8", "--json",
+                   env={"QTUNE_HOME": str(tmp_path)})
     assert j.returncode == 0, j.stderr
     data = json.loads(j.stdout)
     assert data["params"]["trainable"] == closed_form(arch_of("qwen3_235b_a22b"), 8, "all", "lora", 16)
     assert data["layers"][93]["experts"]["experts_adapted"] == 16
     assert {r["gpu"] for r in data["fits"]} >= {"H100 (80 GB)", "H200 (141 GB)"}
-    p = qtune("inspect-moe", "model=qwen3_235b_a22b", "quant=int8", env={"QTUNE_HOME": str(tmp_path)})  # no FSDP2 row
+    p = qtune_warm("inspect-moe", "model=qwen3_235b_a22b", "quant=int8",  # no FSDP2 row
+                   env={"QTUNE_HOME": str(tmp_path)})
     assert p.returncode == 0 and "FSDP2 cannot shard int8" in " ".join(p.stdout.split()), p.stdout + p.stderr
     assert not (tmp_path / "models").exists()  # config only: nothing fetched
 
@@ -150,8 +151,8 @@ def test_the_estimate_dequantizes_a_layer_where_the_4bit_kernel_does_not_run(mon
 
 
 def test_a_pattern_that_matches_nothing_is_reported(tmp_path):
-    p = qtune("inspect-moe", "model=tiny_qwen3_moe", "moe.expert_patterns=[mlp\\.experts\\.nope$]",
-              env={"QTUNE_HOME": str(tmp_path)})
+    p = qtune_warm("inspect-moe", "model=tiny_qwen3_moe", "moe.expert_patterns=[mlp\\.experts\\.nope$]",
+                   env={"QTUNE_HOME": str(tmp_path)})
     assert p.returncode == 0, p.stderr
     assert "NOTHING" in p.stdout and "'mlp\\.experts\\.nope$' matches nothing" in p.stderr
 
@@ -194,8 +195,8 @@ def test_each_scope_trains_exactly_what_it_names(tmp_path, tiny_qwen3_moe, overr
     from qtune.modeling.targets import match
 
     run = tmp_path / "run"
-    p = qtune("train", "model=tiny_qwen3_moe", *DEMO, *FAST, f"train.output_dir={run}", "train.max_steps=3",
-              "train.save_steps=3", "train.lr=5e-2", *overrides)  # the default lora.dropout (0.05) included
+    p = qtune_warm("train", "model=tiny_qwen3_moe", *DEMO, *FAST, f"train.output_dir={run}", "train.max_steps=3",
+                   "train.save_steps=3", "train.lr=5e-2", *overrides)  # the default lora.dropout (0.05) included
     assert p.returncode == 0, p.stdout + p.stderr
     assert "Traceback" not in p.stderr
 
@@ -252,8 +253,8 @@ def test_fast_path_adapter_is_peft_format_and_merges_exactly(tmp_path, tiny_qwen
     from qtune.modeling.fast import experts as moe, lora
 
     run = tmp_path / "run"
-    p = qtune("train", "model=tiny_qwen3_moe", *DEMO, *FAST, f"train.output_dir={run}", "train.max_steps=3",
-              "train.save_steps=3", "train.lr=5e-2", "moe=all", "train.fast=true", "lora.dropout=0")
+    p = qtune_warm("train", "model=tiny_qwen3_moe", *DEMO, *FAST, f"train.output_dir={run}", "train.max_steps=3",
+                   "train.save_steps=3", "train.lr=5e-2", "moe=all", "train.fast=true", "lora.dropout=0")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "grouped-matmul experts with split LoRA in 2 MoE blocks" in p.stdout, p.stdout
 
@@ -306,9 +307,9 @@ def test_fast_path_max_experts_allocates_only_the_chosen_experts(tmp_path, tiny_
     from qtune.modeling.targets import match, peft_config
 
     run = tmp_path / "run"
-    p = qtune("train", "model=tiny_qwen3_moe", *DEMO, *FAST, f"train.output_dir={run}", "train.max_steps=3",
-              "train.save_steps=3", "train.lr=5e-2", "moe=all", "moe.max_experts=2", "moe.expert_selection=load",
-              "train.fast=true", "lora.dropout=0")
+    p = qtune_warm("train", "model=tiny_qwen3_moe", *DEMO, *FAST, f"train.output_dir={run}", "train.max_steps=3",
+                   "train.save_steps=3", "train.lr=5e-2", "moe=all", "moe.max_experts=2", "moe.expert_selection=load",
+                   "train.fast=true", "lora.dropout=0")
     assert p.returncode == 0, p.stdout + p.stderr
     assert "adapters for the 2 chosen experts only in 2 MoE blocks" in p.stdout, p.stdout
     selection = json.loads((run / "experts.json").read_text())["experts"]
@@ -406,11 +407,11 @@ def test_the_reference_paths_full_size_expert_deltas_are_in_the_estimate():
 @pytest.mark.slow
 def test_merge_cli_parity_and_plain_transformers_load(tmp_path, tiny_qwen3):
     run = tmp_path / "run"
-    t = qtune("train", "model=tiny_qwen3", *DEMO, *FAST, f"train.output_dir={run}", "train.max_steps=2",
-              "train.save_steps=2", "train.lr=5e-2", "train.merge_after=true")
+    t = qtune_warm("train", "model=tiny_qwen3", *DEMO, *FAST, f"train.output_dir={run}", "train.max_steps=2",
+                   "train.save_steps=2", "train.lr=5e-2", "train.merge_after=true")
     assert t.returncode == 0, t.stdout + t.stderr
     assert (run / "merged" / "config.json").is_file() and "merged into" in t.stdout  # train.merge_after
-    p = qtune("merge", f"run={run}", "merge.output_dir=" + str(tmp_path / "again"))  # bf16, checked in fp32
+    p = qtune_warm("merge", f"run={run}", "merge.output_dir=" + str(tmp_path / "again"))  # bf16, checked in fp32
     assert p.returncode == 0, p.stdout + p.stderr
     assert "parity (fp32): max |logits(merged) - logits(base+adapter)|" in p.stdout
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -422,7 +423,7 @@ def test_merge_cli_parity_and_plain_transformers_load(tmp_path, tiny_qwen3):
 
 
 def test_merge_without_a_run_is_one_line(tmp_path):
-    p = qtune("merge", f"run={tmp_path}")
+    p = qtune_warm("merge", f"run={tmp_path}")
     assert p.returncode != 0 and "no adapter/ there" in p.stderr and "Traceback" not in p.stderr
 
 
@@ -433,9 +434,9 @@ def test_gpu_max_experts_trains_only_the_chosen_experts_in_bf16(tmp_path, tiny_q
     from safetensors.torch import load_file
 
     run = tmp_path / "run"
-    p = qtune("train", "model=tiny_qwen3_moe", "quant=nf4", "train.device=cuda", *DEMO, *FAST, f"train.output_dir={run}",
-              "train.max_steps=3", "train.save_steps=3", "train.lr=5e-2", "moe=all", "moe.max_experts=2",
-              "moe.expert_selection=load")
+    p = qtune_warm("train", "model=tiny_qwen3_moe", "quant=nf4", "train.device=cuda", *DEMO, *FAST,
+                   f"train.output_dir={run}", "train.max_steps=3", "train.save_steps=3", "train.lr=5e-2", "moe=all",
+                   "moe.max_experts=2", "moe.expert_selection=load")
     assert p.returncode == 0, p.stdout + p.stderr
     selection = json.loads((run / "experts.json").read_text())["experts"]
     from conftest import model_cfg

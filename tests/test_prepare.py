@@ -17,7 +17,7 @@ def prepare(data, tokenizer, model_name, chat_template=None, stage="sft"):
     """qtune.data.prepare.prepare for the stage `train.stage=stage` names."""
     return data_prepare.prepare(data, tokenizer, model_name, chat_template, get(stage).data)
 
-from conftest import qtune, qtune_warm
+from conftest import qtune_warm
 
 IM_END = "<|im_end|>"
 EMPTY_THINK = "<think>\n\n</think>\n\n"
@@ -275,16 +275,16 @@ def test_rebuild_cache_prepares_again(tmp_path, qwen3_tokenizer):
 def test_cli_says_a_damaged_cache_is_rebuilt(tmp_path, tiny_qwen3):
     good = write_jsonl(tmp_path / "good.jsonl", [{"input": "ping", "output": "pong"}] * 3)
     args = ["prepare", "model=tiny_qwen3", f"data.path={good}", f"data.cache_dir={tmp_path / 'c'}"]
-    qtune(*args, check=True)
+    qtune_warm(*args, check=True)
     arrow = next((tmp_path / "c").glob("*/*/train/*.arrow"))
     _flip_a_byte(arrow)
-    p = qtune(*args, check=True)
+    p = qtune_warm(*args, check=True)
     lines = [x for x in p.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "the prepared-data cache is damaged (train/data-00000-of-00001.arrow differs from its " \
         "checksum); rebuilding it" in lines[0], p.stderr
     assert "prepared data (new)" in p.stdout.replace("\n", "")
     assert (arrow.parent.parent / "config.yaml").is_file()   # the rebuilt folder holds the config again
-    p = qtune(*args, check=True)
+    p = qtune_warm(*args, check=True)
     assert not p.stderr.strip() and "prepared data (cache hit)" in p.stdout.replace("\n", "")
 
 
@@ -512,18 +512,18 @@ def test_skip_bad_records_writes_rejects(tmp_path, qwen3_tokenizer):
 def test_cli_errors_and_dry_run(tmp_path, tiny_qwen3):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "a", "output": "b"}\n{oops\n')
-    p = qtune("prepare", "model=tiny_qwen3", f"data.path={bad}")
+    p = qtune_warm("prepare", "model=tiny_qwen3", f"data.path={bad}")
     assert p.returncode == 1 and f"{bad}:2: malformed JSON" in p.stderr
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
-    p = qtune("prepare", "model=tiny_qwen3", f"data.path={tmp_path / 'missing.jsonl'}")
+    p = qtune_warm("prepare", "model=tiny_qwen3", f"data.path={tmp_path / 'missing.jsonl'}")
     assert p.returncode == 1 and "missing.jsonl: no such file" in p.stderr
-    p = qtune("prepare", "model=tiny_qwen3")
+    p = qtune_warm("prepare", "model=tiny_qwen3")
     assert p.returncode == 1 and "no training data: set data.path" in p.stderr
     good = write_jsonl(tmp_path / "good.jsonl", [{"input": "ping", "output": "pong"}])
-    p = qtune("prepare", "model=tiny_qwen3", f"data.path={good}", "--dry-run", check=True)
+    p = qtune_warm("prepare", "model=tiny_qwen3", f"data.path={good}", "--dry-run", check=True)
     assert "pong<|im_end|>" in p.stdout and "good.jsonl: 1 records" in p.stdout
-    p = qtune("prepare", "model=tiny_qwen3", f"data.path={good}", f"data.cache_dir={tmp_path / 'c'}", "data.val_size=0",
-              check=True)
+    p = qtune_warm("prepare", "model=tiny_qwen3", f"data.path={good}", f"data.cache_dir={tmp_path / 'c'}",
+                   "data.val_size=0", check=True)
     assert "prepared data (new)" in p.stdout.replace("\n", "")
     assert (next((tmp_path / "c").glob("*/*")) / "stats.json").is_file()
 
@@ -542,8 +542,8 @@ def test_prepare_folder_holds_resolved_config(tmp_path, tiny_qwen3):
     from omegaconf import OmegaConf
 
     good = write_jsonl(tmp_path / "good.jsonl", [{"input": "ping", "output": "pong"}] * 3)
-    qtune("prepare", "model=tiny_qwen3", f"data.path={good}", f"data.cache_dir={tmp_path / 'c'}", "data.max_length=99",
-          check=True)
+    qtune_warm("prepare", "model=tiny_qwen3", f"data.path={good}", f"data.cache_dir={tmp_path / 'c'}",
+               "data.max_length=99", check=True)
     saved = OmegaConf.load(next((tmp_path / "c").glob("*/*/config.yaml")))
     assert saved.data.max_length == 99 and saved.model.name == "tiny_qwen3"
     assert saved.data.train_on == "assistant" and saved.quant.method == "none"

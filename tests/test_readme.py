@@ -16,7 +16,7 @@ import shlex
 
 import pytest
 
-from conftest import REPO, qtune
+from conftest import REPO, qtune_warm
 
 README = (REPO / "README.md").read_text()
 
@@ -105,7 +105,7 @@ def test_readme_command_composes(command):
 def test_the_readme_shows_errors_as_qtune_prints_them(command, line):
     from conftest import only_line
 
-    p = qtune(*_args(command))
+    p = qtune_warm(*_args(command))
     assert p.returncode != 0 and only_line(p) == line
 
 
@@ -122,7 +122,7 @@ def test_some_readme_commands_run_here():
 
 @pytest.mark.parametrize("command", CHEAP, ids=[c.split("#")[0].strip() for c in CHEAP])
 def test_readme_command_runs(command, tmp_path):
-    p = qtune(*_args(command), cwd=tmp_path, timeout=120)
+    p = qtune_warm(*_args(command), cwd=tmp_path, timeout=120)
     assert p.returncode == 0, f"{command}\n{p.stdout[-2000:]}{p.stderr[-2000:]}"
     assert p.stdout.strip()
 
@@ -148,7 +148,7 @@ def test_the_quickstart_runs_as_written(tiny_qwen3, tmp_path):
             args += ["--prompt", "Who are you?", "chat.max_new_tokens=4"]
         if args[0] == "eval":
             args += ["eval.max_new_tokens=4"]
-        p = qtune(*args, cwd=tmp_path, timeout=300)
+        p = qtune_warm(*args, cwd=tmp_path, timeout=300)
         assert p.returncode == 0, f"{command}\n{p.stdout[-2000:]}{p.stderr[-2000:]}"
     run = tmp_path / "runs" / "ada"   # the folder the README's commands name
     assert (run / "adapter" / "adapter_config.json").is_file()

