@@ -2,7 +2,7 @@
 them, the dry run's micro-batch of completions, and the real CLI on the tiny Qwen3: a few steps of TRL's GRPOTrainer
 with its own generation, the rewards in metrics.jsonl, samples.jsonl and summary.json, a reward that scores every
 completion alike giving no advantage, `qtune eval`'s held-out rewards, and a reward function that raises stopping the
-run in one line. (The random tiny model's reward cannot be shown to rise in CI's time: see the test's note.)"""
+run in one line; and the embedded SmolLM2's reward rising within a few steps."""
 from __future__ import annotations
 
 import json
@@ -183,6 +183,26 @@ def test_grpo_trains_logs_its_rewards_and_a_constant_reward_gives_no_advantage(t
     for name in ("base", "adapter"):
         assert models[name]["reward"] == 0.5 and models[name]["pass@1"] == 0.0 and models[name]["reward_one"] == 1.0
     assert "held-out mean reward" in e.stdout
+
+
+@pytest.mark.slow
+def test_grpo_raises_the_reward_of_a_real_model_within_a_few_steps(tmp_path, smollm2):
+    """The embedded SmolLM2-135M on the shipped addition prompts ("Reply with the number only"), rewarded when its
+    reply starts with a number: about one completion in five does at first; GRPO's steps make it what the model does
+    (seeded; 0.19 at the first step and 1.0 from the fourth when this was written)."""
+    (tmp_path / "digit.py").write_text(
+        "def digit(prompts, completions, **kwargs):\n"
+        "    return [1.0 if c[0]['content'].lstrip()[:1].isdigit() else 0.0 for c in completions]\n")
+    run = tmp_path / "run"
+    p = qtune_warm("train", "model=smollm2_135m", "train.stage=grpo", ADDITION, *FAST, "train.batch_size=4",
+                   "train.grpo.num_generations=4", "train.grpo.max_completion_length=4", "train.max_steps=6",
+                   "train.lr=1e-3", f"train.grpo.rewards=[{{fn: '{tmp_path}/digit.py:digit'}}]", f"train.output_dir={run}")
+    assert p.returncode == 0, p.stdout + p.stderr
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    reward = {r["step"]: r["reward"] for r in rows if "reward" in r}
+    assert sorted(reward) == [1, 2, 3, 4, 5, 6]
+    assert reward[1] <= 0.5, reward
+    assert (reward[5] + reward[6]) / 2 >= reward[1] + 0.4, reward
 
 
 def test_a_reward_function_that_raises_stops_the_run_in_one_line(tmp_path):
