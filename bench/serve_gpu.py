@@ -237,6 +237,30 @@ def step_times(ckpt: str) -> dict:
     return out
 
 
+def serve_rows(label: str, args: list, models: list, rows: dict, prompts: list, keep) -> None:
+    """Start `qtune serve` with `args`, warm it (its batch buckets' graphs), then measure each row of `rows`
+    (name -> concurrent clients, spread over `models`; a 1-client row is the median of 3 requests one after
+    another); then say what the server said after it started (a notice that it left its CUDA graphs, for one)."""
+    try:
+        t = time.time()
+        proc, port, lines = start(args)
+        print(f"[{label}] serving after {time.time() - t:.0f}s: " + "".join(lines).strip()[-400:], flush=True)
+        burst(port, models, prompts[:8], 16)
+        for name, clients in rows.items():
+            if clients == 1:
+                runs = [burst(port, models, [prompts[i]], NEW) for i in range(3)]
+                keep(name, sorted(runs, key=lambda r: r["aggregate_tok_s"])[1])
+            else:
+                keep(name, burst(port, models, prompts[:clients], NEW))
+        proc.terminate()
+        proc.wait(timeout=60)
+        said = [x.strip() for x in lines[1:] if x.startswith("qtune")]
+        if said:
+            print(f"[{label}] the server said: " + " | ".join(said)[-800:], flush=True)
+    except Exception as e:  # keep the other rows
+        keep(label, dict(error=repr(e)[-600:]))
+
+
 def main(rows: list, layers: int = 36) -> None:
     from common import environment, random_checkpoint
 
@@ -284,24 +308,7 @@ def main(rows: list, layers: int = 36) -> None:
             ads = random_adapters(ckpt, ["a0"])
             args += ["quant=nf4", "serve.adapters={a0:" + ads["a0"] + "}"]
             models = ["a0"]
-        try:
-            t = time.time()
-            proc, port, lines = start(args)
-            print(f"[{label}] serving after {time.time() - t:.0f}s: " + "".join(lines).strip()[-400:], flush=True)
-            burst(port, models, prompts[:8], 16)     # warm: captures the batch buckets' graphs
-            for name in names:
-                if name.endswith("_1"):
-                    runs = [burst(port, models, [prompts[i]], NEW) for i in range(3)]
-                    keep(name, sorted(runs, key=lambda r: r["aggregate_tok_s"])[1])
-                else:
-                    keep(name, burst(port, models, prompts, NEW))
-            proc.terminate()
-            proc.wait(timeout=60)
-            said = [x.strip() for x in lines[1:] if x.startswith("qtune")]
-            if said:
-                print(f"[{label}] the server said: " + " | ".join(said)[-800:], flush=True)
-        except Exception as e:  # keep the other rows
-            keep(label, dict(error=repr(e)[-600:]))
+        serve_rows(label, args, models, {n: 1 if n.endswith("_1") else 32 for n in names}, prompts, keep)
     for layers_moe in (6, 12):
         name = f"moe{layers_moe}_16"
         if name not in rows:
@@ -309,17 +316,12 @@ def main(rows: list, layers: int = 36) -> None:
         try:
             moe = real_tokenizer(random_checkpoint("qwen3_30b_a3b", layers_moe))
             ads = random_adapters(moe, ["e0", "e1"], experts=True)
-            args = ["model=qwen3_30b_a3b", "model.source=local", f"model.local_dir={moe}", "serve.max_batch=16",
-                    "serve.max_model_len=512", "serve.adapters={" + ",".join(f"{k}:{v}" for k, v in ads.items()) + "}"]
-            t = time.time()
-            proc, port, lines = start(args)
-            print(f"[{name}] serving after {time.time() - t:.0f}s: " + "".join(lines).strip()[-400:], flush=True)
-            burst(port, list(ads), prompts[:8], 16)
-            keep(name, burst(port, list(ads), prompts[:16], NEW))
-            proc.terminate()
-            proc.wait(timeout=60)
         except Exception as e:
             keep(name, dict(error=repr(e)[-600:]))
+            continue
+        args = ["model=qwen3_30b_a3b", "model.source=local", f"model.local_dir={moe}", "serve.max_batch=16",
+                "serve.max_model_len=512", "serve.adapters={" + ",".join(f"{k}:{v}" for k, v in ads.items()) + "}"]
+        serve_rows(name, args, list(ads), {name: 16}, prompts, keep)
     six, twelve = (results.get(f"moe{n}_16", {}).get("aggregate_tok_s") for n in (6, 12))
     if six and twelve:   # seconds per decode step of 16 rows, a + b * layers, at 48 layers
         step6, step12 = 16 / six, 16 / twelve

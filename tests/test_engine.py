@@ -320,7 +320,8 @@ def test_log_probabilities_are_the_model_s(model, overlap):
 _GPU_SCHED = _GPU_BASE + """
 from qtune.inference.engine import Job, Scheduler
 m = base if kind == "plain" else get_peft_model(
-    base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]), adapter_name="sql")
+    base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]),
+    adapter_name="sql")
 mixed = None
 if kind == "mixed":
     from qtune.inference.adapters import RowAdapters

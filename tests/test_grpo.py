@@ -196,7 +196,8 @@ def test_grpo_raises_the_reward_of_a_real_model_within_a_few_steps(tmp_path, smo
     run = tmp_path / "run"
     p = qtune_warm("train", "model=smollm2_135m", "train.stage=grpo", ADDITION, *FAST, "train.batch_size=4",
                    "train.grpo.num_generations=4", "train.grpo.max_completion_length=4", "train.max_steps=6",
-                   "train.lr=1e-3", f"train.grpo.rewards=[{{fn: '{tmp_path}/digit.py:digit'}}]", f"train.output_dir={run}")
+                   "train.lr=1e-3", f"train.grpo.rewards=[{{fn: '{tmp_path}/digit.py:digit'}}]",
+                   f"train.output_dir={run}")
     assert p.returncode == 0, p.stdout + p.stderr
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     reward = {r["step"]: r["reward"] for r in rows if "reward" in r}

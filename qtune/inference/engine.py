@@ -396,8 +396,8 @@ class Scheduler:
     A thread of its own owns the model. Each turn it (1) gives waiting jobs the lowest free slots, (2) prefills at
     most `chunk` prompt tokens, the admitted jobs' prompts in turn (several short ones, or one chunk of a long one),
     so prompts never hold the running rows for more than a chunk's worth, and a prompt's last chunk picks the job's
-    first token, then (3) decodes one token for every running row: one forward of the first b slots (b the batch bucket of the highest running slot), replayed from a CUDA graph
-    captured per (b, variant) on a GPU. Rows leave the moment they end or are cancelled; their slot is free for the
+    first token, then (3) decodes one token for every running row: one forward of the first b slots (b the batch
+    bucket of the highest running slot), replayed from a CUDA graph captured per (b, variant) on a GPU. Rows leave the moment they end or are cancelled; their slot is free for the
     next job at the next turn. Each row has its own position (its own column in its slot), sampling settings,
     penalties, logit bias and seed (draws are a hash of seed, position and token: see _uniform), so a row decodes
     what it would decode alone.

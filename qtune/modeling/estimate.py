@@ -188,7 +188,7 @@ def activation_bytes(arch: ArchConfig, tokens: int, gradient_checkpointing: bool
     head = head_copy
     if lm_head:
         rows, cols = FUSED_HEAD_TILE
-        head += min(tokens, rows) * min(cols, arch.vocab_size) * dtype_bytes + tokens * HEAD_LIVE.values(arch) * dtype_bytes
+        head += (min(tokens, rows) * min(cols, arch.vocab_size) + tokens * HEAD_LIVE.values(arch)) * dtype_bytes
     if gradient_checkpointing:
         kept = (2 if offload_inputs else arch.num_hidden_layers) * tokens * LAYER_INPUT.values(arch) * dtype_bytes
         return kept + max(saved + layer, head)
