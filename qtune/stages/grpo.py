@@ -29,10 +29,8 @@ class Grpo(Stage):
 
         g, context = cfg.train.grpo, cfg.model.context
         if isinstance(context, int) and g.max_completion_length + cfg.data.max_length > context:
-            from qtune.config.schema import RopeScaling
-
-            why = ("YaRN's model.rope_factor x model.rope_original_max_position_embeddings"
-                   if cfg.model.rope_scaling is RopeScaling.yarn else "model.arch.max_position_embeddings")
+            why = ("model.arch.max_position_embeddings" if str(cfg.model.rope_scaling) != "yarn" else
+                   "YaRN's model.rope_factor x model.rope_original_max_position_embeddings")
             raise ConfigError(f"train.grpo.max_completion_length={g.max_completion_length}: with prompts of up to "
                               f"data.max_length={cfg.data.max_length} tokens it passes {cfg.model.name}'s context of "
                               f"{context} tokens ({why}); valid: <= "
