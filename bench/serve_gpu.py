@@ -229,11 +229,78 @@ def step_times(ckpt: str) -> dict:
                     g.replay()
                 torch.cuda.synchronize()
             ms = (time.perf_counter() - t) / 50 * 1e3
-            out[f"b{b}"] = dict(ms_per_step=round(ms, 2), tok_s=round(b / ms * 1e3, 1))
+            out[f"b{b}"] = dict(ms_per_step=round(ms, 2), tok_s=round(b / ms * 1e3, 1),
+                                kernels=kernel_profile(sched, b))
+        out["linear"] = linear_rates(m)
     finally:
         sched.close()
         del m
         torch.cuda.empty_cache()
+    return out
+
+
+def kernel_profile(sched, b: int, steps: int = 3, top: int = 12) -> dict:
+    """Where an eager decode step of the first b slots spends the device's time: the kernels per step, their summed
+    time per step, and the costliest kernels (name, ms and launches per step). Run while the engine idles."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = sched.cuda
+    with torch.no_grad(), sched.lock:
+        sched.where.mode, sched.where.batch = "decode", b
+        sched._body(b, False, False, False)
+        with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                sched._body(b, False, False, False)
+            if gpu:
+                torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total" if gpu else "self_cpu_time_total", 0) or 0
+        if us > 0 and (not gpu or getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type)):
+            rows.append((us / steps, e.count / steps, e.key))
+    rows.sort(reverse=True)
+    return dict(kernels_per_step=round(sum(r[1] for r in rows), 1), ms_per_step=round(sum(r[0] for r in rows) / 1e3, 3),
+                top=[dict(name=k[:90], ms=round(us / 1e3, 3), n=round(n, 1)) for us, n, k in rows[:top]])
+
+
+def linear_rates(model) -> dict:
+    """What the device's bf16 matmul reads per second at batch 1 and 32 on this model's projections (one layer's
+    and the head), in a CUDA graph: the bound a decode step's linears can reach."""
+    import torch
+
+    out = {}
+    for role in ("lm_head", "gate_proj", "q_proj", "k_proj"):
+        w = next(m.weight for n, m in model.named_modules() if n.endswith(role) and isinstance(m, torch.nn.Linear))
+        out[role] = _linear_rate(w)
+    return out
+
+
+def _linear_rate(w) -> dict:
+    import torch
+
+    out = {}
+    for b in (1, 32):
+        x = torch.randn(b, w.shape[1], dtype=w.dtype, device=w.device)
+        y = torch.nn.functional.linear(x, w)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                y.copy_(torch.nn.functional.linear(x, w))
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(20):
+                y.copy_(torch.nn.functional.linear(x, w))
+        g.replay()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(10):
+            g.replay()
+        torch.cuda.synchronize()
+        sec = (time.perf_counter() - t) / 200
+        out[f"b{b}"] = dict(shape=list(w.shape), us=round(sec * 1e6, 1), gb_s=round(w.numel() * 2 / sec / 1e9))
     return out
 
 
@@ -337,7 +404,21 @@ def main(rows: list, layers: int = 36) -> None:
 
 
 def check() -> None:
-    """The client side against a real qtune serve of the tiny Qwen3 on the CPU."""
+    """The client side against a real qtune serve of the tiny Qwen3 on the CPU, and the steps row's profile of an
+    engine's eager step."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from qtune.inference.engine import Scheduler
+
+    tiny = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    m = AutoModelForCausalLM.from_config(tiny).eval()
+    sched = Scheduler(m, slots=4, length=32, eos=[])
+    try:
+        got = kernel_profile(sched, 4)
+        assert got["kernels_per_step"] > 0 and got["top"], got
+    finally:
+        sched.close()
     proc, port, lines = start(["model=tiny_qwen3"], timeout=240)
     try:
         r = burst(port, ["tiny_qwen3"], ["one two three", "four five", "six"], 4)

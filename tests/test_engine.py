@@ -225,26 +225,30 @@ def run_jobs(model, jobs, slots=3, length=64, chunk=4, eos=(), **kw):
     return ended
 
 
-@pytest.mark.parametrize("which,overlap", [("model", False), ("adapted", False), ("model", True)])
-def test_continuous_batching_greedy_equals_each_prompt_alone(which, overlap, request):
-    """Six requests of different lengths and budgets through 3 slots, prompts prefilled 4 tokens a chunk: requests
-    join as others leave, and each decodes token for token what it decodes alone. overlap: each step's tokens are
-    read after the next step is launched (a GPU's default), so rows that end take one step more, dropped."""
+@pytest.mark.parametrize("which,overlap,chunk", [("model", False, 4), ("adapted", False, 4), ("model", True, 4),
+                                                 ("model", False, 40), ("adapted", True, 40)])
+def test_continuous_batching_greedy_equals_each_prompt_alone(which, overlap, chunk, request):
+    """Seven requests of different lengths and budgets through 3 slots: requests join as others leave, and each
+    decodes token for token what it decodes alone. chunk 4: one 4-token piece of one prompt a turn; chunk 40:
+    several prompts side by side in one forward, padded to the longest piece, and the 45-token prompt in two
+    pieces, its second beside other rows' first. overlap: each step's tokens are read after the next step is
+    launched (a GPU's default), so rows that end take one step more, dropped."""
     m = request.getfixturevalue(which)
     m.eval()
-    prompts = PROMPTS + [[7] * 13, list(range(300, 318))]
-    budgets = [12, 3, 9, 15, 6, 10]
-    got = run_jobs(m, [dict(prompt=p, max_new_tokens=n) for p, n in zip(prompts, budgets)], overlap=overlap)
+    prompts = [list(range(400, 445))] + PROMPTS + [[7] * 13, list(range(300, 318))]
+    budgets = [8, 12, 3, 9, 15, 6, 10]
+    got = run_jobs(m, [dict(prompt=p, max_new_tokens=n) for p, n in zip(prompts, budgets)], overlap=overlap,
+                   chunk=chunk)
     want = [one_at_a_time(m, p, n, []) for p, n in zip(prompts, budgets)]
     assert [g[0] for g in got] == want
     assert all(g[1] == "length" for g in got)
     # an end-of-text token ends its row (kept), the others go on
-    stop = want[0][4]
+    stop = want[1][4]
     got = run_jobs(m, [dict(prompt=p, max_new_tokens=n) for p, n in zip(prompts, budgets)], eos=[stop],
-                   overlap=overlap)
+                   overlap=overlap, chunk=chunk)
     want = [one_at_a_time(m, p, n, [stop]) for p, n in zip(prompts, budgets)]
     assert [g[0] for g in got] == want
-    assert got[0][1] == "stop"
+    assert got[1][1] == "stop"
 
 
 def test_a_seeded_request_draws_the_same_alone_and_in_company(model):
@@ -336,7 +340,7 @@ if kind == "mixed":
     mixed = MixedRows(RowAdapters(m, ["sql", "chat"], max_batch=4), "base")
 
 def run(graph):
-    s = Scheduler(m, slots=4, length=128, eos=[], graph=graph, chunk=8, adapters=mixed, overlap=graph)
+    s = Scheduler(m, slots=4, length=128, eos=[], graph=graph, chunk=24, adapters=mixed, overlap=graph)
     out, done = [], []
     with s.lock:   # all queued before the first turn: the same schedule both ways
         for i in range(12):
@@ -361,8 +365,8 @@ print(json.dumps({"same": g == e, "captured": len(keys), "keys": keys,
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["nf4", "bf16", "mixed", "plain"])
 def test_gpu_continuous_batching_captured_equals_eager(tiny_qwen3, kind):
-    """serve's Scheduler on CUDA: twelve jobs (greedy and seeded sampled) joining four slots, prompts prefilled 8
-    tokens a chunk; its captured steps, each read while the next runs, decode what its eager steps read one by one
+    """serve's Scheduler on CUDA: twelve jobs (greedy and seeded sampled) joining four slots, prompts prefilled
+    side by side up to 24 tokens a turn; its captured steps, each read while the next runs, decode what its eager steps read one by one
     do, token for token, on an nf4 or bf16 base with an unmerged adapter, on a bf16 base with two adapters and the
     base mixed row by row, and on a plain bf16 model (no PEFT: a merged run, or a base served without adapters)."""
     import json
@@ -376,9 +380,11 @@ def test_gpu_continuous_batching_captured_equals_eager(tiny_qwen3, kind):
     assert got["captured"] >= 2 and got["same"], got
 
 
-def test_continuous_batching_mixes_adapters_row_by_row(tiny_qwen3):
+@pytest.mark.parametrize("chunk", [4, 16])
+def test_continuous_batching_mixes_adapters_row_by_row(tiny_qwen3, chunk):
     """Rows of one running batch each with their own adapter or none (inference.adapters through serve's MixedRows):
-    each decodes what it decodes alone with that adapter set (or the adapters off)."""
+    each decodes what it decodes alone with that adapter set (or the adapters off); chunk 16 prefills rows of
+    different adapters side by side in one forward."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -409,7 +415,7 @@ def test_continuous_batching_mixes_adapters_row_by_row(tiny_qwen3):
     try:
         got = run_jobs(m, [dict(prompt=p, max_new_tokens=n, adapter=who or "base")
                            for who, p, n in zip(names, prompts, budgets)], slots=4,
-                       adapters=MixedRows(rows, "base"))
+                       adapters=MixedRows(rows, "base"), chunk=chunk)
     finally:
         rows.remove()
     assert [g[0] for g in got] == want

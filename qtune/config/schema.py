@@ -615,7 +615,7 @@ class ServeConfig:
     max_batch: Optional[int] = None
     max_model_len: Optional[int] = None
     max_queue: int = 256                     # requests waiting for a slot; beyond it: 429 with Retry-After
-    prefill_chunk: int = 512                 # prompt tokens prefilled per turn: a long prompt never stalls the others
+    prefill_chunk: int = 2048                # prompt tokens prefilled per turn in one forward; a long prompt stalls no one
     max_n: int = 8                           # completions one request may ask for (OpenAI's n)
 
     def __post_init__(self) -> None:

@@ -336,13 +336,13 @@ class Job:
 
 
 class _Where:
-    """Where the next forward writes into the slot cache: every decoding row at its own column (decode), or one
-    row's chunk of prompt at columns start.. (prefill). Read by the cache layers; a captured graph keeps the mode it
+    """Where the next forward writes into the slot cache: every decoding row at its own column (decode), or
+    several rows' pieces of prompt, each row at its own columns (prefill). Read by the cache layers; a captured graph keeps the mode it
     was captured in."""
     mode = "decode"
     batch = 1
-    slot = 0
-    start = 0
+    slots = columns = None   # prefill: the rows' slots (k,) and each token's column (k, width)
+    end = 0                  # prefill: the columns the rows' queries may see
 
 
 class _SlotLayer:
@@ -359,11 +359,11 @@ class _SlotLayer:
 
     def update(self, key_states, value_states, *args, **kwargs):
         w = self.where
-        if w.mode == "prefill":
-            end = w.start + key_states.shape[2]
-            self.keys[w.slot:w.slot + 1, :, w.start:end] = key_states
-            self.values[w.slot:w.slot + 1, :, w.start:end] = value_states
-            return self.keys[w.slot:w.slot + 1, :, :end], self.values[w.slot:w.slot + 1, :, :end]
+        if w.mode == "prefill":    # rows' pieces: row i's token j at column w.columns[i, j] of slot w.slots[i]
+            at = (w.slots[:, None], slice(None), w.columns)
+            self.keys[at] = key_states.transpose(1, 2)
+            self.values[at] = value_states.transpose(1, 2)
+            return self.keys[w.slots, :, :w.end], self.values[w.slots, :, :w.end]
         b = w.batch
         rows, cols = self.rows[:b], self.columns[:b]
         self.keys[rows, :, cols] = key_states[:, :, 0]
@@ -394,8 +394,8 @@ class Scheduler:
     """Continuous batching over `slots` fixed cache slots of `length` tokens each (serve's engine).
 
     A thread of its own owns the model. Each turn it (1) gives waiting jobs the lowest free slots, (2) prefills at
-    most `chunk` prompt tokens, the admitted jobs' prompts in turn (several short ones, or one chunk of a long one),
-    so prompts never hold the running rows for more than a chunk's worth, and a prompt's last chunk picks the job's
+    most `chunk` prompt tokens in one forward, the admitted jobs' prompts side by side (several short ones, or one
+    chunk of a long one), so prompts never hold the running rows for more than a chunk's worth, and a prompt's last chunk picks the job's
     first token, then (3) decodes one token for every running row: one forward of the first b slots (b the batch
     bucket of the highest running slot), replayed from a CUDA graph captured per (b, variant) on a GPU. Rows leave the moment they end or are cancelled; their slot is free for the
     next job at the next turn. Each row has its own position (its own column in its slot), sampling settings,
@@ -599,43 +599,73 @@ class Scheduler:
             self.adapter_rows[s] = -1 if key is None else key
 
     def _prefill_chunk(self, budget: int) -> int:
-        """Prefill up to `budget` more prompt tokens of the lowest filling slot's job; the number prefilled."""
-        slot = min(self.filling)
-        job, done = self.filling[slot]
-        if done == 0:
-            self._start_row(slot, job)
-        piece = job.prompt[done:done + min(self.chunk, budget)]
-        n = len(piece)
+        """Prefill the filling jobs, lowest slots first, in one forward of up to `budget` prompt tokens (the rows
+        padded to the longest piece count in full); the number of tokens taken. A job that scores its prompt
+        (echo) goes alone: it keeps every position's logits."""
+        picks, width = [], 0               # (slot, job, start, n); the longest piece
+        for slot in sorted(self.filling):
+            job, done = self.filling[slot]
+            if job.score_prompt and picks:
+                break
+            n = min(len(job.prompt) - done, self.chunk, budget)
+            if picks and (len(picks) + 1) * max(width, n) > budget:
+                break
+            picks.append((slot, job, done, n))
+            width = max(width, n)
+            if job.score_prompt:
+                break
         dev = self.token.device
-        end = done + n
-        causal = torch.ones((n, n), dtype=torch.bool, device=dev).tril()
-        mask = torch.full((1, 1, n, end), self.masked, dtype=self.dtype, device=dev)
-        mask[:, :, :, :done] = 0.0
-        mask[0, 0, :, done:end].masked_fill_(causal, 0.0)
-        self.where.mode, self.where.slot, self.where.start = "prefill", slot, done
+        for slot, job, done, _ in picks:
+            if done == 0:
+                self._start_row(slot, job)
+        k = len(picks)
+        slots = torch.tensor([p[0] for p in picks], dtype=torch.long, device=dev)
+        starts = torch.tensor([p[2] for p in picks], dtype=torch.long, device=dev)
+        ids = torch.tensor([p[1].prompt[p[2]:p[2] + p[3]] + [0] * (width - p[3]) for p in picks], dtype=torch.long,
+                           device=dev)
+        # a row's padding writes past its piece, at columns no query sees before the row's own writes replace them
+        # (the scratch column `length` takes what would fall past the cache)
+        positions = starts[:, None] + torch.arange(width, device=dev)
+        end = min(max(p[2] for p in picks) + width, self.length + 1)
+        # query j of a row sees every column up to its own: the row's earlier chunks, then its piece causally
+        visible = torch.arange(end, device=dev)[None, None, :] <= positions[:, :, None]
+        mask = torch.full((k, 1, width, end), self.masked, dtype=self.dtype, device=dev)
+        mask.masked_fill_(visible[:, None], 0.0)
+        w = self.where
+        w.mode, w.slots, w.columns, w.end = "prefill", slots, positions.clamp(max=self.length), end
         if self.adapters is not None:
-            self.adapters.select(self.adapter_rows[slot:slot + 1])
+            self.adapters.select(self.adapter_rows[slots])
+        lasts = sorted({p[3] - 1 for p in picks})
+        keep = 0 if picks[0][1].score_prompt else torch.tensor(lasts, dtype=torch.long, device=dev)
         try:
-            logits = self.model(input_ids=torch.tensor([piece], dtype=torch.long, device=dev),
-                                attention_mask=self._masks(mask),
-                                position_ids=torch.arange(done, end, device=dev).unsqueeze(0), use_cache=True,
-                                logits_to_keep=0 if job.score_prompt else 1, **{self.keyword: self.cache}).logits
+            logits = self.model(input_ids=ids, attention_mask=self._masks(mask),
+                                position_ids=positions.clamp(max=self.length), use_cache=True,
+                                logits_to_keep=keep, **{self.keyword: self.cache}).logits
         finally:
-            self.where.mode = "decode"
-        if job.score_prompt:
-            self._score(job, logits[0], done)
-        logits = logits[:, -1]
-        self.mask[slot, 0, 0, done:end] = 0.0
-        if end < len(job.prompt):
-            self.filling[slot][1] = end
-            return n
-        del self.filling[slot]
-        self.columns[slot] = end
-        nxt = self._pick(logits, slice(slot, slot + 1), logprobs=job.top_logprobs >= 0)
-        self.token[slot] = nxt[0]
-        self.running[slot] = job
-        self._emit({slot: job}, nxt.view(-1).tolist(), slot)
-        return n
+            w.mode = "decode"
+        picked, ended = [], {}
+        for i, (slot, job, done, n) in enumerate(picks):
+            self.mask[slot, 0, 0, done:done + n] = 0.0
+            if job.score_prompt:
+                self._score(job, logits[i], done)
+                row = logits[i, n - 1:n]
+            else:
+                row = logits[i, lasts.index(n - 1)].unsqueeze(0)
+            if done + n < len(job.prompt):
+                self.filling[slot][1] = done + n
+                continue
+            del self.filling[slot]
+            self.columns[slot] = done + n
+            nxt = self._pick(row, slice(slot, slot + 1), logprobs=job.top_logprobs >= 0)
+            self.token[slot] = nxt[0]
+            self.running[slot] = job
+            picked.append(nxt.view(-1))
+            ended[slot] = job
+        if ended:
+            tokens = torch.cat(picked).tolist()
+            for (slot, job), t in zip(ended.items(), tokens):
+                self._emit({slot: job}, [t], slot)
+        return k * width
 
     def _score(self, job: Job, logits: torch.Tensor, done: int) -> None:
         """The log-probability of each next prompt token under this chunk's logits, and the top ones."""
