@@ -9,7 +9,8 @@ serve.max_model_len=512) and drives it with C concurrent streaming clients (http
   adapters4_32  the 16-bit base with 4 LoRA adapters (r 16, the 7 projections, random), 32 clients spread over them
   nf4_1         the base loaded in nf4 with one adapter, 1 client
   hf_1          plain transformers generate on the 16-bit base (bf16, sdpa, dynamic cache), 1 prompt, in process
-  steps         the GPU's time for one captured decode step of the engine at batch 1 and 32, replays timed alone
+  steps         the GPU's time for one captured decode step of the engine at batch 1 and 32, replays timed alone, and
+                where an eager step's kernel time goes; then the same with liger-kernel (serve.liger)
   moe6_16, moe12_16  a random Qwen3-30B-A3B-shaped checkpoint with 6 or 12 layers (bf16), two adapters with LoRA on
                 attention and the fused experts (moe.scope=expert_only), 16 clients spread over them; with both rows
                 the aggregate is extrapolated to the 48 layers of the real model (a step's time linear in the layers)
@@ -193,10 +194,12 @@ def hf_generate(ckpt: str, prompt: str, new: int) -> dict:
     return dict(clients=1, tokens=n, aggregate_tok_s=round(n / wall, 1), per_client_tok_s=round(n / wall, 1))
 
 
-def step_times(ckpt: str) -> dict:
+def step_times(ckpt: str, liger: bool = False) -> dict:
     """The GPU's own time for one captured decode step of serve's engine at batch 1 and 32: jobs run through the
     engine as serve runs them (a prefill, then steps captured by the engine itself), then the captured steps are
-    replayed alone, timed, with no host work between them: what the served rates would be if the host cost nothing."""
+    replayed alone, timed, with no host work between them: what the served rates would be if the host cost nothing.
+    liger: with liger-kernel's RMSNorm/RoPE/SwiGLU, as serve.liger=auto gives on a GPU (its RoPE patch is
+    process-wide: run this after the rows without)."""
     import threading
 
     import torch
@@ -205,9 +208,13 @@ def step_times(ckpt: str) -> dict:
     from qtune.inference.engine import Job, Scheduler
 
     m = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
+    out = {}
+    if liger:
+        from qtune.modeling.fast import liger_for_decoding
+
+        out["kernels"] = liger_for_decoding(m, "true")
     notices: list = []
     sched = Scheduler(m, slots=32, length=512, eos=[], notice=notices.append)
-    out = {}
     try:
         for b in (1, 32):
             done = [threading.Event() for _ in range(b)]
@@ -231,7 +238,8 @@ def step_times(ckpt: str) -> dict:
             ms = (time.perf_counter() - t) / 50 * 1e3
             out[f"b{b}"] = dict(ms_per_step=round(ms, 2), tok_s=round(b / ms * 1e3, 1),
                                 kernels=kernel_profile(sched, b))
-        out["linear"] = linear_rates(m)
+        if not liger:
+            out["linear"] = linear_rates(m)
     finally:
         sched.close()
         del m
@@ -347,7 +355,7 @@ def main(rows: list, layers: int = 36) -> None:
         print(json.dumps({name: r}), flush=True)
         (OUT / "serve_gpu.json").write_text(json.dumps(dict(info=info, results=results), indent=1))
 
-    groups = [("steps", [], ["steps"]), ("bf16", [], ["bf16_1", "bf16_32"]), ("hf", [], ["hf_1"]),
+    groups = [("hf", [], ["hf_1"]), ("steps", [], ["steps"]), ("bf16", [], ["bf16_1", "bf16_32"]),
               ("adapters", ["adapters4"], ["adapters4_32"]),
               ("nf4", ["quant=nf4", "one"], ["nf4_1"])]
     for label, extra, names in groups:
@@ -355,10 +363,11 @@ def main(rows: list, layers: int = 36) -> None:
         if not names:
             continue
         if label == "steps":
-            try:
-                keep("steps", step_times(ckpt))
-            except Exception as e:
-                keep("steps", dict(error=repr(e)[-600:]))
+            for name, liger in (("steps", False), ("steps_liger", True)):
+                try:
+                    keep(name, step_times(ckpt, liger))
+                except Exception as e:
+                    keep(name, dict(error=repr(e)[-600:]))
             continue
         if label == "hf":
             try:

@@ -617,6 +617,9 @@ class ServeConfig:
     max_queue: int = 256                     # requests waiting for a slot; beyond it: 429 with Retry-After
     prefill_chunk: int = 2048                # prompt tokens prefilled per turn in one forward; a long prompt stalls no one
     max_n: int = 8                           # completions one request may ask for (OpenAI's n)
+    # liger-kernel's fused RMSNorm/RoPE/SwiGLU in the decode steps (fewer kernels a step). auto: on CUDA where
+    # liger-kernel is installed | true (one line saying why not, if it cannot) | false
+    liger: str = "auto"
 
     def __post_init__(self) -> None:
         _check_range("serve", "port", self.port, low=1, high=65535)
@@ -632,6 +635,9 @@ class ServeConfig:
         _check_range("serve", "max_queue", self.max_queue, low=0)
         _check_range("serve", "prefill_chunk", self.prefill_chunk, low=1)
         _check_range("serve", "max_n", self.max_n, low=1)
+        self.liger = str(self.liger).lower()
+        if self.liger not in ("auto", "true", "false"):
+            raise ValueError(f"serve.liger={self.liger}: valid: auto, true, false")
         for name, path in self.adapters.items():
             if not isinstance(path, str):
                 raise ValueError(f"serve.adapters.{name}: expected a run or adapter folder, e.g. "

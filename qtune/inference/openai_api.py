@@ -677,10 +677,13 @@ def scheduler(loaded, cfg: Config):
             mixed = MixedRows(RowAdapters(model, list(loaded.adapters), max_batch=slots), loaded.base_name)
         except QtuneError as e:   # rows of one batch then share one adapter
             why = f"; one adapter per batch ({e})"
+    from qtune.modeling.fast import liger_for_decoding
+
+    kernels = liger_for_decoding(model, s.liger)
     sched = engine.Scheduler(model, slots=slots, length=length, eos=sorted(eos), chunk=s.prefill_chunk,
                              queue=s.max_queue, switch=loaded.switch, adapters=mixed, notice=loaded.notice)
     line = (f"{slots} slots of {length} tokens ({size(slots) / 2**30:.2f} GiB){note}; "
-            f"{'CUDA graphs' if sched.graph else 'eager steps'}"
+            f"{'CUDA graphs' if sched.graph else 'eager steps'}" + (f"; {kernels}" if kernels else "")
             + ("; adapters mixed in a batch" if mixed else why))
     return sched, line
 

@@ -203,6 +203,27 @@ def _liger(fast: FastPath, model, device: str) -> None:
     fast.pieces.append("liger RMSNorm/RoPE" + ("/SwiGLU" if swiglu else ""))
 
 
+def liger_for_decoding(model, setting: str) -> str:
+    """serve.liger: liger-kernel's RMSNorm/RoPE(/SwiGLU) on a model that decodes (the engine's steps run a few
+    hundred tiny elementwise kernels a layer otherwise). The start line's piece ('' on a CPU with auto); raises
+    QtuneError for serve.liger=true when the kernels cannot be used."""
+    if setting == "false":
+        return ""
+    device = str(next(model.parameters()).device)
+    if setting == "auto" and not device.startswith("cuda"):
+        return ""
+    fast = FastPath(on=True)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _liger(fast, base, device)
+    if fast.pieces:
+        return fast.pieces[0]
+    if setting == "true":
+        from qtune.errors import QtuneError
+
+        raise QtuneError("serve.liger=true: " + "; ".join(fast.notes) + " (serve.liger=auto serves without them)")
+    return "no liger kernels: " + "; ".join(fast.notes)
+
+
 def apply_lora(fast: FastPath, peft_model, quant: str = "none") -> None:
     """qtune's fused LoRA functions on every supported LoRA linear layer and SwiGLU MLP block, and the grouped
     expert function on every MoE expert block (after PEFT); `quant` nf4|fp4 on CUDA keeps experts in 4 bits."""
