@@ -323,7 +323,16 @@ def test_log_probabilities_are_the_model_s(model, overlap):
 
 _GPU_SCHED = _GPU_BASE + """
 from qtune.inference.engine import Job, Scheduler
-m = base if kind == "plain" else get_peft_model(
+parity = None
+if kind == "liger":    # serve.liger on a plain model: its logits beside the reference's, then the same test
+    from qtune.modeling.fast import liger_for_decoding
+    ids = torch.tensor([[11 + j for j in range(40)], [50 + j for j in range(40)]], device="cuda")
+    with torch.no_grad():
+        ref = base(input_ids=ids).logits.float()
+        assert liger_for_decoding(base, "true").startswith("liger")
+        got = base(input_ids=ids).logits.float()
+    parity = float((got - ref).abs().max() / ref.abs().max())
+m = base if kind in ("plain", "liger") else get_peft_model(
     base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]),
     adapter_name="sql")
 mixed = None
@@ -357,18 +366,20 @@ def run(graph):
 
 g, keys = run(True)
 e, _ = run(False)
-print(json.dumps({"same": g == e, "captured": len(keys), "keys": keys,
+print(json.dumps({"same": g == e, "captured": len(keys), "keys": keys, "parity": parity,
                   "agree": sum(a == b for x, y in zip(g, e) for a, b in zip(x, y)) / sum(len(x) for x in g)}))
 """
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["nf4", "bf16", "mixed", "plain"])
+@pytest.mark.parametrize("kind", ["nf4", "bf16", "mixed", "plain", "liger"])
 def test_gpu_continuous_batching_captured_equals_eager(tiny_qwen3, kind):
     """serve's Scheduler on CUDA: twelve jobs (greedy and seeded sampled) joining four slots, prompts prefilled
     side by side up to 24 tokens a turn; its captured steps, each read while the next runs, decode what its eager steps read one by one
     do, token for token, on an nf4 or bf16 base with an unmerged adapter, on a bf16 base with two adapters and the
-    base mixed row by row, and on a plain bf16 model (no PEFT: a merged run, or a base served without adapters)."""
+    base mixed row by row, on a plain bf16 model (no PEFT: a merged run, or a base served without adapters), and
+    on that model with liger-kernel's RMSNorm/RoPE/SwiGLU (serve.liger), whose logits stay within bf16 rounding of
+    the reference's."""
     import json
     import subprocess
     import sys
@@ -378,6 +389,8 @@ def test_gpu_continuous_batching_captured_equals_eager(tiny_qwen3, kind):
     assert p.returncode == 0, p.stderr[-3000:]
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got["captured"] >= 2 and got["same"], got
+    if kind == "liger":
+        assert got["parity"] < 2e-2, got
 
 
 @pytest.mark.parametrize("chunk", [4, 16])
