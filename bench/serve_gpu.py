@@ -10,7 +10,8 @@ serve.max_model_len=512) and drives it with C concurrent streaming clients (http
   nf4_1         the base loaded in nf4 with one adapter, 1 client
   hf_1          plain transformers generate on the 16-bit base (bf16, sdpa, dynamic cache), 1 prompt, in process
   steps         the GPU's time for one captured decode step of the engine at batch 1 and 32, replays timed alone, and
-                where an eager step's kernel time goes; then the same with liger-kernel (serve.liger)
+                where an eager step's kernel time goes; then the same as serve runs it on a GPU (liger-kernel,
+                fused sibling projections)
   moe6_16, moe12_16  a random Qwen3-30B-A3B-shaped checkpoint with 6 or 12 layers (bf16), two adapters with LoRA on
                 attention and the fused experts (moe.scope=expert_only), 16 clients spread over them; with both rows
                 the aggregate is extrapolated to the 48 layers of the real model (a step's time linear in the layers)
@@ -33,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "seed"))
 sys.path.insert(0, str(HERE))
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
-ROWS = ["steps", "bf16_1", "bf16_32", "adapters4_32", "nf4_1", "hf_1", "moe6_16", "moe12_16"]
+ROWS = ["steps", "steps_served", "bf16_1", "bf16_32", "adapters4_32", "nf4_1", "hf_1", "moe6_16", "moe12_16"]
 PROMPT, NEW = 128, 256
 
 
@@ -194,12 +195,12 @@ def hf_generate(ckpt: str, prompt: str, new: int) -> dict:
     return dict(clients=1, tokens=n, aggregate_tok_s=round(n / wall, 1), per_client_tok_s=round(n / wall, 1))
 
 
-def step_times(ckpt: str, liger: bool = False) -> dict:
+def step_times(ckpt: str, served: bool = False) -> dict:
     """The GPU's own time for one captured decode step of serve's engine at batch 1 and 32: jobs run through the
     engine as serve runs them (a prefill, then steps captured by the engine itself), then the captured steps are
     replayed alone, timed, with no host work between them: what the served rates would be if the host cost nothing.
-    liger: with liger-kernel's RMSNorm/RoPE/SwiGLU, as serve.liger=auto gives on a GPU (its RoPE patch is
-    process-wide: run this after the rows without)."""
+    served: as serve runs the model on a GPU, with liger-kernel's RMSNorm/RoPE/SwiGLU (serve.liger=auto; its RoPE
+    patch is process-wide: run this after the rows without) and the sibling projections fused (inference.fused)."""
     import threading
 
     import torch
@@ -209,10 +210,12 @@ def step_times(ckpt: str, liger: bool = False) -> dict:
 
     m = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
     out = {}
-    if liger:
+    if served:
+        from qtune.inference.fused import fuse_siblings
         from qtune.modeling.fast import liger_for_decoding
 
         out["kernels"] = liger_for_decoding(m, "true")
+        out["fused_groups"] = fuse_siblings(m)
     notices: list = []
     sched = Scheduler(m, slots=32, length=512, eos=[], notice=notices.append)
     try:
@@ -238,7 +241,7 @@ def step_times(ckpt: str, liger: bool = False) -> dict:
             ms = (time.perf_counter() - t) / 50 * 1e3
             out[f"b{b}"] = dict(ms_per_step=round(ms, 2), tok_s=round(b / ms * 1e3, 1),
                                 kernels=kernel_profile(sched, b))
-        if not liger:
+        if not served:
             out["linear"] = linear_rates(m)
     finally:
         sched.close()
@@ -355,7 +358,7 @@ def main(rows: list, layers: int = 36) -> None:
         print(json.dumps({name: r}), flush=True)
         (OUT / "serve_gpu.json").write_text(json.dumps(dict(info=info, results=results), indent=1))
 
-    groups = [("hf", [], ["hf_1"]), ("steps", [], ["steps"]), ("bf16", [], ["bf16_1", "bf16_32"]),
+    groups = [("hf", [], ["hf_1"]), ("steps", [], ["steps", "steps_served"]), ("bf16", [], ["bf16_1", "bf16_32"]),
               ("adapters", ["adapters4"], ["adapters4_32"]),
               ("nf4", ["quant=nf4", "one"], ["nf4_1"])]
     for label, extra, names in groups:
@@ -363,9 +366,11 @@ def main(rows: list, layers: int = 36) -> None:
         if not names:
             continue
         if label == "steps":
-            for name, liger in (("steps", False), ("steps_liger", True)):
+            for name, served in (("steps", False), ("steps_served", True)):
+                if name not in names:
+                    continue
                 try:
-                    keep(name, step_times(ckpt, liger))
+                    keep(name, step_times(ckpt, served))
                 except Exception as e:
                     keep(name, dict(error=repr(e)[-600:]))
             continue

@@ -488,6 +488,27 @@ class Scheduler:
             self.lock.notify()
         return True
 
+    def capture(self) -> int:
+        """Capture the greedy decode step of every batch bucket now (serve does so before it listens), so that no
+        request waits for a capture; the buckets captured. Other variants (sampling, log-probabilities) are captured
+        when first needed. Call it before any job runs."""
+        if not self.graph:
+            return 0
+        with self.lock, torch.no_grad():
+            sizes = sorted({min(batch_bucket(n), self.slots) for n in range(1, self.slots + 1)})
+            for b in sizes:
+                key = (b, False, False, False)
+                if key in self.graphs:
+                    continue
+                self.where.mode, self.where.batch = "decode", b
+                if self.adapters is not None:
+                    self.adapters.select(self.adapter_rows[:b])
+                self.graphs[key] = self._capture(*key)
+                if self.graphs[key] is None:
+                    return len([g for g in self.graphs.values() if g is not None])
+            torch.cuda.synchronize()
+        return len(sizes)
+
     def load(self) -> dict:
         with self.lock:
             return dict(running=len(self.running) + len(self.filling), waiting=len(self.waiting), slots=self.slots)

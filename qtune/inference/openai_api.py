@@ -680,10 +680,23 @@ def scheduler(loaded, cfg: Config):
     from qtune.modeling.fast import liger_for_decoding
 
     kernels = liger_for_decoding(model, s.liger)
+    if gpu:
+        from qtune.inference.fused import fuse_siblings
+
+        if fuse_siblings(model):
+            kernels += ("; " if kernels else "") + "q/k/v and gate/up as one matmul for a lone row"
     sched = engine.Scheduler(model, slots=slots, length=length, eos=sorted(eos), chunk=s.prefill_chunk,
                              queue=s.max_queue, switch=loaded.switch, adapters=mixed, notice=loaded.notice)
+    graphs = "eager steps"
+    if sched.graph:
+        import time
+
+        began = time.perf_counter()
+        captured = sched.capture()
+        graphs = (f"CUDA graphs for batches of 1-{slots} ({captured} captured in {time.perf_counter() - began:.1f}s)"
+                  if sched.graph else "eager steps (capturing a step failed)")
     line = (f"{slots} slots of {length} tokens ({size(slots) / 2**30:.2f} GiB){note}; "
-            f"{'CUDA graphs' if sched.graph else 'eager steps'}" + (f"; {kernels}" if kernels else "")
+            f"{graphs}" + (f"; {kernels}" if kernels else "")
             + ("; adapters mixed in a batch" if mixed else why))
     return sched, line
 
