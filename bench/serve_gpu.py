@@ -358,9 +358,10 @@ def main(rows: list, layers: int = 36) -> None:
         print(json.dumps({name: r}), flush=True)
         (OUT / "serve_gpu.json").write_text(json.dumps(dict(info=info, results=results), indent=1))
 
-    groups = [("hf", [], ["hf_1"]), ("steps", [], ["steps", "steps_served"]), ("bf16", [], ["bf16_1", "bf16_32"]),
-              ("adapters", ["adapters4"], ["adapters4_32"]),
-              ("nf4", ["quant=nf4", "one"], ["nf4_1"])]
+    # served rows first (processes of their own), then the in-process ones, liger's process-wide patch last
+    groups = [("bf16", [], ["bf16_1", "bf16_32"]), ("adapters", ["adapters4"], ["adapters4_32"]),
+              ("nf4", ["quant=nf4", "one"], ["nf4_1"]), ("hf", [], ["hf_1"]),
+              ("steps", [], ["steps", "steps_served"])]
     for label, extra, names in groups:
         names = [n for n in names if n in rows]
         if not names:
