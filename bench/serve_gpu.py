@@ -12,6 +12,7 @@ serve.max_model_len=512) and drives it with C concurrent streaming clients (http
   steps         the GPU's time for one captured decode step of the engine at batch 1 and 32, replays timed alone, and
                 where an eager step's kernel time goes; then the same as serve runs it on a GPU (liger-kernel,
                 fused sibling projections)
+  bf16_32_switch, bf16_32_nocudnn  bf16_32 in a serve process with a process-wide setting first (VARIANTS)
   moe6_16, moe12_16  a random Qwen3-30B-A3B-shaped checkpoint with 6 or 12 layers (bf16), two adapters with LoRA on
                 attention and the fused experts (moe.scope=expert_only), 16 clients spread over them; with both rows
                 the aggregate is extrapolated to the 48 layers of the real model (a step's time linear in the layers)
@@ -34,8 +35,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "seed"))
 sys.path.insert(0, str(HERE))
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
-ROWS = ["steps", "steps_served", "bf16_1", "bf16_32", "adapters4_32", "nf4_1", "hf_1", "moe6_16", "moe12_16"]
 PROMPT, NEW = 128, 256
+# bf16_32 again with a process-wide setting first: a thread switch interval of 0.5 ms (the engine thread and the
+# event loop share the GIL), cuDNN's attention off (PyTorch's flash / memory-efficient kernels instead)
+VARIANTS = {"bf16_32_switch": "import sys\nsys.setswitchinterval(0.0005)",
+            "bf16_32_nocudnn": "import torch\ntorch.backends.cuda.enable_cudnn_sdp(False)"}
+ROWS = ["steps", "steps_served", "bf16_1", "bf16_32", "adapters4_32", "nf4_1", "hf_1", *VARIANTS, "moe6_16",
+        "moe12_16"]
 
 
 def free_port() -> int:
@@ -44,9 +50,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(args: list, timeout: float = 420):
+def start(args: list, timeout: float = 420, prelude: str = ""):
+    """`qtune serve` in a process of its own; prelude: Python run first in that process (a process-wide setting)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "qtune", "serve", *args, f"serve.port={port}", "chat.temperature=0",
+    head = [sys.executable, "-m", "qtune"]
+    if prelude:
+        head = [sys.executable, "-c", prelude + "\nimport sys\nfrom qtune.cli import main\nsys.argv[0] = 'qtune'\nmain()"]
+    proc = subprocess.Popen([*head, "serve", *args, f"serve.port={port}", "chat.temperature=0",
                              "serve.log_requests=false"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
@@ -73,6 +83,7 @@ def stream(port: int, model: str, prompt, new: int) -> dict:
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     c.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
     r = c.getresponse()
+    head = time.perf_counter() - t
     first, usage = None, None
     for raw in r:
         line = raw.decode().strip()
@@ -85,7 +96,7 @@ def stream(port: int, model: str, prompt, new: int) -> dict:
             first = time.perf_counter() - t
     wall = time.perf_counter() - t
     c.close()
-    return dict(ttft=first, wall=wall, tokens=(usage or {}).get("completion_tokens", 0))
+    return dict(ttft=first, head=head, wall=wall, tokens=(usage or {}).get("completion_tokens", 0))
 
 
 def burst(port: int, models: list, prompts: list, new: int) -> dict:
@@ -102,10 +113,14 @@ def burst(port: int, models: list, prompts: list, new: int) -> dict:
     wall = time.perf_counter() - t
     tokens = sum(g["tokens"] for g in got)
     ttfts = sorted(g["ttft"] for g in got if g["ttft"] is not None)
+    heads = sorted(g["head"] for g in got)
     return dict(clients=len(prompts), tokens=tokens, aggregate_tok_s=round(tokens / wall, 1),
                 per_client_tok_s=round(statistics.median(g["tokens"] / g["wall"] for g in got), 1),
                 ttft_p50_ms=round(1e3 * statistics.median(ttfts), 1) if ttfts else None,
-                ttft_p90_ms=round(1e3 * ttfts[int(0.9 * (len(ttfts) - 1))], 1) if ttfts else None)
+                ttft_p90_ms=round(1e3 * ttfts[int(0.9 * (len(ttfts) - 1))], 1) if ttfts else None,
+                ttft_min_ms=round(1e3 * ttfts[0], 1) if ttfts else None,
+                headers_p50_ms=round(1e3 * statistics.median(heads), 1),
+                headers_max_ms=round(1e3 * heads[-1], 1))
 
 
 def real_tokenizer(ckpt: str) -> str:
@@ -315,13 +330,13 @@ def _linear_rate(w) -> dict:
     return out
 
 
-def serve_rows(label: str, args: list, models: list, rows: dict, prompts: list, keep) -> None:
+def serve_rows(label: str, args: list, models: list, rows: dict, prompts: list, keep, prelude: str = "") -> None:
     """Start `qtune serve` with `args`, warm it (its batch buckets' graphs), then measure each row of `rows`
     (name -> concurrent clients, spread over `models`; a 1-client row is the median of 3 requests one after
     another); then say what the server said after it started (a notice that it left its CUDA graphs, for one)."""
     try:
         t = time.time()
-        proc, port, lines = start(args)
+        proc, port, lines = start(args, prelude=prelude)
         print(f"[{label}] serving after {time.time() - t:.0f}s: " + "".join(lines).strip()[-400:], flush=True)
         burst(port, models, prompts[:8], 16)
         for name, clients in rows.items():
@@ -391,6 +406,9 @@ def main(rows: list, layers: int = 36) -> None:
             args += ["quant=nf4", "serve.adapters={a0:" + ads["a0"] + "}"]
             models = ["a0"]
         serve_rows(label, args, models, {n: 1 if n.endswith("_1") else 32 for n in names}, prompts, keep)
+    for name, prelude in VARIANTS.items():
+        if name in rows:
+            serve_rows(name, list(base), ["qwen3_8b"], {name: 32}, prompts, keep, prelude=prelude)
     for layers_moe in (6, 12):
         name = f"moe{layers_moe}_16"
         if name not in rows:
@@ -434,7 +452,7 @@ def check() -> None:
         assert got["kernels_per_step"] > 0 and got["top"], got
     finally:
         sched.close()
-    proc, port, lines = start(["model=tiny_qwen3"], timeout=240)
+    proc, port, lines = start(["model=tiny_qwen3"], timeout=240, prelude=VARIANTS["bf16_32_switch"])
     try:
         r = burst(port, ["tiny_qwen3"], ["one two three", "four five", "six"], 4)
         assert r["tokens"] == 12 and r["ttft_p50_ms"] is not None, r
