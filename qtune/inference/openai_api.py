@@ -681,10 +681,6 @@ def scheduler(loaded, cfg: Config):
 
     kernels = liger_for_decoding(model, s.liger)
     if gpu:
-        # cuDNN's attention builds an execution plan for each new shape, and prefills of several prompts side by side
-        # come in many shapes: with it, 32 clients' first tokens waited ~1 s (docs/benchmarks.md); PyTorch's flash and
-        # memory-efficient kernels need no plan. The serve process is ours, so the switch is process-wide.
-        torch.backends.cuda.enable_cudnn_sdp(False)
         from qtune.inference.fused import fuse_siblings
 
         if fuse_siblings(model):
