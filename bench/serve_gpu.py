@@ -246,14 +246,7 @@ def step_times(ckpt: str, served: bool = False) -> dict:
                 out[f"b{b}"] = dict(error=" ".join(notices)[-600:] or "no step captured at this batch")
                 continue
             with torch.no_grad(), sched.lock:    # the engine thread waits for work meanwhile
-                for _ in range(5):
-                    g.replay()
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                for _ in range(50):
-                    g.replay()
-                torch.cuda.synchronize()
-            ms = (time.perf_counter() - t) / 50 * 1e3
+                ms = replay_seconds(g, 5, 50) * 1e3
             out[f"b{b}"] = dict(ms_per_step=round(ms, 2), tok_s=round(b / ms * 1e3, 1),
                                 kernels=kernel_profile(sched, b))
         if not served:
@@ -263,6 +256,20 @@ def step_times(ckpt: str, served: bool = False) -> dict:
         del m
         torch.cuda.empty_cache()
     return out
+
+
+def replay_seconds(graph, warm: int, runs: int) -> float:
+    """Seconds a replay of a captured CUDA graph takes, the mean of `runs` after `warm` untimed ones."""
+    import torch
+
+    for _ in range(warm):
+        graph.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(runs):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / runs
 
 
 def kernel_profile(sched, b: int, steps: int = 3, top: int = 12) -> dict:
@@ -319,13 +326,7 @@ def _linear_rate(w) -> dict:
         with torch.cuda.graph(g):
             for _ in range(20):
                 y.copy_(torch.nn.functional.linear(x, w))
-        g.replay()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(10):
-            g.replay()
-        torch.cuda.synchronize()
-        sec = (time.perf_counter() - t) / 200
+        sec = replay_seconds(g, 1, 10) / 20
         out[f"b{b}"] = dict(shape=list(w.shape), us=round(sec * 1e6, 1), gb_s=round(w.numel() * 2 / sec / 1e9))
     return out
 
