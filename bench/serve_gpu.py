@@ -334,7 +334,8 @@ def _linear_rate(w) -> dict:
 def serve_rows(label: str, args: list, models: list, rows: dict, prompts: list, keep, prelude: str = "") -> None:
     """Start `qtune serve` with `args`, warm it (its batch buckets' graphs), then measure each row of `rows`
     (name -> concurrent clients, spread over `models`; a 1-client row is the median of 3 requests one after
-    another); then say what the server said after it started (a notice that it left its CUDA graphs, for one)."""
+    another; a row of several clients runs twice, the second as NAME_again); then say what the server said after it
+    started (a notice that it left its CUDA graphs, for one)."""
     try:
         t = time.time()
         proc, port, lines = start(args, prelude=prelude)
@@ -346,6 +347,9 @@ def serve_rows(label: str, args: list, models: list, rows: dict, prompts: list, 
                 keep(name, sorted(runs, key=lambda r: r["aggregate_tok_s"])[1])
             else:
                 keep(name, burst(port, models, prompts[:clients], NEW))
+                # the same burst again on the same server: what a first burst pays once (kernels compiled or planned
+                # for its shapes) against what every burst pays
+                keep(name + "_again", burst(port, models, prompts[:clients], NEW))
         proc.terminate()
         proc.wait(timeout=60)
         said = [x.strip() for x in lines[1:] if x.startswith("qtune")]
