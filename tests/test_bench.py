@@ -125,7 +125,8 @@ def test_prepare_alpaca_runs_on_a_few_rows(tmp_path, qtune_home, monkeypatch):
 
 
 def test_serve_bench_check(tiny_qwen3):
-    """The serving benchmark's clients against a real qtune serve on the CPU."""
+    """The serving benchmark's served-row path (warm-up, medians, second bursts, a prelude) and its step profile,
+    against a real qtune serve and a Scheduler on the CPU."""
     p = subprocess.run([sys.executable, str(BENCH / "serve_gpu.py"), "--check"], capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-2000:] + p.stdout[-2000:]
