@@ -30,6 +30,9 @@ CASES = [
     ("serve", ["serve.port=99999"], "serve.port=99999: valid: >= 1 and <= 65535"),
     ("serve", ["serve.port=0"], "serve.port=0: valid: >= 1 and <= 65535"),
     ("serve", ["serve.engine=fast"], "serve.engine=fast: valid: builtin, vllm, auto"),
+    ("serve", ["serve.liger=maybe"], "serve.liger=maybe: valid: auto, true, false"),
+    ("serve", ["model=tiny_qwen3", "serve.liger=true"], "serve.liger=true: liger kernels need CUDA "
+     "(serve.liger=auto serves without them)"),
     ("serve", ["serve.engine=vllm", "serve.vllm_bin=/nowhere/vllm"], "serve.vllm_bin=/nowhere/vllm: no vllm executable there"),
     ("serve", ["serve.vllm_args=--max-model-len"], "serve.vllm_args"),
     ("inspect-moe", ["model=qwen3_30b_a3b", "moe.max_experts=-1"], "moe.max_experts=-1: valid: >= 1"),
