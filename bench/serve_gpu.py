@@ -55,7 +55,8 @@ def start(args: list, timeout: float = 420, prelude: str = ""):
     port = free_port()
     head = [sys.executable, "-m", "qtune"]
     if prelude:
-        head = [sys.executable, "-c", prelude + "\nimport sys\nfrom qtune.cli import main\nsys.argv[0] = 'qtune'\nmain()"]
+        run = "\nimport sys\nfrom qtune.cli import main\nsys.argv[0] = 'qtune'\nmain()"
+        head = [sys.executable, "-c", prelude + run]
     proc = subprocess.Popen([*head, "serve", *args, f"serve.port={port}", "chat.temperature=0",
                              "serve.log_requests=false"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list = []

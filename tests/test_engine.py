@@ -380,8 +380,8 @@ print(json.dumps({"same": g == e, "captured": len(keys), "keys": keys, "parity":
 @pytest.mark.parametrize("kind", ["nf4", "bf16", "mixed", "plain", "served"])
 def test_gpu_continuous_batching_captured_equals_eager(tiny_qwen3, kind):
     """serve's Scheduler on CUDA: twelve jobs (greedy and seeded sampled) joining four slots, prompts prefilled
-    side by side up to 24 tokens a turn; its captured steps, each read while the next runs, decode what its eager steps read one by one
-    do, token for token, on an nf4 or bf16 base with an unmerged adapter, on a bf16 base with two adapters and the
+    side by side up to 24 tokens a turn; its captured steps, each read while the next runs, decode what its eager
+    steps read one by one do, token for token, on an nf4 or bf16 base with an unmerged adapter, on a bf16 base with two adapters and the
     base mixed row by row (over fused siblings, inference.fused), on a plain bf16 model (no PEFT: a merged run, or a
     base served without adapters), and on that model as serve runs it on a GPU (liger-kernel's RMSNorm/RoPE/SwiGLU,
     fused siblings), whose logits stay within bf16 rounding of the reference's."""

@@ -337,8 +337,8 @@ class Job:
 
 class _Where:
     """Where the next forward writes into the slot cache: every decoding row at its own column (decode), or
-    several rows' pieces of prompt, each row at its own columns (prefill). Read by the cache layers; a captured graph keeps the mode it
-    was captured in."""
+    several rows' pieces of prompt, each row at its own columns (prefill). Read by the cache layers; a captured
+    graph keeps the mode it was captured in."""
     mode = "decode"
     batch = 1
     slots = columns = None   # prefill: the rows' slots (k,) and each token's column (k, width)
@@ -395,12 +395,12 @@ class Scheduler:
 
     A thread of its own owns the model. Each turn it (1) gives waiting jobs the lowest free slots, (2) prefills at
     most `chunk` prompt tokens in one forward, the admitted jobs' prompts side by side (several short ones, or one
-    chunk of a long one), so prompts never hold the running rows for more than a chunk's worth, and a prompt's last chunk picks the job's
-    first token, then (3) decodes one token for every running row: one forward of the first b slots (b the batch
-    bucket of the highest running slot), replayed from a CUDA graph captured per (b, variant) on a GPU. Rows leave the moment they end or are cancelled; their slot is free for the
-    next job at the next turn. Each row has its own position (its own column in its slot), sampling settings,
-    penalties, logit bias and seed (draws are a hash of seed, position and token: see _uniform), so a row decodes
-    what it would decode alone.
+    chunk of a long one), so prompts never hold the running rows for more than a chunk's worth, and a prompt's last
+    chunk picks the job's first token, then (3) decodes one token for every running row: one forward of the first b
+    slots (b the batch bucket of the highest running slot), replayed from a CUDA graph captured per (b, variant) on a
+    GPU. Rows leave the moment they end or are cancelled; their slot is free for the next job at the next turn.
+    Each row has its own position (its own column in its slot), sampling settings, penalties, logit bias and seed
+    (draws are a hash of seed, position and token: see _uniform), so a row decodes what it would decode alone.
 
     `adapters`: an object with `key(job.adapter)` (an int row index, or None when the adapter is not mixable) and
     `select(tensor)` (set each row's adapter for the next forward), or None: then all running rows use the same
@@ -652,15 +652,16 @@ class Scheduler:
         visible = torch.arange(end, device=dev)[None, None, :] <= positions[:, :, None]
         mask = torch.full((k, 1, width, end), self.masked, dtype=self.dtype, device=dev)
         mask.masked_fill_(visible[:, None], 0.0)
+        columns = positions.clamp(max=self.length)
         w = self.where
-        w.mode, w.slots, w.columns, w.end = "prefill", slots, positions.clamp(max=self.length), end
+        w.mode, w.slots, w.columns, w.end = "prefill", slots, columns, end
         if self.adapters is not None:
             self.adapters.select(self.adapter_rows[slots])
         lasts = sorted({p[3] - 1 for p in picks})
         keep = 0 if picks[0][1].score_prompt else torch.tensor(lasts, dtype=torch.long, device=dev)
         try:
             logits = self.model(input_ids=ids, attention_mask=self._masks(mask),
-                                position_ids=positions.clamp(max=self.length), use_cache=True,
+                                position_ids=columns, use_cache=True,
                                 logits_to_keep=keep, **{self.keyword: self.cache}).logits
         finally:
             w.mode = "decode"

@@ -52,8 +52,8 @@ class _Siblings:
 
 def fuse_siblings(model) -> int:
     """Fuse every q/k/v and gate/up group of plain 16-bit linear layers (under PEFT's wrappers too) in `model`, for
-    inference only (the fused weights train no more); the number of groups fused. Groups with a quantized layer, mixed dtypes or devices, or partial biases are left as
-    they are."""
+    inference only (the fused weights train no more); the number of groups fused. Groups with a quantized layer,
+    mixed dtypes or devices, or partial biases are left as they are."""
     fused = 0
     for module in list(model.modules()):
         for names in GROUPS:
