@@ -9,10 +9,14 @@ serve.max_model_len=512) and drives it with C concurrent streaming clients (http
   adapters4_32  the 16-bit base with 4 LoRA adapters (r 16, the 7 projections, random), 32 clients spread over them
   nf4_1         the base loaded in nf4 with one adapter, 1 client
   hf_1          plain transformers generate on the 16-bit base (bf16, sdpa, dynamic cache), 1 prompt, in process
+  prefill_first one prefill of k rows x 128 tokens at a time, k = 1, 3, 7, ... in turn, on a 4-layer checkpoint, each
+                setting (liger off, on) in a process with empty kernel caches: what a k seen before costs, and a
+                new one (the engine started as serve starts it)
   steps         the GPU's time for one captured decode step of the engine at batch 1 and 32, replays timed alone, and
                 where an eager step's kernel time goes; then the same as serve runs it on a GPU (liger-kernel,
                 fused sibling projections)
   bf16_32_switch, bf16_32_nocudnn  bf16_32 in a serve process with a process-wide setting first (VARIANTS)
+  bf16_32_trace  bf16_32 with the engine's turns timed into $OUT/trace.json
   moe6_16, moe12_16  a random Qwen3-30B-A3B-shaped checkpoint with 6 or 12 layers (bf16), two adapters with LoRA on
                 attention and the fused experts (moe.scope=expert_only), 16 clients spread over them; with both rows
                 the aggregate is extrapolated to the 48 layers of the real model (a step's time linear in the layers)
@@ -40,7 +44,31 @@ PROMPT, NEW = 128, 256
 # event loop share the GIL), cuDNN's attention off (PyTorch's flash / memory-efficient kernels instead)
 VARIANTS = {"bf16_32_switch": "import sys\nsys.setswitchinterval(0.0005)",
             "bf16_32_nocudnn": "import torch\ntorch.backends.cuda.enable_cudnn_sdp(False)"}
-ROWS = ["steps", "steps_served", "bf16_1", "bf16_32", "adapters4_32", "nf4_1", "hf_1", *VARIANTS, "moe6_16",
+# bf16_32_trace: bf16_32 with each engine turn's time written to $OUT/trace.json (a prefill's wall time with the GPU
+# synchronized on both sides, its rows x width and cache columns; a decode's launch-to-read time and batch bucket)
+TRACE = """
+import json, os, time, torch
+from qtune.inference import engine as _engine
+_trace, _file = [], os.path.join(os.environ.get("OUT", "/tmp/out"), "trace.json")
+_prefill, _decode = _engine.Scheduler._prefill_chunk, _engine.Scheduler._decode
+def _timed_prefill(self, budget):
+    filling = len(self.filling)
+    torch.cuda.synchronize(); t = time.perf_counter()
+    took = _prefill(self, budget)
+    torch.cuda.synchronize()
+    _trace.append(["prefill", round(time.time(), 4), round(1e3 * (time.perf_counter() - t), 2), filling, took,
+                   self.where.end])
+    with open(_file, "w") as f:
+        json.dump(_trace, f)
+    return took
+def _timed_decode(self):
+    t = time.perf_counter()
+    _decode(self)
+    _trace.append(["decode", round(time.time(), 4), round(1e3 * (time.perf_counter() - t), 2), len(self.running)])
+_engine.Scheduler._prefill_chunk, _engine.Scheduler._decode = _timed_prefill, _timed_decode
+"""
+VARIANTS["bf16_32_trace"] = TRACE
+ROWS = ["prefill_first", "steps", "steps_served", "bf16_1", "bf16_32", "adapters4_32", "nf4_1", "hf_1", *VARIANTS, "moe6_16",
         "moe12_16"]
 
 
@@ -105,6 +133,7 @@ def burst(port: int, models: list, prompts: list, new: int) -> dict:
 
     def one(i):
         got[i] = stream(port, models[i % len(models)], prompts[i], new)
+    began = time.time()
     t = time.perf_counter()
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
     for th in threads:
@@ -121,7 +150,7 @@ def burst(port: int, models: list, prompts: list, new: int) -> dict:
                 ttft_p90_ms=round(1e3 * ttfts[int(0.9 * (len(ttfts) - 1))], 1) if ttfts else None,
                 ttft_min_ms=round(1e3 * ttfts[0], 1) if ttfts else None,
                 headers_p50_ms=round(1e3 * statistics.median(heads), 1),
-                headers_max_ms=round(1e3 * heads[-1], 1))
+                headers_max_ms=round(1e3 * heads[-1], 1), began=round(began, 4))
 
 
 def real_tokenizer(ckpt: str) -> str:
@@ -259,6 +288,68 @@ def step_times(ckpt: str, served: bool = False) -> dict:
     return out
 
 
+FIRST_SIZES = (1, 3, 7, 14, 16, 3, 14, 16, 5)
+FIRST_SETTINGS = {"plain": "false", "liger": "true"}
+
+
+def prefill_first(ckpt: str, liger: str = "false", sizes=FIRST_SIZES, length: int = 128) -> dict:
+    """Milliseconds from queuing k prompts of `length` tokens at once (one prefill forward of k rows) to the last of
+    their first tokens, for each k of `sizes` in turn, in a fresh engine started as serve starts it (serve.liger, the
+    warm-up and captures of Scheduler.capture): a k seen before shows what such a prefill costs, a new one what its
+    first time adds (kernels compiled or planned for its shapes)."""
+    import threading
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qtune.inference.engine import Job, Scheduler
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
+    m = m.to(dev).eval()
+    if liger != "false":
+        from qtune.modeling.fast import liger_for_decoding
+
+        liger_for_decoding(m, liger)
+    vocab = m.config.vocab_size
+    sched = Scheduler(m, slots=max(sizes), length=length + 8, eos=[], chunk=max(sizes) * length)
+    out, seen = [], set()
+    try:
+        t = time.perf_counter()
+        captured = sched.capture()
+        start = round(time.perf_counter() - t, 2)
+        for n, k in enumerate(sizes):
+            done = [threading.Event() for _ in range(k)]
+            t = time.perf_counter()
+            with sched.lock:   # all queued before the engine's next turn: one forward of k rows
+                for i in range(k):
+                    ids = [(7 + 31 * (n * 64 + i) + 13 * j) % vocab for j in range(length)]
+                    sched.submit(Job(prompt=ids, max_new_tokens=1, on_token=lambda t, lp: None,
+                                     on_end=lambda r, ev=done[i]: ev.set()))
+            assert all(ev.wait(300) for ev in done)
+            out.append(dict(rows=k, ms=round(1e3 * (time.perf_counter() - t), 1), seen=k in seen))
+            seen.add(k)
+    finally:
+        sched.close()
+    return dict(liger=liger, length=length, captured=captured, start_s=start, prefills=out)
+
+
+def prefill_firsts(ckpt: str) -> dict:
+    """prefill_first under each of FIRST_SETTINGS, each in a process of its own with empty Triton and CUDA JIT caches
+    (TRITON_CACHE_DIR, CUDA_CACHE_PATH): as on a machine where nothing ran before."""
+    import tempfile
+
+    got = {}
+    for name, liger in FIRST_SETTINGS.items():
+        fresh = tempfile.mkdtemp(prefix="qtune-first-")
+        env = dict(os.environ, TRITON_CACHE_DIR=fresh + "/triton", CUDA_CACHE_PATH=fresh + "/cuda")
+        r = subprocess.run([sys.executable, __file__, "--prefill-first", ckpt, liger], env=env,
+                           capture_output=True, text=True, timeout=400)
+        lines = [x for x in r.stdout.splitlines() if x.startswith("{")]
+        got[name] = json.loads(lines[-1]) if r.returncode == 0 and lines else dict(error=(r.stdout + r.stderr)[-600:])
+    return got
+
+
 def replay_seconds(graph, warm: int, runs: int) -> float:
     """Seconds a replay of a captured CUDA graph takes, the mean of `runs` after `warm` untimed ones."""
     import torch
@@ -366,8 +457,8 @@ def main(rows: list, layers: int = 36) -> None:
     began = time.time()
     OUT.mkdir(parents=True, exist_ok=True)
     info = environment()
-    dense = [r for r in rows if not r.startswith("moe")]
-    ckpt = real_tokenizer(random_checkpoint("qwen3_8b", layers) if dense else random_checkpoint("qwen3_30b_a3b", 6))
+    dense = [r for r in rows if not r.startswith("moe") and r != "prefill_first"]
+    ckpt = real_tokenizer(random_checkpoint("qwen3_8b", layers if dense else 4))
     base = ["model=qwen3_8b", "model.source=local", f"model.local_dir={ckpt}", "serve.max_batch=32",
             "serve.max_model_len=512"]
     prompts = prompts_of(ckpt, 32, PROMPT)
@@ -383,6 +474,8 @@ def main(rows: list, layers: int = 36) -> None:
     groups = [("bf16", [], ["bf16_1", "bf16_32"]), ("adapters", ["adapters4"], ["adapters4_32"]),
               ("nf4", ["quant=nf4", "one"], ["nf4_1"]), ("hf", [], ["hf_1"]),
               ("steps", [], ["steps", "steps_served"])]
+    if "prefill_first" in rows:
+        keep("prefill_first", prefill_firsts(real_tokenizer(random_checkpoint("qwen3_8b", 4))))
     for label, extra, names in groups:
         names = [n for n in names if n in rows]
         if not names:
@@ -452,6 +545,12 @@ def check() -> None:
     tiny = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     m = AutoModelForCausalLM.from_config(tiny).eval()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:   # the prefill_first row's own function, on the CPU
+        m.save_pretrained(folder)
+        got = prefill_first(folder, sizes=(1, 2, 2), length=8)
+        assert [p["seen"] for p in got["prefills"]] == [False, False, True] and got["captured"] == 0, got
     sched = Scheduler(m, slots=4, length=32, eos=[])
     try:
         got = kernel_profile(sched, 4)
@@ -471,6 +570,8 @@ def check() -> None:
 if __name__ == "__main__":
     if sys.argv[1:] == ["--check"]:
         check()
+    elif sys.argv[1:2] == ["--prefill-first"]:
+        print(json.dumps(prefill_first(sys.argv[2], sys.argv[3])))
     else:
         argv = sys.argv[1:]
         layers = 36

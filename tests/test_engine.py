@@ -251,6 +251,30 @@ def test_continuous_batching_greedy_equals_each_prompt_alone(which, overlap, chu
     assert got[1][1] == "stop"
 
 
+def test_a_warm_up_prefill_leaves_the_engine_as_it_found_it(model):
+    """Scheduler.capture's warm-up prefill (serve's start on a GPU) runs a throwaway prompt through slot 0: the jobs
+    after it, slot 0's first, decode what they decode alone."""
+    import threading
+
+    from qtune.inference.engine import Job, Scheduler
+
+    sched = Scheduler(model, slots=2, length=64, eos=[], graph=False, chunk=8)
+    try:
+        with sched.lock:
+            sched._warm_prefill()
+            assert not sched.running and not sched.filling and int(sched.columns[0]) == 64
+        got = []
+        for prompt in PROMPTS[:2]:
+            tokens, done = [], threading.Event()
+            got.append((tokens, done))
+            assert sched.submit(Job(prompt=prompt, max_new_tokens=6, on_token=lambda t, lp, tokens=tokens:
+                                    tokens.append(t), on_end=lambda r, done=done: done.set()))
+        assert all(done.wait(120) for _, done in got)
+        assert [t for t, _ in got] == [one_at_a_time(model, p, 6, []) for p in PROMPTS[:2]]
+    finally:
+        sched.close()
+
+
 def test_a_seeded_request_draws_the_same_alone_and_in_company(model):
     """Draws hash the request's seed, position and token: the same seed gives the same text whatever else runs."""
     sampled = dict(prompt=PROMPTS[0], max_new_tokens=10, temperature=1.0, top_p=0.9, seed=1234)
@@ -331,6 +355,8 @@ if kind == "served":   # what serve adds on a GPU (liger kernels, fused siblings
     with torch.no_grad():
         ref = [base(input_ids=ids).logits.float(), base(input_ids=ids[:1, :1]).logits.float()]
         assert liger_for_decoding(base, "true").startswith("liger")
+        from transformers.models.qwen3 import modeling_qwen3
+        assert hasattr(modeling_qwen3.apply_rotary_pos_emb, "qtune_single_row")   # liger's RoPE for one token a row
         assert fuse_siblings(base) == 2 * base.config.num_hidden_layers
         got = [base(input_ids=ids).logits.float(), base(input_ids=ids[:1, :1]).logits.float()]
     parity = max(float((g - r).abs().max() / r.abs().max()) for g, r in zip(got, ref))
@@ -355,6 +381,8 @@ if kind == "mixed":
 
 def run(graph):
     s = Scheduler(m, slots=4, length=128, eos=[], graph=graph, chunk=24, adapters=mixed, overlap=graph)
+    if graph:
+        s.capture()    # as serve starts it: a warm-up prefill, the greedy buckets captured
     out, done = [], []
     with s.lock:   # all queued before the first turn: the same schedule both ways
         for i in range(12):

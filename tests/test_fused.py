@@ -60,3 +60,28 @@ def test_fused_siblings_under_peft_keep_the_adapter(tiny_qwen3):
         with got.disable_adapter(), ref.disable_adapter():
             torch.testing.assert_close(got(input_ids=torch.tensor([[9]])).logits,
                                        ref(input_ids=torch.tensor([[9]])).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_serve_s_rope_takes_liger_s_kernel_for_one_token_a_row_only():
+    """serve.liger's RoPE (modeling.fast._rope_by_length): liger's kernel compiles anew for each batch size, so a
+    prefill (many tokens a row) goes through transformers' own RoPE, a decode step (one token a row) through the
+    kernel."""
+    from transformers.models.qwen3 import modeling_qwen3
+
+    from qtune.modeling.fast import _from_liger, _rope_by_length
+
+    eager = modeling_qwen3.apply_rotary_pos_emb
+    calls = []
+
+    def single(q, k, cos, sin, *args, **kwargs):
+        calls.append(q.shape[-2])
+        return eager(q, k, cos, sin, *args, **kwargs)
+
+    rope = _rope_by_length(single, eager)
+    assert _from_liger(rope) and not _from_liger(eager)
+    for length in (1, 5):
+        q, k = torch.randn(3, 4, length, 8), torch.randn(3, 2, length, 8)
+        cos, sin = torch.randn(3, length, 8), torch.randn(3, length, 8)
+        got, want = rope(q, k, cos, sin), eager(q, k, cos, sin)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert calls == [1]

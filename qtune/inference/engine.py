@@ -489,12 +489,13 @@ class Scheduler:
         return True
 
     def capture(self) -> int:
-        """Capture the greedy decode step of every batch bucket now (serve does so before it listens), so that no
-        request waits for a capture; the buckets captured. Other variants (sampling, log-probabilities) are captured
-        when first needed. Call it before any job runs."""
+        """One warm-up prefill, then capture the greedy decode step of every batch bucket now (serve does so before
+        it listens), so that no request waits for either; the buckets captured. Other variants (sampling,
+        log-probabilities) are captured when first needed. Call it before any job runs."""
         if not self.graph:
             return 0
         with self.lock, torch.no_grad():
+            self._warm_prefill()
             sizes = sorted({min(batch_bucket(n), self.slots) for n in range(1, self.slots + 1)})
             for b in sizes:
                 key = (b, False, False, False)
@@ -508,6 +509,16 @@ class Scheduler:
                     return len([g for g in self.graphs.values() if g is not None])
             torch.cuda.synchronize()
         return len(sizes)
+
+    def _warm_prefill(self) -> None:
+        """One prefill of a short prompt through the engine's own path, its slot free again after: what a first
+        forward pays once (library handles, kernels loaded or compiled: over a second on an H200) is paid before
+        serve listens, not by its first request."""
+        job = Job(prompt=[0] * min(16, self.length - 1), max_new_tokens=1, on_token=lambda t, lp: None,
+                  on_end=lambda reason: None)
+        self.filling[0] = [job, 0]
+        while self.filling:
+            self._prefill_chunk(self.chunk)
 
     def load(self) -> dict:
         with self.lock:
@@ -660,9 +671,10 @@ class Scheduler:
         lasts = sorted({p[3] - 1 for p in picks})
         keep = 0 if picks[0][1].score_prompt else torch.tensor(lasts, dtype=torch.long, device=dev)
         try:
-            logits = self.model(input_ids=ids, attention_mask=self._masks(mask),
-                                position_ids=columns, use_cache=True,
-                                logits_to_keep=keep, **{self.keyword: self.cache}).logits
+            with self._prefill_attention():
+                logits = self.model(input_ids=ids, attention_mask=self._masks(mask),
+                                    position_ids=columns, use_cache=True,
+                                    logits_to_keep=keep, **{self.keyword: self.cache}).logits
         finally:
             w.mode = "decode"
         picked, ended = [], {}
@@ -688,6 +700,19 @@ class Scheduler:
             for (slot, job), t in zip(ended.items(), tokens):
                 self._emit({slot: job}, [t], slot)
         return k * width
+
+    def _prefill_attention(self):
+        """A prefill's attention without cuDNN's kernel on a GPU: cuDNN plans its kernel for each new shape (rows,
+        width, columns), 60-90 ms on an H200, and a prefill's shape is new nearly every time, where PyTorch's
+        memory-efficient kernel takes any shape as it comes. The decode steps keep cuDNN's: their shapes are the
+        captured buckets."""
+        import contextlib
+
+        if not self.cuda:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
     def _score(self, job: Job, logits: torch.Tensor, done: int) -> None:
         """The log-probability of each next prompt token under this chunk's logits, and the top ones."""

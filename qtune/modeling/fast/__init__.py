@@ -203,6 +203,37 @@ def _liger(fast: FastPath, model, device: str) -> None:
     fast.pieces.append("liger RMSNorm/RoPE" + ("/SwiGLU" if swiglu else ""))
 
 
+_EAGER_ROPE: dict = {}     # transformers module name -> its own apply_rotary_pos_emb, as first seen
+
+
+def _modeling_module(model):
+    """The transformers module whose apply_rotary_pos_emb a model's attention calls (None when there is none)."""
+    import importlib
+
+    name = type(model).__module__
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        return None
+    return module if hasattr(module, "apply_rotary_pos_emb") else None
+
+
+def _from_liger(fn) -> bool:
+    return getattr(fn, "__module__", "").startswith("liger_kernel") or hasattr(fn, "qtune_single_row")
+
+
+def _rope_by_length(single, eager):
+    """RoPE through liger's kernel for a forward of one token a row (a decode step), transformers' own otherwise.
+    liger's kernel takes the batch as a compile-time constant: a prefill of k rows would compile it anew for each k
+    (0.2-0.6 s on an H200 the first time a k is seen), where a prefill is matmul-bound and transformers' few
+    elementwise kernels cost nothing that shows. The decode steps' batch sizes are the engine's buckets, compiled
+    once when serve captures them."""
+    def rope(q, k, cos, sin, *args, **kwargs):
+        return (single if q.shape[-2] == 1 else eager)(q, k, cos, sin, *args, **kwargs)
+    rope.qtune_single_row = True
+    return rope
+
+
 def liger_for_decoding(model, setting: str) -> str:
     """serve.liger: liger-kernel's RMSNorm/RoPE(/SwiGLU) on a model that decodes (the engine's steps run a few
     hundred tiny elementwise kernels a layer otherwise). The start line's piece ('' on a CPU with auto); raises
@@ -214,8 +245,12 @@ def liger_for_decoding(model, setting: str) -> str:
         return ""
     fast = FastPath(on=True)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    module = _modeling_module(base)
+    eager = _EAGER_ROPE.setdefault(module.__name__, module.apply_rotary_pos_emb) if module else None
     _liger(fast, base, device)
     if fast.pieces:
+        if module is not None and not _from_liger(eager):
+            module.apply_rotary_pos_emb = _rope_by_length(module.apply_rotary_pos_emb, eager)
         return fast.pieces[0]
     if setting == "true":
         from qtune.errors import QtuneError
