@@ -240,18 +240,29 @@ def hf_generate(ckpt: str, prompt: str, new: int) -> dict:
     return dict(clients=1, tokens=n, aggregate_tok_s=round(n / wall, 1), per_client_tok_s=round(n / wall, 1))
 
 
+def run_at_once(sched, prompts: list, new: int) -> None:
+    """Queue a job per prompt on a Scheduler before its next turn (so they are admitted together) and wait until
+    every one has ended."""
+    from qtune.inference.engine import Job
+
+    done = [threading.Event() for _ in prompts]
+    with sched.lock:
+        for prompt, ev in zip(prompts, done):
+            sched.submit(Job(prompt=prompt, max_new_tokens=new, on_token=lambda t, lp: None,
+                             on_end=lambda r, ev=ev: ev.set()))
+    assert all(ev.wait(300) for ev in done)
+
+
 def step_times(ckpt: str, served: bool = False) -> dict:
     """The GPU's own time for one captured decode step of serve's engine at batch 1 and 32: jobs run through the
     engine as serve runs them (a prefill, then steps captured by the engine itself), then the captured steps are
     replayed alone, timed, with no host work between them: what the served rates would be if the host cost nothing.
     served: as serve runs the model on a GPU, with liger-kernel's RMSNorm/RoPE/SwiGLU (serve.liger=auto; its RoPE
     patch is process-wide: run this after the rows without) and the sibling projections fused (inference.fused)."""
-    import threading
-
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qtune.inference.engine import Job, Scheduler
+    from qtune.inference.engine import Scheduler
 
     m = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
     out = {}
@@ -265,12 +276,7 @@ def step_times(ckpt: str, served: bool = False) -> dict:
     sched = Scheduler(m, slots=32, length=512, eos=[], notice=notices.append)
     try:
         for b in (1, 32):
-            done = [threading.Event() for _ in range(b)]
-            with sched.lock:   # all queued before the engine's next turn
-                for i in range(b):
-                    sched.submit(Job(prompt=list(range(1000 + i, 1008 + i)), max_new_tokens=8,
-                                     on_token=lambda t, lp: None, on_end=lambda r, ev=done[i]: ev.set()))
-            assert all(ev.wait(300) for ev in done)
+            run_at_once(sched, [list(range(1000 + i, 1008 + i)) for i in range(b)], 8)
             g = sched.graphs.get((b, False, False, False))
             if g is None:
                 out[f"b{b}"] = dict(error=" ".join(notices)[-600:] or "no step captured at this batch")
@@ -297,12 +303,10 @@ def prefill_first(ckpt: str, liger: str = "false", sizes=FIRST_SIZES, length: in
     their first tokens, for each k of `sizes` in turn, in a fresh engine started as serve starts it (serve.liger, the
     warm-up and captures of Scheduler.capture): a k seen before shows what such a prefill costs, a new one what its
     first time adds (kernels compiled or planned for its shapes)."""
-    import threading
-
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qtune.inference.engine import Job, Scheduler
+    from qtune.inference.engine import Scheduler
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     m = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
@@ -319,14 +323,8 @@ def prefill_first(ckpt: str, liger: str = "false", sizes=FIRST_SIZES, length: in
         captured = sched.capture()
         start = round(time.perf_counter() - t, 2)
         for n, k in enumerate(sizes):
-            done = [threading.Event() for _ in range(k)]
-            t = time.perf_counter()
-            with sched.lock:   # all queued before the engine's next turn: one forward of k rows
-                for i in range(k):
-                    ids = [(7 + 31 * (n * 64 + i) + 13 * j) % vocab for j in range(length)]
-                    sched.submit(Job(prompt=ids, max_new_tokens=1, on_token=lambda t, lp: None,
-                                     on_end=lambda r, ev=done[i]: ev.set()))
-            assert all(ev.wait(300) for ev in done)
+            t = time.perf_counter()    # one forward of k rows
+            run_at_once(sched, [[(7 + 31 * (n * 64 + i) + 13 * j) % vocab for j in range(length)] for i in range(k)], 1)
             out.append(dict(rows=k, ms=round(1e3 * (time.perf_counter() - t), 1), seen=k in seen))
             seen.add(k)
     finally:
@@ -457,8 +455,10 @@ def main(rows: list, layers: int = 36) -> None:
     began = time.time()
     OUT.mkdir(parents=True, exist_ok=True)
     info = environment()
+    first = real_tokenizer(random_checkpoint("qwen3_8b", 4)) if "prefill_first" in rows else None
     dense = [r for r in rows if not r.startswith("moe") and r != "prefill_first"]
-    ckpt = real_tokenizer(random_checkpoint("qwen3_8b", layers if dense else 4))
+    ckpt = (real_tokenizer(random_checkpoint("qwen3_8b", layers)) if dense
+            else first or real_tokenizer(random_checkpoint("qwen3_30b_a3b", 6)))
     base = ["model=qwen3_8b", "model.source=local", f"model.local_dir={ckpt}", "serve.max_batch=32",
             "serve.max_model_len=512"]
     prompts = prompts_of(ckpt, 32, PROMPT)
@@ -475,7 +475,7 @@ def main(rows: list, layers: int = 36) -> None:
               ("nf4", ["quant=nf4", "one"], ["nf4_1"]), ("hf", [], ["hf_1"]),
               ("steps", [], ["steps", "steps_served"])]
     if "prefill_first" in rows:
-        keep("prefill_first", prefill_firsts(real_tokenizer(random_checkpoint("qwen3_8b", 4))))
+        keep("prefill_first", prefill_firsts(first))
     for label, extra, names in groups:
         names = [n for n in names if n in rows]
         if not names:

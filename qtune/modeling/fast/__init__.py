@@ -208,13 +208,9 @@ _EAGER_ROPE: dict = {}     # transformers module name -> its own apply_rotary_po
 
 def _modeling_module(model):
     """The transformers module whose apply_rotary_pos_emb a model's attention calls (None when there is none)."""
-    import importlib
+    import sys
 
-    name = type(model).__module__
-    try:
-        module = importlib.import_module(name)
-    except ImportError:
-        return None
+    module = sys.modules.get(type(model).__module__)
     return module if hasattr(module, "apply_rotary_pos_emb") else None
 
 
